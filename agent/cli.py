@@ -1,0 +1,73 @@
+"""``testhide-agent``: enroll once, then run."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from agent.errors import AgentError
+from common.logging import configure
+
+T = TypeVar("T")
+
+data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), required=True,
+                               envvar="TESTHIDE_AGENT_DATA_DIR", help="Where the agent keeps its identity.")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+@click.option("--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True)
+@click.option("--log-level", default="info", show_default=True)
+def main(log_format: str, log_level: str) -> None:
+    """The testhide build agent."""
+    configure(log_level, json_output=log_format == "json")
+
+
+@main.command()
+@click.option("--server", required=True, help="HOST:PORT of the control plane's API port.")
+@click.option("--token", required=True, envvar="TESTHIDE_ENROLL_TOKEN", help="One-time enrollment token.")
+@data_dir_option
+@click.option("--name", default=socket.gethostname(), show_default=True)
+def enroll(server: str, token: str, data_dir: Path, name: str) -> None:
+    """Enroll this host with a one-time token; the private key stays here."""
+    from agent.rpc.enroll import enroll as do_enroll
+
+    credentials = _run(do_enroll(server, token, data_dir, name))
+    click.echo(f"enrolled as agent {credentials.agent_id}; "
+               f"certificate valid until {credentials.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+
+
+@main.command()
+@data_dir_option
+@click.option("--max-jobs", default=1, show_default=True, help="Jobs run at once.")
+@click.option("--runtime", default="runc", show_default=True, help="Docker runtime for jobs (runsc: gVisor).")
+def run(data_dir: Path, max_jobs: int, runtime: str) -> None:
+    """Connect to the control plane and run jobs until SIGTERM."""
+    from agent.config import AgentConfig
+    from agent.daemon import Agent
+    from agent.runtime.docker import DockerRuntime
+
+    async def serve() -> None:
+        agent = Agent(AgentConfig(data_dir=data_dir, max_jobs=max_jobs, runtime=runtime), DockerRuntime())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.shutdown)
+        await agent.run()
+
+    _run(serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The agent's configuration: one frozen, validated object."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from agent.errors import ConfigError
+
+_USER_RE = re.compile(r"^[0-9]+(:[0-9]+)?$")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    data_dir: Path
+    """Directory written by ``testhide-agent enroll``: key, certificate, CA bundle."""
+    max_jobs: int = 1
+    """Jobs run at once."""
+    job_user: str = "65534:65534"
+    """uid:gid the job's processes run as; never 0."""
+    runtime: str = "runc"
+    """Docker runtime for jobs (``runsc`` for gVisor)."""
+    heartbeat_interval: timedelta = timedelta(seconds=20)
+    """How often the agent tells the control plane it is alive."""
+    log_batch_bytes: int = 1024 * 1024
+    """A log batch is sent when it holds this many bytes ..."""
+    log_batch_interval: timedelta = timedelta(milliseconds=250)
+    """... or when its oldest byte is this old, whichever comes first."""
+    stop_grace: timedelta = timedelta(seconds=10)
+    """Between SIGTERM and SIGKILL when a job is canceled or times out."""
+    max_backoff: timedelta = timedelta(seconds=30)
+    """Cap of the reconnect backoff."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_jobs <= 64:
+            raise ConfigError("max_jobs must be between 1 and 64")
+        if not _USER_RE.match(self.job_user) or self.job_user.split(":")[0] == "0":
+            raise ConfigError("job_user must be a numeric non-root uid[:gid]")
+        if not 1024 <= self.log_batch_bytes <= 2 * 1024 * 1024:
+            raise ConfigError("log_batch_bytes must be between 1 KiB and 2 MiB")

@@ -1,0 +1,28 @@
+"""Agent errors.
+
+AgentError
+├── ConfigError            invalid configuration or data dir
+├── EnrollmentError        enrollment refused or the server failed the pin
+├── CredentialsError       the certificate expired or was revoked: enroll again
+└── JobSetupError          a job could not be started (image missing, Docker refused)
+"""
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    pass
+
+
+class EnrollmentError(AgentError):
+    pass
+
+
+class CredentialsError(AgentError):
+    pass
+
+
+class JobSetupError(AgentError):
+    pass

@@ -1,0 +1,209 @@
+"""Job containers on Docker, locked down: no network, no capabilities, no new
+privileges, read-only root, a non-root user, pid/memory/CPU limits, Docker's
+default seccomp profile, and never the Docker socket.
+
+docker-py blocks, so every call runs in a worker thread. Output is read from
+the attach socket in large blocks (docker-py's frame iterator reads a frame
+at a time and is several times slower)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import tarfile
+import threading
+from typing import Any
+
+import docker
+import docker.errors
+import structlog
+from docker.models.containers import Container
+from docker.types import Mount
+from docker.utils.socket import read as socket_read
+
+from agent.errors import ConfigError, JobSetupError
+from agent.model import LogStream
+from agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
+
+log = structlog.get_logger("testhide.agent.docker")
+
+LABEL = "dev.testhide.job"
+READ_BLOCK = 1 << 20
+_HEADER = struct.Struct(">BxxxL")
+_STREAMS = {1: LogStream.STDOUT, 2: LogStream.STDERR}
+
+
+def workspace_init_image(user: str) -> str:
+    return f"testhide/workspace-init:{user.replace(':', '-')}"
+
+
+def _workspace_init_tar(user: str) -> bytes:
+    """An image holding only /workspace owned by the job user. Creating a
+    container from it over a fresh volume makes Docker copy that ownership onto
+    the volume, so the job user can write to /workspace."""
+    uid, _, gid = user.partition(":")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("workspace")
+        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o755, int(uid), int(gid or uid)
+        archive.addfile(info)
+    return buffer.getvalue()
+
+
+class Demuxer:
+    """Splits Docker's multiplexed attach stream (8-byte headers) into chunks."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[LogStream, bytes]]:
+        self._buffer += data
+        out: list[tuple[LogStream, bytes]] = []
+        pos = 0
+        while len(self._buffer) - pos >= _HEADER.size:
+            kind, size = _HEADER.unpack_from(self._buffer, pos)
+            if len(self._buffer) - pos - _HEADER.size < size:
+                break
+            start = pos + _HEADER.size
+            payload = bytes(self._buffer[start:start + size])
+            if out and out[-1][0] == _STREAMS.get(kind, LogStream.STDOUT):
+                out[-1] = (out[-1][0], out[-1][1] + payload)
+            else:
+                out.append((_STREAMS.get(kind, LogStream.STDOUT), payload))
+            pos = start + size
+        del self._buffer[:pos]
+        return out
+
+
+class DockerContainer:
+    def __init__(self, client: docker.DockerClient, container: Container, volume: str) -> None:
+        self._client = client
+        self._container = container
+        self._volume = volume
+        self._removed = False
+
+    async def wait(self) -> ContainerExit:
+        result = await asyncio.to_thread(self._container.wait)
+        state = (await asyncio.to_thread(self._client.api.inspect_container, self._container.id))["State"]
+        return ContainerExit(int(result.get("StatusCode", -1)), bool(state.get("OOMKilled")))
+
+    async def stop(self, grace: float) -> None:
+        try:
+            await asyncio.to_thread(self._container.stop, timeout=max(0, int(round(grace))))
+        except docker.errors.NotFound:
+            pass
+
+    async def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
+        try:
+            await asyncio.to_thread(self._container.remove, force=True)
+        except docker.errors.NotFound:
+            pass
+        try:
+            await asyncio.to_thread(self._client.api.remove_volume, self._volume, True)
+        except docker.errors.NotFound:
+            pass
+
+
+class DockerRuntime:
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        try:
+            self._client = client or docker.from_env()
+        except docker.errors.DockerException as exc:
+            raise ConfigError(f"cannot reach the Docker engine: {exc}") from exc
+        self._ready_init_images: set[str] = set()
+
+    def _ensure_init_image(self, user: str) -> str:
+        image = workspace_init_image(user)
+        if image in self._ready_init_images:
+            return image
+        try:
+            self._client.images.get(image)
+        except docker.errors.ImageNotFound:
+            repository, tag = image.split(":")
+            self._client.api.import_image_from_data(_workspace_init_tar(user), repository=repository, tag=tag)
+        self._ready_init_images.add(image)
+        return image
+
+    def _check_image(self, image: str) -> None:
+        try:
+            self._client.images.get(image)
+        except docker.errors.ImageNotFound as exc:
+            raise JobSetupError(f"image {image!r} is not present on this agent's host (pull policy: never)") \
+                from exc
+
+    def _create(self, spec: ContainerSpec) -> tuple[Container, str]:
+        self._check_image(spec.image)
+        labels = {LABEL: spec.job_id}
+        volume = self._client.volumes.create(name=f"testhide-ws-{spec.job_id}", labels=labels).name
+        mount = Mount("/workspace", volume, type="volume")
+        helper = self._client.containers.create(self._ensure_init_image(spec.user), ["/none"],
+                                                network_mode="none", mounts=[mount], labels=labels)
+        helper.remove(force=True)
+        try:
+            container = self._client.containers.create(
+                spec.image,
+                list(spec.command),
+                name=f"testhide-{spec.job_id}",
+                labels=labels,
+                environment=spec.env,
+                working_dir=spec.workdir,
+                user=spec.user,
+                network_mode="none",
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                read_only=True,
+                tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},
+                # no_copy: the job image must not copy its own /workspace
+                # ownership over the volume the helper prepared.
+                mounts=[Mount("/workspace", volume, type="volume", no_copy=True)],
+                pids_limit=spec.pids,
+                mem_limit=spec.memory_bytes,
+                memswap_limit=spec.memory_bytes,
+                nano_cpus=int(spec.cpus * 1e9),
+                runtime=spec.runtime,
+                init=False,
+                stdin_open=False,
+                tty=False,
+            )
+        except docker.errors.APIError as exc:
+            self._client.api.remove_volume(volume, force=True)
+            raise JobSetupError(f"Docker refused the job container: {exc.explanation or exc}") from exc
+        return container, volume
+
+    async def start(self, spec: ContainerSpec, output: OutputQueue) -> DockerContainer:
+        container, volume = await asyncio.to_thread(self._create, spec)
+        running = DockerContainer(self._client, container, volume)
+        try:
+            sock = await asyncio.to_thread(
+                self._client.api.attach_socket, container.id,
+                {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1},
+            )
+            loop = asyncio.get_running_loop()
+            threading.Thread(target=self._pump, args=(sock, output, loop), name=f"output-{spec.job_id}",
+                             daemon=True).start()
+            await asyncio.to_thread(container.start)
+        except docker.errors.APIError as exc:
+            await running.remove()
+            raise JobSetupError(f"Docker could not start the job container: {exc.explanation or exc}") from exc
+        log.info("container_started", job_id=spec.job_id, container=container.short_id, image=spec.image)
+        return running
+
+    @staticmethod
+    def _pump(sock: Any, output: OutputQueue, loop: asyncio.AbstractEventLoop) -> None:
+        demuxer = Demuxer()
+        try:
+            while True:
+                data = socket_read(sock, READ_BLOCK)
+                if not data:
+                    break
+                for chunk in demuxer.feed(data):
+                    loop.call_soon_threadsafe(output.put_nowait, chunk)
+        except OSError:
+            log.warning("container_output_interrupted")
+        finally:
+            sock.close()
+            loop.call_soon_threadsafe(output.put_nowait, None)

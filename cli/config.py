@@ -1,0 +1,44 @@
+"""The engineer's stored login: server, credential and CA, in a 0600 file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+
+def config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "testhide"
+
+
+@dataclass(frozen=True)
+class Login:
+    server: str
+    api_key: str
+    ca_pem: str | None = None
+
+    @classmethod
+    def load(cls) -> Login:
+        path = config_dir() / "credentials.json"
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise click.ClickException("not logged in: run 'testhide login --server HOST:PORT --api-key KEY'") \
+                from None
+        except (ValueError, TypeError) as exc:
+            raise click.ClickException(f"{path} is damaged ({exc}); run 'testhide login' again") from exc
+
+    def save(self) -> Path:
+        directory = config_dir()
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = directory / "credentials.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(asdict(self), handle)
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,243 @@
+"""``testhide``: the engineer's command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import click
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
+
+from cli.client import JobsApi, connect
+from cli.config import Login
+from common.durations import parse_duration
+from protos.v1 import jobs_pb2
+
+T = TypeVar("T")
+
+# Exit codes when a job ended without a process exit code, after timeout(1)
+# and docker run's conventions.
+EXIT_TIMED_OUT = 124
+EXIT_INFRASTRUCTURE = 125
+EXIT_CANCELED = 130
+_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(130) from None
+
+
+def status_name(value: int) -> str:
+    return jobs_pb2.JobStatus.Name(value).removeprefix("JOB_STATUS_")
+
+
+def parse_memory(text: str) -> int:
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    if text and text[-1] in _UNITS:
+        return int(float(text[:-1]) * _UNITS[text[-1]])
+    return int(text)
+
+
+def job_as_dict(job: jobs_pb2.Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": status_name(job.status),
+        "exit_code": job.exit_code if job.HasField("exit_code") else None,
+        "status_reason": job.status_reason,
+        "image": job.spec.image,
+        "command": list(job.spec.command),
+        "pool": job.spec.pool,
+        "agent_id": job.agent_id,
+        "created_at": job.created_at.ToJsonString() if job.HasField("created_at") else None,
+        "started_at": job.started_at.ToJsonString() if job.HasField("started_at") else None,
+        "finished_at": job.finished_at.ToJsonString() if job.HasField("finished_at") else None,
+        "log_size": job.log_size,
+        "transitions": [{"status": status_name(t.status), "at": t.at.ToJsonString(), "reason": t.reason}
+                        for t in job.transitions],
+    }
+
+
+def exit_code_of(job: jobs_pb2.Job) -> int:
+    if job.HasField("exit_code") and job.status in (jobs_pb2.JOB_STATUS_SUCCEEDED, jobs_pb2.JOB_STATUS_FAILED):
+        return job.exit_code
+    return {jobs_pb2.JOB_STATUS_TIMED_OUT: EXIT_TIMED_OUT,
+            jobs_pb2.JOB_STATUS_CANCELED: EXIT_CANCELED}.get(job.status, EXIT_INFRASTRUCTURE)
+
+
+def _reconnectable(error: BaseException) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def stream_log(api: JobsApi, job_id: str, follow: bool, out: BinaryIO, err: BinaryIO) -> jobs_pb2.Job | None:
+    """Write the log to out/err as it arrives, resuming from the last byte
+    after a lost connection. With ``follow``, returns the finished job."""
+    offset = 0
+    async for attempt in AsyncRetrying(retry=retry_if_exception(_reconnectable), reraise=True,
+                                       wait=wait_random_exponential(multiplier=0.2, max=5),
+                                       stop=stop_after_delay(300)):
+        with attempt:
+            async for item in api.follow(job_id, offset, follow):
+                if item.HasField("finished"):
+                    return item.finished
+                chunk = item.chunk
+                target = out if chunk.stream == jobs_pb2.LOG_STREAM_STDOUT else err
+                target.write(chunk.data)
+                target.flush()
+                offset = chunk.offset + len(chunk.data)
+    return None
+
+
+@click.group()
+def main() -> None:
+    """Run CI jobs on testhide."""
+
+
+@main.command()
+@click.option("--server", required=True, help="HOST:PORT of the control plane's API port.")
+@click.option("--api-key", required=True, envvar="TESTHIDE_API_KEY", help="An API key from your operator.")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CA certificate of the control plane (default: the system's trust store).")
+def login(server: str, api_key: str, ca_file: Path | None) -> None:
+    """Check the credentials against the server and store them (mode 0600)."""
+    candidate = Login(server, api_key.strip(), ca_file.read_text() if ca_file else None)
+
+    async def check() -> None:
+        async with connect(candidate) as api:
+            await api.list(page_size=1)
+
+    _run(check())
+    path = candidate.save()
+    click.echo(f"logged in to {server}; credentials stored in {path}", err=True)
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option("--image", required=True, help="Image to run the job in.")
+@click.option("--pool", default="default", show_default=True)
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable (repeatable).")
+@click.option("--timeout", default="1h", show_default=True, help="e.g. 90s, 10m, 1h.")
+@click.option("--workdir", default="/workspace", show_default=True)
+@click.option("--cpus", type=float, default=None)
+@click.option("--memory", default=None, help="e.g. 512m, 2g.")
+@click.option("--pids", type=int, default=None, help="Maximum number of processes.")
+@click.option("--label", "labels", multiple=True, metavar="K=V")
+@click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
+@click.argument("command", nargs=-1, required=True)
+def run(image: str, pool: str, env: tuple[str, ...], timeout: str, workdir: str, cpus: float | None,
+        memory: str | None, pids: int | None, labels: tuple[str, ...], detach: bool,
+        command: tuple[str, ...]) -> None:
+    """Run COMMAND in IMAGE, follow its output and exit with its exit code."""
+    try:
+        spec = jobs_pb2.JobSpec(
+            image=image, command=list(command), pool=pool, workdir=workdir,
+            env=dict(_pair("--env", e) for e in env), labels=dict(_pair("--label", x) for x in labels),
+            resources=jobs_pb2.Resources(cpus=cpus or 0, memory_bytes=parse_memory(memory) if memory else 0,
+                                         pids=pids or 0),
+        )
+        spec.timeout.FromTimedelta(parse_duration(timeout))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    login_data = Login.load()
+
+    async def go() -> int:
+        async with connect(login_data) as api:
+            job = await api.submit(spec)
+            if detach:
+                click.echo(job.id)
+                return 0
+            click.echo(f"job {job.id} queued", err=True)
+            finished = await stream_log(api, job.id, True, sys.stdout.buffer, sys.stderr.buffer)
+            assert finished is not None
+            if finished.status not in (jobs_pb2.JOB_STATUS_SUCCEEDED, jobs_pb2.JOB_STATUS_FAILED):
+                click.echo(f"job {job.id} {status_name(finished.status)}: {finished.status_reason}", err=True)
+            return exit_code_of(finished)
+
+    sys.exit(_run(go()))
+
+
+def _pair(option: str, text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{option} takes KEY=VALUE, not {text!r}")
+    return key, value
+
+
+@main.group()
+def jobs() -> None:
+    """List and inspect jobs."""
+
+
+@jobs.command("list")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def jobs_list(limit: int, as_json: bool) -> None:
+    async def go() -> list[jobs_pb2.Job]:
+        async with connect(Login.load()) as api:
+            return list((await api.list(page_size=limit)).jobs)
+
+    found = _run(go())
+    if as_json:
+        click.echo(json.dumps([job_as_dict(j) for j in found], indent=2))
+        return
+    click.echo(f"{'ID':<30} {'STATUS':<10} {'EXIT':>4}  {'CREATED':<20} {'IMAGE':<24} COMMAND")
+    for job in found:
+        d = job_as_dict(job)
+        exit_code = "" if d["exit_code"] is None else str(d["exit_code"])
+        click.echo(f"{d['id']:<30} {d['status']:<10} {exit_code:>4}  {(d['created_at'] or '')[:19]:<20} "
+                   f"{d['image'][:24]:<24} {' '.join(d['command'])[:60]}")
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def jobs_show(job_id: str, as_json: bool) -> None:
+    async def go() -> jobs_pb2.Job:
+        async with connect(Login.load()) as api:
+            return await api.get(job_id)
+
+    d = job_as_dict(_run(go()))
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    for key in ("id", "status", "exit_code", "status_reason", "image", "command", "pool", "agent_id",
+                "created_at", "started_at", "finished_at"):
+        click.echo(f"{key + ':':<15} {d[key] if d[key] not in (None, '') else '-'}")
+    for t in d["transitions"]:
+        click.echo(f"  {t['at']}  {t['status']:<10} {t['reason']}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
+def logs(job_id: str, follow: bool) -> None:
+    """Print a job's log: stdout to stdout, stderr to stderr."""
+
+    async def go() -> None:
+        async with connect(Login.load()) as api:
+            await stream_log(api, job_id, follow, sys.stdout.buffer, sys.stderr.buffer)
+
+    _run(go())
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a job: SIGTERM, a grace period, then SIGKILL."""
+
+    async def go() -> jobs_pb2.Job:
+        async with connect(Login.load()) as api:
+            return await api.cancel(job_id)
+
+    job = _run(go())
+    click.echo(f"job {job.id}: {status_name(job.status)}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Who is calling: API keys, enrollment tokens, principals and scopes."""

@@ -1,0 +1,50 @@
+"""The control plane's configuration: one frozen, validated object. Only the
+command line reads flags and the environment; the daemon gets this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from common.tls import split_target
+from controlplane.errors import ConfigError
+
+MIN_AGENT_CERT_TTL = timedelta(seconds=10)
+MAX_AGENT_CERT_TTL = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    data_dir: Path
+    """Directory created by ``testhide-controlplane init``."""
+    listen: str = "127.0.0.1:7443"
+    """HOST:PORT of the API port (server TLS; users and enrollment)."""
+    agent_listen: str | None = None
+    """HOST:PORT of the agent port (mutual TLS). Default: the API port + 1 (0 stays 0)."""
+    agent_cert_ttl: timedelta = timedelta(hours=1)
+    """Lifetime of agent certificates; also bounds the age of agent connections."""
+    dev: bool = False
+    """Accept development certificates from certs-dev/. Never in production."""
+    max_request_bytes: int = 4 * 1024 * 1024
+    """Largest request accepted on the API port."""
+    shutdown_grace: timedelta = timedelta(seconds=5)
+    """How long in-flight RPCs get to finish on SIGTERM."""
+
+    def __post_init__(self) -> None:
+        try:
+            split_target(self.listen)
+            split_target(self.resolved_agent_listen)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not MIN_AGENT_CERT_TTL <= self.agent_cert_ttl <= MAX_AGENT_CERT_TTL:
+            raise ConfigError("agent certificate lifetime must be between 10s and 24h")
+        if not 1024 <= self.max_request_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("max request size must be between 1 KiB and 64 MiB")
+
+    @property
+    def resolved_agent_listen(self) -> str:
+        if self.agent_listen:
+            return self.agent_listen
+        host, port = split_target(self.listen)
+        return f"{host}:{port + 1 if port else 0}"

@@ -1,0 +1,53 @@
+"""Control-plane errors. Each maps to one gRPC status in ``rpc/status.py``.
+
+ControlPlaneError
+├── ConfigError              invalid configuration
+├── DataDirError             missing, uninitialised or already initialised data dir
+├── InvalidArgument          a request field fails validation
+├── Unauthenticated          no, wrong or expired credential (never says which)
+├── PermissionDenied         authenticated, but not allowed
+├── NotFound                 no such object in the caller's organisation
+├── FailedPrecondition       the object is not in a state that allows this
+├── StaleEpoch               an agent reported on an assignment it no longer holds
+└── IntegrityError           stored data failed authentication (tampering, wrong key)
+"""
+
+
+class ControlPlaneError(Exception):
+    """Base of every error the control plane raises on purpose."""
+
+
+class ConfigError(ControlPlaneError):
+    pass
+
+
+class DataDirError(ControlPlaneError):
+    pass
+
+
+class InvalidArgument(ControlPlaneError):
+    pass
+
+
+class Unauthenticated(ControlPlaneError):
+    pass
+
+
+class PermissionDenied(ControlPlaneError):
+    pass
+
+
+class NotFound(ControlPlaneError):
+    pass
+
+
+class FailedPrecondition(ControlPlaneError):
+    pass
+
+
+class StaleEpoch(FailedPrecondition):
+    pass
+
+
+class IntegrityError(ControlPlaneError):
+    pass

@@ -1,0 +1,1 @@
+"""Jobs: the domain model, validation, the scheduler and log handling."""

@@ -1,0 +1,86 @@
+"""The job domain: specs, statuses and records, free of wire formats."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "QUEUED"
+    ASSIGNED = "ASSIGNED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+    CANCELED = "CANCELED"
+    ERROR = "ERROR"
+    LOST = "LOST"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELED, JobStatus.ERROR,
+     JobStatus.LOST}
+)
+
+
+class LogStream(enum.IntEnum):
+    STDOUT = 1
+    STDERR = 2
+    SYSTEM = 3
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 2.0
+    memory_bytes: int = 2 * 1024**3
+    pids: int = 2048
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    image: str
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    pool: str = "default"
+    timeout: timedelta = timedelta(hours=1)
+    resources: Resources = Resources()
+    workdir: str = "/workspace"
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Transition:
+    status: JobStatus
+    at: datetime
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    org: str
+    spec: JobSpec
+    status: JobStatus
+    created_at: datetime
+    exit_code: int | None = None
+    status_reason: str = ""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    agent_id: str = ""
+    epoch: int = 0
+    log_size: int = 0
+    last_seq: int = 0
+    transitions: tuple[Transition, ...] = ()
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    offset: int
+    stream: LogStream
+    data: bytes

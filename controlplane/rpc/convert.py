@@ -1,0 +1,83 @@
+"""protobuf <-> domain conversion, in one place."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane.errors import InvalidArgument
+from controlplane.jobs.model import Job, JobSpec, JobStatus, LogChunk, LogStream, Resources
+from protos.v1 import jobs_pb2
+
+_STATUS_TO_PB = {status: jobs_pb2.JobStatus.Value(f"JOB_STATUS_{status.value}") for status in JobStatus}
+DEFAULT_RESOURCES = Resources()
+
+
+def status_to_pb(status: JobStatus) -> jobs_pb2.JobStatus.ValueType:
+    return _STATUS_TO_PB[status]
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def spec_from_pb(spec: jobs_pb2.JobSpec) -> JobSpec:
+    r = spec.resources
+    timeout = spec.timeout.ToTimedelta() if spec.HasField("timeout") else timedelta(hours=1)
+    try:
+        return JobSpec(
+            image=spec.image,
+            command=tuple(spec.command),
+            env=dict(spec.env),
+            pool=spec.pool or "default",
+            timeout=timeout,
+            resources=Resources(
+                cpus=r.cpus or DEFAULT_RESOURCES.cpus,
+                memory_bytes=r.memory_bytes or DEFAULT_RESOURCES.memory_bytes,
+                pids=r.pids or DEFAULT_RESOURCES.pids,
+            ),
+            workdir=spec.workdir or "/workspace",
+            labels=dict(spec.labels),
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"invalid job spec: {exc}") from exc
+
+
+def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
+    pb = jobs_pb2.JobSpec(
+        image=spec.image, command=list(spec.command), env=spec.env, pool=spec.pool, workdir=spec.workdir,
+        labels=spec.labels,
+        resources=jobs_pb2.Resources(cpus=spec.resources.cpus, memory_bytes=spec.resources.memory_bytes,
+                                     pids=spec.resources.pids),
+    )
+    pb.timeout.FromTimedelta(spec.timeout)
+    return pb
+
+
+def job_to_pb(job: Job) -> jobs_pb2.Job:
+    pb = jobs_pb2.Job(
+        id=job.id, org=job.org, spec=spec_to_pb(job.spec), status=status_to_pb(job.status),
+        status_reason=job.status_reason, created_at=_ts(job.created_at), started_at=_ts(job.started_at),
+        finished_at=_ts(job.finished_at), agent_id=job.agent_id, log_size=job.log_size,
+        transitions=[jobs_pb2.StatusTransition(status=status_to_pb(t.status), at=_ts(t.at), reason=t.reason)
+                     for t in job.transitions],
+    )
+    if job.exit_code is not None:
+        pb.exit_code = job.exit_code
+    return pb
+
+
+def chunk_to_pb(chunk: LogChunk) -> jobs_pb2.LogChunk:
+    return jobs_pb2.LogChunk(offset=chunk.offset, stream=int(chunk.stream), data=chunk.data)
+
+
+def stream_from_pb(value: int) -> LogStream:
+    try:
+        return LogStream(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"unknown log stream {value}") from exc

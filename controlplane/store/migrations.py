@@ -1,0 +1,89 @@
+"""Schema versions, applied in order and recorded in ``schema_migrations``.
+Plain SQL that PostgreSQL also accepts (TEXT, INTEGER, BLOB->BYTEA aside)."""
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE orgs (
+            name TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE pools (
+            org TEXT NOT NULL REFERENCES orgs(name),
+            name TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (org, name)
+        );
+        CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            org TEXT NOT NULL REFERENCES orgs(name),
+            name TEXT NOT NULL,
+            secret_hash BLOB NOT NULL,
+            scopes TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT
+        );
+        CREATE TABLE enrollment_tokens (
+            id TEXT PRIMARY KEY,
+            org TEXT NOT NULL,
+            pool TEXT NOT NULL,
+            secret_hash BLOB NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            used_at TEXT,
+            revoked_at TEXT,
+            FOREIGN KEY (org, pool) REFERENCES pools(org, name)
+        );
+        CREATE TABLE agents (
+            id TEXT PRIMARY KEY,
+            org TEXT NOT NULL,
+            pool TEXT NOT NULL,
+            name TEXT NOT NULL,
+            cert_serial TEXT NOT NULL,
+            cert_not_after TEXT NOT NULL,
+            enrolled_at TEXT NOT NULL,
+            last_seen_at TEXT,
+            revoked_at TEXT,
+            FOREIGN KEY (org, pool) REFERENCES pools(org, name)
+        );
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            org TEXT NOT NULL REFERENCES orgs(name),
+            pool TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            status TEXT NOT NULL,
+            exit_code INTEGER,
+            status_reason TEXT NOT NULL DEFAULT '',
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            agent_id TEXT NOT NULL DEFAULT '',
+            epoch INTEGER NOT NULL DEFAULT 0,
+            data_key BLOB NOT NULL,
+            log_size INTEGER NOT NULL DEFAULT 0,
+            last_seq INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX jobs_queue ON jobs (org, pool, status, id);
+        CREATE INDEX jobs_by_org ON jobs (org, id);
+        CREATE TABLE job_transitions (
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            n INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            at TEXT NOT NULL,
+            reason TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (job_id, n)
+        );
+        CREATE TABLE log_entries (
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            seq INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            byte_offset INTEGER NOT NULL,
+            stream INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (job_id, seq, idx)
+        );
+        CREATE INDEX log_by_offset ON log_entries (job_id, byte_offset);
+        """,
+    ),
+]

@@ -1,0 +1,367 @@
+"""The embedded SQLite backend. One connection on one thread: sqlite3 blocks,
+so calls hop to that thread and the event loop never waits on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from controlplane.errors import FailedPrecondition, NotFound, StaleEpoch, Unauthenticated
+from controlplane.jobs.model import Job, JobSpec, JobStatus, LogStream, Resources, Transition
+from controlplane.store.base import AgentRecord, ApiKeyRecord, EnrollmentTokenRecord, StoredLogEntry
+from controlplane.store.migrations import MIGRATIONS
+
+T = TypeVar("T")
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _spec_to_json(spec: JobSpec) -> str:
+    data = asdict(spec)
+    data["timeout"] = spec.timeout.total_seconds()
+    data["command"] = list(spec.command)
+    return json.dumps(data, sort_keys=True)
+
+
+def _spec_from_json(text: str) -> JobSpec:
+    data = json.loads(text)
+    data["timeout"] = timedelta(seconds=data["timeout"])
+    data["command"] = tuple(data["command"])
+    data["resources"] = Resources(**data["resources"])
+    return JobSpec(**data)
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        store = cls(path)
+        await store._run(store._connect)
+        return store
+
+    def _connect(self, _: sqlite3.Connection | None = None) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        self._conn = conn
+        self._migrate(conn)
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        for version, script in MIGRATIONS:
+            if version in applied:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, datetime('now'))", (version,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            assert self._conn is not None
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return result
+
+        return await self._run(run)
+
+    async def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        def run() -> list[sqlite3.Row]:
+            assert self._conn is not None
+            return self._conn.execute(sql, args).fetchall()
+
+        return await self._run(run)
+
+    async def close(self) -> None:
+        def run() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._run(run)
+        self._executor.shutdown(wait=True)
+
+    # organisations and pools -------------------------------------------------
+    async def create_org(self, org: str, now: datetime) -> None:
+        await self._tx(lambda c: c.execute("INSERT INTO orgs VALUES (?, ?)", (org, _ts(now))))
+
+    async def create_pool(self, org: str, pool: str, now: datetime) -> None:
+        await self._tx(lambda c: c.execute("INSERT INTO pools VALUES (?, ?, ?)", (org, pool, _ts(now))))
+
+    async def pool_exists(self, org: str, pool: str) -> bool:
+        return bool(await self._query("SELECT 1 FROM pools WHERE org = ? AND name = ?", (org, pool)))
+
+    # API keys ------------------------------------------------------------------
+    async def create_api_key(self, record: ApiKeyRecord) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.org, record.name, record.secret_hash, " ".join(record.scopes),
+                 _ts(record.created_at), _ts(record.revoked_at)),
+            )
+        )
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        rows = await self._query("SELECT * FROM api_keys WHERE id = ?", (key_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return ApiKeyRecord(r["id"], r["org"], r["name"], r["secret_hash"], tuple(r["scopes"].split()),
+                            _dt(r["created_at"]) or datetime.min, _dt(r["revoked_at"]))
+
+    # enrollment tokens and agents --------------------------------------------
+    async def create_enrollment_token(self, record: EnrollmentTokenRecord) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO enrollment_tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.org, record.pool, record.secret_hash, _ts(record.created_at),
+                 _ts(record.expires_at), None, None),
+            )
+        )
+
+    async def consume_enrollment_token(self, token_id: str, secret_hash: bytes, now: datetime) -> (
+        EnrollmentTokenRecord
+    ):
+        """Mark the token used, atomically; any reason for refusal is the same
+        error so a caller learns nothing about which tokens exist."""
+
+        def run(c: sqlite3.Connection) -> EnrollmentTokenRecord:
+            row = c.execute("SELECT * FROM enrollment_tokens WHERE id = ?", (token_id,)).fetchone()
+            if (
+                row is None
+                or not hmac.compare_digest(row["secret_hash"], secret_hash)
+                or row["used_at"] is not None
+                or row["revoked_at"] is not None
+                or (_dt(row["expires_at"]) or now) <= now
+            ):
+                raise Unauthenticated("the enrollment token is invalid, expired, revoked or already used")
+            c.execute("UPDATE enrollment_tokens SET used_at = ? WHERE id = ?", (_ts(now), token_id))
+            return EnrollmentTokenRecord(row["id"], row["org"], row["pool"], row["secret_hash"],
+                                         _dt(row["created_at"]) or now, _dt(row["expires_at"]) or now, now)
+
+        return await self._tx(run)
+
+    async def create_agent(self, record: AgentRecord) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.org, record.pool, record.name, record.cert_serial,
+                 _ts(record.cert_not_after), _ts(record.enrolled_at), None, None),
+            )
+        )
+
+    async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None:
+        rows = await self._query("SELECT * FROM agents WHERE org = ? AND id = ?", (org, agent_id))
+        if not rows:
+            return None
+        r = rows[0]
+        return AgentRecord(r["id"], r["org"], r["pool"], r["name"], r["cert_serial"],
+                           _dt(r["cert_not_after"]) or datetime.min, _dt(r["enrolled_at"]) or datetime.min,
+                           _dt(r["last_seen_at"]), _dt(r["revoked_at"]))
+
+    async def touch_agent(self, org: str, agent_id: str, now: datetime) -> None:
+        await self._tx(lambda c: c.execute("UPDATE agents SET last_seen_at = ? WHERE org = ? AND id = ?",
+                                           (_ts(now), org, agent_id)))
+
+    async def record_agent_certificate(self, org: str, agent_id: str, serial: str, not_after: datetime) -> None:
+        await self._tx(lambda c: c.execute(
+            "UPDATE agents SET cert_serial = ?, cert_not_after = ? WHERE org = ? AND id = ?",
+            (serial, _ts(not_after), org, agent_id)))
+
+    # jobs ----------------------------------------------------------------------
+    @staticmethod
+    def _job(c: sqlite3.Connection, r: sqlite3.Row) -> Job:
+        transitions = tuple(
+            Transition(JobStatus(t["status"]), _dt(t["at"]) or datetime.min, t["reason"])
+            for t in c.execute("SELECT * FROM job_transitions WHERE job_id = ? ORDER BY n", (r["id"],))
+        )
+        return Job(
+            id=r["id"], org=r["org"], spec=_spec_from_json(r["spec"]), status=JobStatus(r["status"]),
+            created_at=_dt(r["created_at"]) or datetime.min, exit_code=r["exit_code"],
+            status_reason=r["status_reason"], started_at=_dt(r["started_at"]),
+            finished_at=_dt(r["finished_at"]), agent_id=r["agent_id"], epoch=r["epoch"],
+            log_size=r["log_size"], last_seq=r["last_seq"], transitions=transitions,
+        )
+
+    @staticmethod
+    def _add_transition(c: sqlite3.Connection, job_id: str, status: JobStatus, now: datetime, reason: str) -> None:
+        c.execute(
+            "INSERT INTO job_transitions SELECT ?, COALESCE(MAX(n), 0) + 1, ?, ?, ? FROM job_transitions"
+            " WHERE job_id = ?",
+            (job_id, status.value, _ts(now), reason, job_id),
+        )
+
+    async def create_job(self, job: Job, data_key_wrapped: bytes) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO jobs (id, org, pool, spec, status, created_at, data_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.org, job.spec.pool, _spec_to_json(job.spec), job.status.value,
+                 _ts(job.created_at), data_key_wrapped),
+            )
+            self._add_transition(c, job.id, job.status, job.created_at, "")
+
+        await self._tx(run)
+
+    async def get_job(self, org: str, job_id: str) -> Job | None:
+        def run(c: sqlite3.Connection) -> Job | None:
+            row = c.execute("SELECT * FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone()
+            return self._job(c, row) if row else None
+
+        return await self._tx(run)
+
+    async def get_job_data_key(self, org: str, job_id: str) -> bytes:
+        rows = await self._query("SELECT data_key FROM jobs WHERE org = ? AND id = ?", (org, job_id))
+        if not rows:
+            raise NotFound(f"job {job_id} not found")
+        return bytes(rows[0]["data_key"])
+
+    async def list_jobs(self, org: str, limit: int, before_id: str | None) -> list[Job]:
+        def run(c: sqlite3.Connection) -> list[Job]:
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE org = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                (org, before_id or "\U0010ffff", limit),
+            ).fetchall()
+            return [self._job(c, r) for r in rows]
+
+        return await self._tx(run)
+
+    async def queued_jobs(self, org: str, pool: str, limit: int) -> list[Job]:
+        def run(c: sqlite3.Connection) -> list[Job]:
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE org = ? AND pool = ? AND status = ? ORDER BY id LIMIT ?",
+                (org, pool, JobStatus.QUEUED.value, limit),
+            ).fetchall()
+            return [self._job(c, r) for r in rows]
+
+        return await self._tx(run)
+
+    async def queued_pools(self) -> list[tuple[str, str]]:
+        rows = await self._query("SELECT DISTINCT org, pool FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,))
+        return [(r["org"], r["pool"]) for r in rows]
+
+    async def jobs_of_agent(self, org: str, agent_id: str) -> list[Job]:
+        def run(c: sqlite3.Connection) -> list[Job]:
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE org = ? AND agent_id = ? AND status IN (?, ?) ORDER BY id",
+                (org, agent_id, JobStatus.ASSIGNED.value, JobStatus.RUNNING.value),
+            ).fetchall()
+            return [self._job(c, r) for r in rows]
+
+        return await self._tx(run)
+
+    async def assign_job(self, org: str, job_id: str, agent_id: str, now: datetime) -> Job | None:
+        """QUEUED -> ASSIGNED with a new fencing epoch, or None if someone else won."""
+
+        def run(c: sqlite3.Connection) -> Job | None:
+            cur = c.execute(
+                "UPDATE jobs SET status = ?, agent_id = ?, epoch = epoch + 1 WHERE org = ? AND id = ? AND status = ?",
+                (JobStatus.ASSIGNED.value, agent_id, org, job_id, JobStatus.QUEUED.value),
+            )
+            if cur.rowcount != 1:
+                return None
+            self._add_transition(c, job_id, JobStatus.ASSIGNED, now, f"agent {agent_id}")
+            return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+        return await self._tx(run)
+
+    async def set_job_status(
+        self, org: str, job_id: str, epoch: int | None, status: JobStatus, now: datetime, reason: str = "",
+        exit_code: int | None = None,
+    ) -> Job:
+        def run(c: sqlite3.Connection) -> Job:
+            row = c.execute("SELECT * FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone()
+            if row is None:
+                raise NotFound(f"job {job_id} not found")
+            if epoch is not None and row["epoch"] != epoch:
+                raise StaleEpoch(f"job {job_id} is at epoch {row['epoch']}, not {epoch}")
+            current = JobStatus(row["status"])
+            if current == status:
+                return self._job(c, row)
+            if current.terminal:
+                raise FailedPrecondition(f"job {job_id} has already ended ({current.value})")
+            started = _ts(now) if status == JobStatus.RUNNING else row["started_at"]
+            finished = _ts(now) if status.terminal else None
+            c.execute(
+                "UPDATE jobs SET status = ?, status_reason = ?, exit_code = ?, started_at = ?, finished_at = ?"
+                " WHERE id = ?",
+                (status.value, reason, exit_code, started, finished, job_id),
+            )
+            self._add_transition(c, job_id, status, now, reason)
+            return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+        return await self._tx(run)
+
+    async def append_log_batch(
+        self, org: str, job_id: str, epoch: int, seq: int, entries: list[tuple[LogStream, bytes, int]]
+    ) -> int:
+        """Store batch ``seq`` once; returns the highest contiguous stored seq.
+        ``entries`` are (stream, sealed data, plaintext length)."""
+
+        def run(c: sqlite3.Connection) -> int:
+            row = c.execute("SELECT epoch, last_seq, log_size FROM jobs WHERE org = ? AND id = ?",
+                            (org, job_id)).fetchone()
+            if row is None:
+                raise NotFound(f"job {job_id} not found")
+            if row["epoch"] != epoch:
+                raise StaleEpoch(f"job {job_id} is at epoch {row['epoch']}, not {epoch}")
+            last_seq, offset = row["last_seq"], row["log_size"]
+            if seq <= last_seq:
+                return int(last_seq)  # a replay of a batch already stored
+            if seq != last_seq + 1:
+                raise FailedPrecondition(f"log batch {seq} of job {job_id} arrived before batch {last_seq + 1}")
+            for index, (stream, sealed, length) in enumerate(entries):
+                c.execute("INSERT INTO log_entries VALUES (?, ?, ?, ?, ?, ?)",
+                          (job_id, seq, index, offset, int(stream), sealed))
+                offset += length
+            c.execute("UPDATE jobs SET last_seq = ?, log_size = ? WHERE id = ?", (seq, offset, job_id))
+            return seq
+
+        return await self._tx(run)
+
+    async def read_log(self, org: str, job_id: str, from_offset: int, limit: int) -> list[StoredLogEntry]:
+        rows = await self._query(
+            "SELECT l.* FROM log_entries l JOIN jobs j ON j.id = l.job_id"
+            " WHERE j.org = ? AND l.job_id = ? AND l.byte_offset >= ("
+            "   SELECT COALESCE(MAX(byte_offset), 0) FROM log_entries WHERE job_id = ? AND byte_offset <= ?)"
+            " ORDER BY l.byte_offset, l.seq, l.idx LIMIT ?",
+            (org, job_id, job_id, from_offset, limit),
+        )
+        return [StoredLogEntry(r["byte_offset"], LogStream(r["stream"]), bytes(r["data"]), r["seq"], r["idx"])
+                for r in rows]
