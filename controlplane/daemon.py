@@ -41,6 +41,7 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self._servers: list[grpc.aio.Server] = []
         self._store: SqliteStore | None = None
+        self.scheduler: Scheduler | None = None
 
     async def start(self) -> None:
         data_dir = DataDir(self.config.data_dir)
@@ -50,7 +51,7 @@ class ControlPlane:
         key_pem, chain_pem = data_dir.server_credentials(master)
         self._store = store = await SqliteStore.open(data_dir.db_path)
 
-        scheduler = Scheduler(store)
+        self.scheduler = scheduler = Scheduler(store)
         jobs = JobService(store, master, scheduler, LogBook(store, master))
         health = health_aio.HealthServicer()
 

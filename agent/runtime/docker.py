@@ -9,6 +9,7 @@ at a time and is several times slower)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import struct
 import tarfile
@@ -74,6 +75,15 @@ class Demuxer:
             pos = start + size
         del self._buffer[:pos]
         return out
+
+
+def _close_attach_socket(sock: Any) -> None:
+    """docker-py hands out a SocketIO over the connection's socket, with the
+    HTTP response attached; closing the wrapper alone leaks the socket."""
+    for part in (getattr(sock, "_response", None), sock, getattr(sock, "_sock", None)):
+        if part is not None:
+            with contextlib.suppress(OSError, ValueError):
+                part.close()
 
 
 class DockerContainer:
@@ -205,5 +215,5 @@ class DockerRuntime:
         except OSError:
             log.warning("container_output_interrupted")
         finally:
-            sock.close()
             loop.call_soon_threadsafe(output.put_nowait, None)
+            _close_attach_socket(sock)

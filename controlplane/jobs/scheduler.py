@@ -67,6 +67,7 @@ class Scheduler:
         self._sessions: dict[str, AgentSession] = {}
         self._wake = asyncio.Event()
         self._pending: set[tuple[str, str]] = set()
+        self._attached = asyncio.Condition()
 
     def session_of(self, agent_id: str) -> AgentSession | None:
         return self._sessions.get(agent_id)
@@ -80,6 +81,17 @@ class Scheduler:
             previous.closed.set()  # the newer stream of the same agent wins
         self._sessions[session.identity.agent_id] = session
         self.kick(session.identity.org, session.identity.pool)
+        asyncio.ensure_future(self._announce())
+
+    async def _announce(self) -> None:
+        async with self._attached:
+            self._attached.notify_all()
+
+    async def wait_for_agent(self, agent_id: str) -> AgentSession:
+        """Until the agent has an open session (operators' tooling and tests)."""
+        async with self._attached:
+            await self._attached.wait_for(lambda: agent_id in self._sessions)
+        return self._sessions[agent_id]
 
     def detach(self, session: AgentSession) -> None:
         if self._sessions.get(session.identity.agent_id) is session:

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.daemon import Agent
+from tests.harness import Cli, RunningControlPlane, control_plane, running_agent
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def docker_client():  # type: ignore[no-untyped-def]
+    """A Docker engine with the job images built. Skips on a laptop without
+    Docker; in CI (CI=true) a missing engine fails the test instead."""
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        message = f"Docker engine not reachable: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    from images.build import build
+
+    build(client)
+    return client
+
+
+@pytest.fixture
+async def cp(tmp_path: Path) -> AsyncIterator[RunningControlPlane]:
+    async with control_plane(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+async def docker_agent(cp: RunningControlPlane, tmp_path: Path, docker_client) -> AsyncIterator[Agent]:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from agent.runtime.docker import DockerRuntime
+
+    async with running_agent(cp, tmp_path, DockerRuntime(docker_client), stop_grace=timedelta(seconds=1)) as agent:
+        yield agent
+
+
+@pytest.fixture
+async def cli(cp: RunningControlPlane, tmp_path: Path) -> Cli:
+    client = Cli(tmp_path / "config")
+    result = await client.login(cp)
+    assert result.returncode == 0, result.stderr
+    return client

@@ -1,0 +1,109 @@
+"""Real components for integration tests and benchmarks: a control plane on
+127.0.0.1:0 with a fresh data dir, enrolled agents on real Docker, and the
+CLI as a subprocess, exactly as users run them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from agent.rpc.enroll import enroll
+from agent.runtime.base import ContainerRuntime
+from controlplane.ca.enrollment import create_token
+from controlplane.config import ControlPlaneConfig
+from controlplane.daemon import ControlPlane
+from controlplane.datadir import initialise
+
+REPO = Path(__file__).resolve().parent.parent
+JOB_IMAGE = "testhide/busybox:1"
+
+
+@dataclass
+class RunningControlPlane:
+    daemon: ControlPlane
+    data_dir: Path
+    admin_key: str
+
+    @property
+    def api_target(self) -> str:
+        return f"127.0.0.1:{self.daemon.api_port}"
+
+    @property
+    def agent_target(self) -> str:
+        return f"127.0.0.1:{self.daemon.agent_port}"
+
+    @property
+    def ca_pem(self) -> bytes:
+        return (self.data_dir / "ca.pem").read_bytes()
+
+    async def enrollment_token(self, org: str = "default", pool: str = "default",
+                               ttl: timedelta = timedelta(minutes=10)) -> str:
+        assert self.daemon._store is not None
+        return await create_token(self.daemon._store, self.ca_pem, org, pool, ttl)
+
+
+@asynccontextmanager
+async def control_plane(tmp: Path, **config: object) -> AsyncIterator[RunningControlPlane]:
+    data_dir = tmp / "controlplane"
+    admin_key = await initialise(data_dir, ["localhost", "127.0.0.1"])
+    daemon = ControlPlane(ControlPlaneConfig(data_dir=data_dir, listen="127.0.0.1:0",
+                                             agent_listen="127.0.0.1:0", **config))  # type: ignore[arg-type]
+    await daemon.start()
+    try:
+        yield RunningControlPlane(daemon, data_dir, admin_key)
+    finally:
+        await daemon.shutdown()
+
+
+@asynccontextmanager
+async def running_agent(cp: RunningControlPlane, tmp: Path, runtime: ContainerRuntime, name: str = "agent",
+                        **config: object) -> AsyncIterator[Agent]:
+    data_dir = tmp / f"agent-{name}"
+    await enroll(cp.api_target, await cp.enrollment_token(), data_dir, name)
+    agent = Agent(AgentConfig(data_dir=data_dir, **config), runtime)  # type: ignore[arg-type]
+    task = asyncio.create_task(agent.run())
+    try:
+        assert cp.daemon.scheduler is not None
+        await asyncio.wait_for(cp.daemon.scheduler.wait_for_agent(agent.agent_id), 30)
+        yield agent
+    finally:
+        agent.shutdown()
+        await asyncio.wait_for(task, 60)
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Cli:
+    """The ``testhide`` command in a subprocess, with its own config dir."""
+
+    def __init__(self, config_home: Path) -> None:
+        self.env = {**os.environ, "XDG_CONFIG_HOME": str(config_home), "PYTHONPATH": str(REPO)}
+
+    async def start(self, *args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", *args, env=self.env, cwd=REPO,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+
+    async def __call__(self, *args: str, timeout: float = 90) -> CliResult:
+        process = await self.start(*args)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+        assert process.returncode is not None
+        return CliResult(process.returncode, stdout, stderr)
+
+    async def login(self, cp: RunningControlPlane, api_key: str | None = None) -> CliResult:
+        ca_file = cp.data_dir / "ca.pem"
+        return await self("login", "--server", cp.api_target, "--api-key", api_key or cp.admin_key,
+                          "--ca-file", str(ca_file))
