@@ -191,7 +191,7 @@ def jobs_list(limit: int, as_json: bool) -> None:
         d = job_as_dict(job)
         exit_code = "" if d["exit_code"] is None else str(d["exit_code"])
         click.echo(f"{d['id']:<30} {d['status']:<10} {exit_code:>4}  {(d['created_at'] or '')[:19]:<20} "
-                   f"{d['image'][:24]:<24} {' '.join(d['command'])[:60]}")
+                   f"{d['image'][:24]:<24} {' '.join(' '.join(d['command']).split())[:60]}")
 
 
 @jobs.command("show")

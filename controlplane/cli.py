@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import Coroutine
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from common.durations import parse_duration
+from common.durations import format_duration, parse_duration
 from common.logging import configure
 from controlplane.config import ControlPlaneConfig
 from controlplane.errors import ControlPlaneError
@@ -82,7 +83,10 @@ def init(data_dir: Path, server_names: tuple[str, ...], trust_domain: str, impor
 @click.option("--agent-listen", default=None, help="HOST:PORT of the mutual-TLS agent port [API port + 1].")
 @click.option("--agent-cert-ttl", type=Duration(), default="1h", show_default=True)
 @click.option("--dev", is_flag=True, help="Accept development certificates. Never in production.")
-def serve(data_dir: Path, listen: str, agent_listen: str | None, agent_cert_ttl: Any, dev: bool) -> None:
+@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the bound ports as JSON here once serving (for port 0).")
+def serve(data_dir: Path, listen: str, agent_listen: str | None, agent_cert_ttl: Any, dev: bool,
+          port_file: Path | None) -> None:
     """Serve the API and agent ports until SIGTERM or SIGINT."""
     from controlplane.daemon import ControlPlane
 
@@ -92,6 +96,11 @@ def serve(data_dir: Path, listen: str, agent_listen: str | None, agent_cert_ttl:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(daemon.shutdown()))
+        await daemon.start()
+        if port_file:
+            tmp = port_file.with_name(port_file.name + ".tmp")
+            tmp.write_text(json.dumps({"api_port": daemon.api_port, "agent_port": daemon.agent_port}))
+            tmp.replace(port_file)
         await daemon.run()
 
     _run(run())
@@ -123,7 +132,7 @@ def enroll_token_create(data_dir: Path, org: str, pool: str, ttl: Any) -> None:
             await store.close()
 
     token = _run(run())
-    click.echo(f"enrollment token for {org}/{pool}, valid {ttl}, one use:", err=True)
+    click.echo(f"enrollment token for {org}/{pool}, valid {format_duration(ttl)}, one use:", err=True)
     click.echo(token)
 
 

@@ -90,7 +90,8 @@ class ControlPlane:
                  data_dir=str(self.config.data_dir))
 
     async def run(self) -> None:
-        await self.start()
+        if not self._servers:
+            await self.start()
         await self._stopped.wait()
 
     async def shutdown(self) -> None:
