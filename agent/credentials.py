@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,21 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.files import atomic_write
 from agent.errors import ConfigError
-
-
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def new_key_and_csr() -> tuple[bytes, bytes]:
@@ -50,6 +36,18 @@ class Credentials:
     key_pem: bytes
     certificate_pem: bytes
     ca_pem: bytes
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    """When this certificate arrived: renewal is timed from here, not from
+    notBefore, which the control plane backdates."""
+
+    def renewal_at(self, jitter: float) -> datetime:
+        """Half-way from receipt to expiry, shifted by ``jitter`` (in [-0.1, 0.1]) of that span."""
+        span = self.certificate.not_valid_after_utc - self.received_at
+        return self.received_at + span * (0.5 + jitter)
+
+    def with_certificate(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes | None = None) -> Credentials:
+        return replace(self, key_pem=key_pem, certificate_pem=certificate_pem, ca_pem=ca_pem or self.ca_pem,
+                       received_at=datetime.now(UTC))
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -64,7 +62,8 @@ class Credentials:
         atomic_write(directory / "agent.key", self.key_pem, 0o600)
         atomic_write(directory / "agent.pem", self.certificate_pem, 0o644)
         atomic_write(directory / "ca.pem", self.ca_pem, 0o644)
-        meta = {"agent_id": self.agent_id, "api_endpoint": self.api_endpoint, "agent_endpoint": self.agent_endpoint}
+        meta = {"agent_id": self.agent_id, "api_endpoint": self.api_endpoint, "agent_endpoint": self.agent_endpoint,
+                "certificate_received_at": self.received_at.isoformat()}
         atomic_write(directory / "agent.json", json.dumps(meta, indent=2).encode() + b"\n", 0o644)
 
     @classmethod
@@ -74,8 +73,10 @@ class Credentials:
             key_path = directory / "agent.key"
             if key_path.stat().st_mode & 0o077:
                 raise ConfigError(f"{key_path} must not be readable by group or others (chmod 600)")
+            received = meta.get("certificate_received_at")
             return cls(meta["agent_id"], meta["api_endpoint"], meta["agent_endpoint"], key_path.read_bytes(),
-                       (directory / "agent.pem").read_bytes(), (directory / "ca.pem").read_bytes())
+                       (directory / "agent.pem").read_bytes(), (directory / "ca.pem").read_bytes(),
+                       datetime.fromisoformat(received) if received else datetime.now(UTC))
         except FileNotFoundError as exc:
             raise ConfigError(f"{directory} holds no enrolled agent; run 'testhide-agent enroll' first") from exc
         except (KeyError, ValueError) as exc:

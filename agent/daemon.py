@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 
 import grpc
 import structlog
@@ -15,7 +16,7 @@ from agent.credentials import Credentials
 from agent.executor import Executor
 from agent.model import Assignment
 from agent.outbox import Outbox
-from agent.rpc.session import Session, SessionLost
+from agent.rpc.session import Session, SessionEvents, SessionLost
 from agent.runtime.base import ContainerRuntime
 
 log = structlog.get_logger("testhide.agent")
@@ -32,6 +33,7 @@ class Agent:
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._credentials = Credentials.load(config.data_dir)
         self._stopping = asyncio.Event()
+        self.credentials_changed = asyncio.Condition()
 
     @property
     def agent_id(self) -> str:
@@ -40,6 +42,8 @@ class Agent:
     def _assign(self, job: Assignment) -> None:
         if job.job_id in self._jobs:
             return  # a replayed assignment of a job already running
+        # Open before the task runs: a hello sent in between must list the job.
+        self.outbox.open(job.job_id, job.epoch)
         task = asyncio.create_task(self._executor.run(job), name=f"job-{job.job_id}")
         self._jobs[job.job_id] = task
         task.add_done_callback(lambda _: self._jobs.pop(job.job_id, None))
@@ -49,12 +53,28 @@ class Agent:
         if not self._executor.cancel(job_id, reason):
             self.outbox.drop(job_id)
 
-    def _renewed(self, credentials: Credentials) -> None:
+    @property
+    def credentials(self) -> Credentials:
+        return self._credentials
+
+    def _update_credentials(self, credentials: Credentials) -> None:
         credentials.save(self.config.data_dir)
         self._credentials = credentials
+        asyncio.ensure_future(self._announce_credentials())
+
+    async def _announce_credentials(self) -> None:
+        async with self.credentials_changed:
+            self.credentials_changed.notify_all()
+
+    def _trust_bundle(self, bundle_pem: bytes) -> None:
+        if bundle_pem != self._credentials.ca_pem:
+            self._update_credentials(replace(self._credentials, ca_pem=bundle_pem))
+            log.info("trust_bundle_updated", certificates=bundle_pem.count(b"BEGIN CERTIFICATE"))
 
     async def _one_session(self) -> None:
-        session = Session(self.config, self._credentials, self.outbox, self._assign, self._cancel, self._renewed)
+        session = Session(self.config, self._credentials, self.outbox, SessionEvents(
+            assign=self._assign, cancel=self._cancel, renewed=self._update_credentials,
+            trust_bundle=self._trust_bundle))
         await session.run()
 
     async def run(self) -> None:

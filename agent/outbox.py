@@ -50,7 +50,10 @@ class Outbox:
             self._send(message)
 
     def open(self, job_id: str, epoch: int) -> None:
-        self._jobs[job_id] = _JobReports(epoch)
+        """Start reporting on a job; a second open of the same assignment keeps what it has."""
+        existing = self._jobs.get(job_id)
+        if existing is None or existing.epoch != epoch:
+            self._jobs[job_id] = _JobReports(epoch)
 
     def running(self) -> dict[str, int]:
         """Jobs whose result is not yet acknowledged, with their epochs."""

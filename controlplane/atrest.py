@@ -78,6 +78,10 @@ class MasterKey:
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         return seal(self._key, plaintext, aad)
 
+    def derive_material(self) -> bytes:
+        """Input keying material for HKDF-derived subkeys (audit MACs)."""
+        return self._key
+
     def unseal(self, sealed: bytes, aad: bytes) -> bytes:
         return unseal(self._key, sealed, aad)
 

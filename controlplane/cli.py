@@ -6,17 +6,24 @@ import asyncio
 import json
 import signal
 from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+import structlog
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from common.durations import format_duration, parse_duration
 from common.logging import configure
+from common.tls import fingerprint
 from controlplane.config import ControlPlaneConfig
-from controlplane.errors import ControlPlaneError
+from controlplane.errors import ControlPlaneError, FailedPrecondition, InvalidArgument, NotFound
+from controlplane.operator import OperatorContext, operator_context
 
 T = TypeVar("T")
+log = structlog.get_logger("testhide.operator")
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -119,22 +126,258 @@ def enroll_token() -> None:
 def enroll_token_create(data_dir: Path, org: str, pool: str, ttl: Any) -> None:
     """Print a one-time token that enrolls one agent into ORG/POOL."""
     from controlplane.ca.enrollment import create_token
-    from controlplane.datadir import DataDir
-    from controlplane.store.sqlite import SqliteStore
 
     async def run() -> str:
-        directory = DataDir(data_dir)
-        directory.require_initialised()
-        store = await SqliteStore.open(directory.db_path)
-        try:
-            return await create_token(store, (data_dir / "ca.pem").read_bytes(), org, pool, ttl)
-        finally:
-            await store.close()
+        async with operator_context(data_dir) as op:
+            token = await create_token(op.store, op.directory.load_ca(op.master, allow_development=True)
+                                       .certificate_pem, org, pool, ttl)
+            await op.auditor.record("enrollment_token_created", op.actor, org=org, target=token.split(".")[1],
+                                    pool=pool, ttl_s=ttl.total_seconds())
+            return token
 
     token = _run(run())
     click.echo(f"enrollment token for {org}/{pool}, valid {format_duration(ttl)}, one use:", err=True)
     click.echo(token)
 
+
+@enroll_token.command("list")
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def enroll_token_list(data_dir: Path, as_json: bool) -> None:
+    """Tokens with their state; never their secrets."""
+    async def run() -> list[dict[str, Any]]:
+        async with operator_context(data_dir) as op:
+            now = datetime.now(UTC)
+            return [{"id": t.id, "org": t.org, "pool": t.pool, "created_at": t.created_at.isoformat(),
+                     "expires_at": t.expires_at.isoformat(),
+                     "state": "revoked" if t.revoked_at else "used" if t.used_at else
+                     "expired" if t.expires_at <= now else "usable"}
+                    for t in await op.store.list_enrollment_tokens()]
+
+    _print_rows(_run(run()), as_json, ["id", "org", "pool", "state", "expires_at"])
+
+
+@enroll_token.command("revoke")
+@data_dir_option
+@click.argument("token_id")
+def enroll_token_revoke(data_dir: Path, token_id: str) -> None:
+    """Make an unused token useless."""
+    async def run() -> None:
+        async with operator_context(data_dir) as op:
+            record = await op.store.revoke_enrollment_token(token_id, datetime.now(UTC))
+            if record is None:
+                raise NotFound(f"no enrollment token {token_id}")
+            await op.auditor.record("enrollment_token_revoked", op.actor, org=record.org, target=token_id)
+
+    _run(run())
+    click.echo(f"enrollment token {token_id} revoked", err=True)
+
+
+@main.group()
+def agents() -> None:
+    """Enrolled agents."""
+
+
+@agents.command("list")
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def agents_list(data_dir: Path, as_json: bool) -> None:
+    """Agents with their certificate serial and expiry, last contact and state."""
+    async def run() -> list[dict[str, Any]]:
+        async with operator_context(data_dir) as op:
+            now = datetime.now(UTC)
+            return [{"id": a.id, "name": a.name, "org": a.org, "pool": a.pool, "cert_serial": a.cert_serial,
+                     "cert_not_after": a.cert_not_after.isoformat(),
+                     "last_seen_at": a.last_seen_at.isoformat() if a.last_seen_at else None,
+                     "state": "revoked" if a.revoked_at else "expired" if a.cert_not_after <= now else "active"}
+                    for a in await op.store.list_agents()]
+
+    _print_rows(_run(run()), as_json, ["id", "name", "org", "pool", "state", "cert_not_after", "last_seen_at"])
+
+
+@agents.command("revoke")
+@data_dir_option
+@click.argument("agent_id")
+def agents_revoke(data_dir: Path, agent_id: str) -> None:
+    """Cut an agent off: a running control plane closes its stream within
+    seconds, refuses its RPCs and renewals, and ends its jobs as ERROR."""
+    async def run() -> list[str]:
+        async with operator_context(data_dir) as op:
+            revoked = await op.store.revoke_agent(agent_id, datetime.now(UTC))
+            if revoked is None:
+                raise NotFound(f"no agent {agent_id}")
+            agent, jobs = revoked
+            log.info("agent_revoked", agent_id=agent_id, org=agent.org, jobs_ended=jobs)
+            await op.auditor.record("agent_revoked", op.actor, org=agent.org, target=agent_id, jobs_ended=jobs)
+            return jobs
+
+    jobs = _run(run())
+    click.echo(f"agent {agent_id} revoked" + (f"; jobs ended: {', '.join(jobs)}" if jobs else ""), err=True)
+
+
+@main.group("server-cert")
+def server_cert() -> None:
+    """The listeners' certificate."""
+
+
+@server_cert.command("rotate")
+@data_dir_option
+def server_cert_rotate(data_dir: Path) -> None:
+    """Issue a new server certificate; a running control plane serves it to
+    new connections within a second, open streams carry on."""
+    from controlplane.ca.rotation import rotate_server_certificate
+
+    async def run() -> str:
+        async with operator_context(data_dir) as op:
+            cert = rotate_server_certificate(op.directory, op.master)
+            serial = format(cert.serial_number, "x")
+            await op.auditor.record("server_certificate_rotated", op.actor, target=serial,
+                                    not_after=cert.not_valid_after_utc.isoformat())
+            return serial
+
+    click.echo(f"new server certificate {_run(run())}", err=True)
+
+
+@main.group()
+def ca() -> None:
+    """The agent certificate authority."""
+
+
+@ca.command("rotate")
+@data_dir_option
+@click.argument("stage", type=click.Choice(["prepare", "activate", "retire", "status"]))
+@click.option("--force", is_flag=True, help="retire even if agents still hold certificates of the old CA.")
+def ca_rotate(data_dir: Path, stage: str, force: bool) -> None:
+    """Rotate the CA in stages: prepare, activate, retire (wait one agent
+    certificate lifetime between stages)."""
+    from controlplane.ca import rotation
+
+    async def run() -> str:
+        async with operator_context(data_dir) as op:
+            if stage == "status":
+                state = rotation.ca_state(op.directory)
+                return f"active CA generation {state.active}; trusted {list(state.trusted)}"
+            if stage == "prepare":
+                generation = rotation.prepare(op.directory, op.master)
+            elif stage == "activate":
+                generation = rotation.activate(op.directory, op.master)
+            else:
+                await _check_retirable(op, force)
+                generation = rotation.ca_state(op.directory).active
+                rotation.retire(op.directory)
+            await op.auditor.record(f"ca_rotation_{stage}", op.actor, target=str(generation))
+            return f"CA rotation: {stage} done (generation {generation})"
+
+    click.echo(_run(run()), err=True)
+
+
+async def _check_retirable(op: OperatorContext, force: bool) -> None:
+    from controlplane.ca import rotation
+
+    old = {fingerprint(op.directory.ca_certificate(g).public_bytes(Encoding.DER))
+           for g in rotation.retiring(op.directory)}
+    now = datetime.now(UTC)
+    holding = [a.id for a in await op.store.list_agents()
+               if a.cert_issuer in old and a.revoked_at is None and a.cert_not_after > now]
+    if holding and not force:
+        raise FailedPrecondition(f"agents still hold certificates of the CA being retired: {', '.join(holding)}; "
+                                 "wait for them to renew, or pass --force")
+
+
+@main.group()
+def pools() -> None:
+    """Pools of agents within an organisation."""
+
+
+@pools.command("create")
+@data_dir_option
+@click.option("--org", default="default", show_default=True)
+@click.argument("pool")
+@click.option("--agent-cert-ttl", type=Duration(), default=None, help="Shorter agent certificates for this pool.")
+def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> None:
+    from controlplane.jobs.validation import validate_name
+
+    async def run() -> None:
+        async with operator_context(data_dir) as op:
+            validate_name("pool", pool)
+            await op.store.create_pool(org, pool, datetime.now(UTC))
+            if agent_cert_ttl:
+                await op.store.set_pool_cert_ttl(org, pool, _pool_ttl(agent_cert_ttl))
+            await op.auditor.record("pool_created", op.actor, org=org, target=pool,
+                                    agent_cert_ttl_s=agent_cert_ttl.total_seconds() if agent_cert_ttl else None)
+
+    _run(run())
+    click.echo(f"pool {org}/{pool} created", err=True)
+
+
+@pools.command("set")
+@data_dir_option
+@click.option("--org", default="default", show_default=True)
+@click.argument("pool")
+@click.option("--agent-cert-ttl", type=Duration(), required=True)
+def pools_set(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> None:
+    """Set a pool's agent certificate lifetime (effective at the next renewal)."""
+    async def run() -> None:
+        async with operator_context(data_dir) as op:
+            await op.store.set_pool_cert_ttl(org, pool, _pool_ttl(agent_cert_ttl))
+            await op.auditor.record("pool_updated", op.actor, org=org, target=pool,
+                                    agent_cert_ttl_s=agent_cert_ttl.total_seconds())
+
+    _run(run())
+    click.echo(f"pool {org}/{pool}: agent certificates live {format_duration(agent_cert_ttl)}", err=True)
+
+
+def _pool_ttl(ttl: timedelta) -> timedelta:
+    from controlplane.config import MAX_AGENT_CERT_TTL, MIN_AGENT_CERT_TTL
+
+    if not MIN_AGENT_CERT_TTL <= ttl <= MAX_AGENT_CERT_TTL:
+        raise InvalidArgument("agent certificate lifetime must be between 10s and 24h")
+    return ttl
+
+
+@main.group()
+def audit() -> None:
+    """The tamper-evident audit log."""
+
+
+@audit.command("verify")
+@data_dir_option
+def audit_verify(data_dir: Path) -> None:
+    """Check the whole chain; exit 1 and list what is wrong if anything is."""
+    async def run() -> tuple[int, list[str]]:
+        async with operator_context(data_dir) as op:
+            entries, problems = await op.auditor.verify()
+            return len(entries), problems
+
+    count, problems = _run(run())
+    if problems:
+        for problem in problems:
+            click.echo(f"audit log damaged: {problem}", err=True)
+        raise click.exceptions.Exit(1)
+    click.echo(f"audit log intact: {count} entries", err=True)
+
+
+@audit.command("export")
+@data_dir_option
+def audit_export(data_dir: Path) -> None:
+    """Write every entry as a JSON line, with its chain hashes."""
+    async def run() -> list[dict[str, Any]]:
+        async with operator_context(data_dir) as op:
+            entries, _ = await op.store.read_audit()
+            return [e.as_json() for e in entries]
+
+    for entry in _run(run()):
+        click.echo(json.dumps(entry, sort_keys=True))
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    widths = {c: max([len(c)] + [len(str(r.get(c) or "-")) for r in rows]) for c in columns}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for row in rows:
+        click.echo("  ".join(str(row.get(c) or "-").ljust(widths[c]) for c in columns))
 
 
 if __name__ == "__main__":

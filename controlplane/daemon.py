@@ -1,9 +1,11 @@
-"""The control plane daemon: two listeners, the scheduler, the store."""
+"""The control plane daemon: two listeners, the scheduler, the store, and a
+watcher that applies rotations and revocations made by operator commands."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import structlog
@@ -11,12 +13,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from common.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
+from controlplane.atrest import MasterKey
 from controlplane.auth.apikeys import ApiKeyAuthenticator
+from controlplane.auth.audit import Auditor
 from controlplane.ca.enrollment import Enrollment
+from controlplane.ca.rotation import rotate_server_certificate
+from controlplane.ca.trust import CertificateState
 from controlplane.config import ControlPlaneConfig
-from controlplane.datadir import DataDir
+from controlplane.datadir import DataDir, TlsMaterial
 from controlplane.jobs.logs import LogBook
-from controlplane.jobs.scheduler import Scheduler
+from controlplane.jobs.scheduler import Scheduler, TrustBundle
 from controlplane.jobs.service import JobService
 from controlplane.rpc.agent import AgentControlServicer
 from controlplane.rpc.auth import ApiAuthInterceptor
@@ -26,6 +32,10 @@ from controlplane.store.sqlite import SqliteStore
 from protos.v1 import agent_pb2_grpc, enrollment_pb2_grpc, jobs_pb2_grpc
 
 log = structlog.get_logger("testhide.controlplane")
+
+# How often the watcher looks for rotations and revocations made by operator
+# commands in other processes: revocation must bite within seconds.
+WATCH_INTERVAL = timedelta(seconds=1)
 
 
 class ControlPlane:
@@ -42,31 +52,35 @@ class ControlPlane:
         self._servers: list[grpc.aio.Server] = []
         self._store: SqliteStore | None = None
         self.scheduler: Scheduler | None = None
+        self.certificates: CertificateState | None = None
 
     async def start(self) -> None:
-        data_dir = DataDir(self.config.data_dir)
-        data_dir.require_initialised()
-        master = data_dir.master_key()
-        ca = data_dir.load_ca(master, allow_development=self.config.dev)
-        key_pem, chain_pem = data_dir.server_credentials(master)
-        self._store = store = await SqliteStore.open(data_dir.db_path)
+        directory = DataDir(self.config.data_dir)
+        directory.require_initialised()
+        master = directory.master_key()
+        self.certificates = certs = CertificateState(directory, master, self.config.dev)
+        self._store = store = await SqliteStore.open(directory.db_path)
+        auditor = Auditor(store, master)
 
         self.scheduler = scheduler = Scheduler(store)
         jobs = JobService(store, master, scheduler, LogBook(store, master))
         health = health_aio.HealthServicer()
+        ttl = self.config.agent_cert_ttl
+        if ttl < timedelta(minutes=5):
+            log.warning("agent_certificate_lifetime_short", ttl_s=ttl.total_seconds(),
+                        note="below 5 minutes agents renew very often; meant for tests")
 
         agent_server = grpc.aio.server(options=CHANNEL_OPTIONS + [
             # An open connection outlives the certificate that opened it: bound it.
-            ("grpc.max_connection_age_ms", int(self.config.agent_cert_ttl.total_seconds() * 1000)),
+            ("grpc.max_connection_age_ms", int(ttl.total_seconds() * 1000)),
             ("grpc.max_connection_age_grace_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ])
         agent_pb2_grpc.add_AgentControlServicer_to_server(
-            AgentControlServicer(store, scheduler, jobs, ca, self.config.agent_cert_ttl), agent_server)
+            AgentControlServicer(store, scheduler, jobs, certs, ttl, auditor), agent_server)
         health_pb2_grpc.add_HealthServicer_to_server(health, agent_server)
-        agent_creds = grpc.ssl_server_credentials([(key_pem, chain_pem)], root_certificates=ca.certificate_pem,
-                                                  require_client_auth=True)
-        self.agent_port = agent_server.add_secure_port(self.config.resolved_agent_listen, agent_creds)
+        self.agent_port = agent_server.add_secure_port(self.config.resolved_agent_listen,
+                                                       certs.credentials(client_auth=True))
 
         api_server = grpc.aio.server(
             interceptors=[ApiAuthInterceptor(ApiKeyAuthenticator(store))],
@@ -76,18 +90,51 @@ class ControlPlane:
         )
         jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), api_server)
         enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-            EnrollmentServicer(Enrollment(store, ca, self.config.agent_cert_ttl), self.agent_port), api_server)
+            EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port), api_server)
         health_pb2_grpc.add_HealthServicer_to_server(health, api_server)
-        self.api_port = api_server.add_secure_port(self.config.listen,
-                                                   grpc.ssl_server_credentials([(key_pem, chain_pem)]))
+        self.api_port = api_server.add_secure_port(self.config.listen, certs.credentials(client_auth=False))
 
         self._servers = [api_server, agent_server]
         for server in self._servers:
             await server.start()
         self._tasks.append(asyncio.create_task(scheduler.run(), name="scheduler"))
+        self._tasks.append(asyncio.create_task(self._watch(directory, master), name="watcher"))
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("controlplane_started", api_port=self.api_port, agent_port=self.agent_port,
                  data_dir=str(self.config.data_dir))
+
+    async def _watch(self, directory: DataDir, master: MasterKey) -> None:
+        assert self.certificates is not None and self._store is not None and self.scheduler is not None
+        certs, store, scheduler = self.certificates, self._store, self.scheduler
+        revoked_since = datetime.now(UTC)
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL.total_seconds())
+            try:
+                if certs.server_certificate_due():
+                    cert = await asyncio.to_thread(rotate_server_certificate, directory, master)
+                    log.info("server_certificate_rotated", serial=format(cert.serial_number, "x"), automatic=True)
+                changed = certs.reload_if_changed()
+                if changed:
+                    self._apply_trust(*changed)
+                checked_at = datetime.now(UTC)
+                for agent in await store.agents_revoked_since(revoked_since - WATCH_INTERVAL):
+                    session = scheduler.session_of(agent.id)
+                    if session is not None and session.identity.org == agent.org:
+                        session.close("PERMISSION_DENIED", "this agent has been revoked")
+                        log.info("agent_session_closed", agent_id=agent.id, reason="revoked")
+                revoked_since = checked_at
+            except Exception:
+                log.exception("watch_failed")
+
+    def _apply_trust(self, old: TlsMaterial, new: TlsMaterial) -> None:
+        assert self.scheduler is not None
+        if old.bundle_pem != new.bundle_pem:
+            for session in self.scheduler.sessions():
+                session.send(TrustBundle(new.bundle_pem))
+        trusted = new.trusted_fingerprints
+        for session in self.scheduler.sessions():
+            if session.cert_issuer not in trusted:
+                session.close("UNAUTHENTICATED", "the agent certificate's CA has been retired; enroll again")
 
     async def run(self) -> None:
         if not self._servers:

@@ -1,13 +1,14 @@
 """The control plane's data directory: created once by ``init``, opened by
 every other command. Private keys are stored sealed under the master key.
 
-    DIR/state.json          layout version, trust domain, server names
-    DIR/master.key          0600, unless the operator supplies TESTHIDE_MASTER_KEY
-    DIR/ca.pem              the agent CA certificate (public)
-    DIR/ca.key.sealed       its private key, AES-256-GCM under the master key
-    DIR/server.pem          the listeners' certificate chain (leaf, CA)
-    DIR/server.key.sealed   its private key, sealed
-    DIR/testhide.db         the SQLite store
+    DIR/state.json            layout version, trust domain, server names, CA generations
+    DIR/master.key            0600, unless the operator supplies TESTHIDE_MASTER_KEY
+    DIR/ca.pem                the trust bundle: every trusted CA (public; give it to clients)
+    DIR/cas/ca-N.pem          CA generation N
+    DIR/cas/ca-N.key.sealed   its private key, AES-256-GCM under the master key
+    DIR/server.pem            the listeners' certificate chain (leaf, issuing CA)
+    DIR/server.key.sealed     its private key, sealed
+    DIR/testhide.db           the SQLite store
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common.files import atomic_write
+from common.tls import fingerprint
 from controlplane.atrest import MASTER_KEY_ENV, MasterKey
 from controlplane.auth.principal import SCOPES
 from controlplane.auth.secrets import hash_secret, new_api_key
@@ -34,6 +38,28 @@ from controlplane.store.sqlite import SqliteStore
 
 LAYOUT_VERSION = 1
 SERVER_CERT_LIFETIME = timedelta(days=90)
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """What the listeners serve, as one consistent snapshot."""
+
+    active_ca: CertificateAuthority
+    trusted: tuple[x509.Certificate, ...]
+    server_key_pem: bytes
+    server_chain_pem: bytes
+
+    @property
+    def bundle_pem(self) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.trusted)
+
+    @property
+    def trusted_fingerprints(self) -> frozenset[str]:
+        return frozenset(fingerprint(c.public_bytes(serialization.Encoding.DER)) for c in self.trusted)
+
+    @property
+    def server_certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.server_chain_pem)
 
 
 @dataclass(frozen=True)
@@ -48,16 +74,19 @@ class DataDir:
     def state_path(self) -> Path:
         return self.path / "state.json"
 
-    def require_initialised(self) -> dict[str, object]:
+    def require_initialised(self) -> dict[str, Any]:
         if not self.path.is_dir():
             raise DataDirError(f"data dir {self.path} does not exist; run 'testhide-controlplane init' first")
         if not self.state_path.is_file():
             raise DataDirError(f"data dir {self.path} is not initialised; run 'testhide-controlplane init' first")
-        state: dict[str, object] = json.loads(self.state_path.read_text())
+        state: dict[str, Any] = json.loads(self.state_path.read_text())
         if state.get("layout_version") != LAYOUT_VERSION:
             raise DataDirError(f"data dir {self.path} has layout {state.get('layout_version')}, "
                                f"expected {LAYOUT_VERSION}")
         return state
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        atomic_write(self.state_path, json.dumps(state, indent=2).encode() + b"\n")
 
     def master_key(self) -> MasterKey:
         return MasterKey.load(self.path / "master.key")
@@ -68,26 +97,58 @@ class DataDir:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return key
 
-    def load_ca(self, master: MasterKey, allow_development: bool = False) -> CertificateAuthority:
+    def ca_certificate(self, generation: int) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((self.path / "cas" / f"ca-{generation}.pem").read_bytes())
+
+    def load_ca(self, master: MasterKey, generation: int | None = None,
+                allow_development: bool = False) -> CertificateAuthority:
         state = self.require_initialised()
-        cert = x509.load_pem_x509_certificate((self.path / "ca.pem").read_bytes())
+        generation = generation or int(state["ca"]["active"])
+        cert = self.ca_certificate(generation)
         if is_development_ca(cert) and not allow_development:
             raise ConfigError("this data dir uses development certificates from certs-dev/; "
                               "start with --dev to accept them, never in production")
-        return CertificateAuthority(cert, self._unseal_key("ca.key.sealed", master), str(state["trust_domain"]))
+        key = self._unseal_key(f"cas/ca-{generation}.key.sealed", master)
+        return CertificateAuthority(cert, key, str(state["trust_domain"]))
 
-    def server_credentials(self, master: MasterKey) -> tuple[bytes, bytes]:
-        """(private key PEM, certificate chain PEM) of the listeners."""
-        key = self._unseal_key("server.key.sealed", master)
+    def store_ca(self, ca: CertificateAuthority, generation: int, master: MasterKey) -> None:
+        (self.path / "cas").mkdir(mode=0o700, exist_ok=True)
+        name = f"cas/ca-{generation}.key.sealed"
+        atomic_write(self.path / name, master.seal(ca.key_pem(), aad=name.encode()), 0o600)
+        atomic_write(self.path / "cas" / f"ca-{generation}.pem", ca.certificate_pem)
+
+    def write_bundle(self, generations: list[int]) -> None:
+        bundle = b"".join(self.ca_certificate(g).public_bytes(serialization.Encoding.PEM) for g in generations)
+        atomic_write(self.path / "ca.pem", bundle)
+
+    def issue_server_certificate(self, ca: CertificateAuthority, names: list[str], master: MasterKey,
+                                 lifetime: timedelta = SERVER_CERT_LIFETIME) -> x509.Certificate:
+        chain, key = ca.issue_server(names, lifetime)
+        # Key first: a reader that sees the new chain must find the matching key.
+        atomic_write(self.path / "server.key.sealed.next", master.seal(key, aad=b"server.key.sealed"), 0o600)
+        atomic_write(self.path / "server.pem.next", chain)
+        os.replace(self.path / "server.key.sealed.next", self.path / "server.key.sealed")
+        os.replace(self.path / "server.pem.next", self.path / "server.pem")
+        return x509.load_pem_x509_certificate(chain)
+
+    def tls_material(self, master: MasterKey, allow_development: bool = False) -> TlsMaterial:
+        state = self.require_initialised()
+        for _ in range(3):  # a rotation may replace the pair between our two reads
+            chain = (self.path / "server.pem").read_bytes()
+            key = self._unseal_key("server.key.sealed", master)
+            leaf = x509.load_pem_x509_certificate(chain)
+            if leaf.public_key() == key.public_key():
+                break
+        else:
+            raise DataDirError("server.pem and server.key.sealed do not match")
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
-        return key_pem, (self.path / "server.pem").read_bytes()
+        trusted = tuple(self.ca_certificate(int(g)) for g in state["ca"]["trusted"])
+        return TlsMaterial(self.load_ca(master, allow_development=allow_development), trusted, key_pem, chain)
 
-
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    def fingerprint_of_files(self) -> tuple[int, ...]:
+        """Changes whenever a rotation rewrote what the listeners serve."""
+        return tuple(os.stat(self.path / name).st_mtime_ns for name in ("state.json", "server.pem", "ca.pem"))
 
 
 async def initialise(path: Path, server_names: list[str], trust_domain: str = "testhide.local",
@@ -101,7 +162,7 @@ async def initialise(path: Path, server_names: list[str], trust_domain: str = "t
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.parent))
     try:
-        admin_key = await _populate(staging, server_names, trust_domain, imported_ca)
+        admin_key = await _populate(DataDir(staging), server_names, trust_domain, imported_ca)
         if path.exists():
             path.rmdir()
         staging.rename(path)
@@ -111,8 +172,9 @@ async def initialise(path: Path, server_names: list[str], trust_domain: str = "t
     return admin_key
 
 
-async def _populate(root: Path, server_names: list[str], trust_domain: str,
+async def _populate(directory: DataDir, server_names: list[str], trust_domain: str,
                     imported_ca: tuple[bytes, bytes] | None) -> str:
+    root = directory.path
     root.chmod(0o700)
     master = MasterKey.from_env_value(os.environ[MASTER_KEY_ENV]) if os.environ.get(MASTER_KEY_ENV) else None
     if master is None:
@@ -126,13 +188,11 @@ async def _populate(root: Path, server_names: list[str], trust_domain: str,
         ca = CertificateAuthority(cert, key, trust_domain)
     else:
         ca = CertificateAuthority.create(trust_domain)
-    _write(root / "ca.pem", ca.certificate_pem)
-    _write(root / "ca.key.sealed", master.seal(ca.key_pem(), aad=b"ca.key.sealed"), 0o600)
-    chain, server_key = ca.issue_server(server_names, SERVER_CERT_LIFETIME)
-    _write(root / "server.pem", chain)
-    _write(root / "server.key.sealed", master.seal(server_key, aad=b"server.key.sealed"), 0o600)
+    directory.store_ca(ca, 1, master)
+    directory.write_bundle([1])
+    directory.issue_server_certificate(ca, server_names, master)
 
-    store = await SqliteStore.open(root / "testhide.db")
+    store = await SqliteStore.open(directory.db_path)
     try:
         now = datetime.now(UTC)
         await store.create_org("default", now)
@@ -142,7 +202,7 @@ async def _populate(root: Path, server_names: list[str], trust_domain: str,
                                                 SCOPES, now))
     finally:
         await store.close()
-    state = {"layout_version": LAYOUT_VERSION, "trust_domain": trust_domain, "server_names": server_names,
-             "created_at": datetime.now(UTC).isoformat()}
-    _write(root / "state.json", json.dumps(state, indent=2).encode() + b"\n")
+    directory.write_state({"layout_version": LAYOUT_VERSION, "trust_domain": trust_domain,
+                           "server_names": server_names, "created_at": datetime.now(UTC).isoformat(),
+                           "ca": {"active": 1, "trusted": [1]}})
     return admin_key

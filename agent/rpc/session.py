@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import grpc
@@ -31,24 +32,24 @@ class SessionLost(Exception):
     """The stream ended after it was established; reconnect at once."""
 
 
-def renewal_delay(credentials: Credentials, now: datetime, rng: random.Random) -> float:
-    """Seconds until renewal: half the lifetime, +-10% of it as jitter."""
-    cert = credentials.certificate
-    lifetime = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
-    at = cert.not_valid_before_utc.timestamp() + lifetime * (0.5 + rng.uniform(-0.1, 0.1))
-    return max(0.0, at - now.timestamp())
+@dataclass(frozen=True)
+class SessionEvents:
+    """What the session hands to the daemon."""
+
+    assign: Callable[[Assignment], None]
+    cancel: Callable[[str, str], None]
+    renewed: Callable[[Credentials], None]
+    trust_bundle: Callable[[bytes], None]
 
 
 class Session:
-    def __init__(self, config: AgentConfig, credentials: Credentials, outbox: Outbox,
-                 on_assign: Callable[[Assignment], None], on_cancel: Callable[[str, str], None],
-                 on_renewed: Callable[[Credentials], None]) -> None:
-        self._on_renewed = on_renewed
+    def __init__(self, config: AgentConfig, credentials: Credentials, outbox: Outbox, events: SessionEvents,
+                 rng: random.Random | None = None) -> None:
         self._config = config
         self._credentials = credentials
         self._outbox = outbox
-        self._on_assign = on_assign
-        self._on_cancel = on_cancel
+        self._events = events
+        self._rng = rng or random.Random()
         self.established = False
 
     async def run(self) -> None:
@@ -115,9 +116,11 @@ class Session:
         async for message in call:
             match message.WhichOneof("body"):
                 case "assign":
-                    self._on_assign(assignment_from_pb(message.assign))
+                    self._events.assign(assignment_from_pb(message.assign))
                 case "cancel":
-                    self._on_cancel(message.cancel.job_id, message.cancel.reason)
+                    self._events.cancel(message.cancel.job_id, message.cancel.reason)
+                case "trust_bundle":
+                    self._events.trust_bundle(message.trust_bundle.ca_bundle_pem)
                 case "log_ack":
                     self._outbox.ack_log(message.log_ack.job_id, message.log_ack.seq)
                 case "result_ack":
@@ -130,16 +133,16 @@ class Session:
                 agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])))
 
     async def _renew(self, stub: agent_pb2_grpc.AgentControlStub) -> None:
-        """Renew at half-life with a new key. The open stream keeps its
-        connection; the next connection presents the new certificate."""
-        rng = random.Random()
-        while True:
-            await asyncio.sleep(renewal_delay(self._credentials, datetime.now(UTC), rng))
-            key_pem, csr_pem = new_key_and_csr()
-            response = await stub.Renew(agent_pb2.RenewRequest(csr_pem=csr_pem), timeout=30)
-            old = self._credentials
-            self._credentials = Credentials(old.agent_id, old.api_endpoint, old.agent_endpoint, key_pem,
-                                            response.certificate_pem, response.ca_bundle_pem or old.ca_pem)
-            self._on_renewed(self._credentials)
-            log.info("agent_certificate_renewed", agent_id=old.agent_id,
-                     not_after=self._credentials.certificate.not_valid_after_utc.isoformat())
+        """At half-life with jitter: a new key, a new certificate, then end this
+        session so the next connection presents it. Jobs run on; the outbox
+        replays whatever this connection had not acknowledged."""
+        at = self._credentials.renewal_at(self._rng.uniform(-0.1, 0.1))
+        await asyncio.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()))
+        key_pem, csr_pem = new_key_and_csr()
+        response = await stub.Renew(agent_pb2.RenewRequest(csr_pem=csr_pem), timeout=30)
+        renewed = self._credentials.with_certificate(key_pem, response.certificate_pem,
+                                                     response.ca_bundle_pem or None)
+        self._events.renewed(renewed)
+        log.info("agent_certificate_renewed", agent_id=renewed.agent_id,
+                 not_after=renewed.certificate.not_valid_after_utc.isoformat())
+        raise SessionLost("certificate renewed; reconnecting with it")

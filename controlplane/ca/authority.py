@@ -18,6 +18,9 @@ from controlplane.errors import InvalidArgument
 # The TLS handshake has no skew tolerance; a notBefore even slightly ahead of a
 # peer's clock is refused, so every certificate is backdated.
 BACKDATE = timedelta(seconds=30)
+# Server certificates live for months, so they can afford a longer margin: an
+# agent whose clock is minutes behind still accepts one issued just now.
+SERVER_BACKDATE = timedelta(minutes=5)
 DEV_MARKER = "testhide development (insecure)"
 
 
@@ -84,14 +87,14 @@ class CertificateAuthority:
         return key_to_pem(self._key)
 
     def _leaf(self, subject_cn: str, public_key: ec.EllipticCurvePublicKey, lifetime: timedelta,
-              now: datetime) -> x509.CertificateBuilder:
+              now: datetime, backdate: timedelta = BACKDATE) -> x509.CertificateBuilder:
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
             .issuer_name(self.certificate.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
+            .not_valid_before(now - backdate)
             .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
@@ -136,7 +139,7 @@ class CertificateAuthority:
             except ValueError:
                 sans.append(x509.DNSName(name))
         cert = (
-            self._leaf(names[0], key.public_key(), lifetime, datetime.now(UTC))
+            self._leaf(names[0], key.public_key(), lifetime, datetime.now(UTC), SERVER_BACKDATE)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(self._key, hashes.SHA256())

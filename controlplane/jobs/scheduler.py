@@ -39,7 +39,12 @@ class ResultAck:
     job_id: str
 
 
-Outbound = Assign | Cancel | LogAck | ResultAck
+@dataclass(frozen=True)
+class TrustBundle:
+    bundle_pem: bytes
+
+
+Outbound = Assign | Cancel | LogAck | ResultAck | TrustBundle
 
 
 @dataclass(eq=False)
@@ -48,7 +53,11 @@ class AgentSession:
 
     identity: AgentIdentity
     cert_serial: int
+    cert_not_after: datetime
+    cert_issuer: str
     max_jobs: int = 1
+    close_reason: tuple[str, str] | None = None
+    """Why the control plane ended the stream: (status code name, message)."""
     jobs: set[str] = field(default_factory=set)
     outbox: asyncio.Queue[Outbound] = field(default_factory=asyncio.Queue)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -59,6 +68,12 @@ class AgentSession:
 
     def send(self, message: Outbound) -> None:
         self.outbox.put_nowait(message)
+
+    def close(self, code: str, message: str) -> None:
+        """End the stream with a status, at once."""
+        if self.close_reason is None:
+            self.close_reason = (code, message)
+        self.closed.set()
 
 
 class Scheduler:

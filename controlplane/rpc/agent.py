@@ -4,17 +4,24 @@ from the verified client certificate on every stream and RPC."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from common.identity import AgentIdentity, IdentityError
-from controlplane.ca.authority import CertificateAuthority
+from common.tls import fingerprint
+from controlplane.auth.audit import Auditor
+from controlplane.ca.enrollment import certificate_lifetime
+from controlplane.ca.trust import CertificateState
 from controlplane.errors import ControlPlaneError, NotFound, PermissionDenied, StaleEpoch, Unauthenticated
 from controlplane.jobs.model import JobStatus
-from controlplane.jobs.scheduler import AgentSession, Assign, Cancel, LogAck, Outbound, ResultAck, Scheduler
+from controlplane.jobs.scheduler import (AgentSession, Assign, Cancel, LogAck, Outbound, ResultAck, Scheduler,
+                                         TrustBundle)
 from controlplane.jobs.service import JobService
 from controlplane.rpc.convert import spec_to_pb, stream_from_pb
 from controlplane.rpc.status import code_for, mapped
@@ -31,6 +38,14 @@ _OUTCOME = {
     agent_pb2.JOB_OUTCOME_CANCELED: JobStatus.CANCELED,
     agent_pb2.JOB_OUTCOME_ERROR: JobStatus.ERROR,
 }
+_WITH_EXIT_CODE = (agent_pb2.JOB_OUTCOME_EXITED, agent_pb2.JOB_OUTCOME_TIMED_OUT, agent_pb2.JOB_OUTCOME_CANCELED)
+
+
+class VerifiedAgent:
+    def __init__(self, identity: AgentIdentity, certificate: x509.Certificate, issuer: str) -> None:
+        self.identity = identity
+        self.certificate = certificate
+        self.issuer = issuer
 
 
 def peer_certificate(context: grpc.aio.ServicerContext) -> x509.Certificate:
@@ -40,12 +55,28 @@ def peer_certificate(context: grpc.aio.ServicerContext) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pems[0])
 
 
-async def authenticate_agent(context: grpc.aio.ServicerContext, store: Store) -> tuple[AgentIdentity, int]:
+def issuer_of(cert: x509.Certificate, trusted: tuple[x509.Certificate, ...]) -> str | None:
+    for ca in trusted:
+        if ca.subject == cert.issuer:
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return fingerprint(ca.public_bytes(serialization.Encoding.DER))
+    return None
+
+
+async def authenticate_agent(context: grpc.aio.ServicerContext, store: Store, certs: CertificateState
+                             ) -> VerifiedAgent:
     """Re-checked on every stream and RPC: the handshake alone is not enough,
-    because a connection outlives the certificate that opened it."""
+    because a connection outlives the certificate (and the trust) it opened with."""
     cert = peer_certificate(context)
     if cert.not_valid_after_utc <= datetime.now(UTC):
         raise Unauthenticated("the agent certificate has expired; enroll the agent again")
+    issuer = issuer_of(cert, certs.current.trusted)
+    if issuer is None:
+        raise Unauthenticated("the agent certificate was issued by a CA that is no longer trusted; "
+                              "enroll the agent again")
     try:
         identity = AgentIdentity.from_certificate(cert)
     except IdentityError as exc:
@@ -55,7 +86,7 @@ async def authenticate_agent(context: grpc.aio.ServicerContext, store: Store) ->
         raise PermissionDenied("unknown agent")
     if record.revoked_at is not None:
         raise PermissionDenied("this agent has been revoked")
-    return identity, cert.serial_number
+    return VerifiedAgent(identity, cert, issuer)
 
 
 def encode(message: Outbound) -> agent_pb2.ControlMessage:
@@ -69,43 +100,60 @@ def encode(message: Outbound) -> agent_pb2.ControlMessage:
             return agent_pb2.ControlMessage(log_ack=agent_pb2.LogAck(job_id=job_id, seq=seq))
         case ResultAck(job_id):
             return agent_pb2.ControlMessage(result_ack=agent_pb2.ResultAck(job_id=job_id))
+        case TrustBundle(bundle_pem):
+            return agent_pb2.ControlMessage(trust_bundle=agent_pb2.TrustBundle(ca_bundle_pem=bundle_pem))
     raise TypeError(f"cannot encode {message!r}")
 
 
 class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
-    def __init__(self, store: Store, scheduler: Scheduler, jobs: JobService, ca: CertificateAuthority,
-                 cert_ttl: timedelta) -> None:
-        self._ca = ca
-        self._cert_ttl = cert_ttl
+    def __init__(self, store: Store, scheduler: Scheduler, jobs: JobService, certs: CertificateState,
+                 cert_ttl: timedelta, auditor: Auditor) -> None:
         self._store = store
         self._scheduler = scheduler
         self._jobs = jobs
+        self._certs = certs
+        self._cert_ttl = cert_ttl
+        self._auditor = auditor
 
     async def Connect(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         try:
-            identity, serial = await authenticate_agent(context, self._store)
+            agent = await authenticate_agent(context, self._store, self._certs)
         except ControlPlaneError as exc:
             await context.abort(code_for(exc), str(exc))
         await context.send_initial_metadata(((SESSION_ACCEPTED, "1"),))
         first = await context.read()
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
-        session = AgentSession(identity, serial, max_jobs=max(1, min(first.hello.max_jobs or 1, 64)))
+        identity = agent.identity
+        session = AgentSession(identity, agent.certificate.serial_number, agent.certificate.not_valid_after_utc,
+                               agent.issuer, max_jobs=max(1, min(first.hello.max_jobs or 1, 64)))
         bound = log.bind(agent_id=identity.agent_id, org=identity.org, pool=identity.pool)
         await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC))
+        session.send(TrustBundle(self._certs.current.bundle_pem))
         await self._jobs.on_hello(session, {r.job_id: r.epoch for r in first.hello.running_jobs})
         self._scheduler.attach(session)
         bound.info("agent_connected", max_jobs=session.max_jobs)
         try:
-            async with asyncio.TaskGroup() as tasks:
-                reader = tasks.create_task(self._read(session, context))
-                writer = tasks.create_task(self._write(session, context))
-                await session.closed.wait()
-                reader.cancel()
-                writer.cancel()
+            await self._serve(session, context)
         finally:
             self._scheduler.detach(session)
-            bound.info("agent_disconnected")
+            bound.info("agent_disconnected", reason=session.close_reason[1] if session.close_reason else "")
+        if session.close_reason:
+            code, message = session.close_reason
+            await context.abort(grpc.StatusCode[code], message)
+
+    async def _serve(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            reader = tasks.create_task(self._read(session, context))
+            writer = tasks.create_task(self._write(session, context))
+            remaining = (session.cert_not_after - datetime.now(UTC)).total_seconds()
+            with contextlib.suppress(TimeoutError):
+                # An open stream must not outlive the certificate it was opened with.
+                await asyncio.wait_for(session.closed.wait(), timeout=max(0.0, remaining))
+            if not session.closed.is_set():
+                session.close("UNAUTHENTICATED", "the agent certificate has expired; reconnect with a renewed one")
+            reader.cancel()
+            writer.cancel()
 
     async def _write(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         while True:
@@ -140,15 +188,13 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                     r = message.result
                     status = _OUTCOME.get(r.outcome) or (JobStatus.SUCCEEDED if r.exit_code == 0
                                                          else JobStatus.FAILED)
-                    exit_code = r.exit_code if r.outcome in (agent_pb2.JOB_OUTCOME_EXITED,
-                                                             agent_pb2.JOB_OUTCOME_TIMED_OUT,
-                                                             agent_pb2.JOB_OUTCOME_CANCELED) else None
+                    exit_code = r.exit_code if r.outcome in _WITH_EXIT_CODE else None
                     await self._jobs.on_result(session, r.job_id, r.epoch, r.last_seq, status, exit_code, r.reason)
                 case _:
                     log.warning("agent_message_ignored", kind=kind, agent_id=session.identity.agent_id)
         except ControlPlaneError as exc:
-            # A message about a job this agent no longer holds: tell it to stop.
             log.warning("agent_message_refused", kind=kind, agent_id=session.identity.agent_id, error=str(exc))
+            # A message about a job this agent no longer holds: tell it to stop.
             job_id = getattr(getattr(message, kind), "job_id", "")
             if job_id and isinstance(exc, (StaleEpoch, NotFound)):
                 session.send(Cancel(job_id, str(exc)))
@@ -158,11 +204,16 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                     ) -> agent_pb2.RenewResponse:
         """A new certificate for the same identity and a new key, authorised by
         the current, still valid certificate."""
-        identity, _ = await authenticate_agent(context, self._store)
-        issued = self._ca.issue_agent(request.csr_pem, identity, self._cert_ttl)
-        await self._store.record_agent_certificate(identity.org, identity.agent_id, format(issued.serial, "x"),
-                                                   issued.not_after)
-        log.info("agent_certificate_renewed", agent_id=identity.agent_id, serial=format(issued.serial, "x"),
+        agent = await authenticate_agent(context, self._store, self._certs)
+        identity = agent.identity
+        material = self._certs.current
+        lifetime = await certificate_lifetime(self._store, identity.org, identity.pool, self._cert_ttl)
+        issued = material.active_ca.issue_agent(request.csr_pem, identity, lifetime)
+        serial, issuer = format(issued.serial, "x"), fingerprint(material.active_ca.certificate_pem)
+        await self._store.record_agent_certificate(identity.org, identity.agent_id, serial, issued.not_after, issuer)
+        log.info("agent_certificate_renewed", agent_id=identity.agent_id, serial=serial,
                  not_after=issued.not_after.isoformat())
-        return agent_pb2.RenewResponse(certificate_pem=issued.certificate_pem,
-                                       ca_bundle_pem=self._ca.certificate_pem)
+        await self._auditor.record("agent_certificate_renewed", f"agent:{identity.agent_id}", org=identity.org,
+                                   target=identity.agent_id, source_ip=context.peer(), serial=serial,
+                                   not_after=issued.not_after.isoformat())
+        return agent_pb2.RenewResponse(certificate_pem=issued.certificate_pem, ca_bundle_pem=material.bundle_pem)

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
 from controlplane.errors import FailedPrecondition, NotFound, StaleEpoch, Unauthenticated
 from controlplane.jobs.model import Job, JobSpec, JobStatus, LogStream, Resources, Transition
 from controlplane.store.base import AgentRecord, ApiKeyRecord, EnrollmentTokenRecord, StoredLogEntry
@@ -120,13 +121,30 @@ class SqliteStore:
 
     # organisations and pools -------------------------------------------------
     async def create_org(self, org: str, now: datetime) -> None:
-        await self._tx(lambda c: c.execute("INSERT INTO orgs VALUES (?, ?)", (org, _ts(now))))
+        await self._tx(lambda c: c.execute("INSERT INTO orgs (name, created_at) VALUES (?, ?)", (org, _ts(now))))
 
     async def create_pool(self, org: str, pool: str, now: datetime) -> None:
-        await self._tx(lambda c: c.execute("INSERT INTO pools VALUES (?, ?, ?)", (org, pool, _ts(now))))
+        await self._tx(lambda c: c.execute("INSERT INTO pools (org, name, created_at) VALUES (?, ?, ?)",
+                                           (org, pool, _ts(now))))
 
     async def pool_exists(self, org: str, pool: str) -> bool:
         return bool(await self._query("SELECT 1 FROM pools WHERE org = ? AND name = ?", (org, pool)))
+
+    async def pool_cert_ttl(self, org: str, pool: str) -> timedelta | None:
+        rows = await self._query("SELECT agent_cert_ttl_s FROM pools WHERE org = ? AND name = ?", (org, pool))
+        if not rows or rows[0][0] is None:
+            return None
+        return timedelta(seconds=rows[0][0])
+
+    async def set_pool_cert_ttl(self, org: str, pool: str, ttl: timedelta | None) -> None:
+        seconds = int(ttl.total_seconds()) if ttl else None
+
+        def run(c: sqlite3.Connection) -> None:
+            if c.execute("UPDATE pools SET agent_cert_ttl_s = ? WHERE org = ? AND name = ?",
+                         (seconds, org, pool)).rowcount != 1:
+                raise NotFound(f"pool {org}/{pool} not found")
+
+        await self._tx(run)
 
     # API keys ------------------------------------------------------------------
     async def create_api_key(self, record: ApiKeyRecord) -> None:
@@ -178,32 +196,111 @@ class SqliteStore:
 
         return await self._tx(run)
 
+    @staticmethod
+    def _token(r: sqlite3.Row) -> EnrollmentTokenRecord:
+        return EnrollmentTokenRecord(r["id"], r["org"], r["pool"], r["secret_hash"],
+                                     _dt(r["created_at"]) or datetime.min, _dt(r["expires_at"]) or datetime.min,
+                                     _dt(r["used_at"]), _dt(r["revoked_at"]))
+
+    async def list_enrollment_tokens(self) -> list[EnrollmentTokenRecord]:
+        return [self._token(r) for r in await self._query("SELECT * FROM enrollment_tokens ORDER BY created_at")]
+
+    async def revoke_enrollment_token(self, token_id: str, now: datetime) -> EnrollmentTokenRecord | None:
+        def run(c: sqlite3.Connection) -> EnrollmentTokenRecord | None:
+            c.execute("UPDATE enrollment_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                      (_ts(now), token_id))
+            row = c.execute("SELECT * FROM enrollment_tokens WHERE id = ?", (token_id,)).fetchone()
+            return self._token(row) if row else None
+
+        return await self._tx(run)
+
     async def create_agent(self, record: AgentRecord) -> None:
         await self._tx(
             lambda c: c.execute(
-                "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO agents (id, org, pool, name, cert_serial, cert_not_after, enrolled_at, cert_issuer)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.id, record.org, record.pool, record.name, record.cert_serial,
-                 _ts(record.cert_not_after), _ts(record.enrolled_at), None, None),
+                 _ts(record.cert_not_after), _ts(record.enrolled_at), record.cert_issuer),
             )
         )
 
-    async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None:
-        rows = await self._query("SELECT * FROM agents WHERE org = ? AND id = ?", (org, agent_id))
-        if not rows:
-            return None
-        r = rows[0]
+    @staticmethod
+    def _agent(r: sqlite3.Row) -> AgentRecord:
         return AgentRecord(r["id"], r["org"], r["pool"], r["name"], r["cert_serial"],
                            _dt(r["cert_not_after"]) or datetime.min, _dt(r["enrolled_at"]) or datetime.min,
-                           _dt(r["last_seen_at"]), _dt(r["revoked_at"]))
+                           _dt(r["last_seen_at"]), _dt(r["revoked_at"]), r["cert_issuer"])
+
+    async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None:
+        rows = await self._query("SELECT * FROM agents WHERE org = ? AND id = ?", (org, agent_id))
+        return self._agent(rows[0]) if rows else None
+
+    async def list_agents(self) -> list[AgentRecord]:
+        return [self._agent(r) for r in await self._query("SELECT * FROM agents ORDER BY org, pool, enrolled_at")]
+
+    async def revoke_agent(self, agent_id: str, now: datetime) -> tuple[AgentRecord, list[str]] | None:
+        def run(c: sqlite3.Connection) -> tuple[AgentRecord, list[str]] | None:
+            row = c.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+            if row is None:
+                return None
+            if row["revoked_at"] is None:
+                c.execute("UPDATE agents SET revoked_at = ? WHERE id = ?", (_ts(now), agent_id))
+            jobs = [r["id"] for r in c.execute(
+                "SELECT id FROM jobs WHERE org = ? AND agent_id = ? AND status IN (?, ?)",
+                (row["org"], agent_id, JobStatus.ASSIGNED.value, JobStatus.RUNNING.value))]
+            reason = f"agent {agent_id} was revoked"
+            for job_id in jobs:
+                c.execute("UPDATE jobs SET status = ?, status_reason = ?, finished_at = ? WHERE id = ?",
+                          (JobStatus.ERROR.value, reason, _ts(now), job_id))
+                self._add_transition(c, job_id, JobStatus.ERROR, now, reason)
+            agent = self._agent(c.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone())
+            return agent, jobs
+
+        return await self._tx(run)
+
+    async def agents_revoked_since(self, since: datetime) -> list[AgentRecord]:
+        rows = await self._query("SELECT * FROM agents WHERE revoked_at IS NOT NULL AND revoked_at >= ?",
+                                 (_ts(since),))
+        return [self._agent(r) for r in rows]
 
     async def touch_agent(self, org: str, agent_id: str, now: datetime) -> None:
         await self._tx(lambda c: c.execute("UPDATE agents SET last_seen_at = ? WHERE org = ? AND id = ?",
                                            (_ts(now), org, agent_id)))
 
-    async def record_agent_certificate(self, org: str, agent_id: str, serial: str, not_after: datetime) -> None:
+    async def record_agent_certificate(self, org: str, agent_id: str, serial: str, not_after: datetime,
+                                       issuer: str) -> None:
         await self._tx(lambda c: c.execute(
-            "UPDATE agents SET cert_serial = ?, cert_not_after = ? WHERE org = ? AND id = ?",
-            (serial, _ts(not_after), org, agent_id)))
+            "UPDATE agents SET cert_serial = ?, cert_not_after = ?, cert_issuer = ? WHERE org = ? AND id = ?",
+            (serial, _ts(not_after), issuer, org, agent_id)))
+
+    # audit ---------------------------------------------------------------------
+    async def append_audit(self, event: AuditEvent, chain: AuditChain) -> AuditEntry:
+        def run(c: sqlite3.Connection) -> AuditEntry:
+            head = c.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+            seq, prev = (head["seq"] + 1, bytes(head["hash"])) if head else (1, GENESIS)
+            entry = chain.entry(seq, prev, event)
+            c.execute("INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (seq, _ts(event.at), event.actor, event.org, event.action, event.target,
+                       json.dumps(event.details, sort_keys=True), event.source_ip, prev, entry.hash))
+            c.execute("INSERT INTO audit_head VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                      " seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
+                      (seq, entry.hash, chain.head_mac(seq, entry.hash)))
+            return entry
+
+        return await self._tx(run)
+
+    async def read_audit(self) -> tuple[list[AuditEntry], tuple[int, bytes, bytes] | None]:
+        def run(c: sqlite3.Connection) -> tuple[list[AuditEntry], tuple[int, bytes, bytes] | None]:
+            entries = [
+                AuditEntry(r["seq"], AuditEvent(r["action"], r["actor"], r["org"], r["target"],
+                                                json.loads(r["details"]), r["source_ip"],
+                                                _dt(r["at"]) or datetime.min),
+                           bytes(r["prev_hash"]), bytes(r["hash"]))
+                for r in c.execute("SELECT * FROM audit_log ORDER BY seq")
+            ]
+            head = c.execute("SELECT seq, hash, mac FROM audit_head WHERE id = 1").fetchone()
+            return entries, ((head["seq"], bytes(head["hash"]), bytes(head["mac"])) if head else None)
+
+        return await self._tx(run)
 
     # jobs ----------------------------------------------------------------------
     @staticmethod

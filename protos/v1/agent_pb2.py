@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos.v1 import jobs_pb2 as protos_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/agent.proto\x12\x0btesthide.v1\x1a\x14protos/v1/jobs.proto\"+\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"Y\n\x05Hello\x12-\n\x0crunning_jobs\x18\x01 \x03(\x0b\x32\x17.testhide.v1.RunningJob\x12\x10\n\x08max_jobs\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\t\":\n\tHeartbeat\x12-\n\x0crunning_jobs\x18\x01 \x03(\x0b\x32\x17.testhide.v1.RunningJob\",\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"+\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"@\n\x08LogEntry\x12&\n\x06stream\x18\x01 \x01(\x0e\x32\x16.testhide.v1.LogStream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"^\n\x08LogBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12&\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x15.testhide.v1.LogEntry\"\x89\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x10\n\x08last_seq\x18\x03 \x01(\x03\x12(\n\x07outcome\x18\x04 \x01(\x0e\x32\x17.testhide.v1.JobOutcome\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x98\x02\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.testhide.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.testhide.v1.HeartbeatH\x00\x12,\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x18.testhide.v1.JobAcceptedH\x00\x12*\n\x07started\x18\x04 \x01(\x0b\x32\x17.testhide.v1.JobStartedH\x00\x12*\n\tlog_batch\x18\x05 \x01(\x0b\x32\x15.testhide.v1.LogBatchH\x00\x12(\n\x06result\x18\x06 \x01(\x0b\x32\x16.testhide.v1.JobResultH\x00\x42\x06\n\x04\x62ody\"N\n\tAssignJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.testhide.v1.JobSpec\"+\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"%\n\x06LogAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\"\x1b\n\tResultAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xc2\x01\n\x0e\x43ontrolMessage\x12(\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x16.testhide.v1.AssignJobH\x00\x12(\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x16.testhide.v1.CancelJobH\x00\x12&\n\x07log_ack\x18\x03 \x01(\x0b\x32\x13.testhide.v1.LogAckH\x00\x12,\n\nresult_ack\x18\x04 \x01(\x0b\x32\x16.testhide.v1.ResultAckH\x00\x42\x06\n\x04\x62ody\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"?\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c*\x8d\x01\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_OUTCOME_EXITED\x10\x01\x12\x19\n\x15JOB_OUTCOME_TIMED_OUT\x10\x02\x12\x18\n\x14JOB_OUTCOME_CANCELED\x10\x03\x12\x15\n\x11JOB_OUTCOME_ERROR\x10\x04\x32\x95\x01\n\x0c\x41gentControl\x12\x45\n\x07\x43onnect\x12\x19.testhide.v1.AgentMessage\x1a\x1b.testhide.v1.ControlMessage(\x01\x30\x01\x12>\n\x05Renew\x12\x19.testhide.v1.RenewRequest\x1a\x1a.testhide.v1.RenewResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/v1/agent.proto\x12\x0btesthide.v1\x1a\x14protos/v1/jobs.proto\"+\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"Y\n\x05Hello\x12-\n\x0crunning_jobs\x18\x01 \x03(\x0b\x32\x17.testhide.v1.RunningJob\x12\x10\n\x08max_jobs\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\t\":\n\tHeartbeat\x12-\n\x0crunning_jobs\x18\x01 \x03(\x0b\x32\x17.testhide.v1.RunningJob\",\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"+\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"@\n\x08LogEntry\x12&\n\x06stream\x18\x01 \x01(\x0e\x32\x16.testhide.v1.LogStream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"^\n\x08LogBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12&\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x15.testhide.v1.LogEntry\"\x89\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x10\n\x08last_seq\x18\x03 \x01(\x03\x12(\n\x07outcome\x18\x04 \x01(\x0e\x32\x17.testhide.v1.JobOutcome\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x98\x02\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.testhide.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.testhide.v1.HeartbeatH\x00\x12,\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x18.testhide.v1.JobAcceptedH\x00\x12*\n\x07started\x18\x04 \x01(\x0b\x32\x17.testhide.v1.JobStartedH\x00\x12*\n\tlog_batch\x18\x05 \x01(\x0b\x32\x15.testhide.v1.LogBatchH\x00\x12(\n\x06result\x18\x06 \x01(\x0b\x32\x16.testhide.v1.JobResultH\x00\x42\x06\n\x04\x62ody\"N\n\tAssignJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.testhide.v1.JobSpec\"+\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"%\n\x06LogAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\"\x1b\n\tResultAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"$\n\x0bTrustBundle\x12\x15\n\rca_bundle_pem\x18\x01 \x01(\x0c\"\xf4\x01\n\x0e\x43ontrolMessage\x12(\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x16.testhide.v1.AssignJobH\x00\x12(\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x16.testhide.v1.CancelJobH\x00\x12&\n\x07log_ack\x18\x03 \x01(\x0b\x32\x13.testhide.v1.LogAckH\x00\x12,\n\nresult_ack\x18\x04 \x01(\x0b\x32\x16.testhide.v1.ResultAckH\x00\x12\x30\n\x0ctrust_bundle\x18\x05 \x01(\x0b\x32\x18.testhide.v1.TrustBundleH\x00\x42\x06\n\x04\x62ody\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"?\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c*\x8d\x01\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_OUTCOME_EXITED\x10\x01\x12\x19\n\x15JOB_OUTCOME_TIMED_OUT\x10\x02\x12\x18\n\x14JOB_OUTCOME_CANCELED\x10\x03\x12\x15\n\x11JOB_OUTCOME_ERROR\x10\x04\x32\x95\x01\n\x0c\x41gentControl\x12\x45\n\x07\x43onnect\x12\x19.testhide.v1.AgentMessage\x1a\x1b.testhide.v1.ControlMessage(\x01\x30\x01\x12>\n\x05Renew\x12\x19.testhide.v1.RenewRequest\x1a\x1a.testhide.v1.RenewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBOUTCOME']._serialized_start=1421
-  _globals['_JOBOUTCOME']._serialized_end=1562
+  _globals['_JOBOUTCOME']._serialized_start=1509
+  _globals['_JOBOUTCOME']._serialized_end=1650
   _globals['_RUNNINGJOB']._serialized_start=60
   _globals['_RUNNINGJOB']._serialized_end=103
   _globals['_HELLO']._serialized_start=105
@@ -60,12 +60,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGACK']._serialized_end=1094
   _globals['_RESULTACK']._serialized_start=1096
   _globals['_RESULTACK']._serialized_end=1123
-  _globals['_CONTROLMESSAGE']._serialized_start=1126
-  _globals['_CONTROLMESSAGE']._serialized_end=1320
-  _globals['_RENEWREQUEST']._serialized_start=1322
-  _globals['_RENEWREQUEST']._serialized_end=1353
-  _globals['_RENEWRESPONSE']._serialized_start=1355
-  _globals['_RENEWRESPONSE']._serialized_end=1418
-  _globals['_AGENTCONTROL']._serialized_start=1565
-  _globals['_AGENTCONTROL']._serialized_end=1714
+  _globals['_TRUSTBUNDLE']._serialized_start=1125
+  _globals['_TRUSTBUNDLE']._serialized_end=1161
+  _globals['_CONTROLMESSAGE']._serialized_start=1164
+  _globals['_CONTROLMESSAGE']._serialized_end=1408
+  _globals['_RENEWREQUEST']._serialized_start=1410
+  _globals['_RENEWREQUEST']._serialized_end=1441
+  _globals['_RENEWRESPONSE']._serialized_start=1443
+  _globals['_RENEWRESPONSE']._serialized_end=1506
+  _globals['_AGENTCONTROL']._serialized_start=1653
+  _globals['_AGENTCONTROL']._serialized_end=1802
 # @@protoc_insertion_point(module_scope)

@@ -145,17 +145,25 @@ class ResultAck(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class TrustBundle(_message.Message):
+    __slots__ = ("ca_bundle_pem",)
+    CA_BUNDLE_PEM_FIELD_NUMBER: _ClassVar[int]
+    ca_bundle_pem: bytes
+    def __init__(self, ca_bundle_pem: _Optional[bytes] = ...) -> None: ...
+
 class ControlMessage(_message.Message):
-    __slots__ = ("assign", "cancel", "log_ack", "result_ack")
+    __slots__ = ("assign", "cancel", "log_ack", "result_ack", "trust_bundle")
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     LOG_ACK_FIELD_NUMBER: _ClassVar[int]
     RESULT_ACK_FIELD_NUMBER: _ClassVar[int]
+    TRUST_BUNDLE_FIELD_NUMBER: _ClassVar[int]
     assign: AssignJob
     cancel: CancelJob
     log_ack: LogAck
     result_ack: ResultAck
-    def __init__(self, assign: _Optional[_Union[AssignJob, _Mapping]] = ..., cancel: _Optional[_Union[CancelJob, _Mapping]] = ..., log_ack: _Optional[_Union[LogAck, _Mapping]] = ..., result_ack: _Optional[_Union[ResultAck, _Mapping]] = ...) -> None: ...
+    trust_bundle: TrustBundle
+    def __init__(self, assign: _Optional[_Union[AssignJob, _Mapping]] = ..., cancel: _Optional[_Union[CancelJob, _Mapping]] = ..., log_ack: _Optional[_Union[LogAck, _Mapping]] = ..., result_ack: _Optional[_Union[ResultAck, _Mapping]] = ..., trust_bundle: _Optional[_Union[TrustBundle, _Mapping]] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("csr_pem",)

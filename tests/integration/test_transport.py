@@ -124,9 +124,10 @@ async def test_old_protocols_and_cbc_suites_are_refused(cp: RunningControlPlane,
 def test_private_keys_never_leave_their_files_in_clear(cp: RunningControlPlane) -> None:
     """The CA and server keys are sealed; only the master key file is secret."""
     data = Path(cp.data_dir)
-    for name in ("ca.key.sealed", "server.key.sealed"):
-        content = (data / name).read_bytes()
-        assert b"PRIVATE KEY" not in content
-        assert (data / name).stat().st_mode & 0o077 == 0
+    sealed = sorted(data.rglob("*.key.sealed"))
+    assert [p.relative_to(data).as_posix() for p in sealed] == ["cas/ca-1.key.sealed", "server.key.sealed"]
+    for path in sealed:
+        assert b"PRIVATE KEY" not in path.read_bytes()
+        assert path.stat().st_mode & 0o077 == 0
     assert (data / "master.key").stat().st_mode & 0o077 == 0
     assert data.stat().st_mode & 0o077 == 0
