@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent.errors import ConfigError
 
-_USER_RE = re.compile(r"^[0-9]+(:[0-9]+)?$")
+_USER_RE = re.compile(r"\A[0-9]+(:[0-9]+)?\Z")
 
 
 @dataclass(frozen=True)

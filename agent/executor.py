@@ -45,10 +45,13 @@ class Executor:
         bound = log.bind(job_id=job.job_id, epoch=job.epoch)
         try:
             container = await self._runtime.start(self._spec(job), output)
-        except JobSetupError as exc:
-            bound.warning("job_setup_failed", error=str(exc))
-            self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {exc}\n".encode())])
-            self._outbox.finish(job.job_id, Outcome.ERROR, -1, str(exc))
+        except Exception as exc:
+            # Whatever went wrong, the job must end: a job that never reports is worse.
+            reason = str(exc) if isinstance(exc, JobSetupError) else f"the agent could not start the job: {exc!r}"
+            log_method = bound.warning if isinstance(exc, JobSetupError) else bound.exception
+            log_method("job_setup_failed", error=reason)
+            self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {reason}\n".encode())])
+            self._outbox.finish(job.job_id, Outcome.ERROR, -1, reason)
             self._stop_requests.pop(job.job_id, None)
             return
         self._outbox.started(job.job_id)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_PART = re.compile(r"(\d{1,9})(ms|s|m|h|d)", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Far beyond any lifetime or timeout we accept, far below timedelta's limit.
+_MAX_SECONDS = 100 * 365 * 86400
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse ``1h30m``-style text; a bare number means seconds."""
+    """Parse ``1h30m``-style text; a bare number means seconds. Only ValueError escapes."""
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
+        if len(text) > 12 or int(text) > _MAX_SECONDS:
+            raise ValueError(f"duration {text[:20]!r} is too long")
         return timedelta(seconds=int(text))
     pos, seconds = 0, 0.0
     for match in _PART.finditer(text):
@@ -21,7 +25,9 @@ def parse_duration(text: str) -> timedelta:
         seconds += int(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if pos != len(text) or not text:
-        raise ValueError(f"invalid duration {text!r}: use forms like 90s, 10m, 1h30m")
+        raise ValueError(f"invalid duration {text[:40]!r}: use forms like 90s, 10m, 1h30m")
+    if seconds > _MAX_SECONDS:
+        raise ValueError(f"duration {text[:20]!r} is too long")
     return timedelta(seconds=seconds)
 
 

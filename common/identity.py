@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_RE = re.compile(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _URI_RE = re.compile(
-    r"^spiffe://(?P<td>[a-z0-9.-]+)/org/(?P<org>[^/]+)/pool/(?P<pool>[^/]+)/agent/(?P<agent>[^/]+)$"
+    r"\Aspiffe://(?P<td>[a-z0-9.-]+)/org/(?P<org>[^/]+)/pool/(?P<pool>[^/]+)/agent/(?P<agent>[^/]+)\Z"
 )
 
 

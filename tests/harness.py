@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -65,9 +65,9 @@ async def control_plane(tmp: Path, **config: object) -> AsyncIterator[RunningCon
 
 @asynccontextmanager
 async def running_agent(cp: RunningControlPlane, tmp: Path, runtime: ContainerRuntime, name: str = "agent",
-                        **config: object) -> AsyncIterator[Agent]:
+                        org: str = "default", pool: str = "default", **config: object) -> AsyncIterator[Agent]:
     data_dir = tmp / f"agent-{name}"
-    await enroll(cp.api_target, await cp.enrollment_token(), data_dir, name)
+    await enroll(cp.api_target, await cp.enrollment_token(org, pool), data_dir, name)
     agent = Agent(AgentConfig(data_dir=data_dir, **config), runtime)  # type: ignore[arg-type]
     task = asyncio.create_task(agent.run())
     try:
@@ -77,6 +77,21 @@ async def running_agent(cp: RunningControlPlane, tmp: Path, runtime: ContainerRu
     finally:
         agent.shutdown()
         await asyncio.wait_for(task, 60)
+
+
+async def wait_until(condition: asyncio.Condition, predicate: Callable[[], bool], timeout: float) -> None:
+    """Await a condition variable until ``predicate`` holds: no polling."""
+    async with condition:
+        await asyncio.wait_for(condition.wait_for(predicate), timeout)
+
+
+async def operator(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """``testhide-controlplane`` in a subprocess, as an operator runs it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controlplane.cli", *args, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode or 0, out.decode(), err.decode()
 
 
 @dataclass

@@ -17,7 +17,7 @@ from agent.errors import EnrollmentError
 from common.tls import PinError, fetch_pinned_ca, secure_channel, split_target
 from protos.v1 import enrollment_pb2, enrollment_pb2_grpc
 
-_TOKEN_RE = re.compile(r"^th1\.[0-9a-f]{16}\.[0-9a-f]{64}\.(?P<fp>[0-9a-f]{64})$")
+_TOKEN_RE = re.compile(r"\Ath1\.[0-9a-f]{16}\.[0-9a-f]{64}\.(?P<fp>[0-9a-f]{64})\Z")
 
 
 def endpoint_for(api_endpoint: str, advertised: str) -> str:

@@ -146,6 +146,13 @@ class DockerRuntime:
                 from exc
 
     def _create(self, spec: ContainerSpec) -> tuple[Container, str]:
+        try:
+            return self._create_unchecked(spec)
+        except docker.errors.DockerException as exc:
+            explanation = getattr(exc, "explanation", None) or exc
+            raise JobSetupError(f"Docker refused to set up the job: {explanation}") from exc
+
+    def _create_unchecked(self, spec: ContainerSpec) -> tuple[Container, str]:
         self._check_image(spec.image)
         labels = {LABEL: spec.job_id}
         volume = self._client.volumes.create(name=f"testhide-ws-{spec.job_id}", labels=labels).name
@@ -179,9 +186,10 @@ class DockerRuntime:
                 stdin_open=False,
                 tty=False,
             )
-        except docker.errors.APIError as exc:
-            self._client.api.remove_volume(volume, force=True)
-            raise JobSetupError(f"Docker refused the job container: {exc.explanation or exc}") from exc
+        except docker.errors.DockerException:
+            with contextlib.suppress(docker.errors.DockerException):
+                self._client.api.remove_volume(volume, force=True)
+            raise
         return container, volume
 
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> DockerContainer:
@@ -196,9 +204,10 @@ class DockerRuntime:
             threading.Thread(target=self._pump, args=(sock, output, loop), name=f"output-{spec.job_id}",
                              daemon=True).start()
             await asyncio.to_thread(container.start)
-        except docker.errors.APIError as exc:
+        except docker.errors.DockerException as exc:
             await running.remove()
-            raise JobSetupError(f"Docker could not start the job container: {exc.explanation or exc}") from exc
+            explanation = getattr(exc, "explanation", None) or exc
+            raise JobSetupError(f"Docker could not start the job container: {explanation}") from exc
         log.info("container_started", job_id=spec.job_id, container=container.short_id, image=spec.image)
         return running
 

@@ -14,8 +14,8 @@ from controlplane.errors import Unauthenticated
 
 API_KEY_PREFIX = "thk"
 ENROLL_PREFIX = "th1"
-_API_KEY_RE = re.compile(r"^thk_([0-9a-f]{16})_([0-9a-f]{64})$")
-_ENROLL_RE = re.compile(r"^th1\.([0-9a-f]{16})\.([0-9a-f]{64})\.([0-9a-f]{64})$")
+_API_KEY_RE = re.compile(r"\Athk_([0-9a-f]{16})_([0-9a-f]{64})\Z")
+_ENROLL_RE = re.compile(r"\Ath1\.([0-9a-f]{16})\.([0-9a-f]{64})\.([0-9a-f]{64})\Z")
 
 
 def hash_secret(secret: str) -> bytes:

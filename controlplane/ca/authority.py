@@ -53,12 +53,14 @@ class CertificateAuthority:
         self.trust_domain = trust_domain
 
     @classmethod
-    def create(cls, trust_domain: str, lifetime: timedelta = timedelta(days=3650)) -> CertificateAuthority:
+    def create(cls, trust_domain: str, generation: int = 1,
+               lifetime: timedelta = timedelta(days=3650)) -> CertificateAuthority:
+        """Each generation has its own name, so certificates say which one issued them."""
         key = generate_key()
         name = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "testhide"),
-                x509.NameAttribute(NameOID.COMMON_NAME, f"testhide agent CA ({trust_domain})"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"testhide agent CA {generation} ({trust_domain})"),
             ]
         )
         now = datetime.now(UTC)

@@ -21,7 +21,7 @@ from controlplane.store.base import AgentRecord, EnrollmentTokenRecord, Store
 
 log = structlog.get_logger("testhide.enrollment")
 
-AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+AGENT_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 MAX_TOKEN_TTL = timedelta(days=7)
 
 

@@ -55,7 +55,7 @@ def prepare(directory: DataDir, master: MasterKey) -> int:
                                  f"(trusted generations {list(current.trusted)}, active {current.active})")
     state = directory.require_initialised()
     generation = max(current.trusted) + 1
-    directory.store_ca(CertificateAuthority.create(str(state["trust_domain"])), generation, master)
+    directory.store_ca(CertificateAuthority.create(str(state["trust_domain"]), generation), generation, master)
     _save(directory, CaState(current.active, (*current.trusted, generation)))
     return generation
 

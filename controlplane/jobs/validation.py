@@ -15,11 +15,13 @@ _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
 # As in Docker, a first component is a registry only if it has a '.' or a port, or is localhost;
 # otherwise it is part of the (lowercase) repository path.
 _DOMAIN = rf"(?:localhost(?::[0-9]+)?|{_LABEL}(?:\.{_LABEL})+(?::[0-9]+)?|{_LABEL}:[0-9]+)"
+# \Z, not $: $ also matches before a final newline.
 IMAGE_RE = re.compile(
-    rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?$"
+    rf"\A(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?\Z",
+    re.ASCII,
 )
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._/-]{0,62}\Z")
 
 MAX_IMAGE = 255
 MAX_ARGS = 1024
@@ -41,7 +43,7 @@ def validate_spec(spec: JobSpec) -> JobSpec:
         raise InvalidArgument(f"image {spec.image[:80]!r} is not a valid image reference")
     if not spec.command or not spec.command[0]:
         raise InvalidArgument("command must not be empty")
-    if len(spec.command) > MAX_ARGS or sum(len(a) for a in spec.command) > MAX_COMMAND_BYTES:
+    if len(spec.command) > MAX_ARGS or sum(len(a.encode()) for a in spec.command) > MAX_COMMAND_BYTES:
         raise InvalidArgument(f"command is too long (at most {MAX_ARGS} arguments, {MAX_COMMAND_BYTES} bytes)")
     if any("\x00" in a for a in spec.command):
         raise InvalidArgument("command arguments must not contain NUL bytes")
@@ -50,7 +52,7 @@ def validate_spec(spec: JobSpec) -> JobSpec:
     for name, value in spec.env.items():
         if not ENV_NAME_RE.match(name):
             raise InvalidArgument(f"environment variable name {name[:64]!r} is invalid")
-        if len(value) > MAX_ENV_VALUE or "\x00" in value:
+        if len(value.encode()) > MAX_ENV_VALUE or "\x00" in value:
             raise InvalidArgument(f"environment variable {name} is too long or contains NUL")
     validate_name("pool", spec.pool)
     if not timedelta(seconds=1) <= spec.timeout <= MAX_TIMEOUT:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from controlplane.auth.secrets import hash_secret, new_enrollment_token
 from controlplane.store.base import EnrollmentTokenRecord
 from common.tls import fingerprint
 from protos.v1 import jobs_pb2, jobs_pb2_grpc
-from tests.harness import REPO, Cli, RunningControlPlane
+from tests.harness import Cli, RunningControlPlane, operator
 
 
 async def submit(cp: RunningControlPlane, spec: jobs_pb2.JobSpec) -> grpc.aio.AioRpcError:
@@ -126,29 +124,21 @@ async def test_a_malformed_token_is_refused_locally(cp: RunningControlPlane, tmp
 
 # Operator commands on bad data dirs ---------------------------------------------------------------------
 
-async def operator(*args: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controlplane.cli", *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(process.communicate(), 60)
-    return process.returncode or 0, err.decode()
-
-
 @pytest.mark.parametrize("command", [["serve", "--listen", "127.0.0.1:0"], ["enroll-token", "create"]])
 async def test_missing_or_uninitialised_data_dir(tmp_path: Path, command: list[str]) -> None:
-    code, err = await operator(*command, "--data-dir", str(tmp_path / "missing"))
+    code, _, err = await operator(*command, "--data-dir", str(tmp_path / "missing"))
     assert code == 1 and "does not exist" in err and "Traceback" not in err
     (tmp_path / "empty").mkdir()
-    code, err = await operator(*command, "--data-dir", str(tmp_path / "empty"))
+    code, _, err = await operator(*command, "--data-dir", str(tmp_path / "empty"))
     assert code == 1 and "not initialised" in err and "Traceback" not in err
 
 
 async def test_init_twice_refuses_and_changes_nothing(tmp_path: Path) -> None:
     target = tmp_path / "cp"
-    code, _ = await operator("init", "--data-dir", str(target))
+    code, _, _ = await operator("init", "--data-dir", str(target))
     assert code == 0
     before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
-    code, err = await operator("init", "--data-dir", str(target))
+    code, _, err = await operator("init", "--data-dir", str(target))
     assert code == 1 and "refusing" in err
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cp"]  # no staging left behind

@@ -1,0 +1,217 @@
+"""Agent identity over time: renewal under load, revocation, expiry on open
+streams, enrollment scoping, server-certificate and CA rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from agent.config import AgentConfig
+from agent.credentials import Credentials
+from agent.daemon import Agent
+from agent.errors import CredentialsError, EnrollmentError
+from agent.rpc.enroll import enroll
+from agent.runtime.docker import DockerRuntime
+from common.identity import AgentIdentity
+from common.tls import _peer_chain, fingerprint
+from controlplane.ca import rotation
+from controlplane.datadir import DataDir
+from controlplane.store.base import AgentRecord
+from protos.v1 import agent_pb2, agent_pb2_grpc
+from tests.harness import JOB_IMAGE, Cli, control_plane, operator, running_agent, wait_until
+from tests.integration.test_transport import agent_certificate, connect_with, our_ca
+
+FAST = {"stop_grace": timedelta(seconds=1)}
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, InvalidSignature):
+        return False
+    return True
+
+
+async def audit_actions(data_dir: Path) -> list[dict[str, object]]:
+    code, out, err = await operator("audit", "export", "--data-dir", str(data_dir))
+    assert code == 0, err
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.timeout(300)
+async def test_renewal_under_load_loses_duplicates_and_reorders_nothing(tmp_path: Path, docker_client) -> None:
+    async with control_plane(tmp_path, agent_cert_ttl=timedelta(seconds=20)) as cp:
+        cli = Cli(tmp_path / "config")
+        assert (await cli.login(cp)).returncode == 0
+        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), **FAST) as agent:
+            first_serial = agent.credentials.certificate.serial_number
+            script = 'i=0; while [ $i -lt 900 ]; do echo "line $i"; i=$((i+1)); sleep 0.1; done'
+            result = await cli("run", "--image", JOB_IMAGE, "--", "sh", "-c", script, timeout=240)
+            assert agent.credentials.certificate.serial_number != first_serial
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode() == "".join(f"line {i}\n" for i in range(900))
+        renewals = [e for e in await audit_actions(cp.data_dir) if e["action"] == "agent_certificate_renewed"]
+        assert len(renewals) >= 3
+
+
+@pytest.mark.docker
+async def test_revocation_cuts_off_an_agent_mid_job(cp, cli: Cli, tmp_path: Path, docker_client) -> None:
+    data_dir = tmp_path / "agent"
+    await enroll(cp.api_target, await cp.enrollment_token(), data_dir, "doomed")
+    agent = Agent(AgentConfig(data_dir=data_dir, **FAST), DockerRuntime(docker_client))
+    running = asyncio.create_task(agent.run())
+    await asyncio.wait_for(cp.daemon.scheduler.wait_for_agent(agent.agent_id), 30)
+    job_id = (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", "echo started; exec sleep 3600")
+              ).stdout.decode().strip()
+    follower = await cli.start("logs", "--follow", job_id)
+    assert await asyncio.wait_for(follower.stdout.readline(), 30) == b"started\n"
+
+    code, _, err = await operator("agents", "revoke", "--data-dir", str(cp.data_dir), agent.agent_id)
+    assert code == 0, err
+    revoked_at = asyncio.get_running_loop().time()
+    with pytest.raises(CredentialsError, match="revoked"):
+        await asyncio.wait_for(running, 15)
+    assert asyncio.get_running_loop().time() - revoked_at < 5  # the stream was closed within seconds
+
+    shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)
+    assert shown["status"] == "ERROR" and "revoked" in shown["status_reason"]
+    await asyncio.wait_for(follower.wait(), 30)
+    assert docker_client.containers.list(all=True, filters={"label": f"dev.testhide.job={job_id}"}) == []
+
+    credentials = Credentials.load(data_dir)
+    assert await connect_with(cp, credentials.key_pem, credentials.certificate_pem) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    channel_credentials = grpc.ssl_channel_credentials(cp.ca_pem, credentials.key_pem, credentials.certificate_pem)
+    async with grpc.aio.secure_channel(cp.agent_target, channel_credentials) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await agent_pb2_grpc.AgentControlStub(channel).Renew(agent_pb2.RenewRequest(csr_pem=b"x"), timeout=10)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    _, listed, _ = await operator("agents", "list", "--json", "--data-dir", str(cp.data_dir))
+    assert [a["state"] for a in json.loads(listed) if a["id"] == agent.agent_id] == ["revoked"]
+    assert "agent_revoked" in [e["action"] for e in await audit_actions(cp.data_dir)]
+
+
+async def test_an_open_stream_ends_when_its_certificate_expires(cp) -> None:
+    ca = our_ca(cp)
+    agent_id = "a00000000000000e1"
+    key_pem, cert_pem = agent_certificate(ca, agent_id, lifetime=timedelta(seconds=3))
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    await cp.daemon._store.create_agent(AgentRecord(agent_id, "default", "default", "short", "x",
+                                                    cert.not_valid_after_utc, datetime.now(UTC)))
+    credentials = grpc.ssl_channel_credentials(cp.ca_pem, private_key=key_pem, certificate_chain=cert_pem)
+    async with grpc.aio.secure_channel(cp.agent_target, credentials) as channel:
+        call = agent_pb2_grpc.AgentControlStub(channel).Connect()
+        await call.write(agent_pb2.AgentMessage(hello=agent_pb2.Hello(max_jobs=1)))
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            while True:
+                await asyncio.wait_for(call.read(), 30)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in (error.value.details() or "")
+    assert datetime.now(UTC) >= cert.not_valid_after_utc
+
+
+async def test_an_agent_offline_past_expiry_is_told_to_enroll_again(cp, tmp_path: Path) -> None:
+    data_dir = tmp_path / "agent"
+    credentials = await enroll(cp.api_target, await cp.enrollment_token(), data_dir, "sleeper")
+    _, expired_pem = agent_certificate(our_ca(cp), credentials.agent_id,
+                                       now=datetime.now(UTC) - timedelta(hours=2))
+    Credentials(credentials.agent_id, credentials.api_endpoint, credentials.agent_endpoint, credentials.key_pem,
+                expired_pem, credentials.ca_pem).save(data_dir)
+    agent = Agent(AgentConfig(data_dir=data_dir), DockerRuntime.__new__(DockerRuntime))
+    with pytest.raises(CredentialsError, match="expired .* enroll this agent again"):
+        await asyncio.wait_for(agent.run(), 30)
+
+
+async def test_enrollment_tokens_are_scoped_and_revocable(cp, tmp_path: Path) -> None:
+    store = cp.daemon._store
+    await store.create_org("acme", datetime.now(UTC))
+    await store.create_pool("acme", "gpu", datetime.now(UTC))
+    acme = await enroll(cp.api_target, await cp.enrollment_token("acme", "gpu"), tmp_path / "acme", "acme-1")
+    identity = AgentIdentity.from_certificate(acme.certificate)
+    assert (identity.org, identity.pool) == ("acme", "gpu")
+
+    token = await cp.enrollment_token()
+    token_id = token.split(".")[1]
+    code, _, err = await operator("enroll-token", "revoke", "--data-dir", str(cp.data_dir), token_id)
+    assert code == 0, err
+    with pytest.raises(EnrollmentError, match="revoked"):
+        await enroll(cp.api_target, token, tmp_path / "late", "late")
+    _, listed, _ = await operator("enroll-token", "list", "--json", "--data-dir", str(cp.data_dir))
+    states = {t["id"]: t["state"] for t in json.loads(listed)}
+    assert states[token_id] == "revoked"
+    refused = [e for e in await audit_actions(cp.data_dir) if e["action"] == "enrollment_token_refused"]
+    assert [e["target"] for e in refused] == [token_id]
+
+
+async def test_a_pool_can_shorten_certificate_lifetimes(cp, tmp_path: Path) -> None:
+    code, _, err = await operator("pools", "create", "--data-dir", str(cp.data_dir), "short-lived",
+                                  "--agent-cert-ttl", "2m")
+    assert code == 0, err
+    credentials = await enroll(cp.api_target, await cp.enrollment_token("default", "short-lived"),
+                               tmp_path / "agent", "brief")
+    cert = credentials.certificate
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime == timedelta(minutes=2, seconds=30)  # 2 minutes plus the 30 s backdate
+
+
+@pytest.mark.docker
+async def test_server_certificate_rotation_reaches_new_connections_only(cp, cli: Cli, docker_agent) -> None:
+    old_serial = cp.daemon.certificates.current.server_certificate.serial_number
+    session = cp.daemon.scheduler.session_of(docker_agent.agent_id)
+    code, _, err = await operator("server-cert", "rotate", "--data-dir", str(cp.data_dir))
+    assert code == 0, err
+    new_serial = x509.load_pem_x509_certificate((cp.data_dir / "server.pem").read_bytes()).serial_number
+    assert new_serial != old_serial
+
+    async def served_serial() -> int:
+        der = (await asyncio.to_thread(_peer_chain, "127.0.0.1", cp.daemon.api_port, 10))[0]
+        return x509.load_der_x509_certificate(der).serial_number
+
+    while await served_serial() != new_serial:  # the watcher applies it within a second
+        await asyncio.sleep(0.2)
+    result = await cli("run", "--image", JOB_IMAGE, "--", "echo", "still here")
+    assert result.stdout == b"still here\n"
+    assert cp.daemon.scheduler.session_of(docker_agent.agent_id) is session  # the open stream carried on
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(180)
+async def test_ca_rotation_with_a_connected_agent_and_a_running_job(tmp_path: Path, docker_client) -> None:
+    async with control_plane(tmp_path, agent_cert_ttl=timedelta(seconds=10)) as cp:
+        cli = Cli(tmp_path / "config")
+        assert (await cli.login(cp)).returncode == 0
+        directory = DataDir(cp.data_dir)
+        old_ca = our_ca(cp)
+        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), **FAST) as agent:
+            script = 'i=0; while [ $i -lt 300 ]; do echo "tick $i"; i=$((i+1)); sleep 0.1; done'
+            job = asyncio.create_task(cli("run", "--image", JOB_IMAGE, "--", "sh", "-c", script, timeout=150))
+
+            rotation.prepare(directory, directory.master_key())
+            await wait_until(agent.credentials_changed,
+                             lambda: agent.credentials.ca_pem.count(b"BEGIN CERTIFICATE") == 2, 30)
+            new_generation = rotation.activate(directory, directory.master_key())
+            new_ca = directory.ca_certificate(new_generation)
+            await wait_until(agent.credentials_changed, lambda: issued_by(agent.credentials.certificate, new_ca), 60)
+            code, _, err = await operator("ca", "rotate", "retire", "--data-dir", str(cp.data_dir))
+            assert code == 0, err
+            result = await job
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode() == "".join(f"tick {i}\n" for i in range(300))
+
+        while old_ca.certificate_pem in cp.daemon.certificates.current.bundle_pem:
+            await asyncio.sleep(0.2)
+        old_key, old_cert = agent_certificate(old_ca, agent.agent_id)
+        assert await connect_with(cp, old_key, old_cert) == grpc.StatusCode.UNAVAILABLE
+        assert fingerprint(new_ca.public_bytes(serialization.Encoding.DER)) in \
+            cp.daemon.certificates.current.trusted_fingerprints
