@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.files import atomic_write
+from common.identity import AGENT_CERT_BACKDATE
 from agent.errors import ConfigError
 
 
@@ -37,13 +38,24 @@ class Credentials:
     certificate_pem: bytes
     ca_pem: bytes
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    """When this certificate arrived: renewal is timed from here, not from
-    notBefore, which the control plane backdates."""
+    """When this certificate arrived, by this host's clock."""
+
+    @property
+    def lifetime(self) -> timedelta:
+        """The lifetime the control plane meant. Measured on the certificate
+        alone (both ends are the server's clock), so this host's clock skew
+        does not enter; only durations are added to our own clock."""
+        cert = self.certificate
+        return cert.not_valid_after_utc - cert.not_valid_before_utc - AGENT_CERT_BACKDATE
+
+    @property
+    def expires_at(self) -> datetime:
+        """Expiry by this host's clock."""
+        return self.received_at + self.lifetime
 
     def renewal_at(self, jitter: float) -> datetime:
-        """Half-way from receipt to expiry, shifted by ``jitter`` (in [-0.1, 0.1]) of that span."""
-        span = self.certificate.not_valid_after_utc - self.received_at
-        return self.received_at + span * (0.5 + jitter)
+        """Half-way through the lifetime, shifted by ``jitter`` (in [-0.1, 0.1]) of it."""
+        return self.received_at + self.lifetime * (0.5 + jitter)
 
     def with_certificate(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes | None = None) -> Credentials:
         return replace(self, key_pem=key_pem, certificate_pem=certificate_pem, ca_pem=ca_pem or self.ca_pem,
@@ -55,7 +67,7 @@ class Credentials:
 
     @property
     def expired(self) -> bool:
-        return self.certificate.not_valid_after_utc <= datetime.now(UTC)
+        return self.expires_at <= datetime.now(UTC)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 from cryptography import x509
+
+# Agent certificates are backdated by this much (the TLS handshake has no skew
+# tolerance). Agents subtract it to learn the lifetime the control plane meant.
+AGENT_CERT_BACKDATE = timedelta(seconds=30)
 
 NAME_RE = re.compile(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _URI_RE = re.compile(

@@ -58,7 +58,7 @@ class Session:
         creds = self._credentials
         if creds.expired:
             raise CredentialsError(
-                f"the agent certificate expired at {creds.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; "
+                f"the agent certificate expired at {creds.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
                 "enroll this agent again with a new token")
         async with secure_channel(creds.agent_endpoint, creds.ca_pem, client_key_pem=creds.key_pem,
                                   client_cert_pem=creds.certificate_pem) as channel:

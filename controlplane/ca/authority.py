@@ -12,14 +12,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.identity import AgentIdentity
+from common.identity import AGENT_CERT_BACKDATE, AgentIdentity
 from controlplane.errors import InvalidArgument
 
 # The TLS handshake has no skew tolerance; a notBefore even slightly ahead of a
 # peer's clock is refused, so every certificate is backdated.
-BACKDATE = timedelta(seconds=30)
-# Server certificates live for months, so they can afford a longer margin: an
-# agent whose clock is minutes behind still accepts one issued just now.
+BACKDATE = AGENT_CERT_BACKDATE
+# CA and server certificates live for months or years, so they can afford a
+# longer margin: an agent whose clock is minutes behind still accepts one
+# issued just now.
 SERVER_BACKDATE = timedelta(minutes=5)
 DEV_MARKER = "testhide development (insecure)"
 
@@ -70,7 +71,7 @@ class CertificateAuthority:
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
+            .not_valid_before(now - SERVER_BACKDATE)
             .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(

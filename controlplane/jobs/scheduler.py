@@ -102,10 +102,15 @@ class Scheduler:
         async with self._attached:
             self._attached.notify_all()
 
-    async def wait_for_agent(self, agent_id: str) -> AgentSession:
-        """Until the agent has an open session (operators' tooling and tests)."""
+    async def wait_for_agent(self, agent_id: str, replacing: AgentSession | None = None) -> AgentSession:
+        """Until the agent has an open session, other than ``replacing`` if
+        given (operators' tooling and tests)."""
+        def ready() -> bool:
+            session = self._sessions.get(agent_id)
+            return session is not None and session is not replacing
+
         async with self._attached:
-            await self._attached.wait_for(lambda: agent_id in self._sessions)
+            await self._attached.wait_for(ready)
         return self._sessions[agent_id]
 
     def detach(self, session: AgentSession) -> None:

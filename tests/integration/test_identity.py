@@ -124,10 +124,10 @@ async def test_an_open_stream_ends_when_its_certificate_expires(cp) -> None:
 async def test_an_agent_offline_past_expiry_is_told_to_enroll_again(cp, tmp_path: Path) -> None:
     data_dir = tmp_path / "agent"
     credentials = await enroll(cp.api_target, await cp.enrollment_token(), data_dir, "sleeper")
-    _, expired_pem = agent_certificate(our_ca(cp), credentials.agent_id,
-                                       now=datetime.now(UTC) - timedelta(hours=2))
+    two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
+    _, expired_pem = agent_certificate(our_ca(cp), credentials.agent_id, now=two_hours_ago)
     Credentials(credentials.agent_id, credentials.api_endpoint, credentials.agent_endpoint, credentials.key_pem,
-                expired_pem, credentials.ca_pem).save(data_dir)
+                expired_pem, credentials.ca_pem, received_at=two_hours_ago).save(data_dir)
     agent = Agent(AgentConfig(data_dir=data_dir), DockerRuntime.__new__(DockerRuntime))
     with pytest.raises(CredentialsError, match="expired .* enroll this agent again"):
         await asyncio.wait_for(agent.run(), 30)

@@ -1,0 +1,126 @@
+"""Certificate throughput of the control plane.
+
+1. signing: agent certificates the CA signs per second from CSRs (in process,
+   the baseline for what follows);
+2. renewal: N agents, each with its own certificate and its own mutual-TLS
+   channel, call Renew on a real control plane at once, from several worker
+   processes; the time until all hold new certificates, and the rate as a
+   ratio of the raw signing rate.
+
+    python3 -m benchmarks.certs [--agents 1000] [--workers 4] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agent.credentials import new_key_and_csr
+from common.identity import AgentIdentity
+from common.logging import configure
+from common.tls import CHANNEL_OPTIONS, fingerprint
+from controlplane.ca.authority import CertificateAuthority
+from controlplane.datadir import DataDir
+from controlplane.store.base import AgentRecord
+from protos.v1 import agent_pb2, agent_pb2_grpc
+from tests.harness import control_plane
+
+
+def signing_rate(count: int) -> float:
+    ca = CertificateAuthority.create("bench.local")
+    csrs = [new_key_and_csr()[1] for _ in range(count)]
+    started = time.perf_counter()
+    for i, csr in enumerate(csrs):
+        ca.issue_agent(csr, AgentIdentity("bench.local", "default", "default", f"a{i:016x}"), timedelta(hours=1))
+    return count / (time.perf_counter() - started)
+
+
+async def _renew_all(target: str, ca_pem: bytes, agents: list[tuple[bytes, bytes]]) -> list[float]:
+    async def one(key_pem: bytes, cert_pem: bytes) -> float:
+        credentials = grpc.ssl_channel_credentials(ca_pem, private_key=key_pem, certificate_chain=cert_pem)
+        async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
+            started = time.perf_counter()
+            _, csr = new_key_and_csr()
+            response = await agent_pb2_grpc.AgentControlStub(channel).Renew(agent_pb2.RenewRequest(csr_pem=csr),
+                                                                             timeout=300)
+            assert response.certificate_pem
+            return time.perf_counter() - started
+
+    return list(await asyncio.gather(*(one(k, c) for k, c in agents)))
+
+
+def _worker(target: str, ca_pem: bytes, agents: list[tuple[bytes, bytes]], start: Any, out: Any) -> None:
+    start.wait()
+    out.put(asyncio.run(_renew_all(target, ca_pem, agents)))
+
+
+async def renewal(agents: int, workers: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with control_plane(Path(tmp)) as cp:
+            directory = DataDir(cp.data_dir)
+            ca = directory.load_ca(directory.master_key())
+            store = cp.daemon._store
+            assert store is not None
+            identities = []
+            for i in range(agents):
+                key_pem, csr = new_key_and_csr()
+                identity = AgentIdentity(ca.trust_domain, "default", "default", f"a{i:016x}")
+                issued = ca.issue_agent(csr, identity, timedelta(hours=1))
+                await store.create_agent(AgentRecord(identity.agent_id, "default", "default", f"bench-{i}",
+                                                     format(issued.serial, "x"), issued.not_after,
+                                                     datetime.now(UTC), cert_issuer=fingerprint(ca.certificate_pem)))
+                identities.append((key_pem, issued.certificate_pem))
+            context = multiprocessing.get_context("spawn")
+            start, out = context.Event(), context.Queue()
+            shares = [identities[i::workers] for i in range(workers)]
+            processes = [context.Process(target=_worker, args=(cp.agent_target, cp.ca_pem, share, start, out))
+                         for share in shares]
+            for process in processes:
+                process.start()
+            await asyncio.sleep(1.0)  # let the workers import and reach the start line
+            started = time.perf_counter()
+            start.set()
+            latencies: list[float] = []
+            for _ in processes:
+                latencies += await asyncio.to_thread(out.get, True, 900)
+            elapsed = time.perf_counter() - started
+            for process in processes:
+                process.join(30)
+    latencies.sort()
+    return {"agents": agents, "workers": workers, "all_renewed_s": round(elapsed, 3),
+            "renewals_per_s": round(agents / elapsed, 1),
+            "latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
+            "latency_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: keeps the benchmark from rotting")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    configure("warning")
+    agents, sign_count = (20, 50) if args.smoke else (args.agents, 2000)
+    signing = signing_rate(sign_count)
+    result = asyncio.run(renewal(agents, min(args.workers, agents)))
+    result["signing_per_s"] = round(signing, 1)
+    result["renewal_rate_vs_signing"] = round(result["renewals_per_s"] / signing, 3)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
