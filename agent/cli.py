@@ -52,15 +52,23 @@ def enroll(server: str, token: str, data_dir: Path, name: str) -> None:
 @main.command()
 @data_dir_option
 @click.option("--max-jobs", default=1, show_default=True, help="Jobs run at once.")
-@click.option("--runtime", default="runc", show_default=True, help="Docker runtime for jobs (runsc: gVisor).")
-def run(data_dir: Path, max_jobs: int, runtime: str) -> None:
+@click.option("--runtime", default="runc", show_default=True, help="Default Docker runtime for jobs (runsc: gVisor).")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="What this host offers (repeatable).")
+def run(data_dir: Path, max_jobs: int, runtime: str, labels: tuple[str, ...]) -> None:
     """Connect to the control plane and run jobs until SIGTERM."""
     from agent.config import AgentConfig
     from agent.daemon import Agent
     from agent.runtime.docker import DockerRuntime
 
     async def serve() -> None:
-        agent = Agent(AgentConfig(data_dir=data_dir, max_jobs=max_jobs, runtime=runtime), DockerRuntime())
+        offered = {}
+        for label in labels:
+            key, sep, value = label.partition("=")
+            if not sep or not key:
+                raise click.BadParameter(f"{label!r} is not K=V", param_hint="--label")
+            offered[key] = value
+        agent = Agent(AgentConfig(data_dir=data_dir, max_jobs=max_jobs, runtime=runtime, labels=offered),
+                      DockerRuntime())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.shutdown)

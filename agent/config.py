@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,6 +32,15 @@ class AgentConfig:
     """Between SIGTERM and SIGKILL when a job is canceled or times out."""
     max_backoff: timedelta = timedelta(seconds=30)
     """Cap of the reconnect backoff."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """What this host offers; jobs asking for labels only come to agents that have them all."""
+    log_cap_bytes: int = 64 * 1024 * 1024
+    """Past this, a job's log gets a truncation marker and the rest is dropped; the job runs on."""
+    max_workspace_bytes: int = 256 * 1024 * 1024
+    max_artifact_bytes: int = 256 * 1024 * 1024
+    """Largest single artifact collected."""
+    max_job_artifact_bytes: int = 1024 * 1024 * 1024
+    """Largest total of artifacts collected from one job."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_jobs <= 64:

@@ -16,6 +16,7 @@ from agent.credentials import Credentials
 from agent.executor import Executor
 from agent.model import Assignment
 from agent.outbox import Outbox
+from agent.rpc.link import ControlPlaneLink
 from agent.rpc.session import Session, SessionEvents, SessionLost
 from agent.runtime.base import ContainerRuntime
 
@@ -29,7 +30,8 @@ class Agent:
     def __init__(self, config: AgentConfig, runtime: ContainerRuntime) -> None:
         self.config = config
         self.outbox = Outbox()
-        self._executor = Executor(config, runtime, self.outbox)
+        self._runtime = runtime
+        self._executor = Executor(config, runtime, self.outbox, ControlPlaneLink(lambda: self._credentials))
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._credentials = Credentials.load(config.data_dir)
         self._stopping = asyncio.Event()
@@ -74,7 +76,7 @@ class Agent:
     async def _one_session(self) -> None:
         session = Session(self.config, self._credentials, self.outbox, SessionEvents(
             assign=self._assign, cancel=self._cancel, renewed=self._update_credentials,
-            trust_bundle=self._trust_bundle))
+            trust_bundle=self._trust_bundle), runtimes=self._runtime.runtimes())
         await session.run()
 
     async def run(self) -> None:

@@ -1,27 +1,39 @@
-"""One job: container up, output batched to the control plane, stop on
-timeout or cancel, result reported, container removed."""
+"""One job: policy and image checks, workspace in, container up, output masked,
+capped and batched to the control plane, stop on timeout or cancel, artifacts
+and reports out, result reported, container removed."""
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from contextlib import suppress
+from fnmatch import fnmatchcase
 
 import structlog
 
 from agent.config import AgentConfig
 from agent.errors import JobSetupError
+from agent.jobfiles import collect, repack_workspace
+from agent.masking import SecretMasker
 from agent.model import Assignment, LogStream, Outcome
 from agent.outbox import Outbox
-from agent.runtime.base import ContainerRuntime, ContainerSpec, OutputQueue
+from agent.rpc.link import ControlPlaneLink
+from agent.runtime.base import ContainerRuntime, ContainerSpec, OutputQueue, RunningContainer
 
 log = structlog.get_logger("testhide.agent.executor")
 
 
+def truncation_marker(cap: int) -> bytes:
+    return f"\n[testhide: log truncated at {cap // (1024 * 1024)} MiB; the job keeps running]\n".encode()
+
+
 class Executor:
-    def __init__(self, config: AgentConfig, runtime: ContainerRuntime, outbox: Outbox) -> None:
+    def __init__(self, config: AgentConfig, runtime: ContainerRuntime, outbox: Outbox,
+                 link: ControlPlaneLink | None = None) -> None:
         self._config = config
         self._runtime = runtime
         self._outbox = outbox
+        self._link = link
         self._stop_requests: dict[str, asyncio.Event] = {}
         self._stop_reasons: dict[str, str] = {}
 
@@ -33,10 +45,32 @@ class Executor:
         event.set()
         return True
 
-    def _spec(self, job: Assignment) -> ContainerSpec:
-        return ContainerSpec(job_id=job.job_id, image=job.image, command=job.command, env=job.env,
-                             workdir=job.workdir, cpus=job.cpus, memory_bytes=job.memory_bytes, pids=job.pids,
-                             user=self._config.job_user, runtime=self._config.runtime)
+    async def _prepare(self, job: Assignment) -> ContainerSpec:
+        """Everything that can refuse the job before it runs."""
+        if job.allowed_images and not any(fnmatchcase(job.image, p) for p in job.allowed_images):
+            raise JobSetupError(f"image {job.image!r} is not allowed in this pool "
+                                f"(allowed: {', '.join(job.allowed_images)})")
+        await self._runtime.ensure_image(job.image, job.pull_policy)
+        workspace = None
+        if job.has_workspace:
+            if self._link is None:
+                raise JobSetupError("this agent cannot fetch workspaces")
+            uid, _, gid = self._config.job_user.partition(":")
+            with tempfile.TemporaryFile() as spool:
+                await self._link.fetch_workspace(job.job_id, job.epoch, spool, self._config.max_workspace_bytes)
+                workspace = await asyncio.to_thread(repack_workspace, spool, int(uid), int(gid or uid))
+        return ContainerSpec(job_id=job.job_id, image=job.image, command=job.command,
+                             env={**job.env, **job.secret_env}, workdir=job.workdir, cpus=job.cpus,
+                             memory_bytes=job.memory_bytes, pids=job.pids, user=self._config.job_user,
+                             runtime=self._runtime_for(job), workspace_tar=workspace)
+
+    def _runtime_for(self, job: Assignment) -> str:
+        """A host configured for a stronger runtime (gVisor) runs every job under it."""
+        return self._config.runtime if self._config.runtime != "runc" else (job.runtime or "runc")
+
+    def _fail(self, job: Assignment, reason: str) -> None:
+        self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {reason}\n".encode())])
+        self._outbox.finish(job.job_id, Outcome.ERROR, -1, reason)
 
     async def run(self, job: Assignment) -> None:
         self._outbox.open(job.job_id, job.epoch)
@@ -44,18 +78,16 @@ class Executor:
         output: OutputQueue = asyncio.Queue()
         bound = log.bind(job_id=job.job_id, epoch=job.epoch)
         try:
-            container = await self._runtime.start(self._spec(job), output)
+            container = await self._runtime.start(await self._prepare(job), output)
         except Exception as exc:
             # Whatever went wrong, the job must end: a job that never reports is worse.
             reason = str(exc) if isinstance(exc, JobSetupError) else f"the agent could not start the job: {exc!r}"
-            log_method = bound.warning if isinstance(exc, JobSetupError) else bound.exception
-            log_method("job_setup_failed", error=reason)
-            self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {reason}\n".encode())])
-            self._outbox.finish(job.job_id, Outcome.ERROR, -1, reason)
+            (bound.warning if isinstance(exc, JobSetupError) else bound.exception)("job_setup_failed", error=reason)
+            self._fail(job, reason)
             self._stop_requests.pop(job.job_id, None)
             return
         self._outbox.started(job.job_id)
-        forwarder = asyncio.create_task(self._forward(job.job_id, output))
+        forwarder = asyncio.create_task(self._forward(job, output))
         try:
             outcome, reason = Outcome.EXITED, ""
             waiting = asyncio.create_task(container.wait())
@@ -73,6 +105,7 @@ class Executor:
             if exit_info.oom_killed:
                 reason = reason or "killed: out of memory"
             await forwarder
+            await self._collect(job, container)
             self._outbox.finish(job.job_id, outcome, exit_info.exit_code, reason)
             bound.info("job_finished", outcome=outcome.name, exit_code=exit_info.exit_code)
         except BaseException:
@@ -86,17 +119,55 @@ class Executor:
             self._stop_reasons.pop(job.job_id, None)
             await asyncio.shield(container.remove())
 
-    async def _forward(self, job_id: str, output: OutputQueue) -> None:
-        """Batch output: send at ``log_batch_bytes`` or ``log_batch_interval``
-        after the batch's first byte, whichever comes first."""
+    async def _collect(self, job: Assignment, container: RunningContainer) -> None:
+        """Artifacts and reports go up before the result, so a finished job has them."""
+        if not (job.artifact_globs or job.junit_globs) or self._link is None:
+            return
+        try:
+            with tempfile.TemporaryFile() as spool:
+                await container.workspace_archive(spool)
+                spool.seek(0)
+                found = await asyncio.to_thread(collect, spool, job.artifact_globs, job.junit_globs,
+                                                self._config.max_artifact_bytes, self._config.max_job_artifact_bytes)
+            for item in found.files:
+                await self._link.upload(job.job_id, job.epoch, item.path, item.kind, item.data)
+            notes = [f"testhide: not collected: {s}\n" for s in found.skipped]
+            if notes:
+                self._outbox.log(job.job_id, [(LogStream.SYSTEM, "".join(notes).encode())])
+        except Exception as exc:
+            log.warning("artifact_collection_failed", job_id=job.job_id, error=str(exc))
+            self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: artifacts not collected: {exc}\n".encode())])
+
+    async def _forward(self, job: Assignment, output: OutputQueue) -> None:
+        """Mask secrets, cap the log, and batch: send at ``log_batch_bytes`` or
+        ``log_batch_interval`` after the batch's first byte, whichever first."""
         loop = asyncio.get_running_loop()
+        maskers = {stream: SecretMasker(list(job.secret_env.values())) for stream in LogStream}
+        cap, sent, truncated = self._config.log_cap_bytes, 0, False
         batch: list[tuple[LogStream, bytes]] = []
         size, deadline = 0, 0.0
+
+        def add(stream: LogStream, data: bytes) -> None:
+            nonlocal size, deadline, sent, truncated
+            if not data or truncated:
+                return
+            if sent + len(data) > cap:
+                data, truncated = data[: cap - sent], True
+            if not batch:
+                deadline = loop.time() + self._config.log_batch_interval.total_seconds()
+            if batch and batch[-1][0] == stream:
+                batch[-1] = (stream, batch[-1][1] + data)
+            elif data:
+                batch.append((stream, data))
+            size += len(data)
+            sent += len(data)
+            if truncated:
+                batch.append((LogStream.SYSTEM, truncation_marker(cap)))
 
         def flush() -> None:
             nonlocal batch, size
             if batch:
-                self._outbox.log(job_id, batch)
+                self._outbox.log(job.job_id, batch)
                 batch, size = [], 0
 
         while True:
@@ -107,15 +178,11 @@ class Executor:
                 flush()
                 continue
             if item is None:
+                for stream, masker in maskers.items():
+                    add(stream, masker.flush())
                 flush()
                 return
             stream, data = item
-            if not batch:
-                deadline = loop.time() + self._config.log_batch_interval.total_seconds()
-            if batch and batch[-1][0] == stream:
-                batch[-1] = (stream, batch[-1][1] + data)
-            else:
-                batch.append((stream, data))
-            size += len(data)
+            add(stream, maskers[stream].feed(data))
             if size >= self._config.log_batch_bytes:
                 flush()

@@ -32,6 +32,13 @@ class Assignment:
     cpus: float = 2.0
     memory_bytes: int = 2 * 1024**3
     pids: int = 2048
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    runtime: str = "runc"
+    pull_policy: str = "if-not-present"
+    allowed_images: tuple[str, ...] = ()
+    artifact_globs: tuple[str, ...] = ()
+    junit_globs: tuple[str, ...] = ()
+    has_workspace: bool = False
 
 
 @dataclass(frozen=True)

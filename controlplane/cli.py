@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 from collections.abc import Coroutine
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from common.logging import configure
 from common.tls import fingerprint
 from controlplane.config import ControlPlaneConfig
 from controlplane.errors import ControlPlaneError, FailedPrecondition, InvalidArgument, NotFound
+from controlplane.jobs.model import PoolPolicy, PullPolicy
 from controlplane.operator import OperatorContext, operator_context
 
 T = TypeVar("T")
@@ -314,17 +316,37 @@ def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> No
 @data_dir_option
 @click.option("--org", default="default", show_default=True)
 @click.argument("pool")
-@click.option("--agent-cert-ttl", type=Duration(), required=True)
-def pools_set(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> None:
-    """Set a pool's agent certificate lifetime (effective at the next renewal)."""
-    async def run() -> None:
+@click.option("--agent-cert-ttl", type=Duration(), default=None, help="Agent certificate lifetime (next renewal).")
+@click.option("--allowed-image", "allowed_images", multiple=True, metavar="PATTERN",
+              help="fnmatch pattern of allowed images (repeatable; replaces the list).")
+@click.option("--any-image", is_flag=True, help="Allow any image (clears the list).")
+@click.option("--pull-policy", type=click.Choice([p.value for p in PullPolicy]), default=None)
+@click.option("--runtime", type=click.Choice(["runc", "runsc", "job"]), default=None,
+              help="Enforce a runtime for every job of the pool ('job' lets each job choose).")
+def pools_set(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any, allowed_images: tuple[str, ...],
+              any_image: bool, pull_policy: str | None, runtime: str | None) -> None:
+    """Change a pool's policy: certificate lifetime, allowed images, pull policy, runtime."""
+    async def run() -> PoolPolicy:
         async with operator_context(data_dir) as op:
-            await op.store.set_pool_cert_ttl(org, pool, _pool_ttl(agent_cert_ttl))
+            if agent_cert_ttl:
+                await op.store.set_pool_cert_ttl(org, pool, _pool_ttl(agent_cert_ttl))
+            policy = await op.store.pool_policy(org, pool)
+            policy = replace(
+                policy,
+                allowed_images=() if any_image else (allowed_images or policy.allowed_images),
+                pull_policy=PullPolicy(pull_policy) if pull_policy else policy.pull_policy,
+                runtime=policy.runtime if runtime is None else ("" if runtime == "job" else runtime))
+            await op.store.set_pool_policy(org, pool, policy)
             await op.auditor.record("pool_updated", op.actor, org=org, target=pool,
-                                    agent_cert_ttl_s=agent_cert_ttl.total_seconds())
+                                    agent_cert_ttl_s=agent_cert_ttl.total_seconds() if agent_cert_ttl else None,
+                                    allowed_images=list(policy.allowed_images), pull_policy=policy.pull_policy.value,
+                                    runtime=policy.runtime)
+            return policy
 
-    _run(run())
-    click.echo(f"pool {org}/{pool}: agent certificates live {format_duration(agent_cert_ttl)}", err=True)
+    policy = _run(run())
+    click.echo(f"pool {org}/{pool}: images {', '.join(policy.allowed_images) or 'any'}, "
+               f"pull {policy.pull_policy.value}, runtime {policy.runtime or 'chosen by each job'}"
+               + (f", agent certificates live {format_duration(agent_cert_ttl)}" if agent_cert_ttl else ""), err=True)
 
 
 def _pool_ttl(ttl: timedelta) -> timedelta:

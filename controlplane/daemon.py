@@ -21,13 +21,15 @@ from controlplane.ca.rotation import rotate_server_certificate
 from controlplane.ca.trust import CertificateState
 from controlplane.config import ControlPlaneConfig
 from controlplane.datadir import DataDir, TlsMaterial
+from controlplane.jobs.blobs import BlobVault
 from controlplane.jobs.logs import LogBook
 from controlplane.jobs.scheduler import Scheduler, TrustBundle
+from controlplane.jobs.secrets import SecretVault
 from controlplane.jobs.service import JobService
 from controlplane.rpc.agent import AgentControlServicer
 from controlplane.rpc.auth import ApiAuthInterceptor
 from controlplane.rpc.enrollment import EnrollmentServicer
-from controlplane.rpc.jobs import JobsServicer
+from controlplane.rpc.jobs import JobsServicer, SecretsServicer
 from controlplane.store.sqlite import SqliteStore
 from protos.v1 import agent_pb2_grpc, enrollment_pb2_grpc, jobs_pb2_grpc
 
@@ -63,7 +65,8 @@ class ControlPlane:
         auditor = Auditor(store, master)
 
         self.scheduler = scheduler = Scheduler(store)
-        jobs = JobService(store, master, scheduler, LogBook(store, master))
+        secrets = SecretVault(store, master)
+        jobs = JobService(store, master, scheduler, LogBook(store, master), BlobVault(store, master), secrets)
         health = health_aio.HealthServicer()
         ttl = self.config.agent_cert_ttl
         if ttl < timedelta(minutes=5):
@@ -89,6 +92,7 @@ class ControlPlane:
                      ("grpc.http2.min_ping_interval_without_data_ms", 10_000)],
         )
         jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), api_server)
+        jobs_pb2_grpc.add_SecretsServicer_to_server(SecretsServicer(secrets, auditor), api_server)
         enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
             EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port), api_server)
         health_pb2_grpc.add_HealthServicer_to_server(health, api_server)

@@ -21,6 +21,8 @@ from controlplane.ca.enrollment import create_token
 from controlplane.config import ControlPlaneConfig
 from controlplane.daemon import ControlPlane
 from controlplane.datadir import initialise
+from controlplane.jobs.model import PoolPolicy, PullPolicy
+from controlplane.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_IMAGE = "testhide/busybox:1"
@@ -54,6 +56,12 @@ class RunningControlPlane:
 async def control_plane(tmp: Path, **config: object) -> AsyncIterator[RunningControlPlane]:
     data_dir = tmp / "controlplane"
     admin_key = await initialise(data_dir, ["localhost", "127.0.0.1"])
+    # Nothing here may reach a registry: the test pools never pull.
+    store = await SqliteStore.open(data_dir / "testhide.db")
+    try:
+        await store.set_pool_policy("default", "default", PoolPolicy(pull_policy=PullPolicy.NEVER))
+    finally:
+        await store.close()
     daemon = ControlPlane(ControlPlaneConfig(data_dir=data_dir, listen="127.0.0.1:0",
                                              agent_listen="127.0.0.1:0", **config))  # type: ignore[arg-type]
     await daemon.start()

@@ -8,6 +8,10 @@ from agent.model import Assignment, JobResult, JobStarted, LogBatch, Report
 from protos.v1 import agent_pb2
 
 
+_PULL = {agent_pb2.PULL_POLICY_NEVER: "never", agent_pb2.PULL_POLICY_IF_NOT_PRESENT: "if-not-present",
+         agent_pb2.PULL_POLICY_ALWAYS: "always"}
+
+
 def assignment_from_pb(message: agent_pb2.AssignJob) -> Assignment:
     spec = message.spec
     return Assignment(
@@ -15,7 +19,10 @@ def assignment_from_pb(message: agent_pb2.AssignJob) -> Assignment:
         env=dict(spec.env), workdir=spec.workdir or "/workspace",
         timeout=spec.timeout.ToTimedelta() if spec.HasField("timeout") else timedelta(hours=1),
         cpus=spec.resources.cpus or 2.0, memory_bytes=spec.resources.memory_bytes or 2 * 1024**3,
-        pids=spec.resources.pids or 2048,
+        pids=spec.resources.pids or 2048, secret_env=dict(message.secret_env), runtime=message.runtime or "runc",
+        pull_policy=_PULL.get(message.pull_policy, "if-not-present"), allowed_images=tuple(message.allowed_images),
+        artifact_globs=tuple(spec.artifact_globs), junit_globs=tuple(spec.junit_globs),
+        has_workspace=bool(spec.workspace_id),
     )
 
 

@@ -44,7 +44,8 @@ class SessionEvents:
 
 class Session:
     def __init__(self, config: AgentConfig, credentials: Credentials, outbox: Outbox, events: SessionEvents,
-                 rng: random.Random | None = None) -> None:
+                 runtimes: list[str] | None = None, rng: random.Random | None = None) -> None:
+        self._runtimes = runtimes or ["runc"]
         self._config = config
         self._credentials = credentials
         self._outbox = outbox
@@ -65,7 +66,8 @@ class Session:
             stub = agent_pb2_grpc.AgentControlStub(channel)
             call = stub.Connect()
             outgoing: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
-            hello = agent_pb2.Hello(max_jobs=self._config.max_jobs, version="0.1.0", running_jobs=[
+            hello = agent_pb2.Hello(max_jobs=self._config.max_jobs, version="0.1.0", labels=self._config.labels,
+                                    runtimes=self._runtimes, running_jobs=[
                 agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])
             outgoing.put_nowait(agent_pb2.AgentMessage(hello=hello))
             try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from agent.model import LogStream
 
@@ -24,6 +24,8 @@ class ContainerSpec:
     pids: int = 2048
     user: str = "65534:65534"
     runtime: str = "runc"
+    workspace_tar: bytes | None = None
+    """A validated tar to place in /workspace before the job starts."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,21 @@ class RunningContainer(Protocol):
         """Remove the container and its workspace; safe to call twice."""
         ...
 
+    async def workspace_archive(self, dest: BinaryIO) -> None:
+        """Write a tar of /workspace (after the job) to ``dest``."""
+        ...
+
 
 class ContainerRuntime(Protocol):
+    async def ensure_image(self, image: str, pull_policy: str) -> None:
+        """Make the image present on this host as the policy allows (pulled on
+        the host, never from inside a job); JobSetupError if it cannot be."""
+        ...
+
+    def runtimes(self) -> list[str]:
+        """Container runtimes this host offers (runc, runsc, ...)."""
+        ...
+
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> RunningContainer:
         """Create and start a hardened container whose output goes to ``output``."""
         ...

@@ -14,7 +14,7 @@ import io
 import struct
 import tarfile
 import threading
-from typing import Any
+from typing import Any, BinaryIO
 
 import docker
 import docker.errors
@@ -104,6 +104,17 @@ class DockerContainer:
         except docker.errors.NotFound:
             pass
 
+    async def workspace_archive(self, dest: BinaryIO) -> None:
+        def copy() -> None:
+            stream, _ = self._container.get_archive("/workspace")
+            for chunk in stream:
+                dest.write(chunk)
+
+        try:
+            await asyncio.to_thread(copy)
+        except docker.errors.DockerException as exc:
+            raise JobSetupError(f"could not read the job's workspace: {exc}") from exc
+
     async def remove(self) -> None:
         if self._removed:
             return
@@ -138,12 +149,30 @@ class DockerRuntime:
         self._ready_init_images.add(image)
         return image
 
-    def _check_image(self, image: str) -> None:
+    def runtimes(self) -> list[str]:
+        return sorted(self._client.info().get("Runtimes", {"runc": {}}))
+
+    async def ensure_image(self, image: str, pull_policy: str) -> None:
+        await asyncio.to_thread(self._ensure_image, image, pull_policy)
+
+    def _ensure_image(self, image: str, pull_policy: str) -> None:
+        present = True
         try:
             self._client.images.get(image)
-        except docker.errors.ImageNotFound as exc:
-            raise JobSetupError(f"image {image!r} is not present on this agent's host (pull policy: never)") \
-                from exc
+        except docker.errors.ImageNotFound:
+            present = False
+        except docker.errors.DockerException as exc:
+            raise JobSetupError(f"could not look up image {image!r}: {exc}") from exc
+        if pull_policy == "never" or (present and pull_policy == "if-not-present"):
+            if not present:
+                raise JobSetupError(f"image {image!r} is not present on this agent's host (pull policy: never)")
+            return
+        try:
+            log.info("image_pull", image=image, policy=pull_policy)
+            self._client.images.pull(image)
+        except docker.errors.DockerException as exc:
+            raise JobSetupError(f"could not pull image {image!r} (pull policy: {pull_policy}): "
+                                f"{getattr(exc, 'explanation', None) or exc}") from exc
 
     def _create(self, spec: ContainerSpec) -> tuple[Container, str]:
         try:
@@ -153,13 +182,13 @@ class DockerRuntime:
             raise JobSetupError(f"Docker refused to set up the job: {explanation}") from exc
 
     def _create_unchecked(self, spec: ContainerSpec) -> tuple[Container, str]:
-        self._check_image(spec.image)
         labels = {LABEL: spec.job_id}
         volume = self._client.volumes.create(name=f"testhide-ws-{spec.job_id}", labels=labels).name
         mount = Mount("/workspace", volume, type="volume")
         helper = self._client.containers.create(self._ensure_init_image(spec.user), ["/none"],
                                                 network_mode="none", mounts=[mount], labels=labels)
         helper.remove(force=True)
+        container: Container | None = None
         try:
             container = self._client.containers.create(
                 spec.image,
@@ -186,8 +215,12 @@ class DockerRuntime:
                 stdin_open=False,
                 tty=False,
             )
+            if spec.workspace_tar:
+                container.put_archive("/workspace", spec.workspace_tar)
         except docker.errors.DockerException:
             with contextlib.suppress(docker.errors.DockerException):
+                if container is not None:
+                    container.remove(force=True)
                 self._client.api.remove_volume(volume, force=True)
             raise
         return container, volume

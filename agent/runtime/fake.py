@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from agent.errors import JobSetupError
 from agent.model import LogStream
@@ -20,6 +21,7 @@ class Script:
     hold: bool = False
     oom_killed: bool = False
     setup_error: str | None = None
+    workspace_archive: bytes = b""
 
 
 class FakeContainer:
@@ -49,12 +51,23 @@ class FakeContainer:
     async def remove(self) -> None:
         self.removed = True
 
+    async def workspace_archive(self, dest: BinaryIO) -> None:
+        dest.write(self._script.workspace_archive)
+
 
 class FakeRuntime:
     def __init__(self) -> None:
         self.scripts: dict[str, Script] = {}
         self.started: dict[str, FakeContainer] = {}
         self.specs: dict[str, ContainerSpec] = {}
+        self.missing_images: set[str] = set()
+
+    async def ensure_image(self, image: str, pull_policy: str) -> None:
+        if image in self.missing_images and pull_policy == "never":
+            raise JobSetupError(f"image {image!r} is not present on this agent's host (pull policy: never)")
+
+    def runtimes(self) -> list[str]:
+        return ["runc"]
 
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> FakeContainer:
         script = self.scripts.get(spec.job_id, Script())

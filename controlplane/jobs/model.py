@@ -52,6 +52,56 @@ class JobSpec:
     resources: Resources = Resources()
     workdir: str = "/workspace"
     labels: dict[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()
+    runtime: str = ""
+    artifact_globs: tuple[str, ...] = ()
+    junit_globs: tuple[str, ...] = ()
+    workspace_id: str = ""
+
+
+class PullPolicy(enum.StrEnum):
+    NEVER = "never"
+    IF_NOT_PRESENT = "if-not-present"
+    ALWAYS = "always"
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    """What a pool allows its jobs."""
+
+    allowed_images: tuple[str, ...] = ()
+    """fnmatch patterns; empty allows any image."""
+    pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    runtime: str = ""
+    """Enforced runtime (e.g. runsc); empty lets each job choose."""
+
+
+class TestStatus(enum.StrEnum):
+    PASSED = "PASSED"
+    FAILED = "FAILED"
+    ERROR = "ERROR"
+    SKIPPED = "SKIPPED"
+
+
+@dataclass(frozen=True)
+class TestCase:
+    suite: str
+    classname: str
+    name: str
+    duration_s: float
+    status: TestStatus
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    id: str
+    org: str
+    kind: str
+    job_id: str | None
+    path: str
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)

@@ -5,21 +5,33 @@ conditional update fences other replicas."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 
 from common.identity import AgentIdentity
-from controlplane.jobs.model import Job
+from controlplane.errors import ControlPlaneError
+from controlplane.jobs.model import Job, JobStatus, PoolPolicy
 from controlplane.store.base import Store
 
 log = structlog.get_logger("testhide.scheduler")
 
 
 @dataclass(frozen=True)
+class AssignDetails:
+    """What the agent needs beyond the spec, resolved at assignment time."""
+
+    secret_env: dict[str, str]
+    policy: PoolPolicy
+    runtime: str
+
+
+@dataclass(frozen=True)
 class Assign:
     job: Job
+    details: AssignDetails
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,8 @@ class AgentSession:
     cert_not_after: datetime
     cert_issuer: str
     max_jobs: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    runtimes: frozenset[str] = frozenset({"runc"})
     close_reason: tuple[str, str] | None = None
     """Why the control plane ended the stream: (status code name, message)."""
     jobs: set[str] = field(default_factory=set)
@@ -65,6 +79,11 @@ class AgentSession:
     @property
     def free_slots(self) -> int:
         return self.max_jobs - len(self.jobs)
+
+    def can_run(self, job: Job) -> bool:
+        wanted_runtime = job.spec.runtime or "runc"
+        return (all(self.labels.get(k) == v for k, v in job.spec.labels.items())
+                and wanted_runtime in self.runtimes)
 
     def send(self, message: Outbound) -> None:
         self.outbox.put_nowait(message)
@@ -77,7 +96,10 @@ class AgentSession:
 
 
 class Scheduler:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store,
+                 prepare: Callable[[Job], Awaitable[AssignDetails]] | None = None) -> None:
+        self.prepare = prepare
+        """Resolves secrets and policy for an assignment; a failure ends the job as ERROR."""
         self._store = store
         self._sessions: dict[str, AgentSession] = {}
         self._wake = asyncio.Event()
@@ -137,19 +159,45 @@ class Scheduler:
                     log.exception("dispatch_failed", org=org, pool=pool)
                     self._pending.add((org, pool))
 
+    def _pool_sessions(self, org: str, pool: str) -> list[AgentSession]:
+        return [s for s in self._sessions.values()
+                if s.identity.org == org and s.identity.pool == pool and not s.closed.is_set()]
+
     async def _dispatch(self, org: str, pool: str) -> None:
-        idle = [s for s in self._sessions.values()
-                if s.identity.org == org and s.identity.pool == pool and s.free_slots > 0 and not s.closed.is_set()]
+        idle = [s for s in self._pool_sessions(org, pool) if s.free_slots > 0]
         if not idle:
             return
-        capacity = sum(s.free_slots for s in idle)
-        for job in await self._store.queued_jobs(org, pool, capacity):
-            session = max(idle, key=lambda s: s.free_slots)
-            if session.free_slots <= 0:
-                break
+        # Look past the head of the queue: a job no idle agent can take must not block the others.
+        window = max(64, 4 * sum(s.free_slots for s in idle))
+        for job in await self._store.queued_jobs(org, pool, window):
+            candidates = [s for s in idle if s.free_slots > 0 and s.can_run(job)]
+            if not candidates:
+                if not any(s.free_slots > 0 for s in idle):
+                    break
+                continue
+            session = max(candidates, key=lambda s: s.free_slots)
+            try:
+                details = await self.prepare(job) if self.prepare else AssignDetails({}, PoolPolicy(), "runc")
+            except ControlPlaneError as exc:
+                await self._store.set_job_status(org, job.id, None, JobStatus.ERROR, datetime.now(UTC), str(exc))
+                log.warning("job_not_assignable", job_id=job.id, error=str(exc))
+                continue
             assigned = await self._store.assign_job(org, job.id, session.identity.agent_id, datetime.now(UTC))
             if assigned is None:
                 continue
             session.jobs.add(job.id)
-            session.send(Assign(assigned))
+            session.send(Assign(assigned, details))
             log.info("job_assigned", job_id=job.id, agent_id=session.identity.agent_id, epoch=assigned.epoch)
+
+    def explain_queued(self, job: Job) -> str:
+        """Why a queued job has not started yet, in words for its owner."""
+        sessions = self._pool_sessions(job.org, job.spec.pool)
+        if not sessions:
+            return f"waiting: no agent of pool {job.spec.pool!r} is connected"
+        if not any(s.can_run(job) for s in sessions):
+            wants = ", ".join(f"{k}={v}" for k, v in sorted(job.spec.labels.items()))
+            offer = f"labels {wants} and " if wants else ""
+            return (f"waiting: no connected agent of pool {job.spec.pool!r} offers "
+                    f"{offer}runtime {job.spec.runtime or 'runc'}")
+        able = sum(1 for s in sessions if s.can_run(job))
+        return f"waiting for a free agent ({able} able, all busy)"

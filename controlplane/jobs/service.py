@@ -7,17 +7,23 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 
 import structlog
 
 from controlplane.atrest import MasterKey
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, StaleEpoch
 from controlplane.jobs.logs import LogBook
-from controlplane.jobs.model import Job, JobSpec, JobStatus, LogChunk, LogStream
-from controlplane.jobs.scheduler import AgentSession, Cancel, LogAck, ResultAck, Scheduler
-from controlplane.jobs.validation import validate_spec
-from controlplane.store.base import Store
+from common.identity import AgentIdentity
+from controlplane.jobs.blobs import BlobVault
+from controlplane.jobs.junit import MAX_REPORT_BYTES, JunitError, parse_junit
+from controlplane.jobs.model import BlobInfo, Job, JobSpec, JobStatus, LogChunk, LogStream, TestCase
+from controlplane.jobs.scheduler import AgentSession, AssignDetails, Cancel, LogAck, ResultAck, Scheduler
+from controlplane.jobs.secrets import SecretVault
+from controlplane.jobs.validation import validate_relative_path, validate_spec
+from controlplane.store.sqlite import SqliteStore
 
 log = structlog.get_logger("testhide.jobs")
 
@@ -32,31 +38,80 @@ def new_job_id() -> str:
     return f"j{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
 
 
+MAX_WORKSPACE_BYTES = 256 * 1024 * 1024
+MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
+MAX_JOB_ARTIFACT_BYTES = 1024 * 1024 * 1024
+
+
 class JobService:
-    def __init__(self, store: Store, master: MasterKey, scheduler: Scheduler, logs: LogBook) -> None:
+    def __init__(self, store: SqliteStore, master: MasterKey, scheduler: Scheduler, logs: LogBook,
+                 blobs: BlobVault, secrets: SecretVault) -> None:
         self._store = store
         self._master = master
         self._scheduler = scheduler
         self._logs = logs
+        self._blobs = blobs
+        self._secrets = secrets
+        scheduler.prepare = self.assignment_details
 
     # users --------------------------------------------------------------------
     async def submit(self, org: str, spec: JobSpec) -> Job:
         validate_spec(spec)
         if not await self._store.pool_exists(org, spec.pool):
             raise InvalidArgument(f"pool {spec.pool!r} does not exist in this organisation")
+        if spec.workspace_id:
+            found = await self._store.get_blob(org, spec.workspace_id)
+            if found is None or found[0].kind != "workspace":
+                raise InvalidArgument(f"workspace {spec.workspace_id} not found; upload it first")
+        missing = await self._secrets.missing(org, spec.secrets)
+        if missing:
+            raise InvalidArgument(f"secrets not found in this organisation: {', '.join(missing)}")
+        policy = await self._store.pool_policy(org, spec.pool)
         job_id = new_job_id()
         _, wrapped = self._master.new_data_key(aad=job_id.encode())
         job = Job(id=job_id, org=org, spec=spec, status=JobStatus.QUEUED, created_at=datetime.now(UTC))
         await self._store.create_job(job, wrapped)
         log.info("job_submitted", job_id=job_id, org=org, pool=spec.pool, image=spec.image)
+        if policy.allowed_images and not any(fnmatchcase(spec.image, p) for p in policy.allowed_images):
+            # Refused before anything runs, yet recorded: the engineer sees the job and why.
+            reason = (f"image {spec.image!r} is not allowed in pool {spec.pool!r} "
+                      f"(allowed: {', '.join(policy.allowed_images)})")
+            job = await self._store.set_job_status(org, job_id, None, JobStatus.ERROR, datetime.now(UTC), reason)
+            self._logs.notify(job_id)
+            return job
         self._scheduler.kick(org, spec.pool)
         return job
+
+    async def assignment_details(self, job: Job) -> AssignDetails:
+        policy = await self._store.pool_policy(job.org, job.spec.pool)
+        runtime = policy.runtime or job.spec.runtime or "runc"
+        return AssignDetails(await self._secrets.resolve(job.org, job.spec.secrets), policy, runtime)
 
     async def get(self, org: str, job_id: str) -> Job:
         job = await self._store.get_job(org, job_id)
         if job is None:
             raise NotFound(f"job {job_id} not found")
+        if job.status == JobStatus.QUEUED:
+            job = replace(job, status_reason=self._scheduler.explain_queued(job))
         return job
+
+    async def upload_workspace(self, org: str, chunks: AsyncIterator[bytes]) -> BlobInfo:
+        return await self._blobs.write(org, "workspace", None, "", chunks, MAX_WORKSPACE_BYTES)
+
+    async def artifacts(self, org: str, job_id: str) -> list[BlobInfo]:
+        await self.get(org, job_id)
+        return await self._store.list_blobs(org, job_id, "artifact")
+
+    async def artifact(self, org: str, job_id: str, path: str) -> AsyncIterator[bytes]:
+        await self.get(org, job_id)
+        found = await self._store.find_blob(org, job_id, "artifact", path)
+        if found is None:
+            raise NotFound(f"job {job_id} has no artifact {path!r}")
+        async for chunk in self._blobs.read(*found):
+            yield chunk
+
+    async def test_results(self, org: str, job_id: str) -> tuple[list[TestCase], list[str]]:
+        return await self._store.test_results(org, job_id)
 
     async def list(self, org: str, page_size: int, page_token: str) -> tuple[list[Job], str]:
         size = min(max(page_size or 50, 1), MAX_PAGE)
@@ -104,13 +159,57 @@ class JobService:
                     pass
 
     # agents -------------------------------------------------------------------
-    async def _owned(self, session: AgentSession, job_id: str, epoch: int) -> Job:
-        job = await self._store.get_job(session.identity.org, job_id)
-        if job is None or job.agent_id != session.identity.agent_id:
+    async def leased(self, identity: AgentIdentity, job_id: str, epoch: int) -> Job:
+        """The job, if this agent holds it at this epoch and it has not ended."""
+        job = await self._store.get_job(identity.org, job_id)
+        if job is None or job.agent_id != identity.agent_id:
             raise NotFound(f"job {job_id} is not assigned to this agent")
         if job.epoch != epoch:
             raise StaleEpoch(f"job {job_id} was reassigned (epoch {job.epoch}, not {epoch})")
         return job
+
+    async def _owned(self, session: AgentSession, job_id: str, epoch: int) -> Job:
+        return await self.leased(session.identity, job_id, epoch)
+
+    async def workspace_for(self, identity: AgentIdentity, job_id: str, epoch: int) -> AsyncIterator[bytes]:
+        job = await self.leased(identity, job_id, epoch)
+        if not job.spec.workspace_id:
+            raise NotFound(f"job {job_id} has no workspace")
+        found = await self._store.get_blob(job.org, job.spec.workspace_id)
+        if found is None:
+            raise NotFound(f"the workspace of job {job_id} is gone")
+        async for chunk in self._blobs.read(*found):
+            yield chunk
+
+    async def store_artifact(self, identity: AgentIdentity, job_id: str, epoch: int, path: str, kind: str,
+                             sha256: str, chunks: AsyncIterator[bytes]) -> BlobInfo:
+        job = await self.leased(identity, job_id, epoch)
+        if job.status.terminal:
+            raise FailedPrecondition(f"job {job_id} has already ended")
+        validate_relative_path("artifact path", path)
+        stored = sum(b.size for b in await self._store.list_blobs(job.org, job_id, "artifact"))
+        limit = min(MAX_ARTIFACT_BYTES, MAX_JOB_ARTIFACT_BYTES - stored)
+        report = bytearray()
+
+        async def keep_report() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                report.extend(chunk)
+                yield chunk
+
+        if kind == "junit":
+            info = await self._blobs.write(job.org, kind, job_id, path, keep_report(), MAX_REPORT_BYTES)
+        else:
+            info = await self._blobs.write(job.org, kind, job_id, path, chunks, limit)
+        if info.sha256 != sha256:
+            raise InvalidArgument(f"{path}: received data does not match the announced sha256")
+        if kind == "junit":
+            try:
+                cases, error = parse_junit(bytes(report)), ""
+            except JunitError as exc:
+                cases, error = [], str(exc)
+                log.warning("junit_report_refused", job_id=job_id, path=path, error=error)
+            await self._store.record_test_report(job_id, path, cases, error)
+        return info
 
     async def on_hello(self, session: AgentSession, running: dict[str, int]) -> None:
         """Reconcile what the agent says it runs with what the store says."""

@@ -23,6 +23,10 @@ IMAGE_RE = re.compile(
 ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._/-]{0,62}\Z")
 
+SECRET_NAME_RE = re.compile(r"\A[A-Z_][A-Z0-9_]{0,127}\Z")
+WORKSPACE_ID_RE = re.compile(r"\Ab[0-9a-f]{24}\Z")
+RUNTIMES = ("", "runc", "runsc")
+
 MAX_IMAGE = 255
 MAX_ARGS = 1024
 MAX_COMMAND_BYTES = 128 * 1024
@@ -69,4 +73,28 @@ def validate_spec(spec: JobSpec) -> JobSpec:
     for key, value in spec.labels.items():
         if not LABEL_RE.match(key) or len(value) > 256:
             raise InvalidArgument(f"label {key[:64]!r} is invalid")
+    if len(spec.secrets) > MAX_ENV or len(set(spec.secrets)) != len(spec.secrets):
+        raise InvalidArgument("secrets must be distinct and at most 256")
+    for name in spec.secrets:
+        if not SECRET_NAME_RE.match(name):
+            raise InvalidArgument(f"secret name {name[:64]!r} is invalid")
+        if name in spec.env:
+            raise InvalidArgument(f"{name} is both an environment variable and a secret")
+    if spec.runtime not in RUNTIMES:
+        raise InvalidArgument(f"runtime must be one of {', '.join(r for r in RUNTIMES if r)}")
+    for kind, globs in (("artifact", spec.artifact_globs), ("junit", spec.junit_globs)):
+        if len(globs) > 64:
+            raise InvalidArgument(f"at most 64 {kind} globs")
+        for glob in globs:
+            validate_relative_path(f"{kind} glob", glob)
+    if spec.workspace_id and not WORKSPACE_ID_RE.match(spec.workspace_id):
+        raise InvalidArgument("workspace_id is malformed")
     return spec
+
+
+def validate_relative_path(field: str, path: str) -> str:
+    """A path (or glob) inside /workspace: relative, no '..', no NUL."""
+    parts = path.split("/")
+    if not path or len(path) > 1024 or path.startswith("/") or ".." in parts or "\x00" in path:
+        raise InvalidArgument(f"{field} {path[:80]!r} must be a relative path inside the workspace, without '..'")
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -18,15 +19,16 @@ from common.tls import fingerprint
 from controlplane.auth.audit import Auditor
 from controlplane.ca.enrollment import certificate_lifetime
 from controlplane.ca.trust import CertificateState
-from controlplane.errors import ControlPlaneError, NotFound, PermissionDenied, StaleEpoch, Unauthenticated
-from controlplane.jobs.model import JobStatus
+from controlplane.errors import (ControlPlaneError, InvalidArgument, NotFound, PermissionDenied, StaleEpoch,
+                                 Unauthenticated)
+from controlplane.jobs.model import JobStatus, PullPolicy
 from controlplane.jobs.scheduler import (AgentSession, Assign, Cancel, LogAck, Outbound, ResultAck, Scheduler,
                                          TrustBundle)
 from controlplane.jobs.service import JobService
 from controlplane.rpc.convert import spec_to_pb, stream_from_pb
 from controlplane.rpc.status import code_for, mapped
 from controlplane.store.base import Store
-from protos.v1 import agent_pb2, agent_pb2_grpc
+from protos.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2
 
 log = structlog.get_logger("testhide.agents")
 
@@ -38,6 +40,9 @@ _OUTCOME = {
     agent_pb2.JOB_OUTCOME_CANCELED: JobStatus.CANCELED,
     agent_pb2.JOB_OUTCOME_ERROR: JobStatus.ERROR,
 }
+_PULL = {PullPolicy.NEVER: agent_pb2.PULL_POLICY_NEVER, PullPolicy.IF_NOT_PRESENT: agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
+         PullPolicy.ALWAYS: agent_pb2.PULL_POLICY_ALWAYS}
+_KIND = {agent_pb2.ARTIFACT_KIND_FILE: "artifact", agent_pb2.ARTIFACT_KIND_JUNIT: "junit"}
 _WITH_EXIT_CODE = (agent_pb2.JOB_OUTCOME_EXITED, agent_pb2.JOB_OUTCOME_TIMED_OUT, agent_pb2.JOB_OUTCOME_CANCELED)
 
 
@@ -91,9 +96,11 @@ async def authenticate_agent(context: grpc.aio.ServicerContext, store: Store, ce
 
 def encode(message: Outbound) -> agent_pb2.ControlMessage:
     match message:
-        case Assign(job):
-            return agent_pb2.ControlMessage(
-                assign=agent_pb2.AssignJob(job_id=job.id, epoch=job.epoch, spec=spec_to_pb(job.spec)))
+        case Assign(job, details):
+            return agent_pb2.ControlMessage(assign=agent_pb2.AssignJob(
+                job_id=job.id, epoch=job.epoch, spec=spec_to_pb(job.spec), secret_env=details.secret_env,
+                pull_policy=_PULL[details.policy.pull_policy], allowed_images=list(details.policy.allowed_images),
+                runtime=details.runtime))
         case Cancel(job_id, reason):
             return agent_pb2.ControlMessage(cancel=agent_pb2.CancelJob(job_id=job_id, reason=reason))
         case LogAck(job_id, seq):
@@ -125,12 +132,15 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
         identity = agent.identity
+        hello = first.hello
         session = AgentSession(identity, agent.certificate.serial_number, agent.certificate.not_valid_after_utc,
-                               agent.issuer, max_jobs=max(1, min(first.hello.max_jobs or 1, 64)))
+                               agent.issuer, max_jobs=max(1, min(hello.max_jobs or 1, 64)),
+                               labels=dict(list(hello.labels.items())[:64]),
+                               runtimes=frozenset(hello.runtimes or ["runc"]))
         bound = log.bind(agent_id=identity.agent_id, org=identity.org, pool=identity.pool)
         await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC))
         session.send(TrustBundle(self._certs.current.bundle_pem))
-        await self._jobs.on_hello(session, {r.job_id: r.epoch for r in first.hello.running_jobs})
+        await self._jobs.on_hello(session, {r.job_id: r.epoch for r in hello.running_jobs})
         self._scheduler.attach(session)
         bound.info("agent_connected", max_jobs=session.max_jobs)
         try:
@@ -217,3 +227,29 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                                    target=identity.agent_id, source_ip=context.peer(), serial=serial,
                                    not_after=issued.not_after.isoformat())
         return agent_pb2.RenewResponse(certificate_pem=issued.certificate_pem, ca_bundle_pem=material.bundle_pem)
+
+    @mapped
+    async def FetchWorkspace(self, request: agent_pb2.JobLease, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[jobs_pb2.DataChunk]:
+        agent = await authenticate_agent(context, self._store, self._certs)
+        async for chunk in self._jobs.workspace_for(agent.identity, request.job_id, request.epoch):
+            yield jobs_pb2.DataChunk(data=chunk)
+
+    @mapped
+    async def UploadArtifact(self, request_iterator: AsyncIterator[agent_pb2.ArtifactUpload],
+                             context: grpc.aio.ServicerContext) -> agent_pb2.ArtifactStored:
+        agent = await authenticate_agent(context, self._store, self._certs)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("an artifact upload starts with its header")
+        header = first.header
+        if header.kind not in _KIND:
+            raise InvalidArgument("unknown artifact kind")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                yield message.data
+
+        info = await self._jobs.store_artifact(agent.identity, header.job_id, header.epoch, header.path,
+                                               _KIND[header.kind], header.sha256, chunks())
+        return agent_pb2.ArtifactStored(path=info.path)

@@ -25,6 +25,13 @@ SCOPE_OF_METHOD = {
     "/testhide.v1.Jobs/Get": "jobs:read",
     "/testhide.v1.Jobs/List": "jobs:read",
     "/testhide.v1.Jobs/FollowLogs": "jobs:read",
+    "/testhide.v1.Jobs/UploadWorkspace": "jobs:write",
+    "/testhide.v1.Jobs/ListArtifacts": "jobs:read",
+    "/testhide.v1.Jobs/DownloadArtifact": "jobs:read",
+    "/testhide.v1.Jobs/GetTestResults": "jobs:read",
+    "/testhide.v1.Secrets/Set": "secrets:write",
+    "/testhide.v1.Secrets/Delete": "secrets:write",
+    "/testhide.v1.Secrets/List": "jobs:read",
 }
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
@@ -35,35 +42,40 @@ def current_principal() -> Principal:
     return _principal.get()
 
 
+def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that runs ``behaviour``."""
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return factory(behaviour, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
 def _refusal(handler: grpc.RpcMethodHandler, exc: ControlPlaneError) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code_for(exc), str(exc))
 
-    factory = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
-        grpc.unary_unary_rpc_method_handler
-    return factory(refuse, request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+    return _rebuild(handler, refuse)
 
 
 def _with_principal(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
-    if handler.unary_unary:
-        inner: Callable[..., Awaitable[Any]] = handler.unary_unary
-
+    inner = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+    if not handler.response_streaming:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             _principal.set(principal)
             return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
-    stream_inner = handler.unary_stream
+        return _rebuild(handler, unary)
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
         _principal.set(principal)
-        async for item in stream_inner(request, context):
+        async for item in inner(request, context):
             yield item
 
-    return grpc.unary_stream_rpc_method_handler(stream, request_deserializer=handler.request_deserializer,
-                                                response_serializer=handler.response_serializer)
+    return _rebuild(handler, stream)
 
 
 class ApiAuthInterceptor(grpc.aio.ServerInterceptor):

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.errors import InvalidArgument
-from controlplane.jobs.model import Job, JobSpec, JobStatus, LogChunk, LogStream, Resources
+from controlplane.jobs.model import Job, JobSpec, JobStatus, LogChunk, LogStream, Resources, TestCase, TestStatus
 from protos.v1 import jobs_pb2
 
 _STATUS_TO_PB = {status: jobs_pb2.JobStatus.Value(f"JOB_STATUS_{status.value}") for status in JobStatus}
@@ -43,6 +43,11 @@ def spec_from_pb(spec: jobs_pb2.JobSpec) -> JobSpec:
             ),
             workdir=spec.workdir or "/workspace",
             labels=dict(spec.labels),
+            secrets=tuple(spec.secrets),
+            runtime=spec.runtime,
+            artifact_globs=tuple(spec.artifact_globs),
+            junit_globs=tuple(spec.junit_globs),
+            workspace_id=spec.workspace_id,
         )
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgument(f"invalid job spec: {exc}") from exc
@@ -51,7 +56,8 @@ def spec_from_pb(spec: jobs_pb2.JobSpec) -> JobSpec:
 def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
     pb = jobs_pb2.JobSpec(
         image=spec.image, command=list(spec.command), env=spec.env, pool=spec.pool, workdir=spec.workdir,
-        labels=spec.labels,
+        labels=spec.labels, secrets=list(spec.secrets), runtime=spec.runtime,
+        artifact_globs=list(spec.artifact_globs), junit_globs=list(spec.junit_globs), workspace_id=spec.workspace_id,
         resources=jobs_pb2.Resources(cpus=spec.resources.cpus, memory_bytes=spec.resources.memory_bytes,
                                      pids=spec.resources.pids),
     )
@@ -81,3 +87,21 @@ def stream_from_pb(value: int) -> LogStream:
         return LogStream(value)
     except ValueError as exc:
         raise InvalidArgument(f"unknown log stream {value}") from exc
+
+
+_TEST_STATUS = {status: jobs_pb2.TestStatus.Value(f"TEST_STATUS_{status.value}") for status in TestStatus}
+
+
+def test_results_to_pb(cases: list[TestCase], rejected: list[str]) -> jobs_pb2.TestResults:
+    count = {status: sum(1 for c in cases if c.status == status) for status in TestStatus}
+    return jobs_pb2.TestResults(
+        total=len(cases), passed=count[TestStatus.PASSED], failed=count[TestStatus.FAILED],
+        errors=count[TestStatus.ERROR], skipped=count[TestStatus.SKIPPED], rejected_reports=rejected,
+        cases=[jobs_pb2.TestCase(suite=c.suite, classname=c.classname, name=c.name, duration_s=c.duration_s,
+                                 status=_TEST_STATUS[c.status], message=c.message) for c in cases])
+
+
+def timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts

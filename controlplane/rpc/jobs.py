@@ -9,7 +9,9 @@ import grpc
 from controlplane.jobs.model import Job
 from controlplane.jobs.service import JobService
 from controlplane.rpc.auth import current_principal
-from controlplane.rpc.convert import chunk_to_pb, job_to_pb, spec_from_pb
+from controlplane.auth.audit import Auditor
+from controlplane.jobs.secrets import SecretVault
+from controlplane.rpc.convert import chunk_to_pb, job_to_pb, spec_from_pb, test_results_to_pb, timestamp
 from controlplane.rpc.status import mapped
 from protos.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -47,3 +49,61 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                 yield jobs_pb2.FollowLogsResponse(finished=job_to_pb(item))
             else:
                 yield jobs_pb2.FollowLogsResponse(chunk=chunk_to_pb(item))
+
+    @mapped
+    async def UploadWorkspace(self, request_iterator: AsyncIterator[jobs_pb2.DataChunk],
+                              context: grpc.aio.ServicerContext) -> jobs_pb2.UploadWorkspaceResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in request_iterator:
+                yield chunk.data
+
+        info = await self._jobs.upload_workspace(current_principal().org, chunks())
+        return jobs_pb2.UploadWorkspaceResponse(workspace_id=info.id, size=info.size, sha256=info.sha256)
+
+    @mapped
+    async def ListArtifacts(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext
+                            ) -> jobs_pb2.ListArtifactsResponse:
+        found = await self._jobs.artifacts(current_principal().org, request.job_id)
+        return jobs_pb2.ListArtifactsResponse(
+            artifacts=[jobs_pb2.Artifact(path=a.path, size=a.size, sha256=a.sha256) for a in found])
+
+    @mapped
+    async def DownloadArtifact(self, request: jobs_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[jobs_pb2.DataChunk]:
+        async for chunk in self._jobs.artifact(current_principal().org, request.job_id, request.path):
+            yield jobs_pb2.DataChunk(data=chunk)
+
+    @mapped
+    async def GetTestResults(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext
+                             ) -> jobs_pb2.TestResults:
+        return test_results_to_pb(*await self._jobs.test_results(current_principal().org, request.job_id))
+
+
+class SecretsServicer(jobs_pb2_grpc.SecretsServicer):
+    def __init__(self, vault: SecretVault, auditor: Auditor) -> None:
+        self._vault = vault
+        self._auditor = auditor
+
+    @mapped
+    async def Set(self, request: jobs_pb2.SetSecretRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Secret:
+        principal = current_principal()
+        updated = await self._vault.set(principal.org, request.name, request.value)
+        await self._auditor.record("secret_written", f"{principal.kind}:{principal.id}", org=principal.org,
+                                   target=request.name, source_ip=context.peer())
+        return jobs_pb2.Secret(name=request.name, updated_at=timestamp(updated))
+
+    @mapped
+    async def List(self, request: jobs_pb2.ListSecretsRequest, context: grpc.aio.ServicerContext
+                   ) -> jobs_pb2.ListSecretsResponse:
+        found = await self._vault.list(current_principal().org)
+        return jobs_pb2.ListSecretsResponse(secrets=[jobs_pb2.Secret(name=n, updated_at=timestamp(at))
+                                                     for n, at in found])
+
+    @mapped
+    async def Delete(self, request: jobs_pb2.DeleteSecretRequest, context: grpc.aio.ServicerContext
+                     ) -> jobs_pb2.Secret:
+        principal = current_principal()
+        updated = await self._vault.delete(principal.org, request.name)
+        await self._auditor.record("secret_deleted", f"{principal.kind}:{principal.id}", org=principal.org,
+                                   target=request.name, source_ip=context.peer())
+        return jobs_pb2.Secret(name=request.name, updated_at=timestamp(updated))

@@ -115,3 +115,59 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        3,
+        """
+        ALTER TABLE pools ADD COLUMN allowed_images TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE pools ADD COLUMN pull_policy TEXT NOT NULL DEFAULT 'if-not-present';
+        ALTER TABLE pools ADD COLUMN runtime TEXT NOT NULL DEFAULT '';
+        CREATE TABLE blobs (
+            id TEXT PRIMARY KEY,
+            org TEXT NOT NULL REFERENCES orgs(name),
+            kind TEXT NOT NULL,
+            job_id TEXT,
+            path TEXT NOT NULL DEFAULT '',
+            size INTEGER NOT NULL DEFAULT 0,
+            sha256 TEXT NOT NULL DEFAULT '',
+            data_key BLOB NOT NULL,
+            created_at TEXT NOT NULL,
+            complete INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX blobs_by_job ON blobs (job_id, kind, path);
+        CREATE TABLE blob_chunks (
+            blob_id TEXT NOT NULL REFERENCES blobs(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,
+            data BLOB NOT NULL,
+            PRIMARY KEY (blob_id, idx)
+        );
+        CREATE TABLE secrets (
+            org TEXT NOT NULL REFERENCES orgs(name),
+            name TEXT NOT NULL,
+            data_key BLOB NOT NULL,
+            value BLOB NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (org, name)
+        );
+        CREATE TABLE test_reports (
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            path TEXT NOT NULL,
+            error TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (job_id, path)
+        );
+        CREATE TABLE test_cases (
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            path TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            suite TEXT NOT NULL,
+            classname TEXT NOT NULL,
+            name TEXT NOT NULL,
+            duration_s REAL NOT NULL,
+            status TEXT NOT NULL,
+            message TEXT NOT NULL,
+            PRIMARY KEY (job_id, path, n)
+        );
+        """,
+    )
+)

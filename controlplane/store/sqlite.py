@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
 from controlplane.errors import FailedPrecondition, NotFound, StaleEpoch, Unauthenticated
-from controlplane.jobs.model import Job, JobSpec, JobStatus, LogStream, Resources, Transition
+from controlplane.jobs.model import (BlobInfo, Job, JobSpec, JobStatus, LogStream, PoolPolicy, PullPolicy, Resources,
+                                     TestCase, TestStatus, Transition)
 from controlplane.store.base import AgentRecord, ApiKeyRecord, EnrollmentTokenRecord, StoredLogEntry
 from controlplane.store.migrations import MIGRATIONS
 
@@ -34,14 +35,19 @@ def _dt(value: str | None) -> datetime | None:
 def _spec_to_json(spec: JobSpec) -> str:
     data = asdict(spec)
     data["timeout"] = spec.timeout.total_seconds()
-    data["command"] = list(spec.command)
+    data.update(_spec_to_json_lists(spec))
     return json.dumps(data, sort_keys=True)
+
+
+def _spec_to_json_lists(spec: JobSpec) -> dict[str, object]:
+    return {k: list(getattr(spec, k)) for k in ("command", "secrets", "artifact_globs", "junit_globs")}
 
 
 def _spec_from_json(text: str) -> JobSpec:
     data = json.loads(text)
     data["timeout"] = timedelta(seconds=data["timeout"])
-    data["command"] = tuple(data["command"])
+    for key in ("command", "secrets", "artifact_globs", "junit_globs"):
+        data[key] = tuple(data.get(key, ()))
     data["resources"] = Resources(**data["resources"])
     return JobSpec(**data)
 
@@ -462,3 +468,127 @@ class SqliteStore:
         )
         return [StoredLogEntry(r["byte_offset"], LogStream(r["stream"]), bytes(r["data"]), r["seq"], r["idx"])
                 for r in rows]
+
+    # pool policy -----------------------------------------------------------------
+    async def pool_policy(self, org: str, pool: str) -> PoolPolicy:
+        rows = await self._query("SELECT allowed_images, pull_policy, runtime FROM pools WHERE org = ? AND name = ?",
+                                 (org, pool))
+        if not rows:
+            raise NotFound(f"pool {org}/{pool} not found")
+        r = rows[0]
+        return PoolPolicy(tuple(json.loads(r["allowed_images"])), PullPolicy(r["pull_policy"]), r["runtime"])
+
+    async def set_pool_policy(self, org: str, pool: str, policy: PoolPolicy) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            if c.execute("UPDATE pools SET allowed_images = ?, pull_policy = ?, runtime = ? WHERE org = ? AND name = ?",
+                         (json.dumps(list(policy.allowed_images)), policy.pull_policy.value, policy.runtime,
+                          org, pool)).rowcount != 1:
+                raise NotFound(f"pool {org}/{pool} not found")
+
+        await self._tx(run)
+
+    # blobs: workspaces, artifacts, reports ----------------------------------------
+    async def create_blob(self, blob_id: str, org: str, kind: str, job_id: str | None, path: str,
+                          data_key: bytes, now: datetime) -> None:
+        await self._tx(lambda c: c.execute(
+            "INSERT INTO blobs (id, org, kind, job_id, path, data_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (blob_id, org, kind, job_id, path, data_key, _ts(now))))
+
+    async def add_blob_chunk(self, blob_id: str, index: int, sealed: bytes) -> None:
+        await self._tx(lambda c: c.execute("INSERT INTO blob_chunks VALUES (?, ?, ?)", (blob_id, index, sealed)))
+
+    async def complete_blob(self, blob_id: str, size: int, sha256: str) -> None:
+        """Mark complete; a complete blob of the same job, kind and path is replaced."""
+        def run(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT job_id, kind, path FROM blobs WHERE id = ?", (blob_id,)).fetchone()
+            if row["job_id"] is not None:
+                for old in c.execute("SELECT id FROM blobs WHERE job_id = ? AND kind = ? AND path = ? AND id != ?",
+                                     (row["job_id"], row["kind"], row["path"], blob_id)).fetchall():
+                    c.execute("DELETE FROM blob_chunks WHERE blob_id = ?", (old["id"],))
+                    c.execute("DELETE FROM blobs WHERE id = ?", (old["id"],))
+            c.execute("UPDATE blobs SET size = ?, sha256 = ?, complete = 1 WHERE id = ?", (size, sha256, blob_id))
+
+        await self._tx(run)
+
+    async def delete_blob(self, blob_id: str) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM blob_chunks WHERE blob_id = ?", (blob_id,))
+            c.execute("DELETE FROM blobs WHERE id = ?", (blob_id,))
+
+        await self._tx(run)
+
+    @staticmethod
+    def _blob(r: sqlite3.Row) -> BlobInfo:
+        return BlobInfo(r["id"], r["org"], r["kind"], r["job_id"], r["path"], r["size"], r["sha256"])
+
+    async def get_blob(self, org: str, blob_id: str) -> tuple[BlobInfo, bytes] | None:
+        rows = await self._query("SELECT * FROM blobs WHERE org = ? AND id = ? AND complete = 1", (org, blob_id))
+        return (self._blob(rows[0]), bytes(rows[0]["data_key"])) if rows else None
+
+    async def find_blob(self, org: str, job_id: str, kind: str, path: str) -> tuple[BlobInfo, bytes] | None:
+        rows = await self._query(
+            "SELECT * FROM blobs WHERE org = ? AND job_id = ? AND kind = ? AND path = ? AND complete = 1",
+            (org, job_id, kind, path))
+        return (self._blob(rows[0]), bytes(rows[0]["data_key"])) if rows else None
+
+    async def list_blobs(self, org: str, job_id: str, kind: str) -> list[BlobInfo]:
+        rows = await self._query(
+            "SELECT * FROM blobs WHERE org = ? AND job_id = ? AND kind = ? AND complete = 1 ORDER BY path",
+            (org, job_id, kind))
+        return [self._blob(r) for r in rows]
+
+    async def blob_chunk(self, blob_id: str, index: int) -> bytes | None:
+        rows = await self._query("SELECT data FROM blob_chunks WHERE blob_id = ? AND idx = ?", (blob_id, index))
+        return bytes(rows[0]["data"]) if rows else None
+
+    # secrets ---------------------------------------------------------------------
+    async def put_secret(self, org: str, name: str, data_key: bytes, sealed: bytes, now: datetime) -> None:
+        await self._tx(lambda c: c.execute(
+            "INSERT INTO secrets VALUES (?, ?, ?, ?, ?) ON CONFLICT (org, name) DO UPDATE SET"
+            " data_key = excluded.data_key, value = excluded.value, updated_at = excluded.updated_at",
+            (org, name, data_key, sealed, _ts(now))))
+
+    async def list_secrets(self, org: str) -> list[tuple[str, datetime]]:
+        rows = await self._query("SELECT name, updated_at FROM secrets WHERE org = ? ORDER BY name", (org,))
+        return [(r["name"], _dt(r["updated_at"]) or datetime.min) for r in rows]
+
+    async def delete_secret(self, org: str, name: str) -> datetime | None:
+        def run(c: sqlite3.Connection) -> datetime | None:
+            row = c.execute("SELECT updated_at FROM secrets WHERE org = ? AND name = ?", (org, name)).fetchone()
+            c.execute("DELETE FROM secrets WHERE org = ? AND name = ?", (org, name))
+            return _dt(row["updated_at"]) if row else None
+
+        return await self._tx(run)
+
+    async def get_secrets(self, org: str, names: tuple[str, ...]) -> dict[str, tuple[bytes, bytes]]:
+        if not names:
+            return {}
+        marks = ", ".join("?" * len(names))
+        rows = await self._query(f"SELECT name, data_key, value FROM secrets WHERE org = ? AND name IN ({marks})",
+                                 (org, *names))
+        return {r["name"]: (bytes(r["data_key"]), bytes(r["value"])) for r in rows}
+
+    # test results ----------------------------------------------------------------
+    async def record_test_report(self, job_id: str, path: str, cases: list[TestCase], error: str) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM test_cases WHERE job_id = ? AND path = ?", (job_id, path))
+            c.execute("INSERT INTO test_reports VALUES (?, ?, ?) ON CONFLICT (job_id, path) DO UPDATE SET"
+                      " error = excluded.error", (job_id, path, error))
+            c.executemany("INSERT INTO test_cases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          [(job_id, path, n, t.suite, t.classname, t.name, t.duration_s, t.status.value, t.message)
+                           for n, t in enumerate(cases)])
+
+        await self._tx(run)
+
+    async def test_results(self, org: str, job_id: str) -> tuple[list[TestCase], list[str]]:
+        def run(c: sqlite3.Connection) -> tuple[list[TestCase], list[str]]:
+            if c.execute("SELECT 1 FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone() is None:
+                raise NotFound(f"job {job_id} not found")
+            cases = [TestCase(r["suite"], r["classname"], r["name"], r["duration_s"], TestStatus(r["status"]),
+                              r["message"])
+                     for r in c.execute("SELECT * FROM test_cases WHERE job_id = ? ORDER BY path, n", (job_id,))]
+            rejected = [r["path"] for r in c.execute(
+                "SELECT path FROM test_reports WHERE job_id = ? AND error != '' ORDER BY path", (job_id,))]
+            return cases, rejected
+
+        return await self._tx(run)

@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ARTIFACT_KIND_UNSPECIFIED: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_FILE: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_JUNIT: _ClassVar[ArtifactKind]
+
 class JobOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_OUTCOME_UNSPECIFIED: _ClassVar[JobOutcome]
@@ -15,11 +21,63 @@ class JobOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_OUTCOME_TIMED_OUT: _ClassVar[JobOutcome]
     JOB_OUTCOME_CANCELED: _ClassVar[JobOutcome]
     JOB_OUTCOME_ERROR: _ClassVar[JobOutcome]
+
+class PullPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PULL_POLICY_UNSPECIFIED: _ClassVar[PullPolicy]
+    PULL_POLICY_NEVER: _ClassVar[PullPolicy]
+    PULL_POLICY_IF_NOT_PRESENT: _ClassVar[PullPolicy]
+    PULL_POLICY_ALWAYS: _ClassVar[PullPolicy]
+ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
+ARTIFACT_KIND_FILE: ArtifactKind
+ARTIFACT_KIND_JUNIT: ArtifactKind
 JOB_OUTCOME_UNSPECIFIED: JobOutcome
 JOB_OUTCOME_EXITED: JobOutcome
 JOB_OUTCOME_TIMED_OUT: JobOutcome
 JOB_OUTCOME_CANCELED: JobOutcome
 JOB_OUTCOME_ERROR: JobOutcome
+PULL_POLICY_UNSPECIFIED: PullPolicy
+PULL_POLICY_NEVER: PullPolicy
+PULL_POLICY_IF_NOT_PRESENT: PullPolicy
+PULL_POLICY_ALWAYS: PullPolicy
+
+class JobLease(_message.Message):
+    __slots__ = ("job_id", "epoch")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epoch: int
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ArtifactHeader(_message.Message):
+    __slots__ = ("job_id", "epoch", "path", "kind", "size", "sha256")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epoch: int
+    path: str
+    kind: ArtifactKind
+    size: int
+    sha256: str
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., path: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ArtifactUpload(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ArtifactHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ArtifactHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ArtifactStored(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class RunningJob(_message.Message):
     __slots__ = ("job_id", "epoch")
@@ -30,14 +88,25 @@ class RunningJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("running_jobs", "max_jobs", "version")
+    __slots__ = ("running_jobs", "max_jobs", "version", "labels", "runtimes")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
     MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIMES_FIELD_NUMBER: _ClassVar[int]
     running_jobs: _containers.RepeatedCompositeFieldContainer[RunningJob]
     max_jobs: int
     version: str
-    def __init__(self, running_jobs: _Optional[_Iterable[_Union[RunningJob, _Mapping]]] = ..., max_jobs: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    runtimes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, running_jobs: _Optional[_Iterable[_Union[RunningJob, _Mapping]]] = ..., max_jobs: _Optional[int] = ..., version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., runtimes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("running_jobs",)
@@ -114,14 +183,29 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., log_batch: _Optional[_Union[LogBatch, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
 
 class AssignJob(_message.Message):
-    __slots__ = ("job_id", "epoch", "spec")
+    __slots__ = ("job_id", "epoch", "spec", "secret_env", "pull_policy", "allowed_images", "runtime")
+    class SecretEnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    SECRET_ENV_FIELD_NUMBER: _ClassVar[int]
+    PULL_POLICY_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     epoch: int
     spec: _jobs_pb2.JobSpec
-    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., spec: _Optional[_Union[_jobs_pb2.JobSpec, _Mapping]] = ...) -> None: ...
+    secret_env: _containers.ScalarMap[str, str]
+    pull_policy: PullPolicy
+    allowed_images: _containers.RepeatedScalarFieldContainer[str]
+    runtime: str
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., spec: _Optional[_Union[_jobs_pb2.JobSpec, _Mapping]] = ..., secret_env: _Optional[_Mapping[str, str]] = ..., pull_policy: _Optional[_Union[PullPolicy, str]] = ..., allowed_images: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class CancelJob(_message.Message):
     __slots__ = ("job_id", "reason")

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from protos.v1 import agent_pb2 as protos_dot_v1_dot_agent__pb2
+from protos.v1 import jobs_pb2 as protos_dot_v1_dot_jobs__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -46,6 +47,16 @@ class AgentControlStub:
                 request_serializer=protos_dot_v1_dot_agent__pb2.RenewRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_agent__pb2.RenewResponse.FromString,
                 _registered_method=True)
+        self.FetchWorkspace = channel.unary_stream(
+                '/testhide.v1.AgentControl/FetchWorkspace',
+                request_serializer=protos_dot_v1_dot_agent__pb2.JobLease.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_jobs__pb2.DataChunk.FromString,
+                _registered_method=True)
+        self.UploadArtifact = channel.stream_unary(
+                '/testhide.v1.AgentControl/UploadArtifact',
+                request_serializer=protos_dot_v1_dot_agent__pb2.ArtifactUpload.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_agent__pb2.ArtifactStored.FromString,
+                _registered_method=True)
 
 
 class AgentControlServicer:
@@ -65,6 +76,20 @@ class AgentControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchWorkspace(self, request, context):
+        """The assigned job's workspace (a tar archive), for the agent holding it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadArtifact(self, request_iterator, context):
+        """An artifact or JUnit report of a job the agent holds: a header, then data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +102,16 @@ def add_AgentControlServicer_to_server(servicer, server):
                     servicer.Renew,
                     request_deserializer=protos_dot_v1_dot_agent__pb2.RenewRequest.FromString,
                     response_serializer=protos_dot_v1_dot_agent__pb2.RenewResponse.SerializeToString,
+            ),
+            'FetchWorkspace': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchWorkspace,
+                    request_deserializer=protos_dot_v1_dot_agent__pb2.JobLease.FromString,
+                    response_serializer=protos_dot_v1_dot_jobs__pb2.DataChunk.SerializeToString,
+            ),
+            'UploadArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadArtifact,
+                    request_deserializer=protos_dot_v1_dot_agent__pb2.ArtifactUpload.FromString,
+                    response_serializer=protos_dot_v1_dot_agent__pb2.ArtifactStored.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +170,60 @@ class AgentControl:
             '/testhide.v1.AgentControl/Renew',
             protos_dot_v1_dot_agent__pb2.RenewRequest.SerializeToString,
             protos_dot_v1_dot_agent__pb2.RenewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/testhide.v1.AgentControl/FetchWorkspace',
+            protos_dot_v1_dot_agent__pb2.JobLease.SerializeToString,
+            protos_dot_v1_dot_jobs__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/testhide.v1.AgentControl/UploadArtifact',
+            protos_dot_v1_dot_agent__pb2.ArtifactUpload.SerializeToString,
+            protos_dot_v1_dot_agent__pb2.ArtifactStored.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,6 +30,14 @@ class LogStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LOG_STREAM_STDOUT: _ClassVar[LogStream]
     LOG_STREAM_STDERR: _ClassVar[LogStream]
     LOG_STREAM_SYSTEM: _ClassVar[LogStream]
+
+class TestStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TEST_STATUS_UNSPECIFIED: _ClassVar[TestStatus]
+    TEST_STATUS_PASSED: _ClassVar[TestStatus]
+    TEST_STATUS_FAILED: _ClassVar[TestStatus]
+    TEST_STATUS_ERROR: _ClassVar[TestStatus]
+    TEST_STATUS_SKIPPED: _ClassVar[TestStatus]
 JOB_STATUS_UNSPECIFIED: JobStatus
 JOB_STATUS_QUEUED: JobStatus
 JOB_STATUS_ASSIGNED: JobStatus
@@ -44,6 +52,11 @@ LOG_STREAM_UNSPECIFIED: LogStream
 LOG_STREAM_STDOUT: LogStream
 LOG_STREAM_STDERR: LogStream
 LOG_STREAM_SYSTEM: LogStream
+TEST_STATUS_UNSPECIFIED: TestStatus
+TEST_STATUS_PASSED: TestStatus
+TEST_STATUS_FAILED: TestStatus
+TEST_STATUS_ERROR: TestStatus
+TEST_STATUS_SKIPPED: TestStatus
 
 class Resources(_message.Message):
     __slots__ = ("cpus", "memory_bytes", "pids")
@@ -56,7 +69,7 @@ class Resources(_message.Message):
     def __init__(self, cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("image", "command", "env", "pool", "timeout", "resources", "workdir", "labels")
+    __slots__ = ("image", "command", "env", "pool", "timeout", "resources", "workdir", "labels", "secrets", "runtime", "artifact_globs", "junit_globs", "workspace_id")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +92,11 @@ class JobSpec(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     WORKDIR_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_GLOBS_FIELD_NUMBER: _ClassVar[int]
+    JUNIT_GLOBS_FIELD_NUMBER: _ClassVar[int]
+    WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -87,7 +105,12 @@ class JobSpec(_message.Message):
     resources: Resources
     workdir: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., pool: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., workdir: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    secrets: _containers.RepeatedScalarFieldContainer[str]
+    runtime: str
+    artifact_globs: _containers.RepeatedScalarFieldContainer[str]
+    junit_globs: _containers.RepeatedScalarFieldContainer[str]
+    workspace_id: str
+    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., pool: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., workdir: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., secrets: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., artifact_globs: _Optional[_Iterable[str]] = ..., junit_globs: _Optional[_Iterable[str]] = ..., workspace_id: _Optional[str] = ...) -> None: ...
 
 class StatusTransition(_message.Message):
     __slots__ = ("status", "at", "reason")
@@ -194,3 +217,115 @@ class FollowLogsResponse(_message.Message):
     chunk: LogChunk
     finished: Job
     def __init__(self, chunk: _Optional[_Union[LogChunk, _Mapping]] = ..., finished: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class JobRef(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class DataChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class UploadWorkspaceResponse(_message.Message):
+    __slots__ = ("workspace_id", "size", "sha256")
+    WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    workspace_id: str
+    size: int
+    sha256: str
+    def __init__(self, workspace_id: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class Artifact(_message.Message):
+    __slots__ = ("path", "size", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ListArtifactsResponse(_message.Message):
+    __slots__ = ("artifacts",)
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    artifacts: _containers.RepeatedCompositeFieldContainer[Artifact]
+    def __init__(self, artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ...) -> None: ...
+
+class DownloadArtifactRequest(_message.Message):
+    __slots__ = ("job_id", "path")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    path: str
+    def __init__(self, job_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class TestCase(_message.Message):
+    __slots__ = ("suite", "classname", "name", "duration_s", "status", "message")
+    SUITE_FIELD_NUMBER: _ClassVar[int]
+    CLASSNAME_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    suite: str
+    classname: str
+    name: str
+    duration_s: float
+    status: TestStatus
+    message: str
+    def __init__(self, suite: _Optional[str] = ..., classname: _Optional[str] = ..., name: _Optional[str] = ..., duration_s: _Optional[float] = ..., status: _Optional[_Union[TestStatus, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class TestResults(_message.Message):
+    __slots__ = ("total", "passed", "failed", "errors", "skipped", "cases", "rejected_reports")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    CASES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    passed: int
+    failed: int
+    errors: int
+    skipped: int
+    cases: _containers.RepeatedCompositeFieldContainer[TestCase]
+    rejected_reports: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, total: _Optional[int] = ..., passed: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[int] = ..., skipped: _Optional[int] = ..., cases: _Optional[_Iterable[_Union[TestCase, _Mapping]]] = ..., rejected_reports: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetSecretRequest(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: bytes
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class Secret(_message.Message):
+    __slots__ = ("name", "updated_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListSecretsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSecretsResponse(_message.Message):
+    __slots__ = ("secrets",)
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
+    secrets: _containers.RepeatedCompositeFieldContainer[Secret]
+    def __init__(self, secrets: _Optional[_Iterable[_Union[Secret, _Mapping]]] = ...) -> None: ...
+
+class DeleteSecretRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...

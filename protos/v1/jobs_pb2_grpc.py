@@ -60,6 +60,26 @@ class JobsStub:
                 request_serializer=protos_dot_v1_dot_jobs__pb2.FollowLogsRequest.SerializeToString,
                 response_deserializer=protos_dot_v1_dot_jobs__pb2.FollowLogsResponse.FromString,
                 _registered_method=True)
+        self.UploadWorkspace = channel.stream_unary(
+                '/testhide.v1.Jobs/UploadWorkspace',
+                request_serializer=protos_dot_v1_dot_jobs__pb2.DataChunk.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_jobs__pb2.UploadWorkspaceResponse.FromString,
+                _registered_method=True)
+        self.ListArtifacts = channel.unary_unary(
+                '/testhide.v1.Jobs/ListArtifacts',
+                request_serializer=protos_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_jobs__pb2.ListArtifactsResponse.FromString,
+                _registered_method=True)
+        self.DownloadArtifact = channel.unary_stream(
+                '/testhide.v1.Jobs/DownloadArtifact',
+                request_serializer=protos_dot_v1_dot_jobs__pb2.DownloadArtifactRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_jobs__pb2.DataChunk.FromString,
+                _registered_method=True)
+        self.GetTestResults = channel.unary_unary(
+                '/testhide.v1.Jobs/GetTestResults',
+                request_serializer=protos_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_jobs__pb2.TestResults.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -98,6 +118,31 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadWorkspace(self, request_iterator, context):
+        """The workspace travels before the job: upload it, then submit with its id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListArtifacts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadArtifact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTestResults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +170,26 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.FollowLogs,
                     request_deserializer=protos_dot_v1_dot_jobs__pb2.FollowLogsRequest.FromString,
                     response_serializer=protos_dot_v1_dot_jobs__pb2.FollowLogsResponse.SerializeToString,
+            ),
+            'UploadWorkspace': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadWorkspace,
+                    request_deserializer=protos_dot_v1_dot_jobs__pb2.DataChunk.FromString,
+                    response_serializer=protos_dot_v1_dot_jobs__pb2.UploadWorkspaceResponse.SerializeToString,
+            ),
+            'ListArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListArtifacts,
+                    request_deserializer=protos_dot_v1_dot_jobs__pb2.JobRef.FromString,
+                    response_serializer=protos_dot_v1_dot_jobs__pb2.ListArtifactsResponse.SerializeToString,
+            ),
+            'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadArtifact,
+                    request_deserializer=protos_dot_v1_dot_jobs__pb2.DownloadArtifactRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_jobs__pb2.DataChunk.SerializeToString,
+            ),
+            'GetTestResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTestResults,
+                    request_deserializer=protos_dot_v1_dot_jobs__pb2.JobRef.FromString,
+                    response_serializer=protos_dot_v1_dot_jobs__pb2.TestResults.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +328,278 @@ class Jobs:
             '/testhide.v1.Jobs/FollowLogs',
             protos_dot_v1_dot_jobs__pb2.FollowLogsRequest.SerializeToString,
             protos_dot_v1_dot_jobs__pb2.FollowLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadWorkspace(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/testhide.v1.Jobs/UploadWorkspace',
+            protos_dot_v1_dot_jobs__pb2.DataChunk.SerializeToString,
+            protos_dot_v1_dot_jobs__pb2.UploadWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Jobs/ListArtifacts',
+            protos_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
+            protos_dot_v1_dot_jobs__pb2.ListArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/testhide.v1.Jobs/DownloadArtifact',
+            protos_dot_v1_dot_jobs__pb2.DownloadArtifactRequest.SerializeToString,
+            protos_dot_v1_dot_jobs__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTestResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Jobs/GetTestResults',
+            protos_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
+            protos_dot_v1_dot_jobs__pb2.TestResults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SecretsStub:
+    """Organisation secrets: written by engineers, read only by the agents that run
+    jobs naming them. Values never come back out of this API.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Set = channel.unary_unary(
+                '/testhide.v1.Secrets/Set',
+                request_serializer=protos_dot_v1_dot_jobs__pb2.SetSecretRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_jobs__pb2.Secret.FromString,
+                _registered_method=True)
+        self.List = channel.unary_unary(
+                '/testhide.v1.Secrets/List',
+                request_serializer=protos_dot_v1_dot_jobs__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_jobs__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/testhide.v1.Secrets/Delete',
+                request_serializer=protos_dot_v1_dot_jobs__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=protos_dot_v1_dot_jobs__pb2.Secret.FromString,
+                _registered_method=True)
+
+
+class SecretsServicer:
+    """Organisation secrets: written by engineers, read only by the agents that run
+    jobs naming them. Values never come back out of this API.
+    """
+
+    def Set(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def List(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SecretsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Set': grpc.unary_unary_rpc_method_handler(
+                    servicer.Set,
+                    request_deserializer=protos_dot_v1_dot_jobs__pb2.SetSecretRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_jobs__pb2.Secret.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=protos_dot_v1_dot_jobs__pb2.ListSecretsRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_jobs__pb2.ListSecretsResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=protos_dot_v1_dot_jobs__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=protos_dot_v1_dot_jobs__pb2.Secret.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'testhide.v1.Secrets', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('testhide.v1.Secrets', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Secrets:
+    """Organisation secrets: written by engineers, read only by the agents that run
+    jobs naming them. Values never come back out of this API.
+    """
+
+    @staticmethod
+    def Set(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Secrets/Set',
+            protos_dot_v1_dot_jobs__pb2.SetSecretRequest.SerializeToString,
+            protos_dot_v1_dot_jobs__pb2.Secret.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Secrets/List',
+            protos_dot_v1_dot_jobs__pb2.ListSecretsRequest.SerializeToString,
+            protos_dot_v1_dot_jobs__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Secrets/Delete',
+            protos_dot_v1_dot_jobs__pb2.DeleteSecretRequest.SerializeToString,
+            protos_dot_v1_dot_jobs__pb2.Secret.FromString,
             options,
             channel_credentials,
             insecure,
