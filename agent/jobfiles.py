@@ -50,7 +50,9 @@ def repack_workspace(source: IO[bytes], uid: int, gid: int) -> bytes:
                     safe = tarfile.data_filter(member, WORKSPACE)
                 except tarfile.FilterError as exc:
                     raise UnsafeArchive(f"workspace archive refused: {exc}") from exc
-                safe = safe.replace(uid=uid, gid=gid, uname="", gname="", deep=False)
+                # The data filter leaves link modes unset; tar needs one.
+                mode = safe.mode if safe.mode is not None else 0o777
+                safe = safe.replace(uid=uid, gid=gid, uname="", gname="", mode=mode, deep=False)
                 data = archive.extractfile(member) if member.isreg() else None
                 packed.addfile(safe, data)
     except tarfile.TarError as exc:
@@ -76,8 +78,8 @@ def collect(archive_stream: IO[bytes], artifact_globs: tuple[str, ...], junit_gl
     """Regular files under /workspace matching the globs, from ``docker cp``'s
     tar of the workspace. Links are never followed: a symlink to /etc/shadow is
     a symlink, not a file, and is skipped."""
-    artifacts = pathspec.PathSpec.from_lines("gitwildmatch", artifact_globs)
-    reports = pathspec.PathSpec.from_lines("gitwildmatch", junit_globs)
+    artifacts = pathspec.GitIgnoreSpec.from_lines(artifact_globs)
+    reports = pathspec.GitIgnoreSpec.from_lines(junit_globs)
     files: list[CollectedFile] = []
     skipped: list[str] = []
     total = 0

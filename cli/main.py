@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import click
 import grpc
+from google.protobuf.json_format import MessageToDict
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from cli.client import JobsApi, connect
+from cli.client import JobsApi, connect, connect_secrets
+from cli.workspace import pack
 from cli.config import Login
 from common.durations import parse_duration
 from protos.v1 import jobs_pb2
@@ -127,27 +130,42 @@ def login(server: str, api_key: str, ca_file: Path | None) -> None:
 @click.option("--cpus", type=float, default=None)
 @click.option("--memory", default=None, help="e.g. 512m, 2g.")
 @click.option("--pids", type=int, default=None, help="Maximum number of processes.")
-@click.option("--label", "labels", multiple=True, metavar="K=V")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Run only on agents offering these.")
+@click.option("--secret", "secrets", multiple=True, metavar="NAME", help="Organisation secret as env var.")
+@click.option("--runtime", type=click.Choice(["runc", "runsc"]), default=None, help="runsc: under gVisor.")
+@click.option("--artifacts", "artifact_globs", multiple=True, metavar="GLOB", help="Files to keep (under /workspace).")
+@click.option("--junit", "junit_globs", multiple=True, metavar="GLOB", help="JUnit XML reports to parse.")
+@click.option("--no-workspace", is_flag=True, help="Do not upload the current directory.")
+@click.option("--workspace-cap", default="256m", show_default=True, help="Refuse larger workspaces.")
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @click.argument("command", nargs=-1, required=True)
 def run(image: str, pool: str, env: tuple[str, ...], timeout: str, workdir: str, cpus: float | None,
-        memory: str | None, pids: int | None, labels: tuple[str, ...], detach: bool,
-        command: tuple[str, ...]) -> None:
-    """Run COMMAND in IMAGE, follow its output and exit with its exit code."""
+        memory: str | None, pids: int | None, labels: tuple[str, ...], secrets: tuple[str, ...],
+        runtime: str | None, artifact_globs: tuple[str, ...], junit_globs: tuple[str, ...], no_workspace: bool,
+        workspace_cap: str, detach: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND in IMAGE with the current directory as /workspace, follow
+    its output and exit with its exit code."""
     try:
         spec = jobs_pb2.JobSpec(
             image=image, command=list(command), pool=pool, workdir=workdir,
             env=dict(_pair("--env", e) for e in env), labels=dict(_pair("--label", x) for x in labels),
             resources=jobs_pb2.Resources(cpus=cpus or 0, memory_bytes=parse_memory(memory) if memory else 0,
                                          pids=pids or 0),
+            secrets=list(secrets), runtime=runtime or "", artifact_globs=list(artifact_globs),
+            junit_globs=list(junit_globs),
         )
         spec.timeout.FromTimedelta(parse_duration(timeout))
+        cap = parse_memory(workspace_cap)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     login_data = Login.load()
+    archive = None if no_workspace else pack(Path.cwd(), cap)
 
     async def go() -> int:
         async with connect(login_data) as api:
+            if archive is not None:
+                uploaded = await api.upload_workspace(_chunks_with_progress(archive))
+                spec.workspace_id = uploaded.workspace_id
             job = await api.submit(spec)
             if detach:
                 click.echo(job.id)
@@ -157,9 +175,44 @@ def run(image: str, pool: str, env: tuple[str, ...], timeout: str, workdir: str,
             assert finished is not None
             if finished.status not in (jobs_pb2.JOB_STATUS_SUCCEEDED, jobs_pb2.JOB_STATUS_FAILED):
                 click.echo(f"job {job.id} {status_name(finished.status)}: {finished.status_reason}", err=True)
+            if junit_globs:
+                print_test_summary(await api.test_results(job.id), err=True)
             return exit_code_of(finished)
 
-    sys.exit(_run(go()))
+    try:
+        sys.exit(_run(go()))
+    finally:
+        if archive is not None:
+            archive.close()
+
+
+UPLOAD_CHUNK = 1024 * 1024
+PROGRESS_ABOVE = 8 * 1024 * 1024
+
+
+async def _chunks_with_progress(archive: BinaryIO) -> AsyncIterator[bytes]:
+    size = archive.seek(0, 2)
+    archive.seek(0)
+    if size <= PROGRESS_ABOVE:
+        while chunk := archive.read(UPLOAD_CHUNK):
+            yield chunk
+        return
+    with click.progressbar(length=size, label="uploading workspace", file=sys.stderr) as bar:
+        while chunk := archive.read(UPLOAD_CHUNK):
+            yield chunk
+            bar.update(len(chunk))
+
+
+def print_test_summary(results: jobs_pb2.TestResults, err: bool = False) -> None:
+    click.echo(f"tests: {results.total} total, {results.passed} passed, {results.failed} failed, "
+               f"{results.errors} errors, {results.skipped} skipped", err=err)
+    for case in results.cases:
+        if case.status in (jobs_pb2.TEST_STATUS_FAILED, jobs_pb2.TEST_STATUS_ERROR):
+            where = ".".join(p for p in (case.classname, case.name) if p)
+            click.echo(f"  {jobs_pb2.TestStatus.Name(case.status).removeprefix('TEST_STATUS_')} {where}: "
+                       f"{case.message.splitlines()[0] if case.message else ''}", err=err)
+    for path in results.rejected_reports:
+        click.echo(f"  report refused: {path}", err=err)
 
 
 def _pair(option: str, text: str) -> tuple[str, str]:
@@ -224,6 +277,101 @@ def logs(job_id: str, follow: bool) -> None:
             await stream_log(api, job_id, follow, sys.stdout.buffer, sys.stderr.buffer)
 
     _run(go())
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+def tests(job_id: str, as_json: bool) -> None:
+    """A job's test results: a summary and the failures."""
+    async def go() -> jobs_pb2.TestResults:
+        async with connect(Login.load()) as api:
+            return await api.test_results(job_id)
+
+    results = _run(go())
+    if as_json:
+        click.echo(json.dumps(MessageToDict(results, always_print_fields_with_no_presence=True), indent=2))
+    else:
+        print_test_summary(results)
+    if results.failed or results.errors:
+        raise click.exceptions.Exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Directory to write the artifacts into.")
+def artifacts(job_id: str, output: Path) -> None:
+    """Download a job's artifacts and verify their sha256."""
+    async def go() -> list[jobs_pb2.Artifact]:
+        async with connect(Login.load()) as api:
+            found = await api.artifacts(job_id)
+            for artifact in found:
+                target = safe_join(output, artifact.path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
+                partial = target.with_name(target.name + ".partial")
+                with open(partial, "wb") as handle:
+                    async for chunk in api.download(job_id, artifact.path):
+                        digest.update(chunk.data)
+                        handle.write(chunk.data)
+                if digest.hexdigest() != artifact.sha256:
+                    partial.unlink()
+                    raise click.ClickException(f"{artifact.path}: sha256 mismatch; nothing written")
+                partial.replace(target)
+            return found
+
+    for artifact in _run(go()):
+        click.echo(f"{artifact.path}  {artifact.size} bytes  sha256:{artifact.sha256}")
+
+
+def safe_join(root: Path, relative: str) -> Path:
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root.resolve()) or relative.startswith("/"):
+        raise click.ClickException(f"refusing artifact path {relative!r}: it leaves {root}")
+    return target
+
+
+@main.group()
+def secrets() -> None:
+    """Organisation secrets (values are write-only)."""
+
+
+@secrets.command("set")
+@click.argument("name")
+def secrets_set(name: str) -> None:
+    """Set NAME to the value read from standard input."""
+    value = sys.stdin.buffer.read()
+    if value.endswith(b"\n") and value.count(b"\n") == 1:
+        value = value[:-1]  # `echo value | testhide secrets set NAME`
+
+    async def go() -> None:
+        async with connect_secrets(Login.load()) as api:
+            await api.set(name, value)
+
+    _run(go())
+    click.echo(f"secret {name} set", err=True)
+
+
+@secrets.command("list")
+def secrets_list() -> None:
+    async def go() -> list[jobs_pb2.Secret]:
+        async with connect_secrets(Login.load()) as api:
+            return await api.list()
+
+    for secret in _run(go()):
+        click.echo(f"{secret.name:<40} {secret.updated_at.ToJsonString()}")
+
+
+@secrets.command("delete")
+@click.argument("name")
+def secrets_delete(name: str) -> None:
+    async def go() -> None:
+        async with connect_secrets(Login.load()) as api:
+            await api.delete(name)
+
+    _run(go())
+    click.echo(f"secret {name} deleted", err=True)
 
 
 @main.command()

@@ -2,6 +2,8 @@
 and loaded with ``docker import``.
 
 - testhide/busybox:1  FROM-scratch style: Debian's static busybox and its applets.
+- testhide/python:1   a minimal Debian (debootstrap) with python3 and pytest, for
+                      real test suites; built only when asked (--python), ~50 s.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import tarfile
 import docker
 
 BUSYBOX_IMAGE = "testhide/busybox:1"
+PYTHON_IMAGE = "testhide/python:1"
 _PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
 _GROUP = b"root:x:0:\nnogroup:x:65534:\n"
 
@@ -65,5 +68,48 @@ def build(client: docker.DockerClient, force: bool = False) -> None:
     print(f"{BUSYBOX_IMAGE} built")
 
 
+def debian_mirror() -> str:
+    """The Debian mirror this machine's apt already uses."""
+    import re
+    from pathlib import Path
+
+    sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+    for source in sources:
+        if source.is_file():
+            for match in re.finditer(r"(?:^deb|^URIs:)\s+(?:\[[^]]*\]\s+)?(\S+/debian)\s*$|"
+                                     r"(?:^deb|^URIs:)\s+(?:\[[^]]*\]\s+)?(\S+/debian)\s",
+                                     source.read_text(), re.M):
+                return match.group(1) or match.group(2)
+    raise SystemExit("no Debian mirror found in the apt sources")
+
+
+def build_python(client: docker.DockerClient, force: bool = False) -> None:
+    import subprocess
+    import tempfile
+
+    try:
+        client.images.get(PYTHON_IMAGE)
+        if not force:
+            print(f"{PYTHON_IMAGE} present")
+            return
+    except docker.errors.ImageNotFound:
+        pass
+    if shutil.which("debootstrap") is None:
+        raise SystemExit("debootstrap is not installed (apt-get install debootstrap)")
+    with tempfile.TemporaryDirectory(prefix="testhide-rootfs-") as root:
+        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-pytest", "bookworm", root,
+                        debian_mirror()], check=True, stdout=subprocess.DEVNULL)
+        tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
+        assert tar.stdout is not None
+        repository, tag = PYTHON_IMAGE.split(":")
+        client.api.import_image(src=tar.stdout, repository=repository, tag=tag,
+                                changes=["ENV PATH=/usr/local/bin:/usr/bin:/bin", "CMD [\"/usr/bin/python3\"]"])
+        tar.wait()
+    print(f"{PYTHON_IMAGE} built")
+
+
 if __name__ == "__main__":
-    build(docker.from_env(), force="--force" in sys.argv)
+    engine = docker.from_env()
+    build(engine, force="--force" in sys.argv)
+    if "--python" in sys.argv:
+        build_python(engine, force="--force" in sys.argv)

@@ -110,19 +110,28 @@ class CliResult:
 
 
 class Cli:
-    """The ``testhide`` command in a subprocess, with its own config dir."""
+    """The ``testhide`` command in a subprocess, with its own config dir, run
+    from ``cwd`` (an empty directory unless a test gives it a workspace)."""
 
-    def __init__(self, config_home: Path) -> None:
+    def __init__(self, config_home: Path, cwd: Path | None = None) -> None:
         self.env = {**os.environ, "XDG_CONFIG_HOME": str(config_home), "PYTHONPATH": str(REPO)}
+        self.cwd = cwd or config_home.parent / "empty-workspace"
+        self.cwd.mkdir(parents=True, exist_ok=True)
 
-    async def start(self, *args: str) -> asyncio.subprocess.Process:
+    async def start(self, *args: str, stdin: bytes | None = None) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli.main", *args, env=self.env, cwd=REPO,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+            sys.executable, "-m", "cli.main", *args, env=self.env, cwd=self.cwd,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL)
 
-    async def __call__(self, *args: str, timeout: float = 90) -> CliResult:
-        process = await self.start(*args)
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    async def __call__(self, *args: str, timeout: float = 90, stdin: bytes | None = None,
+                       cwd: Path | None = None) -> CliResult:
+        previous, self.cwd = self.cwd, cwd or self.cwd
+        try:
+            process = await self.start(*args, stdin=stdin)
+        finally:
+            self.cwd = previous
+        stdout, stderr = await asyncio.wait_for(process.communicate(stdin), timeout)
         assert process.returncode is not None
         return CliResult(process.returncode, stdout, stderr)
 
