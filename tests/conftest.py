@@ -54,3 +54,13 @@ async def cli(cp: RunningControlPlane, tmp_path: Path) -> Cli:
     result = await client.login(cp)
     assert result.returncode == 0, result.stderr
     return client
+
+
+@pytest.fixture(scope="session")
+def python_image(docker_client) -> str:  # type: ignore[no-untyped-def]
+    """testhide/python:1 (Debian minbase with python3 and pytest); built by
+    scripts/host-setup, or here on first use (about a minute)."""
+    from images.build import PYTHON_IMAGE, build_python
+
+    build_python(docker_client)
+    return PYTHON_IMAGE

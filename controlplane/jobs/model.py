@@ -77,6 +77,8 @@ class PoolPolicy:
 
 
 class TestStatus(enum.StrEnum):
+    __test__ = False  # a domain type, not a pytest test class
+
     PASSED = "PASSED"
     FAILED = "FAILED"
     ERROR = "ERROR"
@@ -85,6 +87,8 @@ class TestStatus(enum.StrEnum):
 
 @dataclass(frozen=True)
 class TestCase:
+    __test__ = False  # a domain type, not a pytest test class
+
     suite: str
     classname: str
     name: str
