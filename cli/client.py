@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
+import time
 
 import click
 import grpc
 
 from cli.config import Login
 from common.tls import CHANNEL_OPTIONS
-from protos.v1 import jobs_pb2, jobs_pb2_grpc
+from protos.v1 import auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 _HINTS = {
     grpc.StatusCode.UNAUTHENTICATED: "run 'testhide login' again",
@@ -28,10 +30,14 @@ class RpcFailed(click.ClickException):
         super().__init__(f"{message}; {hint}" if hint else message)
 
 
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
 class JobsApi:
-    def __init__(self, stub: jobs_pb2_grpc.JobsStub, api_key: str) -> None:
+    def __init__(self, stub: jobs_pb2_grpc.JobsStub, access_token: str) -> None:
         self._stub = stub
-        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._metadata = _bearer(access_token)
 
     async def submit(self, spec: jobs_pb2.JobSpec) -> jobs_pb2.Job:
         response = await self._stub.Submit(jobs_pb2.SubmitJobRequest(spec=spec), metadata=self._metadata,
@@ -83,16 +89,45 @@ async def _channel(login: Login) -> AsyncIterator[grpc.aio.Channel]:
             raise RpcFailed(error) from None
 
 
+# Refresh this long before the access token expires, so a call never races it.
+REFRESH_MARGIN_S = 60
+
+
+def _stored(pair: auth_pb2.TokenPair, login: Login) -> Login:
+    return replace(login, access_token=pair.access_token, refresh_token=pair.refresh_token,
+                   access_expires_at=time.time() + pair.access_expires_in_s)
+
+
+async def log_in(login: Login, request: auth_pb2.LoginRequest) -> Login:
+    """Trade a password or API key for tokens; nothing is stored here."""
+    async with _channel(login) as channel:
+        pair = await auth_pb2_grpc.AuthStub(channel).Login(request, timeout=30)
+    return _stored(pair, login)
+
+
+async def fresh(login: Login, channel: grpc.aio.Channel) -> Login:
+    """The stored session with a usable access token, refreshed (and the
+    rotated refresh token saved) when it is about to expire."""
+    if login.access_expires_at - time.time() > REFRESH_MARGIN_S:
+        return login
+    pair = await auth_pb2_grpc.AuthStub(channel).Refresh(auth_pb2.RefreshRequest(refresh_token=login.refresh_token),
+                                                          timeout=30)
+    renewed = _stored(pair, login)
+    renewed.save()
+    return renewed
+
+
 @asynccontextmanager
 async def connect(login: Login) -> AsyncIterator[JobsApi]:
     async with _channel(login) as channel:
-        yield JobsApi(jobs_pb2_grpc.JobsStub(channel), login.api_key)
+        current = await fresh(login, channel)
+        yield JobsApi(jobs_pb2_grpc.JobsStub(channel), current.access_token)
 
 
 class SecretsApi:
-    def __init__(self, stub: jobs_pb2_grpc.SecretsStub, api_key: str) -> None:
+    def __init__(self, stub: jobs_pb2_grpc.SecretsStub, access_token: str) -> None:
         self._stub = stub
-        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._metadata = _bearer(access_token)
 
     async def set(self, name: str, value: bytes) -> jobs_pb2.Secret:
         return await self._stub.Set(jobs_pb2.SetSecretRequest(name=name, value=value), metadata=self._metadata,
@@ -109,4 +144,5 @@ class SecretsApi:
 @asynccontextmanager
 async def connect_secrets(login: Login) -> AsyncIterator[SecretsApi]:
     async with _channel(login) as channel:
-        yield SecretsApi(jobs_pb2_grpc.SecretsStub(channel), login.api_key)
+        current = await fresh(login, channel)
+        yield SecretsApi(jobs_pb2_grpc.SecretsStub(channel), current.access_token)

@@ -1,4 +1,6 @@
-"""The engineer's stored login: server, credential and CA, in a 0600 file."""
+"""The engineer's stored session: server, CA, and the current access and
+refresh tokens, in a 0600 file. The API key or password used to log in is
+never stored."""
 
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ def config_dir() -> Path:
 @dataclass(frozen=True)
 class Login:
     server: str
-    api_key: str
-    ca_pem: str | None = None
+    ca_pem: str | None
+    access_token: str = ""
+    access_expires_at: float = 0.0
+    refresh_token: str = ""
 
     @classmethod
     def load(cls) -> Login:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -15,11 +16,11 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from cli.client import JobsApi, connect, connect_secrets
+from cli.client import JobsApi, connect, connect_secrets, log_in
 from cli.workspace import pack
 from cli.config import Login
 from common.durations import parse_duration
-from protos.v1 import jobs_pb2
+from protos.v1 import auth_pb2, jobs_pb2
 
 T = TypeVar("T")
 
@@ -105,20 +106,25 @@ def main() -> None:
 
 @main.command()
 @click.option("--server", required=True, help="HOST:PORT of the control plane's API port.")
-@click.option("--api-key", required=True, envvar="TESTHIDE_API_KEY", help="An API key from your operator.")
+@click.option("--api-key", envvar="TESTHIDE_API_KEY", help="An API key (or log in as a user with --user).")
+@click.option("--org", default="default", show_default=True, help="Organisation of --user.")
+@click.option("--user", help="Log in with a user name and password (prompted, or TESTHIDE_PASSWORD).")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CA certificate of the control plane (default: the system's trust store).")
-def login(server: str, api_key: str, ca_file: Path | None) -> None:
-    """Check the credentials against the server and store them (mode 0600)."""
-    candidate = Login(server, api_key.strip(), ca_file.read_text() if ca_file else None)
-
-    async def check() -> None:
-        async with connect(candidate) as api:
-            await api.list(page_size=1)
-
-    _run(check())
-    path = candidate.save()
-    click.echo(f"logged in to {server}; credentials stored in {path}", err=True)
+def login(server: str, api_key: str | None, org: str, user: str | None, ca_file: Path | None) -> None:
+    """Log in: the credential buys a session (a 10-minute access token, renewed
+    with a rotating refresh token); only the session is stored (mode 0600)."""
+    if bool(api_key) == bool(user):
+        raise click.UsageError("log in with either --api-key or --user")
+    if user:
+        password = os.environ.get("TESTHIDE_PASSWORD") or click.prompt("password", hide_input=True, err=True)
+        request = auth_pb2.LoginRequest(password=auth_pb2.PasswordLogin(org=org, user=user, password=password))
+    else:
+        assert api_key is not None
+        request = auth_pb2.LoginRequest(api_key=api_key.strip())
+    session = _run(log_in(Login(server, ca_file.read_text() if ca_file else None), request))
+    path = session.save()
+    click.echo(f"logged in to {server}; session stored in {path}", err=True)
 
 
 @main.command(context_settings={"allow_interspersed_args": False})

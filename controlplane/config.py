@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from common.tls import split_target
+from controlplane.auth.limits import LockoutPolicy
 from controlplane.errors import ConfigError
 
 MIN_AGENT_CERT_TTL = timedelta(seconds=10)
@@ -30,6 +31,14 @@ class ControlPlaneConfig:
     """Largest request accepted on the API port."""
     shutdown_grace: timedelta = timedelta(seconds=5)
     """How long in-flight RPCs get to finish on SIGTERM."""
+    rate_per_address: float = 100.0
+    """API requests per second from one client address (token bucket, burst twice that)."""
+    rate_per_principal: float = 50.0
+    """API requests per second for one user or API key (token bucket, burst twice that)."""
+    lockout: LockoutPolicy = LockoutPolicy()
+    """Failed logins per account before exponential backoff, and the window they count in."""
+    failure_spike_threshold: int = 20
+    """Failed authentications from one address or against one account, per minute, that raise an alert."""
 
     def __post_init__(self) -> None:
         try:
@@ -39,6 +48,8 @@ class ControlPlaneConfig:
             raise ConfigError(str(exc)) from exc
         if not MIN_AGENT_CERT_TTL <= self.agent_cert_ttl <= MAX_AGENT_CERT_TTL:
             raise ConfigError("agent certificate lifetime must be between 10s and 24h")
+        if self.rate_per_address <= 0 or self.rate_per_principal <= 0:
+            raise ConfigError("rate limits must be positive")
         if not 1024 <= self.max_request_bytes <= 64 * 1024 * 1024:
             raise ConfigError("max request size must be between 1 KiB and 64 MiB")
 

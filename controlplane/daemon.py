@@ -14,7 +14,9 @@ from grpc_health.v1.health import aio as health_aio
 
 from common.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from controlplane.atrest import MasterKey
-from controlplane.auth.apikeys import ApiKeyAuthenticator
+from controlplane.auth.limits import RateLimiter, SpikeDetector
+from controlplane.auth.sessions import Sessions
+from controlplane.auth.tokens import AccessTokens, SigningKeys, issuer_for
 from controlplane.auth.audit import Auditor
 from controlplane.ca.enrollment import Enrollment
 from controlplane.ca.rotation import rotate_server_certificate
@@ -28,10 +30,11 @@ from controlplane.jobs.secrets import SecretVault
 from controlplane.jobs.service import JobService
 from controlplane.rpc.agent import AgentControlServicer
 from controlplane.rpc.auth import ApiAuthInterceptor
+from controlplane.rpc.auth_service import AuthServicer
 from controlplane.rpc.enrollment import EnrollmentServicer
 from controlplane.rpc.jobs import JobsServicer, SecretsServicer
 from controlplane.store.sqlite import SqliteStore
-from protos.v1 import agent_pb2_grpc, enrollment_pb2_grpc, jobs_pb2_grpc
+from protos.v1 import agent_pb2_grpc, auth_pb2_grpc, enrollment_pb2_grpc, jobs_pb2_grpc
 
 log = structlog.get_logger("testhide.controlplane")
 
@@ -55,6 +58,7 @@ class ControlPlane:
         self._store: SqliteStore | None = None
         self.scheduler: Scheduler | None = None
         self.certificates: CertificateState | None = None
+        self.signing_keys: SigningKeys | None = None
 
     async def start(self) -> None:
         directory = DataDir(self.config.data_dir)
@@ -85,8 +89,13 @@ class ControlPlane:
         self.agent_port = agent_server.add_secure_port(self.config.resolved_agent_listen,
                                                        certs.credentials(client_auth=True))
 
+        self.signing_keys = keys = SigningKeys(directory, master)
+        sessions = Sessions(store, AccessTokens(keys, issuer_for(certs.current.active_ca.trust_domain)), auditor,
+                            self.config.lockout, SpikeDetector(self.config.failure_spike_threshold))
+        rate_a, rate_p = self.config.rate_per_address, self.config.rate_per_principal
         api_server = grpc.aio.server(
-            interceptors=[ApiAuthInterceptor(ApiKeyAuthenticator(store))],
+            interceptors=[ApiAuthInterceptor(sessions, RateLimiter(rate_a, int(2 * rate_a)),
+                                             RateLimiter(rate_p, int(2 * rate_p)))],
             options=[("grpc.max_receive_message_length", self.config.max_request_bytes),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.http2.min_ping_interval_without_data_ms", 10_000)],
@@ -95,6 +104,7 @@ class ControlPlane:
         jobs_pb2_grpc.add_SecretsServicer_to_server(SecretsServicer(secrets, auditor), api_server)
         enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
             EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port), api_server)
+        auth_pb2_grpc.add_AuthServicer_to_server(AuthServicer(sessions, keys), api_server)
         health_pb2_grpc.add_HealthServicer_to_server(health, api_server)
         self.api_port = api_server.add_secure_port(self.config.listen, certs.credentials(client_auth=False))
 
@@ -120,6 +130,8 @@ class ControlPlane:
                 changed = certs.reload_if_changed()
                 if changed:
                     self._apply_trust(*changed)
+                if self.signing_keys is not None and self.signing_keys.reload():
+                    log.info("signing_keys_reloaded", active=self.signing_keys.active)
                 checked_at = datetime.now(UTC)
                 for agent in await store.agents_revoked_since(revoked_since - WATCH_INTERVAL):
                     session = scheduler.session_of(agent.id)

@@ -205,4 +205,7 @@ async def _populate(directory: DataDir, server_names: list[str], trust_domain: s
     directory.write_state({"layout_version": LAYOUT_VERSION, "trust_domain": trust_domain,
                            "server_names": server_names, "created_at": datetime.now(UTC).isoformat(),
                            "ca": {"active": 1, "trusted": [1]}})
+    from controlplane.auth.tokens import rotate_signing_key
+
+    rotate_signing_key(directory, master)
     return admin_key

@@ -6,6 +6,7 @@ ControlPlaneError
 ├── InvalidArgument          a request field fails validation
 ├── Unauthenticated          no, wrong or expired credential (never says which)
 ├── PermissionDenied         authenticated, but not allowed
+├── RateLimited              too many requests or failed attempts; carries a retry hint
 ├── NotFound                 no such object in the caller's organisation
 ├── FailedPrecondition       the object is not in a state that allows this
 ├── StaleEpoch               an agent reported on an assignment it no longer holds
@@ -35,6 +36,12 @@ class Unauthenticated(ControlPlaneError):
 
 class PermissionDenied(ControlPlaneError):
     pass
+
+
+class RateLimited(ControlPlaneError):
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotFound(ControlPlaneError):

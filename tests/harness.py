@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
+
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.rpc.enroll import enroll
@@ -45,6 +47,18 @@ class RunningControlPlane:
     @property
     def ca_pem(self) -> bytes:
         return (self.data_dir / "ca.pem").read_bytes()
+
+    async def access_token(self, api_key: str | None = None) -> str:
+        """Log in with an API key (the admin's by default), as the CLI does."""
+        from protos.v1 import auth_pb2, auth_pb2_grpc
+
+        async with grpc.aio.secure_channel(self.api_target, grpc.ssl_channel_credentials(self.ca_pem)) as channel:
+            pair = await auth_pb2_grpc.AuthStub(channel).Login(
+                auth_pb2.LoginRequest(api_key=api_key or self.admin_key), timeout=30)
+        return pair.access_token
+
+    async def bearer(self, api_key: str | None = None) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {await self.access_token(api_key)}"),)
 
     async def enrollment_token(self, org: str = "default", pool: str = "default",
                                ttl: timedelta = timedelta(minutes=10)) -> str:

@@ -18,6 +18,7 @@ STATUS: list[tuple[type[errors.ControlPlaneError], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.StaleEpoch, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
@@ -34,6 +35,15 @@ def code_for(exc: errors.ControlPlaneError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+async def abort_with(context: grpc.aio.ServicerContext, exc: errors.ControlPlaneError) -> None:
+    """Abort with the error's status; a rate limit tells the client when to retry."""
+    if isinstance(exc, errors.RateLimited):
+        retry = max(1, round(exc.retry_after_s))
+        context.set_trailing_metadata((("retry-after", str(retry)),))
+        await context.abort(code_for(exc), f"{exc} (retry in {retry} s)")
+    await context.abort(code_for(exc), str(exc))
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -44,7 +54,7 @@ def mapped(method: F) -> F:
 
     async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         if isinstance(exc, errors.ControlPlaneError):
-            await context.abort(code_for(exc), str(exc))
+            await abort_with(context, exc)
         log.exception("rpc_failed", method=method.__name__)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 

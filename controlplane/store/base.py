@@ -20,6 +20,36 @@ class ApiKeyRecord:
     scopes: tuple[str, ...]
     created_at: datetime
     revoked_at: datetime | None = None
+    owner: str = ""
+    """The service account or user the key acts as."""
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    id: str
+    org: str
+    name: str
+    password_hash: bytes | None
+    scopes: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RefreshRecord:
+    id: str
+    family: str
+    org: str
+    principal_kind: str
+    principal_id: str
+    scopes: tuple[str, ...]
+    secret_hash: bytes
+    created_at: datetime
+    family_expires_at: datetime
+    used_at: datetime | None = None
+    revoked_at: datetime | None = None
 
 
 @dataclass(frozen=True)

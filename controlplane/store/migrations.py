@@ -171,3 +171,44 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        4,
+        """
+        CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            org TEXT NOT NULL REFERENCES orgs(name),
+            name TEXT NOT NULL,
+            password_hash BLOB,
+            scopes TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT,
+            UNIQUE (org, name)
+        );
+        ALTER TABLE api_keys ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+        ALTER TABLE api_keys ADD COLUMN expires_at TEXT;
+        ALTER TABLE api_keys ADD COLUMN last_used_at TEXT;
+        CREATE TABLE refresh_tokens (
+            id TEXT PRIMARY KEY,
+            family TEXT NOT NULL,
+            org TEXT NOT NULL,
+            principal_kind TEXT NOT NULL,
+            principal_id TEXT NOT NULL,
+            scopes TEXT NOT NULL,
+            secret_hash BLOB NOT NULL,
+            created_at TEXT NOT NULL,
+            family_expires_at TEXT NOT NULL,
+            used_at TEXT,
+            revoked_at TEXT
+        );
+        CREATE INDEX refresh_by_family ON refresh_tokens (family);
+        CREATE INDEX refresh_by_principal ON refresh_tokens (principal_kind, principal_id);
+        CREATE TABLE auth_failures (
+            subject TEXT NOT NULL,
+            at TEXT NOT NULL
+        );
+        CREATE INDEX auth_failures_by_subject ON auth_failures (subject, at);
+        """,
+    )
+)

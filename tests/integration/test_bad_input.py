@@ -20,7 +20,7 @@ from tests.harness import Cli, RunningControlPlane, operator
 async def submit(cp: RunningControlPlane, spec: jobs_pb2.JobSpec) -> grpc.aio.AioRpcError:
     async with grpc.aio.secure_channel(cp.api_target, grpc.ssl_channel_credentials(cp.ca_pem)) as channel:
         stub = jobs_pb2_grpc.JobsStub(channel)
-        metadata = (("authorization", f"Bearer {cp.admin_key}"),)
+        metadata = await cp.bearer()
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.Submit(jobs_pb2.SubmitJobRequest(spec=spec), metadata=metadata)
         listed = await stub.List(jobs_pb2.ListJobsRequest(), metadata=metadata)

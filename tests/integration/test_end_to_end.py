@@ -92,5 +92,5 @@ async def test_grpc_status_reaches_python_clients_unchanged(cp: RunningControlPl
         stub = jobs_pb2_grpc.JobsStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await stub.Get(jobs_pb2.GetJobRequest(job_id="jnope"),
-                           metadata=(("authorization", f"Bearer {cp.admin_key}"),))
+                           metadata=await cp.bearer())
         assert error.value.code() == grpc.StatusCode.NOT_FOUND

@@ -21,6 +21,7 @@ from agent.daemon import Agent
 from agent.errors import CredentialsError, EnrollmentError
 from agent.rpc.enroll import enroll
 from agent.runtime.docker import DockerRuntime
+from agent.runtime.fake import FakeRuntime
 from common.identity import AgentIdentity
 from common.tls import _peer_chain, fingerprint
 from controlplane.ca import rotation
@@ -128,7 +129,7 @@ async def test_an_agent_offline_past_expiry_is_told_to_enroll_again(cp, tmp_path
     _, expired_pem = agent_certificate(our_ca(cp), credentials.agent_id, now=two_hours_ago)
     Credentials(credentials.agent_id, credentials.api_endpoint, credentials.agent_endpoint, credentials.key_pem,
                 expired_pem, credentials.ca_pem, received_at=two_hours_ago).save(data_dir)
-    agent = Agent(AgentConfig(data_dir=data_dir), DockerRuntime.__new__(DockerRuntime))
+    agent = Agent(AgentConfig(data_dir=data_dir), FakeRuntime())
     with pytest.raises(CredentialsError, match="expired .* enroll this agent again"):
         await asyncio.wait_for(agent.run(), 30)
 

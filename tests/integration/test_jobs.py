@@ -87,7 +87,7 @@ def hostile_tar(kind: str) -> bytes:
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "device"])
 async def test_hostile_workspace_archives_are_refused_by_the_agent(docker_agent, cp: RunningControlPlane,
                                                                   cli: Cli, kind: str) -> None:
-    metadata = (("authorization", f"Bearer {cp.admin_key}"),)
+    metadata = await cp.bearer()
     async with grpc.aio.secure_channel(cp.api_target, grpc.ssl_channel_credentials(cp.ca_pem)) as channel:
         stub = jobs_pb2_grpc.JobsStub(channel)
 

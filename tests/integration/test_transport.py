@@ -125,7 +125,9 @@ def test_private_keys_never_leave_their_files_in_clear(cp: RunningControlPlane) 
     """The CA and server keys are sealed; only the master key file is secret."""
     data = Path(cp.data_dir)
     sealed = sorted(data.rglob("*.key.sealed"))
-    assert [p.relative_to(data).as_posix() for p in sealed] == ["cas/ca-1.key.sealed", "server.key.sealed"]
+    names = [p.relative_to(data).as_posix() for p in sealed]
+    assert names[:2] == ["cas/ca-1.key.sealed", "server.key.sealed"]
+    assert len(names) == 3 and names[2].startswith("signing/")  # the access-token signing key
     for path in sealed:
         assert b"PRIVATE KEY" not in path.read_bytes()
         assert path.stat().st_mode & 0o077 == 0
