@@ -37,6 +37,9 @@ class ControlPlaneConfig:
     """API requests per second for one user or API key (token bucket, burst twice that)."""
     lockout: LockoutPolicy = LockoutPolicy()
     """Failed logins per account before exponential backoff, and the window they count in."""
+    refresh_reuse_grace: timedelta = timedelta(seconds=10)
+    """A spent refresh token presented again within this window is taken as a retry of a
+    reply lost in transit; later, as theft, and its whole session is revoked."""
     failure_spike_threshold: int = 20
     """Failed authentications from one address or against one account, per minute, that raise an alert."""
 

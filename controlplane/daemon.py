@@ -91,7 +91,8 @@ class ControlPlane:
 
         self.signing_keys = keys = SigningKeys(directory, master)
         sessions = Sessions(store, AccessTokens(keys, issuer_for(certs.current.active_ca.trust_domain)), auditor,
-                            self.config.lockout, SpikeDetector(self.config.failure_spike_threshold))
+                            self.config.lockout, SpikeDetector(self.config.failure_spike_threshold),
+                            reuse_grace=self.config.refresh_reuse_grace)
         rate_a, rate_p = self.config.rate_per_address, self.config.rate_per_principal
         api_server = grpc.aio.server(
             interceptors=[ApiAuthInterceptor(sessions, RateLimiter(rate_a, int(2 * rate_a)),

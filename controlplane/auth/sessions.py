@@ -47,7 +47,9 @@ class TokenPair:
 class Sessions:
     def __init__(self, store: SqliteStore, tokens: AccessTokens, auditor: Auditor,
                  lockout: LockoutPolicy = LockoutPolicy(), spikes: SpikeDetector | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 reuse_grace: timedelta = REUSE_GRACE) -> None:
+        self._reuse_grace = reuse_grace
         self._store = store
         self._tokens = tokens
         self._auditor = auditor
@@ -120,7 +122,7 @@ class Sessions:
         if record.revoked_at is not None or record.family_expires_at <= now:
             raise Unauthenticated("this session has ended; log in again")
         if not spent_now:
-            retry = record.used_at is not None and now - record.used_at <= REUSE_GRACE
+            retry = record.used_at is not None and now - record.used_at <= self._reuse_grace
             if not retry:
                 await self._store.revoke_refresh_family(record.family, now)
                 self._revoked_cache.pop(record.family, None)
