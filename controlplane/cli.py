@@ -422,6 +422,24 @@ def orgs_create(data_dir: Path, org: str) -> None:
     click.echo(f"organisation {org} created (with pool default)", err=True)
 
 
+@orgs.command("revoke")
+@data_dir_option
+@click.argument("org")
+def orgs_revoke(data_dir: Path, org: str) -> None:
+    """Cut an organisation off: its API keys, users, sessions, agents and
+    enrollment tokens are revoked; its data stays for export."""
+    async def run() -> dict[str, int]:
+        async with operator_context(data_dir) as op:
+            counts = await op.store.revoke_org(org, datetime.now(UTC))
+            if counts is None:
+                raise NotFound(f"no organisation {org}")
+            await op.auditor.record("org_revoked", op.actor, org=org, target=org, **counts)
+            return counts
+
+    counts = _run(run())
+    click.echo(f"organisation {org} revoked: " + ", ".join(f"{n} {t}" for t, n in counts.items()), err=True)
+
+
 @orgs.command("list")
 @data_dir_option
 def orgs_list(data_dir: Path) -> None:

@@ -228,6 +228,19 @@ class SqliteStore:
 
         return await self._tx(run)
 
+    async def revoke_org(self, org: str, now: datetime) -> dict[str, int] | None:
+        """Revoke everything an organisation acts through, in one transaction."""
+        def run(c: sqlite3.Connection) -> dict[str, int] | None:
+            if c.execute("SELECT 1 FROM orgs WHERE name = ?", (org,)).fetchone() is None:
+                return None
+            at = _ts(now)
+            counts = {table: c.execute(f"UPDATE {table} SET revoked_at = COALESCE(revoked_at, ?) WHERE org = ?",
+                                       (at, org)).rowcount
+                      for table in ("api_keys", "users", "refresh_tokens", "agents", "enrollment_tokens")}
+            return counts
+
+        return await self._tx(run)
+
     async def list_orgs(self) -> list[str]:
         return [r["name"] for r in await self._query("SELECT name FROM orgs ORDER BY name")]
 

@@ -389,3 +389,19 @@ async def test_tampering_with_the_audit_log_is_detected(cp: RunningControlPlane,
     db.close()
     code, _, err = await operator("audit", "verify", "--data-dir", str(cp.data_dir))
     assert code == 1 and "audit log damaged" in err, err
+
+
+async def test_revoking_an_organisation_cuts_off_its_keys_and_sessions(cp: RunningControlPlane) -> None:
+    code, _, err = await operator("orgs", "create", "--data-dir", str(cp.data_dir), "gamma")
+    assert code == 0, err
+    key = await scoped_key(cp, "gamma", "jobs:read")
+    pair = await login(cp, key)
+    code, _, err = await operator("orgs", "revoke", "--data-dir", str(cp.data_dir), "gamma")
+    assert code == 0 and "1 api_keys" in err, err
+    deadline = time.monotonic() + 5
+    while await list_jobs_code(cp, pair.access_token) == grpc.StatusCode.OK:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await login(cp, key)
+    assert await list_jobs_code(cp, (await login(cp)).access_token) == grpc.StatusCode.OK  # others unaffected
