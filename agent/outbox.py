@@ -91,5 +91,10 @@ class Outbox:
         """The control plane no longer assigns this job to us: report nothing more."""
         self._jobs.pop(job_id, None)
 
+    def sent_batches(self, job_id: str) -> int:
+        """Log batches made for a job so far (0 if unknown or finished)."""
+        reports = self._jobs.get(job_id)
+        return reports.next_seq - 1 if reports else 0
+
     def unacked_bytes(self) -> int:
         return sum(len(d) for r in self._jobs.values() for b in r.unacked.values() for _, d in b.entries)

@@ -1,0 +1,116 @@
+"""Nothing lost: the control plane is killed (SIGKILL) while a job writes tens
+of megabytes; the stored log must be byte-identical to what the container
+wrote, with exactly one result. The control plane runs as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from agent.rpc.enroll import enroll
+from agent.runtime.docker import DockerRuntime
+from controlplane.ca.enrollment import create_token
+from controlplane.datadir import initialise
+from controlplane.jobs.model import PoolPolicy, PullPolicy
+from controlplane.store.sqlite import SqliteStore
+from tests.harness import JOB_IMAGE, REPO, Cli
+
+pytestmark = [pytest.mark.chaos, pytest.mark.docker, pytest.mark.timeout(600)]
+
+CHUNKS, LINES_PER_CHUNK = 50, 110_000  # about 46 MB of numbered lines, in 50 bursts
+
+
+def expected_log() -> bytes:
+    return "".join(f"{i}\n" for i in range(1, CHUNKS * LINES_PER_CHUNK + 1)).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ControlPlaneProcess:
+    def __init__(self, data_dir: Path, api_port: int, agent_port: int) -> None:
+        self.data_dir, self.api_port, self.agent_port = data_dir, api_port, agent_port
+        self.process: asyncio.subprocess.Process | None = None
+        self.log = open(data_dir.parent / "controlplane.log", "ab")
+
+    async def start(self) -> None:
+        ports = self.data_dir.parent / "ports.json"
+        ports.unlink(missing_ok=True)
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controlplane.cli", "serve", "--data-dir", str(self.data_dir),
+            "--listen", f"127.0.0.1:{self.api_port}", "--agent-listen", f"127.0.0.1:{self.agent_port}",
+            "--port-file", str(ports), cwd=REPO, stdout=self.log, stderr=self.log)
+        while not ports.exists():  # written once both ports listen
+            assert self.process.returncode is None, "the control plane exited"
+            await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.process.wait(), 30)
+        self.log.close()
+
+
+async def test_sigkill_of_the_control_plane_loses_no_log_and_reports_once(tmp_path: Path, docker_client) -> None:
+    data_dir = tmp_path / "controlplane"
+    admin_key = await initialise(data_dir, ["localhost", "127.0.0.1"])
+    store = await SqliteStore.open(data_dir / "testhide.db")
+    await store.set_pool_policy("default", "default", PoolPolicy(pull_policy=PullPolicy.NEVER))
+    token = await create_token(store, (data_dir / "ca.pem").read_bytes(), "default", "default", timedelta(minutes=5))
+    await store.close()
+    cp = ControlPlaneProcess(data_dir, free_port(), free_port())
+    await cp.start()
+    await enroll(f"127.0.0.1:{cp.api_port}", token, tmp_path / "agent", "survivor")
+    agent = Agent(AgentConfig(data_dir=tmp_path / "agent", max_backoff=timedelta(seconds=1)),
+                  DockerRuntime(docker_client))
+    agent_task = asyncio.create_task(agent.run())
+    cli = Cli(tmp_path / "config")
+    try:
+        login = await cli("login", "--server", f"127.0.0.1:{cp.api_port}", "--api-key", admin_key,
+                          "--ca-file", str(data_dir / "ca.pem"))
+        assert login.returncode == 0, login.stderr
+        script = (f"i=0; while [ $i -lt {CHUNKS} ]; do seq $((i*{LINES_PER_CHUNK}+1)) $(((i+1)*{LINES_PER_CHUNK}));"
+                  " i=$((i+1)); sleep 0.25; done")
+        job_id = (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", script)).stdout.decode().strip()
+        assert job_id
+
+        # About one batch per burst: kill three times while the job is still writing.
+        for kill_after_batches in (8, 18, 28):
+            while agent.outbox.sent_batches(job_id) < kill_after_batches:
+                assert job_id in agent.outbox.running(), "the job ended before the control plane was killed"
+                await asyncio.sleep(0.05)
+            await cp.kill()
+            await asyncio.sleep(0.5)  # the agent notices and buffers while the control plane is down
+            await cp.start()
+
+        followed = await cli("logs", "--follow", job_id, timeout=300)
+        shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)
+    finally:
+        agent.shutdown()
+        await asyncio.wait_for(agent_task, 60)
+        await cp.stop()
+    assert shown["status"] == "SUCCEEDED", shown
+    assert hashlib.sha256(followed.stdout).hexdigest() == hashlib.sha256(expected_log()).hexdigest()
+    assert len(followed.stdout) == len(expected_log())
+    terminal = [t for t in shown["transitions"] if t["status"] in ("SUCCEEDED", "FAILED", "ERROR", "LOST")]
+    assert len(terminal) == 1
+    assert os.path.getsize(data_dir / "testhide.db") > 0
