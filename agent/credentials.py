@@ -4,7 +4,6 @@ host), its current certificate, the CA bundle and where to connect."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,9 +12,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.errors import ConfigError
 from common.files import atomic_write
 from common.identity import AGENT_CERT_BACKDATE
-from agent.errors import ConfigError
 
 
 def new_key_and_csr() -> tuple[bytes, bytes]:

@@ -3,10 +3,10 @@ place where gRPC errors become one-line messages with an exit code."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-import time
 
 import click
 import grpc

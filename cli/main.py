@@ -17,8 +17,8 @@ from google.protobuf.json_format import MessageToDict
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from cli.client import JobsApi, connect, connect_secrets, log_in
-from cli.workspace import pack
 from cli.config import Login
+from cli.workspace import pack
 from common.durations import parse_duration
 from protos.v1 import auth_pb2, jobs_pb2
 

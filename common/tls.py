@@ -3,8 +3,8 @@ fingerprint (kubeadm-style discovery) before an agent has any trust anchor."""
 
 from __future__ import annotations
 
-import hashlib
 import _ssl
+import hashlib
 import socket
 import ssl
 from typing import Any

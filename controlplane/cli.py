@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-
 import structlog
 from cryptography.hazmat.primitives.serialization import Encoding
 

@@ -14,10 +14,10 @@ from grpc_health.v1.health import aio as health_aio
 
 from common.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from controlplane.atrest import MasterKey
+from controlplane.auth.audit import Auditor
 from controlplane.auth.limits import RateLimiter, SpikeDetector
 from controlplane.auth.sessions import Sessions
 from controlplane.auth.tokens import AccessTokens, SigningKeys, issuer_for
-from controlplane.auth.audit import Auditor
 from controlplane.ca.enrollment import Enrollment
 from controlplane.ca.rotation import rotate_server_certificate
 from controlplane.ca.trust import CertificateState

@@ -7,7 +7,6 @@ from datetime import timedelta
 from agent.model import Assignment, JobResult, JobStarted, LogBatch, Report
 from protos.v1 import agent_pb2
 
-
 _PULL = {agent_pb2.PULL_POLICY_NEVER: "never", agent_pb2.PULL_POLICY_IF_NOT_PRESENT: "if-not-present",
          agent_pb2.PULL_POLICY_ALWAYS: "always"}
 

@@ -34,6 +34,7 @@ REUSE_GRACE = timedelta(seconds=10)
 REVOCATION_CACHE = timedelta(seconds=1)
 _REFRESH_RE = re.compile(r"\Athr_([0-9a-f]{16})_([0-9a-f]{64})\Z")
 INVALID = "invalid credentials"
+DEFAULT_LOCKOUT = LockoutPolicy()
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class TokenPair:
 
 class Sessions:
     def __init__(self, store: SqliteStore, tokens: AccessTokens, auditor: Auditor,
-                 lockout: LockoutPolicy = LockoutPolicy(), spikes: SpikeDetector | None = None,
+                 lockout: LockoutPolicy = DEFAULT_LOCKOUT, spikes: SpikeDetector | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  reuse_grace: timedelta = REUSE_GRACE) -> None:
         self._reuse_grace = reuse_grace

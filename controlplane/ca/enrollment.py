@@ -13,8 +13,8 @@ from cryptography import x509
 
 from common.identity import AgentIdentity
 from common.tls import fingerprint
-from controlplane.auth.secrets import hash_secret, new_enrollment_token, parse_enrollment_token
 from controlplane.auth.audit import Auditor
+from controlplane.auth.secrets import hash_secret, new_enrollment_token, parse_enrollment_token
 from controlplane.ca.trust import CertificateState
 from controlplane.errors import InvalidArgument, Unauthenticated
 from controlplane.store.base import AgentRecord, EnrollmentTokenRecord, Store

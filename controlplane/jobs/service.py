@@ -13,12 +13,12 @@ from fnmatch import fnmatchcase
 
 import structlog
 
+from common.identity import AgentIdentity
 from controlplane.atrest import MasterKey
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, StaleEpoch
-from controlplane.jobs.logs import LogBook
-from common.identity import AgentIdentity
 from controlplane.jobs.blobs import BlobVault
 from controlplane.jobs.junit import MAX_REPORT_BYTES, JunitError, parse_junit
+from controlplane.jobs.logs import LogBook
 from controlplane.jobs.model import BlobInfo, Job, JobSpec, JobStatus, LogChunk, LogStream, TestCase
 from controlplane.jobs.scheduler import AgentSession, AssignDetails, Cancel, LogAck, ResultAck, Scheduler
 from controlplane.jobs.secrets import SecretVault

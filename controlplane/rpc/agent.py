@@ -19,11 +19,25 @@ from common.tls import fingerprint
 from controlplane.auth.audit import Auditor
 from controlplane.ca.enrollment import certificate_lifetime
 from controlplane.ca.trust import CertificateState
-from controlplane.errors import (ControlPlaneError, InvalidArgument, NotFound, PermissionDenied, StaleEpoch,
-                                 Unauthenticated)
+from controlplane.errors import (
+    ControlPlaneError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    StaleEpoch,
+    Unauthenticated,
+)
 from controlplane.jobs.model import JobStatus, PullPolicy
-from controlplane.jobs.scheduler import (AgentSession, Assign, Cancel, LogAck, Outbound, ResultAck, Scheduler,
-                                         TrustBundle)
+from controlplane.jobs.scheduler import (
+    AgentSession,
+    Assign,
+    Cancel,
+    LogAck,
+    Outbound,
+    ResultAck,
+    Scheduler,
+    TrustBundle,
+)
 from controlplane.jobs.service import JobService
 from controlplane.rpc.convert import spec_to_pb, stream_from_pb
 from controlplane.rpc.status import code_for, mapped

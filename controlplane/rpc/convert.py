@@ -7,7 +7,16 @@ from datetime import datetime, timedelta
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.errors import InvalidArgument
-from controlplane.jobs.model import Job, JobSpec, JobStatus, LogChunk, LogStream, Resources, TestCase, TestStatus
+from controlplane.jobs.model import (
+    Job,
+    JobSpec,
+    JobStatus,
+    LogChunk,
+    LogStream,
+    Resources,
+    TestCase,
+    TestStatus,
+)
 from protos.v1 import jobs_pb2
 
 _STATUS_TO_PB = {status: jobs_pb2.JobStatus.Value(f"JOB_STATUS_{status.value}") for status in JobStatus}

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from controlplane.auth.audit import Auditor
 from controlplane.jobs.model import Job
+from controlplane.jobs.secrets import SecretVault
 from controlplane.jobs.service import JobService
 from controlplane.rpc.auth import current_principal
-from controlplane.auth.audit import Auditor
-from controlplane.jobs.secrets import SecretVault
 from controlplane.rpc.convert import chunk_to_pb, job_to_pb, spec_from_pb, test_results_to_pb, timestamp
 from controlplane.rpc.status import mapped
 from protos.v1 import jobs_pb2, jobs_pb2_grpc

@@ -16,10 +16,27 @@ from typing import Any, TypeVar
 
 from controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
 from controlplane.errors import FailedPrecondition, NotFound, StaleEpoch, Unauthenticated
-from controlplane.jobs.model import (BlobInfo, Job, JobSpec, JobStatus, LogStream, PoolPolicy, PullPolicy, Resources,
-                                     TestCase, TestStatus, Transition)
-from controlplane.store.base import (AgentRecord, ApiKeyRecord, EnrollmentTokenRecord, RefreshRecord, StoredLogEntry,
-                                     UserRecord)
+from controlplane.jobs.model import (
+    BlobInfo,
+    Job,
+    JobSpec,
+    JobStatus,
+    LogStream,
+    PoolPolicy,
+    PullPolicy,
+    Resources,
+    TestCase,
+    TestStatus,
+    Transition,
+)
+from controlplane.store.base import (
+    AgentRecord,
+    ApiKeyRecord,
+    EnrollmentTokenRecord,
+    RefreshRecord,
+    StoredLogEntry,
+    UserRecord,
+)
 from controlplane.store.migrations import MIGRATIONS
 
 T = TypeVar("T")

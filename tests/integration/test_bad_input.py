@@ -10,9 +10,9 @@ import pytest
 
 from agent.errors import EnrollmentError
 from agent.rpc.enroll import enroll
+from common.tls import fingerprint
 from controlplane.auth.secrets import hash_secret, new_enrollment_token
 from controlplane.store.base import EnrollmentTokenRecord
-from common.tls import fingerprint
 from protos.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.harness import Cli, RunningControlPlane, operator
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 

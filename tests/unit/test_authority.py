@@ -16,8 +16,8 @@ from agent.credentials import new_key_and_csr
 from common.identity import AgentIdentity
 from controlplane.ca.authority import (
     BACKDATE,
-    SERVER_BACKDATE,
     DEV_MARKER,
+    SERVER_BACKDATE,
     CertificateAuthority,
     is_development_ca,
 )
