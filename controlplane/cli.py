@@ -50,6 +50,7 @@ class Duration(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+org_option = click.option("--org", default="default", show_default=True, help="Organisation.")
 data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), required=True,
                                envvar="TESTHIDE_DATA_DIR", help="The control plane's data directory.")
 
@@ -127,7 +128,7 @@ def enroll_token() -> None:
 
 @enroll_token.command("create")
 @data_dir_option
-@click.option("--org", default="default", show_default=True)
+@org_option
 @click.option("--pool", default="default", show_default=True)
 @click.option("--ttl", type=Duration(), default="10m", show_default=True)
 def enroll_token_create(data_dir: Path, org: str, pool: str, ttl: Any) -> None:
@@ -298,7 +299,7 @@ def pools() -> None:
 
 @pools.command("create")
 @data_dir_option
-@click.option("--org", default="default", show_default=True)
+@org_option
 @click.argument("pool")
 @click.option("--agent-cert-ttl", type=Duration(), default=None, help="Shorter agent certificates for this pool.")
 def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> None:
@@ -319,7 +320,7 @@ def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> No
 
 @pools.command("set")
 @data_dir_option
-@click.option("--org", default="default", show_default=True)
+@org_option
 @click.argument("pool")
 @click.option("--agent-cert-ttl", type=Duration(), default=None, help="Agent certificate lifetime (next renewal).")
 @click.option("--allowed-image", "allowed_images", multiple=True, metavar="PATTERN",
@@ -461,7 +462,7 @@ def users() -> None:
 
 @users.command("create")
 @data_dir_option
-@click.option("--org", default="default", show_default=True)
+@org_option
 @click.argument("name")
 @scopes_option
 def users_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]) -> None:
@@ -488,7 +489,7 @@ def users_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]) -
 
 @users.command("list")
 @data_dir_option
-@click.option("--org", default="default", show_default=True)
+@org_option
 @click.option("--json", "as_json", is_flag=True)
 def users_list(data_dir: Path, org: str, as_json: bool) -> None:
     async def run() -> list[dict[str, Any]]:
@@ -501,7 +502,7 @@ def users_list(data_dir: Path, org: str, as_json: bool) -> None:
 
 @users.command("revoke")
 @data_dir_option
-@click.option("--org", default="default", show_default=True)
+@org_option
 @click.argument("name")
 def users_revoke(data_dir: Path, org: str, name: str) -> None:
     """Remove a user's access and end their sessions."""
@@ -522,7 +523,7 @@ def api_keys() -> None:
 
 @api_keys.command("create")
 @data_dir_option
-@click.option("--org", default="default", show_default=True)
+@org_option
 @click.option("--name", required=True, help="What the key is for (e.g. the service account).")
 @scopes_option
 @click.option("--expires-in", type=Duration(), default=None, help="Optional lifetime, e.g. 90d.")
@@ -549,7 +550,7 @@ def api_keys_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]
 
 @api_keys.command("list")
 @data_dir_option
-@click.option("--org", default="default", show_default=True)
+@org_option
 @click.option("--json", "as_json", is_flag=True)
 def api_keys_list(data_dir: Path, org: str, as_json: bool) -> None:
     """Keys by prefix, with scopes, expiry and last use; never the secret."""
@@ -568,7 +569,7 @@ def api_keys_list(data_dir: Path, org: str, as_json: bool) -> None:
 
 @api_keys.command("revoke")
 @data_dir_option
-@click.option("--org", default="default", show_default=True)
+@org_option
 @click.argument("key_id")
 def api_keys_revoke(data_dir: Path, org: str, key_id: str) -> None:
     """Revoke one key (by id or thk_ prefix) and end the sessions it opened."""
