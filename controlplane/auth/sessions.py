@@ -24,8 +24,7 @@ from controlplane.auth.principal import Principal
 from controlplane.auth.secrets import hash_secret, parse_api_key, same_hash
 from controlplane.auth.tokens import AccessTokens
 from controlplane.errors import RateLimited, Unauthenticated
-from controlplane.store.base import RefreshRecord
-from controlplane.store.sqlite import SqliteStore
+from controlplane.store.base import RefreshRecord, Store
 
 log = structlog.get_logger("testhide.auth")
 
@@ -46,7 +45,7 @@ class TokenPair:
 
 
 class Sessions:
-    def __init__(self, store: SqliteStore, tokens: AccessTokens, auditor: Auditor,
+    def __init__(self, store: Store, tokens: AccessTokens, auditor: Auditor,
                  lockout: LockoutPolicy = DEFAULT_LOCKOUT, spikes: SpikeDetector | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  reuse_grace: timedelta = REUSE_GRACE) -> None:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from controlplane.atrest import MasterKey, seal, unseal
 from controlplane.errors import IntegrityError, InvalidArgument
 from controlplane.jobs.model import BlobInfo
-from controlplane.store.sqlite import SqliteStore
+from controlplane.store.base import Store
 
 CHUNK = 1024 * 1024
 
@@ -23,7 +23,7 @@ def _aad(blob_id: str, index: int, last: bool) -> bytes:
 
 
 class BlobVault:
-    def __init__(self, store: SqliteStore, master: MasterKey) -> None:
+    def __init__(self, store: Store, master: MasterKey) -> None:
         self._store = store
         self._master = master
 

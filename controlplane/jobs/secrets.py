@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from controlplane.atrest import MasterKey, seal, unseal
 from controlplane.errors import InvalidArgument, NotFound
 from controlplane.jobs.validation import SECRET_NAME_RE
-from controlplane.store.sqlite import SqliteStore
+from controlplane.store.base import Store
 
 MAX_SECRET_BYTES = 64 * 1024
 
@@ -24,7 +24,7 @@ def validate_secret_name(name: str) -> str:
 
 
 class SecretVault:
-    def __init__(self, store: SqliteStore, master: MasterKey) -> None:
+    def __init__(self, store: Store, master: MasterKey) -> None:
         self._store = store
         self._master = master
 

@@ -23,7 +23,7 @@ from controlplane.jobs.model import BlobInfo, Job, JobSpec, JobStatus, LogChunk,
 from controlplane.jobs.scheduler import AgentSession, AssignDetails, Cancel, LogAck, ResultAck, Scheduler
 from controlplane.jobs.secrets import SecretVault
 from controlplane.jobs.validation import validate_relative_path, validate_spec
-from controlplane.store.sqlite import SqliteStore
+from controlplane.store.base import Store
 
 log = structlog.get_logger("testhide.jobs")
 
@@ -44,7 +44,7 @@ MAX_JOB_ARTIFACT_BYTES = 1024 * 1024 * 1024
 
 
 class JobService:
-    def __init__(self, store: SqliteStore, master: MasterKey, scheduler: Scheduler, logs: LogBook,
+    def __init__(self, store: Store, master: MasterKey, scheduler: Scheduler, logs: LogBook,
                  blobs: BlobVault, secrets: SecretVault) -> None:
         self._store = store
         self._master = master
