@@ -144,7 +144,7 @@ class Executor:
         loop = asyncio.get_running_loop()
         maskers = {stream: SecretMasker(list(job.secret_env.values())) for stream in LogStream}
         cap, sent, truncated = self._config.log_cap_bytes, 0, False
-        batch: list[tuple[LogStream, bytes]] = []
+        batch: list[tuple[LogStream, list[bytes]]] = []  # runs of one stream, joined at flush
         size, deadline = 0, 0.0
 
         def add(stream: LogStream, data: bytes) -> None:
@@ -155,19 +155,19 @@ class Executor:
                 data, truncated = data[: cap - sent], True
             if not batch:
                 deadline = loop.time() + self._config.log_batch_interval.total_seconds()
-            if batch and batch[-1][0] == stream:
-                batch[-1] = (stream, batch[-1][1] + data)
-            elif data:
-                batch.append((stream, data))
+            if data:
+                if not batch or batch[-1][0] != stream:
+                    batch.append((stream, []))
+                batch[-1][1].append(data)
             size += len(data)
             sent += len(data)
             if truncated:
-                batch.append((LogStream.SYSTEM, truncation_marker(cap)))
+                batch.append((LogStream.SYSTEM, [truncation_marker(cap)]))
 
         def flush() -> None:
             nonlocal batch, size
             if batch:
-                self._outbox.log(job.job_id, batch)
+                self._outbox.log(job.job_id, [(stream, b"".join(parts)) for stream, parts in batch])
                 batch, size = [], 0
 
         while True:

@@ -132,19 +132,16 @@ class Cli:
         self.cwd = cwd or config_home.parent / "empty-workspace"
         self.cwd.mkdir(parents=True, exist_ok=True)
 
-    async def start(self, *args: str, stdin: bytes | None = None) -> asyncio.subprocess.Process:
+    async def start(self, *args: str, stdin: bytes | None = None, cwd: Path | None = None
+                    ) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli.main", *args, env=self.env, cwd=self.cwd,
+            sys.executable, "-m", "cli.main", *args, env=self.env, cwd=cwd or self.cwd,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL)
 
     async def __call__(self, *args: str, timeout: float = 90, stdin: bytes | None = None,
                        cwd: Path | None = None) -> CliResult:
-        previous, self.cwd = self.cwd, cwd or self.cwd
-        try:
-            process = await self.start(*args, stdin=stdin)
-        finally:
-            self.cwd = previous
+        process = await self.start(*args, stdin=stdin, cwd=cwd)
         stdout, stderr = await asyncio.wait_for(process.communicate(stdin), timeout)
         assert process.returncode is not None
         return CliResult(process.returncode, stdout, stderr)

@@ -5,7 +5,6 @@ made here and never leaves the host."""
 from __future__ import annotations
 
 import asyncio
-import re
 from pathlib import Path
 
 import grpc
@@ -14,10 +13,9 @@ from cryptography.exceptions import InvalidSignature
 
 from agent.credentials import Credentials, new_key_and_csr
 from agent.errors import EnrollmentError
+from common.enrollment_token import EnrollmentToken
 from common.tls import PinError, fetch_pinned_ca, secure_channel, split_target
 from protos.v1 import enrollment_pb2, enrollment_pb2_grpc
-
-_TOKEN_RE = re.compile(r"\Ath1\.[0-9a-f]{16}\.[0-9a-f]{64}\.(?P<fp>[0-9a-f]{64})\Z")
 
 
 def endpoint_for(api_endpoint: str, advertised: str) -> str:
@@ -30,11 +28,12 @@ def endpoint_for(api_endpoint: str, advertised: str) -> str:
 async def enroll(server: str, token: str, data_dir: Path, name: str) -> Credentials:
     if (data_dir / "agent.json").exists():
         raise EnrollmentError(f"{data_dir} already holds an enrolled agent; use another --data-dir")
-    match = _TOKEN_RE.match(token.strip())
-    if not match:
-        raise EnrollmentError("malformed enrollment token")
     try:
-        ca_pem = await asyncio.to_thread(fetch_pinned_ca, server, match["fp"])
+        pinned = EnrollmentToken.parse(token).ca_fingerprint
+    except ValueError as exc:
+        raise EnrollmentError(str(exc)) from None
+    try:
+        ca_pem = await asyncio.to_thread(fetch_pinned_ca, server, pinned)
     except (PinError, ValueError) as exc:
         raise EnrollmentError(f"refusing to enroll: {exc}") from exc
     except OSError as exc:

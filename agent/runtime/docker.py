@@ -59,22 +59,28 @@ class Demuxer:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[LogStream, bytes]]:
+        """Whole frames so far, neighbours of the same stream merged. Parts are
+        joined once per run: a block of thousands of one-line frames must not
+        be copied once per frame."""
         self._buffer += data
-        out: list[tuple[LogStream, bytes]] = []
+        view = memoryview(self._buffer)
+        runs: list[tuple[LogStream, list[bytes]]] = []
         pos = 0
-        while len(self._buffer) - pos >= _HEADER.size:
-            kind, size = _HEADER.unpack_from(self._buffer, pos)
-            if len(self._buffer) - pos - _HEADER.size < size:
-                break
-            start = pos + _HEADER.size
-            payload = bytes(self._buffer[start:start + size])
-            if out and out[-1][0] == _STREAMS.get(kind, LogStream.STDOUT):
-                out[-1] = (out[-1][0], out[-1][1] + payload)
-            else:
-                out.append((_STREAMS.get(kind, LogStream.STDOUT), payload))
-            pos = start + size
+        try:
+            while len(view) - pos >= _HEADER.size:
+                kind, size = _HEADER.unpack_from(view, pos)
+                if len(view) - pos - _HEADER.size < size:
+                    break
+                start = pos + _HEADER.size
+                stream = _STREAMS.get(kind, LogStream.STDOUT)
+                if not runs or runs[-1][0] != stream:
+                    runs.append((stream, []))
+                runs[-1][1].append(bytes(view[start:start + size]))
+                pos = start + size
+        finally:
+            view.release()
         del self._buffer[:pos]
-        return out
+        return [(stream, b"".join(parts)) for stream, parts in runs]
 
 
 def _close_attach_socket(sock: Any) -> None:

@@ -10,12 +10,11 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from common.enrollment_token import EnrollmentToken
 from controlplane.errors import Unauthenticated
 
 API_KEY_PREFIX = "thk"
-ENROLL_PREFIX = "th1"
 _API_KEY_RE = re.compile(r"\Athk_([0-9a-f]{16})_([0-9a-f]{64})\Z")
-_ENROLL_RE = re.compile(r"\Ath1\.([0-9a-f]{16})\.([0-9a-f]{64})\.([0-9a-f]{64})\Z")
 
 
 def hash_secret(secret: str) -> bytes:
@@ -44,21 +43,16 @@ def parse_api_key(text: str) -> ParsedApiKey:
     return ParsedApiKey(match[1], match[2])
 
 
-@dataclass(frozen=True)
-class ParsedEnrollmentToken:
-    token_id: str
-    secret: str
-    ca_fingerprint: str
+ParsedEnrollmentToken = EnrollmentToken
 
 
-def new_enrollment_token(ca_fingerprint: str) -> tuple[str, ParsedEnrollmentToken]:
-    token_id, secret = secrets.token_hex(8), secrets.token_hex(32)
-    return (f"{ENROLL_PREFIX}.{token_id}.{secret}.{ca_fingerprint}",
-            ParsedEnrollmentToken(token_id, secret, ca_fingerprint))
+def new_enrollment_token(ca_fingerprint: str) -> tuple[str, EnrollmentToken]:
+    token = EnrollmentToken(secrets.token_hex(8), secrets.token_hex(32), ca_fingerprint)
+    return str(token), token
 
 
-def parse_enrollment_token(text: str) -> ParsedEnrollmentToken:
-    match = _ENROLL_RE.match(text.strip())
-    if not match:
-        raise Unauthenticated("malformed enrollment token")
-    return ParsedEnrollmentToken(match[1], match[2], match[3])
+def parse_enrollment_token(text: str) -> EnrollmentToken:
+    try:
+        return EnrollmentToken.parse(text)
+    except ValueError as exc:
+        raise Unauthenticated(str(exc)) from None

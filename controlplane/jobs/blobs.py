@@ -18,6 +18,11 @@ from controlplane.store.base import Store
 CHUNK = 1024 * 1024
 
 
+def last_chunk_index(size: int) -> int:
+    """``write`` fills chunks of CHUNK bytes and always writes a last one (maybe empty)."""
+    return max(0, -(-size // CHUNK) - 1)
+
+
 def _aad(blob_id: str, index: int, last: bool) -> bytes:
     return f"blob:{blob_id}:{index}:{'last' if last else 'more'}".encode()
 
@@ -55,17 +60,14 @@ class BlobVault:
     async def read(self, info: BlobInfo, wrapped_key: bytes) -> AsyncIterator[bytes]:
         """The blob's bytes, authenticated chunk by chunk and as a whole."""
         data_key = self._master.unwrap_data_key(wrapped_key, aad=info.id.encode())
-        digest, index = hashlib.sha256(), 0
-        while True:
+        digest = hashlib.sha256()
+        last = last_chunk_index(info.size)
+        for index in range(last + 1):
             sealed = await self._store.blob_chunk(info.id, index)
             if sealed is None:
                 raise IntegrityError(f"{info.kind} {info.path or info.id} is truncated")
-            last = sealed is not None and await self._store.blob_chunk(info.id, index + 1) is None
-            data = unseal(data_key, sealed, _aad(info.id, index, last))
+            data = unseal(data_key, sealed, _aad(info.id, index, index == last))
             digest.update(data)
             yield data
-            if last:
-                break
-            index += 1
         if digest.hexdigest() != info.sha256:
             raise IntegrityError(f"{info.kind} {info.path or info.id} does not match its sha256")

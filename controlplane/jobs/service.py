@@ -139,7 +139,6 @@ class JobService:
         and all its log was sent, then the final job."""
         if offset < 0:
             raise InvalidArgument("from_offset must not be negative")
-        await self.get(org, job_id)
         while True:
             changed = self._logs.changed(job_id)
             job = await self.get(org, job_id)
@@ -167,9 +166,6 @@ class JobService:
         if job.epoch != epoch:
             raise StaleEpoch(f"job {job_id} was reassigned (epoch {job.epoch}, not {epoch})")
         return job
-
-    async def _owned(self, session: AgentSession, job_id: str, epoch: int) -> Job:
-        return await self.leased(session.identity, job_id, epoch)
 
     async def workspace_for(self, identity: AgentIdentity, job_id: str, epoch: int) -> AsyncIterator[bytes]:
         job = await self.leased(identity, job_id, epoch)
@@ -229,7 +225,7 @@ class JobService:
         self._scheduler.kick(org, session.identity.pool)
 
     async def on_started(self, session: AgentSession, job_id: str, epoch: int) -> None:
-        job = await self._owned(session, job_id, epoch)
+        job = await self.leased(session.identity, job_id, epoch)
         if job.status == JobStatus.ASSIGNED:
             await self._store.set_job_status(job.org, job_id, epoch, JobStatus.RUNNING, datetime.now(UTC))
             log.info("job_started", job_id=job_id, agent_id=session.identity.agent_id)
@@ -241,7 +237,7 @@ class JobService:
 
     async def on_result(self, session: AgentSession, job_id: str, epoch: int, last_seq: int,
                         status: JobStatus, exit_code: int | None, reason: str) -> None:
-        job = await self._owned(session, job_id, epoch)
+        job = await self.leased(session.identity, job_id, epoch)
         if job.last_seq != last_seq:
             raise FailedPrecondition(f"result of job {job_id} arrived before its log ({job.last_seq}/{last_seq})")
         if not job.status.terminal:
