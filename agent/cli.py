@@ -6,12 +6,14 @@ import asyncio
 import signal
 import socket
 from collections.abc import Coroutine
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from agent.errors import AgentError
+from common.durations import Duration
 from common.logging import configure
 
 T = TypeVar("T")
@@ -54,8 +56,15 @@ def enroll(server: str, token: str, data_dir: Path, name: str) -> None:
 @click.option("--max-jobs", default=1, show_default=True, help="Jobs run at once.")
 @click.option("--runtime", default="runc", show_default=True, help="Default Docker runtime for jobs (runsc: gVisor).")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="What this host offers (repeatable).")
-def run(data_dir: Path, max_jobs: int, runtime: str, labels: tuple[str, ...]) -> None:
-    """Connect to the control plane and run jobs until SIGTERM."""
+@click.option("--drain-timeout", type=Duration(), default="5m", show_default=True,
+              help="On SIGTERM, how long running jobs may go on before they are canceled.")
+@click.option("--spool-max", type=click.IntRange(min=4 * 1024 * 1024), default=512 * 1024 * 1024,
+              show_default=True, help="Bytes of job output kept on disk while the control plane is out of reach.")
+def run(data_dir: Path, max_jobs: int, runtime: str, labels: tuple[str, ...], drain_timeout: timedelta,
+        spool_max: int) -> None:
+    """Connect to the control plane and run jobs. SIGTERM drains (no new jobs;
+    running ones finish or are canceled after --drain-timeout; results are
+    delivered); a second SIGTERM or SIGINT stops at once."""
     from agent.config import AgentConfig
     from agent.daemon import Agent
     from agent.runtime.docker import DockerRuntime
@@ -67,11 +76,19 @@ def run(data_dir: Path, max_jobs: int, runtime: str, labels: tuple[str, ...]) ->
             if not sep or not key:
                 raise click.BadParameter(f"{label!r} is not K=V", param_hint="--label")
             offered[key] = value
-        agent = Agent(AgentConfig(data_dir=data_dir, max_jobs=max_jobs, runtime=runtime, labels=offered),
-                      DockerRuntime())
+        agent = Agent(AgentConfig(data_dir=data_dir, max_jobs=max_jobs, runtime=runtime, labels=offered,
+                                  drain_timeout=drain_timeout, spool_max_bytes=spool_max), DockerRuntime())
         loop = asyncio.get_running_loop()
+        draining: list[asyncio.Task[None]] = []
+
+        def on_signal() -> None:
+            if draining:
+                agent.shutdown()
+            else:
+                draining.append(asyncio.create_task(agent.drain()))
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.shutdown)
+            loop.add_signal_handler(sig, on_signal)
         await agent.run()
 
     _run(serve())

@@ -42,10 +42,23 @@ class AgentConfig:
     max_job_artifact_bytes: int = 1024 * 1024 * 1024
     """Largest total of artifacts collected from one job."""
 
+    spool_max_bytes: int = 512 * 1024 * 1024
+    """Log bytes kept on disk while the control plane is out of reach; past it, jobs' output waits."""
+    drain_timeout: timedelta = timedelta(minutes=5)
+    """On SIGTERM, how long running jobs may go on before they are canceled."""
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
     def __post_init__(self) -> None:
         if not 1 <= self.max_jobs <= 64:
             raise ConfigError("max_jobs must be between 1 and 64")
         if not _USER_RE.match(self.job_user) or self.job_user.split(":")[0] == "0":
             raise ConfigError("job_user must be a numeric non-root uid[:gid]")
+        if self.spool_max_bytes < 2 * self.log_batch_bytes:
+            raise ConfigError("spool_max_bytes must hold at least two log batches")
+        if self.drain_timeout < timedelta(0):
+            raise ConfigError("drain_timeout must not be negative")
         if not 1024 <= self.log_batch_bytes <= 2 * 1024 * 1024:
             raise ConfigError("log_batch_bytes must be between 1 KiB and 2 MiB")

@@ -1,11 +1,16 @@
 """The agent daemon: keeps one session to the control plane open, reconnecting
-with capped, jittered exponential backoff, and runs the jobs it is given."""
+with capped, jittered exponential backoff, and runs the jobs it is given.
+
+SIGTERM drains: no new jobs, running ones get ``drain_timeout`` to finish (then
+are canceled), their results are delivered, then the agent exits. A second
+signal stops at once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from dataclasses import replace
+from datetime import timedelta
 
 import grpc
 import structlog
@@ -19,8 +24,12 @@ from agent.outbox import Outbox
 from agent.rpc.link import ControlPlaneLink
 from agent.rpc.session import Session, SessionEvents, SessionLost
 from agent.runtime.base import ContainerRuntime
+from agent.spool import Spool
 
 log = structlog.get_logger("testhide.agent")
+
+# How long a draining agent tries to deliver its last results before it exits.
+RESULT_DELIVERY_TIMEOUT = timedelta(seconds=30)
 
 
 class Agent:
@@ -29,31 +38,47 @@ class Agent:
 
     def __init__(self, config: AgentConfig, runtime: ContainerRuntime) -> None:
         self.config = config
-        self.outbox = Outbox()
-        self._runtime = runtime
-        self._executor = Executor(config, runtime, self.outbox, ControlPlaneLink(lambda: self._credentials))
-        self._jobs: dict[str, asyncio.Task[None]] = {}
         self._credentials = Credentials.load(config.data_dir)
+        self.outbox = Outbox(Spool(config.spool_dir), config.spool_max_bytes)
+        self._runtime = runtime
+        self._executor = Executor(config, runtime, self.outbox, ControlPlaneLink(lambda: self._credentials),
+                                  owner=self._credentials.agent_id)
+        self._jobs: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
+        self.draining = asyncio.Event()
+        """Set on the first SIGTERM: no new jobs."""
         self.credentials_changed = asyncio.Condition()
 
     @property
     def agent_id(self) -> str:
         return self._credentials.agent_id
 
-    def _assign(self, job: Assignment) -> None:
+    def _assign(self, job: Assignment) -> bool:
+        """False refuses the job (the agent is shutting down): the control plane requeues it."""
         if job.job_id in self._jobs:
-            return  # a replayed assignment of a job already running
+            return True  # a replayed assignment of a job already running
+        if self.draining.is_set():
+            log.info("job_refused", job_id=job.job_id, reason="draining")
+            return False
         # Open before the task runs: a hello sent in between must list the job.
         self.outbox.open(job.job_id, job.epoch)
         task = asyncio.create_task(self._executor.run(job), name=f"job-{job.job_id}")
         self._jobs[job.job_id] = task
         task.add_done_callback(lambda _: self._jobs.pop(job.job_id, None))
         log.info("job_received", job_id=job.job_id, epoch=job.epoch, image=job.image)
+        return True
 
-    def _cancel(self, job_id: str, reason: str) -> None:
-        if not self._executor.cancel(job_id, reason):
+    def _cancel(self, job_id: str, reason: str, abandon: bool) -> None:
+        if abandon:
+            # No longer ours (lease lapsed, reassigned): stop it, say nothing more about it.
             self.outbox.drop(job_id)
+            log.warning("job_abandoned", job_id=job_id, reason=reason)
+        if not self._executor.cancel(job_id, reason, abandon=abandon):
+            self.outbox.drop(job_id)
+
+    def executing(self) -> list[str]:
+        """Jobs whose container this agent is running (or setting up, or cleaning up)."""
+        return list(self._jobs)
 
     @property
     def credentials(self) -> Credentials:
@@ -76,10 +101,14 @@ class Agent:
     async def _one_session(self) -> None:
         session = Session(self.config, self._credentials, self.outbox, SessionEvents(
             assign=self._assign, cancel=self._cancel, renewed=self._update_credentials,
-            trust_bundle=self._trust_bundle), runtimes=self._runtime.runtimes())
+            trust_bundle=self._trust_bundle), runtimes=self._runtime.runtimes(), draining=self.draining)
         await session.run()
 
     async def run(self) -> None:
+        removed = await self._runtime.remove_leftovers(self.agent_id)
+        if removed:
+            log.warning("leftover_containers_removed", count=removed,
+                        note="jobs of an earlier run of this agent; the control plane has marked them LOST")
         stopper = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
@@ -122,4 +151,26 @@ class Agent:
         await asyncio.gather(*self._jobs.values(), return_exceptions=True)
 
     def shutdown(self) -> None:
+        """Stop now: running jobs are stopped unreported (they turn LOST when their lease lapses)."""
         self._stopping.set()
+
+    async def drain(self) -> None:
+        """Take no new jobs, let running ones finish (up to ``drain_timeout``,
+        then cancel them), deliver their results, then stop."""
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        running = list(self._jobs.values())
+        log.info("agent_draining", jobs=len(running), timeout_s=self.config.drain_timeout.total_seconds())
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.config.drain_timeout.total_seconds())
+            for job_id in self._executor.running():
+                self._executor.cancel(job_id, "the agent is shutting down")
+            if late:
+                await asyncio.wait(late)
+        try:
+            async with asyncio.timeout(RESULT_DELIVERY_TIMEOUT.total_seconds()):
+                await self.outbox.wait_empty()
+        except TimeoutError:
+            log.warning("agent_drain_undelivered", jobs=list(self.outbox.running()))
+        self.shutdown()

@@ -29,21 +29,30 @@ def truncation_marker(cap: int) -> bytes:
 
 class Executor:
     def __init__(self, config: AgentConfig, runtime: ContainerRuntime, outbox: Outbox,
-                 link: ControlPlaneLink | None = None) -> None:
+                 link: ControlPlaneLink | None = None, owner: str = "") -> None:
         self._config = config
+        self._owner = owner
         self._runtime = runtime
         self._outbox = outbox
         self._link = link
         self._stop_requests: dict[str, asyncio.Event] = {}
         self._stop_reasons: dict[str, str] = {}
+        self._abandoned: set[str] = set()
 
-    def cancel(self, job_id: str, reason: str) -> bool:
+    def cancel(self, job_id: str, reason: str, abandon: bool = False) -> bool:
+        """Stop a running job; with ``abandon`` (it is no longer ours) skip
+        collecting its artifacts: nothing about it is reported any more."""
         event = self._stop_requests.get(job_id)
         if event is None:
             return False
         self._stop_reasons[job_id] = reason
+        if abandon:
+            self._abandoned.add(job_id)
         event.set()
         return True
+
+    def running(self) -> list[str]:
+        return list(self._stop_requests)
 
     async def _prepare(self, job: Assignment) -> ContainerSpec:
         """Everything that can refuse the job before it runs."""
@@ -62,20 +71,21 @@ class Executor:
         return ContainerSpec(job_id=job.job_id, image=job.image, command=job.command,
                              env={**job.env, **job.secret_env}, workdir=job.workdir, cpus=job.cpus,
                              memory_bytes=job.memory_bytes, pids=job.pids, user=self._config.job_user,
-                             runtime=self._runtime_for(job), workspace_tar=workspace)
+                             runtime=self._runtime_for(job), workspace_tar=workspace,
+                             owner=self._owner)
 
     def _runtime_for(self, job: Assignment) -> str:
         """A host configured for a stronger runtime (gVisor) runs every job under it."""
         return self._config.runtime if self._config.runtime != "runc" else (job.runtime or "runc")
 
-    def _fail(self, job: Assignment, reason: str) -> None:
-        self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {reason}\n".encode())])
+    async def _fail(self, job: Assignment, reason: str) -> None:
+        await self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {reason}\n".encode())])
         self._outbox.finish(job.job_id, Outcome.ERROR, -1, reason)
 
     async def run(self, job: Assignment) -> None:
         self._outbox.open(job.job_id, job.epoch)
         stop = self._stop_requests[job.job_id] = asyncio.Event()
-        output: OutputQueue = asyncio.Queue()
+        output = OutputQueue()
         bound = log.bind(job_id=job.job_id, epoch=job.epoch)
         try:
             container = await self._runtime.start(await self._prepare(job), output)
@@ -83,7 +93,7 @@ class Executor:
             # Whatever went wrong, the job must end: a job that never reports is worse.
             reason = str(exc) if isinstance(exc, JobSetupError) else f"the agent could not start the job: {exc!r}"
             (bound.warning if isinstance(exc, JobSetupError) else bound.exception)("job_setup_failed", error=reason)
-            self._fail(job, reason)
+            await self._fail(job, reason)
             self._stop_requests.pop(job.job_id, None)
             return
         self._outbox.started(job.job_id)
@@ -105,7 +115,8 @@ class Executor:
             if exit_info.oom_killed:
                 reason = reason or "killed: out of memory"
             await forwarder
-            await self._collect(job, container)
+            if job.job_id not in self._abandoned:
+                await self._collect(job, container)
             self._outbox.finish(job.job_id, outcome, exit_info.exit_code, reason)
             bound.info("job_finished", outcome=outcome.name, exit_code=exit_info.exit_code)
         except BaseException:
@@ -115,8 +126,10 @@ class Executor:
             await asyncio.shield(container.stop(0))
             raise
         finally:
+            output.close()
             self._stop_requests.pop(job.job_id, None)
             self._stop_reasons.pop(job.job_id, None)
+            self._abandoned.discard(job.job_id)
             await asyncio.shield(container.remove())
 
     async def _collect(self, job: Assignment, container: RunningContainer) -> None:
@@ -133,10 +146,11 @@ class Executor:
                 await self._link.upload(job.job_id, job.epoch, item.path, item.kind, item.data)
             notes = [f"testhide: not collected: {s}\n" for s in found.skipped]
             if notes:
-                self._outbox.log(job.job_id, [(LogStream.SYSTEM, "".join(notes).encode())])
+                await self._outbox.log(job.job_id, [(LogStream.SYSTEM, "".join(notes).encode())])
         except Exception as exc:
             log.warning("artifact_collection_failed", job_id=job.job_id, error=str(exc))
-            self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: artifacts not collected: {exc}\n".encode())])
+            await self._outbox.log(job.job_id,
+                                   [(LogStream.SYSTEM, f"testhide: artifacts not collected: {exc}\n".encode())])
 
     async def _forward(self, job: Assignment, output: OutputQueue) -> None:
         """Mask secrets, cap the log, and batch: send at ``log_batch_bytes`` or
@@ -164,25 +178,25 @@ class Executor:
             if truncated:
                 batch.append((LogStream.SYSTEM, [truncation_marker(cap)]))
 
-        def flush() -> None:
+        async def flush() -> None:
             nonlocal batch, size
             if batch:
-                self._outbox.log(job.job_id, [(stream, b"".join(parts)) for stream, parts in batch])
-                batch, size = [], 0
+                entries, batch, size = [(stream, b"".join(parts)) for stream, parts in batch], [], 0
+                await self._outbox.log(job.job_id, entries)  # waits while the spool is full
 
         while True:
             timeout = max(0.0, deadline - loop.time()) if batch else None
             try:
                 item = await asyncio.wait_for(output.get(), timeout)
             except TimeoutError:
-                flush()
+                await flush()
                 continue
             if item is None:
                 for stream, masker in maskers.items():
                     add(stream, masker.flush())
-                flush()
+                await flush()
                 return
             stream, data = item
             add(stream, maskers[stream].feed(data))
             if size >= self._config.log_batch_bytes:
-                flush()
+                await flush()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Any
+
+import click
 
 _PART = re.compile(r"(\d{1,9})(ms|s|m|h|d)", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -39,3 +42,15 @@ def format_duration(value: timedelta) -> str:
             parts.append(f"{seconds // size}{unit}")
             seconds %= size
     return "".join(parts) or "0s"
+
+
+class Duration(click.ParamType):
+    """A click option type for the forms above."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return parse_duration(value) if isinstance(value, str) else value
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)

@@ -5,6 +5,7 @@ on the next one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from protos.v1 import agent_pb2, agent_pb2_grpc
 log = structlog.get_logger("testhide.agent.session")
 
 SESSION_ACCEPTED = "testhide-session"
+HEARTBEAT_INTERVAL = "testhide-heartbeat-ms"
+MIN_HEARTBEAT_S = 0.1
 FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
@@ -36,16 +39,21 @@ class SessionLost(Exception):
 class SessionEvents:
     """What the session hands to the daemon."""
 
-    assign: Callable[[Assignment], None]
-    cancel: Callable[[str, str], None]
+    assign: Callable[[Assignment], bool]
+    """False refuses the assignment (the agent is draining)."""
+    cancel: Callable[[str, str, bool], None]
+    """job id, reason, abandon (the job is no longer ours: report nothing more)."""
     renewed: Callable[[Credentials], None]
     trust_bundle: Callable[[bytes], None]
 
 
 class Session:
     def __init__(self, config: AgentConfig, credentials: Credentials, outbox: Outbox, events: SessionEvents,
-                 runtimes: list[str] | None = None, rng: random.Random | None = None) -> None:
+                 runtimes: list[str] | None = None, rng: random.Random | None = None,
+                 draining: asyncio.Event | None = None) -> None:
         self._runtimes = runtimes or ["runc"]
+        self._draining = draining or asyncio.Event()
+        self._heartbeat_s = config.heartbeat_interval.total_seconds()
         self._config = config
         self._credentials = credentials
         self._outbox = outbox
@@ -71,11 +79,11 @@ class Session:
                 agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])
             outgoing.put_nowait(agent_pb2.AgentMessage(hello=hello))
             try:
-                await self._await_acceptance(call)
+                self._heartbeat_s = self._heartbeat_interval(await self._await_acceptance(call))
                 self.established = True
                 log.info("agent_connected", endpoint=creds.agent_endpoint, agent_id=creds.agent_id)
                 self._outbox.attach(lambda report: outgoing.put_nowait(report_to_pb(report)))
-                tasks = [asyncio.create_task(self._read(call), name="read"),
+                tasks = [asyncio.create_task(self._read(call, outgoing), name="read"),
                          asyncio.create_task(self._write(call, outgoing), name="write"),
                          asyncio.create_task(self._heartbeat(outgoing), name="heartbeat"),
                          asyncio.create_task(self._renew(stub), name="renew")]
@@ -99,13 +107,22 @@ class Session:
                 self._outbox.detach()
                 call.cancel()
 
+    def _heartbeat_interval(self, metadata: dict[str, str]) -> float:
+        """Ours, or shorter if the control plane's leases need it."""
+        try:
+            asked = int(metadata.get(HEARTBEAT_INTERVAL, "0")) / 1000
+        except ValueError:
+            asked = 0
+        interval = min(self._config.heartbeat_interval.total_seconds(), asked or float("inf"))
+        return max(MIN_HEARTBEAT_S, interval)
+
     @staticmethod
-    async def _await_acceptance(call: grpc.aio.StreamStreamCall) -> None:
+    async def _await_acceptance(call: grpc.aio.StreamStreamCall) -> dict[str, str]:
         """The server sends a marker in its initial metadata once it has
         accepted our identity; anything else is the call's error."""
         metadata = await call.initial_metadata()
         if metadata is not None and any(key == SESSION_ACCEPTED for key, _ in metadata):
-            return
+            return {key: value for key, value in metadata if isinstance(value, str)}
         code, details = await call.code(), await call.details()
         raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await call.trailing_metadata(), details)
 
@@ -114,13 +131,18 @@ class Session:
         while True:
             await call.write(await outgoing.get())
 
-    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _read(self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+                    ) -> None:
         async for message in call:
             match message.WhichOneof("body"):
                 case "assign":
-                    self._events.assign(assignment_from_pb(message.assign))
+                    a = message.assign
+                    if not self._events.assign(assignment_from_pb(a)):
+                        outgoing.put_nowait(agent_pb2.AgentMessage(refused=agent_pb2.JobRefused(
+                            job_id=a.job_id, epoch=a.epoch, reason="the agent is shutting down")))
                 case "cancel":
-                    self._events.cancel(message.cancel.job_id, message.cancel.reason)
+                    c = message.cancel
+                    self._events.cancel(c.job_id, c.reason, c.abandon)
                 case "trust_bundle":
                     self._events.trust_bundle(message.trust_bundle.ca_bundle_pem)
                 case "log_ack":
@@ -129,10 +151,17 @@ class Session:
                     self._outbox.ack_result(message.result_ack.job_id)
 
     async def _heartbeat(self, outgoing: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
+        """Keeps the leases of our jobs; tells the control plane at once when we start draining."""
+        announced = False
         while True:
-            await asyncio.sleep(self._config.heartbeat_interval.total_seconds())
-            outgoing.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(running_jobs=[
-                agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])))
+            if announced or not self._draining.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._heartbeat_s):
+                        await (asyncio.Event() if announced else self._draining).wait()
+            announced = self._draining.is_set()
+            outgoing.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
+                draining=announced, running_jobs=[
+                    agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])))
 
     async def _renew(self, stub: agent_pb2_grpc.AgentControlStub) -> None:
         """At half-life with jitter: a new key, a new certificate, then end this

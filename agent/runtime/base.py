@@ -3,13 +3,59 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
 from agent.model import LogStream
 
-# Output chunks as the container writes them; None once both streams closed.
-OutputQueue = asyncio.Queue[tuple[LogStream, bytes] | None]
+OutputItem = tuple[LogStream, bytes] | None
+"""An output chunk as the container wrote it; None once both streams closed."""
+
+DEFAULT_OUTPUT_BUFFER = 16 * 1024 * 1024
+
+
+class OutputQueue:
+    """Container output on its way from a reader thread to the executor. A
+    reader blocks while ``limit`` bytes wait here, so a job whose log cannot
+    be shipped (its agent cut off, the spool full) is slowed, not dropped."""
+
+    def __init__(self, limit: int = DEFAULT_OUTPUT_BUFFER) -> None:
+        self._queue: asyncio.Queue[OutputItem] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._limit = limit
+        self._waiting = 0
+        self._closed = False
+        self._room = threading.Condition()
+
+    def put_nowait(self, item: OutputItem) -> None:
+        """From the event loop's thread; not bounded (scripted output)."""
+        self._queue.put_nowait(item)
+
+    def put_from_thread(self, item: OutputItem) -> None:
+        """From a reader thread: blocks while the buffer is full."""
+        if item is not None:
+            with self._room:
+                while self._waiting >= self._limit and not self._closed:
+                    self._room.wait()
+                if self._closed:
+                    return
+                self._waiting += len(item[1])
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self) -> OutputItem:
+        item = await self._queue.get()
+        if item is not None:
+            with self._room:
+                self._waiting -= len(item[1])
+                self._room.notify()
+        return item
+
+    def close(self) -> None:
+        """The consumer is gone: readers stop blocking and drop what they read."""
+        with self._room:
+            self._closed = True
+            self._room.notify_all()
 
 
 @dataclass(frozen=True)
@@ -26,6 +72,8 @@ class ContainerSpec:
     runtime: str = "runc"
     workspace_tar: bytes | None = None
     """A validated tar to place in /workspace before the job starts."""
+    owner: str = ""
+    """The agent running the job; its leftovers are removed when it starts again."""
 
 
 @dataclass(frozen=True)
@@ -64,4 +112,9 @@ class ContainerRuntime(Protocol):
 
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> RunningContainer:
         """Create and start a hardened container whose output goes to ``output``."""
+        ...
+
+    async def remove_leftovers(self, owner: str) -> int:
+        """Remove containers and workspaces an earlier run of agent ``owner``
+        left behind (it was killed); returns how many containers."""
         ...

@@ -30,6 +30,7 @@ from agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
 log = structlog.get_logger("testhide.agent.docker")
 
 LABEL = "dev.testhide.job"
+OWNER_LABEL = "dev.testhide.agent"
 READ_BLOCK = 1 << 20
 _HEADER = struct.Struct(">BxxxL")
 _STREAMS = {1: LogStream.STDOUT, 2: LogStream.STDERR}
@@ -188,7 +189,7 @@ class DockerRuntime:
             raise JobSetupError(f"Docker refused to set up the job: {explanation}") from exc
 
     def _create_unchecked(self, spec: ContainerSpec) -> tuple[Container, str]:
-        labels = {LABEL: spec.job_id}
+        labels = {LABEL: spec.job_id, OWNER_LABEL: spec.owner}
         volume = self._client.volumes.create(name=f"testhide-ws-{spec.job_id}", labels=labels).name
         mount = Mount("/workspace", volume, type="volume")
         helper = self._client.containers.create(self._ensure_init_image(spec.user), ["/none"],
@@ -231,6 +232,22 @@ class DockerRuntime:
             raise
         return container, volume
 
+    async def remove_leftovers(self, owner: str) -> int:
+        def run() -> int:
+            selector = {"label": f"{OWNER_LABEL}={owner}"}
+            containers = self._client.containers.list(all=True, filters=selector)
+            for container in containers:
+                with contextlib.suppress(docker.errors.NotFound):
+                    container.remove(force=True)
+            for volume in self._client.volumes.list(filters=selector):
+                with contextlib.suppress(docker.errors.NotFound):
+                    volume.remove(force=True)
+            return len(containers)
+
+        if not owner:
+            return 0
+        return await asyncio.to_thread(run)
+
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> DockerContainer:
         container, volume = await asyncio.to_thread(self._create, spec)
         running = DockerContainer(self._client, container, volume)
@@ -239,8 +256,7 @@ class DockerRuntime:
                 self._client.api.attach_socket, container.id,
                 {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1},
             )
-            loop = asyncio.get_running_loop()
-            threading.Thread(target=self._pump, args=(sock, output, loop), name=f"output-{spec.job_id}",
+            threading.Thread(target=self._pump, args=(sock, output), name=f"output-{spec.job_id}",
                              daemon=True).start()
             await asyncio.to_thread(container.start)
         except docker.errors.DockerException as exc:
@@ -251,7 +267,7 @@ class DockerRuntime:
         return running
 
     @staticmethod
-    def _pump(sock: Any, output: OutputQueue, loop: asyncio.AbstractEventLoop) -> None:
+    def _pump(sock: Any, output: OutputQueue) -> None:
         demuxer = Demuxer()
         try:
             while True:
@@ -259,9 +275,9 @@ class DockerRuntime:
                 if not data:
                     break
                 for chunk in demuxer.feed(data):
-                    loop.call_soon_threadsafe(output.put_nowait, chunk)
+                    output.put_from_thread(chunk)
         except OSError:
             log.warning("container_output_interrupted")
         finally:
-            loop.call_soon_threadsafe(output.put_nowait, None)
+            output.put_from_thread(None)
             _close_attach_socket(sock)

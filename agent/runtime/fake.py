@@ -69,6 +69,9 @@ class FakeRuntime:
     def runtimes(self) -> list[str]:
         return ["runc"]
 
+    async def remove_leftovers(self, owner: str) -> int:
+        return 0
+
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> FakeContainer:
         script = self.scripts.get(spec.job_id, Script())
         if script.setup_error:

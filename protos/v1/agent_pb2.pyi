@@ -109,10 +109,22 @@ class Hello(_message.Message):
     def __init__(self, running_jobs: _Optional[_Iterable[_Union[RunningJob, _Mapping]]] = ..., max_jobs: _Optional[int] = ..., version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., runtimes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("running_jobs",)
+    __slots__ = ("running_jobs", "draining")
     RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     running_jobs: _containers.RepeatedCompositeFieldContainer[RunningJob]
-    def __init__(self, running_jobs: _Optional[_Iterable[_Union[RunningJob, _Mapping]]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, running_jobs: _Optional[_Iterable[_Union[RunningJob, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class JobRefused(_message.Message):
+    __slots__ = ("job_id", "epoch", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epoch: int
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class JobAccepted(_message.Message):
     __slots__ = ("job_id", "epoch")
@@ -167,20 +179,22 @@ class JobResult(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., last_seq: _Optional[int] = ..., outcome: _Optional[_Union[JobOutcome, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "accepted", "started", "log_batch", "result")
+    __slots__ = ("hello", "heartbeat", "accepted", "started", "log_batch", "result", "refused")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     LOG_BATCH_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     accepted: JobAccepted
     started: JobStarted
     log_batch: LogBatch
     result: JobResult
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., log_batch: _Optional[_Union[LogBatch, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
+    refused: JobRefused
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., accepted: _Optional[_Union[JobAccepted, _Mapping]] = ..., started: _Optional[_Union[JobStarted, _Mapping]] = ..., log_batch: _Optional[_Union[LogBatch, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., refused: _Optional[_Union[JobRefused, _Mapping]] = ...) -> None: ...
 
 class AssignJob(_message.Message):
     __slots__ = ("job_id", "epoch", "spec", "secret_env", "pull_policy", "allowed_images", "runtime")
@@ -208,12 +222,14 @@ class AssignJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., spec: _Optional[_Union[_jobs_pb2.JobSpec, _Mapping]] = ..., secret_env: _Optional[_Mapping[str, str]] = ..., pull_policy: _Optional[_Union[PullPolicy, str]] = ..., allowed_images: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class CancelJob(_message.Message):
-    __slots__ = ("job_id", "reason")
+    __slots__ = ("job_id", "reason", "abandon")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ABANDON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     reason: str
-    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    abandon: bool
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ..., abandon: _Optional[bool] = ...) -> None: ...
 
 class LogAck(_message.Message):
     __slots__ = ("job_id", "seq")

@@ -69,7 +69,7 @@ class Resources(_message.Message):
     def __init__(self, cpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., pids: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("image", "command", "env", "pool", "timeout", "resources", "workdir", "labels", "secrets", "runtime", "artifact_globs", "junit_globs", "workspace_id")
+    __slots__ = ("image", "command", "env", "pool", "timeout", "resources", "workdir", "labels", "secrets", "runtime", "artifact_globs", "junit_globs", "workspace_id", "retries")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class JobSpec(_message.Message):
     ARTIFACT_GLOBS_FIELD_NUMBER: _ClassVar[int]
     JUNIT_GLOBS_FIELD_NUMBER: _ClassVar[int]
     WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
@@ -110,7 +111,8 @@ class JobSpec(_message.Message):
     artifact_globs: _containers.RepeatedScalarFieldContainer[str]
     junit_globs: _containers.RepeatedScalarFieldContainer[str]
     workspace_id: str
-    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., pool: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., workdir: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., secrets: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., artifact_globs: _Optional[_Iterable[str]] = ..., junit_globs: _Optional[_Iterable[str]] = ..., workspace_id: _Optional[str] = ...) -> None: ...
+    retries: int
+    def __init__(self, image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., pool: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., workdir: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., secrets: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., artifact_globs: _Optional[_Iterable[str]] = ..., junit_globs: _Optional[_Iterable[str]] = ..., workspace_id: _Optional[str] = ..., retries: _Optional[int] = ...) -> None: ...
 
 class StatusTransition(_message.Message):
     __slots__ = ("status", "at", "reason")
@@ -123,7 +125,7 @@ class StatusTransition(_message.Message):
     def __init__(self, status: _Optional[_Union[JobStatus, str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "org", "spec", "status", "exit_code", "status_reason", "created_at", "started_at", "finished_at", "agent_id", "transitions", "log_size")
+    __slots__ = ("id", "org", "spec", "status", "exit_code", "status_reason", "created_at", "started_at", "finished_at", "agent_id", "transitions", "log_size", "attempt", "retry_of", "retried_as")
     ID_FIELD_NUMBER: _ClassVar[int]
     ORG_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +138,9 @@ class Job(_message.Message):
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
     LOG_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_OF_FIELD_NUMBER: _ClassVar[int]
+    RETRIED_AS_FIELD_NUMBER: _ClassVar[int]
     id: str
     org: str
     spec: JobSpec
@@ -148,7 +153,10 @@ class Job(_message.Message):
     agent_id: str
     transitions: _containers.RepeatedCompositeFieldContainer[StatusTransition]
     log_size: int
-    def __init__(self, id: _Optional[str] = ..., org: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent_id: _Optional[str] = ..., transitions: _Optional[_Iterable[_Union[StatusTransition, _Mapping]]] = ..., log_size: _Optional[int] = ...) -> None: ...
+    attempt: int
+    retry_of: str
+    retried_as: str
+    def __init__(self, id: _Optional[str] = ..., org: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., status: _Optional[_Union[JobStatus, str]] = ..., exit_code: _Optional[int] = ..., status_reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., agent_id: _Optional[str] = ..., transitions: _Optional[_Iterable[_Union[StatusTransition, _Mapping]]] = ..., log_size: _Optional[int] = ..., attempt: _Optional[int] = ..., retry_of: _Optional[str] = ..., retried_as: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)

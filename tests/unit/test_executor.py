@@ -14,6 +14,7 @@ from agent.executor import Executor
 from agent.model import Assignment, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
 from agent.outbox import Outbox
 from agent.runtime.fake import FakeRuntime, Script
+from agent.spool import Spool
 
 OUT, ERR, SYS = LogStream.STDOUT, LogStream.STDERR, LogStream.SYSTEM
 WAIT = 5.0  # generous upper bound for anything that should happen at once
@@ -23,7 +24,7 @@ class Harness:
     def __init__(self, tmp_path: Path, **config: object) -> None:
         self.config = AgentConfig(data_dir=tmp_path, **config)  # type: ignore[arg-type]
         self.runtime = FakeRuntime()
-        self.outbox = Outbox()
+        self.outbox = Outbox(Spool(tmp_path / "spool"))
         self.reports: list[Report] = []
         self._watchers: list[tuple[Callable[[Report], bool], asyncio.Event]] = []
         self.outbox.attach(self._send)

@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
+import pytest
+
 from agent.model import JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
 from agent.outbox import Outbox
+from agent.spool import Spool
 
 OUT, ERR = LogStream.STDOUT, LogStream.STDERR
 
 
-def attached() -> tuple[Outbox, list[Report]]:
-    outbox, sent = Outbox(), []
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+def attached(spool: Spool) -> tuple[Outbox, list[Report]]:
+    outbox, sent = Outbox(spool), []
     outbox.attach(sent.append)
     return outbox, sent
 
 
-def test_reports_emitted_while_attached() -> None:
-    outbox, sent = attached()
+async def test_reports_emitted_while_attached(spool: Spool) -> None:
+    outbox, sent = attached(spool)
     outbox.open("j1", 3)
     assert sent == []
     outbox.started("j1")
-    outbox.log("j1", [(OUT, b"a"), (ERR, b"b")])
-    outbox.log("j1", [(OUT, b"c")])
+    await outbox.log("j1", [(OUT, b"a"), (ERR, b"b")])
+    await outbox.log("j1", [(OUT, b"c")])
     outbox.finish("j1", Outcome.EXITED, 2, "")
     assert sent == [
         JobStarted("j1", 3),
@@ -30,29 +41,29 @@ def test_reports_emitted_while_attached() -> None:
     ]
 
 
-def test_result_without_logs_has_last_seq_zero() -> None:
-    outbox, sent = attached()
+async def test_result_without_logs_has_last_seq_zero(spool: Spool) -> None:
+    outbox, sent = attached(spool)
     outbox.open("j", 1)
     outbox.finish("j", Outcome.ERROR, -1, "boom")
     assert sent == [JobResult("j", 1, 0, Outcome.ERROR, -1, "boom")]
 
 
-def test_log_copies_the_entry_list() -> None:
-    outbox, sent = attached()
+async def test_log_copies_the_entry_list(spool: Spool) -> None:
+    outbox, sent = attached(spool)
     outbox.open("j", 1)
     entries = [(OUT, b"x")]
-    outbox.log("j", entries)
+    await outbox.log("j", entries)
     entries.append((ERR, b"y"))
     assert sent[0] == LogBatch("j", 1, 1, ((OUT, b"x"),))
 
 
-def test_detached_reports_are_kept_and_replayed_in_order() -> None:
-    outbox = Outbox()
+async def test_detached_reports_are_kept_and_replayed_in_order(spool: Spool) -> None:
+    outbox = Outbox(spool)
     outbox.open("j1", 5)
     outbox.started("j1")
-    outbox.log("j1", [(OUT, b"1")])
-    outbox.log("j1", [(OUT, b"2")])
-    outbox.log("j1", [(ERR, b"3")])
+    await outbox.log("j1", [(OUT, b"1")])
+    await outbox.log("j1", [(OUT, b"2")])
+    await outbox.log("j1", [(ERR, b"3")])
     outbox.finish("j1", Outcome.EXITED, 0)
     sent: list[Report] = []
     outbox.attach(sent.append)
@@ -69,13 +80,13 @@ def test_detached_reports_are_kept_and_replayed_in_order() -> None:
     assert sent[-1] == JobStarted("j2", 1)
 
 
-def test_detach_stops_sending_and_reattach_replays_all_unacked() -> None:
-    outbox, first = attached()
+async def test_detach_stops_sending_and_reattach_replays_all_unacked(spool: Spool) -> None:
+    outbox, first = attached(spool)
     outbox.open("j", 1)
     outbox.started("j")
-    outbox.log("j", [(OUT, b"a")])
+    await outbox.log("j", [(OUT, b"a")])
     outbox.detach()
-    outbox.log("j", [(OUT, b"b")])
+    await outbox.log("j", [(OUT, b"b")])
     assert len(first) == 2
     second: list[Report] = []
     outbox.attach(second.append)
@@ -84,12 +95,12 @@ def test_detach_stops_sending_and_reattach_replays_all_unacked() -> None:
     assert len(first) == 2
 
 
-def test_replay_skips_acked_batches_and_started() -> None:
-    outbox, _ = attached()
+async def test_replay_skips_acked_batches_and_started(spool: Spool) -> None:
+    outbox, _ = attached(spool)
     outbox.open("j", 2)
     outbox.started("j")
     for i in range(1, 6):
-        outbox.log("j", [(OUT, str(i).encode())])
+        await outbox.log("j", [(OUT, str(i).encode())])
     outbox.ack_log("j", 3)  # cumulative: 1, 2 and 3
     replay: list[Report] = []
     outbox.attach(replay.append)
@@ -97,11 +108,11 @@ def test_replay_skips_acked_batches_and_started() -> None:
     assert not any(isinstance(r, JobStarted) for r in replay)
 
 
-def test_ack_log_out_of_order_and_unknown_jobs() -> None:
-    outbox, _ = attached()
+async def test_ack_log_out_of_order_and_unknown_jobs(spool: Spool) -> None:
+    outbox, _ = attached(spool)
     outbox.open("j", 1)
     for i in range(4):
-        outbox.log("j", [(OUT, b"x" * (i + 1))])
+        await outbox.log("j", [(OUT, b"x" * (i + 1))])
     assert outbox.unacked_bytes() == 1 + 2 + 3 + 4
     outbox.ack_log("j", 2)
     assert outbox.unacked_bytes() == 3 + 4
@@ -111,17 +122,17 @@ def test_ack_log_out_of_order_and_unknown_jobs() -> None:
     assert outbox.unacked_bytes() == 0
     outbox.ack_log("nope", 1)  # ignored
     # Sequence numbers keep counting after acks.
-    outbox.log("j", [(OUT, b"z")])
+    await outbox.log("j", [(OUT, b"z")])
     replay: list[Report] = []
     outbox.attach(replay.append)
     assert replay == [LogBatch("j", 1, 5, ((OUT, b"z"),))]
 
 
-def test_ack_result_forgets_the_job() -> None:
-    outbox, _ = attached()
+async def test_ack_result_forgets_the_job(spool: Spool) -> None:
+    outbox, _ = attached(spool)
     outbox.open("j", 1)
     outbox.started("j")
-    outbox.log("j", [(OUT, b"x")])
+    await outbox.log("j", [(OUT, b"x")])
     outbox.finish("j", Outcome.EXITED, 0)
     assert outbox.running() == {"j": 1}
     outbox.ack_result("j")
@@ -133,12 +144,12 @@ def test_ack_result_forgets_the_job() -> None:
     outbox.ack_result("j")  # twice is harmless
 
 
-def test_drop_reports_nothing_more() -> None:
-    outbox = Outbox()
+async def test_drop_reports_nothing_more(spool: Spool) -> None:
+    outbox = Outbox(spool)
     outbox.open("a", 1)
-    outbox.log("a", [(OUT, b"a")])
+    await outbox.log("a", [(OUT, b"a")])
     outbox.open("b", 2)
-    outbox.log("b", [(OUT, b"b")])
+    await outbox.log("b", [(OUT, b"b")])
     outbox.drop("a")
     outbox.drop("missing")
     replay: list[Report] = []
@@ -147,8 +158,8 @@ def test_drop_reports_nothing_more() -> None:
     assert outbox.running() == {"b": 2}
 
 
-def test_running_lists_epochs_until_result_acked() -> None:
-    outbox = Outbox()
+async def test_running_lists_epochs_until_result_acked(spool: Spool) -> None:
+    outbox = Outbox(spool)
     assert outbox.running() == {}
     outbox.open("a", 1)
     outbox.open("b", 7)
@@ -158,10 +169,10 @@ def test_running_lists_epochs_until_result_acked() -> None:
     assert outbox.running() == {"b": 7}
 
 
-def test_replay_covers_every_job() -> None:
-    outbox = Outbox()
+async def test_replay_covers_every_job(spool: Spool) -> None:
+    outbox = Outbox(spool)
     outbox.open("a", 1)
-    outbox.log("a", [(OUT, b"a1")])
+    await outbox.log("a", [(OUT, b"a1")])
     outbox.open("b", 2)
     outbox.started("b")
     outbox.finish("b", Outcome.CANCELED, 143, "stop")
@@ -176,25 +187,126 @@ def test_replay_covers_every_job() -> None:
     assert b_reports == [JobStarted("b", 2), JobResult("b", 2, 0, Outcome.CANCELED, 143, "stop")]
 
 
-def test_reopen_with_new_epoch_starts_afresh() -> None:
-    outbox = Outbox()
+async def test_reopen_with_new_epoch_starts_afresh(spool: Spool) -> None:
+    outbox = Outbox(spool)
     outbox.open("j", 1)
-    outbox.log("j", [(OUT, b"old")])
+    await outbox.log("j", [(OUT, b"old")])
     outbox.open("j", 2)
-    outbox.log("j", [(OUT, b"new")])
+    await outbox.log("j", [(OUT, b"new")])
     replay: list[Report] = []
     outbox.attach(replay.append)
     assert replay == [LogBatch("j", 2, 1, ((OUT, b"new"),))]
 
 
-def test_reopen_of_the_same_assignment_keeps_its_reports() -> None:
-    outbox = Outbox()
+async def test_reopen_of_the_same_assignment_keeps_its_reports(spool: Spool) -> None:
+    outbox = Outbox(spool)
     outbox.open("j", 3)
     outbox.started("j")
-    outbox.log("j", [(OUT, b"kept")])
+    await outbox.log("j", [(OUT, b"kept")])
     outbox.open("j", 3)  # e.g. a replayed assignment
-    outbox.log("j", [(OUT, b"more")])
+    await outbox.log("j", [(OUT, b"more")])
     replay: list[Report] = []
     outbox.attach(replay.append)
     assert replay == [JobStarted("j", 3), LogBatch("j", 3, 1, ((OUT, b"kept"),)),
                       LogBatch("j", 3, 2, ((OUT, b"more"),))]
+
+
+# ------------------------------------------------------------ window and disk spool
+
+def data_of(reports: list[Report]) -> bytes:
+    return b"".join(d for r in reports if isinstance(r, LogBatch) for _, d in r.entries)
+
+
+async def test_past_the_window_batches_wait_on_disk_and_follow_acks(spool: Spool) -> None:
+    outbox, sent = Outbox(spool, window_bytes=10), []
+    outbox.attach(sent.append)
+    outbox.open("j", 1)
+    for i in range(5):
+        await outbox.log("j", [(OUT, bytes([65 + i]) * 4)])
+    outbox.finish("j", Outcome.EXITED, 0)
+    # 4 + 4 fit the window (10 bytes); the rest, and the result behind them, wait on disk.
+    assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2]
+    assert spool.size == 12 and list(spool.directory.iterdir())
+    assert outbox.unacked_bytes() == 20
+    outbox.ack_log("j", 2)
+    assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2, 3, 4]
+    assert not any(isinstance(r, JobResult) for r in sent)  # batch 5 is still waiting
+    outbox.ack_log("j", 4)
+    assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2, 3, 4, 5]
+    assert isinstance(sent[-1], JobResult) and sent[-1].last_seq == 5
+    assert data_of(sent) == b"AAAABBBBCCCCDDDDEEEE"
+    assert spool.size == 0 and not list(spool.directory.iterdir())
+
+
+async def test_cut_off_agent_spools_then_replays_everything_in_order(spool: Spool) -> None:
+    outbox = Outbox(spool, window_bytes=8)
+    outbox.open("j", 2)
+    outbox.started("j")
+    lines = [f"{n}\n".encode() for n in range(1, 200)]
+    for line in lines:
+        await outbox.log("j", [(OUT, line)])
+    outbox.finish("j", Outcome.EXITED, 0)
+    replay: list[Report] = []
+    outbox.attach(replay.append)
+    while (sent := [r for r in replay if isinstance(r, LogBatch)]) and not isinstance(replay[-1], JobResult):
+        outbox.ack_log("j", sent[-1].seq)
+    assert replay[0] == JobStarted("j", 2)
+    assert [r.seq for r in replay if isinstance(r, LogBatch)] == list(range(1, 200))
+    assert data_of(replay) == b"".join(lines)
+    assert replay[-1] == JobResult("j", 2, 199, Outcome.EXITED, 0, "")
+
+
+async def test_full_spool_makes_the_job_wait_not_drop(spool: Spool) -> None:
+    outbox = Outbox(spool, max_spool_bytes=8, window_bytes=4)
+    outbox.open("j", 1)
+    await outbox.log("j", [(OUT, b"1234")])
+    await outbox.log("j", [(OUT, b"5678")])
+    blocked = asyncio.create_task(outbox.log("j", [(OUT, b"9abc")]))
+    await asyncio.sleep(0)  # let it reach its wait
+    assert not blocked.done() and spool.size == 8
+    sent: list[Report] = []
+    outbox.attach(sent.append)  # connected again: the spool drains into the window
+    outbox.ack_log("j", 1)
+    await asyncio.wait_for(blocked, 5)
+    outbox.ack_log("j", 2)
+    outbox.ack_log("j", 3)
+    assert data_of(sent) == b"123456789abc"
+
+
+async def test_abandoned_job_reports_nothing_even_if_reopened(spool: Spool) -> None:
+    outbox, sent = attached(spool)
+    outbox.open("j", 4)
+    outbox.started("j")
+    outbox.drop("j")
+    outbox.open("j", 4)  # the executor reopens the same assignment: still abandoned
+    await outbox.log("j", [(OUT, b"late")])
+    outbox.started("j")
+    outbox.finish("j", Outcome.EXITED, 0)
+    assert sent == [JobStarted("j", 4)]
+    assert outbox.running() == {}
+    outbox.open("j", 5)  # a new assignment of the same job is ours again
+    assert outbox.running() == {"j": 5}
+
+
+async def test_wait_empty_until_results_are_acknowledged(spool: Spool) -> None:
+    outbox, _ = attached(spool)
+    await asyncio.wait_for(outbox.wait_empty(), 1)
+    outbox.open("j", 1)
+    outbox.finish("j", Outcome.EXITED, 0)
+    waiting = asyncio.create_task(outbox.wait_empty())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    outbox.ack_result("j")
+    await asyncio.wait_for(waiting, 1)
+
+
+def test_spool_starts_empty_and_private(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    (directory / "old.spool").write_bytes(b"from a run that died")
+    spool = Spool(directory)
+    assert list(directory.iterdir()) == [] and spool.size == 0
+    assert directory.stat().st_mode & 0o777 == 0o700
+    spool.put(LogBatch("j", 1, 1, ((OUT, b"a"), (ERR, b""), (LogStream.SYSTEM, b"\x00\xff"))))
+    assert (directory / "j.spool").stat().st_mode & 0o777 == 0o600
+    assert spool.take("j") == LogBatch("j", 1, 1, ((OUT, b"a"), (ERR, b""), (LogStream.SYSTEM, b"\x00\xff")))
