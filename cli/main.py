@@ -99,6 +99,18 @@ async def stream_log(api: JobsApi, job_id: str, follow: bool, out: BinaryIO, err
     return None
 
 
+async def follow_attempts(api: JobsApi, job_id: str, out: BinaryIO, err: BinaryIO) -> jobs_pb2.Job:
+    """Follow a job to its end and, when it was LOST and retried, its retries."""
+    while True:
+        finished = await stream_log(api, job_id, True, out, err)
+        assert finished is not None
+        if finished.status != jobs_pb2.JOB_STATUS_LOST or not finished.retried_as:
+            return finished
+        click.echo(f"job {job_id} LOST: {finished.status_reason}; retrying as job {finished.retried_as} "
+                   f"(attempt {finished.attempt + 1} of {finished.spec.retries + 1})", err=True)
+        job_id = finished.retried_as
+
+
 @click.group()
 def main() -> None:
     """Run CI jobs on testhide."""
@@ -143,12 +155,14 @@ def login(server: str, api_key: str | None, org: str, user: str | None, ca_file:
 @click.option("--junit", "junit_globs", multiple=True, metavar="GLOB", help="JUnit XML reports to parse.")
 @click.option("--no-workspace", is_flag=True, help="Do not upload the current directory.")
 @click.option("--workspace-cap", default="256m", show_default=True, help="Refuse larger workspaces.")
+@click.option("--retries", type=click.IntRange(0, 10), default=0, show_default=True,
+              help="Run again if the job is LOST (its agent vanished mid-run).")
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @click.argument("command", nargs=-1, required=True)
 def run(image: str, pool: str, env: tuple[str, ...], timeout: str, workdir: str, cpus: float | None,
         memory: str | None, pids: int | None, labels: tuple[str, ...], secrets: tuple[str, ...],
         runtime: str | None, artifact_globs: tuple[str, ...], junit_globs: tuple[str, ...], no_workspace: bool,
-        workspace_cap: str, detach: bool, command: tuple[str, ...]) -> None:
+        workspace_cap: str, retries: int, detach: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND in IMAGE with the current directory as /workspace, follow
     its output and exit with its exit code."""
     try:
@@ -158,7 +172,7 @@ def run(image: str, pool: str, env: tuple[str, ...], timeout: str, workdir: str,
             resources=jobs_pb2.Resources(cpus=cpus or 0, memory_bytes=parse_memory(memory) if memory else 0,
                                          pids=pids or 0),
             secrets=list(secrets), runtime=runtime or "", artifact_globs=list(artifact_globs),
-            junit_globs=list(junit_globs),
+            junit_globs=list(junit_globs), retries=retries,
         )
         spec.timeout.FromTimedelta(parse_duration(timeout))
         cap = parse_memory(workspace_cap)
@@ -177,12 +191,11 @@ def run(image: str, pool: str, env: tuple[str, ...], timeout: str, workdir: str,
                 click.echo(job.id)
                 return 0
             click.echo(f"job {job.id} queued", err=True)
-            finished = await stream_log(api, job.id, True, sys.stdout.buffer, sys.stderr.buffer)
-            assert finished is not None
+            finished = await follow_attempts(api, job.id, sys.stdout.buffer, sys.stderr.buffer)
             if finished.status not in (jobs_pb2.JOB_STATUS_SUCCEEDED, jobs_pb2.JOB_STATUS_FAILED):
-                click.echo(f"job {job.id} {status_name(finished.status)}: {finished.status_reason}", err=True)
+                click.echo(f"job {finished.id} {status_name(finished.status)}: {finished.status_reason}", err=True)
             if junit_globs:
-                print_test_summary(await api.test_results(job.id), err=True)
+                print_test_summary(await api.test_results(finished.id), err=True)
             return exit_code_of(finished)
 
     try:
@@ -280,7 +293,10 @@ def logs(job_id: str, follow: bool) -> None:
 
     async def go() -> None:
         async with connect(Login.load()) as api:
-            await stream_log(api, job_id, follow, sys.stdout.buffer, sys.stderr.buffer)
+            finished = await stream_log(api, job_id, follow, sys.stdout.buffer, sys.stderr.buffer)
+        if finished is not None and finished.retried_as:
+            click.echo(f"job {job_id} {status_name(finished.status)}: {finished.status_reason}; "
+                       f"retried as job {finished.retried_as}", err=True)
 
     _run(go())
 

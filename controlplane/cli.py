@@ -18,7 +18,7 @@ import click
 import structlog
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from common.durations import format_duration, parse_duration
+from common.durations import Duration, format_duration
 from common.logging import configure
 from common.tls import fingerprint
 from controlplane.auth.principal import SCOPES
@@ -38,16 +38,6 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except ControlPlaneError as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-class Duration(click.ParamType):
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            return parse_duration(value) if isinstance(value, str) else value
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 org_option = click.option("--org", default="default", show_default=True, help="Organisation.")
@@ -97,17 +87,19 @@ def init(data_dir: Path, server_names: tuple[str, ...], trust_domain: str, impor
               help="HOST:PORT of the API port.")
 @click.option("--agent-listen", default=None, help="HOST:PORT of the mutual-TLS agent port [API port + 1].")
 @click.option("--agent-cert-ttl", type=Duration(), default="1h", show_default=True)
+@click.option("--job-lease", type=Duration(), default="60s", show_default=True,
+              help="How long a job's agent may stay silent before the job is requeued or LOST.")
 @click.option("--dev", is_flag=True, help="Accept development certificates. Never in production.")
 @click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the bound ports as JSON here once serving (for port 0).")
-def serve(data_dir: Path, listen: str, agent_listen: str | None, agent_cert_ttl: Any, dev: bool,
+def serve(data_dir: Path, listen: str, agent_listen: str | None, agent_cert_ttl: Any, job_lease: Any, dev: bool,
           port_file: Path | None) -> None:
     """Serve the API and agent ports until SIGTERM or SIGINT."""
     from controlplane.daemon import ControlPlane
 
     async def run() -> None:
         daemon = ControlPlane(ControlPlaneConfig(data_dir=data_dir, listen=listen, agent_listen=agent_listen,
-                                                 agent_cert_ttl=agent_cert_ttl, dev=dev))
+                                                 agent_cert_ttl=agent_cert_ttl, job_lease=job_lease, dev=dev))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(daemon.shutdown()))

@@ -40,6 +40,9 @@ class ControlPlaneConfig:
     refresh_reuse_grace: timedelta = timedelta(seconds=10)
     """A spent refresh token presented again within this window is taken as a retry of a
     reply lost in transit; later, as theft, and its whole session is revoked."""
+    job_lease: timedelta = timedelta(seconds=60)
+    """How long an assignment holds without a heartbeat from its agent (agents send three per
+    lease). Past it, a job that had not started is queued again and a running one is LOST."""
     failure_spike_threshold: int = 20
     """Failed authentications from one address or against one account, per minute, that raise an alert."""
 
@@ -51,6 +54,8 @@ class ControlPlaneConfig:
             raise ConfigError(str(exc)) from exc
         if not MIN_AGENT_CERT_TTL <= self.agent_cert_ttl <= MAX_AGENT_CERT_TTL:
             raise ConfigError("agent certificate lifetime must be between 10s and 24h")
+        if not timedelta(seconds=1) <= self.job_lease <= timedelta(hours=1):
+            raise ConfigError("the job lease must be between 1s and 1h")
         if self.rate_per_address <= 0 or self.rate_per_principal <= 0:
             raise ConfigError("rate limits must be positive")
         if not 1024 <= self.max_request_bytes <= 64 * 1024 * 1024:

@@ -24,6 +24,7 @@ from controlplane.ca.trust import CertificateState
 from controlplane.config import ControlPlaneConfig
 from controlplane.datadir import DataDir, TlsMaterial
 from controlplane.jobs.blobs import BlobVault
+from controlplane.jobs.leases import Leases
 from controlplane.jobs.logs import LogBook
 from controlplane.jobs.scheduler import Scheduler, TrustBundle
 from controlplane.jobs.secrets import SecretVault
@@ -59,6 +60,7 @@ class ControlPlane:
         self.scheduler: Scheduler | None = None
         self.certificates: CertificateState | None = None
         self.signing_keys: SigningKeys | None = None
+        self.jobs: JobService | None = None
 
     async def start(self) -> None:
         directory = DataDir(self.config.data_dir)
@@ -68,9 +70,11 @@ class ControlPlane:
         self._store = store = await SqliteStore.open(directory.db_path)
         auditor = Auditor(store, master)
 
-        self.scheduler = scheduler = Scheduler(store)
+        self.scheduler = scheduler = Scheduler(store, lease=self.config.job_lease)
         secrets = SecretVault(store, master)
-        jobs = JobService(store, master, scheduler, LogBook(store, master), BlobVault(store, master), secrets)
+        logs = LogBook(store, master)
+        leases = Leases(store, master, scheduler, logs, self.config.job_lease)
+        self.jobs = jobs = JobService(store, master, scheduler, logs, BlobVault(store, master), secrets, leases)
         health = health_aio.HealthServicer()
         ttl = self.config.agent_cert_ttl
         if ttl < timedelta(minutes=5):
@@ -84,7 +88,7 @@ class ControlPlane:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ])
         agent_pb2_grpc.add_AgentControlServicer_to_server(
-            AgentControlServicer(store, scheduler, jobs, certs, ttl, auditor), agent_server)
+            AgentControlServicer(store, scheduler, jobs, certs, ttl, auditor, leases.heartbeat_interval), agent_server)
         health_pb2_grpc.add_HealthServicer_to_server(health, agent_server)
         self.agent_port = agent_server.add_secure_port(self.config.resolved_agent_listen,
                                                        certs.credentials(client_auth=True))
@@ -113,6 +117,7 @@ class ControlPlane:
         for server in self._servers:
             await server.start()
         self._tasks.append(asyncio.create_task(scheduler.run(), name="scheduler"))
+        self._tasks.append(asyncio.create_task(leases.run(), name="leases"))
         self._tasks.append(asyncio.create_task(self._watch(directory, master), name="watcher"))
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("controlplane_started", api_port=self.api_port, agent_port=self.agent_port,
@@ -164,7 +169,13 @@ class ControlPlane:
             return
         self._shutdown_started = True
         grace = self.config.shutdown_grace.total_seconds()
-        await asyncio.gather(*(server.stop(grace) for server in self._servers))
+        # Agents' streams never end on their own: close them with a status that
+        # makes agents reconnect (to the next instance) and replay what is unacknowledged.
+        stopping = [asyncio.create_task(server.stop(grace)) for server in self._servers]
+        if self.scheduler is not None:
+            for session in self.scheduler.sessions():
+                session.close("UNAVAILABLE", "the control plane is shutting down; reconnect")
+        await asyncio.gather(*stopping)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

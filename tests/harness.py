@@ -9,13 +9,14 @@ import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
 import grpc
 
 from agent.config import AgentConfig
+from agent.credentials import Credentials
 from agent.daemon import Agent
 from agent.rpc.enroll import enroll
 from agent.runtime.base import ContainerRuntime
@@ -85,11 +86,22 @@ async def control_plane(tmp: Path, **config: object) -> AsyncIterator[RunningCon
         await daemon.shutdown()
 
 
-@asynccontextmanager
-async def running_agent(cp: RunningControlPlane, tmp: Path, runtime: ContainerRuntime, name: str = "agent",
-                        org: str = "default", pool: str = "default", **config: object) -> AsyncIterator[Agent]:
+async def enrolled(cp: RunningControlPlane, tmp: Path, name: str = "agent", org: str = "default",
+                   pool: str = "default", agent_port: int | None = None) -> Path:
+    """An enrolled agent's data dir; ``agent_port`` sends its stream elsewhere (a proxy)."""
     data_dir = tmp / f"agent-{name}"
     await enroll(cp.api_target, await cp.enrollment_token(org, pool), data_dir, name)
+    if agent_port is not None:
+        credentials = Credentials.load(data_dir)
+        replace(credentials, agent_endpoint=f"127.0.0.1:{agent_port}").save(data_dir)
+    return data_dir
+
+
+@asynccontextmanager
+async def running_agent(cp: RunningControlPlane, tmp: Path, runtime: ContainerRuntime, name: str = "agent",
+                        org: str = "default", pool: str = "default", agent_port: int | None = None,
+                        **config: object) -> AsyncIterator[Agent]:
+    data_dir = await enrolled(cp, tmp, name, org, pool, agent_port)
     agent = Agent(AgentConfig(data_dir=data_dir, **config), runtime)  # type: ignore[arg-type]
     task = asyncio.create_task(agent.run())
     try:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import enum
+import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+
+
+def new_job_id() -> str:
+    """Sortable by creation time, unguessable."""
+    return f"j{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
 
 
 class JobStatus(enum.StrEnum):
@@ -57,6 +64,8 @@ class JobSpec:
     artifact_globs: tuple[str, ...] = ()
     junit_globs: tuple[str, ...] = ()
     workspace_id: str = ""
+    retries: int = 0
+    """Further attempts if the job is LOST (its agent vanished mid-run)."""
 
 
 class PullPolicy(enum.StrEnum):
@@ -131,6 +140,17 @@ class Job:
     log_size: int = 0
     last_seq: int = 0
     transitions: tuple[Transition, ...] = ()
+    attempt: int = 1
+    retry_of: str = ""
+    """The LOST job this one retries."""
+    retried_as: str = ""
+    """The job that retries this one, once it was LOST."""
+    lease_expires_at: datetime | None = None
+    """While ASSIGNED or RUNNING: when the job counts as abandoned unless its agent extends this."""
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == JobStatus.LOST and self.attempt <= self.spec.retries and not self.retried_as
 
 
 @dataclass(frozen=True)

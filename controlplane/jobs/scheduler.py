@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -17,6 +17,8 @@ from controlplane.jobs.model import Job, JobStatus, PoolPolicy
 from controlplane.store.base import Store
 
 log = structlog.get_logger("testhide.scheduler")
+
+DEFAULT_LEASE = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Assign:
 class Cancel:
     job_id: str
     reason: str
+    abandon: bool = False
+    """The agent no longer holds the job: stop it and report nothing more."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class AgentSession:
     max_jobs: int = 1
     labels: dict[str, str] = field(default_factory=dict)
     runtimes: frozenset[str] = frozenset({"runc"})
+    draining: bool = False
+    """The agent is shutting down: it takes no new jobs."""
     close_reason: tuple[str, str] | None = None
     """Why the control plane ended the stream: (status code name, message)."""
     jobs: set[str] = field(default_factory=set)
@@ -78,7 +84,7 @@ class AgentSession:
 
     @property
     def free_slots(self) -> int:
-        return self.max_jobs - len(self.jobs)
+        return 0 if self.draining else self.max_jobs - len(self.jobs)
 
     def can_run(self, job: Job) -> bool:
         wanted_runtime = job.spec.runtime or "runc"
@@ -96,9 +102,10 @@ class AgentSession:
 
 
 class Scheduler:
-    def __init__(self, store: Store,
-                 prepare: Callable[[Job], Awaitable[AssignDetails]] | None = None) -> None:
+    def __init__(self, store: Store, prepare: Callable[[Job], Awaitable[AssignDetails]] | None = None,
+                 lease: timedelta = DEFAULT_LEASE) -> None:
         self.prepare = prepare
+        self.lease = lease
         """Resolves secrets and policy for an assignment; a failure ends the job as ERROR."""
         self._store = store
         self._sessions: dict[str, AgentSession] = {}
@@ -182,7 +189,8 @@ class Scheduler:
                 await self._store.set_job_status(org, job.id, None, JobStatus.ERROR, datetime.now(UTC), str(exc))
                 log.warning("job_not_assignable", job_id=job.id, error=str(exc))
                 continue
-            assigned = await self._store.assign_job(org, job.id, session.identity.agent_id, datetime.now(UTC))
+            now = datetime.now(UTC)
+            assigned = await self._store.assign_job(org, job.id, session.identity.agent_id, now, now + self.lease)
             if assigned is None:
                 continue
             session.jobs.add(job.id)

@@ -4,8 +4,6 @@ authenticated for; agents' org and pool come from their certificates."""
 from __future__ import annotations
 
 import asyncio
-import secrets
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -18,8 +16,18 @@ from controlplane.atrest import MasterKey
 from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, StaleEpoch
 from controlplane.jobs.blobs import BlobVault
 from controlplane.jobs.junit import MAX_REPORT_BYTES, JunitError, parse_junit
+from controlplane.jobs.leases import Leases
 from controlplane.jobs.logs import LogBook
-from controlplane.jobs.model import BlobInfo, Job, JobSpec, JobStatus, LogChunk, LogStream, TestCase
+from controlplane.jobs.model import (
+    BlobInfo,
+    Job,
+    JobSpec,
+    JobStatus,
+    LogChunk,
+    LogStream,
+    TestCase,
+    new_job_id,
+)
 from controlplane.jobs.scheduler import AgentSession, AssignDetails, Cancel, LogAck, ResultAck, Scheduler
 from controlplane.jobs.secrets import SecretVault
 from controlplane.jobs.validation import validate_relative_path, validate_spec
@@ -33,11 +41,6 @@ MAX_PAGE = 200
 FOLLOW_RECHECK_S = 5.0
 
 
-def new_job_id() -> str:
-    """Sortable by creation time, unguessable."""
-    return f"j{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
-
-
 MAX_WORKSPACE_BYTES = 256 * 1024 * 1024
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
 MAX_JOB_ARTIFACT_BYTES = 1024 * 1024 * 1024
@@ -45,8 +48,9 @@ MAX_JOB_ARTIFACT_BYTES = 1024 * 1024 * 1024
 
 class JobService:
     def __init__(self, store: Store, master: MasterKey, scheduler: Scheduler, logs: LogBook,
-                 blobs: BlobVault, secrets: SecretVault) -> None:
+                 blobs: BlobVault, secrets: SecretVault, leases: Leases) -> None:
         self._store = store
+        self._leases = leases
         self._master = master
         self._scheduler = scheduler
         self._logs = logs
@@ -147,7 +151,8 @@ class JobService:
                 yield chunk
             if not follow:
                 return
-            if job.status.terminal and offset >= job.log_size:
+            # A LOST job about to be retried ends for its followers once they can see the retry.
+            if job.status.terminal and offset >= job.log_size and not job.retryable:
                 yield job
                 return
             if offset >= job.log_size:
@@ -214,15 +219,27 @@ class JobService:
             if running.get(job.id) == job.epoch:
                 session.jobs.add(job.id)
             elif job.status == JobStatus.ASSIGNED:
-                await self._store.set_job_status(org, job.id, job.epoch, JobStatus.QUEUED, datetime.now(UTC),
-                                                 "agent reconnected without it; requeued")
+                await self._leases.release(job, JobStatus.QUEUED, "agent reconnected without it; requeued")
             else:
-                await self._store.set_job_status(org, job.id, job.epoch, JobStatus.LOST, datetime.now(UTC),
-                                                 "agent reconnected without it")
-                self._logs.notify(job.id)
+                await self._leases.release(job, JobStatus.LOST, "agent reconnected without it (it restarted)")
         for job_id in running.keys() - session.jobs:
-            session.send(Cancel(job_id, "this agent no longer holds the job"))
+            session.send(Cancel(job_id, "this agent no longer holds the job", abandon=True))
+        await self._leases.extend(session, {j: e for j, e in running.items() if j in session.jobs})
+        await self._leases.retry_lost()
         self._scheduler.kick(org, session.identity.pool)
+
+    async def on_heartbeat(self, session: AgentSession, held: dict[str, int], draining: bool) -> None:
+        if draining and not session.draining:
+            session.draining = True
+            log.info("agent_draining", agent_id=session.identity.agent_id, jobs=len(session.jobs))
+        await self._leases.extend(session, held)
+
+    async def on_refused(self, session: AgentSession, job_id: str, epoch: int, reason: str) -> None:
+        """The agent will not run an assignment (it is shutting down): queue it again."""
+        job = await self.leased(session.identity, job_id, epoch)
+        session.jobs.discard(job_id)
+        if job.status == JobStatus.ASSIGNED:
+            await self._leases.release(job, JobStatus.QUEUED, f"agent refused it ({reason[:200]}); requeued")
 
     async def on_started(self, session: AgentSession, job_id: str, epoch: int) -> None:
         job = await self.leased(session.identity, job_id, epoch)

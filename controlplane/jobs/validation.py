@@ -33,6 +33,7 @@ MAX_COMMAND_BYTES = 128 * 1024
 MAX_ENV = 256
 MAX_ENV_VALUE = 32 * 1024
 MAX_TIMEOUT = timedelta(hours=24)
+MAX_RETRIES = 10
 LIMITS = Resources(cpus=64, memory_bytes=256 * 1024**3, pids=65536)
 
 
@@ -61,6 +62,8 @@ def validate_spec(spec: JobSpec) -> JobSpec:
     validate_name("pool", spec.pool)
     if not timedelta(seconds=1) <= spec.timeout <= MAX_TIMEOUT:
         raise InvalidArgument("timeout must be between 1s and 24h")
+    if not 0 <= spec.retries <= MAX_RETRIES:
+        raise InvalidArgument(f"retries must be between 0 and {MAX_RETRIES}")
     r = spec.resources
     if not 0 < r.cpus <= LIMITS.cpus:
         raise InvalidArgument(f"cpus must be in (0, {LIMITS.cpus}]")

@@ -46,8 +46,10 @@ from protos.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2
 
 log = structlog.get_logger("testhide.agents")
 
-# Sent as initial metadata once the agent's identity is accepted.
+# Sent as initial metadata once the agent's identity is accepted, with the
+# heartbeat interval that keeps its job leases alive.
 SESSION_ACCEPTED = "testhide-session"
+HEARTBEAT_INTERVAL = "testhide-heartbeat-ms"
 
 _OUTCOME = {
     agent_pb2.JOB_OUTCOME_TIMED_OUT: JobStatus.TIMED_OUT,
@@ -115,8 +117,8 @@ def encode(message: Outbound) -> agent_pb2.ControlMessage:
                 job_id=job.id, epoch=job.epoch, spec=spec_to_pb(job.spec), secret_env=details.secret_env,
                 pull_policy=_PULL[details.policy.pull_policy], allowed_images=list(details.policy.allowed_images),
                 runtime=details.runtime))
-        case Cancel(job_id, reason):
-            return agent_pb2.ControlMessage(cancel=agent_pb2.CancelJob(job_id=job_id, reason=reason))
+        case Cancel(job_id, reason, abandon):
+            return agent_pb2.ControlMessage(cancel=agent_pb2.CancelJob(job_id=job_id, reason=reason, abandon=abandon))
         case LogAck(job_id, seq):
             return agent_pb2.ControlMessage(log_ack=agent_pb2.LogAck(job_id=job_id, seq=seq))
         case ResultAck(job_id):
@@ -128,7 +130,8 @@ def encode(message: Outbound) -> agent_pb2.ControlMessage:
 
 class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     def __init__(self, store: Store, scheduler: Scheduler, jobs: JobService, certs: CertificateState,
-                 cert_ttl: timedelta, auditor: Auditor) -> None:
+                 cert_ttl: timedelta, auditor: Auditor, heartbeat_interval: timedelta) -> None:
+        self._heartbeat_ms = str(int(heartbeat_interval.total_seconds() * 1000))
         self._store = store
         self._scheduler = scheduler
         self._jobs = jobs
@@ -141,7 +144,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             agent = await authenticate_agent(context, self._store, self._certs)
         except ControlPlaneError as exc:
             await context.abort(code_for(exc), str(exc))
-        await context.send_initial_metadata(((SESSION_ACCEPTED, "1"),))
+        await context.send_initial_metadata(((SESSION_ACCEPTED, "1"), (HEARTBEAT_INTERVAL, self._heartbeat_ms)))
         first = await context.read()
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
@@ -198,8 +201,13 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         try:
             match kind:
                 case "heartbeat":
+                    h = message.heartbeat
                     await self._store.touch_agent(session.identity.org, session.identity.agent_id,
                                                   datetime.now(UTC))
+                    await self._jobs.on_heartbeat(session, {r.job_id: r.epoch for r in h.running_jobs}, h.draining)
+                case "refused":
+                    r = message.refused
+                    await self._jobs.on_refused(session, r.job_id, r.epoch, r.reason)
                 case "accepted":
                     pass  # the assignment reached the agent; RUNNING comes with "started"
                 case "started":
@@ -218,10 +226,11 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                     log.warning("agent_message_ignored", kind=kind, agent_id=session.identity.agent_id)
         except ControlPlaneError as exc:
             log.warning("agent_message_refused", kind=kind, agent_id=session.identity.agent_id, error=str(exc))
-            # A message about a job this agent no longer holds: tell it to stop.
+            # A message about a job this agent no longer holds: stop it, report nothing more.
             job_id = getattr(getattr(message, kind), "job_id", "")
             if job_id and isinstance(exc, (StaleEpoch, NotFound)):
-                session.send(Cancel(job_id, str(exc)))
+                session.jobs.discard(job_id)
+                session.send(Cancel(job_id, str(exc), abandon=True))
 
     @mapped
     async def Renew(self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext

@@ -57,6 +57,7 @@ def spec_from_pb(spec: jobs_pb2.JobSpec) -> JobSpec:
             artifact_globs=tuple(spec.artifact_globs),
             junit_globs=tuple(spec.junit_globs),
             workspace_id=spec.workspace_id,
+            retries=spec.retries,
         )
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgument(f"invalid job spec: {exc}") from exc
@@ -67,7 +68,7 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         image=spec.image, command=list(spec.command), env=spec.env, pool=spec.pool, workdir=spec.workdir,
         labels=spec.labels, secrets=list(spec.secrets), runtime=spec.runtime,
         artifact_globs=list(spec.artifact_globs), junit_globs=list(spec.junit_globs), workspace_id=spec.workspace_id,
-        resources=jobs_pb2.Resources(cpus=spec.resources.cpus, memory_bytes=spec.resources.memory_bytes,
+        retries=spec.retries, resources=jobs_pb2.Resources(cpus=spec.resources.cpus, memory_bytes=spec.resources.memory_bytes,
                                      pids=spec.resources.pids),
     )
     pb.timeout.FromTimedelta(spec.timeout)
@@ -81,6 +82,7 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
         finished_at=_ts(job.finished_at), agent_id=job.agent_id, log_size=job.log_size,
         transitions=[jobs_pb2.StatusTransition(status=status_to_pb(t.status), at=_ts(t.at), reason=t.reason)
                      for t in job.transitions],
+        attempt=job.attempt, retry_of=job.retry_of, retried_as=job.retried_as,
     )
     if job.exit_code is not None:
         pb.exit_code = job.exit_code

@@ -212,3 +212,17 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        5,
+        """
+        ALTER TABLE jobs ADD COLUMN lease_expires_at TEXT;
+        ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1;
+        ALTER TABLE jobs ADD COLUMN retry_of TEXT NOT NULL DEFAULT '';
+        ALTER TABLE jobs ADD COLUMN retried_as TEXT NOT NULL DEFAULT '';
+        ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX jobs_by_lease ON jobs (status, lease_expires_at);
+        """,
+    )
+)

@@ -38,6 +38,7 @@ from controlplane.store.base import (
     UserRecord,
 )
 from controlplane.store.migrations import MIGRATIONS
+from controlplane.store.sqlite_leases import SqliteLeases
 
 T = TypeVar("T")
 
@@ -70,7 +71,7 @@ def _spec_from_json(text: str) -> JobSpec:
     return JobSpec(**data)
 
 
-class SqliteStore:
+class SqliteStore(SqliteLeases):
     def __init__(self, path: Path) -> None:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
@@ -466,7 +467,8 @@ class SqliteStore:
             created_at=_dt(r["created_at"]) or datetime.min, exit_code=r["exit_code"],
             status_reason=r["status_reason"], started_at=_dt(r["started_at"]),
             finished_at=_dt(r["finished_at"]), agent_id=r["agent_id"], epoch=r["epoch"],
-            log_size=r["log_size"], last_seq=r["last_seq"], transitions=transitions,
+            log_size=r["log_size"], last_seq=r["last_seq"], transitions=transitions, attempt=r["attempt"],
+            retry_of=r["retry_of"], retried_as=r["retried_as"], lease_expires_at=_dt(r["lease_expires_at"]),
         )
 
     @staticmethod
@@ -480,9 +482,10 @@ class SqliteStore:
     async def create_job(self, job: Job, data_key_wrapped: bytes) -> None:
         def run(c: sqlite3.Connection) -> None:
             c.execute(
-                "INSERT INTO jobs (id, org, pool, spec, status, created_at, data_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, org, pool, spec, status, created_at, data_key, attempt, retry_of, retries)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.org, job.spec.pool, _spec_to_json(job.spec), job.status.value,
-                 _ts(job.created_at), data_key_wrapped),
+                 _ts(job.created_at), data_key_wrapped, job.attempt, job.retry_of, job.spec.retries),
             )
             self._add_transition(c, job.id, job.status, job.created_at, "")
 
@@ -535,13 +538,15 @@ class SqliteStore:
 
         return await self._tx(run)
 
-    async def assign_job(self, org: str, job_id: str, agent_id: str, now: datetime) -> Job | None:
-        """QUEUED -> ASSIGNED with a new fencing epoch, or None if someone else won."""
+    async def assign_job(self, org: str, job_id: str, agent_id: str, now: datetime, lease_until: datetime
+                         ) -> Job | None:
+        """QUEUED -> ASSIGNED with a new fencing epoch and a lease, or None if someone else won."""
 
         def run(c: sqlite3.Connection) -> Job | None:
             cur = c.execute(
-                "UPDATE jobs SET status = ?, agent_id = ?, epoch = epoch + 1 WHERE org = ? AND id = ? AND status = ?",
-                (JobStatus.ASSIGNED.value, agent_id, org, job_id, JobStatus.QUEUED.value),
+                "UPDATE jobs SET status = ?, agent_id = ?, epoch = epoch + 1, lease_expires_at = ?"
+                " WHERE org = ? AND id = ? AND status = ?",
+                (JobStatus.ASSIGNED.value, agent_id, _ts(lease_until), org, job_id, JobStatus.QUEUED.value),
             )
             if cur.rowcount != 1:
                 return None
@@ -567,10 +572,11 @@ class SqliteStore:
                 raise FailedPrecondition(f"job {job_id} has already ended ({current.value})")
             started = _ts(now) if status == JobStatus.RUNNING else row["started_at"]
             finished = _ts(now) if status.terminal else None
+            lease = None if status.terminal or status == JobStatus.QUEUED else row["lease_expires_at"]
             c.execute(
-                "UPDATE jobs SET status = ?, status_reason = ?, exit_code = ?, started_at = ?, finished_at = ?"
-                " WHERE id = ?",
-                (status.value, reason, exit_code, started, finished, job_id),
+                "UPDATE jobs SET status = ?, status_reason = ?, exit_code = ?, started_at = ?, finished_at = ?,"
+                " lease_expires_at = ? WHERE id = ?",
+                (status.value, reason, exit_code, started, finished, lease, job_id),
             )
             self._add_transition(c, job_id, status, now, reason)
             return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
@@ -584,7 +590,7 @@ class SqliteStore:
         ``entries`` are (stream, sealed data, plaintext length)."""
 
         def run(c: sqlite3.Connection) -> int:
-            row = c.execute("SELECT epoch, last_seq, log_size FROM jobs WHERE org = ? AND id = ?",
+            row = c.execute("SELECT epoch, status, last_seq, log_size FROM jobs WHERE org = ? AND id = ?",
                             (org, job_id)).fetchone()
             if row is None:
                 raise NotFound(f"job {job_id} not found")
@@ -593,6 +599,8 @@ class SqliteStore:
             last_seq, offset = row["last_seq"], row["log_size"]
             if seq <= last_seq:
                 return int(last_seq)  # a replay of a batch already stored
+            if JobStatus(row["status"]) not in (JobStatus.ASSIGNED, JobStatus.RUNNING):
+                raise StaleEpoch(f"job {job_id} is {row['status']}; this agent no longer holds it")
             if seq != last_seq + 1:
                 raise FailedPrecondition(f"log batch {seq} of job {job_id} arrived before batch {last_seq + 1}")
             for index, (stream, sealed, length) in enumerate(entries):

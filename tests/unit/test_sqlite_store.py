@@ -17,6 +17,7 @@ from controlplane.store.sqlite import SqliteStore
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 OUT, ERR = LogStream.STDOUT, LogStream.STDERR
+LEASE = timedelta(seconds=60)
 
 
 def make_job(job_id: str, org: str = "acme", pool: str = "default", **spec_changes: object) -> Job:
@@ -40,7 +41,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 
 async def assigned(store: SqliteStore, job_id: str = "j1") -> Job:
     await store.create_job(make_job(job_id), b"wrapped-key")
-    job = await store.assign_job("acme", job_id, "agent-1", NOW)
+    job = await store.assign_job("acme", job_id, "agent-1", NOW, NOW + LEASE)
     assert job is not None
     return job
 
@@ -101,7 +102,7 @@ async def test_org_scoping(store: SqliteStore) -> None:
         await store.get_job_data_key("other", "j1")
     with pytest.raises(NotFound):
         await store.set_job_status("other", "j1", None, JobStatus.CANCELED, NOW)
-    assert await store.assign_job("other", "j1", "agent-x", NOW) is None
+    assert await store.assign_job("other", "j1", "agent-x", NOW, NOW + LEASE) is None
     job = await store.get_job("acme", "j1")
     assert job is not None and job.status == JobStatus.QUEUED
 
@@ -119,7 +120,7 @@ async def test_queued_jobs_and_pools(store: SqliteStore) -> None:
     await store.create_job(make_job("j1"), b"k")
     await store.create_job(make_job("j2", pool="gpu"), b"k")
     await store.create_job(make_job("j3"), b"k")
-    await store.assign_job("acme", "j1", "agent-1", NOW)
+    await store.assign_job("acme", "j1", "agent-1", NOW, NOW + LEASE)
     assert [j.id for j in await store.queued_jobs("acme", "default", 10)] == ["j3"]
     assert [j.id for j in await store.queued_jobs("acme", "gpu", 10)] == ["j2"]
     assert sorted(await store.queued_pools()) == [("acme", "default"), ("acme", "gpu")]
@@ -133,23 +134,23 @@ async def test_assign_only_from_queued_and_bumps_epoch(store: SqliteStore) -> No
     assert [t.status for t in job.transitions] == [JobStatus.QUEUED, JobStatus.ASSIGNED]
     assert job.transitions[-1].reason == "agent agent-1"
     # Someone else already won it.
-    assert await store.assign_job("acme", "j1", "agent-2", NOW) is None
+    assert await store.assign_job("acme", "j1", "agent-2", NOW, NOW + LEASE) is None
     # Requeued (e.g. its agent vanished) and assigned again: a new epoch fences the old holder.
     await store.set_job_status("acme", "j1", 1, JobStatus.QUEUED, NOW, "agent lost")
-    again = await store.assign_job("acme", "j1", "agent-2", NOW)
+    again = await store.assign_job("acme", "j1", "agent-2", NOW, NOW + LEASE)
     assert again is not None and (again.epoch, again.agent_id) == (2, "agent-2")
     with pytest.raises(StaleEpoch):
         await store.set_job_status("acme", "j1", 1, JobStatus.RUNNING, NOW)
-    assert await store.assign_job("acme", "missing", "agent-1", NOW) is None
+    assert await store.assign_job("acme", "missing", "agent-1", NOW, NOW + LEASE) is None
 
 
 async def test_assign_refused_from_running_and_terminal(store: SqliteStore) -> None:
     await assigned(store, "j1")
     await store.set_job_status("acme", "j1", 1, JobStatus.RUNNING, NOW)
-    assert await store.assign_job("acme", "j1", "agent-2", NOW) is None
+    assert await store.assign_job("acme", "j1", "agent-2", NOW, NOW + LEASE) is None
     await store.create_job(make_job("j2"), b"k")
     await store.set_job_status("acme", "j2", None, JobStatus.CANCELED, NOW)
-    assert await store.assign_job("acme", "j2", "agent-2", NOW) is None
+    assert await store.assign_job("acme", "j2", "agent-2", NOW, NOW + LEASE) is None
 
 
 async def test_set_job_status_lifecycle(store: SqliteStore) -> None:
@@ -322,3 +323,78 @@ async def test_api_key_round_trip(store: SqliteStore) -> None:
     await store.create_api_key(record)
     assert await store.get_api_key("k1") == record
     assert await store.get_api_key("k2") is None
+
+
+# ------------------------------------------------------------------ leases
+
+async def test_heartbeat_extends_only_held_jobs_at_their_epoch(store: SqliteStore) -> None:
+    await assigned(store, "j1")
+    await assigned(store, "j2")
+    later = NOW + 2 * LEASE
+    assert await store.extend_leases("acme", "agent-1", {"j1": 1, "j2": 7, "missing": 1}, later) == 1
+    assert await store.extend_leases("acme", "agent-2", {"j1": 1}, later) == 0  # not its job
+    assert await store.extend_leases("other", "agent-1", {"j1": 1}, later) == 0  # not its org
+    assert (await store.get_job("acme", "j1")).lease_expires_at == later  # type: ignore[union-attr]
+    assert (await store.get_job("acme", "j2")).lease_expires_at == NOW + LEASE  # type: ignore[union-attr]
+
+
+async def test_lapsed_lease_requeues_assigned_and_loses_running(store: SqliteStore) -> None:
+    await assigned(store, "j1")
+    await assigned(store, "j2")
+    await store.set_job_status("acme", "j2", 1, JobStatus.RUNNING, NOW)
+    assert await store.expire_leases(NOW + LEASE) == []  # not yet: the lease runs up to its end
+    released = {j.id: j for j in await store.expire_leases(NOW + LEASE + timedelta(seconds=1))}
+    assert released["j1"].status == JobStatus.QUEUED and released["j1"].lease_expires_at is None
+    assert released["j2"].status == JobStatus.LOST and released["j2"].finished_at is not None
+    assert "stopped reporting" in released["j2"].status_reason
+    # Both epochs moved on: the old holder is fenced off at once, even before any reassignment.
+    assert released["j1"].epoch == released["j2"].epoch == 2
+    with pytest.raises(StaleEpoch):
+        await store.append_log_batch("acme", "j2", 1, 1, [(OUT, b"late", 4)])
+    with pytest.raises(StaleEpoch):
+        await store.set_job_status("acme", "j2", 1, JobStatus.SUCCEEDED, NOW)
+    assert await store.expire_leases(NOW + 3 * LEASE) == []  # released once
+    again = await store.assign_job("acme", "j1", "agent-2", NOW, NOW + LEASE)
+    assert again is not None and again.epoch == 3
+
+
+async def test_restart_grace_extends_every_held_lease(store: SqliteStore) -> None:
+    await assigned(store, "j1")
+    await store.create_job(make_job("j2"), b"k")
+    assert await store.extend_all_leases(NOW + 5 * LEASE) == 1
+    assert await store.expire_leases(NOW + 2 * LEASE) == []
+
+
+async def test_release_is_fenced(store: SqliteStore) -> None:
+    await assigned(store, "j1")
+    with pytest.raises(StaleEpoch):
+        await store.release_job("acme", "j1", 2, JobStatus.LOST, "x", NOW)
+    with pytest.raises(NotFound):
+        await store.release_job("other", "j1", 1, JobStatus.LOST, "x", NOW)
+    lost = await store.release_job("acme", "j1", 1, JobStatus.LOST, "agent came back without it", NOW)
+    assert (lost.status, lost.epoch) == (JobStatus.LOST, 2)
+    with pytest.raises(StaleEpoch):
+        await store.release_job("acme", "j1", 2, JobStatus.LOST, "again", NOW)
+
+
+async def test_lost_job_is_retried_once_per_attempt_as_asked(store: SqliteStore) -> None:
+    await store.create_job(make_job("j1", retries=1), b"k")
+    await store.assign_job("acme", "j1", "agent-1", NOW, NOW + LEASE)
+    await store.set_job_status("acme", "j1", 1, JobStatus.RUNNING, NOW)
+    await store.create_job(make_job("j9"), b"k")  # asked for no retries
+    await store.assign_job("acme", "j9", "agent-1", NOW, NOW + LEASE)
+    await store.set_job_status("acme", "j9", 1, JobStatus.RUNNING, NOW)
+    await store.expire_leases(NOW + 2 * LEASE)
+    [lost] = await store.retryable_jobs(10)
+    assert lost.id == "j1" and lost.retryable
+    retry = await store.create_retry(lost, make_job("j2"), b"k2")
+    assert retry is not None and (retry.attempt, retry.retry_of, retry.status) == (2, "j1", JobStatus.QUEUED)
+    assert retry.spec == lost.spec
+    assert await store.create_retry(lost, make_job("j3"), b"k3") is None  # once
+    assert (await store.get_job("acme", "j1")).retried_as == "j2"  # type: ignore[union-attr]
+    assert await store.retryable_jobs(10) == []
+    # The retry is lost too: its one retry is spent.
+    await store.assign_job("acme", "j2", "agent-1", NOW, NOW + LEASE)
+    await store.set_job_status("acme", "j2", 1, JobStatus.RUNNING, NOW)
+    await store.expire_leases(NOW + 2 * LEASE)
+    assert await store.retryable_jobs(10) == []
