@@ -30,6 +30,8 @@ log = structlog.get_logger("testhide.agent")
 
 # How long a draining agent tries to deliver its last results before it exits.
 RESULT_DELIVERY_TIMEOUT = timedelta(seconds=30)
+# How often an agent whose container engine stopped answering asks it again.
+RUNTIME_PROBE_INTERVAL = timedelta(seconds=1)
 
 
 class Agent:
@@ -42,11 +44,16 @@ class Agent:
         self.outbox = Outbox(Spool(config.spool_dir), config.spool_max_bytes)
         self._runtime = runtime
         self._executor = Executor(config, runtime, self.outbox, ControlPlaneLink(lambda: self._credentials),
-                                  owner=self._credentials.agent_id)
+                                  owner=self._credentials.agent_id,
+                                  on_runtime_unavailable=self._runtime_unavailable)
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self.draining = asyncio.Event()
         """Set on the first SIGTERM: no new jobs."""
+        self.runtime_down = False
+        """The container engine stopped answering: no new jobs until it does again."""
+        self.accepting_changed = asyncio.Event()
+        self._probe: asyncio.Task[None] | None = None
         self.credentials_changed = asyncio.Condition()
 
     @property
@@ -57,8 +64,9 @@ class Agent:
         """False refuses the job (the agent is shutting down): the control plane requeues it."""
         if job.job_id in self._jobs:
             return True  # a replayed assignment of a job already running
-        if self.draining.is_set():
-            log.info("job_refused", job_id=job.job_id, reason="draining")
+        if not self.accepting():
+            log.info("job_refused", job_id=job.job_id, draining=self.draining.is_set(),
+                     runtime_down=self.runtime_down)
             return False
         # Open before the task runs: a hello sent in between must list the job.
         self.outbox.open(job.job_id, job.epoch)
@@ -75,6 +83,26 @@ class Agent:
             log.warning("job_abandoned", job_id=job_id, reason=reason)
         if not self._executor.cancel(job_id, reason, abandon=abandon):
             self.outbox.drop(job_id)
+
+    def accepting(self) -> bool:
+        return not self.draining.is_set() and not self.runtime_down
+
+    def _runtime_unavailable(self) -> None:
+        if self.runtime_down:
+            return
+        self.runtime_down = True
+        self.accepting_changed.set()
+        log.warning("container_engine_unavailable", note="taking no jobs until it answers again")
+        self._probe = asyncio.create_task(self._wait_for_runtime(), name="runtime-probe")
+
+    async def _wait_for_runtime(self) -> None:
+        while not await self._runtime.ping():
+            await asyncio.sleep(RUNTIME_PROBE_INTERVAL.total_seconds())
+        # Containers whose removal failed while the engine was away go now.
+        removed = await self._runtime.remove_leftovers(self.agent_id, keep=frozenset(self._jobs))
+        self.runtime_down = False
+        self.accepting_changed.set()
+        log.info("container_engine_available", leftovers_removed=removed)
 
     def executing(self) -> list[str]:
         """Jobs whose container this agent is running (or setting up, or cleaning up)."""
@@ -101,7 +129,8 @@ class Agent:
     async def _one_session(self) -> None:
         session = Session(self.config, self._credentials, self.outbox, SessionEvents(
             assign=self._assign, cancel=self._cancel, renewed=self._update_credentials,
-            trust_bundle=self._trust_bundle), runtimes=self._runtime.runtimes(), draining=self.draining)
+            trust_bundle=self._trust_bundle), runtimes=self._runtime.runtimes(), accepting=self.accepting,
+            accepting_changed=self.accepting_changed)
         await session.run()
 
     async def run(self) -> None:
@@ -160,6 +189,7 @@ class Agent:
         if self.draining.is_set():
             return
         self.draining.set()
+        self.accepting_changed.set()
         running = list(self._jobs.values())
         log.info("agent_draining", jobs=len(running), timeout_s=self.config.drain_timeout.total_seconds())
         if running:

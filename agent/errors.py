@@ -4,7 +4,8 @@ AgentError
 ├── ConfigError            invalid configuration or data dir
 ├── EnrollmentError        enrollment refused or the server failed the pin
 ├── CredentialsError       the certificate expired or was revoked: enroll again
-└── JobSetupError          a job could not be started (image missing, Docker refused)
+├── JobSetupError          a job could not be started (image missing, Docker refused)
+└── RuntimeUnavailable     the container engine does not answer (restarting, stopped)
 """
 
 
@@ -26,3 +27,8 @@ class CredentialsError(AgentError):
 
 class JobSetupError(AgentError):
     pass
+
+
+class RuntimeUnavailable(AgentError):
+    """Not the job's fault: a job not yet started goes back to the queue, and the
+    agent takes no new jobs until the engine answers again."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Callable
 from contextlib import suppress
 from fnmatch import fnmatchcase
 
 import structlog
 
 from agent.config import AgentConfig
-from agent.errors import JobSetupError
+from agent.errors import JobSetupError, RuntimeUnavailable
 from agent.jobfiles import collect, repack_workspace
 from agent.masking import SecretMasker
 from agent.model import Assignment, LogStream, Outcome
@@ -29,8 +30,10 @@ def truncation_marker(cap: int) -> bytes:
 
 class Executor:
     def __init__(self, config: AgentConfig, runtime: ContainerRuntime, outbox: Outbox,
-                 link: ControlPlaneLink | None = None, owner: str = "") -> None:
+                 link: ControlPlaneLink | None = None, owner: str = "",
+                 on_runtime_unavailable: Callable[[], None] = lambda: None) -> None:
         self._config = config
+        self._on_runtime_unavailable = on_runtime_unavailable
         self._owner = owner
         self._runtime = runtime
         self._outbox = outbox
@@ -89,6 +92,13 @@ class Executor:
         bound = log.bind(job_id=job.job_id, epoch=job.epoch)
         try:
             container = await self._runtime.start(await self._prepare(job), output)
+        except RuntimeUnavailable as exc:
+            # Not the job's fault: back to the queue, and no new jobs until the engine answers.
+            bound.warning("job_refused", error=str(exc))
+            self._outbox.refuse(job.job_id, str(exc))
+            self._on_runtime_unavailable()
+            self._stop_requests.pop(job.job_id, None)
+            return
         except Exception as exc:
             # Whatever went wrong, the job must end: a job that never reports is worse.
             reason = str(exc) if isinstance(exc, JobSetupError) else f"the agent could not start the job: {exc!r}"
@@ -99,9 +109,42 @@ class Executor:
         self._outbox.started(job.job_id)
         forwarder = asyncio.create_task(self._forward(job, output))
         try:
-            outcome, reason = Outcome.EXITED, ""
-            waiting = asyncio.create_task(container.wait())
-            stopping = asyncio.create_task(stop.wait())
+            try:
+                outcome, exit_code, reason = await self._supervise(job, container, stop)
+            except RuntimeUnavailable as exc:
+                self._on_runtime_unavailable()
+                outcome, exit_code = Outcome.ERROR, -1
+                reason = f"lost contact with the container engine while the job ran ({exc})"
+            except Exception as exc:  # a job must end with a result, whatever broke
+                bound.exception("job_supervision_failed")
+                outcome, exit_code, reason = Outcome.ERROR, -1, f"the agent lost track of the job: {exc!r}"
+            await forwarder
+            if job.job_id not in self._abandoned and outcome != Outcome.ERROR:
+                await self._collect(job, container)
+            self._outbox.finish(job.job_id, outcome, exit_code, reason)
+            bound.info("job_finished", outcome=outcome.name, exit_code=exit_code)
+        except BaseException:
+            forwarder.cancel()
+            with suppress(asyncio.CancelledError):
+                await forwarder
+            with suppress(RuntimeUnavailable):
+                await asyncio.shield(container.stop(0))
+            raise
+        finally:
+            output.close()
+            self._stop_requests.pop(job.job_id, None)
+            self._stop_reasons.pop(job.job_id, None)
+            self._abandoned.discard(job.job_id)
+            with suppress(RuntimeUnavailable):  # what stays behind is removed once the engine is back
+                await asyncio.shield(container.remove())
+
+    async def _supervise(self, job: Assignment, container: RunningContainer, stop: asyncio.Event
+                         ) -> tuple[Outcome, int, str]:
+        """Until the job exits, times out or is canceled: (outcome, exit code, reason)."""
+        outcome, reason = Outcome.EXITED, ""
+        waiting = asyncio.create_task(container.wait())
+        stopping = asyncio.create_task(stop.wait())
+        try:
             done, _ = await asyncio.wait({waiting, stopping}, timeout=job.timeout.total_seconds(),
                                          return_when=asyncio.FIRST_COMPLETED)
             if waiting not in done:
@@ -110,27 +153,13 @@ class Executor:
                 else:
                     outcome, reason = Outcome.TIMED_OUT, f"timed out after {job.timeout}"
                 await container.stop(self._config.stop_grace.total_seconds())
-            stopping.cancel()
             exit_info = await waiting
-            if exit_info.oom_killed:
-                reason = reason or "killed: out of memory"
-            await forwarder
-            if job.job_id not in self._abandoned:
-                await self._collect(job, container)
-            self._outbox.finish(job.job_id, outcome, exit_info.exit_code, reason)
-            bound.info("job_finished", outcome=outcome.name, exit_code=exit_info.exit_code)
-        except BaseException:
-            forwarder.cancel()
-            with suppress(asyncio.CancelledError):
-                await forwarder
-            await asyncio.shield(container.stop(0))
-            raise
         finally:
-            output.close()
-            self._stop_requests.pop(job.job_id, None)
-            self._stop_reasons.pop(job.job_id, None)
-            self._abandoned.discard(job.job_id)
-            await asyncio.shield(container.remove())
+            stopping.cancel()
+            waiting.cancel()
+        if exit_info.oom_killed:
+            reason = reason or "killed: out of memory"
+        return outcome, exit_info.exit_code, reason
 
     async def _collect(self, job: Assignment, container: RunningContainer) -> None:
         """Artifacts and reports go up before the result, so a finished job has them."""

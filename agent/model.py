@@ -65,4 +65,13 @@ class JobResult:
     reason: str = ""
 
 
-Report = JobStarted | LogBatch | JobResult
+@dataclass(frozen=True)
+class JobRefused:
+    """An assignment this agent will not run (draining, container engine down): requeue it."""
+
+    job_id: str
+    epoch: int
+    reason: str
+
+
+Report = JobStarted | LogBatch | JobResult | JobRefused

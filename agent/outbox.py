@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.model import JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
+from agent.model import JobRefused, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
 from agent.spool import Spool
 
 Send = Callable[[Report], None]
@@ -153,6 +153,16 @@ class Outbox:
 
     def ack_result(self, job_id: str) -> None:
         self._forget(job_id)
+
+    def refuse(self, job_id: str, reason: str) -> None:
+        """Give back an assignment that never started: the control plane queues it
+        again (and does so on its own if this message is lost with the connection)."""
+        reports = self._jobs.get(job_id)
+        if reports is None:
+            return
+        self.drop(job_id)
+        if self._send is not None:
+            self._send(JobRefused(job_id, reports.epoch, reason))
 
     def drop(self, job_id: str) -> None:
         """The control plane no longer gives us this job: report nothing more about it."""

@@ -43,6 +43,9 @@ class ControlPlaneConfig:
     job_lease: timedelta = timedelta(seconds=60)
     """How long an assignment holds without a heartbeat from its agent (agents send three per
     lease). Past it, a job that had not started is queued again and a running one is LOST."""
+    db_busy_timeout: timedelta = timedelta(seconds=10)
+    """How long a write waits for a database lock held by another process before the
+    request fails with UNAVAILABLE (nothing changed; clients retry)."""
     failure_spike_threshold: int = 20
     """Failed authentications from one address or against one account, per minute, that raise an alert."""
 

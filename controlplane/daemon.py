@@ -67,7 +67,7 @@ class ControlPlane:
         directory.require_initialised()
         master = directory.master_key()
         self.certificates = certs = CertificateState(directory, master, self.config.dev)
-        self._store = store = await SqliteStore.open(directory.db_path)
+        self._store = store = await SqliteStore.open(directory.db_path, self.config.db_busy_timeout)
         auditor = Auditor(store, master)
 
         self.scheduler = scheduler = Scheduler(store, lease=self.config.job_lease)

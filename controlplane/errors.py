@@ -10,7 +10,8 @@ ControlPlaneError
 ├── NotFound                 no such object in the caller's organisation
 ├── FailedPrecondition       the object is not in a state that allows this
 ├── StaleEpoch               an agent reported on an assignment it no longer holds
-└── IntegrityError           stored data failed authentication (tampering, wrong key)
+├── IntegrityError           stored data failed authentication (tampering, wrong key)
+└── StorageUnavailable       the database is locked by another process, or the disk is full
 """
 
 
@@ -58,3 +59,7 @@ class StaleEpoch(FailedPrecondition):
 
 class IntegrityError(ControlPlaneError):
     pass
+
+
+class StorageUnavailable(ControlPlaneError):
+    """Transient: nothing was changed; the same request succeeds once the condition clears."""

@@ -5,13 +5,16 @@ CLI as a subprocess, exactly as users run them."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -20,11 +23,12 @@ from agent.credentials import Credentials
 from agent.daemon import Agent
 from agent.rpc.enroll import enroll
 from agent.runtime.base import ContainerRuntime
+from agent.runtime.docker import LABEL
 from controlplane.ca.enrollment import create_token
 from controlplane.config import ControlPlaneConfig
 from controlplane.daemon import ControlPlane
 from controlplane.datadir import initialise
-from controlplane.jobs.model import PoolPolicy, PullPolicy
+from controlplane.jobs.model import Job, JobStatus, PoolPolicy, PullPolicy
 from controlplane.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,3 +166,55 @@ class Cli:
         ca_file = cp.data_dir / "ca.pem"
         return await self("login", "--server", cp.api_target, "--api-key", api_key or cp.admin_key,
                           "--ca-file", str(ca_file))
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
+    """Until ``check`` returns something true. For state with no event to
+    await (a container, another process), looked at every 100 ms."""
+    deadline = time.monotonic() + timeout
+    while not (value := await check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+    return value
+
+
+async def job(cp: RunningControlPlane, job_id: str) -> Job:
+    assert cp.daemon.jobs is not None
+    return await cp.daemon.jobs.get("default", job_id)
+
+
+async def stored_log(cp: RunningControlPlane, job_id: str) -> bytes:
+    assert cp.daemon.jobs is not None
+    return b"".join([item.data async for item in cp.daemon.jobs.follow("default", job_id, 0, False)
+                     if not isinstance(item, Job)])
+
+
+def containers_of(docker_client: Any, job_id: str) -> list[Any]:
+    return docker_client.containers.list(all=True, filters={"label": f"{LABEL}={job_id}"})
+
+
+def numbered(first: int, last: int) -> bytes:
+    return "".join(f"{i}\n" for i in range(first, last + 1)).encode()
+
+
+async def holds(value: bool) -> bool:
+    """For ``eventually`` on state that is not a coroutine."""
+    return value
+
+
+async def log_reached(cp: RunningControlPlane, job_id: str, size: int) -> bool:
+    return (await job(cp, job_id)).log_size >= size
+
+
+async def in_status(cp: RunningControlPlane, job_id: str, status: JobStatus) -> Job | None:
+    found = await job(cp, job_id)
+    return found if found.status == status else None
+
+
+def assert_same_bytes(got: bytes, expected: bytes, what: str = "log") -> None:
+    """Equal, or a message saying where they part (a sha256 alone says nothing)."""
+    if hashlib.sha256(got).digest() == hashlib.sha256(expected).digest():
+        return
+    at = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
+    raise AssertionError(f"{what} differs: {len(got)} bytes, expected {len(expected)}; first difference at byte {at}: "
+                         f"got {got[max(0, at - 30):at + 30]!r}, expected {expected[max(0, at - 30):at + 30]!r}")

@@ -1,16 +1,26 @@
-"""A TCP proxy on loopback that a test can cut: open connections are reset and
-new ones refused (accepted, then reset at once) until the cut is over."""
+"""A proxy that a test can cut: open connections are reset and new ones
+refused (accepted, then reset at once) until the cut is over. Over TCP on
+loopback (an agent's link to the control plane) or a Unix socket (an agent's
+link to the Docker daemon, which then looks down to the agent)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class CuttableProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self._target = (target_host, target_port)
+    def __init__(self, target_host: str, target_port: int, *, unix_path: Path | None = None,
+                 unix_target: Path | None = None) -> None:
+        self._upstream: Callable[[], Awaitable[Streams]] = (
+            (lambda: asyncio.open_unix_connection(unix_target)) if unix_target
+            else (lambda: asyncio.open_connection(target_host, target_port)))
+        self._unix_path = unix_path
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.is_cut = False
@@ -23,8 +33,15 @@ class CuttableProxy:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    @classmethod
+    def unix(cls, path: Path, target: Path) -> CuttableProxy:
+        return cls("", 0, unix_path=path, unix_target=target)
+
     async def __aenter__(self) -> CuttableProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        if self._unix_path is not None:
+            self._server = await asyncio.start_unix_server(self._accept, self._unix_path)
+        else:
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -50,7 +67,7 @@ class CuttableProxy:
             _reset(writer)
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            up_reader, up_writer = await self._upstream()
         except OSError:
             _reset(writer)
             return
@@ -75,7 +92,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close with a RST, as a dropped connection looks to both ends."""
     sock = writer.get_extra_info("socket")
-    if sock is not None:
+    if sock is not None and sock.family != socket.AF_UNIX:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     writer.transport.abort()

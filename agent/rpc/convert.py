@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from agent.model import Assignment, JobResult, JobStarted, LogBatch, Report
+from agent.model import Assignment, JobRefused, JobResult, JobStarted, LogBatch, Report
 from protos.v1 import agent_pb2
 
 _PULL = {agent_pb2.PULL_POLICY_NEVER: "never", agent_pb2.PULL_POLICY_IF_NOT_PRESENT: "if-not-present",
@@ -37,4 +37,6 @@ def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
             return agent_pb2.AgentMessage(result=agent_pb2.JobResult(
                 job_id=job_id, epoch=epoch, last_seq=last_seq, outcome=int(outcome), exit_code=exit_code,
                 reason=reason))
+        case JobRefused(job_id, epoch, reason):
+            return agent_pb2.AgentMessage(refused=agent_pb2.JobRefused(job_id=job_id, epoch=epoch, reason=reason))
     raise TypeError(f"cannot encode {report!r}")

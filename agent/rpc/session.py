@@ -50,9 +50,11 @@ class SessionEvents:
 class Session:
     def __init__(self, config: AgentConfig, credentials: Credentials, outbox: Outbox, events: SessionEvents,
                  runtimes: list[str] | None = None, rng: random.Random | None = None,
-                 draining: asyncio.Event | None = None) -> None:
+                 accepting: Callable[[], bool] = lambda: True,
+                 accepting_changed: asyncio.Event | None = None) -> None:
         self._runtimes = runtimes or ["runc"]
-        self._draining = draining or asyncio.Event()
+        self._accepting = accepting
+        self._accepting_changed = accepting_changed or asyncio.Event()
         self._heartbeat_s = config.heartbeat_interval.total_seconds()
         self._config = config
         self._credentials = credentials
@@ -129,7 +131,14 @@ class Session:
     async def _write(self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
                      ) -> None:
         while True:
-            await call.write(await outgoing.get())
+            message = await outgoing.get()
+            try:
+                await call.write(message)
+            except asyncio.InvalidStateError:
+                # The control plane ended the call (e.g. UNAVAILABLE): its status says why.
+                code, details = await call.code(), await call.details()
+                raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await call.trailing_metadata(),
+                                           details) from None
 
     async def _read(self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
                     ) -> None:
@@ -151,16 +160,18 @@ class Session:
                     self._outbox.ack_result(message.result_ack.job_id)
 
     async def _heartbeat(self, outgoing: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
-        """Keeps the leases of our jobs; tells the control plane at once when we start draining."""
-        announced = False
+        """Keeps the leases of our jobs; tells the control plane at once when we
+        stop or start taking jobs (draining, container engine down or back)."""
+        announced: bool | None = None
         while True:
-            if announced or not self._draining.is_set():
+            if announced == self._accepting():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._heartbeat_s):
-                        await (asyncio.Event() if announced else self._draining).wait()
-            announced = self._draining.is_set()
+                        await self._accepting_changed.wait()
+                self._accepting_changed.clear()
+            announced = self._accepting()
             outgoing.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
-                draining=announced, running_jobs=[
+                draining=not announced, running_jobs=[
                     agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])))
 
     async def _renew(self, stub: agent_pb2_grpc.AgentControlStub) -> None:

@@ -114,7 +114,12 @@ class ContainerRuntime(Protocol):
         """Create and start a hardened container whose output goes to ``output``."""
         ...
 
-    async def remove_leftovers(self, owner: str) -> int:
-        """Remove containers and workspaces an earlier run of agent ``owner``
-        left behind (it was killed); returns how many containers."""
+    async def remove_leftovers(self, owner: str, keep: frozenset[str] = frozenset()) -> int:
+        """Remove containers and workspaces of agent ``owner`` left behind (an
+        earlier run was killed, or the engine was down at cleanup), except
+        those of the jobs in ``keep``; returns how many containers."""
+        ...
+
+    async def ping(self) -> bool:
+        """Does the container engine answer?"""
         ...

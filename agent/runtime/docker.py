@@ -14,20 +14,33 @@ import io
 import struct
 import tarfile
 import threading
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
 
 import docker
 import docker.errors
+import requests.exceptions
 import structlog
 from docker.models.containers import Container
 from docker.types import Mount
 from docker.utils.socket import read as socket_read
 
-from agent.errors import ConfigError, JobSetupError
+from agent.errors import ConfigError, JobSetupError, RuntimeUnavailable
 from agent.model import LogStream
 from agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
 
 log = structlog.get_logger("testhide.agent.docker")
+T = TypeVar("T")
+
+
+async def engine(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A blocking docker-py call in a thread; the daemon not answering
+    (stopped, restarting) becomes RuntimeUnavailable, whatever the call."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, ConnectionError) as exc:
+        raise RuntimeUnavailable(f"the Docker daemon is not answering: {exc}") from exc
+
 
 LABEL = "dev.testhide.job"
 OWNER_LABEL = "dev.testhide.agent"
@@ -101,13 +114,13 @@ class DockerContainer:
         self._removed = False
 
     async def wait(self) -> ContainerExit:
-        result = await asyncio.to_thread(self._container.wait)
-        state = (await asyncio.to_thread(self._client.api.inspect_container, self._container.id))["State"]
+        result = await engine(self._container.wait)
+        state = (await engine(self._client.api.inspect_container, self._container.id))["State"]
         return ContainerExit(int(result.get("StatusCode", -1)), bool(state.get("OOMKilled")))
 
     async def stop(self, grace: float) -> None:
         try:
-            await asyncio.to_thread(self._container.stop, timeout=max(0, int(round(grace))))
+            await engine(self._container.stop, timeout=max(0, int(round(grace))))
         except docker.errors.NotFound:
             pass
 
@@ -118,7 +131,7 @@ class DockerContainer:
                 dest.write(chunk)
 
         try:
-            await asyncio.to_thread(copy)
+            await engine(copy)
         except docker.errors.DockerException as exc:
             raise JobSetupError(f"could not read the job's workspace: {exc}") from exc
 
@@ -127,11 +140,11 @@ class DockerContainer:
             return
         self._removed = True
         try:
-            await asyncio.to_thread(self._container.remove, force=True)
+            await engine(self._container.remove, force=True)
         except docker.errors.NotFound:
             pass
         try:
-            await asyncio.to_thread(self._client.api.remove_volume, self._volume, True)
+            await engine(self._client.api.remove_volume, self._volume, True)
         except docker.errors.NotFound:
             pass
 
@@ -143,6 +156,7 @@ class DockerRuntime:
         except docker.errors.DockerException as exc:
             raise ConfigError(f"cannot reach the Docker engine: {exc}") from exc
         self._ready_init_images: set[str] = set()
+        self._runtimes: list[str] | None = None
 
     def _ensure_init_image(self, user: str) -> str:
         image = workspace_init_image(user)
@@ -157,10 +171,22 @@ class DockerRuntime:
         return image
 
     def runtimes(self) -> list[str]:
-        return sorted(self._client.info().get("Runtimes", {"runc": {}}))
+        """Asked once; runc if the daemon does not answer yet."""
+        if self._runtimes is None:
+            try:
+                self._runtimes = sorted(self._client.info().get("Runtimes", {"runc": {}}))
+            except (requests.exceptions.ConnectionError, ConnectionError):
+                return ["runc"]
+        return self._runtimes
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await engine(self._client.ping))
+        except (RuntimeUnavailable, docker.errors.DockerException):
+            return False
 
     async def ensure_image(self, image: str, pull_policy: str) -> None:
-        await asyncio.to_thread(self._ensure_image, image, pull_policy)
+        await engine(self._ensure_image, image, pull_policy)
 
     def _ensure_image(self, image: str, pull_policy: str) -> None:
         present = True
@@ -232,33 +258,35 @@ class DockerRuntime:
             raise
         return container, volume
 
-    async def remove_leftovers(self, owner: str) -> int:
+    async def remove_leftovers(self, owner: str, keep: frozenset[str] = frozenset()) -> int:
         def run() -> int:
             selector = {"label": f"{OWNER_LABEL}={owner}"}
-            containers = self._client.containers.list(all=True, filters=selector)
+            containers = [c for c in self._client.containers.list(all=True, filters=selector)
+                          if c.labels.get(LABEL) not in keep]
             for container in containers:
                 with contextlib.suppress(docker.errors.NotFound):
                     container.remove(force=True)
             for volume in self._client.volumes.list(filters=selector):
-                with contextlib.suppress(docker.errors.NotFound):
-                    volume.remove(force=True)
+                if (volume.attrs.get("Labels") or {}).get(LABEL) not in keep:
+                    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                        volume.remove(force=True)
             return len(containers)
 
         if not owner:
             return 0
-        return await asyncio.to_thread(run)
+        return await engine(run)
 
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> DockerContainer:
-        container, volume = await asyncio.to_thread(self._create, spec)
+        container, volume = await engine(self._create, spec)
         running = DockerContainer(self._client, container, volume)
         try:
-            sock = await asyncio.to_thread(
+            sock = await engine(
                 self._client.api.attach_socket, container.id,
                 {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1},
             )
             threading.Thread(target=self._pump, args=(sock, output), name=f"output-{spec.job_id}",
                              daemon=True).start()
-            await asyncio.to_thread(container.start)
+            await engine(container.start)
         except docker.errors.DockerException as exc:
             await running.remove()
             explanation = getattr(exc, "explanation", None) or exc

@@ -69,8 +69,11 @@ class FakeRuntime:
     def runtimes(self) -> list[str]:
         return ["runc"]
 
-    async def remove_leftovers(self, owner: str) -> int:
+    async def remove_leftovers(self, owner: str, keep: frozenset[str] = frozenset()) -> int:
         return 0
+
+    async def ping(self) -> bool:
+        return True
 
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> FakeContainer:
         script = self.scripts.get(spec.job_id, Script())

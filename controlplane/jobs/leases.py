@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from controlplane.atrest import MasterKey
-from controlplane.errors import StaleEpoch
+from controlplane.errors import StaleEpoch, StorageUnavailable
 from controlplane.jobs.logs import LogBook
 from controlplane.jobs.model import Job, JobStatus, new_job_id
 from controlplane.jobs.scheduler import AgentSession, Cancel, Scheduler
@@ -99,6 +99,8 @@ class Leases:
         while True:
             try:
                 await self.sweep()
+            except StorageUnavailable as exc:  # nothing lapses while nothing can be written
+                log.warning("lease_sweep_deferred", error=str(exc))
             except Exception:
                 log.exception("lease_sweep_failed")
             await asyncio.sleep(self.sweep_interval.total_seconds())

@@ -19,6 +19,7 @@ from controlplane.store.base import Store
 log = structlog.get_logger("testhide.scheduler")
 
 DEFAULT_LEASE = timedelta(seconds=60)
+DISPATCH_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,12 @@ class Scheduler:
             for org, pool in sorted(pending):
                 try:
                     await self._dispatch(org, pool)
+                except ControlPlaneError as exc:  # e.g. the database is locked: try again shortly
+                    log.warning("dispatch_deferred", org=org, pool=pool, error=str(exc))
+                    asyncio.get_running_loop().call_later(DISPATCH_RETRY_S, self.kick, org, pool)
                 except Exception:
                     log.exception("dispatch_failed", org=org, pool=pool)
-                    self._pending.add((org, pool))
+                    asyncio.get_running_loop().call_later(DISPATCH_RETRY_S, self.kick, org, pool)
 
     def _pool_sessions(self, org: str, pool: str) -> list[AgentSession]:
         return [s for s in self._sessions.values()
@@ -207,5 +211,8 @@ class Scheduler:
             offer = f"labels {wants} and " if wants else ""
             return (f"waiting: no connected agent of pool {job.spec.pool!r} offers "
                     f"{offer}runtime {job.spec.runtime or 'runc'}")
-        able = sum(1 for s in sessions if s.can_run(job))
-        return f"waiting for a free agent ({able} able, all busy)"
+        able = [s for s in sessions if s.can_run(job)]
+        if all(s.draining for s in able):
+            return (f"waiting: the {len(able)} able agent(s) of pool {job.spec.pool!r} take no jobs now "
+                    "(shutting down, or their container engine is down)")
+        return f"waiting for a free agent ({len(able)} able, all busy)"

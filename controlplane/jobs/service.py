@@ -229,10 +229,13 @@ class JobService:
         self._scheduler.kick(org, session.identity.pool)
 
     async def on_heartbeat(self, session: AgentSession, held: dict[str, int], draining: bool) -> None:
-        if draining and not session.draining:
-            session.draining = True
-            log.info("agent_draining", agent_id=session.identity.agent_id, jobs=len(session.jobs))
+        """``draining``: the agent takes no new jobs (shutting down, or its container engine is down)."""
         await self._leases.extend(session, held)
+        if draining != session.draining:
+            session.draining = draining
+            log.info("agent_availability_changed", agent_id=session.identity.agent_id, taking_jobs=not draining)
+            if not draining:
+                self._scheduler.kick(session.identity.org, session.identity.pool)
 
     async def on_refused(self, session: AgentSession, job_id: str, epoch: int, reason: str) -> None:
         """The agent will not run an assignment (it is shutting down): queue it again."""

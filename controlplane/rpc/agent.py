@@ -25,6 +25,7 @@ from controlplane.errors import (
     NotFound,
     PermissionDenied,
     StaleEpoch,
+    StorageUnavailable,
     Unauthenticated,
 )
 from controlplane.jobs.model import JobStatus, PullPolicy
@@ -155,9 +156,12 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                                labels=dict(list(hello.labels.items())[:64]),
                                runtimes=frozenset(hello.runtimes or ["runc"]))
         bound = log.bind(agent_id=identity.agent_id, org=identity.org, pool=identity.pool)
-        await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC))
+        try:
+            await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC))
+            await self._jobs.on_hello(session, {r.job_id: r.epoch for r in hello.running_jobs})
+        except ControlPlaneError as exc:
+            await context.abort(code_for(exc), str(exc))
         session.send(TrustBundle(self._certs.current.bundle_pem))
-        await self._jobs.on_hello(session, {r.job_id: r.epoch for r in hello.running_jobs})
         self._scheduler.attach(session)
         bound.info("agent_connected", max_jobs=session.max_jobs)
         try:
@@ -224,6 +228,10 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                     await self._jobs.on_result(session, r.job_id, r.epoch, r.last_seq, status, exit_code, r.reason)
                 case _:
                     log.warning("agent_message_ignored", kind=kind, agent_id=session.identity.agent_id)
+        except StorageUnavailable as exc:
+            # Nothing was stored or acknowledged: the agent reconnects (with backoff) and replays.
+            log.warning("agent_session_deferred", agent_id=session.identity.agent_id, error=str(exc))
+            session.close("UNAVAILABLE", str(exc))
         except ControlPlaneError as exc:
             log.warning("agent_message_refused", kind=kind, agent_id=session.identity.agent_id, error=str(exc))
             # A message about a job this agent no longer holds: stop it, report nothing more.

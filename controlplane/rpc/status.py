@@ -19,6 +19,7 @@ STATUS: list[tuple[type[errors.ControlPlaneError], grpc.StatusCode]] = [
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.StaleEpoch, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
-from controlplane.errors import FailedPrecondition, NotFound, StaleEpoch, Unauthenticated
+from controlplane.errors import FailedPrecondition, NotFound, StaleEpoch, StorageUnavailable, Unauthenticated
 from controlplane.jobs.model import (
     BlobInfo,
     Job,
@@ -71,25 +71,45 @@ def _spec_from_json(text: str) -> JobSpec:
     return JobSpec(**data)
 
 
+_BUSY, _LOCKED, _IOERR, _FULL = 5, 6, 10, 13
+
+
+def storage_error(exc: sqlite3.OperationalError) -> Exception:
+    """Conditions an operator can clear, as a clear transient error; anything else as it is."""
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    if code in (_BUSY, _LOCKED):
+        return StorageUnavailable("the control plane's database is locked by another process; "
+                                  "nothing was changed, try again")
+    if code == _FULL:
+        return StorageUnavailable("the control plane's disk is full; nothing was changed, "
+                                  "writes resume once space is freed")
+    if code == _IOERR:
+        return StorageUnavailable(f"the control plane's disk failed a read or write ({exc}); nothing was changed")
+    return exc
+
+
 class SqliteStore(SqliteLeases):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: timedelta = timedelta(seconds=10)) -> None:
         self._path = path
+        self._busy_timeout_ms = int(busy_timeout.total_seconds() * 1000)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
-        store = cls(path)
+    async def open(cls, path: Path, busy_timeout: timedelta = timedelta(seconds=10)) -> SqliteStore:
+        """``busy_timeout``: how long a write waits for a lock another process holds."""
+        store = cls(path, busy_timeout)
         await store._run(store._connect)
         return store
 
     def _connect(self, _: sqlite3.Connection | None = None) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False,
+                               timeout=self._busy_timeout_ms / 1000)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
         self._conn = conn
         self._migrate(conn)
 
@@ -112,18 +132,26 @@ class SqliteStore(SqliteLeases):
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as exc:
+            raise storage_error(exc) from exc
 
-    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T:
+        """``fn`` in one transaction. Reads take a snapshot only (WAL), so they
+        go on while another process holds the write lock or the disk is full."""
         def run() -> T:
-            assert self._conn is not None
-            self._conn.execute("BEGIN IMMEDIATE")
+            conn = self._conn
+            assert conn is not None
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
             try:
-                result = fn(self._conn)
+                result = fn(conn)
+                conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # Also when COMMIT itself failed (disk full): SQLite leaves the transaction open.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
             return result
 
         return await self._run(run)
@@ -453,7 +481,7 @@ class SqliteStore(SqliteLeases):
             head = c.execute("SELECT seq, hash, mac FROM audit_head WHERE id = 1").fetchone()
             return entries, ((head["seq"], bytes(head["hash"]), bytes(head["mac"])) if head else None)
 
-        return await self._tx(run)
+        return await self._tx(run, write=False)
 
     # jobs ----------------------------------------------------------------------
     @staticmethod
@@ -496,7 +524,7 @@ class SqliteStore(SqliteLeases):
             row = c.execute("SELECT * FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone()
             return self._job(c, row) if row else None
 
-        return await self._tx(run)
+        return await self._tx(run, write=False)
 
     async def get_job_data_key(self, org: str, job_id: str) -> bytes:
         rows = await self._query("SELECT data_key FROM jobs WHERE org = ? AND id = ?", (org, job_id))
@@ -512,7 +540,7 @@ class SqliteStore(SqliteLeases):
             ).fetchall()
             return [self._job(c, r) for r in rows]
 
-        return await self._tx(run)
+        return await self._tx(run, write=False)
 
     async def queued_jobs(self, org: str, pool: str, limit: int) -> list[Job]:
         def run(c: sqlite3.Connection) -> list[Job]:
@@ -522,7 +550,7 @@ class SqliteStore(SqliteLeases):
             ).fetchall()
             return [self._job(c, r) for r in rows]
 
-        return await self._tx(run)
+        return await self._tx(run, write=False)
 
     async def queued_pools(self) -> list[tuple[str, str]]:
         rows = await self._query("SELECT DISTINCT org, pool FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,))
@@ -536,7 +564,7 @@ class SqliteStore(SqliteLeases):
             ).fetchall()
             return [self._job(c, r) for r in rows]
 
-        return await self._tx(run)
+        return await self._tx(run, write=False)
 
     async def assign_job(self, org: str, job_id: str, agent_id: str, now: datetime, lease_until: datetime
                          ) -> Job | None:
@@ -745,4 +773,4 @@ class SqliteStore(SqliteLeases):
                 "SELECT path FROM test_reports WHERE job_id = ? AND error != '' ORDER BY path", (job_id,))]
             return cases, rejected
 
-        return await self._tx(run)
+        return await self._tx(run, write=False)

@@ -24,7 +24,7 @@ def _ts(value: datetime) -> str:
 class SqliteLeases:
     """Mixed into SqliteStore, which provides the transaction runner and row mapping."""
 
-    _tx: Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]]
+    _tx: Callable[..., Awaitable[Any]]
     _job: Callable[[sqlite3.Connection, sqlite3.Row], Job]
     _add_transition: Callable[[sqlite3.Connection, str, JobStatus, datetime, str], None]
 
@@ -98,7 +98,7 @@ class SqliteLeases:
                              " ORDER BY id LIMIT ?", (JobStatus.LOST.value, limit)).fetchall()
             return [self._job(c, r) for r in rows]
 
-        jobs: list[Job] = await self._tx(run)
+        jobs: list[Job] = await self._tx(run, write=False)
         return jobs
 
     async def create_retry(self, lost: Job, retry: Job, data_key_wrapped: bytes) -> Job | None:

@@ -5,13 +5,11 @@ agent told to stop (SIGTERM). Real control plane, real agents, real Docker."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,43 +17,31 @@ from typing import Any
 import pytest
 
 from agent.credentials import Credentials
-from agent.runtime.docker import LABEL, DockerRuntime
+from agent.runtime.docker import DockerRuntime
 from controlplane.jobs.model import Job, JobStatus
-from tests.harness import JOB_IMAGE, REPO, Cli, RunningControlPlane, control_plane, enrolled, running_agent
+from tests.harness import (
+    JOB_IMAGE,
+    REPO,
+    Cli,
+    RunningControlPlane,
+    assert_same_bytes,
+    containers_of,
+    control_plane,
+    enrolled,
+    eventually,
+    holds,
+    in_status,
+    job,
+    log_reached,
+    numbered,
+    running_agent,
+    stored_log,
+)
 from tests.netproxy import CuttableProxy
 
 pytestmark = [pytest.mark.chaos, pytest.mark.docker, pytest.mark.timeout(300)]
 
 TERMINAL = {s.value for s in JobStatus if s.terminal}
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Until ``check`` returns something true. For state with no event to
-    await (a container, another process), looked at every 100 ms."""
-    deadline = time.monotonic() + timeout
-    while not (value := await check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-    return value
-
-
-async def job(cp: RunningControlPlane, job_id: str) -> Job:
-    assert cp.daemon.jobs is not None
-    return await cp.daemon.jobs.get("default", job_id)
-
-
-async def stored_log(cp: RunningControlPlane, job_id: str) -> bytes:
-    assert cp.daemon.jobs is not None
-    return b"".join([item.data async for item in cp.daemon.jobs.follow("default", job_id, 0, False)
-                     if not isinstance(item, Job)])
-
-
-def containers_of(docker_client: Any, job_id: str) -> list[Any]:
-    return docker_client.containers.list(all=True, filters={"label": f"{LABEL}={job_id}"})
-
-
-def numbered(first: int, last: int) -> bytes:
-    return "".join(f"{i}\n" for i in range(first, last + 1)).encode()
 
 
 async def submit(cli: Cli, *command: str, retries: int = 0) -> str:
@@ -76,13 +62,13 @@ async def test_connection_cut_for_30s_mid_job_loses_nothing(tmp_path: Path, dock
             assert (await cli.login(cp)).returncode == 0
             job_id = await submit(cli, "sh", "-c", script)
             first = numbered(*part1)
-            await eventually(lambda: _log_size_at_least(cp, job_id, len(first)), 60, "the first part stored")
+            await eventually(lambda: log_reached(cp, job_id, len(first)), 60, "the first part stored")
 
             proxy.cut()
             cut_at = time.monotonic()
             await asyncio.to_thread(containers_of(docker_client, job_id)[0].exec_run, ["touch", "/tmp/go"])
             # The job writes the rest and ends while the agent is cut off: all of it waits in the spool.
-            await eventually(lambda: _done(job_id not in agent.executing()), 25, "the job to end while cut off")
+            await eventually(lambda: holds(job_id not in agent.executing()), 25, "the job to end while cut off")
             assert agent.outbox.unacked_bytes() >= len(numbered(*part2)) - 8 * 1024 * 1024
             assert any(agent.config.spool_dir.iterdir()), "the backlog is on disk"
             assert (await job(cp, job_id)).status == JobStatus.RUNNING
@@ -93,18 +79,10 @@ async def test_connection_cut_for_30s_mid_job_loses_nothing(tmp_path: Path, dock
             shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)
     assert proxy.connections >= 2, "the agent reconnected through the proxy"
     expected = numbered(part1[0], part2[1])
-    assert hashlib.sha256(followed.stdout).hexdigest() == hashlib.sha256(expected).hexdigest()
+    assert_same_bytes(followed.stdout, expected)
     assert shown["status"] == "SUCCEEDED", shown
     assert [t["status"] for t in shown["transitions"]].count("SUCCEEDED") == 1
     assert not any(t["status"] in TERMINAL - {"SUCCEEDED"} for t in shown["transitions"])
-
-
-async def _done(value: bool) -> bool:
-    return value
-
-
-async def _log_size_at_least(cp: RunningControlPlane, job_id: str, size: int) -> bool:
-    return (await job(cp, job_id)).log_size >= size
 
 
 class AgentProcess:
@@ -151,12 +129,12 @@ async def test_killed_agent_job_is_lost_within_the_lease_and_retried_once(tmp_pa
                                        "sh", "-c", "echo attempt-start; sleep 2; echo attempt-end")
             assert follower.stderr is not None
             job_id = (await follower.stderr.readline()).decode().split()[1]
-            await eventually(lambda: _log_size_at_least(cp, job_id, 1), 30, "the job to start")
+            await eventually(lambda: log_reached(cp, job_id, 1), 30, "the job to start")
 
             await agent.signal(signal.SIGKILL)
             killed_at = time.monotonic()
             await agent.wait(10)
-            lost = await eventually(lambda: _in_status(cp, job_id, JobStatus.LOST), 30, "the job to be LOST")
+            lost = await eventually(lambda: in_status(cp, job_id, JobStatus.LOST), 30, "the job to be LOST")
             assert time.monotonic() - killed_at <= lease.total_seconds() + 2, "LOST within the lease"
             assert "stopped reporting" in lost.status_reason
             retry = await eventually(lambda: _retry_of(cp, job_id), 10, "the retry")
@@ -179,11 +157,6 @@ async def test_killed_agent_job_is_lost_within_the_lease_and_retried_once(tmp_pa
     assert containers_of(docker_client, job_id) == []
 
 
-async def _in_status(cp: RunningControlPlane, job_id: str, status: JobStatus) -> Job | None:
-    found = await job(cp, job_id)
-    return found if found.status == status else None
-
-
 async def _retry_of(cp: RunningControlPlane, job_id: str) -> Job | None:
     lost = await job(cp, job_id)
     return await job(cp, lost.retried_as) if lost.retried_as else None
@@ -199,18 +172,18 @@ async def test_agent_back_after_its_lease_lapsed_stops_the_job_and_reports_nothi
             cli = Cli(tmp_path / "config")
             assert (await cli.login(cp)).returncode == 0
             job_id = await submit(cli, "sh", "-c", "echo before; while true; do sleep 0.2; done")
-            first = await eventually(lambda: _in_status(cp, job_id, JobStatus.RUNNING), 30, "RUNNING")
+            first = await eventually(lambda: in_status(cp, job_id, JobStatus.RUNNING), 30, "RUNNING")
             assert first.lease_expires_at is not None
             # Heartbeats keep the lease: still RUNNING well past the first lease's end.
             await eventually(lambda: _lease_beyond(cp, job_id, first.lease_expires_at + 2 * lease), 15,
                              "the lease to be extended twice")
 
             proxy.cut()
-            lost = await eventually(lambda: _in_status(cp, job_id, JobStatus.LOST), 15, "the job to be LOST")
+            lost = await eventually(lambda: in_status(cp, job_id, JobStatus.LOST), 15, "the job to be LOST")
             assert job_id in agent.executing(), "still running on the partitioned agent"
             proxy.restore()
             # Back again: the control plane tells it the job is no longer its; it stops the container.
-            await eventually(lambda: _done(job_id not in agent.executing()), 30, "the container to be stopped")
+            await eventually(lambda: holds(job_id not in agent.executing()), 30, "the container to be stopped")
             assert job_id not in agent.outbox.running()
             assert containers_of(docker_client, job_id) == []
             final = await job(cp, job_id)
@@ -239,12 +212,12 @@ async def test_sigterm_drains_the_agent(tmp_path: Path, docker_client: Any) -> N
             short = await submit(cli, "sh", "-c", "echo short; sleep 1; echo short-done")
             long = await submit(cli, "sh", "-c", "echo long; sleep 600")
             for job_id in (short, long):
-                await eventually(lambda j=job_id: _log_size_at_least(cp, j, 1), 30, "the jobs to start")
+                await eventually(lambda j=job_id: log_reached(cp, j, 1), 30, "the jobs to start")
 
             await agent.signal(signal.SIGTERM)
             session = cp.daemon.scheduler.session_of(agent_id)
             assert session is not None
-            await eventually(lambda: _done(session.draining), 10, "the agent to say it drains")
+            await eventually(lambda: holds(session.draining), 10, "the agent to say it drains")
             later = await submit(cli, "true")
             assert await agent.wait(60) == 0
             finished_short, finished_long, queued = [await job(cp, j) for j in (short, long, later)]
