@@ -89,17 +89,20 @@ def init(data_dir: Path, server_names: tuple[str, ...], trust_domain: str, impor
 @click.option("--agent-cert-ttl", type=Duration(), default="1h", show_default=True)
 @click.option("--job-lease", type=Duration(), default="60s", show_default=True,
               help="How long a job's agent may stay silent before the job is requeued or LOST.")
+@click.option("--db-busy-timeout", type=Duration(), default="10s", show_default=True,
+              help="How long a write waits for a database lock another process holds.")
 @click.option("--dev", is_flag=True, help="Accept development certificates. Never in production.")
 @click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the bound ports as JSON here once serving (for port 0).")
-def serve(data_dir: Path, listen: str, agent_listen: str | None, agent_cert_ttl: Any, job_lease: Any, dev: bool,
-          port_file: Path | None) -> None:
+def serve(data_dir: Path, listen: str, agent_listen: str | None, agent_cert_ttl: Any, job_lease: Any,
+          db_busy_timeout: Any, dev: bool, port_file: Path | None) -> None:
     """Serve the API and agent ports until SIGTERM or SIGINT."""
     from controlplane.daemon import ControlPlane
 
     async def run() -> None:
         daemon = ControlPlane(ControlPlaneConfig(data_dir=data_dir, listen=listen, agent_listen=agent_listen,
-                                                 agent_cert_ttl=agent_cert_ttl, job_lease=job_lease, dev=dev))
+                                                 agent_cert_ttl=agent_cert_ttl, job_lease=job_lease,
+                                                 db_busy_timeout=db_busy_timeout, dev=dev))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(daemon.shutdown()))
