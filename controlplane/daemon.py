@@ -28,6 +28,7 @@ from controlplane.jobs.logs import LogBook
 from controlplane.jobs.scheduler import Scheduler, TrustBundle
 from controlplane.jobs.secrets import SecretVault
 from controlplane.jobs.service import JobService
+from controlplane.masterkey import RingAnnouncement
 from controlplane.rpc.agent import AgentControlServicer
 from controlplane.rpc.auth import ApiAuthInterceptor
 from controlplane.rpc.auth_service import AuthServicer
@@ -59,14 +60,18 @@ class ControlPlane:
         self.scheduler: Scheduler | None = None
         self.certificates: CertificateState | None = None
         self.signing_keys: SigningKeys | None = None
+        self._ring: RingAnnouncement | None = None
 
     async def start(self) -> None:
         directory = DataDir(self.config.data_dir)
         directory.require_initialised()
         master = directory.master_key()
+        # Before anything is sealed: a master-key rotation waits on what we hold.
+        self._ring = RingAnnouncement(directory, master)
+        self._ring.publish()
         self.certificates = certs = CertificateState(directory, master, self.config.dev)
         self._store = store = await SqliteStore.open(directory.db_path)
-        auditor = Auditor(store, master)
+        auditor = Auditor(store, await directory.audit_key(master, store))
 
         self.scheduler = scheduler = Scheduler(store)
         secrets = SecretVault(store, master)
@@ -125,6 +130,10 @@ class ControlPlane:
         while True:
             await asyncio.sleep(WATCH_INTERVAL.total_seconds())
             try:
+                if master.reload():
+                    assert self._ring is not None
+                    self._ring.publish()
+                    log.info("master_key_reloaded", key_ids=list(master.key_ids), current=master.current_id)
                 if certs.server_certificate_due():
                     cert = await asyncio.to_thread(rotate_server_certificate, directory, master)
                     log.info("server_certificate_rotated", serial=format(cert.serial_number, "x"), automatic=True)
@@ -171,5 +180,7 @@ class ControlPlane:
                 await task
         if self._store is not None:
             await self._store.close()
+        if self._ring is not None:
+            self._ring.withdraw()
         log.info("controlplane_stopped")
         self._stopped.set()
