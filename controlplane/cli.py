@@ -607,9 +607,10 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -
 
 
 def _register_recovery_commands() -> None:
-    from controlplane.recovery_cli import master_key
+    from controlplane.recovery_cli import backup, master_key, restore
 
-    main.add_command(master_key)
+    for command in (master_key, backup, restore):
+        main.add_command(command)
 
 
 _register_recovery_commands()
