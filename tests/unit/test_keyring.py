@@ -15,7 +15,7 @@ import pytest
 
 from controlplane import masterkey
 from controlplane.atrest import LEGACY_KEY_ID, MASTER_KEY_ENV, MasterKey, key_id, seal, sealed_by
-from controlplane.auth.audit import AuditChain, Auditor, AuditEvent, legacy_audit_key
+from controlplane.auth.audit import AuditChain, AuditEvent, Auditor, legacy_audit_key
 from controlplane.datadir import AUDIT_KEY, DataDir, initialise
 from controlplane.errors import ConfigError, FailedPrecondition, IntegrityError
 from controlplane.jobs.blobs import BlobVault
