@@ -52,6 +52,7 @@ def _data_dir_files(directory: DataDir) -> dict[str, bytes]:
         for path in sorted(directory.path.rglob("*")):
             relative = path.relative_to(directory.path)
             if (not path.is_file() or relative.parts[0] in _EXCLUDED_DIRS or relative.as_posix() in _EXCLUDED
+                    or relative.name.startswith("master.key")  # copies an operator left beside it, too
                     or any(part.startswith(".") for part in relative.parts)):
                 continue
             files[relative.as_posix()] = path.read_bytes()
