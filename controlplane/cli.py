@@ -8,11 +8,10 @@ import re
 import secrets
 import signal
 import sys
-from collections.abc import Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import structlog
@@ -22,27 +21,19 @@ from common.durations import Duration, format_duration
 from common.logging import configure
 from common.tls import fingerprint
 from controlplane.auth.principal import SCOPES
+from controlplane.cli_common import data_dir_option
+from controlplane.cli_common import run as _run
 from controlplane.config import ControlPlaneConfig
-from controlplane.errors import ControlPlaneError, FailedPrecondition, InvalidArgument, NotFound
+from controlplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from controlplane.jobs.model import PoolPolicy, PullPolicy
 from controlplane.operator import OperatorContext, operator_context
 
-T = TypeVar("T")
 DEFAULT_SCOPES = ("jobs:read", "jobs:write")
 USER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 log = structlog.get_logger("testhide.operator")
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return asyncio.run(coro)
-    except ControlPlaneError as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
 org_option = click.option("--org", default="default", show_default=True, help="Organisation.")
-data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), required=True,
-                               envvar="TESTHIDE_DATA_DIR", help="The control plane's data directory.")
 
 
 @click.group()
@@ -609,6 +600,15 @@ def _print_rows(rows: list[dict[str, Any]], as_json: bool, columns: list[str]) -
     for row in rows:
         click.echo("  ".join(str(row.get(c) or "-").ljust(widths[c]) for c in columns))
 
+
+def _register_recovery_commands() -> None:
+    from controlplane.recovery_cli import backup, master_key, restore
+
+    for command in (master_key, backup, restore):
+        main.add_command(command)
+
+
+_register_recovery_commands()
 
 if __name__ == "__main__":
     main()

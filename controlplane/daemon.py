@@ -29,6 +29,7 @@ from controlplane.jobs.logs import LogBook
 from controlplane.jobs.scheduler import Scheduler, TrustBundle
 from controlplane.jobs.secrets import SecretVault
 from controlplane.jobs.service import JobService
+from controlplane.masterkey import RingAnnouncement
 from controlplane.rpc.agent import AgentControlServicer
 from controlplane.rpc.auth import ApiAuthInterceptor
 from controlplane.rpc.auth_service import AuthServicer
@@ -61,14 +62,18 @@ class ControlPlane:
         self.certificates: CertificateState | None = None
         self.signing_keys: SigningKeys | None = None
         self.jobs: JobService | None = None
+        self._ring: RingAnnouncement | None = None
 
     async def start(self) -> None:
         directory = DataDir(self.config.data_dir)
         directory.require_initialised()
         master = directory.master_key()
+        # Before anything is sealed: a master-key rotation waits on what we hold.
+        self._ring = RingAnnouncement(directory, master)
+        self._ring.publish()
         self.certificates = certs = CertificateState(directory, master, self.config.dev)
         self._store = store = await SqliteStore.open(directory.db_path, self.config.db_busy_timeout)
-        auditor = Auditor(store, master)
+        auditor = Auditor(store, await directory.audit_key(master, store))
 
         self.scheduler = scheduler = Scheduler(store, lease=self.config.job_lease)
         secrets = SecretVault(store, master)
@@ -130,6 +135,10 @@ class ControlPlane:
         while True:
             await asyncio.sleep(WATCH_INTERVAL.total_seconds())
             try:
+                if master.reload():
+                    assert self._ring is not None
+                    self._ring.publish()
+                    log.info("master_key_reloaded", key_ids=list(master.key_ids), current=master.current_id)
                 if certs.server_certificate_due():
                     cert = await asyncio.to_thread(rotate_server_certificate, directory, master)
                     log.info("server_certificate_rotated", serial=format(cert.serial_number, "x"), automatic=True)
@@ -182,5 +191,7 @@ class ControlPlane:
                 await task
         if self._store is not None:
             await self._store.close()
+        if self._ring is not None:
+            self._ring.withdraw()
         log.info("controlplane_stopped")
         self._stopped.set()

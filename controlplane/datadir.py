@@ -2,21 +2,28 @@
 every other command. Private keys are stored sealed under the master key.
 
     DIR/state.json            layout version, trust domain, server names, CA generations
-    DIR/master.key            0600, unless the operator supplies TESTHIDE_MASTER_KEY
+    DIR/master.key            0600 key ring (current key first), unless the operator supplies TESTHIDE_MASTER_KEY
     DIR/ca.pem                the trust bundle: every trusted CA (public; give it to clients)
     DIR/cas/ca-N.pem          CA generation N
     DIR/cas/ca-N.key.sealed   its private key, AES-256-GCM under the master key
     DIR/server.pem            the listeners' certificate chain (leaf, issuing CA)
     DIR/server.key.sealed     its private key, sealed
+    DIR/audit.key.sealed      the audit chain's MAC key, sealed
+    DIR/signing/*.key.sealed  access-token signing keys, sealed
     DIR/testhide.db           the SQLite store
+    DIR/run/                  which key ids each running ``serve`` holds (for master-key rotation)
+    DIR/.sealing.lock         taken by whoever writes or copies sealed files
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,9 +33,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.files import atomic_write
+from common.files import atomic_write, file_lock
 from common.tls import fingerprint
 from controlplane.atrest import MASTER_KEY_ENV, MasterKey
+from controlplane.auth.audit import AuditChain, legacy_audit_key
 from controlplane.auth.principal import SCOPES
 from controlplane.auth.secrets import hash_secret, new_api_key
 from controlplane.ca.authority import CertificateAuthority, is_development_ca
@@ -37,6 +45,7 @@ from controlplane.store.base import ApiKeyRecord
 from controlplane.store.sqlite import SqliteStore
 
 LAYOUT_VERSION = 1
+AUDIT_KEY = "audit.key.sealed"
 SERVER_CERT_LIFETIME = timedelta(days=90)
 
 
@@ -88,8 +97,37 @@ class DataDir:
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write(self.state_path, json.dumps(state, indent=2).encode() + b"\n")
 
+    @property
+    def master_key_path(self) -> Path:
+        return self.path / "master.key"
+
     def master_key(self) -> MasterKey:
-        return MasterKey.load(self.path / "master.key")
+        return MasterKey.load(self.master_key_path)
+
+    @contextmanager
+    def sealing(self) -> Iterator[None]:
+        """Held while sealed files are written, re-sealed or copied, so a
+        rotation or a backup never sees half of a multi-file change."""
+        with file_lock(self.path / ".sealing.lock"):
+            yield
+
+    def sealed_files(self) -> list[str]:
+        """Every file sealed under the master key, named as its associated data."""
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*.sealed")
+                      if p.is_file() and not p.name.startswith("."))
+
+    def create_audit_key(self, master: MasterKey, key: bytes | None = None) -> None:
+        with self.sealing():
+            if not (self.path / AUDIT_KEY).exists():  # another process may have won
+                atomic_write(self.path / AUDIT_KEY, master.seal(key or os.urandom(32), AUDIT_KEY.encode()), 0o600)
+
+    async def audit_key(self, master: MasterKey, store: SqliteStore) -> bytes:
+        """The audit chain's key; data dirs from before it was stored on its
+        own get the key their chain was made with (derived from the master key)."""
+        path = self.path / AUDIT_KEY
+        if not path.exists():
+            self.create_audit_key(master, await _legacy_audit_key(master, store))
+        return master.unseal(path.read_bytes(), AUDIT_KEY.encode())
 
     def _unseal_key(self, name: str, master: MasterKey) -> ec.EllipticCurvePrivateKey:
         pem = master.unseal((self.path / name).read_bytes(), aad=name.encode())
@@ -114,8 +152,9 @@ class DataDir:
     def store_ca(self, ca: CertificateAuthority, generation: int, master: MasterKey) -> None:
         (self.path / "cas").mkdir(mode=0o700, exist_ok=True)
         name = f"cas/ca-{generation}.key.sealed"
-        atomic_write(self.path / name, master.seal(ca.key_pem(), aad=name.encode()), 0o600)
-        atomic_write(self.path / "cas" / f"ca-{generation}.pem", ca.certificate_pem)
+        with self.sealing():
+            atomic_write(self.path / name, master.seal(ca.key_pem(), aad=name.encode()), 0o600)
+            atomic_write(self.path / "cas" / f"ca-{generation}.pem", ca.certificate_pem)
 
     def write_bundle(self, generations: list[int]) -> None:
         bundle = b"".join(self.ca_certificate(g).public_bytes(serialization.Encoding.PEM) for g in generations)
@@ -125,10 +164,11 @@ class DataDir:
                                  lifetime: timedelta = SERVER_CERT_LIFETIME) -> x509.Certificate:
         chain, key = ca.issue_server(names, lifetime)
         # Key first: a reader that sees the new chain must find the matching key.
-        atomic_write(self.path / "server.key.sealed.next", master.seal(key, aad=b"server.key.sealed"), 0o600)
-        atomic_write(self.path / "server.pem.next", chain)
-        os.replace(self.path / "server.key.sealed.next", self.path / "server.key.sealed")
-        os.replace(self.path / "server.pem.next", self.path / "server.pem")
+        with self.sealing():
+            atomic_write(self.path / "server.key.sealed.next", master.seal(key, aad=b"server.key.sealed"), 0o600)
+            atomic_write(self.path / "server.pem.next", chain)
+            os.replace(self.path / "server.key.sealed.next", self.path / "server.key.sealed")
+            os.replace(self.path / "server.pem.next", self.path / "server.pem")
         return x509.load_pem_x509_certificate(chain)
 
     def tls_material(self, master: MasterKey, allow_development: bool = False) -> TlsMaterial:
@@ -149,6 +189,20 @@ class DataDir:
     def fingerprint_of_files(self) -> tuple[int, ...]:
         """Changes whenever a rotation rewrote what the listeners serve."""
         return tuple(os.stat(self.path / name).st_mtime_ns for name in ("state.json", "server.pem", "ca.pem"))
+
+
+async def _legacy_audit_key(master: MasterKey, store: SqliteStore) -> bytes | None:
+    """The ring key whose derived audit key MACs the stored head; None for an
+    empty log (a fresh random key will do)."""
+    _, head = await store.read_audit()
+    if head is None:
+        return None
+    seq, head_hash, mac = head
+    candidates = [legacy_audit_key(material) for material in master.legacy_material()]
+    for candidate in candidates:
+        if hmac.compare_digest(AuditChain(candidate).head_mac(seq, head_hash), mac):
+            return candidate
+    return candidates[-1]  # none fits: the head was altered, and verify will say so
 
 
 async def initialise(path: Path, server_names: list[str], trust_domain: str = "testhide.local",
@@ -189,6 +243,7 @@ async def _populate(directory: DataDir, server_names: list[str], trust_domain: s
     else:
         ca = CertificateAuthority.create(trust_domain)
     directory.store_ca(ca, 1, master)
+    directory.create_audit_key(master)
     directory.write_bundle([1])
     directory.issue_server_certificate(ca, server_names, master)
 

@@ -81,8 +81,15 @@ async def control_plane(tmp: Path, **config: object) -> AsyncIterator[RunningCon
         await store.set_pool_policy("default", "default", PoolPolicy(pull_policy=PullPolicy.NEVER))
     finally:
         await store.close()
-    daemon = ControlPlane(ControlPlaneConfig(data_dir=data_dir, listen="127.0.0.1:0",
-                                             agent_listen="127.0.0.1:0", **config))  # type: ignore[arg-type]
+    async with serving(data_dir, admin_key, **config) as running:
+        yield running
+
+
+@asynccontextmanager
+async def serving(data_dir: Path, admin_key: str, **config: object) -> AsyncIterator[RunningControlPlane]:
+    """A control plane on an existing data dir (ports 0 unless ``config`` says)."""
+    settings: dict[str, object] = {"listen": "127.0.0.1:0", "agent_listen": "127.0.0.1:0", **config}
+    daemon = ControlPlane(ControlPlaneConfig(data_dir=data_dir, **settings))  # type: ignore[arg-type]
     await daemon.start()
     try:
         yield RunningControlPlane(daemon, data_dir, admin_key)

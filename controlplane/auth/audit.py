@@ -1,7 +1,10 @@
 """The audit log: append-only, each entry chained to the previous one by an
-HMAC under a key derived from the master key, and a MAC'd head recording the
-last entry. Editing, deleting, reordering or truncating entries breaks the
-chain or the head; forging a consistent chain needs the master key.
+HMAC under the audit key, and a MAC'd head recording the last entry. Editing,
+deleting, reordering or truncating entries breaks the chain or the head;
+forging a consistent chain needs the audit key, which is kept sealed under the
+master key (``DIR/audit.key.sealed``), so master-key rotation re-seals it and
+never touches the chain. Data dirs made before it existed derived the key from
+the master key; that derived key becomes their audit key on first open.
 
 Operators who want protection against an attacker holding the master key
 export the log (``audit export``) and keep the head elsewhere."""
@@ -19,8 +22,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from controlplane.atrest import MasterKey
 
 if TYPE_CHECKING:
     from controlplane.store.base import Store
@@ -59,12 +60,17 @@ def canonical(seq: int, event: AuditEvent) -> bytes:
                        event.details, event.source_ip], sort_keys=True, separators=(",", ":")).encode()
 
 
+def legacy_audit_key(master_key_material: bytes) -> bytes:
+    """The audit key of data dirs made before it was stored on its own."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"testhide audit chain v1").derive(master_key_material)
+
+
 class AuditChain:
     """The keyed hashing of the chain; storage is the store's business."""
 
-    def __init__(self, master: MasterKey) -> None:
-        self._key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                         info=b"testhide audit chain v1").derive(master.derive_material())
+    def __init__(self, key: bytes) -> None:
+        self._key = key
 
     def entry(self, seq: int, prev_hash: bytes, event: AuditEvent) -> AuditEntry:
         digest = hmac.new(self._key, prev_hash + canonical(seq, event), hashlib.sha256).digest()
@@ -103,9 +109,9 @@ class AuditChain:
 class Auditor:
     """Records privileged actions; every caller goes through here."""
 
-    def __init__(self, store: Store, master: MasterKey) -> None:
+    def __init__(self, store: Store, key: bytes) -> None:
         self._store = store
-        self._chain = AuditChain(master)
+        self._chain = AuditChain(key)
 
     async def record(self, action: str, actor: str, *, org: str = "", target: str = "",
                      source_ip: str = "", **details: Any) -> AuditEntry:

@@ -92,20 +92,21 @@ class SigningKeys:
 
 def rotate_signing_key(directory: DataDir, master: MasterKey) -> str:
     """A new active key; the one before it stays for verification, older ones go."""
-    state = directory.require_initialised()
     kid = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     (directory.path / "signing").mkdir(mode=0o700, exist_ok=True)
     name = f"signing/{kid}.key.sealed"
-    atomic_write(directory.path / name, master.seal(pem, aad=name.encode()), 0o600)
-    previous = list(state.get("signing", {}).get("keys", []))
-    kept = (previous + [kid])[-KEPT_KEYS:]
-    state["signing"] = {"active": kid, "keys": kept}
-    directory.write_state(state)
-    for dropped in set(previous) - set(kept):
-        (directory.path / f"signing/{dropped}.key.sealed").unlink(missing_ok=True)
+    with directory.sealing():
+        state = directory.require_initialised()
+        atomic_write(directory.path / name, master.seal(pem, aad=name.encode()), 0o600)
+        previous = list(state.get("signing", {}).get("keys", []))
+        kept = (previous + [kid])[-KEPT_KEYS:]
+        state["signing"] = {"active": kid, "keys": kept}
+        directory.write_state(state)
+        for dropped in set(previous) - set(kept):
+            (directory.path / f"signing/{dropped}.key.sealed").unlink(missing_ok=True)
     return kid
 
 

@@ -35,11 +35,12 @@ def ca_state(directory: DataDir) -> CaState:
 
 
 def _save(directory: DataDir, ca: CaState) -> None:
-    state = directory.require_initialised()
-    # Bundle first: a reader that sees the new state finds the bundle for it.
-    directory.write_bundle(list(ca.trusted))
-    state["ca"] = {"active": ca.active, "trusted": list(ca.trusted)}
-    directory.write_state(state)
+    with directory.sealing():
+        state = directory.require_initialised()
+        # Bundle first: a reader that sees the new state finds the bundle for it.
+        directory.write_bundle(list(ca.trusted))
+        state["ca"] = {"active": ca.active, "trusted": list(ca.trusted)}
+        directory.write_state(state)
 
 
 def rotate_server_certificate(directory: DataDir, master: MasterKey) -> x509.Certificate:

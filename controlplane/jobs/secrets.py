@@ -13,7 +13,7 @@ from controlplane.store.base import Store
 MAX_SECRET_BYTES = 64 * 1024
 
 
-def _aad(org: str, name: str) -> bytes:
+def secret_aad(org: str, name: str) -> bytes:
     return f"secret:{org}:{name}".encode()
 
 
@@ -36,9 +36,9 @@ class SecretVault:
             value.decode()
         except UnicodeDecodeError as exc:
             raise InvalidArgument("a secret value must be UTF-8 text (it becomes an environment variable)") from exc
-        data_key, wrapped = self._master.new_data_key(aad=_aad(org, name))
+        data_key, wrapped = self._master.new_data_key(aad=secret_aad(org, name))
         now = datetime.now(UTC)
-        await self._store.put_secret(org, name, wrapped, seal(data_key, value, _aad(org, name)), now)
+        await self._store.put_secret(org, name, wrapped, seal(data_key, value, secret_aad(org, name)), now)
         return now
 
     async def list(self, org: str) -> list[tuple[str, datetime]]:
@@ -63,6 +63,6 @@ class SecretVault:
             raise NotFound(f"secrets not found: {', '.join(missing)}")
         values = {}
         for name, (wrapped, sealed) in found.items():
-            data_key = self._master.unwrap_data_key(wrapped, aad=_aad(org, name))
-            values[name] = unseal(data_key, sealed, _aad(org, name)).decode()
+            data_key = self._master.unwrap_data_key(wrapped, aad=secret_aad(org, name))
+            values[name] = unseal(data_key, sealed, secret_aad(org, name)).decode()
         return values

@@ -5,10 +5,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Protocol
 
 from controlplane.auth.audit import AuditChain, AuditEntry, AuditEvent
 from controlplane.jobs.model import BlobInfo, Job, JobStatus, LogStream, PoolPolicy, TestCase
+
+
+@dataclass(frozen=True)
+class WrappedDataKey:
+    """A data key as stored, wrapped by the master key, with what names its
+    owner (and so its associated data): the job or blob id, or org and name
+    of a secret."""
+
+    table: str
+    rowid: int
+    owner: tuple[str, ...]
+    wrapped: bytes
+
+
+DATA_KEY_TABLES = ("jobs", "blobs", "secrets")
 
 
 @dataclass(frozen=True)
@@ -159,6 +175,18 @@ class Store(Protocol):
     async def get_secrets(self, org: str, names: tuple[str, ...]) -> dict[str, tuple[bytes, bytes]]: ...
     async def record_test_report(self, job_id: str, path: str, cases: list[TestCase], error: str) -> None: ...
     async def test_results(self, org: str, job_id: str) -> tuple[list[TestCase], list[str]]: ...
+
+    # master-key rotation and backup
+    async def data_keys(self, table: str, after_rowid: int, limit: int) -> list[WrappedDataKey]:
+        """Wrapped data keys of ``table`` (one of DATA_KEY_TABLES) in rowid order."""
+        ...
+    async def replace_data_keys(self, table: str, updates: list[tuple[int, bytes, bytes]]) -> int:
+        """Set (rowid, old, new): only where the row still holds ``old``; returns how many did."""
+        ...
+    async def snapshot(self, dest: Path) -> None:
+        """A consistent copy of the whole database at ``dest``, taken online."""
+        ...
+    async def integrity_problems(self) -> list[str]: ...
 
     # audit
     async def append_audit(self, event: AuditEvent, chain: AuditChain) -> AuditEntry: ...

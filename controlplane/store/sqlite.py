@@ -36,6 +36,7 @@ from controlplane.store.base import (
     RefreshRecord,
     StoredLogEntry,
     UserRecord,
+    WrappedDataKey,
 )
 from controlplane.store.migrations import MIGRATIONS
 from controlplane.store.sqlite_leases import SqliteLeases
@@ -774,3 +775,37 @@ class SqliteStore(SqliteLeases):
             return cases, rejected
 
         return await self._tx(run, write=False)
+
+    # master-key rotation and backup ------------------------------------------------
+    async def data_keys(self, table: str, after_rowid: int, limit: int) -> list[WrappedDataKey]:
+        owner = _DATA_KEY_OWNER[table]
+        rows = await self._query(f"SELECT rowid, {', '.join(owner)}, data_key FROM {table} WHERE rowid > ?"
+                                 " ORDER BY rowid LIMIT ?", (after_rowid, limit))
+        return [WrappedDataKey(table, r["rowid"], tuple(r[c] for c in owner), bytes(r["data_key"])) for r in rows]
+
+    async def replace_data_keys(self, table: str, updates: list[tuple[int, bytes, bytes]]) -> int:
+        _DATA_KEY_OWNER[table]  # only known tables reach the SQL below
+
+        def run(c: sqlite3.Connection) -> int:
+            return sum(c.execute(f"UPDATE {table} SET data_key = ? WHERE rowid = ? AND data_key = ?",
+                                 (new, rowid, old)).rowcount for rowid, old, new in updates)
+
+        return await self._tx(run)
+
+    async def snapshot(self, dest: Path) -> None:
+        def run() -> None:
+            assert self._conn is not None
+            target = sqlite3.connect(dest)
+            try:
+                self._conn.backup(target)
+            finally:
+                target.close()
+
+        await self._run(run)
+
+    async def integrity_problems(self) -> list[str]:
+        rows = await self._query("PRAGMA integrity_check")
+        return [str(r[0]) for r in rows if r[0] != "ok"]
+
+
+_DATA_KEY_OWNER = {"jobs": ("id",), "blobs": ("id",), "secrets": ("org", "name")}

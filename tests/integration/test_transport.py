@@ -122,12 +122,12 @@ async def test_old_protocols_and_cbc_suites_are_refused(cp: RunningControlPlane,
 
 
 def test_private_keys_never_leave_their_files_in_clear(cp: RunningControlPlane) -> None:
-    """The CA and server keys are sealed; only the master key file is secret."""
+    """The CA, server and audit keys are sealed; only the master key file is secret."""
     data = Path(cp.data_dir)
     sealed = sorted(data.rglob("*.key.sealed"))
     names = [p.relative_to(data).as_posix() for p in sealed]
-    assert names[:2] == ["cas/ca-1.key.sealed", "server.key.sealed"]
-    assert len(names) == 3 and names[2].startswith("signing/")  # the access-token signing key
+    assert names[:3] == ["audit.key.sealed", "cas/ca-1.key.sealed", "server.key.sealed"]
+    assert len(names) == 4 and names[3].startswith("signing/")  # the access-token signing key
     for path in sealed:
         assert b"PRIVATE KEY" not in path.read_bytes()
         assert path.stat().st_mode & 0o077 == 0
