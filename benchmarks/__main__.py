@@ -12,6 +12,7 @@ import asyncio
 import json
 import subprocess
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,18 +56,24 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def run(names: list[str], smoke: bool) -> list[Figure]:
+async def run(names: list[str], smoke: bool) -> tuple[list[Figure], list[str]]:
     figures: list[Figure] = []
+    failed: list[str] = []
     for name in names:
         started = time.monotonic()
-        produced = await SUITE[name](smoke)
+        try:
+            produced = await SUITE[name](smoke)
+        except Exception:  # noqa: BLE001 -- one broken benchmark must not cost the others' figures
+            traceback.print_exc()
+            failed.append(name)
+            continue
         for figure in produced if isinstance(produced, list) else [produced]:
             figure.note = NOTES.get(figure.name, "")
             figure.details["seconds_to_measure"] = round(time.monotonic() - started, 1)
             figures.append(figure)
             print(f"{figure.title}: {figure.value} {figure.unit} vs {figure.baseline} {figure.baseline_unit}"
                   f" -> ratio {figure.ratio} (goal {figure.goal}; met: {figure.met})", flush=True)
-    return figures
+    return figures, failed
 
 
 def main() -> None:
@@ -79,7 +86,7 @@ def main() -> None:
     raise_fd_limit()
     source = commit()
     started = time.monotonic()
-    figures = asyncio.run(run(args.only, args.smoke))
+    figures, failed = asyncio.run(run(args.only, args.smoke))
     result = {"smoke": args.smoke, "source": source, "machine": machine(),
               "finished_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "duration_s": round(time.monotonic() - started, 1), "figures": [f.as_dict() for f in figures]}
@@ -87,6 +94,8 @@ def main() -> None:
     (args.out_dir / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out_dir / "latest.md").write_text(markdown(result))
     print(f"wrote {args.out_dir / 'latest.json'} and latest.md")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
