@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.figures import Figure, median, percentile
-from benchmarks.fleet import SPAWN, AgentKeys, finished_messages, issue_agents, open_stream
+from benchmarks.fleet import SPAWN, UNLIMITED, AgentKeys, finished_messages, issue_agents, open_stream
 from protos.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.harness import JOB_IMAGE, control_plane
 
@@ -71,7 +71,7 @@ def _probe_process(args: tuple[Any, ...], out: Any) -> None:
 async def measure(smoke: bool) -> Figure:
     count = 10 if smoke else 300
     with tempfile.TemporaryDirectory() as tmp:
-        async with control_plane(Path(tmp)) as cp:
+        async with control_plane(Path(tmp), **UNLIMITED) as cp:
             keys = (await issue_agents(cp, 1))[0]
             out = SPAWN.Queue()
             process = SPAWN.Process(target=_probe_process, name="bench-pickup", args=(

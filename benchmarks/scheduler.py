@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from benchmarks.figures import Figure, median, percentile, raise_fd_limit
-from benchmarks.fleet import SPAWN, issue_agents, save_credentials
+from benchmarks.fleet import SPAWN, UNLIMITED, issue_agents, save_credentials
 from controlplane.jobs.model import Job, JobSpec, JobStatus
 from controlplane.jobs.service import new_job_id
 from controlplane.store.sqlite import SqliteStore
@@ -135,7 +135,7 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         baselines = [await store_lifecycle_rate(Path(tmp), count // 2)]
-        async with control_plane(Path(tmp)) as cp:
+        async with control_plane(Path(tmp), **UNLIMITED) as cp:
             scheduler = cp.daemon.scheduler
             assert scheduler is not None
             dirs = [save_credentials(cp, keys, Path(tmp) / "agents" / keys.agent_id)
