@@ -81,7 +81,17 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: keeps the suite from rotting")
     parser.add_argument("--only", nargs="+", choices=list(SUITE), default=list(SUITE))
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--renote", action="store_true",
+                        help="only rewrite the notes of the results in --out-dir from notes.py")
     args = parser.parse_args()
+    if args.renote:
+        path = args.out_dir / "latest.json"
+        result = json.loads(path.read_text())
+        for figure in result["figures"]:
+            figure["note"] = NOTES.get(figure["name"], "")
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        (args.out_dir / "latest.md").write_text(markdown(result))
+        return
     configure("warning")
     raise_fd_limit()
     source = commit()
