@@ -58,8 +58,20 @@ def ecdsa_rate(count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+RENEWALS_AT_ONCE = 64
+"""Per worker process. Thousands of handshakes at once overran the control
+plane's accept queue ("Handshake read failed"); real agents spread their
+renewals over the jitter window anyway."""
+
+
 async def _renew_all(target: str, ca_pem: bytes, agents: list[tuple[bytes, bytes]]) -> list[float]:
+    gate = asyncio.Semaphore(RENEWALS_AT_ONCE)
+
     async def one(key_pem: bytes, cert_pem: bytes) -> float:
+        async with gate:
+            return await renew(key_pem, cert_pem)
+
+    async def renew(key_pem: bytes, cert_pem: bytes) -> float:
         credentials = grpc.ssl_channel_credentials(ca_pem, private_key=key_pem, certificate_chain=cert_pem)
         async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
             started = time.perf_counter()
