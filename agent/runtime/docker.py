@@ -1,6 +1,9 @@
 """Job containers on Docker, locked down: no network, no capabilities, no new
 privileges, read-only root, a non-root user, pid/memory/CPU limits, Docker's
-default seccomp profile, and never the Docker socket.
+default seccomp profile, and never the Docker socket. Docker keeps no log of
+its own (log driver "none"): the agent reads the output from the attach
+socket, attached before the container starts, and the daemon's copy would
+only cost a JSON line per output line and leave unmasked output on disk.
 
 docker-py blocks, so every call runs in a worker thread. Output is read from
 the attach socket in large blocks (docker-py's frame iterator reads a frame
@@ -22,7 +25,7 @@ import docker.errors
 import requests.exceptions
 import structlog
 from docker.models.containers import Container
-from docker.types import Mount
+from docker.types import LogConfig, Mount
 from docker.utils.socket import read as socket_read
 
 from agent.errors import ConfigError, JobSetupError, RuntimeUnavailable
@@ -245,6 +248,7 @@ class DockerRuntime:
                 nano_cpus=int(spec.cpus * 1e9),
                 runtime=spec.runtime,
                 init=False,
+                log_config=LogConfig(type=LogConfig.types.NONE),
                 stdin_open=False,
                 tty=False,
             )
@@ -282,7 +286,7 @@ class DockerRuntime:
         try:
             sock = await engine(
                 self._client.api.attach_socket, container.id,
-                {"stdout": 1, "stderr": 1, "stream": 1, "logs": 1},
+                {"stdout": 1, "stderr": 1, "stream": 1},
             )
             threading.Thread(target=self._pump, args=(sock, output), name=f"output-{spec.job_id}",
                              daemon=True).start()

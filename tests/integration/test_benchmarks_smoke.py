@@ -1,5 +1,6 @@
-"""The benchmarks' smoke modes run in CI so that they cannot rot. They assert
-that each figure is produced, never how fast it is."""
+"""The benchmark suite's smoke mode runs in CI so that it cannot rot. It
+asserts that every figure is produced with its baseline, never how fast
+anything is."""
 
 from __future__ import annotations
 
@@ -8,21 +9,48 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.harness import REPO
 
+FIGURES = {"job_overhead", "pickup_latency", "log_throughput", "scheduler_throughput", "controlplane_memory",
+           "agent_memory", "certificate_signing", "certificate_renewal"}
 
-async def run_benchmark(module: str, tmp_path: Path) -> dict[str, object]:
+
+@pytest.mark.timeout(300)
+async def test_whole_suite_smoke(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks", "--smoke", "--out-dir", str(tmp_path), cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(process.communicate(), 280)
+    assert process.returncode == 0, output.decode()[-4000:]
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert result["smoke"] is True
+    assert len(result["source"]["commit"]) == 40
+    assert result["machine"]["cpus"] >= 1
+    figures = {f["name"]: f for f in result["figures"]}
+    assert set(figures) == FIGURES
+    for name, figure in figures.items():
+        for key in ("value", "baseline", "ratio"):
+            assert isinstance(figure[key], (int, float)) and figure[key] > 0, (name, key)
+        assert figure["goal"] and figure["baseline_what"], name
+        assert figure["met"] in (True, False, None), name
+    assert figures["log_throughput"]["details"]["sha256_match"] is True
+    assert figures["pickup_latency"]["details"]["p99_ms"] > 0
+    assert figures["scheduler_throughput"]["details"]["submit_to_completion_p99_ms"] > 0
+    assert figures["controlplane_memory"]["details"]["streams_held"] == figures["controlplane_memory"][
+        "details"]["streams"]
+    assert "| figure |" in (tmp_path / "latest.md").read_text()
+
+
+async def test_certificate_benchmark_alone_smoke(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, "--smoke", "--out", str(out), cwd=REPO,
+        sys.executable, "-m", "benchmarks.certs", "--smoke", "--out", str(out), cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, output.decode()
-    return json.loads(out.read_text())
-
-
-async def test_certificate_benchmark_smoke(tmp_path: Path) -> None:
-    result = await run_benchmark("benchmarks.certs", tmp_path)
+    result = json.loads(out.read_text())
     assert result["agents"] == 20
     for key in ("signing_per_s", "renewals_per_s", "all_renewed_s", "renewal_rate_vs_signing", "latency_p99_ms"):
         assert isinstance(result[key], float) and result[key] > 0, key

@@ -1,0 +1,141 @@
+"""Connections: idle agent streams held by one control plane, and its
+resident memory against its own before any agent connected; and the resident
+memory of one idle, connected agent daemon against a bare Python interpreter.
+
+Every stream is a real agent identity: its own key and certificate and its
+own mutual-TLS connection, opened from a few client processes that each hold
+thousands, sending a heartbeat at the agent's interval."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks.figures import Figure, raise_fd_limit, rss_bytes
+from benchmarks.fleet import SPAWN, AgentKeys, issue_agents, open_stream, save_credentials
+from protos.v1 import agent_pb2
+from tests.harness import REPO, RunningControlPlane, control_plane
+
+GOAL_CONTROLPLANE_BYTES = 1 << 30
+GOAL_AGENT_BYTES = 60 * 1000 * 1000
+HEARTBEAT_S = 20.0
+HANDSHAKES_AT_ONCE = 64
+MIB = 1 << 20
+
+
+async def _hold(target: str, ca_pem: bytes, agents: list[AgentKeys], connected: Any, stop: Any) -> None:
+    gate = asyncio.Semaphore(HANDSHAKES_AT_ONCE)
+    streams: list[tuple[grpc.aio.Channel, grpc.aio.StreamStreamCall]] = []
+
+    async def one(keys: AgentKeys) -> None:
+        async with gate:
+            streams.append(await open_stream(target, ca_pem, keys))
+
+    async def heartbeat(call: grpc.aio.StreamStreamCall) -> None:
+        await asyncio.sleep(random.uniform(0, HEARTBEAT_S))
+        while True:
+            await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat()))
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def drain(call: grpc.aio.StreamStreamCall) -> None:
+        async for _ in call:
+            pass
+
+    await asyncio.gather(*(one(k) for k in agents))
+    tasks = [asyncio.create_task(f(call)) for _, call in streams for f in (heartbeat, drain)]
+    connected.put(rss_bytes())
+    await asyncio.to_thread(stop.wait)
+    for task in tasks:
+        task.cancel()
+    for channel, call in streams:
+        call.cancel()
+        await channel.close()
+
+
+def _client_process(target: str, ca_pem: bytes, agents: list[AgentKeys], connected: Any, stop: Any) -> None:
+    raise_fd_limit()
+    asyncio.run(_hold(target, ca_pem, agents, connected, stop))
+
+
+async def _wait_for_sessions(cp: RunningControlPlane, count: int, timeout: float) -> float:
+    scheduler = cp.daemon.scheduler
+    assert scheduler is not None
+    started = time.monotonic()
+    while len(scheduler.sessions()) < count:
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{len(scheduler.sessions())} of {count} streams connected")
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def _idle_rss(*command: str, cwd: Path, settle_s: float, ready: Any = None) -> int:
+    process = await asyncio.create_subprocess_exec(*command, cwd=cwd, stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.DEVNULL)
+    try:
+        if ready is not None:
+            await ready
+        await asyncio.sleep(settle_s)
+        return rss_bytes(process.pid)
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def idle_agent(cp: RunningControlPlane, tmp: Path) -> tuple[int, int]:
+    """(RSS of ``testhide-agent run`` connected and idle, RSS of a bare interpreter)."""
+    keys = (await issue_agents(cp, 1))[0]
+    data_dir = save_credentials(cp, keys, tmp / "idle-agent")
+    assert cp.daemon.scheduler is not None
+    attached = cp.daemon.scheduler.wait_for_agent(keys.agent_id)
+    agent = await _idle_rss(sys.executable, "-m", "agent.cli", "run", "--data-dir", str(data_dir), cwd=REPO,
+                            settle_s=3.0, ready=asyncio.wait_for(attached, 60))
+    bare = await _idle_rss(sys.executable, "-c", "import time; time.sleep(60)", cwd=REPO, settle_s=1.0)
+    return agent, bare
+
+
+async def measure(smoke: bool) -> list[Figure]:
+    streams, clients = (50, 2) if smoke else (10_000, 5)
+    raise_fd_limit()
+    with tempfile.TemporaryDirectory() as tmp:
+        async with control_plane(Path(tmp)) as cp:
+            agents = await issue_agents(cp, streams)
+            await asyncio.sleep(1.0)
+            idle = rss_bytes()
+            connected, stop = SPAWN.Queue(), SPAWN.Event()
+            processes = [SPAWN.Process(target=_client_process, name=f"bench-streams-{i}",
+                                       args=(cp.agent_target, cp.ca_pem, agents[i::clients], connected, stop))
+                         for i in range(clients)]
+            for process in processes:
+                process.start()
+            connect_s = await _wait_for_sessions(cp, streams, 900)
+            client_rss = [await asyncio.to_thread(connected.get, True, 300) for _ in processes]
+            await asyncio.sleep(5.0)  # settle: first heartbeats, freed handshake buffers
+            loaded = rss_bytes()
+            held = len(cp.daemon.scheduler.sessions()) if cp.daemon.scheduler else 0
+            stop.set()
+            for process in processes:
+                await asyncio.to_thread(process.join, 120)
+            agent_rss, bare_rss = await idle_agent(cp, Path(tmp))
+    per_stream_kib = (loaded - idle) / streams / 1024
+    return [
+        Figure(name="controlplane_memory", title=f"Control plane memory, {streams:,} idle agent streams",
+               value=round(loaded / MIB, 1), unit="MiB", baseline=round(idle / MIB, 1), baseline_unit="MiB",
+               baseline_what="the same control plane before any agent connected", ratio=round(loaded / idle, 2),
+               goal="< 1024 MiB", met=loaded < GOAL_CONTROLPLANE_BYTES and held == streams,
+               details={"streams": streams, "streams_held": held, "client_processes": clients,
+                        "connections": streams, "per_stream_kib": round(per_stream_kib, 1),
+                        "all_connected_s": round(connect_s, 1),
+                        "client_process_rss_mib": [round(r / MIB, 1) for r in client_rss]}),
+        Figure(name="agent_memory", title="Idle agent memory", value=round(agent_rss / MIB, 1), unit="MiB",
+               baseline=round(bare_rss / MIB, 1), baseline_unit="MiB",
+               baseline_what="a bare Python interpreter, idle", ratio=round(agent_rss / bare_rss, 2),
+               goal="< 60 MB (57.2 MiB)", met=agent_rss < GOAL_AGENT_BYTES,
+               details={"command": "testhide-agent run (Docker runtime), connected, no job"}),
+    ]

@@ -1,0 +1,186 @@
+"""Scheduler throughput: many simulated agents (the real agent daemon with
+the fake runtime, whose containers finish at once, each agent on its own
+mutual-TLS connection, from a few processes) and a stream of jobs submitted
+through the API. Jobs per second dispatched and completed, and the latency
+from submission to completion. The baseline is the store alone: the same job
+life cycle (create, assign, running, succeeded) straight on SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks.figures import Figure, median, percentile, raise_fd_limit
+from benchmarks.fleet import SPAWN, UNLIMITED, issue_agents, save_credentials
+from controlplane.jobs.model import Job, JobSpec, JobStatus
+from controlplane.jobs.service import new_job_id
+from controlplane.store.sqlite import SqliteStore
+from protos.v1 import jobs_pb2, jobs_pb2_grpc
+from tests.harness import JOB_IMAGE, RunningControlPlane, control_plane
+
+GOAL = 1000.0
+SUBMITTERS = 64
+
+
+def _run_agents(data_dirs: list[Path], stop: Any) -> None:
+    from agent.config import AgentConfig
+    from agent.daemon import Agent
+    from agent.runtime.fake import FakeRuntime
+    from common.logging import configure
+
+    configure("warning")
+    raise_fd_limit()
+
+    async def main() -> None:
+        agents = [Agent(AgentConfig(data_dir=d), FakeRuntime()) for d in data_dirs]
+        tasks = [asyncio.create_task(a.run()) for a in agents]
+        await asyncio.to_thread(stop.wait)
+        for agent in agents:
+            agent.shutdown()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+async def _submit(api_target: str, ca_pem: bytes, bearer: tuple[tuple[str, str], ...], count: int
+                  ) -> list[tuple[str, float, float]]:
+    spec = jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"], pool="default")
+    submitted: list[tuple[str, float, float]] = []
+    remaining = iter(range(count))
+    async with grpc.aio.secure_channel(api_target, grpc.ssl_channel_credentials(ca_pem)) as channel:
+        jobs = jobs_pb2_grpc.JobsStub(channel)
+
+        async def submitter() -> None:
+            for _ in remaining:
+                started = time.monotonic()
+                response = await jobs.Submit(jobs_pb2.SubmitJobRequest(spec=spec), metadata=bearer, timeout=120)
+                submitted.append((response.job.id, started, time.monotonic()))
+
+        await asyncio.gather(*(submitter() for _ in range(SUBMITTERS)))
+    return submitted
+
+
+def _submit_process(args: tuple[Any, ...], start: Any, out: Any) -> None:
+    start.wait()
+    out.put(asyncio.run(_submit(*args)))
+
+
+def _record_times(cp: RunningControlPlane) -> tuple[dict[str, float], dict[str, float]]:
+    """Wrap this store instance (the benchmark's, not production code) to
+    note when each job was assigned and when it ended."""
+    store = cp.daemon._store
+    assert store is not None
+    assigned: dict[str, float] = {}
+    ended: dict[str, float] = {}
+    assign_job: Callable[..., Awaitable[Job | None]] = store.assign_job
+    set_job_status: Callable[..., Awaitable[Job]] = store.set_job_status
+
+    async def timed_assign(org: str, job_id: str, *args: Any) -> Job | None:
+        job = await assign_job(org, job_id, *args)
+        if job is not None:
+            assigned[job_id] = time.monotonic()
+        return job
+
+    async def timed_status(org: str, job_id: str, epoch: int | None, status: JobStatus, *args: Any,
+                           **kwargs: Any) -> Job:
+        job = await set_job_status(org, job_id, epoch, status, *args, **kwargs)
+        if status.terminal:
+            ended[job_id] = time.monotonic()
+        return job
+
+    store.assign_job = timed_assign  # type: ignore[method-assign]
+    store.set_job_status = timed_status  # type: ignore[method-assign]
+    return assigned, ended
+
+
+async def store_lifecycle_rate(directory: Path, count: int) -> float:
+    """Jobs per second through the store alone, one after another."""
+    store = await SqliteStore.open(directory / f"baseline-{time.monotonic_ns()}.db")
+    spec = JobSpec(image=JOB_IMAGE, command=("true",))
+    try:
+        await store.create_org("default", datetime.now(UTC))
+        await store.create_pool("default", "default", datetime.now(UTC))
+        started = time.monotonic()
+        for _ in range(count):
+            now = datetime.now(UTC)
+            job = Job(id=new_job_id(), org="default", spec=spec, status=JobStatus.QUEUED, created_at=now)
+            await store.create_job(job, b"k" * 40)
+            assigned = await store.assign_job("default", job.id, "a1", now)
+            assert assigned is not None
+            await store.set_job_status("default", job.id, assigned.epoch, JobStatus.RUNNING, now)
+            await store.set_job_status("default", job.id, assigned.epoch, JobStatus.SUCCEEDED, now, "", 0)
+        return count / (time.monotonic() - started)
+    finally:
+        await store.close()
+
+
+async def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.1)
+
+
+async def measure(smoke: bool, profile: Path | None = None) -> Figure:
+    agents, workers, count = (10, 2, 50) if smoke else (1000, 4, 5000)
+    raise_fd_limit()
+    with tempfile.TemporaryDirectory() as tmp:
+        baselines = [await store_lifecycle_rate(Path(tmp), count // 2)]
+        async with control_plane(Path(tmp), **UNLIMITED) as cp:
+            scheduler = cp.daemon.scheduler
+            assert scheduler is not None
+            dirs = [save_credentials(cp, keys, Path(tmp) / "agents" / keys.agent_id)
+                    for keys in await issue_agents(cp, agents)]
+            stop = SPAWN.Event()
+            fleet = [SPAWN.Process(target=_run_agents, args=(dirs[i::workers], stop), name=f"bench-agents-{i}")
+                     for i in range(workers)]
+            for process in fleet:
+                process.start()
+            connect_started = time.monotonic()
+            await _wait_for(lambda: len(scheduler.sessions()) == agents, 300, "agents did not all connect")
+            connected_s = time.monotonic() - connect_started
+            assigned, ended = _record_times(cp)
+            start, out = SPAWN.Event(), SPAWN.Queue()
+            submitter = SPAWN.Process(target=_submit_process, name="bench-submit", args=(
+                (cp.api_target, cp.ca_pem, await cp.bearer(), count), start, out))
+            submitter.start()
+            await asyncio.sleep(1.0)  # let the submitter import and reach the start line
+            profiler = cProfile.Profile() if profile else None
+            if profiler:
+                profiler.enable()
+            start.set()
+            submitted = await asyncio.to_thread(out.get, True, 900)
+            await _wait_for(lambda: len(ended) >= count, 900, "jobs did not all complete")
+            if profiler and profile:
+                profiler.disable()
+                profiler.dump_stats(profile)
+            stop.set()
+            for process in [submitter, *fleet]:
+                await asyncio.to_thread(process.join, 60)
+        baselines.append(await store_lifecycle_rate(Path(tmp), count // 2))
+    first = min(s for _, s, _ in submitted)
+    latencies = [ended[job_id] - returned for job_id, _, returned in submitted]
+    completed = count / (max(ended.values()) - first)
+    dispatched = count / (max(assigned.values()) - min(assigned.values()))
+    submit_rate = count / (max(r for _, _, r in submitted) - first)
+    baseline = median(baselines)
+    return Figure(
+        name="scheduler_throughput", title="Scheduler throughput", value=round(completed, 1), unit="jobs/s",
+        baseline=round(baseline, 1), baseline_unit="jobs/s",
+        baseline_what="the store alone: create, assign, running, succeeded per job on SQLite",
+        ratio=round(completed / baseline, 3), goal=f">= {GOAL:g} jobs/s completed", met=completed >= GOAL,
+        details={"agents": agents, "agent_processes": workers, "jobs": count, "concurrent_submitters": SUBMITTERS,
+                 "agents_connected_s": round(connected_s, 2), "submitted_per_s": round(submit_rate, 1),
+                 "dispatched_per_s": round(dispatched, 1), "completed_per_s": round(completed, 1),
+                 "submit_to_completion_p50_ms": round(median(latencies) * 1000, 1),
+                 "submit_to_completion_p99_ms": round(percentile(latencies, 99) * 1000, 1),
+                 "store_alone_jobs_per_s": [round(b, 1) for b in baselines]})
