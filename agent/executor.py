@@ -75,7 +75,8 @@ class Executor:
                              env={**job.env, **job.secret_env}, workdir=job.workdir, cpus=job.cpus,
                              memory_bytes=job.memory_bytes, pids=job.pids, user=self._config.job_user,
                              runtime=self._runtime_for(job), workspace_tar=workspace,
-                             owner=self._owner)
+                             owner=self._owner,
+                             workspace_volume=bool(job.has_workspace or job.artifact_globs or job.junit_globs))
 
     def _runtime_for(self, job: Assignment) -> str:
         """A host configured for a stronger runtime (gVisor) runs every job under it."""

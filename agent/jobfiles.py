@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-import pathspec
-
 from agent.errors import JobSetupError
 
 WORKSPACE = "/workspace"
@@ -78,6 +76,8 @@ def collect(archive_stream: IO[bytes], artifact_globs: tuple[str, ...], junit_gl
     """Regular files under /workspace matching the globs, from ``docker cp``'s
     tar of the workspace. Links are never followed: a symlink to /etc/shadow is
     a symlink, not a file, and is skipped."""
+    import pathspec  # only here: its import alone costs an idle agent ~9 MiB
+
     artifacts = pathspec.GitIgnoreSpec.from_lines(artifact_globs)
     reports = pathspec.GitIgnoreSpec.from_lines(junit_globs)
     files: list[CollectedFile] = []

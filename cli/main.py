@@ -13,12 +13,10 @@ from typing import Any, BinaryIO, TypeVar
 
 import click
 import grpc
-from google.protobuf.json_format import MessageToDict
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from cli.client import JobsApi, connect, connect_secrets, log_in
 from cli.config import Login
-from cli.workspace import pack
 from common.durations import parse_duration
 from protos.v1 import auth_pb2, jobs_pb2
 
@@ -179,6 +177,8 @@ def run(image: str, pool: str, env: tuple[str, ...], timeout: str, workdir: str,
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     login_data = Login.load()
+    from cli.workspace import pack  # imported only when a workspace is sent
+
     archive = None if no_workspace else pack(Path.cwd(), cap)
 
     async def go() -> int:
@@ -312,6 +312,8 @@ def tests(job_id: str, as_json: bool) -> None:
 
     results = _run(go())
     if as_json:
+        from google.protobuf.json_format import MessageToDict
+
         click.echo(json.dumps(MessageToDict(results, always_print_fields_with_no_presence=True), indent=2))
     else:
         print_test_summary(results)

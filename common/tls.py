@@ -10,9 +10,6 @@ import ssl
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509 import verification
 
 # Large enough for log batches (<= 1 MiB) with headroom; gRPC's default is 4 MiB.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -32,6 +29,10 @@ class PinError(Exception):
 
 def fingerprint(cert_pem_or_der: bytes) -> str:
     """sha256 of a certificate's DER encoding, lowercase hex."""
+    # Imported here: the CLI's start-up (every `testhide` command) does not need x509.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     cert = (
         x509.load_pem_x509_certificate(cert_pem_or_der)
         if cert_pem_or_der.lstrip().startswith(b"-----")
@@ -68,6 +69,10 @@ def _peer_chain(host: str, port: int, timeout: float) -> list[bytes]:
 def fetch_pinned_ca(target: str, ca_fingerprint: str, timeout: float = 10.0) -> bytes:
     """Return the PEM of the CA whose sha256 is ``ca_fingerprint``, provided the
     server at ``target`` presents it and a leaf it signed for that host."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509 import verification
+
     host, port = split_target(target)
     chain = [x509.load_der_x509_certificate(der) for der in _peer_chain(host, port, timeout)]
     wanted = ca_fingerprint.lower()

@@ -74,6 +74,9 @@ class ContainerSpec:
     """A validated tar to place in /workspace before the job starts."""
     owner: str = ""
     """The agent running the job; its leftovers are removed when it starts again."""
+    workspace_volume: bool = True
+    """False when nothing goes into /workspace and nothing is collected from it:
+    a tmpfs then serves, bounded by the job's memory."""
 
 
 @dataclass(frozen=True)

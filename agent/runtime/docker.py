@@ -110,7 +110,7 @@ def _close_attach_socket(sock: Any) -> None:
 
 
 class DockerContainer:
-    def __init__(self, client: docker.DockerClient, container: Container, volume: str) -> None:
+    def __init__(self, client: docker.DockerClient, container: Container, volume: str | None) -> None:
         self._client = client
         self._container = container
         self._volume = volume
@@ -146,10 +146,11 @@ class DockerContainer:
             await engine(self._container.remove, force=True)
         except docker.errors.NotFound:
             pass
-        try:
-            await engine(self._client.api.remove_volume, self._volume, True)
-        except docker.errors.NotFound:
-            pass
+        if self._volume is not None:
+            try:
+                await engine(self._client.api.remove_volume, self._volume, True)
+            except docker.errors.NotFound:
+                pass
 
 
 class DockerRuntime:
@@ -210,20 +211,37 @@ class DockerRuntime:
             raise JobSetupError(f"could not pull image {image!r} (pull policy: {pull_policy}): "
                                 f"{getattr(exc, 'explanation', None) or exc}") from exc
 
-    def _create(self, spec: ContainerSpec) -> tuple[Container, str]:
+    def _create(self, spec: ContainerSpec) -> tuple[Container, str | None]:
         try:
             return self._create_unchecked(spec)
         except docker.errors.DockerException as exc:
             explanation = getattr(exc, "explanation", None) or exc
             raise JobSetupError(f"Docker refused to set up the job: {explanation}") from exc
 
-    def _create_unchecked(self, spec: ContainerSpec) -> tuple[Container, str]:
-        labels = {LABEL: spec.job_id, OWNER_LABEL: spec.owner}
+    def _workspace_volume(self, spec: ContainerSpec, labels: dict[str, str]) -> str:
         volume = self._client.volumes.create(name=f"testhide-ws-{spec.job_id}", labels=labels).name
         mount = Mount("/workspace", volume, type="volume")
         helper = self._client.containers.create(self._ensure_init_image(spec.user), ["/none"],
                                                 network_mode="none", mounts=[mount], labels=labels)
         helper.remove(force=True)
+        return volume
+
+    def _create_unchecked(self, spec: ContainerSpec) -> tuple[Container, str | None]:
+        labels = {LABEL: spec.job_id, OWNER_LABEL: spec.owner}
+        tmpfs = {"/tmp": "rw,nosuid,nodev,size=64m"}
+        volume: str | None = None
+        mounts: list[Mount] = []
+        if spec.workspace_volume:
+            volume = self._workspace_volume(spec, labels)
+            # no_copy: the job image must not copy its own /workspace
+            # ownership over the volume the helper prepared.
+            mounts.append(Mount("/workspace", volume, type="volume", no_copy=True))
+        else:
+            # Nothing goes in or comes out: a tmpfs owned by the job user, bounded
+            # by the job's memory limit, saves the volume and its helper container.
+            uid, _, gid = spec.user.partition(":")
+            tmpfs["/workspace"] = (f"rw,exec,nosuid,nodev,size={spec.memory_bytes},"
+                                   f"uid={uid},gid={gid or uid},mode=0700")
         container: Container | None = None
         try:
             container = self._client.containers.create(
@@ -238,10 +256,8 @@ class DockerRuntime:
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges:true"],
                 read_only=True,
-                tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},
-                # no_copy: the job image must not copy its own /workspace
-                # ownership over the volume the helper prepared.
-                mounts=[Mount("/workspace", volume, type="volume", no_copy=True)],
+                tmpfs=tmpfs,
+                mounts=mounts,
                 pids_limit=spec.pids,
                 mem_limit=spec.memory_bytes,
                 memswap_limit=spec.memory_bytes,
@@ -258,7 +274,8 @@ class DockerRuntime:
             with contextlib.suppress(docker.errors.DockerException):
                 if container is not None:
                     container.remove(force=True)
-                self._client.api.remove_volume(volume, force=True)
+                if volume is not None:
+                    self._client.api.remove_volume(volume, force=True)
             raise
         return container, volume
 
