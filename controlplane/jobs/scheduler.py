@@ -20,6 +20,8 @@ log = structlog.get_logger("testhide.scheduler")
 
 DEFAULT_LEASE = timedelta(seconds=60)
 DISPATCH_RETRY_S = 1.0
+MAX_WINDOW = 1024
+"""Queued jobs looked at per dispatch round (a round repeats while it assigns)."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ class Scheduler:
         if not idle:
             return
         # Look past the head of the queue: a job no idle agent can take must not block the others.
-        window = max(64, 4 * sum(s.free_slots for s in idle))
+        window = min(MAX_WINDOW, max(64, 4 * sum(s.free_slots for s in idle)))
         for job in await self._store.queued_jobs(org, pool, window):
             candidates = [s for s in idle if s.free_slots > 0 and s.can_run(job)]
             if not candidates:

@@ -4,6 +4,7 @@ authenticated for; agents' org and pool come from their certificates."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from controlplane.jobs.model import (
     JobStatus,
     LogChunk,
     LogStream,
+    PoolPolicy,
     TestCase,
     new_job_id,
 )
@@ -39,6 +41,7 @@ MAX_PAGE = 200
 # How long a follower waits before re-reading the store even without a wake-up
 # (another replica may have written).
 FOLLOW_RECHECK_S = 5.0
+POLICY_CACHE_S = 1.0
 
 
 MAX_WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -51,6 +54,7 @@ class JobService:
                  blobs: BlobVault, secrets: SecretVault, leases: Leases) -> None:
         self._store = store
         self._leases = leases
+        self._policies: dict[tuple[str, str], tuple[float, PoolPolicy]] = {}
         self._master = master
         self._scheduler = scheduler
         self._logs = logs
@@ -61,8 +65,10 @@ class JobService:
     # users --------------------------------------------------------------------
     async def submit(self, org: str, spec: JobSpec) -> Job:
         validate_spec(spec)
-        if not await self._store.pool_exists(org, spec.pool):
-            raise InvalidArgument(f"pool {spec.pool!r} does not exist in this organisation")
+        try:
+            policy = await self._store.pool_policy(org, spec.pool)
+        except NotFound as exc:
+            raise InvalidArgument(f"pool {spec.pool!r} does not exist in this organisation") from exc
         if spec.workspace_id:
             found = await self._store.get_blob(org, spec.workspace_id)
             if found is None or found[0].kind != "workspace":
@@ -70,7 +76,6 @@ class JobService:
         missing = await self._secrets.missing(org, spec.secrets)
         if missing:
             raise InvalidArgument(f"secrets not found in this organisation: {', '.join(missing)}")
-        policy = await self._store.pool_policy(org, spec.pool)
         job_id = new_job_id()
         _, wrapped = self._master.new_data_key(aad=job_id.encode())
         job = Job(id=job_id, org=org, spec=spec, status=JobStatus.QUEUED, created_at=datetime.now(UTC))
@@ -87,9 +92,18 @@ class JobService:
         return job
 
     async def assignment_details(self, job: Job) -> AssignDetails:
-        policy = await self._store.pool_policy(job.org, job.spec.pool)
+        policy = await self._pool_policy(job.org, job.spec.pool)
         runtime = policy.runtime or job.spec.runtime or "runc"
         return AssignDetails(await self._secrets.resolve(job.org, job.spec.secrets), policy, runtime)
+
+    async def _pool_policy(self, org: str, pool: str) -> PoolPolicy:
+        """Cached for a second: dispatching a thousand jobs asks a thousand times,
+        and an operator's change may take a second, as revocations do."""
+        now = time.monotonic()
+        cached = self._policies.get((org, pool))
+        if cached is None or now - cached[0] > POLICY_CACHE_S:
+            cached = self._policies[(org, pool)] = (now, await self._store.pool_policy(org, pool))
+        return cached[1]
 
     async def get(self, org: str, job_id: str) -> Job:
         job = await self._store.get_job(org, job_id)
@@ -245,9 +259,9 @@ class JobService:
             await self._leases.release(job, JobStatus.QUEUED, f"agent refused it ({reason[:200]}); requeued")
 
     async def on_started(self, session: AgentSession, job_id: str, epoch: int) -> None:
-        job = await self.leased(session.identity, job_id, epoch)
-        if job.status == JobStatus.ASSIGNED:
-            await self._store.set_job_status(job.org, job_id, epoch, JobStatus.RUNNING, datetime.now(UTC))
+        _, changed = await self._store.report_job(session.identity.org, job_id, session.identity.agent_id, epoch,
+                                                  JobStatus.RUNNING, datetime.now(UTC))
+        if changed:
             log.info("job_started", job_id=job_id, agent_id=session.identity.agent_id)
 
     async def on_log_batch(self, session: AgentSession, job_id: str, epoch: int, seq: int,
@@ -257,11 +271,9 @@ class JobService:
 
     async def on_result(self, session: AgentSession, job_id: str, epoch: int, last_seq: int,
                         status: JobStatus, exit_code: int | None, reason: str) -> None:
-        job = await self.leased(session.identity, job_id, epoch)
-        if job.last_seq != last_seq:
-            raise FailedPrecondition(f"result of job {job_id} arrived before its log ({job.last_seq}/{last_seq})")
-        if not job.status.terminal:
-            await self._store.set_job_status(job.org, job_id, epoch, status, datetime.now(UTC), reason, exit_code)
+        _, changed = await self._store.report_job(session.identity.org, job_id, session.identity.agent_id, epoch,
+                                                  status, datetime.now(UTC), reason, exit_code, last_seq=last_seq)
+        if changed:
             log.info("job_finished", job_id=job_id, status=status.value, exit_code=exit_code)
         session.jobs.discard(job_id)
         session.send(ResultAck(job_id))

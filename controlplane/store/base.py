@@ -220,6 +220,12 @@ class Store(Protocol):
         self, org: str, job_id: str, epoch: int | None, status: JobStatus, now: datetime, reason: str = "",
         exit_code: int | None = None,
     ) -> Job: ...
+    async def report_job(
+        self, org: str, job_id: str, agent_id: str, epoch: int, status: JobStatus, now: datetime, reason: str = "",
+        exit_code: int | None = None, last_seq: int | None = None,
+    ) -> tuple[Job, bool]:
+        """The holding agent's report (RUNNING, or the result), checked and applied at once."""
+        ...
     async def append_log_batch(
         self, org: str, job_id: str, epoch: int, seq: int, entries: list[tuple[LogStream, bytes, int]]
     ) -> int: ...

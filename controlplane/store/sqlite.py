@@ -486,11 +486,11 @@ class SqliteStore(SqliteLeases):
 
     # jobs ----------------------------------------------------------------------
     @staticmethod
-    def _job(c: sqlite3.Connection, r: sqlite3.Row) -> Job:
+    def _job(c: sqlite3.Connection, r: sqlite3.Row, with_transitions: bool = True) -> Job:
         transitions = tuple(
             Transition(JobStatus(t["status"]), _dt(t["at"]) or datetime.min, t["reason"])
             for t in c.execute("SELECT * FROM job_transitions WHERE job_id = ? ORDER BY n", (r["id"],))
-        )
+        ) if with_transitions else ()
         return Job(
             id=r["id"], org=r["org"], spec=_spec_from_json(r["spec"]), status=JobStatus(r["status"]),
             created_at=_dt(r["created_at"]) or datetime.min, exit_code=r["exit_code"],
@@ -549,7 +549,7 @@ class SqliteStore(SqliteLeases):
                 "SELECT * FROM jobs WHERE org = ? AND pool = ? AND status = ? ORDER BY id LIMIT ?",
                 (org, pool, JobStatus.QUEUED.value, limit),
             ).fetchall()
-            return [self._job(c, r) for r in rows]
+            return [self._job(c, r, with_transitions=False) for r in rows]  # the dispatcher's hot path
 
         return await self._tx(run, write=False)
 
@@ -611,6 +611,39 @@ class SqliteStore(SqliteLeases):
             return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
         return await self._tx(run)
+
+    async def report_job(
+        self, org: str, job_id: str, agent_id: str, epoch: int, status: JobStatus, now: datetime, reason: str = "",
+        exit_code: int | None = None, last_seq: int | None = None,
+    ) -> tuple[Job, bool]:
+        """What the holding agent reports (RUNNING, or how the job ended), checked and
+        applied in one transaction; (job, whether it changed). A report the job
+        is already past is a replay and changes nothing."""
+        def run(c: sqlite3.Connection) -> tuple[Job, bool]:
+            row = c.execute("SELECT * FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone()
+            if row is None or row["agent_id"] != agent_id:
+                raise NotFound(f"job {job_id} is not assigned to this agent")
+            if row["epoch"] != epoch:
+                raise StaleEpoch(f"job {job_id} was reassigned (epoch {row['epoch']}, not {epoch})")
+            if last_seq is not None and row["last_seq"] != last_seq:
+                raise FailedPrecondition(
+                    f"result of job {job_id} arrived before its log ({row['last_seq']}/{last_seq})")
+            current = JobStatus(row["status"])
+            replay = current.terminal or current == status
+            if replay or (status == JobStatus.RUNNING and current != JobStatus.ASSIGNED):
+                return self._job(c, row, with_transitions=False), False
+            started = _ts(now) if status == JobStatus.RUNNING else row["started_at"]
+            finished = _ts(now) if status.terminal else None
+            lease = None if status.terminal else row["lease_expires_at"]
+            c.execute("UPDATE jobs SET status = ?, status_reason = ?, exit_code = ?, started_at = ?, finished_at = ?,"
+                      " lease_expires_at = ? WHERE id = ?",
+                      (status.value, reason, exit_code, started, finished, lease, job_id))
+            self._add_transition(c, job_id, status, now, reason)
+            row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return self._job(c, row, with_transitions=False), True
+
+        result: tuple[Job, bool] = await self._tx(run)
+        return result
 
     async def append_log_batch(
         self, org: str, job_id: str, epoch: int, seq: int, entries: list[tuple[LogStream, bytes, int]]

@@ -398,3 +398,27 @@ async def test_lost_job_is_retried_once_per_attempt_as_asked(store: SqliteStore)
     await store.set_job_status("acme", "j2", 1, JobStatus.RUNNING, NOW)
     await store.expire_leases(NOW + 2 * LEASE)
     assert await store.retryable_jobs(10) == []
+
+
+async def test_agent_reports_are_checked_and_applied_once(store: SqliteStore) -> None:
+    await assigned(store, "j1")
+    with pytest.raises(NotFound):  # not this agent's job, whatever the epoch
+        await store.report_job("acme", "j1", "agent-2", 1, JobStatus.RUNNING, NOW)
+    with pytest.raises(StaleEpoch):
+        await store.report_job("acme", "j1", "agent-1", 2, JobStatus.RUNNING, NOW)
+    running, changed = await store.report_job("acme", "j1", "agent-1", 1, JobStatus.RUNNING, NOW)
+    assert changed and running.status == JobStatus.RUNNING and running.started_at == NOW
+    assert not (await store.report_job("acme", "j1", "agent-1", 1, JobStatus.RUNNING, NOW))[1]  # a replay
+    await store.append_log_batch("acme", "j1", 1, 1, [(OUT, b"x", 1)])
+    with pytest.raises(FailedPrecondition):  # the result may not overtake the log
+        await store.report_job("acme", "j1", "agent-1", 1, JobStatus.SUCCEEDED, NOW, exit_code=0, last_seq=2)
+    done, changed = await store.report_job("acme", "j1", "agent-1", 1, JobStatus.SUCCEEDED, NOW, exit_code=0,
+                                           last_seq=1)
+    assert changed and (done.status, done.exit_code, done.lease_expires_at) == (JobStatus.SUCCEEDED, 0, None)
+    # A replayed or late result changes nothing, also with another outcome.
+    again, changed = await store.report_job("acme", "j1", "agent-1", 1, JobStatus.FAILED, NOW, exit_code=1,
+                                            last_seq=1)
+    assert not changed and again.status == JobStatus.SUCCEEDED
+    transitions = (await store.get_job("acme", "j1")).transitions  # type: ignore[union-attr]
+    assert [t.status for t in transitions] == [JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING,
+                                               JobStatus.SUCCEEDED]
