@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -225,3 +227,41 @@ def assert_same_bytes(got: bytes, expected: bytes, what: str = "log") -> None:
     at = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
     raise AssertionError(f"{what} differs: {len(got)} bytes, expected {len(expected)}; first difference at byte {at}: "
                          f"got {got[max(0, at - 30):at + 30]!r}, expected {expected[max(0, at - 30):at + 30]!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ControlPlaneProcess:
+    """``testhide-controlplane serve`` as its own process, on fixed ports so that
+    it can be killed and started again where agents expect it."""
+
+    def __init__(self, data_dir: Path, api_port: int, agent_port: int) -> None:
+        self.data_dir, self.api_port, self.agent_port = data_dir, api_port, agent_port
+        self.process: asyncio.subprocess.Process | None = None
+        self.log = open(data_dir.parent / "controlplane.log", "ab")
+
+    async def start(self) -> None:
+        ports = self.data_dir.parent / "ports.json"
+        ports.unlink(missing_ok=True)
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controlplane.cli", "serve", "--data-dir", str(self.data_dir),
+            "--listen", f"127.0.0.1:{self.api_port}", "--agent-listen", f"127.0.0.1:{self.agent_port}",
+            "--port-file", str(ports), cwd=REPO, stdout=self.log, stderr=self.log)
+        while not ports.exists():  # written once both ports listen
+            assert self.process.returncode is None, "the control plane exited"
+            await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.process.wait(), 30)
+        self.log.close()

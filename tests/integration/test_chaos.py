@@ -8,9 +8,6 @@ import asyncio
 import hashlib
 import json
 import os
-import signal
-import socket
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from controlplane.ca.enrollment import create_token
 from controlplane.datadir import initialise
 from controlplane.jobs.model import PoolPolicy, PullPolicy
 from controlplane.store.sqlite import SqliteStore
-from tests.harness import JOB_IMAGE, REPO, Cli
+from tests.harness import JOB_IMAGE, Cli, ControlPlaneProcess, free_port
 
 pytestmark = [pytest.mark.chaos, pytest.mark.docker, pytest.mark.timeout(600)]
 
@@ -33,41 +30,6 @@ CHUNKS, LINES_PER_CHUNK = 50, 120_000  # about 53 MB of numbered lines, in 50 bu
 
 def expected_log() -> bytes:
     return "".join(f"{i}\n" for i in range(1, CHUNKS * LINES_PER_CHUNK + 1)).encode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ControlPlaneProcess:
-    def __init__(self, data_dir: Path, api_port: int, agent_port: int) -> None:
-        self.data_dir, self.api_port, self.agent_port = data_dir, api_port, agent_port
-        self.process: asyncio.subprocess.Process | None = None
-        self.log = open(data_dir.parent / "controlplane.log", "ab")
-
-    async def start(self) -> None:
-        ports = self.data_dir.parent / "ports.json"
-        ports.unlink(missing_ok=True)
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controlplane.cli", "serve", "--data-dir", str(self.data_dir),
-            "--listen", f"127.0.0.1:{self.api_port}", "--agent-listen", f"127.0.0.1:{self.agent_port}",
-            "--port-file", str(ports), cwd=REPO, stdout=self.log, stderr=self.log)
-        while not ports.exists():  # written once both ports listen
-            assert self.process.returncode is None, "the control plane exited"
-            await asyncio.sleep(0.05)
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(self.process.wait(), 30)
-        self.log.close()
 
 
 async def test_sigkill_of_the_control_plane_loses_no_log_and_reports_once(tmp_path: Path, docker_client) -> None:
