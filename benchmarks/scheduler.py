@@ -12,7 +12,7 @@ import cProfile
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ def _record_times(cp: RunningControlPlane) -> tuple[dict[str, float], dict[str, 
     assigned: dict[str, float] = {}
     ended: dict[str, float] = {}
     assign_job: Callable[..., Awaitable[Job | None]] = store.assign_job
-    set_job_status: Callable[..., Awaitable[Job]] = store.set_job_status
+    report_job: Callable[..., Awaitable[tuple[Job, bool]]] = store.report_job
 
     async def timed_assign(org: str, job_id: str, *args: Any) -> Job | None:
         job = await assign_job(org, job_id, *args)
@@ -89,15 +89,15 @@ def _record_times(cp: RunningControlPlane) -> tuple[dict[str, float], dict[str, 
             assigned[job_id] = time.monotonic()
         return job
 
-    async def timed_status(org: str, job_id: str, epoch: int | None, status: JobStatus, *args: Any,
-                           **kwargs: Any) -> Job:
-        job = await set_job_status(org, job_id, epoch, status, *args, **kwargs)
-        if status.terminal:
+    async def timed_report(org: str, job_id: str, agent_id: str, epoch: int, status: JobStatus, *args: Any,
+                           **kwargs: Any) -> tuple[Job, bool]:
+        job, changed = await report_job(org, job_id, agent_id, epoch, status, *args, **kwargs)
+        if changed and status.terminal:
             ended[job_id] = time.monotonic()
-        return job
+        return job, changed
 
     store.assign_job = timed_assign  # type: ignore[method-assign]
-    store.set_job_status = timed_status  # type: ignore[method-assign]
+    store.report_job = timed_report  # type: ignore[method-assign]
     return assigned, ended
 
 
@@ -113,10 +113,11 @@ async def store_lifecycle_rate(directory: Path, count: int) -> float:
             now = datetime.now(UTC)
             job = Job(id=new_job_id(), org="default", spec=spec, status=JobStatus.QUEUED, created_at=now)
             await store.create_job(job, b"k" * 40)
-            assigned = await store.assign_job("default", job.id, "a1", now)
+            assigned = await store.assign_job("default", job.id, "a1", now, now + timedelta(minutes=1))
             assert assigned is not None
-            await store.set_job_status("default", job.id, assigned.epoch, JobStatus.RUNNING, now)
-            await store.set_job_status("default", job.id, assigned.epoch, JobStatus.SUCCEEDED, now, "", 0)
+            await store.report_job("default", job.id, "a1", assigned.epoch, JobStatus.RUNNING, now)
+            await store.report_job("default", job.id, "a1", assigned.epoch, JobStatus.SUCCEEDED, now, "", 0,
+                                   last_seq=0)
         return count / (time.monotonic() - started)
     finally:
         await store.close()
