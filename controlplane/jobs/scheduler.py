@@ -112,6 +112,7 @@ class Scheduler:
         """Resolves secrets and policy for an assignment; a failure ends the job as ERROR."""
         self._store = store
         self._sessions: dict[str, AgentSession] = {}
+        self._by_pool: dict[tuple[str, str], dict[str, AgentSession]] = {}
         self._wake = asyncio.Event()
         self._pending: set[tuple[str, str]] = set()
         self._attached = asyncio.Condition()
@@ -127,6 +128,8 @@ class Scheduler:
         if previous is not None:
             previous.closed.set()  # the newer stream of the same agent wins
         self._sessions[session.identity.agent_id] = session
+        identity = session.identity
+        self._by_pool.setdefault((identity.org, identity.pool), {})[identity.agent_id] = session
         self.kick(session.identity.org, session.identity.pool)
         asyncio.ensure_future(self._announce())
 
@@ -146,8 +149,13 @@ class Scheduler:
         return self._sessions[agent_id]
 
     def detach(self, session: AgentSession) -> None:
-        if self._sessions.get(session.identity.agent_id) is session:
-            del self._sessions[session.identity.agent_id]
+        identity = session.identity
+        if self._sessions.get(identity.agent_id) is session:
+            del self._sessions[identity.agent_id]
+            pool = self._by_pool.get((identity.org, identity.pool), {})
+            pool.pop(identity.agent_id, None)
+            if not pool:
+                self._by_pool.pop((identity.org, identity.pool), None)
         session.closed.set()
 
     def kick(self, org: str, pool: str) -> None:
@@ -173,35 +181,44 @@ class Scheduler:
                     asyncio.get_running_loop().call_later(DISPATCH_RETRY_S, self.kick, org, pool)
 
     def _pool_sessions(self, org: str, pool: str) -> list[AgentSession]:
-        return [s for s in self._sessions.values()
-                if s.identity.org == org and s.identity.pool == pool and not s.closed.is_set()]
+        return [s for s in self._by_pool.get((org, pool), {}).values() if not s.closed.is_set()]
 
     async def _dispatch(self, org: str, pool: str) -> None:
-        idle = [s for s in self._pool_sessions(org, pool) if s.free_slots > 0]
+        # Most free slots first; the first able agent takes a job, then queues up
+        # behind the others: linear in jobs plus agents, not their product.
+        idle = sorted((s for s in self._pool_sessions(org, pool) if s.free_slots > 0),
+                      key=lambda s: s.free_slots, reverse=True)
         if not idle:
             return
         # Look past the head of the queue: a job no idle agent can take must not block the others.
         window = min(MAX_WINDOW, max(64, 4 * sum(s.free_slots for s in idle)))
         for job in await self._store.queued_jobs(org, pool, window):
-            candidates = [s for s in idle if s.free_slots > 0 and s.can_run(job)]
-            if not candidates:
-                if not any(s.free_slots > 0 for s in idle):
-                    break
+            if not idle:
+                break
+            index = next((i for i, s in enumerate(idle) if s.can_run(job)), None)
+            if index is None:
                 continue
-            session = max(candidates, key=lambda s: s.free_slots)
-            try:
-                details = await self.prepare(job) if self.prepare else AssignDetails({}, PoolPolicy(), "runc")
-            except ControlPlaneError as exc:
-                await self._store.set_job_status(org, job.id, None, JobStatus.ERROR, datetime.now(UTC), str(exc))
-                log.warning("job_not_assignable", job_id=job.id, error=str(exc))
-                continue
-            now = datetime.now(UTC)
-            assigned = await self._store.assign_job(org, job.id, session.identity.agent_id, now, now + self.lease)
-            if assigned is None:
-                continue
-            session.jobs.add(job.id)
-            session.send(Assign(assigned, details))
-            log.info("job_assigned", job_id=job.id, agent_id=session.identity.agent_id, epoch=assigned.epoch)
+            session = idle.pop(index)
+            if await self._assign(org, job, session) and session.free_slots > 0:
+                idle.append(session)
+            elif session.free_slots > 0:
+                idle.insert(index, session)
+
+    async def _assign(self, org: str, job: Job, session: AgentSession) -> bool:
+        try:
+            details = await self.prepare(job) if self.prepare else AssignDetails({}, PoolPolicy(), "runc")
+        except ControlPlaneError as exc:
+            await self._store.set_job_status(org, job.id, None, JobStatus.ERROR, datetime.now(UTC), str(exc))
+            log.warning("job_not_assignable", job_id=job.id, error=str(exc))
+            return False
+        now = datetime.now(UTC)
+        assigned = await self._store.assign_job(org, job.id, session.identity.agent_id, now, now + self.lease)
+        if assigned is None:
+            return False
+        session.jobs.add(job.id)
+        session.send(Assign(assigned, details))
+        log.info("job_assigned", job_id=job.id, agent_id=session.identity.agent_id, epoch=assigned.epoch)
+        return True
 
     def explain_queued(self, job: Job) -> str:
         """Why a queued job has not started yet, in words for its owner."""
