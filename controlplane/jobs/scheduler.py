@@ -5,6 +5,7 @@ conditional update fences other replicas."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -66,7 +67,35 @@ class TrustBundle:
 Outbound = Assign | Cancel | LogAck | ResultAck | TrustBundle
 
 
-@dataclass(eq=False)
+class Mailbox:
+    """What the control plane sends one agent, in order: a deque and, only while
+    the writer waits, one future (an asyncio.Queue costs four deques per agent)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Outbound] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, message: Outbound) -> None:
+        self._items.append(message)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> Outbound:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(eq=False, slots=True)
 class AgentSession:
     """One open Connect stream of one agent."""
 
@@ -82,8 +111,10 @@ class AgentSession:
     close_reason: tuple[str, str] | None = None
     """Why the control plane ended the stream: (status code name, message)."""
     jobs: set[str] = field(default_factory=set)
-    outbox: asyncio.Queue[Outbound] = field(default_factory=asyncio.Queue)
+    outbox: Mailbox = field(default_factory=Mailbox)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupt: Callable[[], object] | None = None
+    """Stops the stream's reader (set while the stream is served)."""
 
     @property
     def free_slots(self) -> int:
@@ -101,7 +132,14 @@ class AgentSession:
         """End the stream with a status, at once."""
         if self.close_reason is None:
             self.close_reason = (code, message)
+        self.end()
+
+    def end(self) -> None:
+        """End the stream (with the status ``close`` gave, if any)."""
         self.closed.set()
+        if self.interrupt is not None:
+            interrupt, self.interrupt = self.interrupt, None
+            interrupt()
 
 
 class Scheduler:
@@ -126,7 +164,7 @@ class Scheduler:
     def attach(self, session: AgentSession) -> None:
         previous = self._sessions.get(session.identity.agent_id)
         if previous is not None:
-            previous.closed.set()  # the newer stream of the same agent wins
+            previous.end()  # the newer stream of the same agent wins
         self._sessions[session.identity.agent_id] = session
         identity = session.identity
         self._by_pool.setdefault((identity.org, identity.pool), {})[identity.agent_id] = session

@@ -150,14 +150,18 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
         identity = agent.identity
         hello = first.hello
+        running = {r.job_id: r.epoch for r in hello.running_jobs}
         session = AgentSession(identity, agent.certificate.serial_number, agent.certificate.not_valid_after_utc,
                                agent.issuer, max_jobs=max(1, min(hello.max_jobs or 1, 64)),
                                labels=dict(list(hello.labels.items())[:64]),
                                runtimes=frozenset(hello.runtimes or ["runc"]))
+        # This frame lives as long as the stream: keep what the session needs, not the
+        # parsed certificate and hello (a few KiB each, times ten thousand streams).
+        del agent, first, hello
         bound = log.bind(agent_id=identity.agent_id, org=identity.org, pool=identity.pool)
         try:
             await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC))
-            await self._jobs.on_hello(session, {r.job_id: r.epoch for r in hello.running_jobs})
+            await self._jobs.on_hello(session, running)
         except ControlPlaneError as exc:
             await context.abort(code_for(exc), str(exc))
         session.send(TrustBundle(self._certs.current.bundle_pem))
@@ -173,21 +177,37 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             await context.abort(grpc.StatusCode[code], message)
 
     async def _serve(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
-        # An open stream must not outlive the certificate it was opened with (a
-        # timer, not a task: ten thousand idle streams each cost what they hold).
+        """Reads in the handler's own task, writes in one more; the session's
+        interrupt (revocation, a newer stream, a failed write) and a timer for
+        the certificate's end stop it. Ten thousand idle streams each hold
+        only what they need."""
+        reading = asyncio.current_task()
+        assert reading is not None
+        # An open stream must not outlive the certificate it was opened with.
         remaining = (session.cert_not_after - datetime.now(UTC)).total_seconds()
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, remaining), session.close, "UNAUTHENTICATED",
             "the agent certificate has expired; reconnect with a renewed one")
+        writer = asyncio.create_task(self._write(session, context))
+        writer.add_done_callback(lambda task: self._writer_done(session, task))
+        session.interrupt = reading.cancel
         try:
-            async with asyncio.TaskGroup() as tasks:
-                reader = tasks.create_task(self._read(session, context))
-                writer = tasks.create_task(self._write(session, context))
-                await session.closed.wait()
-                reader.cancel()
-                writer.cancel()
+            if not session.closed.is_set():
+                await self._read(session, context)
+        except asyncio.CancelledError:
+            if not session.closed.is_set():
+                raise  # the call itself was cancelled
+            reading.uncancel()  # we stopped it: end the stream with the session's status
         finally:
+            session.interrupt = None
             expiry.cancel()
+            writer.cancel()
+
+    @staticmethod
+    def _writer_done(session: AgentSession, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.info("agent_stream_write_failed", agent_id=session.identity.agent_id, error=str(task.exception()))
+        session.end()
 
     async def _write(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
         while True:
