@@ -70,6 +70,13 @@ def rss_bytes(pid: int | None = None) -> int:
     raise RuntimeError("no VmRSS in /proc status")
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """User plus system CPU time of a process (all its threads), from /proc."""
+    with open(f"/proc/{pid or 'self'}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def raise_fd_limit() -> int:
     """As many open files as the hard limit allows: thousands of streams need them."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

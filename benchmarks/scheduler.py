@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks.figures import Figure, median, percentile, raise_fd_limit
+from benchmarks.figures import Figure, cpu_seconds, median, percentile, raise_fd_limit
 from benchmarks.fleet import SPAWN, UNLIMITED, issue_agents, save_credentials
 from controlplane.jobs.model import Job, JobSpec, JobStatus
 from controlplane.jobs.service import new_job_id
@@ -158,9 +158,13 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
             profiler = cProfile.Profile() if profile else None
             if profiler:
                 profiler.enable()
+            roles = {"control_plane": [None], "agents": [p.pid for p in fleet], "submitter": [submitter.pid]}
+            cpu_before = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
             start.set()
             submitted = await asyncio.to_thread(out.get, True, 900)
             await _wait_for(lambda: len(ended) >= count, 900, "jobs did not all complete")
+            cpu = {role: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[role], 1)
+                   for role, pids in roles.items()}
             if profiler and profile:
                 profiler.disable()
                 profiler.dump_stats(profile)
@@ -184,4 +188,5 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
                  "dispatched_per_s": round(dispatched, 1), "completed_per_s": round(completed, 1),
                  "submit_to_completion_p50_ms": round(median(latencies) * 1000, 1),
                  "submit_to_completion_p99_ms": round(percentile(latencies, 99) * 1000, 1),
-                 "store_alone_jobs_per_s": [round(b, 1) for b in baselines]})
+                 "store_alone_jobs_per_s": [round(b, 1) for b in baselines],
+                 "cpu_seconds": cpu, "cpu_ms_per_job": {role: round(v * 1000 / count, 2) for role, v in cpu.items()}})
