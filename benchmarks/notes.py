@@ -4,8 +4,8 @@ them; written into the results next to the numbers they explain."""
 NOTES: dict[str, str] = {
     "job_overhead": (
         "Not met; held back by the CLI being a Python program. details.cli_startup_s (`testhide --help`, "
-        "~0.4 s) is as long as the whole `docker run`; testhide's median minus its CLI start-up is about the "
-        "bare `docker run` (details.without_cli_startup_ratio). python -X importtime showed cryptography.x509 "
+        "~0.4 s) is as long as the whole `docker run`; without it, testhide takes about 1.15 times the bare "
+        "`docker run` (details.without_cli_startup_ratio): submit, push, container set-up, result, follow. python -X importtime showed cryptography.x509 "
         "(through common.tls; only login needs it), pathspec and protobuf json_format imported by every "
         "command (~130 ms): now imported where used. The agent gave every job a volume and a helper container "
         "for /workspace: a job without a workspace and with nothing to collect now gets a tmpfs (three Docker "
@@ -28,7 +28,8 @@ NOTES: dict[str, str] = {
         "(5 million can_run calls for 5,000 jobs, 28 of 100 s) - now linear, sessions indexed by pool; and "
         "PyJWT verified every Submit's RS256 token (1.5 ms each) - verified tokens are now kept until they "
         "expire. Store calls per job went down too (queued jobs without their transitions, one conditional "
-        "update per agent report, the pool policy cached for a second). 78 -> ~175 jobs/s. What remains in "
+        "update per agent report, the pool policy cached for a second). 78 -> 158-177 jobs/s over the last "
+        "runs. What remains in "
         "the profile is gRPC's own per-message cost (the asyncio callbacks into grpc's C core: ~6 "
         "messages per job) and the store's thread; our Python code is under a fifth of it. Beyond one core: "
         "several control-plane replicas on the PostgreSQL backend, or agents batching reports."),

@@ -51,16 +51,16 @@ async def audit_actions(data_dir: Path) -> list[dict[str, object]]:
 @pytest.mark.docker
 @pytest.mark.timeout(300)
 async def test_renewal_under_load_loses_duplicates_and_reorders_nothing(tmp_path: Path, docker_client) -> None:
-    async with control_plane(tmp_path, agent_cert_ttl=timedelta(seconds=20)) as cp:
+    async with control_plane(tmp_path, agent_cert_ttl=timedelta(seconds=12)) as cp:
         cli = Cli(tmp_path / "config")
         assert (await cli.login(cp)).returncode == 0
         async with running_agent(cp, tmp_path, DockerRuntime(docker_client), **FAST) as agent:
             first_serial = agent.credentials.certificate.serial_number
-            script = 'i=0; while [ $i -lt 900 ]; do echo "line $i"; i=$((i+1)); sleep 0.1; done'
+            script = 'i=0; while [ $i -lt 450 ]; do echo "line $i"; i=$((i+1)); sleep 0.1; done'
             result = await cli("run", "--image", JOB_IMAGE, "--", "sh", "-c", script, timeout=240)
             assert agent.credentials.certificate.serial_number != first_serial
         assert result.returncode == 0, result.stderr
-        assert result.stdout.decode() == "".join(f"line {i}\n" for i in range(900))
+        assert result.stdout.decode() == "".join(f"line {i}\n" for i in range(450))
         renewals = [e for e in await audit_actions(cp.data_dir) if e["action"] == "agent_certificate_renewed"]
         assert len(renewals) >= 3
 
