@@ -18,6 +18,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from agent.config import AgentConfig
 from agent.credentials import Credentials
+from agent.errors import RuntimeUnavailable
 from agent.executor import Executor
 from agent.model import Assignment
 from agent.outbox import Outbox
@@ -96,10 +97,15 @@ class Agent:
         self._probe = asyncio.create_task(self._wait_for_runtime(), name="runtime-probe")
 
     async def _wait_for_runtime(self) -> None:
-        while not await self._runtime.ping():
+        while True:
+            if await self._runtime.ping():
+                try:
+                    # Containers whose removal failed while the engine was away go now.
+                    removed = await self._runtime.remove_leftovers(self.agent_id, keep=frozenset(self._jobs))
+                    break
+                except RuntimeUnavailable:
+                    pass  # gone again
             await asyncio.sleep(RUNTIME_PROBE_INTERVAL.total_seconds())
-        # Containers whose removal failed while the engine was away go now.
-        removed = await self._runtime.remove_leftovers(self.agent_id, keep=frozenset(self._jobs))
         self.runtime_down = False
         self.accepting_changed.set()
         log.info("container_engine_available", leftovers_removed=removed)
@@ -134,7 +140,11 @@ class Agent:
         await session.run()
 
     async def run(self) -> None:
-        removed = await self._runtime.remove_leftovers(self.agent_id)
+        try:
+            removed = await self._runtime.remove_leftovers(self.agent_id)
+        except RuntimeUnavailable:
+            removed = 0
+            self._runtime_unavailable()  # no jobs until it answers; then the leftovers go
         if removed:
             log.warning("leftover_containers_removed", count=removed,
                         note="jobs of an earlier run of this agent; the control plane has marked them LOST")

@@ -260,8 +260,13 @@ class ControlPlaneProcess:
         self.process.send_signal(signal.SIGKILL)
         await self.process.wait()
 
+    async def terminate(self) -> int:
+        """SIGTERM, as an operator stops it; its exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), 30)
+
     async def stop(self) -> None:
         if self.process and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(self.process.wait(), 30)
+            await self.terminate()
         self.log.close()

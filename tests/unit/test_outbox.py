@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.model import JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
+from agent.model import JobRefused, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
 from agent.outbox import Outbox
 from agent.spool import Spool
 
@@ -310,3 +310,14 @@ def test_spool_starts_empty_and_private(tmp_path: Path) -> None:
     spool.put(LogBatch("j", 1, 1, ((OUT, b"a"), (ERR, b""), (LogStream.SYSTEM, b"\x00\xff"))))
     assert (directory / "j.spool").stat().st_mode & 0o777 == 0o600
     assert spool.take("j") == LogBatch("j", 1, 1, ((OUT, b"a"), (ERR, b""), (LogStream.SYSTEM, b"\x00\xff")))
+
+
+async def test_a_refused_assignment_is_given_back_once_and_then_silent(spool: Spool) -> None:
+    outbox, sent = attached(spool)
+    outbox.open("j", 3)
+    outbox.refuse("j", "the container engine is not answering")
+    outbox.started("j")
+    await outbox.log("j", [(OUT, b"never")])
+    outbox.finish("j", Outcome.ERROR, -1)
+    assert sent == [JobRefused("j", 3, "the container engine is not answering")]
+    assert outbox.running() == {}
