@@ -94,10 +94,13 @@ class Leases:
         return retries
 
     async def run(self) -> None:
-        # However long the control plane was down, agents get a whole lease to come back.
-        await self._store.extend_all_leases(self._clock() + self.duration)
+        granted = False
         while True:
             try:
+                if not granted:
+                    # However long the control plane was down, agents get a whole lease to come back.
+                    await self._store.extend_all_leases(self._clock() + self.duration)
+                    granted = True
                 await self.sweep()
             except StorageUnavailable as exc:  # nothing lapses while nothing can be written
                 log.warning("lease_sweep_deferred", error=str(exc))
