@@ -233,8 +233,8 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                                                   datetime.now(UTC))
                     await self._jobs.on_heartbeat(session, {r.job_id: r.epoch for r in h.running_jobs}, h.draining)
                 case "refused":
-                    r = message.refused
-                    await self._jobs.on_refused(session, r.job_id, r.epoch, r.reason)
+                    refusal = message.refused
+                    await self._jobs.on_refused(session, refusal.job_id, refusal.epoch, refusal.reason)
                 case "accepted":
                     pass  # the assignment reached the agent; RUNNING comes with "started"
                 case "started":
