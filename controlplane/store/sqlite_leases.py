@@ -7,24 +7,19 @@ epoch at once, so anything the old holder still sends is refused."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from controlplane.errors import NotFound, StaleEpoch
 from controlplane.jobs.model import Job, JobStatus
+from controlplane.store.sqlite_common import SqliteParts, _ts
 
 _HELD = (JobStatus.ASSIGNED.value, JobStatus.RUNNING.value)
 
 
-def _ts(value: datetime) -> str:
-    return value.isoformat()
+class SqliteLeases(SqliteParts):
+    """Mixed into SqliteStore, which provides the transaction runner; SqliteJobData the row mapping."""
 
-
-class SqliteLeases:
-    """Mixed into SqliteStore, which provides the transaction runner and row mapping."""
-
-    _tx: Callable[..., Awaitable[Any]]
     _job: Callable[[sqlite3.Connection, sqlite3.Row], Job]
     _add_transition: Callable[[sqlite3.Connection, str, JobStatus, datetime, str], None]
 
