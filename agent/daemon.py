@@ -61,21 +61,22 @@ class Agent:
     def agent_id(self) -> str:
         return self._credentials.agent_id
 
-    def _assign(self, job: Assignment) -> bool:
-        """False refuses the job (the agent is shutting down): the control plane requeues it."""
+    def _assign(self, job: Assignment) -> str | None:
+        """Why the job is refused (the control plane requeues it), or None once it runs."""
         if job.job_id in self._jobs:
-            return True  # a replayed assignment of a job already running
+            return None  # a replayed assignment of a job already running
         if not self.accepting():
-            log.info("job_refused", job_id=job.job_id, draining=self.draining.is_set(),
-                     runtime_down=self.runtime_down)
-            return False
+            reason = ("the agent is shutting down" if self.draining.is_set()
+                      else "the agent's container engine is not answering")
+            log.info("job_refused", job_id=job.job_id, reason=reason)
+            return reason
         # Open before the task runs: a hello sent in between must list the job.
         self.outbox.open(job.job_id, job.epoch)
         task = asyncio.create_task(self._executor.run(job), name=f"job-{job.job_id}")
         self._jobs[job.job_id] = task
         task.add_done_callback(lambda _: self._jobs.pop(job.job_id, None))
         log.info("job_received", job_id=job.job_id, epoch=job.epoch, image=job.image)
-        return True
+        return None
 
     def _cancel(self, job_id: str, reason: str, abandon: bool) -> None:
         if abandon:

@@ -39,8 +39,8 @@ class SessionLost(Exception):
 class SessionEvents:
     """What the session hands to the daemon."""
 
-    assign: Callable[[Assignment], bool]
-    """False refuses the assignment (the agent is draining)."""
+    assign: Callable[[Assignment], str | None]
+    """Why the assignment is refused (draining, container engine down), or None to run it."""
     cancel: Callable[[str, str, bool], None]
     """job id, reason, abandon (the job is no longer ours: report nothing more)."""
     renewed: Callable[[Credentials], None]
@@ -146,9 +146,10 @@ class Session:
             match message.WhichOneof("body"):
                 case "assign":
                     a = message.assign
-                    if not self._events.assign(assignment_from_pb(a)):
+                    refusal = self._events.assign(assignment_from_pb(a))
+                    if refusal is not None:
                         outgoing.put_nowait(agent_pb2.AgentMessage(refused=agent_pb2.JobRefused(
-                            job_id=a.job_id, epoch=a.epoch, reason="the agent is shutting down")))
+                            job_id=a.job_id, epoch=a.epoch, reason=refusal)))
                 case "cancel":
                     c = message.cancel
                     self._events.cancel(c.job_id, c.reason, c.abandon)
