@@ -115,6 +115,12 @@ class Agent:
         """Jobs whose container this agent is running (or setting up, or cleaning up)."""
         return list(self._jobs)
 
+    async def job_done(self, job_id: str) -> None:
+        """Until the agent is done with the job's container (at once if it has none)."""
+        task = self._jobs.get(job_id)
+        if task is not None:
+            await asyncio.wait({task})
+
     @property
     def credentials(self) -> Credentials:
         return self._credentials

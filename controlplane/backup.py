@@ -17,18 +17,19 @@ import asyncio
 import hashlib
 import io
 import os
-import shutil
 import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from common.files import atomic_file
 from controlplane import backupfile
 from controlplane.atrest import MasterKey
 from controlplane.auth.audit import Auditor
-from controlplane.datadir import DataDir
-from controlplane.errors import DataDirError, IntegrityError
+from controlplane.datadir import DataDir, build_atomically
+from controlplane.errors import IntegrityError
 from controlplane.store.sqlite import SqliteStore
 
 DB_NAME = "testhide.db"
@@ -79,37 +80,33 @@ async def create_backup(directory: DataDir, master: MasterKey, store: SqliteStor
     with tempfile.TemporaryDirectory(prefix=".backup-", dir=directory.path) as scratch:
         snapshot = Path(scratch) / DB_NAME
         await store.snapshot(snapshot)
-        header = await asyncio.to_thread(_write_backup, out, master, files, snapshot)
-    return BackupSummary(header.backup_id, header.master_key_id, out.stat().st_size,
-                         await asyncio.to_thread(_sha256_of, out), len(files) + 1)
+        header, sha256 = await asyncio.to_thread(_write_backup, out, master, files, snapshot)
+    return BackupSummary(header.backup_id, header.master_key_id, out.stat().st_size, sha256, len(files) + 1)
 
 
-def _write_backup(out: Path, master: MasterKey, files: dict[str, bytes], snapshot: Path) -> backupfile.BackupHeader:
-    fd, partial = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)  # 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            writer = backupfile.BackupWriter(handle, master)
-            with tarfile.open(fileobj=writer, mode="w|") as archive:  # type: ignore[call-overload]
-                _add_dirs(archive, list(files))
-                for name, data in files.items():
-                    _add(archive, name, data, 0o644 if name.endswith(".pem") or name == "state.json" else 0o600)
-                archive.add(snapshot, arcname=DB_NAME, recursive=False)
-            writer.close()
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, out)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
-    return writer.header
+class _Hashing:
+    """Passes writes on and hashes them: the backup's sha256 without reading it back."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out, self.digest = out, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self._out.write(data)
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+def _write_backup(out: Path, master: MasterKey, files: dict[str, bytes], snapshot: Path
+                  ) -> tuple[backupfile.BackupHeader, str]:
+    with atomic_file(out, 0o600) as handle:
+        hashing = _Hashing(handle)
+        writer = backupfile.BackupWriter(hashing, master)
+        with tarfile.open(fileobj=writer, mode="w|") as archive:  # type: ignore[call-overload]
+            _add_dirs(archive, list(files))
+            for name, data in files.items():
+                _add(archive, name, data, 0o644 if name.endswith(".pem") or name == "state.json" else 0o600)
+            archive.add(snapshot, arcname=DB_NAME, recursive=False)
+        writer.close()
+    return writer.header, hashing.digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -124,19 +121,8 @@ async def restore(source: Path, path: Path, master: MasterKey, master_key_text: 
     """Restore ``source`` into ``path`` (absent or empty). ``master_key_text``
     is written as the new data dir's master.key; None when the key comes from
     the environment."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise DataDirError(f"{path} already exists and is not empty; restore into a new directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.restore-", dir=path.parent))
-    try:
-        summary = await _restore_into(DataDir(staging), source, master, master_key_text, actor)
-        if path.exists():
-            path.rmdir()
-        staging.rename(path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return summary
+    return await build_atomically(path, "restore", "restore into a new directory",
+                                  lambda staging: _restore_into(staging, source, master, master_key_text, actor))
 
 
 def _unpack(source: Path, master: MasterKey, directory: DataDir) -> backupfile.BackupHeader:

@@ -22,7 +22,7 @@ import secrets
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -68,10 +68,14 @@ def _aad(header: bytes, index: int, last: bool) -> bytes:
     return b"testhide-backup:" + hashlib.sha256(MAGIC + header).digest() + struct.pack(">Q?", index, last)
 
 
+class Writable(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
 class BackupWriter:
     """A write-only file object that encrypts what it is given into ``out``."""
 
-    def __init__(self, out: BinaryIO, master: MasterKey) -> None:
+    def __init__(self, out: Writable, master: MasterKey) -> None:
         backup_id = secrets.token_hex(8)
         data_key, wrapped = master.new_data_key(b"backup:" + backup_id.encode())
         self.header = BackupHeader(backup_id, datetime.now(UTC), master.current_id, wrapped)

@@ -22,12 +22,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -44,6 +44,7 @@ from controlplane.errors import ConfigError, DataDirError
 from controlplane.store.base import ApiKeyRecord
 from controlplane.store.sqlite import SqliteStore
 
+T = TypeVar("T")
 LAYOUT_VERSION = 1
 AUDIT_KEY = "audit.key.sealed"
 SERVER_CERT_LIFETIME = timedelta(days=90)
@@ -207,23 +208,28 @@ async def _legacy_audit_key(master: MasterKey, store: SqliteStore) -> bytes | No
 
 async def initialise(path: Path, server_names: list[str], trust_domain: str = "testhide.local",
                      imported_ca: tuple[bytes, bytes] | None = None) -> str:
-    """Create the data dir and return the admin API key (shown once).
+    """Create the data dir and return the admin API key (shown once)."""
+    return await build_atomically(path, "init", "refusing to initialise it again",
+                                  lambda staging: _populate(staging, server_names, trust_domain, imported_ca))
 
-    Everything is built in a sibling temporary directory and renamed into
-    place, so a refused or failed init leaves nothing behind."""
+
+async def build_atomically(path: Path, purpose: str, refusal: str, build: Callable[[DataDir], Awaitable[T]]) -> T:
+    """Build a data dir in a sibling temporary directory and rename it into
+    ``path`` (absent or empty) once ``build`` succeeded: a refused or failed
+    init or restore leaves nothing behind."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise DataDirError(f"{path} already exists and is not empty; refusing to initialise it again")
+        raise DataDirError(f"{path} already exists and is not empty; {refusal}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{purpose}-", dir=path.parent))
     try:
-        admin_key = await _populate(DataDir(staging), server_names, trust_domain, imported_ca)
+        result = await build(DataDir(staging))
         if path.exists():
             path.rmdir()
         staging.rename(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return admin_key
+    return result
 
 
 async def _populate(directory: DataDir, server_names: list[str], trust_domain: str,

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -177,14 +178,19 @@ class Cli:
                           "--ca-file", str(ca_file))
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    """Until ``check`` returns something true. For state with no event to
-    await (a container, another process), looked at every 100 ms."""
+async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Until ``check`` (plain or a coroutine function) returns something true.
+    For state with no event to await (a container, another process), looked
+    at every 100 ms."""
     deadline = time.monotonic() + timeout
-    while not (value := await check()):
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.1)
-    return value
 
 
 async def job(cp: RunningControlPlane, job_id: str) -> Job:
@@ -204,11 +210,6 @@ def containers_of(docker_client: Any, job_id: str) -> list[Any]:
 
 def numbered(first: int, last: int) -> bytes:
     return "".join(f"{i}\n" for i in range(first, last + 1)).encode()
-
-
-async def holds(value: bool) -> bool:
-    """For ``eventually`` on state that is not a coroutine."""
-    return value
 
 
 async def log_reached(cp: RunningControlPlane, job_id: str, size: int) -> bool:

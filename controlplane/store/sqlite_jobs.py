@@ -139,18 +139,22 @@ class SqliteJobData(SqliteParts):
                 return self._job(c, row)
             if current.terminal:
                 raise FailedPrecondition(f"job {job_id} has already ended ({current.value})")
-            started = _ts(now) if status == JobStatus.RUNNING else row["started_at"]
-            finished = _ts(now) if status.terminal else None
-            lease = None if status.terminal or status == JobStatus.QUEUED else row["lease_expires_at"]
-            c.execute(
-                "UPDATE jobs SET status = ?, status_reason = ?, exit_code = ?, started_at = ?, finished_at = ?,"
-                " lease_expires_at = ? WHERE id = ?",
-                (status.value, reason, exit_code, started, finished, lease, job_id),
-            )
-            self._add_transition(c, job_id, status, now, reason)
-            return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return self._apply_status(c, row, status, now, reason, exit_code)
 
         return await self._tx(run)
+
+    def _apply_status(self, c: sqlite3.Connection, row: sqlite3.Row, status: JobStatus, now: datetime, reason: str,
+                      exit_code: int | None, with_transitions: bool = True) -> Job:
+        """Move the job in ``row`` to ``status``, with its timestamps and a transition."""
+        started = _ts(now) if status == JobStatus.RUNNING else row["started_at"]
+        finished = _ts(now) if status.terminal else None
+        lease = None if status.terminal or status == JobStatus.QUEUED else row["lease_expires_at"]
+        c.execute("UPDATE jobs SET status = ?, status_reason = ?, exit_code = ?, started_at = ?, finished_at = ?,"
+                  " lease_expires_at = ? WHERE id = ?",
+                  (status.value, reason, exit_code, started, finished, lease, row["id"]))
+        self._add_transition(c, row["id"], status, now, reason)
+        return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone(),
+                         with_transitions)
 
     async def report_job(
         self, org: str, job_id: str, agent_id: str, epoch: int, status: JobStatus, now: datetime, reason: str = "",
@@ -172,15 +176,7 @@ class SqliteJobData(SqliteParts):
             replay = current.terminal or current == status
             if replay or (status == JobStatus.RUNNING and current != JobStatus.ASSIGNED):
                 return self._job(c, row, with_transitions=False), False
-            started = _ts(now) if status == JobStatus.RUNNING else row["started_at"]
-            finished = _ts(now) if status.terminal else None
-            lease = None if status.terminal else row["lease_expires_at"]
-            c.execute("UPDATE jobs SET status = ?, status_reason = ?, exit_code = ?, started_at = ?, finished_at = ?,"
-                      " lease_expires_at = ? WHERE id = ?",
-                      (status.value, reason, exit_code, started, finished, lease, job_id))
-            self._add_transition(c, job_id, status, now, reason)
-            row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return self._job(c, row, with_transitions=False), True
+            return self._apply_status(c, row, status, now, reason, exit_code, with_transitions=False), True
 
         result: tuple[Job, bool] = await self._tx(run)
         return result

@@ -28,7 +28,6 @@ from tests.harness import (
     containers_of,
     control_plane,
     eventually,
-    holds,
     in_status,
     job,
     log_reached,
@@ -86,7 +85,7 @@ async def test_locked_database_refuses_clearly_and_recovers(tmp_path: Path, dock
                 assert "database is locked by another process" in message and "nothing was changed" in message
                 # The job finishes while nothing can be stored: its output and result wait on the agent.
                 await release_job(docker_client, job_id)
-                await eventually(lambda: holds(job_id not in agent.executing()), 60, "the job to end")
+                await asyncio.wait_for(agent.job_done(job_id), 60)  # the job to end
                 assert (await job(cp, job_id)).status == JobStatus.RUNNING
             finally:
                 locker.execute("ROLLBACK")
@@ -152,7 +151,7 @@ async def test_full_disk_refuses_writes_keeps_serving_reads_and_recovers(
                 shown = await cli("jobs", "show", job_id)  # reads still work
                 assert shown.returncode == 0 and b"RUNNING" in shown.stdout
                 await release_job(docker_client, job_id)
-                await eventually(lambda: holds(job_id not in agent.executing()), 60, "the job to end")
+                await asyncio.wait_for(agent.job_done(job_id), 60)  # the job to end
                 assert agent.outbox.unacked_bytes() > 0, "its output waits on the agent"
             finally:
                 os.unlink(filler)
@@ -192,7 +191,7 @@ async def test_docker_daemon_going_away_fails_the_running_job_and_pauses_the_age
             engine.restore()
             done = await eventually(lambda: in_status(cp, second, JobStatus.SUCCEEDED), 60, "the next job")
             log = await finished_log(cli, second)
-            await eventually(lambda: holds(containers_of(docker_client, first) == []), 30,
+            await eventually(lambda: containers_of(docker_client, first) == [], 30,
                              "the first job's container to be removed")
     assert log == b"after the restart\n"
     assert [t.status for t in done.transitions][-1] == JobStatus.SUCCEEDED

@@ -29,7 +29,6 @@ from tests.harness import (
     control_plane,
     enrolled,
     eventually,
-    holds,
     in_status,
     job,
     log_reached,
@@ -68,7 +67,7 @@ async def test_connection_cut_for_30s_mid_job_loses_nothing(tmp_path: Path, dock
             cut_at = time.monotonic()
             await asyncio.to_thread(containers_of(docker_client, job_id)[0].exec_run, ["touch", "/tmp/go"])
             # The job writes the rest and ends while the agent is cut off: all of it waits in the spool.
-            await eventually(lambda: holds(job_id not in agent.executing()), 25, "the job to end while cut off")
+            await asyncio.wait_for(agent.job_done(job_id), 25)  # the job to end while cut off
             assert agent.outbox.unacked_bytes() >= len(numbered(*part2)) - 8 * 1024 * 1024
             assert any(agent.config.spool_dir.iterdir()), "the backlog is on disk"
             assert (await job(cp, job_id)).status == JobStatus.RUNNING
@@ -183,7 +182,7 @@ async def test_agent_back_after_its_lease_lapsed_stops_the_job_and_reports_nothi
             assert job_id in agent.executing(), "still running on the partitioned agent"
             proxy.restore()
             # Back again: the control plane tells it the job is no longer its; it stops the container.
-            await eventually(lambda: holds(job_id not in agent.executing()), 30, "the container to be stopped")
+            await asyncio.wait_for(agent.job_done(job_id), 30)  # the container to be stopped
             assert job_id not in agent.outbox.running()
             assert containers_of(docker_client, job_id) == []
             final = await job(cp, job_id)
@@ -217,7 +216,7 @@ async def test_sigterm_drains_the_agent(tmp_path: Path, docker_client: Any) -> N
             await agent.signal(signal.SIGTERM)
             session = cp.daemon.scheduler.session_of(agent_id)
             assert session is not None
-            await eventually(lambda: holds(session.draining), 10, "the agent to say it drains")
+            await eventually(lambda: session.draining, 10, "the agent to say it drains")
             later = await submit(cli, "true")
             assert await agent.wait(60) == 0
             finished_short, finished_long, queued = [await job(cp, j) for j in (short, long, later)]
