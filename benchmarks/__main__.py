@@ -21,7 +21,7 @@ from typing import Any
 from benchmarks import certs, connections, logs, overhead, pickup, scheduler
 from benchmarks.figures import Figure, machine, raise_fd_limit
 from benchmarks.notes import NOTES
-from common.logging import configure
+from testhide.common.logging import configure
 from tests.harness import REPO
 
 SUITE: dict[str, Callable[[bool], Awaitable[Figure | list[Figure]]]] = {"overhead": overhead.measure, "pickup": pickup.measure, "logs": logs.measure,

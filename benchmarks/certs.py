@@ -27,15 +27,15 @@ import grpc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.credentials import new_key_and_csr
+from testhide.agent.credentials import new_key_and_csr
 from benchmarks.figures import Figure, median, raise_fd_limit
-from common.identity import AgentIdentity
-from common.logging import configure
-from common.tls import CHANNEL_OPTIONS, fingerprint
-from controlplane.ca.authority import CertificateAuthority
-from controlplane.datadir import DataDir
-from controlplane.store.base import AgentRecord
-from protos.v1 import agent_pb2, agent_pb2_grpc
+from testhide.common.identity import AgentIdentity
+from testhide.common.logging import configure
+from testhide.common.tls import CHANNEL_OPTIONS, fingerprint
+from testhide.controlplane.ca.authority import CertificateAuthority
+from testhide.controlplane.datadir import DataDir
+from testhide.controlplane.store.base import AgentRecord
+from testhide.protos.v1 import agent_pb2, agent_pb2_grpc
 from tests.harness import control_plane
 
 

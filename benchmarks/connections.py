@@ -20,7 +20,7 @@ import grpc
 
 from benchmarks.figures import Figure, raise_fd_limit, rss_bytes
 from benchmarks.fleet import SPAWN, AgentKeys, issue_agents, open_stream, save_credentials
-from protos.v1 import agent_pb2
+from testhide.protos.v1 import agent_pb2
 from tests.harness import REPO, ControlPlaneProcess, RunningControlPlane, control_plane, free_port
 
 GOAL_CONTROLPLANE_BYTES = 1 << 30
@@ -83,7 +83,7 @@ async def idle_agent(cp: RunningControlPlane, tmp: Path) -> tuple[int, int]:
     data_dir = save_credentials(cp, keys, tmp / "idle-agent")
     assert cp.daemon.scheduler is not None
     attached = cp.daemon.scheduler.wait_for_agent(keys.agent_id)
-    agent = await _idle_rss(sys.executable, "-m", "agent.cli", "run", "--data-dir", str(data_dir), cwd=REPO,
+    agent = await _idle_rss(sys.executable, "-m", "testhide.agent.cli", "run", "--data-dir", str(data_dir), cwd=REPO,
                             settle_s=3.0, ready=asyncio.wait_for(attached, 60))
     bare = await _idle_rss(sys.executable, "-c", "import time; time.sleep(60)", cwd=REPO, settle_s=1.0)
     return agent, bare

@@ -18,12 +18,12 @@ from typing import Any
 
 import grpc
 
-from agent.credentials import Credentials, new_key_and_csr
-from common.identity import AgentIdentity
-from common.tls import fingerprint, secure_channel
-from controlplane.datadir import DataDir
-from controlplane.store.base import AgentRecord
-from protos.v1 import agent_pb2, agent_pb2_grpc
+from testhide.agent.credentials import Credentials, new_key_and_csr
+from testhide.common.identity import AgentIdentity
+from testhide.common.tls import fingerprint, secure_channel
+from testhide.controlplane.datadir import DataDir
+from testhide.controlplane.store.base import AgentRecord
+from testhide.protos.v1 import agent_pb2, agent_pb2_grpc
 from tests.harness import RunningControlPlane
 
 SESSION_ACCEPTED = "testhide-session"
@@ -87,10 +87,10 @@ def finished_messages(job_id: str, epoch: int) -> list[agent_pb2.AgentMessage]:
 
 
 def _run_agent(data_dir: Path, config: dict[str, Any], stop: Any) -> None:
-    from agent.config import AgentConfig
-    from agent.daemon import Agent
-    from agent.runtime.docker import DockerRuntime
-    from common.logging import configure
+    from testhide.agent.config import AgentConfig
+    from testhide.agent.daemon import Agent
+    from testhide.agent.runtime.docker import DockerRuntime
+    from testhide.common.logging import configure
 
     configure("warning")
 

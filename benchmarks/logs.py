@@ -17,7 +17,7 @@ import docker
 from docker.types import LogConfig
 from docker.utils.socket import read as socket_read
 
-from agent.runtime.docker import Demuxer
+from testhide.agent.runtime.docker import Demuxer
 from benchmarks.figures import Figure, alternate, median
 from benchmarks.fleet import agent_process
 from tests.harness import Cli, control_plane

@@ -35,7 +35,7 @@ async def measure(smoke: bool) -> Figure:
             assert (await cli.login(cp)).returncode == 0
 
             async def testhide() -> float:
-                return await _timed(sys.executable, "-m", "cli.main", "run", "--no-workspace", "--image", JOB_IMAGE,
+                return await _timed(sys.executable, "-m", "testhide.cli.main", "run", "--no-workspace", "--image", JOB_IMAGE,
                                     "--", "true", env=cli.env, cwd=cli.cwd)
 
             async def docker() -> float:
@@ -44,7 +44,7 @@ async def measure(smoke: bool) -> Figure:
             await testhide()  # warm both paths: image cache, init image, imports
             await docker()
             values, baselines = await alternate(repetitions, testhide, docker)
-            cli_start = median([await _timed(sys.executable, "-m", "cli.main", "--help", env=cli.env, cwd=REPO)
+            cli_start = median([await _timed(sys.executable, "-m", "testhide.cli.main", "--help", env=cli.env, cwd=REPO)
                                 for _ in range(3)])
     value, baseline = median(values), median(baselines)
     ratio = value / baseline

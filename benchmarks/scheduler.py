@@ -20,10 +20,10 @@ import grpc
 
 from benchmarks.figures import Figure, cpu_seconds, median, percentile, raise_fd_limit
 from benchmarks.fleet import SPAWN, UNLIMITED, issue_agents, save_credentials
-from controlplane.jobs.model import Job, JobSpec, JobStatus
-from controlplane.jobs.service import new_job_id
-from controlplane.store.sqlite import SqliteStore
-from protos.v1 import jobs_pb2, jobs_pb2_grpc
+from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus
+from testhide.controlplane.jobs.service import new_job_id
+from testhide.controlplane.store.sqlite import SqliteStore
+from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.harness import JOB_IMAGE, RunningControlPlane, control_plane
 
 GOAL = 1000.0
@@ -31,10 +31,10 @@ SUBMITTERS = 64
 
 
 def _run_agents(data_dirs: list[Path], stop: Any) -> None:
-    from agent.config import AgentConfig
-    from agent.daemon import Agent
-    from agent.runtime.fake import FakeRuntime
-    from common.logging import configure
+    from testhide.agent.config import AgentConfig
+    from testhide.agent.daemon import Agent
+    from testhide.agent.runtime.fake import FakeRuntime
+    from testhide.common.logging import configure
 
     configure("warning")
     raise_fd_limit()

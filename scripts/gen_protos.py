@@ -1,4 +1,9 @@
-"""Regenerate protos/v1/*_pb2*.py(i) in place; `--check` fails on any difference."""
+"""Regenerate src/testhide/protos/v1/*_pb2*.py(i) in place; `--check` fails on any difference.
+
+Besides protoc's Python modules it writes typed stubs with mypy-protobuf (`*_pb2.pyi` for the messages,
+`*_pb2_grpc.pyi` for the stubs and servicers, grpc.aio included), so that `mypy --strict` sees the wire
+types exactly.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +17,34 @@ import grpc_tools
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "protos" / "v1"
+SRC = ROOT / "src"
+PROTO_DIR = SRC / "testhide" / "protos" / "v1"
+
+
+def _plugin(name: str) -> str:
+    """The mypy-protobuf plugins are installed next to the interpreter running this script."""
+    path = Path(sys.executable).parent / name
+    found = path if path.exists() else shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} not found: install the test extras (mypy-protobuf)")
+    return f"--plugin={name}={found}"
 
 
 def generate(out: Path) -> None:
     include = Path(grpc_tools.__file__).parent / "_proto"
-    protos = sorted(str(p.relative_to(ROOT)) for p in PROTO_DIR.glob("*.proto"))
-    args = ["protoc", f"-I{ROOT}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}",
-            f"--grpc_python_out={out}", *protos]
+    protos = sorted(str(p.relative_to(SRC)) for p in PROTO_DIR.glob("*.proto"))
+    args = [
+        "protoc",
+        f"-I{SRC}",
+        f"-I{include}",
+        _plugin("protoc-gen-mypy"),
+        _plugin("protoc-gen-mypy_grpc"),
+        f"--python_out={out}",
+        f"--mypy_out=quiet:{out}",
+        f"--grpc_python_out={out}",
+        f"--mypy_grpc_out=quiet:{out}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
 
@@ -28,9 +53,12 @@ def main() -> int:
     check = "--check" in sys.argv[1:]
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
-        generated = sorted((Path(tmp) / "protos" / "v1").iterdir())
-        stale = [p.name for p in generated if not (PROTO_DIR / p.name).exists()
-                 or not filecmp.cmp(p, PROTO_DIR / p.name, shallow=False)]
+        generated = sorted((Path(tmp) / "testhide" / "protos" / "v1").iterdir())
+        stale = [
+            p.name
+            for p in generated
+            if not (PROTO_DIR / p.name).exists() or not filecmp.cmp(p, PROTO_DIR / p.name, shallow=False)
+        ]
         if check:
             if stale:
                 print("generated protobuf code is out of date:", ", ".join(stale), file=sys.stderr)

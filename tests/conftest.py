@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import Agent
+from testhide.agent.daemon import Agent
 from tests.harness import Cli, RunningControlPlane, control_plane, running_agent
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -42,7 +42,7 @@ async def cp(tmp_path: Path) -> AsyncIterator[RunningControlPlane]:
 async def docker_agent(cp: RunningControlPlane, tmp_path: Path, docker_client) -> AsyncIterator[Agent]:  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
-    from agent.runtime.docker import DockerRuntime
+    from testhide.agent.runtime.docker import DockerRuntime
 
     async with running_agent(cp, tmp_path, DockerRuntime(docker_client), stop_grace=timedelta(seconds=1)) as agent:
         yield agent

@@ -21,18 +21,18 @@ from typing import Any
 
 import grpc
 
-from agent.config import AgentConfig
-from agent.credentials import Credentials
-from agent.daemon import Agent
-from agent.rpc.enroll import enroll
-from agent.runtime.base import ContainerRuntime
-from agent.runtime.docker import LABEL
-from controlplane.ca.enrollment import create_token
-from controlplane.config import ControlPlaneConfig
-from controlplane.daemon import ControlPlane
-from controlplane.datadir import initialise
-from controlplane.jobs.model import Job, JobStatus, PoolPolicy, PullPolicy
-from controlplane.store.sqlite import SqliteStore
+from testhide.agent.config import AgentConfig
+from testhide.agent.credentials import Credentials
+from testhide.agent.daemon import Agent
+from testhide.agent.rpc.enroll import enroll
+from testhide.agent.runtime.base import ContainerRuntime
+from testhide.agent.runtime.docker import LABEL
+from testhide.controlplane.ca.enrollment import create_token
+from testhide.controlplane.config import ControlPlaneConfig
+from testhide.controlplane.daemon import ControlPlane
+from testhide.controlplane.datadir import initialise
+from testhide.controlplane.jobs.model import Job, JobStatus, PoolPolicy, PullPolicy
+from testhide.controlplane.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_IMAGE = "testhide/busybox:1"
@@ -58,7 +58,7 @@ class RunningControlPlane:
 
     async def access_token(self, api_key: str | None = None) -> str:
         """Log in with an API key (the admin's by default), as the CLI does."""
-        from protos.v1 import auth_pb2, auth_pb2_grpc
+        from testhide.protos.v1 import auth_pb2, auth_pb2_grpc
 
         async with grpc.aio.secure_channel(self.api_target, grpc.ssl_channel_credentials(self.ca_pem)) as channel:
             pair = await auth_pb2_grpc.AuthStub(channel).Login(
@@ -136,7 +136,7 @@ async def wait_until(condition: asyncio.Condition, predicate: Callable[[], bool]
 async def operator(*args: str, timeout: float = 60) -> tuple[int, str, str]:
     """``testhide-controlplane`` in a subprocess, as an operator runs it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controlplane.cli", *args, cwd=REPO,
+        sys.executable, "-m", "testhide.controlplane.cli", *args, cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     return process.returncode or 0, out.decode(), err.decode()
@@ -161,7 +161,7 @@ class Cli:
     async def start(self, *args: str, stdin: bytes | None = None, cwd: Path | None = None
                     ) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cli.main", *args, env=self.env, cwd=cwd or self.cwd,
+            sys.executable, "-m", "testhide.cli.main", *args, env=self.env, cwd=cwd or self.cwd,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL)
 
@@ -249,7 +249,7 @@ class ControlPlaneProcess:
         ports = self.data_dir.parent / "ports.json"
         ports.unlink(missing_ok=True)
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controlplane.cli", "serve", "--data-dir", str(self.data_dir),
+            sys.executable, "-m", "testhide.controlplane.cli", "serve", "--data-dir", str(self.data_dir),
             "--listen", f"127.0.0.1:{self.api_port}", "--agent-listen", f"127.0.0.1:{self.agent_port}",
             "--port-file", str(ports), cwd=REPO, stdout=self.log, stderr=self.log)
         while not ports.exists():  # written once both ports listen

@@ -20,11 +20,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from structlog.testing import capture_logs
 
-from agent.runtime.fake import FakeRuntime
-from controlplane.auth.limits import LockoutPolicy
-from controlplane.auth.tokens import AUDIENCE, SigningKeys, issuer_for
-from controlplane.datadir import DataDir
-from protos.v1 import auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from testhide.agent.runtime.fake import FakeRuntime
+from testhide.controlplane.auth.limits import LockoutPolicy
+from testhide.controlplane.auth.tokens import AUDIENCE, SigningKeys, issuer_for
+from testhide.controlplane.datadir import DataDir
+from testhide.protos.v1 import auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from tests.harness import JOB_IMAGE, RunningControlPlane, control_plane, operator, running_agent
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
@@ -195,12 +195,12 @@ async def test_revoking_an_api_key_ends_its_sessions(cp: RunningControlPlane) ->
 
 async def test_users_log_in_with_a_password_through_the_cli(cp: RunningControlPlane, tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
-        "python3", "-m", "controlplane.cli", "users", "create", "--data-dir", str(cp.data_dir), "ada",
+        "python3", "-m", "testhide.controlplane.cli", "users", "create", "--data-dir", str(cp.data_dir), "ada",
         stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     _, err = await process.communicate(b"weak\n")
     assert process.returncode == 1 and b"at least 12 characters" in err
     process = await asyncio.create_subprocess_exec(
-        "python3", "-m", "controlplane.cli", "users", "create", "--data-dir", str(cp.data_dir), "ada",
+        "python3", "-m", "testhide.controlplane.cli", "users", "create", "--data-dir", str(cp.data_dir), "ada",
         stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     _, err = await process.communicate(b"Correct-Horse-42\n")
     assert process.returncode == 0, err
@@ -230,8 +230,8 @@ async def password_login(cp: RunningControlPlane, user: str, password: str) -> g
 async def test_lockout_engages_after_five_failures_and_recovers(tmp_path: Path) -> None:
     policy = LockoutPolicy(failures=5, first_delay=timedelta(seconds=2))
     async with control_plane(tmp_path, lockout=policy) as cp:
-        from controlplane.auth.passwords import hash_password
-        from controlplane.store.base import UserRecord
+        from testhide.controlplane.auth.passwords import hash_password
+        from testhide.controlplane.store.base import UserRecord
 
         await cp.daemon._store.create_user(UserRecord("u1", "default", "grace", hash_password("Str0ng-Passw0rd!"),
                                                        ("jobs:read",), datetime.now(UTC)))

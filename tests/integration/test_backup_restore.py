@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.runtime.docker import DockerRuntime
+from testhide.agent.config import AgentConfig
+from testhide.agent.daemon import Agent
+from testhide.agent.runtime.docker import DockerRuntime
 from tests.harness import JOB_IMAGE, Cli, control_plane, operator, running_agent, serving
 
 pytestmark = [pytest.mark.chaos, pytest.mark.docker]

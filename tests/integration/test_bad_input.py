@@ -8,12 +8,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.errors import EnrollmentError
-from agent.rpc.enroll import enroll
-from common.tls import fingerprint
-from controlplane.auth.secrets import hash_secret, new_enrollment_token
-from controlplane.store.base import EnrollmentTokenRecord
-from protos.v1 import jobs_pb2, jobs_pb2_grpc
+from testhide.agent.errors import EnrollmentError
+from testhide.agent.rpc.enroll import enroll
+from testhide.common.tls import fingerprint
+from testhide.controlplane.auth.secrets import hash_secret, new_enrollment_token
+from testhide.controlplane.store.base import EnrollmentTokenRecord
+from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.harness import Cli, RunningControlPlane, operator
 
 

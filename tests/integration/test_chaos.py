@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.rpc.enroll import enroll
-from agent.runtime.docker import DockerRuntime
-from controlplane.ca.enrollment import create_token
-from controlplane.datadir import initialise
-from controlplane.jobs.model import PoolPolicy, PullPolicy
-from controlplane.store.sqlite import SqliteStore
+from testhide.agent.config import AgentConfig
+from testhide.agent.daemon import Agent
+from testhide.agent.rpc.enroll import enroll
+from testhide.agent.runtime.docker import DockerRuntime
+from testhide.controlplane.ca.enrollment import create_token
+from testhide.controlplane.datadir import initialise
+from testhide.controlplane.jobs.model import PoolPolicy, PullPolicy
+from testhide.controlplane.store.sqlite import SqliteStore
 from tests.harness import JOB_IMAGE, Cli, ControlPlaneProcess, free_port
 
 pytestmark = [pytest.mark.chaos, pytest.mark.docker, pytest.mark.timeout(600)]

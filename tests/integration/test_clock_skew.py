@@ -27,7 +27,7 @@ async def agent_process(skew: str, *args: str) -> asyncio.subprocess.Process:
     env = {**os.environ, "PYTHONPATH": str(REPO), "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": skew,
            "FAKETIME_DONT_RESET": "1"}
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agent.cli", *args, cwd=REPO, env=env,
+        sys.executable, "-m", "testhide.agent.cli", *args, cwd=REPO, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
 
 

@@ -22,7 +22,7 @@ async def test_dev_ca_needs_the_dev_flag_at_init_and_serve(tmp_path: Path) -> No
     code, out = await run("bash", str(tmp_path / "certs-dev" / "generate.sh"))
     assert code == 0, out
     cert, key = tmp_path / "certs-dev/out/dev-ca.pem", tmp_path / "certs-dev/out/dev-ca.key"
-    cp = [sys.executable, "-m", "controlplane.cli"]
+    cp = [sys.executable, "-m", "testhide.controlplane.cli"]
 
     code, out = await run(*cp, "init", "--data-dir", str(tmp_path / "a"), "--import-ca", str(cert), str(key))
     assert code == 1 and "development material" in out and not (tmp_path / "a").exists()

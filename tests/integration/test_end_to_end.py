@@ -65,7 +65,7 @@ async def test_a_job_queued_before_any_agent_runs_when_one_connects(cp: RunningC
                                                                    docker_client, tmp_path) -> None:
     from datetime import timedelta
 
-    from agent.runtime.docker import DockerRuntime
+    from testhide.agent.runtime.docker import DockerRuntime
     from tests.harness import running_agent
 
     job_id = (await cli("run", "--detach", "--image", JOB_IMAGE, "--", "echo", "late")).stdout.decode().strip()
@@ -85,7 +85,7 @@ async def test_an_image_missing_on_the_host_fails_the_job_with_a_reason(docker_a
 
 async def test_grpc_status_reaches_python_clients_unchanged(cp: RunningControlPlane) -> None:
     """The CLI's messages come from here: precise codes on the wire."""
-    from protos.v1 import jobs_pb2, jobs_pb2_grpc
+    from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 
     credentials = grpc.ssl_channel_credentials(cp.ca_pem)
     async with grpc.aio.secure_channel(cp.api_target, credentials) as channel:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.errors import EnrollmentError
-from agent.rpc.enroll import enroll
-from agent.runtime.fake import FakeRuntime
+from testhide.agent.errors import EnrollmentError
+from testhide.agent.rpc.enroll import enroll
+from testhide.agent.runtime.fake import FakeRuntime
 from tests.harness import control_plane, operator, running_agent
 
 

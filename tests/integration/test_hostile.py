@@ -17,8 +17,8 @@ from typing import Any
 import docker
 import pytest
 
-from agent.runtime.docker import DockerRuntime
-from controlplane.jobs.model import JobStatus
+from testhide.agent.runtime.docker import DockerRuntime
+from testhide.controlplane.jobs.model import JobStatus
 from tests.conftest import IN_CI
 from tests.harness import (
     JOB_IMAGE,

@@ -14,19 +14,19 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent.config import AgentConfig
-from agent.credentials import Credentials
-from agent.daemon import Agent
-from agent.errors import CredentialsError, EnrollmentError
-from agent.rpc.enroll import enroll
-from agent.runtime.docker import DockerRuntime
-from agent.runtime.fake import FakeRuntime
-from common.identity import AgentIdentity
-from common.tls import _peer_chain, fingerprint
-from controlplane.ca import rotation
-from controlplane.datadir import DataDir
-from controlplane.store.base import AgentRecord
-from protos.v1 import agent_pb2, agent_pb2_grpc
+from testhide.agent.config import AgentConfig
+from testhide.agent.credentials import Credentials
+from testhide.agent.daemon import Agent
+from testhide.agent.errors import CredentialsError, EnrollmentError
+from testhide.agent.rpc.enroll import enroll
+from testhide.agent.runtime.docker import DockerRuntime
+from testhide.agent.runtime.fake import FakeRuntime
+from testhide.common.identity import AgentIdentity
+from testhide.common.tls import _peer_chain, fingerprint
+from testhide.controlplane.ca import rotation
+from testhide.controlplane.datadir import DataDir
+from testhide.controlplane.store.base import AgentRecord
+from testhide.protos.v1 import agent_pb2, agent_pb2_grpc
 from tests.harness import JOB_IMAGE, Cli, control_plane, operator, running_agent, wait_until
 from tests.integration.test_transport import agent_certificate, connect_with, our_ca
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.runtime.docker import DockerRuntime
-from controlplane.jobs.model import PoolPolicy, PullPolicy
-from protos.v1 import jobs_pb2, jobs_pb2_grpc
+from testhide.agent.runtime.docker import DockerRuntime
+from testhide.controlplane.jobs.model import PoolPolicy, PullPolicy
+from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, running_agent
 
 pytestmark = pytest.mark.docker

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from agent.credentials import Credentials
-from agent.runtime.docker import DockerRuntime
-from controlplane.jobs.model import Job, JobStatus
+from testhide.agent.credentials import Credentials
+from testhide.agent.runtime.docker import DockerRuntime
+from testhide.controlplane.jobs.model import Job, JobStatus
 from tests.harness import (
     JOB_IMAGE,
     REPO,
@@ -94,7 +94,7 @@ class AgentProcess:
     async def start(self) -> None:
         with open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent.cli", "run", "--data-dir", str(self.data_dir), *self.args, cwd=REPO,
+                sys.executable, "-m", "testhide.agent.cli", "run", "--data-dir", str(self.data_dir), *self.args, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log)
 
     async def signal(self, sig: int) -> None:

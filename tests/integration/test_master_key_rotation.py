@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.atrest import sealed_by
-from controlplane.datadir import DataDir
+from testhide.controlplane.atrest import sealed_by
+from testhide.controlplane.datadir import DataDir
 from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, operator
 
 pytestmark = pytest.mark.docker

@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.credentials import new_key_and_csr
-from common.identity import AgentIdentity
-from controlplane.ca.authority import CertificateAuthority
-from controlplane.datadir import DataDir
-from protos.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from testhide.agent.credentials import new_key_and_csr
+from testhide.common.identity import AgentIdentity
+from testhide.controlplane.ca.authority import CertificateAuthority
+from testhide.controlplane.datadir import DataDir
+from testhide.protos.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from tests.harness import RunningControlPlane
 
 

@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.atrest import MASTER_KEY_ENV, MasterKey, seal, unseal
-from controlplane.errors import ConfigError, IntegrityError
+from testhide.controlplane.atrest import MASTER_KEY_ENV, MasterKey, seal, unseal
+from testhide.controlplane.errors import ConfigError, IntegrityError
 
 PROPS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 KEY = bytes(range(32))

@@ -12,16 +12,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.credentials import new_key_and_csr
-from common.identity import AgentIdentity
-from controlplane.ca.authority import (
+from testhide.agent.credentials import new_key_and_csr
+from testhide.common.identity import AgentIdentity
+from testhide.controlplane.ca.authority import (
     BACKDATE,
     DEV_MARKER,
     SERVER_BACKDATE,
     CertificateAuthority,
     is_development_ca,
 )
-from controlplane.errors import InvalidArgument
+from testhide.controlplane.errors import InvalidArgument
 
 IDENTITY = AgentIdentity("example.org", "acme", "linux", "a0011223344556677")
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import backupfile
-from controlplane.atrest import MASTER_KEY_ENV, MasterKey
-from controlplane.backup import create_backup, restore
-from controlplane.datadir import DataDir, initialise
-from controlplane.errors import DataDirError, IntegrityError
-from controlplane.store.sqlite import SqliteStore
+from testhide.controlplane import backupfile
+from testhide.controlplane.atrest import MASTER_KEY_ENV, MasterKey
+from testhide.controlplane.backup import create_backup, restore
+from testhide.controlplane.datadir import DataDir, initialise
+from testhide.controlplane.errors import DataDirError, IntegrityError
+from testhide.controlplane.store.sqlite import SqliteStore
 
 KEY, OTHER = bytes(range(32)), bytes(range(1, 33))
 

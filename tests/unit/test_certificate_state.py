@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controlplane.ca.trust import CertificateState
-from controlplane.datadir import SERVER_CERT_LIFETIME, DataDir, initialise
+from testhide.controlplane.ca.trust import CertificateState
+from testhide.controlplane.datadir import SERVER_CERT_LIFETIME, DataDir, initialise
 
 
 async def test_the_server_certificate_is_due_once_a_third_of_its_life_is_left(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.model import LogStream
-from agent.runtime.docker import Demuxer
+from testhide.agent.model import LogStream
+from testhide.agent.runtime.docker import Demuxer
 
 PROPS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 OUT, ERR = LogStream.STDOUT, LogStream.STDERR

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.durations import format_duration, parse_duration
+from testhide.common.durations import format_duration, parse_duration
 
 PROPS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.executor import Executor
-from agent.model import Assignment, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
-from agent.outbox import Outbox
-from agent.runtime.fake import FakeRuntime, Script
-from agent.spool import Spool
+from testhide.agent.config import AgentConfig
+from testhide.agent.executor import Executor
+from testhide.agent.model import Assignment, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
+from testhide.agent.outbox import Outbox
+from testhide.agent.runtime.fake import FakeRuntime, Script
+from testhide.agent.spool import Spool
 
 OUT, ERR, SYS = LogStream.STDOUT, LogStream.STDERR, LogStream.SYSTEM
 WAIT = 5.0  # generous upper bound for anything that should happen at once

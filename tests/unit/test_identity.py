@@ -9,9 +9,9 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.credentials import new_key_and_csr
-from common.identity import AgentIdentity, IdentityError
-from controlplane.ca.authority import CertificateAuthority
+from testhide.agent.credentials import new_key_and_csr
+from testhide.common.identity import AgentIdentity, IdentityError
+from testhide.controlplane.ca.authority import CertificateAuthority
 
 PROPS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 

@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from agent.jobfiles import UnsafeArchive, collect, repack_workspace
+from testhide.agent.jobfiles import UnsafeArchive, collect, repack_workspace
 
 
 def archive(*members: tuple[str, str, bytes | str]) -> io.BytesIO:

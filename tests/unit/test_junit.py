@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.jobs.junit import JunitError, parse_junit
-from controlplane.jobs.model import TestStatus
+from testhide.controlplane.jobs.junit import JunitError, parse_junit
+from testhide.controlplane.jobs.model import TestStatus
 
 PYTEST = b"""<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1"
 skipped="1" tests="3" time="0.05"><testcase classname="test_sample" name="test_ok" time="0.001" />

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import masterkey
-from controlplane.atrest import LEGACY_KEY_ID, MASTER_KEY_ENV, MasterKey, key_id, seal, sealed_by
-from controlplane.auth.audit import AuditChain, AuditEvent, Auditor, legacy_audit_key
-from controlplane.datadir import AUDIT_KEY, DataDir, initialise
-from controlplane.errors import ConfigError, FailedPrecondition, IntegrityError
-from controlplane.jobs.blobs import BlobVault
-from controlplane.jobs.logs import LogBook
-from controlplane.jobs.model import Job, JobSpec, JobStatus, LogStream
-from controlplane.jobs.secrets import SecretVault
-from controlplane.store.sqlite import SqliteStore
+from testhide.controlplane import masterkey
+from testhide.controlplane.atrest import LEGACY_KEY_ID, MASTER_KEY_ENV, MasterKey, key_id, seal, sealed_by
+from testhide.controlplane.auth.audit import AuditChain, AuditEvent, Auditor, legacy_audit_key
+from testhide.controlplane.datadir import AUDIT_KEY, DataDir, initialise
+from testhide.controlplane.errors import ConfigError, FailedPrecondition, IntegrityError
+from testhide.controlplane.jobs.blobs import BlobVault
+from testhide.controlplane.jobs.logs import LogBook
+from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus, LogStream
+from testhide.controlplane.jobs.secrets import SecretVault
+from testhide.controlplane.store.sqlite import SqliteStore
 
 OLD, NEW, OTHER = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))
 
@@ -259,7 +259,7 @@ async def test_rotation_waits_for_running_serves_and_gives_up_clearly(datadir: t
 
 
 async def test_a_second_rotation_at_the_same_time_is_refused(datadir: tuple[DataDir, SqliteStore]) -> None:
-    from common.files import file_lock
+    from testhide.common.files import file_lock
 
     directory, store = datadir
     with file_lock(directory.path / ".rotation.lock"), pytest.raises(FailedPrecondition, match="another"):

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from common.identity import AgentIdentity
-from controlplane.atrest import MasterKey
-from controlplane.jobs.leases import Leases
-from controlplane.jobs.logs import LogBook
-from controlplane.jobs.model import Job, JobSpec, JobStatus
-from controlplane.jobs.scheduler import AgentSession, Cancel, Scheduler
-from controlplane.store.sqlite import SqliteStore
+from testhide.common.identity import AgentIdentity
+from testhide.controlplane.atrest import MasterKey
+from testhide.controlplane.jobs.leases import Leases
+from testhide.controlplane.jobs.logs import LogBook
+from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus
+from testhide.controlplane.jobs.scheduler import AgentSession, Cancel, Scheduler
+from testhide.controlplane.store.sqlite import SqliteStore
 
 START = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 LEASE = timedelta(seconds=60)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.model import JobRefused, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
-from agent.outbox import Outbox
-from agent.spool import Spool
+from testhide.agent.model import JobRefused, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
+from testhide.agent.outbox import Outbox
+from testhide.agent.spool import Spool
 
 OUT, ERR = LogStream.STDOUT, LogStream.STDERR
 

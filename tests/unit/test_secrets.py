@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.auth.secrets import (
+from testhide.controlplane.auth.secrets import (
     ParsedApiKey,
     ParsedEnrollmentToken,
     hash_secret,
@@ -19,7 +19,7 @@ from controlplane.auth.secrets import (
     parse_enrollment_token,
     same_hash,
 )
-from controlplane.errors import Unauthenticated
+from testhide.controlplane.errors import Unauthenticated
 
 PROPS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 FP = hashlib.sha256(b"ca").hexdigest()

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.errors import FailedPrecondition, NotFound, StaleEpoch, Unauthenticated
-from controlplane.jobs.model import Job, JobSpec, JobStatus, LogStream, Resources
-from controlplane.store.base import ApiKeyRecord, EnrollmentTokenRecord
-from controlplane.store.migrations import MIGRATIONS
-from controlplane.store.sqlite import SqliteStore
+from testhide.controlplane.errors import FailedPrecondition, NotFound, StaleEpoch, Unauthenticated
+from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus, LogStream, Resources
+from testhide.controlplane.store.base import ApiKeyRecord, EnrollmentTokenRecord
+from testhide.controlplane.store.migrations import MIGRATIONS
+from testhide.controlplane.store.sqlite import SqliteStore
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 OUT, ERR = LogStream.STDOUT, LogStream.STDERR

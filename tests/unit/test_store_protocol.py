@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import inspect
 
-from controlplane.store.base import Store
-from controlplane.store.sqlite import SqliteStore
+from testhide.controlplane.store.base import Store
+from testhide.controlplane.store.sqlite import SqliteStore
 
 
 def test_sqlite_store_implements_every_protocol_method() -> None:

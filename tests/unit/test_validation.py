@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.errors import InvalidArgument
-from controlplane.jobs.model import JobSpec, Resources
-from controlplane.jobs.validation import (
+from testhide.controlplane.errors import InvalidArgument
+from testhide.controlplane.jobs.model import JobSpec, Resources
+from testhide.controlplane.jobs.validation import (
     MAX_ARGS,
     MAX_COMMAND_BYTES,
     MAX_ENV,

@@ -7,9 +7,9 @@ import string
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.auth.passwords import check_complexity
-from controlplane.errors import InvalidArgument
-from controlplane.jobs.validation import SECRET_NAME_RE, validate_relative_path
+from testhide.controlplane.auth.passwords import check_complexity
+from testhide.controlplane.errors import InvalidArgument
+from testhide.controlplane.jobs.validation import SECRET_NAME_RE, validate_relative_path
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 

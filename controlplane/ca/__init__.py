@@ -1,5 +1,0 @@
-"""The certificate authority for agents, and the control plane's server certificate."""
-
-from controlplane.ca.authority import CertificateAuthority, IssuedCertificate
-
-__all__ = ["CertificateAuthority", "IssuedCertificate"]

@@ -1,0 +1,98 @@
+"""``testhide-agent``: enroll once, then run."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Coroutine
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from testhide.agent.errors import AgentError
+from testhide.common.durations import Duration
+from testhide.common.logging import configure
+
+T = TypeVar("T")
+
+data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), required=True,
+                               envvar="TESTHIDE_AGENT_DATA_DIR", help="Where the agent keeps its identity.")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.group()
+@click.option("--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True)
+@click.option("--log-level", default="info", show_default=True)
+def main(log_format: str, log_level: str) -> None:
+    """The testhide build agent."""
+    configure(log_level, json_output=log_format == "json")
+
+
+@main.command()
+@click.option("--server", required=True, help="HOST:PORT of the control plane's API port.")
+@click.option("--token", required=True, envvar="TESTHIDE_ENROLL_TOKEN", help="One-time enrollment token.")
+@data_dir_option
+@click.option("--name", default=socket.gethostname(), show_default=True)
+def enroll(server: str, token: str, data_dir: Path, name: str) -> None:
+    """Enroll this host with a one-time token; the private key stays here."""
+    from testhide.agent.rpc.enroll import enroll as do_enroll
+
+    credentials = _run(do_enroll(server, token, data_dir, name))
+    click.echo(f"enrolled as agent {credentials.agent_id}; "
+               f"certificate valid until {credentials.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+
+
+@main.command()
+@data_dir_option
+@click.option("--max-jobs", default=1, show_default=True, help="Jobs run at once.")
+@click.option("--runtime", default="runc", show_default=True, help="Default Docker runtime for jobs (runsc: gVisor).")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="What this host offers (repeatable).")
+@click.option("--drain-timeout", type=Duration(), default="5m", show_default=True,
+              help="On SIGTERM, how long running jobs may go on before they are canceled.")
+@click.option("--spool-max", type=click.IntRange(min=4 * 1024 * 1024), default=512 * 1024 * 1024,
+              show_default=True, help="Bytes of job output kept on disk while the control plane is out of reach.")
+def run(data_dir: Path, max_jobs: int, runtime: str, labels: tuple[str, ...], drain_timeout: timedelta,
+        spool_max: int) -> None:
+    """Connect to the control plane and run jobs. SIGTERM drains (no new jobs;
+    running ones finish or are canceled after --drain-timeout; results are
+    delivered); a second SIGTERM or SIGINT stops at once."""
+    from testhide.agent.config import AgentConfig
+    from testhide.agent.daemon import Agent
+    from testhide.agent.runtime.docker import DockerRuntime
+
+    async def serve() -> None:
+        offered = {}
+        for label in labels:
+            key, sep, value = label.partition("=")
+            if not sep or not key:
+                raise click.BadParameter(f"{label!r} is not K=V", param_hint="--label")
+            offered[key] = value
+        agent = Agent(AgentConfig(data_dir=data_dir, max_jobs=max_jobs, runtime=runtime, labels=offered,
+                                  drain_timeout=drain_timeout, spool_max_bytes=spool_max), DockerRuntime())
+        loop = asyncio.get_running_loop()
+        draining: list[asyncio.Task[None]] = []
+
+        def on_signal() -> None:
+            if draining:
+                agent.shutdown()
+            else:
+                draining.append(asyncio.create_task(agent.drain()))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        await agent.run()
+
+    _run(serve())
+
+
+if __name__ == "__main__":
+    main()

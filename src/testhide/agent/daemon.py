@@ -1,0 +1,223 @@
+"""The agent daemon: keeps one session to the control plane open, reconnecting
+with capped, jittered exponential backoff, and runs the jobs it is given.
+
+SIGTERM drains: no new jobs, running ones get ``drain_timeout`` to finish (then
+are canceled), their results are delivered, then the agent exits. A second
+signal stops at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import replace
+from datetime import timedelta
+
+import grpc
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
+
+from testhide.agent.config import AgentConfig
+from testhide.agent.credentials import Credentials
+from testhide.agent.errors import RuntimeUnavailable
+from testhide.agent.executor import Executor
+from testhide.agent.model import Assignment
+from testhide.agent.outbox import Outbox
+from testhide.agent.rpc.link import ControlPlaneLink
+from testhide.agent.rpc.session import Session, SessionEvents, SessionLost
+from testhide.agent.runtime.base import ContainerRuntime
+from testhide.agent.spool import Spool
+
+log = structlog.get_logger("testhide.agent")
+
+# How long a draining agent tries to deliver its last results before it exits.
+RESULT_DELIVERY_TIMEOUT = timedelta(seconds=30)
+# How often an agent whose container engine stopped answering asks it again.
+RUNTIME_PROBE_INTERVAL = timedelta(seconds=1)
+
+
+class Agent:
+    """``run()`` returns after ``shutdown()``; a CredentialsError ends it too,
+    since enrolling again is the only way forward."""
+
+    def __init__(self, config: AgentConfig, runtime: ContainerRuntime) -> None:
+        self.config = config
+        self._credentials = Credentials.load(config.data_dir)
+        self.outbox = Outbox(Spool(config.spool_dir), config.spool_max_bytes)
+        self._runtime = runtime
+        self._executor = Executor(config, runtime, self.outbox, ControlPlaneLink(lambda: self._credentials),
+                                  owner=self._credentials.agent_id,
+                                  on_runtime_unavailable=self._runtime_unavailable)
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+        self.draining = asyncio.Event()
+        """Set on the first SIGTERM: no new jobs."""
+        self.runtime_down = False
+        """The container engine stopped answering: no new jobs until it does again."""
+        self.accepting_changed = asyncio.Event()
+        self._probe: asyncio.Task[None] | None = None
+        self.credentials_changed = asyncio.Condition()
+
+    @property
+    def agent_id(self) -> str:
+        return self._credentials.agent_id
+
+    def _assign(self, job: Assignment) -> str | None:
+        """Why the job is refused (the control plane requeues it), or None once it runs."""
+        if job.job_id in self._jobs:
+            return None  # a replayed assignment of a job already running
+        if not self.accepting():
+            reason = ("the agent is shutting down" if self.draining.is_set()
+                      else "the agent's container engine is not answering")
+            log.info("job_refused", job_id=job.job_id, reason=reason)
+            return reason
+        # Open before the task runs: a hello sent in between must list the job.
+        self.outbox.open(job.job_id, job.epoch)
+        task = asyncio.create_task(self._executor.run(job), name=f"job-{job.job_id}")
+        self._jobs[job.job_id] = task
+        task.add_done_callback(lambda _: self._jobs.pop(job.job_id, None))
+        log.info("job_received", job_id=job.job_id, epoch=job.epoch, image=job.image)
+        return None
+
+    def _cancel(self, job_id: str, reason: str, abandon: bool) -> None:
+        if abandon:
+            # No longer ours (lease lapsed, reassigned): stop it, say nothing more about it.
+            self.outbox.drop(job_id)
+            log.warning("job_abandoned", job_id=job_id, reason=reason)
+        if not self._executor.cancel(job_id, reason, abandon=abandon):
+            self.outbox.drop(job_id)
+
+    def accepting(self) -> bool:
+        return not self.draining.is_set() and not self.runtime_down
+
+    def _runtime_unavailable(self) -> None:
+        if self.runtime_down:
+            return
+        self.runtime_down = True
+        self.accepting_changed.set()
+        log.warning("container_engine_unavailable", note="taking no jobs until it answers again")
+        self._probe = asyncio.create_task(self._wait_for_runtime(), name="runtime-probe")
+
+    async def _wait_for_runtime(self) -> None:
+        while True:
+            if await self._runtime.ping():
+                try:
+                    # Containers whose removal failed while the engine was away go now.
+                    removed = await self._runtime.remove_leftovers(self.agent_id, keep=frozenset(self._jobs))
+                    break
+                except RuntimeUnavailable:
+                    pass  # gone again
+            await asyncio.sleep(RUNTIME_PROBE_INTERVAL.total_seconds())
+        self.runtime_down = False
+        self.accepting_changed.set()
+        log.info("container_engine_available", leftovers_removed=removed)
+
+    def executing(self) -> list[str]:
+        """Jobs whose container this agent is running (or setting up, or cleaning up)."""
+        return list(self._jobs)
+
+    async def job_done(self, job_id: str) -> None:
+        """Until the agent is done with the job's container (at once if it has none)."""
+        task = self._jobs.get(job_id)
+        if task is not None:
+            await asyncio.wait({task})
+
+    @property
+    def credentials(self) -> Credentials:
+        return self._credentials
+
+    def _update_credentials(self, credentials: Credentials) -> None:
+        credentials.save(self.config.data_dir)
+        self._credentials = credentials
+        asyncio.ensure_future(self._announce_credentials())
+
+    async def _announce_credentials(self) -> None:
+        async with self.credentials_changed:
+            self.credentials_changed.notify_all()
+
+    def _trust_bundle(self, bundle_pem: bytes) -> None:
+        if bundle_pem != self._credentials.ca_pem:
+            self._update_credentials(replace(self._credentials, ca_pem=bundle_pem))
+            log.info("trust_bundle_updated", certificates=bundle_pem.count(b"BEGIN CERTIFICATE"))
+
+    async def _one_session(self) -> None:
+        session = Session(self.config, self._credentials, self.outbox, SessionEvents(
+            assign=self._assign, cancel=self._cancel, renewed=self._update_credentials,
+            trust_bundle=self._trust_bundle), runtimes=self._runtime.runtimes(), accepting=self.accepting,
+            accepting_changed=self.accepting_changed)
+        await session.run()
+
+    async def run(self) -> None:
+        try:
+            removed = await self._runtime.remove_leftovers(self.agent_id)
+        except RuntimeUnavailable:
+            removed = 0
+            self._runtime_unavailable()  # no jobs until it answers; then the leftovers go
+        if removed:
+            log.warning("leftover_containers_removed", count=removed,
+                        note="jobs of an earlier run of this agent; the control plane has marked them LOST")
+        stopper = asyncio.create_task(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                runner = asyncio.create_task(self._connect_with_backoff())
+                done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if runner not in done:
+                    runner.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await runner
+                    break
+                runner.result()  # CredentialsError ends the agent
+        finally:
+            stopper.cancel()
+            await self._stop_jobs()
+
+    async def _connect_with_backoff(self) -> None:
+        """Returns when an established session was lost: the next series of
+        attempts starts with a short wait again."""
+
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            log.warning("controlplane_unreachable", attempt=state.attempt_number,
+                        retry_in_s=round(state.upcoming_sleep, 2),
+                        error=error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error))
+
+        retrying = AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.5, max=self.config.max_backoff.total_seconds()),
+            retry=retry_if_exception_type(grpc.aio.AioRpcError), before_sleep=before_sleep, reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._one_session()
+        except SessionLost as exc:
+            log.warning("controlplane_connection_lost", error=str(exc))
+
+    async def _stop_jobs(self) -> None:
+        for task in list(self._jobs.values()):
+            task.cancel()
+        await asyncio.gather(*self._jobs.values(), return_exceptions=True)
+
+    def shutdown(self) -> None:
+        """Stop now: running jobs are stopped unreported (they turn LOST when their lease lapses)."""
+        self._stopping.set()
+
+    async def drain(self) -> None:
+        """Take no new jobs, let running ones finish (up to ``drain_timeout``,
+        then cancel them), deliver their results, then stop."""
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        self.accepting_changed.set()
+        running = list(self._jobs.values())
+        log.info("agent_draining", jobs=len(running), timeout_s=self.config.drain_timeout.total_seconds())
+        if running:
+            _, late = await asyncio.wait(running, timeout=self.config.drain_timeout.total_seconds())
+            for job_id in self._executor.running():
+                self._executor.cancel(job_id, "the agent is shutting down")
+            if late:
+                await asyncio.wait(late)
+        try:
+            async with asyncio.timeout(RESULT_DELIVERY_TIMEOUT.total_seconds()):
+                await self.outbox.wait_empty()
+        except TimeoutError:
+            log.warning("agent_drain_undelivered", jobs=list(self.outbox.running()))
+        self.shutdown()

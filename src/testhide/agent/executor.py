@@ -1,0 +1,232 @@
+"""One job: policy and image checks, workspace in, container up, output masked,
+capped and batched to the control plane, stop on timeout or cancel, artifacts
+and reports out, result reported, container removed."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Callable
+from contextlib import suppress
+from fnmatch import fnmatchcase
+
+import structlog
+
+from testhide.agent.config import AgentConfig
+from testhide.agent.errors import JobSetupError, RuntimeUnavailable
+from testhide.agent.jobfiles import collect, repack_workspace
+from testhide.agent.masking import SecretMasker
+from testhide.agent.model import Assignment, LogStream, Outcome
+from testhide.agent.outbox import Outbox
+from testhide.agent.rpc.link import ControlPlaneLink
+from testhide.agent.runtime.base import ContainerRuntime, ContainerSpec, OutputQueue, RunningContainer
+
+log = structlog.get_logger("testhide.agent.executor")
+
+
+def truncation_marker(cap: int) -> bytes:
+    return f"\n[testhide: log truncated at {cap // (1024 * 1024)} MiB; the job keeps running]\n".encode()
+
+
+class Executor:
+    def __init__(self, config: AgentConfig, runtime: ContainerRuntime, outbox: Outbox,
+                 link: ControlPlaneLink | None = None, owner: str = "",
+                 on_runtime_unavailable: Callable[[], None] = lambda: None) -> None:
+        self._config = config
+        self._on_runtime_unavailable = on_runtime_unavailable
+        self._owner = owner
+        self._runtime = runtime
+        self._outbox = outbox
+        self._link = link
+        self._stop_requests: dict[str, asyncio.Event] = {}
+        self._stop_reasons: dict[str, str] = {}
+        self._abandoned: set[str] = set()
+
+    def cancel(self, job_id: str, reason: str, abandon: bool = False) -> bool:
+        """Stop a running job; with ``abandon`` (it is no longer ours) skip
+        collecting its artifacts: nothing about it is reported any more."""
+        event = self._stop_requests.get(job_id)
+        if event is None:
+            return False
+        self._stop_reasons[job_id] = reason
+        if abandon:
+            self._abandoned.add(job_id)
+        event.set()
+        return True
+
+    def running(self) -> list[str]:
+        return list(self._stop_requests)
+
+    async def _prepare(self, job: Assignment) -> ContainerSpec:
+        """Everything that can refuse the job before it runs."""
+        if job.allowed_images and not any(fnmatchcase(job.image, p) for p in job.allowed_images):
+            raise JobSetupError(f"image {job.image!r} is not allowed in this pool "
+                                f"(allowed: {', '.join(job.allowed_images)})")
+        await self._runtime.ensure_image(job.image, job.pull_policy)
+        workspace = None
+        if job.has_workspace:
+            if self._link is None:
+                raise JobSetupError("this agent cannot fetch workspaces")
+            uid, _, gid = self._config.job_user.partition(":")
+            with tempfile.TemporaryFile() as spool:
+                await self._link.fetch_workspace(job.job_id, job.epoch, spool, self._config.max_workspace_bytes)
+                workspace = await asyncio.to_thread(repack_workspace, spool, int(uid), int(gid or uid))
+        return ContainerSpec(job_id=job.job_id, image=job.image, command=job.command,
+                             env={**job.env, **job.secret_env}, workdir=job.workdir, cpus=job.cpus,
+                             memory_bytes=job.memory_bytes, pids=job.pids, user=self._config.job_user,
+                             runtime=self._runtime_for(job), workspace_tar=workspace,
+                             owner=self._owner,
+                             workspace_volume=bool(job.has_workspace or job.artifact_globs or job.junit_globs))
+
+    def _runtime_for(self, job: Assignment) -> str:
+        """A host configured for a stronger runtime (gVisor) runs every job under it."""
+        return self._config.runtime if self._config.runtime != "runc" else (job.runtime or "runc")
+
+    async def _fail(self, job: Assignment, reason: str) -> None:
+        await self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {reason}\n".encode())])
+        self._outbox.finish(job.job_id, Outcome.ERROR, -1, reason)
+
+    async def run(self, job: Assignment) -> None:
+        self._outbox.open(job.job_id, job.epoch)
+        stop = self._stop_requests[job.job_id] = asyncio.Event()
+        output = OutputQueue()
+        bound = log.bind(job_id=job.job_id, epoch=job.epoch)
+        try:
+            container = await self._runtime.start(await self._prepare(job), output)
+        except RuntimeUnavailable as exc:
+            # Not the job's fault: back to the queue, and no new jobs until the engine answers.
+            bound.warning("job_refused", error=str(exc))
+            self._outbox.refuse(job.job_id, str(exc))
+            self._on_runtime_unavailable()
+            self._stop_requests.pop(job.job_id, None)
+            return
+        except Exception as exc:
+            # Whatever went wrong, the job must end: a job that never reports is worse.
+            reason = str(exc) if isinstance(exc, JobSetupError) else f"the agent could not start the job: {exc!r}"
+            (bound.warning if isinstance(exc, JobSetupError) else bound.exception)("job_setup_failed", error=reason)
+            await self._fail(job, reason)
+            self._stop_requests.pop(job.job_id, None)
+            return
+        self._outbox.started(job.job_id)
+        forwarder = asyncio.create_task(self._forward(job, output))
+        try:
+            try:
+                outcome, exit_code, reason = await self._supervise(job, container, stop)
+            except RuntimeUnavailable as exc:
+                self._on_runtime_unavailable()
+                outcome, exit_code = Outcome.ERROR, -1
+                reason = f"lost contact with the container engine while the job ran ({exc})"
+            except Exception as exc:  # a job must end with a result, whatever broke
+                bound.exception("job_supervision_failed")
+                outcome, exit_code, reason = Outcome.ERROR, -1, f"the agent lost track of the job: {exc!r}"
+            await forwarder
+            if job.job_id not in self._abandoned and outcome != Outcome.ERROR:
+                await self._collect(job, container)
+            self._outbox.finish(job.job_id, outcome, exit_code, reason)
+            bound.info("job_finished", outcome=outcome.name, exit_code=exit_code)
+        except BaseException:
+            forwarder.cancel()
+            with suppress(asyncio.CancelledError):
+                await forwarder
+            with suppress(RuntimeUnavailable):
+                await asyncio.shield(container.stop(0))
+            raise
+        finally:
+            output.close()
+            self._stop_requests.pop(job.job_id, None)
+            self._stop_reasons.pop(job.job_id, None)
+            self._abandoned.discard(job.job_id)
+            with suppress(RuntimeUnavailable):  # what stays behind is removed once the engine is back
+                await asyncio.shield(container.remove())
+
+    async def _supervise(self, job: Assignment, container: RunningContainer, stop: asyncio.Event
+                         ) -> tuple[Outcome, int, str]:
+        """Until the job exits, times out or is canceled: (outcome, exit code, reason)."""
+        outcome, reason = Outcome.EXITED, ""
+        waiting = asyncio.create_task(container.wait())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({waiting, stopping}, timeout=job.timeout.total_seconds(),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiting not in done:
+                if stopping in done:
+                    outcome, reason = Outcome.CANCELED, self._stop_reasons.get(job.job_id, "canceled")
+                else:
+                    outcome, reason = Outcome.TIMED_OUT, f"timed out after {job.timeout}"
+                await container.stop(self._config.stop_grace.total_seconds())
+            exit_info = await waiting
+        finally:
+            stopping.cancel()
+            waiting.cancel()
+        if exit_info.oom_killed:
+            reason = reason or "killed: out of memory"
+        return outcome, exit_info.exit_code, reason
+
+    async def _collect(self, job: Assignment, container: RunningContainer) -> None:
+        """Artifacts and reports go up before the result, so a finished job has them."""
+        if not (job.artifact_globs or job.junit_globs) or self._link is None:
+            return
+        try:
+            with tempfile.TemporaryFile() as spool:
+                await container.workspace_archive(spool)
+                spool.seek(0)
+                found = await asyncio.to_thread(collect, spool, job.artifact_globs, job.junit_globs,
+                                                self._config.max_artifact_bytes, self._config.max_job_artifact_bytes)
+            for item in found.files:
+                await self._link.upload(job.job_id, job.epoch, item.path, item.kind, item.data)
+            notes = [f"testhide: not collected: {s}\n" for s in found.skipped]
+            if notes:
+                await self._outbox.log(job.job_id, [(LogStream.SYSTEM, "".join(notes).encode())])
+        except Exception as exc:
+            log.warning("artifact_collection_failed", job_id=job.job_id, error=str(exc))
+            await self._outbox.log(job.job_id,
+                                   [(LogStream.SYSTEM, f"testhide: artifacts not collected: {exc}\n".encode())])
+
+    async def _forward(self, job: Assignment, output: OutputQueue) -> None:
+        """Mask secrets, cap the log, and batch: send at ``log_batch_bytes`` or
+        ``log_batch_interval`` after the batch's first byte, whichever first."""
+        loop = asyncio.get_running_loop()
+        maskers = {stream: SecretMasker(list(job.secret_env.values())) for stream in LogStream}
+        cap, sent, truncated = self._config.log_cap_bytes, 0, False
+        batch: list[tuple[LogStream, list[bytes]]] = []  # runs of one stream, joined at flush
+        size, deadline = 0, 0.0
+
+        def add(stream: LogStream, data: bytes) -> None:
+            nonlocal size, deadline, sent, truncated
+            if not data or truncated:
+                return
+            if sent + len(data) > cap:
+                data, truncated = data[: cap - sent], True
+            if not batch:
+                deadline = loop.time() + self._config.log_batch_interval.total_seconds()
+            if data:
+                if not batch or batch[-1][0] != stream:
+                    batch.append((stream, []))
+                batch[-1][1].append(data)
+            size += len(data)
+            sent += len(data)
+            if truncated:
+                batch.append((LogStream.SYSTEM, [truncation_marker(cap)]))
+
+        async def flush() -> None:
+            nonlocal batch, size
+            if batch:
+                entries, batch, size = [(stream, b"".join(parts)) for stream, parts in batch], [], 0
+                await self._outbox.log(job.job_id, entries)  # waits while the spool is full
+
+        while True:
+            timeout = max(0.0, deadline - loop.time()) if batch else None
+            try:
+                item = await asyncio.wait_for(output.get(), timeout)
+            except TimeoutError:
+                await flush()
+                continue
+            if item is None:
+                for stream, masker in maskers.items():
+                    add(stream, masker.flush())
+                await flush()
+                return
+            stream, data = item
+            add(stream, maskers[stream].feed(data))
+            if size >= self._config.log_batch_bytes:
+                await flush()

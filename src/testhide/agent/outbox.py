@@ -1,0 +1,196 @@
+"""Everything the agent owes the control plane about its jobs, kept until
+acknowledged and replayed in order on every reconnect: nothing lost across a
+disconnect, and the control plane stores each batch once.
+
+Flow control: at most ``window_bytes`` of log batches are in flight (sent,
+not yet acknowledged; kept in memory for a replay). Batches that cannot go out
+at once wait in the disk spool; when that holds ``max_spool_bytes``,
+``log()`` waits, which stops the job's output being read: the job slows down,
+its output is not dropped."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from testhide.agent.model import JobRefused, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
+from testhide.agent.spool import Spool
+
+Send = Callable[[Report], None]
+
+DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
+DEFAULT_SPOOL_BYTES = 512 * 1024 * 1024
+
+
+def batch_size(batch: LogBatch) -> int:
+    return sum(len(data) for _, data in batch.entries)
+
+
+@dataclass
+class _JobReports:
+    epoch: int
+    started: JobStarted | None = None
+    next_seq: int = 1
+    inflight: dict[int, LogBatch] = field(default_factory=dict)
+    result: JobResult | None = None
+    result_sent: bool = False
+    """On the current connection."""
+
+
+class Outbox:
+    def __init__(self, spool: Spool, max_spool_bytes: int = DEFAULT_SPOOL_BYTES,
+                 window_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
+        self._spool = spool
+        self._max_spool = max_spool_bytes
+        self._window = window_bytes
+        self._jobs: dict[str, _JobReports] = {}
+        self._abandoned: set[tuple[str, int]] = set()
+        self._inflight_bytes = 0
+        self._send: Send | None = None
+        self._space = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    # connections ----------------------------------------------------------------
+    def attach(self, send: Send) -> None:
+        """A new connection: replay everything unacknowledged, in order, then
+        send new reports straight away."""
+        self._send = send
+        for reports in self._jobs.values():
+            reports.result_sent = False
+            if reports.started:
+                send(reports.started)
+            for seq in sorted(reports.inflight):
+                send(reports.inflight[seq])
+        self._pump()
+
+    def detach(self) -> None:
+        self._send = None
+
+    def _pump(self) -> None:
+        """Send spooled batches while the window allows, then results that are due."""
+        send = self._send
+        if send is None:
+            return
+        for job_id, reports in list(self._jobs.items()):
+            while self._spool.pending(job_id) and self._fits(self._spool.next_size(job_id)):
+                self._send_batch(reports, self._spool.take(job_id), send)
+            if reports.result and not reports.result_sent and not self._spool.pending(job_id):
+                reports.result_sent = True
+                send(reports.result)
+        self._space.set()
+
+    def _send_batch(self, reports: _JobReports, batch: LogBatch, send: Send) -> None:
+        reports.inflight[batch.seq] = batch
+        self._inflight_bytes += batch_size(batch)
+        send(batch)
+
+    # reports -------------------------------------------------------------------
+    def open(self, job_id: str, epoch: int) -> None:
+        """Start reporting on a job; a second open of the same assignment keeps
+        what it has, and an abandoned one stays abandoned."""
+        if (job_id, epoch) in self._abandoned:
+            return
+        existing = self._jobs.get(job_id)
+        if existing is None or existing.epoch != epoch:
+            if existing is not None:
+                self.drop(job_id)
+            self._jobs[job_id] = _JobReports(epoch)
+            self._empty.clear()
+
+    def running(self) -> dict[str, int]:
+        """Jobs whose result is not yet acknowledged, with their epochs."""
+        return {job_id: r.epoch for job_id, r in self._jobs.items()}
+
+    def started(self, job_id: str) -> None:
+        reports = self._jobs.get(job_id)
+        if reports is None:
+            return
+        reports.started = JobStarted(job_id, reports.epoch)
+        if self._send is not None:
+            self._send(reports.started)
+
+    async def log(self, job_id: str, entries: list[tuple[LogStream, bytes]]) -> None:
+        size = sum(len(data) for _, data in entries)
+        while (job_id in self._jobs and not self._sendable(job_id, size)
+               and self._spool.size and self._spool.size + size > self._max_spool):
+            self._space.clear()
+            await self._space.wait()
+        reports = self._jobs.get(job_id)
+        if reports is None:
+            return  # dropped: the control plane no longer gives us this job
+        batch = LogBatch(job_id, reports.epoch, reports.next_seq, tuple(entries))
+        reports.next_seq += 1
+        if self._send is not None and self._sendable(job_id, size):
+            self._send_batch(reports, batch, self._send)
+        else:
+            self._spool.put(batch)
+
+    def _sendable(self, job_id: str, size: int) -> bool:
+        """Straight out, or behind what already waits?"""
+        return self._send is not None and not self._spool.pending(job_id) and self._fits(size)
+
+    def _fits(self, size: int) -> bool:
+        return self._inflight_bytes == 0 or self._inflight_bytes + size <= self._window
+
+    def finish(self, job_id: str, outcome: Outcome, exit_code: int, reason: str = "") -> None:
+        reports = self._jobs.get(job_id)
+        if reports is None:
+            return
+        reports.result = JobResult(job_id, reports.epoch, reports.next_seq - 1, outcome, exit_code, reason)
+        self._pump()
+
+    # acknowledgements ----------------------------------------------------------
+    def ack_log(self, job_id: str, seq: int) -> None:
+        reports = self._jobs.get(job_id)
+        if reports is None:
+            return
+        reports.started = None  # the control plane has seen the job running
+        for acked in [s for s in reports.inflight if s <= seq]:
+            self._inflight_bytes -= batch_size(reports.inflight.pop(acked))
+        self._pump()
+
+    def ack_result(self, job_id: str) -> None:
+        self._forget(job_id)
+
+    def refuse(self, job_id: str, reason: str) -> None:
+        """Give back an assignment that never started: the control plane queues it
+        again (and does so on its own if this message is lost with the connection)."""
+        reports = self._jobs.get(job_id)
+        if reports is None:
+            return
+        self.drop(job_id)
+        if self._send is not None:
+            self._send(JobRefused(job_id, reports.epoch, reason))
+
+    def drop(self, job_id: str) -> None:
+        """The control plane no longer gives us this job: report nothing more about it."""
+        reports = self._jobs.get(job_id)
+        if reports is not None:
+            self._abandoned.add((job_id, reports.epoch))
+        self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        reports = self._jobs.pop(job_id, None)
+        if reports is not None:
+            self._inflight_bytes -= sum(batch_size(b) for b in reports.inflight.values())
+        self._spool.discard(job_id)
+        if not self._jobs:
+            self._empty.set()
+        self._pump()
+        self._space.set()
+
+    async def wait_empty(self) -> None:
+        """Until every job's result has been acknowledged (or the job dropped)."""
+        await self._empty.wait()
+
+    # introspection ---------------------------------------------------------------
+    def sent_batches(self, job_id: str) -> int:
+        """Log batches made for a job so far (0 if unknown or finished)."""
+        reports = self._jobs.get(job_id)
+        return reports.next_seq - 1 if reports else 0
+
+    def unacked_bytes(self) -> int:
+        """Log bytes not yet acknowledged: in flight plus spooled."""
+        return self._inflight_bytes + self._spool.size

@@ -1,0 +1,191 @@
+"""One connection to the control plane: the Connect stream, heartbeats, and
+certificate renewal. Jobs outlive sessions; the outbox replays their reports
+on the next one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+import structlog
+
+from testhide.agent.config import AgentConfig
+from testhide.agent.credentials import Credentials, new_key_and_csr
+from testhide.agent.errors import CredentialsError
+from testhide.agent.model import Assignment
+from testhide.agent.outbox import Outbox
+from testhide.agent.rpc.convert import assignment_from_pb, report_to_pb
+from testhide.common.tls import secure_channel
+from testhide.protos.v1 import agent_pb2, agent_pb2_grpc
+
+log = structlog.get_logger("testhide.agent.session")
+
+SESSION_ACCEPTED = "testhide-session"
+HEARTBEAT_INTERVAL = "testhide-heartbeat-ms"
+MIN_HEARTBEAT_S = 0.1
+FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+
+
+class SessionLost(Exception):
+    """The stream ended after it was established; reconnect at once."""
+
+
+@dataclass(frozen=True)
+class SessionEvents:
+    """What the session hands to the daemon."""
+
+    assign: Callable[[Assignment], str | None]
+    """Why the assignment is refused (draining, container engine down), or None to run it."""
+    cancel: Callable[[str, str, bool], None]
+    """job id, reason, abandon (the job is no longer ours: report nothing more)."""
+    renewed: Callable[[Credentials], None]
+    trust_bundle: Callable[[bytes], None]
+
+
+class Session:
+    def __init__(self, config: AgentConfig, credentials: Credentials, outbox: Outbox, events: SessionEvents,
+                 runtimes: list[str] | None = None, rng: random.Random | None = None,
+                 accepting: Callable[[], bool] = lambda: True,
+                 accepting_changed: asyncio.Event | None = None) -> None:
+        self._runtimes = runtimes or ["runc"]
+        self._accepting = accepting
+        self._accepting_changed = accepting_changed or asyncio.Event()
+        self._heartbeat_s = config.heartbeat_interval.total_seconds()
+        self._config = config
+        self._credentials = credentials
+        self._outbox = outbox
+        self._events = events
+        self._rng = rng or random.Random()
+        self.established = False
+
+    async def run(self) -> None:
+        """Raises AioRpcError before the stream is established, SessionLost
+        after, CredentialsError when enrolling again is the only way out."""
+        creds = self._credentials
+        if creds.expired:
+            raise CredentialsError(
+                f"the agent certificate expired at {creds.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
+                "enroll this agent again with a new token")
+        async with secure_channel(creds.agent_endpoint, creds.ca_pem, client_key_pem=creds.key_pem,
+                                  client_cert_pem=creds.certificate_pem) as channel:
+            stub = agent_pb2_grpc.AgentControlStub(channel)
+            call = stub.Connect()
+            outgoing: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+            hello = agent_pb2.Hello(max_jobs=self._config.max_jobs, version="0.1.0", labels=self._config.labels,
+                                    runtimes=self._runtimes, running_jobs=[
+                agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])
+            outgoing.put_nowait(agent_pb2.AgentMessage(hello=hello))
+            try:
+                self._heartbeat_s = self._heartbeat_interval(await self._await_acceptance(call))
+                self.established = True
+                log.info("agent_connected", endpoint=creds.agent_endpoint, agent_id=creds.agent_id)
+                self._outbox.attach(lambda report: outgoing.put_nowait(report_to_pb(report)))
+                tasks = [asyncio.create_task(self._read(call, outgoing), name="read"),
+                         asyncio.create_task(self._write(call, outgoing), name="write"),
+                         asyncio.create_task(self._heartbeat(outgoing), name="heartbeat"),
+                         asyncio.create_task(self._renew(stub), name="renew")]
+                try:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                error = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
+                if error is None:
+                    raise SessionLost("the control plane closed the stream")
+                raise error
+            except grpc.aio.AioRpcError as error:
+                if error.code() in FATAL:
+                    raise CredentialsError(f"the control plane refused this agent: {error.details()}") from error
+                if self.established:
+                    raise SessionLost(f"connection lost: {error.code().name} {error.details()}") from error
+                raise
+            finally:
+                self._outbox.detach()
+                call.cancel()
+
+    def _heartbeat_interval(self, metadata: dict[str, str]) -> float:
+        """Ours, or shorter if the control plane's leases need it."""
+        try:
+            asked = int(metadata.get(HEARTBEAT_INTERVAL, "0")) / 1000
+        except ValueError:
+            asked = 0
+        interval = min(self._config.heartbeat_interval.total_seconds(), asked or float("inf"))
+        return max(MIN_HEARTBEAT_S, interval)
+
+    @staticmethod
+    async def _await_acceptance(call: grpc.aio.StreamStreamCall) -> dict[str, str]:
+        """The server sends a marker in its initial metadata once it has
+        accepted our identity; anything else is the call's error."""
+        metadata = await call.initial_metadata()
+        if metadata is not None and any(key == SESSION_ACCEPTED for key, _ in metadata):
+            return {key: value for key, value in metadata if isinstance(value, str)}
+        code, details = await call.code(), await call.details()
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await call.trailing_metadata(), details)
+
+    async def _write(self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+                     ) -> None:
+        while True:
+            message = await outgoing.get()
+            try:
+                await call.write(message)
+            except asyncio.InvalidStateError:
+                # The control plane ended the call (e.g. UNAVAILABLE): its status says why.
+                code, details = await call.code(), await call.details()
+                raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await call.trailing_metadata(),
+                                           details) from None
+
+    async def _read(self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+                    ) -> None:
+        async for message in call:
+            match message.WhichOneof("body"):
+                case "assign":
+                    a = message.assign
+                    refusal = self._events.assign(assignment_from_pb(a))
+                    if refusal is not None:
+                        outgoing.put_nowait(agent_pb2.AgentMessage(refused=agent_pb2.JobRefused(
+                            job_id=a.job_id, epoch=a.epoch, reason=refusal)))
+                case "cancel":
+                    c = message.cancel
+                    self._events.cancel(c.job_id, c.reason, c.abandon)
+                case "trust_bundle":
+                    self._events.trust_bundle(message.trust_bundle.ca_bundle_pem)
+                case "log_ack":
+                    self._outbox.ack_log(message.log_ack.job_id, message.log_ack.seq)
+                case "result_ack":
+                    self._outbox.ack_result(message.result_ack.job_id)
+
+    async def _heartbeat(self, outgoing: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
+        """Keeps the leases of our jobs; tells the control plane at once when we
+        stop or start taking jobs (draining, container engine down or back)."""
+        announced: bool | None = None
+        while True:
+            if announced == self._accepting():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._heartbeat_s):
+                        await self._accepting_changed.wait()
+                self._accepting_changed.clear()
+            announced = self._accepting()
+            outgoing.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
+                draining=not announced, running_jobs=[
+                    agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])))
+
+    async def _renew(self, stub: agent_pb2_grpc.AgentControlStub) -> None:
+        """At half-life with jitter: a new key, a new certificate, then end this
+        session so the next connection presents it. Jobs run on; the outbox
+        replays whatever this connection had not acknowledged."""
+        at = self._credentials.renewal_at(self._rng.uniform(-0.1, 0.1))
+        await asyncio.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()))
+        key_pem, csr_pem = new_key_and_csr()
+        response = await stub.Renew(agent_pb2.RenewRequest(csr_pem=csr_pem), timeout=30)
+        renewed = self._credentials.with_certificate(key_pem, response.certificate_pem,
+                                                     response.ca_bundle_pem or None)
+        self._events.renewed(renewed)
+        log.info("agent_certificate_renewed", agent_id=renewed.agent_id,
+                 not_after=renewed.certificate.not_valid_after_utc.isoformat())
+        raise SessionLost("certificate renewed; reconnecting with it")

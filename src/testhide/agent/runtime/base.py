@@ -1,0 +1,128 @@
+"""The seam between the executor and a container engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
+
+from testhide.agent.model import LogStream
+
+OutputItem = tuple[LogStream, bytes] | None
+"""An output chunk as the container wrote it; None once both streams closed."""
+
+DEFAULT_OUTPUT_BUFFER = 16 * 1024 * 1024
+
+
+class OutputQueue:
+    """Container output on its way from a reader thread to the executor. A
+    reader blocks while ``limit`` bytes wait here, so a job whose log cannot
+    be shipped (its agent cut off, the spool full) is slowed, not dropped."""
+
+    def __init__(self, limit: int = DEFAULT_OUTPUT_BUFFER) -> None:
+        self._queue: asyncio.Queue[OutputItem] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._limit = limit
+        self._waiting = 0
+        self._closed = False
+        self._room = threading.Condition()
+
+    def put_nowait(self, item: OutputItem) -> None:
+        """From the event loop's thread; not bounded (scripted output)."""
+        self._queue.put_nowait(item)
+
+    def put_from_thread(self, item: OutputItem) -> None:
+        """From a reader thread: blocks while the buffer is full."""
+        if item is not None:
+            with self._room:
+                while self._waiting >= self._limit and not self._closed:
+                    self._room.wait()
+                if self._closed:
+                    return
+                self._waiting += len(item[1])
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self) -> OutputItem:
+        item = await self._queue.get()
+        if item is not None:
+            with self._room:
+                self._waiting -= len(item[1])
+                self._room.notify()
+        return item
+
+    def close(self) -> None:
+        """The consumer is gone: readers stop blocking and drop what they read."""
+        with self._room:
+            self._closed = True
+            self._room.notify_all()
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    job_id: str
+    image: str
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/workspace"
+    cpus: float = 2.0
+    memory_bytes: int = 2 * 1024**3
+    pids: int = 2048
+    user: str = "65534:65534"
+    runtime: str = "runc"
+    workspace_tar: bytes | None = None
+    """A validated tar to place in /workspace before the job starts."""
+    owner: str = ""
+    """The agent running the job; its leftovers are removed when it starts again."""
+    workspace_volume: bool = True
+    """False when nothing goes into /workspace and nothing is collected from it:
+    a tmpfs then serves, bounded by the job's memory."""
+
+
+@dataclass(frozen=True)
+class ContainerExit:
+    exit_code: int
+    oom_killed: bool = False
+
+
+class RunningContainer(Protocol):
+    async def wait(self) -> ContainerExit:
+        """Until the process exits."""
+        ...
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds."""
+        ...
+
+    async def remove(self) -> None:
+        """Remove the container and its workspace; safe to call twice."""
+        ...
+
+    async def workspace_archive(self, dest: BinaryIO) -> None:
+        """Write a tar of /workspace (after the job) to ``dest``."""
+        ...
+
+
+class ContainerRuntime(Protocol):
+    async def ensure_image(self, image: str, pull_policy: str) -> None:
+        """Make the image present on this host as the policy allows (pulled on
+        the host, never from inside a job); JobSetupError if it cannot be."""
+        ...
+
+    def runtimes(self) -> list[str]:
+        """Container runtimes this host offers (runc, runsc, ...)."""
+        ...
+
+    async def start(self, spec: ContainerSpec, output: OutputQueue) -> RunningContainer:
+        """Create and start a hardened container whose output goes to ``output``."""
+        ...
+
+    async def remove_leftovers(self, owner: str, keep: frozenset[str] = frozenset()) -> int:
+        """Remove containers and workspaces of agent ``owner`` left behind (an
+        earlier run was killed, or the engine was down at cleanup), except
+        those of the jobs in ``keep``; returns how many containers."""
+        ...
+
+    async def ping(self) -> bool:
+        """Does the container engine answer?"""
+        ...

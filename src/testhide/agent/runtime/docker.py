@@ -1,0 +1,332 @@
+"""Job containers on Docker, locked down: no network, no capabilities, no new
+privileges, read-only root, a non-root user, pid/memory/CPU limits, Docker's
+default seccomp profile, and never the Docker socket. Docker keeps no log of
+its own (log driver "none"): the agent reads the output from the attach
+socket, attached before the container starts, and the daemon's copy would
+only cost a JSON line per output line and leave unmasked output on disk.
+
+docker-py blocks, so every call runs in a worker thread. Output is read from
+the attach socket in large blocks (docker-py's frame iterator reads a frame
+at a time and is several times slower)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import struct
+import tarfile
+import threading
+from collections.abc import Callable
+from typing import Any, BinaryIO, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+import structlog
+from docker.models.containers import Container
+from docker.types import LogConfig, Mount
+from docker.utils.socket import read as socket_read
+
+from testhide.agent.errors import ConfigError, JobSetupError, RuntimeUnavailable
+from testhide.agent.model import LogStream
+from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
+
+log = structlog.get_logger("testhide.agent.docker")
+T = TypeVar("T")
+
+
+async def engine(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A blocking docker-py call in a thread; the daemon not answering
+    (stopped, restarting) becomes RuntimeUnavailable, whatever the call."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, ConnectionError) as exc:
+        raise RuntimeUnavailable(f"the Docker daemon is not answering: {exc}") from exc
+
+
+LABEL = "dev.testhide.job"
+OWNER_LABEL = "dev.testhide.agent"
+READ_BLOCK = 1 << 20
+_HEADER = struct.Struct(">BxxxL")
+_STREAMS = {1: LogStream.STDOUT, 2: LogStream.STDERR}
+
+
+def workspace_init_image(user: str) -> str:
+    return f"testhide/workspace-init:{user.replace(':', '-')}"
+
+
+def _workspace_init_tar(user: str) -> bytes:
+    """An image holding only /workspace owned by the job user. Creating a
+    container from it over a fresh volume makes Docker copy that ownership onto
+    the volume, so the job user can write to /workspace."""
+    uid, _, gid = user.partition(":")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("workspace")
+        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o755, int(uid), int(gid or uid)
+        archive.addfile(info)
+    return buffer.getvalue()
+
+
+class Demuxer:
+    """Splits Docker's multiplexed attach stream (8-byte headers) into chunks."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[LogStream, bytes]]:
+        """Whole frames so far, neighbours of the same stream merged. Parts are
+        joined once per run: a block of thousands of one-line frames must not
+        be copied once per frame."""
+        self._buffer += data
+        view = memoryview(self._buffer)
+        runs: list[tuple[LogStream, list[bytes]]] = []
+        pos = 0
+        try:
+            while len(view) - pos >= _HEADER.size:
+                kind, size = _HEADER.unpack_from(view, pos)
+                if len(view) - pos - _HEADER.size < size:
+                    break
+                start = pos + _HEADER.size
+                stream = _STREAMS.get(kind, LogStream.STDOUT)
+                if not runs or runs[-1][0] != stream:
+                    runs.append((stream, []))
+                runs[-1][1].append(bytes(view[start:start + size]))
+                pos = start + size
+        finally:
+            view.release()
+        del self._buffer[:pos]
+        return [(stream, b"".join(parts)) for stream, parts in runs]
+
+
+def _close_attach_socket(sock: Any) -> None:
+    """docker-py hands out a SocketIO over the connection's socket, with the
+    HTTP response attached; closing the wrapper alone leaks the socket."""
+    for part in (getattr(sock, "_response", None), sock, getattr(sock, "_sock", None)):
+        if part is not None:
+            with contextlib.suppress(OSError, ValueError):
+                part.close()
+
+
+class DockerContainer:
+    def __init__(self, client: docker.DockerClient, container: Container, volume: str | None) -> None:
+        self._client = client
+        self._container = container
+        self._volume = volume
+        self._removed = False
+
+    async def wait(self) -> ContainerExit:
+        result = await engine(self._container.wait)
+        state = (await engine(self._client.api.inspect_container, self._container.id))["State"]
+        return ContainerExit(int(result.get("StatusCode", -1)), bool(state.get("OOMKilled")))
+
+    async def stop(self, grace: float) -> None:
+        try:
+            await engine(self._container.stop, timeout=max(0, int(round(grace))))
+        except docker.errors.NotFound:
+            pass
+
+    async def workspace_archive(self, dest: BinaryIO) -> None:
+        def copy() -> None:
+            stream, _ = self._container.get_archive("/workspace")
+            for chunk in stream:
+                dest.write(chunk)
+
+        try:
+            await engine(copy)
+        except docker.errors.DockerException as exc:
+            raise JobSetupError(f"could not read the job's workspace: {exc}") from exc
+
+    async def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
+        try:
+            await engine(self._container.remove, force=True)
+        except docker.errors.NotFound:
+            pass
+        if self._volume is not None:
+            try:
+                await engine(self._client.api.remove_volume, self._volume, True)
+            except docker.errors.NotFound:
+                pass
+
+
+class DockerRuntime:
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        try:
+            self._client = client or docker.from_env()
+        except docker.errors.DockerException as exc:
+            raise ConfigError(f"cannot reach the Docker engine: {exc}") from exc
+        self._ready_init_images: set[str] = set()
+        self._runtimes: list[str] | None = None
+
+    def _ensure_init_image(self, user: str) -> str:
+        image = workspace_init_image(user)
+        if image in self._ready_init_images:
+            return image
+        try:
+            self._client.images.get(image)
+        except docker.errors.ImageNotFound:
+            repository, tag = image.split(":")
+            self._client.api.import_image_from_data(_workspace_init_tar(user), repository=repository, tag=tag)
+        self._ready_init_images.add(image)
+        return image
+
+    def runtimes(self) -> list[str]:
+        """Asked once; runc if the daemon does not answer yet."""
+        if self._runtimes is None:
+            try:
+                self._runtimes = sorted(self._client.info().get("Runtimes", {"runc": {}}))
+            except (requests.exceptions.ConnectionError, ConnectionError):
+                return ["runc"]
+        return self._runtimes
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await engine(self._client.ping))
+        except (RuntimeUnavailable, docker.errors.DockerException):
+            return False
+
+    async def ensure_image(self, image: str, pull_policy: str) -> None:
+        await engine(self._ensure_image, image, pull_policy)
+
+    def _ensure_image(self, image: str, pull_policy: str) -> None:
+        present = True
+        try:
+            self._client.images.get(image)
+        except docker.errors.ImageNotFound:
+            present = False
+        except docker.errors.DockerException as exc:
+            raise JobSetupError(f"could not look up image {image!r}: {exc}") from exc
+        if pull_policy == "never" or (present and pull_policy == "if-not-present"):
+            if not present:
+                raise JobSetupError(f"image {image!r} is not present on this agent's host (pull policy: never)")
+            return
+        try:
+            log.info("image_pull", image=image, policy=pull_policy)
+            self._client.images.pull(image)
+        except docker.errors.DockerException as exc:
+            raise JobSetupError(f"could not pull image {image!r} (pull policy: {pull_policy}): "
+                                f"{getattr(exc, 'explanation', None) or exc}") from exc
+
+    def _create(self, spec: ContainerSpec) -> tuple[Container, str | None]:
+        try:
+            return self._create_unchecked(spec)
+        except docker.errors.DockerException as exc:
+            explanation = getattr(exc, "explanation", None) or exc
+            raise JobSetupError(f"Docker refused to set up the job: {explanation}") from exc
+
+    def _workspace_volume(self, spec: ContainerSpec, labels: dict[str, str]) -> str:
+        volume = self._client.volumes.create(name=f"testhide-ws-{spec.job_id}", labels=labels).name
+        mount = Mount("/workspace", volume, type="volume")
+        helper = self._client.containers.create(self._ensure_init_image(spec.user), ["/none"],
+                                                network_mode="none", mounts=[mount], labels=labels)
+        helper.remove(force=True)
+        return volume
+
+    def _create_unchecked(self, spec: ContainerSpec) -> tuple[Container, str | None]:
+        labels = {LABEL: spec.job_id, OWNER_LABEL: spec.owner}
+        tmpfs = {"/tmp": "rw,nosuid,nodev,size=64m"}
+        volume: str | None = None
+        mounts: list[Mount] = []
+        if spec.workspace_volume:
+            volume = self._workspace_volume(spec, labels)
+            # no_copy: the job image must not copy its own /workspace
+            # ownership over the volume the helper prepared.
+            mounts.append(Mount("/workspace", volume, type="volume", no_copy=True))
+        else:
+            # Nothing goes in or comes out: a tmpfs owned by the job user, bounded
+            # by the job's memory limit, saves the volume and its helper container.
+            uid, _, gid = spec.user.partition(":")
+            tmpfs["/workspace"] = (f"rw,exec,nosuid,nodev,size={spec.memory_bytes},"
+                                   f"uid={uid},gid={gid or uid},mode=0700")
+        container: Container | None = None
+        try:
+            container = self._client.containers.create(
+                spec.image,
+                list(spec.command),
+                name=f"testhide-{spec.job_id}",
+                labels=labels,
+                environment=spec.env,
+                working_dir=spec.workdir,
+                user=spec.user,
+                network_mode="none",
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                read_only=True,
+                tmpfs=tmpfs,
+                mounts=mounts,
+                pids_limit=spec.pids,
+                mem_limit=spec.memory_bytes,
+                memswap_limit=spec.memory_bytes,
+                nano_cpus=int(spec.cpus * 1e9),
+                runtime=spec.runtime,
+                init=False,
+                log_config=LogConfig(type=LogConfig.types.NONE),
+                stdin_open=False,
+                tty=False,
+            )
+            if spec.workspace_tar:
+                container.put_archive("/workspace", spec.workspace_tar)
+        except docker.errors.DockerException:
+            with contextlib.suppress(docker.errors.DockerException):
+                if container is not None:
+                    container.remove(force=True)
+                if volume is not None:
+                    self._client.api.remove_volume(volume, force=True)
+            raise
+        return container, volume
+
+    async def remove_leftovers(self, owner: str, keep: frozenset[str] = frozenset()) -> int:
+        def run() -> int:
+            selector = {"label": f"{OWNER_LABEL}={owner}"}
+            containers = [c for c in self._client.containers.list(all=True, filters=selector)
+                          if c.labels.get(LABEL) not in keep]
+            for container in containers:
+                with contextlib.suppress(docker.errors.NotFound):
+                    container.remove(force=True)
+            for volume in self._client.volumes.list(filters=selector):
+                if (volume.attrs.get("Labels") or {}).get(LABEL) not in keep:
+                    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                        volume.remove(force=True)
+            return len(containers)
+
+        if not owner:
+            return 0
+        return await engine(run)
+
+    async def start(self, spec: ContainerSpec, output: OutputQueue) -> DockerContainer:
+        container, volume = await engine(self._create, spec)
+        running = DockerContainer(self._client, container, volume)
+        try:
+            sock = await engine(
+                self._client.api.attach_socket, container.id,
+                {"stdout": 1, "stderr": 1, "stream": 1},
+            )
+            threading.Thread(target=self._pump, args=(sock, output), name=f"output-{spec.job_id}",
+                             daemon=True).start()
+            await engine(container.start)
+        except docker.errors.DockerException as exc:
+            await running.remove()
+            explanation = getattr(exc, "explanation", None) or exc
+            raise JobSetupError(f"Docker could not start the job container: {explanation}") from exc
+        log.info("container_started", job_id=spec.job_id, container=container.short_id, image=spec.image)
+        return running
+
+    @staticmethod
+    def _pump(sock: Any, output: OutputQueue) -> None:
+        demuxer = Demuxer()
+        try:
+            while True:
+                data = socket_read(sock, READ_BLOCK)
+                if not data:
+                    break
+                for chunk in demuxer.feed(data):
+                    output.put_from_thread(chunk)
+        except OSError:
+            log.warning("container_output_interrupted")
+        finally:
+            output.put_from_thread(None)
+            _close_attach_socket(sock)

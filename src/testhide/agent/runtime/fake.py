@@ -1,0 +1,84 @@
+"""A scripted runtime for unit tests of the executor: no Docker."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from testhide.agent.errors import JobSetupError
+from testhide.agent.model import LogStream
+from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
+
+
+@dataclass
+class Script:
+    """What a fake container writes, then how it exits. ``hold`` keeps it
+    running until stopped."""
+
+    output: list[tuple[LogStream, bytes]] = field(default_factory=list)
+    exit_code: int = 0
+    hold: bool = False
+    oom_killed: bool = False
+    setup_error: str | None = None
+    workspace_archive: bytes = b""
+
+
+class FakeContainer:
+    def __init__(self, script: Script, output: OutputQueue) -> None:
+        self._script = script
+        self._output = output
+        self._exited: asyncio.Future[ContainerExit] = asyncio.get_running_loop().create_future()
+        self.stopped_with_grace: float | None = None
+        self.removed = False
+        for chunk in script.output:
+            output.put_nowait(chunk)
+        if not script.hold:
+            self._exit(ContainerExit(script.exit_code, script.oom_killed))
+
+    def _exit(self, result: ContainerExit) -> None:
+        if not self._exited.done():
+            self._output.put_nowait(None)
+            self._exited.set_result(result)
+
+    async def wait(self) -> ContainerExit:
+        return await self._exited
+
+    async def stop(self, grace: float) -> None:
+        self.stopped_with_grace = grace
+        self._exit(ContainerExit(143))
+
+    async def remove(self) -> None:
+        self.removed = True
+
+    async def workspace_archive(self, dest: BinaryIO) -> None:
+        dest.write(self._script.workspace_archive)
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.scripts: dict[str, Script] = {}
+        self.started: dict[str, FakeContainer] = {}
+        self.specs: dict[str, ContainerSpec] = {}
+        self.missing_images: set[str] = set()
+
+    async def ensure_image(self, image: str, pull_policy: str) -> None:
+        if image in self.missing_images and pull_policy == "never":
+            raise JobSetupError(f"image {image!r} is not present on this agent's host (pull policy: never)")
+
+    def runtimes(self) -> list[str]:
+        return ["runc"]
+
+    async def remove_leftovers(self, owner: str, keep: frozenset[str] = frozenset()) -> int:
+        return 0
+
+    async def ping(self) -> bool:
+        return True
+
+    async def start(self, spec: ContainerSpec, output: OutputQueue) -> FakeContainer:
+        script = self.scripts.get(spec.job_id, Script())
+        if script.setup_error:
+            raise JobSetupError(script.setup_error)
+        self.specs[spec.job_id] = spec
+        container = self.started[spec.job_id] = FakeContainer(script, output)
+        return container

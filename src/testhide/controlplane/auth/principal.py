@@ -1,0 +1,21 @@
+"""The authenticated caller of an API RPC, and the scopes it may hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from testhide.controlplane.errors import PermissionDenied
+
+SCOPES = ("jobs:read", "jobs:write", "secrets:write", "agents:admin", "org:admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: str
+    id: str
+    org: str
+    scopes: frozenset[str]
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise PermissionDenied(f"this credential lacks the {scope!r} scope")

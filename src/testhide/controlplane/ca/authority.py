@@ -1,0 +1,152 @@
+"""An ECDSA P-256 certificate authority: agent certificates from CSRs, and
+server certificates for the control plane's listeners."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from testhide.common.identity import AGENT_CERT_BACKDATE, AgentIdentity
+from testhide.controlplane.errors import InvalidArgument
+
+# The TLS handshake has no skew tolerance; a notBefore even slightly ahead of a
+# peer's clock is refused, so every certificate is backdated.
+BACKDATE = AGENT_CERT_BACKDATE
+# CA and server certificates live for months or years, so they can afford a
+# longer margin: an agent whose clock is minutes behind still accepts one
+# issued just now.
+SERVER_BACKDATE = timedelta(minutes=5)
+DEV_MARKER = "testhide development (insecure)"
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    certificate_pem: bytes
+    serial: int
+    not_after: datetime
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_to_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def is_development_ca(cert: x509.Certificate) -> bool:
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return any(DEV_MARKER in str(attr.value) for attr in orgs)
+
+
+class CertificateAuthority:
+    def __init__(self, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey, trust_domain: str):
+        self.certificate = certificate
+        self._key = key
+        self.trust_domain = trust_domain
+
+    @classmethod
+    def create(cls, trust_domain: str, generation: int = 1,
+               lifetime: timedelta = timedelta(days=3650)) -> CertificateAuthority:
+        """Each generation has its own name, so certificates say which one issued them."""
+        key = generate_key()
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "testhide"),
+                x509.NameAttribute(NameOID.COMMON_NAME, f"testhide agent CA {generation} ({trust_domain})"),
+            ]
+        )
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - SERVER_BACKDATE)
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key, trust_domain)
+
+    @property
+    def certificate_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        return key_to_pem(self._key)
+
+    def _leaf(self, subject_cn: str, public_key: ec.EllipticCurvePublicKey, lifetime: timedelta,
+              now: datetime, backdate: timedelta = BACKDATE) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - backdate)
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+            )
+        )
+
+    def issue_agent(self, csr_pem: bytes, identity: AgentIdentity, lifetime: timedelta,
+                    now: datetime | None = None) -> IssuedCertificate:
+        """Sign a CSR. Only its public key is used: the identity is ours to decide."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise InvalidArgument("csr_pem is not a PEM certificate signing request") from exc
+        if not csr.is_signature_valid:
+            raise InvalidArgument("the CSR's signature does not match its public key")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+            raise InvalidArgument("agent keys must be ECDSA P-256")
+        now = now or datetime.now(UTC)
+        cert = (
+            self._leaf(f"agent {identity.agent_id}", public_key, lifetime, now)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=False
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        return IssuedCertificate(cert.public_bytes(serialization.Encoding.PEM), cert.serial_number,
+                                 cert.not_valid_after_utc)
+
+    def issue_server(self, names: list[str], lifetime: timedelta) -> tuple[bytes, bytes]:
+        """A server certificate (PEM chain: leaf then CA) and its key (PEM)."""
+        key = generate_key()
+        sans: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        cert = (
+            self._leaf(names[0], key.public_key(), lifetime, datetime.now(UTC), SERVER_BACKDATE)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        # The CA travels in the chain so that an enrolling agent can find the
+        # certificate its token pins.
+        return cert.public_bytes(serialization.Encoding.PEM) + self.certificate_pem, key_to_pem(key)

@@ -1,0 +1,95 @@
+"""Enrollment: a one-time token and a CSR become an agent identity and its
+first certificate. The token decides org and pool; the agent decides nothing."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from cryptography import x509
+
+from testhide.common.identity import AgentIdentity
+from testhide.common.tls import fingerprint
+from testhide.controlplane.auth.audit import Auditor
+from testhide.controlplane.auth.secrets import hash_secret, new_enrollment_token, parse_enrollment_token
+from testhide.controlplane.ca.trust import CertificateState
+from testhide.controlplane.errors import InvalidArgument, Unauthenticated
+from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord, Store
+
+log = structlog.get_logger("testhide.enrollment")
+
+AGENT_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+MAX_TOKEN_TTL = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    agent_id: str
+    certificate_pem: bytes
+    ca_bundle_pem: bytes
+
+
+async def create_token(store: Store, ca_certificate_pem: bytes, org: str, pool: str, ttl: timedelta) -> str:
+    if not timedelta(seconds=10) <= ttl <= MAX_TOKEN_TTL:
+        raise InvalidArgument("token lifetime must be between 10s and 7 days")
+    if not await store.pool_exists(org, pool):
+        raise InvalidArgument(f"pool {pool!r} does not exist in organisation {org!r}")
+    text, parsed = new_enrollment_token(fingerprint(ca_certificate_pem))
+    now = datetime.now(UTC)
+    await store.create_enrollment_token(
+        EnrollmentTokenRecord(parsed.token_id, org, pool, hash_secret(parsed.secret), now, now + ttl)
+    )
+    return text
+
+
+async def certificate_lifetime(store: Store, org: str, pool: str, default: timedelta) -> timedelta:
+    """The server-wide lifetime, or the pool's if it set a shorter one."""
+    pool_ttl = await store.pool_cert_ttl(org, pool)
+    return min(default, pool_ttl) if pool_ttl else default
+
+
+class Enrollment:
+    def __init__(self, store: Store, certs: CertificateState, agent_cert_ttl: timedelta, auditor: Auditor) -> None:
+        self._store = store
+        self._certs = certs
+        self._ttl = agent_cert_ttl
+        self._auditor = auditor
+
+    async def enroll(self, token: str, csr_pem: bytes, name: str, source_ip: str = "") -> Enrolled:
+        if not AGENT_NAME_RE.match(name):
+            raise InvalidArgument("agent name must be 1-63 letters, digits, '.', '_' or '-'")
+        try:
+            x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise InvalidArgument("csr_pem is not a PEM certificate signing request") from exc
+        ca = self._certs.current.active_ca
+        token_id = ""
+        try:
+            parsed = parse_enrollment_token(token)
+            token_id = parsed.token_id
+            if parsed.ca_fingerprint != fingerprint(ca.certificate_pem):
+                raise Unauthenticated("the enrollment token was issued for another CA or control plane")
+            record = await self._store.consume_enrollment_token(parsed.token_id, hash_secret(parsed.secret),
+                                                                datetime.now(UTC))
+        except Unauthenticated as exc:
+            log.warning("enrollment_token_refused", token_id=token_id, reason=str(exc), source_ip=source_ip)
+            await self._auditor.record("enrollment_token_refused", f"agent-host:{name}", target=token_id,
+                                       source_ip=source_ip, reason=str(exc))
+            raise
+        agent_id = "a" + secrets.token_hex(8)
+        identity = AgentIdentity(ca.trust_domain, record.org, record.pool, agent_id)
+        lifetime = await certificate_lifetime(self._store, record.org, record.pool, self._ttl)
+        issued = ca.issue_agent(csr_pem, identity, lifetime)
+        now = datetime.now(UTC)
+        serial = format(issued.serial, "x")
+        await self._store.create_agent(AgentRecord(agent_id, record.org, record.pool, name, serial,
+                                                   issued.not_after, now, cert_issuer=fingerprint(ca.certificate_pem)))
+        log.info("agent_enrolled", agent_id=agent_id, org=record.org, pool=record.pool, name=name,
+                 serial=serial, not_after=issued.not_after.isoformat())
+        await self._auditor.record("agent_enrolled", f"token:{record.id}", org=record.org, target=agent_id,
+                                   source_ip=source_ip, pool=record.pool, name=name, serial=serial,
+                                   not_after=issued.not_after.isoformat())
+        return Enrolled(agent_id, issued.certificate_pem, self._certs.current.bundle_pem)

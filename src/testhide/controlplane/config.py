@@ -1,0 +1,72 @@
+"""The control plane's configuration: one frozen, validated object. Only the
+command line reads flags and the environment; the daemon gets this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from testhide.common.tls import split_target
+from testhide.controlplane.auth.limits import LockoutPolicy
+from testhide.controlplane.errors import ConfigError
+
+MIN_AGENT_CERT_TTL = timedelta(seconds=10)
+MAX_AGENT_CERT_TTL = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    data_dir: Path
+    """Directory created by ``testhide-controlplane init``."""
+    listen: str = "127.0.0.1:7443"
+    """HOST:PORT of the API port (server TLS; users and enrollment)."""
+    agent_listen: str | None = None
+    """HOST:PORT of the agent port (mutual TLS). Default: the API port + 1 (0 stays 0)."""
+    agent_cert_ttl: timedelta = timedelta(hours=1)
+    """Lifetime of agent certificates; also bounds the age of agent connections."""
+    dev: bool = False
+    """Accept development certificates from certs-dev/. Never in production."""
+    max_request_bytes: int = 4 * 1024 * 1024
+    """Largest request accepted on the API port."""
+    shutdown_grace: timedelta = timedelta(seconds=5)
+    """How long in-flight RPCs get to finish on SIGTERM."""
+    rate_per_address: float = 100.0
+    """API requests per second from one client address (token bucket, burst twice that)."""
+    rate_per_principal: float = 50.0
+    """API requests per second for one user or API key (token bucket, burst twice that)."""
+    lockout: LockoutPolicy = LockoutPolicy()
+    """Failed logins per account before exponential backoff, and the window they count in."""
+    refresh_reuse_grace: timedelta = timedelta(seconds=10)
+    """A spent refresh token presented again within this window is taken as a retry of a
+    reply lost in transit; later, as theft, and its whole session is revoked."""
+    job_lease: timedelta = timedelta(seconds=60)
+    """How long an assignment holds without a heartbeat from its agent (agents send three per
+    lease). Past it, a job that had not started is queued again and a running one is LOST."""
+    db_busy_timeout: timedelta = timedelta(seconds=10)
+    """How long a write waits for a database lock held by another process before the
+    request fails with UNAVAILABLE (nothing changed; clients retry)."""
+    failure_spike_threshold: int = 20
+    """Failed authentications from one address or against one account, per minute, that raise an alert."""
+
+    def __post_init__(self) -> None:
+        try:
+            split_target(self.listen)
+            split_target(self.resolved_agent_listen)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not MIN_AGENT_CERT_TTL <= self.agent_cert_ttl <= MAX_AGENT_CERT_TTL:
+            raise ConfigError("agent certificate lifetime must be between 10s and 24h")
+        if not timedelta(seconds=1) <= self.job_lease <= timedelta(hours=1):
+            raise ConfigError("the job lease must be between 1s and 1h")
+        if self.rate_per_address <= 0 or self.rate_per_principal <= 0:
+            raise ConfigError("rate limits must be positive")
+        if not 1024 <= self.max_request_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("max request size must be between 1 KiB and 64 MiB")
+
+    @property
+    def resolved_agent_listen(self) -> str:
+        if self.agent_listen:
+            return self.agent_listen
+        host, port = split_target(self.listen)
+        return f"{host}:{port + 1 if port else 0}"

@@ -1,0 +1,275 @@
+"""Connected agents and the dispatch of queued jobs to them. One dispatcher
+task owns assignment, so two agents never race for one job; the store's
+conditional update fences other replicas."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from testhide.common.identity import AgentIdentity
+from testhide.controlplane.errors import ControlPlaneError
+from testhide.controlplane.jobs.model import Job, JobStatus, PoolPolicy
+from testhide.controlplane.store.base import Store
+
+log = structlog.get_logger("testhide.scheduler")
+
+DEFAULT_LEASE = timedelta(seconds=60)
+DISPATCH_RETRY_S = 1.0
+MAX_WINDOW = 1024
+"""Queued jobs looked at per dispatch round (a round repeats while it assigns)."""
+
+
+@dataclass(frozen=True)
+class AssignDetails:
+    """What the agent needs beyond the spec, resolved at assignment time."""
+
+    secret_env: dict[str, str]
+    policy: PoolPolicy
+    runtime: str
+
+
+@dataclass(frozen=True)
+class Assign:
+    job: Job
+    details: AssignDetails
+
+
+@dataclass(frozen=True)
+class Cancel:
+    job_id: str
+    reason: str
+    abandon: bool = False
+    """The agent no longer holds the job: stop it and report nothing more."""
+
+
+@dataclass(frozen=True)
+class LogAck:
+    job_id: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class ResultAck:
+    job_id: str
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    bundle_pem: bytes
+
+
+Outbound = Assign | Cancel | LogAck | ResultAck | TrustBundle
+
+
+class Mailbox:
+    """What the control plane sends one agent, in order: a deque and, only while
+    the writer waits, one future (an asyncio.Queue costs four deques per agent)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Outbound] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, message: Outbound) -> None:
+        self._items.append(message)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> Outbound:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(eq=False, slots=True)
+class AgentSession:
+    """One open Connect stream of one agent."""
+
+    identity: AgentIdentity
+    cert_serial: int
+    cert_not_after: datetime
+    cert_issuer: str
+    max_jobs: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    runtimes: frozenset[str] = frozenset({"runc"})
+    draining: bool = False
+    """The agent is shutting down: it takes no new jobs."""
+    close_reason: tuple[str, str] | None = None
+    """Why the control plane ended the stream: (status code name, message)."""
+    jobs: set[str] = field(default_factory=set)
+    outbox: Mailbox = field(default_factory=Mailbox)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupt: Callable[[], object] | None = None
+    """Stops the stream's reader (set while the stream is served)."""
+
+    @property
+    def free_slots(self) -> int:
+        return 0 if self.draining else self.max_jobs - len(self.jobs)
+
+    def can_run(self, job: Job) -> bool:
+        wanted_runtime = job.spec.runtime or "runc"
+        return (all(self.labels.get(k) == v for k, v in job.spec.labels.items())
+                and wanted_runtime in self.runtimes)
+
+    def send(self, message: Outbound) -> None:
+        self.outbox.put_nowait(message)
+
+    def close(self, code: str, message: str) -> None:
+        """End the stream with a status, at once."""
+        if self.close_reason is None:
+            self.close_reason = (code, message)
+        self.end()
+
+    def end(self) -> None:
+        """End the stream (with the status ``close`` gave, if any)."""
+        self.closed.set()
+        if self.interrupt is not None:
+            interrupt, self.interrupt = self.interrupt, None
+            interrupt()
+
+
+class Scheduler:
+    def __init__(self, store: Store, prepare: Callable[[Job], Awaitable[AssignDetails]] | None = None,
+                 lease: timedelta = DEFAULT_LEASE) -> None:
+        self.prepare = prepare
+        self.lease = lease
+        """Resolves secrets and policy for an assignment; a failure ends the job as ERROR."""
+        self._store = store
+        self._sessions: dict[str, AgentSession] = {}
+        self._by_pool: dict[tuple[str, str], dict[str, AgentSession]] = {}
+        self._wake = asyncio.Event()
+        self._pending: set[tuple[str, str]] = set()
+        self._attached = asyncio.Condition()
+
+    def session_of(self, agent_id: str) -> AgentSession | None:
+        return self._sessions.get(agent_id)
+
+    def sessions(self) -> list[AgentSession]:
+        return list(self._sessions.values())
+
+    def attach(self, session: AgentSession) -> None:
+        previous = self._sessions.get(session.identity.agent_id)
+        if previous is not None:
+            previous.end()  # the newer stream of the same agent wins
+        self._sessions[session.identity.agent_id] = session
+        identity = session.identity
+        self._by_pool.setdefault((identity.org, identity.pool), {})[identity.agent_id] = session
+        self.kick(session.identity.org, session.identity.pool)
+        asyncio.ensure_future(self._announce())
+
+    async def _announce(self) -> None:
+        async with self._attached:
+            self._attached.notify_all()
+
+    async def wait_for_agent(self, agent_id: str, replacing: AgentSession | None = None) -> AgentSession:
+        """Until the agent has an open session, other than ``replacing`` if
+        given (operators' tooling and tests)."""
+        def ready() -> bool:
+            session = self._sessions.get(agent_id)
+            return session is not None and session is not replacing
+
+        async with self._attached:
+            await self._attached.wait_for(ready)
+        return self._sessions[agent_id]
+
+    def detach(self, session: AgentSession) -> None:
+        identity = session.identity
+        if self._sessions.get(identity.agent_id) is session:
+            del self._sessions[identity.agent_id]
+            pool = self._by_pool.get((identity.org, identity.pool), {})
+            pool.pop(identity.agent_id, None)
+            if not pool:
+                self._by_pool.pop((identity.org, identity.pool), None)
+        session.closed.set()
+
+    def kick(self, org: str, pool: str) -> None:
+        """Something changed in (org, pool): a job queued, an agent freed up."""
+        self._pending.add((org, pool))
+        self._wake.set()
+
+    async def run(self) -> None:
+        for org, pool in await self._store.queued_pools():
+            self.kick(org, pool)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            pending, self._pending = self._pending, set()
+            for org, pool in sorted(pending):
+                try:
+                    await self._dispatch(org, pool)
+                except ControlPlaneError as exc:  # e.g. the database is locked: try again shortly
+                    log.warning("dispatch_deferred", org=org, pool=pool, error=str(exc))
+                    asyncio.get_running_loop().call_later(DISPATCH_RETRY_S, self.kick, org, pool)
+                except Exception:
+                    log.exception("dispatch_failed", org=org, pool=pool)
+                    asyncio.get_running_loop().call_later(DISPATCH_RETRY_S, self.kick, org, pool)
+
+    def _pool_sessions(self, org: str, pool: str) -> list[AgentSession]:
+        return [s for s in self._by_pool.get((org, pool), {}).values() if not s.closed.is_set()]
+
+    async def _dispatch(self, org: str, pool: str) -> None:
+        # Most free slots first; the first able agent takes a job, then queues up
+        # behind the others: linear in jobs plus agents, not their product.
+        idle = sorted((s for s in self._pool_sessions(org, pool) if s.free_slots > 0),
+                      key=lambda s: s.free_slots, reverse=True)
+        if not idle:
+            return
+        # Look past the head of the queue: a job no idle agent can take must not block the others.
+        window = min(MAX_WINDOW, max(64, 4 * sum(s.free_slots for s in idle)))
+        for job in await self._store.queued_jobs(org, pool, window):
+            if not idle:
+                break
+            index = next((i for i, s in enumerate(idle) if s.can_run(job)), None)
+            if index is None:
+                continue
+            session = idle.pop(index)
+            if await self._assign(org, job, session) and session.free_slots > 0:
+                idle.append(session)
+            elif session.free_slots > 0:
+                idle.insert(index, session)
+
+    async def _assign(self, org: str, job: Job, session: AgentSession) -> bool:
+        try:
+            details = await self.prepare(job) if self.prepare else AssignDetails({}, PoolPolicy(), "runc")
+        except ControlPlaneError as exc:
+            await self._store.set_job_status(org, job.id, None, JobStatus.ERROR, datetime.now(UTC), str(exc))
+            log.warning("job_not_assignable", job_id=job.id, error=str(exc))
+            return False
+        now = datetime.now(UTC)
+        assigned = await self._store.assign_job(org, job.id, session.identity.agent_id, now, now + self.lease)
+        if assigned is None:
+            return False
+        session.jobs.add(job.id)
+        session.send(Assign(assigned, details))
+        log.info("job_assigned", job_id=job.id, agent_id=session.identity.agent_id, epoch=assigned.epoch)
+        return True
+
+    def explain_queued(self, job: Job) -> str:
+        """Why a queued job has not started yet, in words for its owner."""
+        sessions = self._pool_sessions(job.org, job.spec.pool)
+        if not sessions:
+            return f"waiting: no agent of pool {job.spec.pool!r} is connected"
+        if not any(s.can_run(job) for s in sessions):
+            wants = ", ".join(f"{k}={v}" for k, v in sorted(job.spec.labels.items()))
+            offer = f"labels {wants} and " if wants else ""
+            return (f"waiting: no connected agent of pool {job.spec.pool!r} offers "
+                    f"{offer}runtime {job.spec.runtime or 'runc'}")
+        able = [s for s in sessions if s.can_run(job)]
+        if all(s.draining for s in able):
+            return (f"waiting: the {len(able)} able agent(s) of pool {job.spec.pool!r} take no jobs now "
+                    "(shutting down, or their container engine is down)")
+        return f"waiting for a free agent ({len(able)} able, all busy)"

@@ -1,0 +1,281 @@
+"""What users and agents do with jobs. Callers pass the organisation they are
+authenticated for; agents' org and pool come from their certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+
+import structlog
+
+from testhide.common.identity import AgentIdentity
+from testhide.controlplane.atrest import MasterKey
+from testhide.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, StaleEpoch
+from testhide.controlplane.jobs.blobs import BlobVault
+from testhide.controlplane.jobs.junit import MAX_REPORT_BYTES, JunitError, parse_junit
+from testhide.controlplane.jobs.leases import Leases
+from testhide.controlplane.jobs.logs import LogBook
+from testhide.controlplane.jobs.model import (
+    BlobInfo,
+    Job,
+    JobSpec,
+    JobStatus,
+    LogChunk,
+    LogStream,
+    PoolPolicy,
+    TestCase,
+    new_job_id,
+)
+from testhide.controlplane.jobs.scheduler import AgentSession, AssignDetails, Cancel, LogAck, ResultAck, Scheduler
+from testhide.controlplane.jobs.secrets import SecretVault
+from testhide.controlplane.jobs.validation import validate_relative_path, validate_spec
+from testhide.controlplane.store.base import Store
+
+log = structlog.get_logger("testhide.jobs")
+
+MAX_PAGE = 200
+# How long a follower waits before re-reading the store even without a wake-up
+# (another replica may have written).
+FOLLOW_RECHECK_S = 5.0
+POLICY_CACHE_S = 1.0
+
+
+MAX_WORKSPACE_BYTES = 256 * 1024 * 1024
+MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
+MAX_JOB_ARTIFACT_BYTES = 1024 * 1024 * 1024
+
+
+class JobService:
+    def __init__(self, store: Store, master: MasterKey, scheduler: Scheduler, logs: LogBook,
+                 blobs: BlobVault, secrets: SecretVault, leases: Leases) -> None:
+        self._store = store
+        self._leases = leases
+        self._policies: dict[tuple[str, str], tuple[float, PoolPolicy]] = {}
+        self._master = master
+        self._scheduler = scheduler
+        self._logs = logs
+        self._blobs = blobs
+        self._secrets = secrets
+        scheduler.prepare = self.assignment_details
+
+    # users --------------------------------------------------------------------
+    async def submit(self, org: str, spec: JobSpec) -> Job:
+        validate_spec(spec)
+        try:
+            policy = await self._store.pool_policy(org, spec.pool)
+        except NotFound as exc:
+            raise InvalidArgument(f"pool {spec.pool!r} does not exist in this organisation") from exc
+        if spec.workspace_id:
+            found = await self._store.get_blob(org, spec.workspace_id)
+            if found is None or found[0].kind != "workspace":
+                raise InvalidArgument(f"workspace {spec.workspace_id} not found; upload it first")
+        missing = await self._secrets.missing(org, spec.secrets)
+        if missing:
+            raise InvalidArgument(f"secrets not found in this organisation: {', '.join(missing)}")
+        job_id = new_job_id()
+        _, wrapped = self._master.new_data_key(aad=job_id.encode())
+        job = Job(id=job_id, org=org, spec=spec, status=JobStatus.QUEUED, created_at=datetime.now(UTC))
+        await self._store.create_job(job, wrapped)
+        log.info("job_submitted", job_id=job_id, org=org, pool=spec.pool, image=spec.image)
+        if policy.allowed_images and not any(fnmatchcase(spec.image, p) for p in policy.allowed_images):
+            # Refused before anything runs, yet recorded: the engineer sees the job and why.
+            reason = (f"image {spec.image!r} is not allowed in pool {spec.pool!r} "
+                      f"(allowed: {', '.join(policy.allowed_images)})")
+            job = await self._store.set_job_status(org, job_id, None, JobStatus.ERROR, datetime.now(UTC), reason)
+            self._logs.notify(job_id)
+            return job
+        self._scheduler.kick(org, spec.pool)
+        return job
+
+    async def assignment_details(self, job: Job) -> AssignDetails:
+        policy = await self._pool_policy(job.org, job.spec.pool)
+        runtime = policy.runtime or job.spec.runtime or "runc"
+        return AssignDetails(await self._secrets.resolve(job.org, job.spec.secrets), policy, runtime)
+
+    async def _pool_policy(self, org: str, pool: str) -> PoolPolicy:
+        """Cached for a second: dispatching a thousand jobs asks a thousand times,
+        and an operator's change may take a second, as revocations do."""
+        now = time.monotonic()
+        cached = self._policies.get((org, pool))
+        if cached is None or now - cached[0] > POLICY_CACHE_S:
+            cached = self._policies[(org, pool)] = (now, await self._store.pool_policy(org, pool))
+        return cached[1]
+
+    async def get(self, org: str, job_id: str) -> Job:
+        job = await self._store.get_job(org, job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        if job.status == JobStatus.QUEUED:
+            job = replace(job, status_reason=self._scheduler.explain_queued(job))
+        return job
+
+    async def upload_workspace(self, org: str, chunks: AsyncIterator[bytes]) -> BlobInfo:
+        return await self._blobs.write(org, "workspace", None, "", chunks, MAX_WORKSPACE_BYTES)
+
+    async def artifacts(self, org: str, job_id: str) -> list[BlobInfo]:
+        await self.get(org, job_id)
+        return await self._store.list_blobs(org, job_id, "artifact")
+
+    async def artifact(self, org: str, job_id: str, path: str) -> AsyncIterator[bytes]:
+        await self.get(org, job_id)
+        found = await self._store.find_blob(org, job_id, "artifact", path)
+        if found is None:
+            raise NotFound(f"job {job_id} has no artifact {path!r}")
+        async for chunk in self._blobs.read(*found):
+            yield chunk
+
+    async def test_results(self, org: str, job_id: str) -> tuple[list[TestCase], list[str]]:
+        return await self._store.test_results(org, job_id)
+
+    async def list(self, org: str, page_size: int, page_token: str) -> tuple[list[Job], str]:
+        size = min(max(page_size or 50, 1), MAX_PAGE)
+        jobs = await self._store.list_jobs(org, size + 1, page_token or None)
+        more = len(jobs) > size
+        jobs = jobs[:size]
+        return jobs, (jobs[-1].id if more else "")
+
+    async def cancel(self, org: str, job_id: str) -> Job:
+        job = await self.get(org, job_id)
+        if job.status.terminal:
+            raise FailedPrecondition(f"job {job_id} has already ended ({job.status.value})")
+        session = self._scheduler.session_of(job.agent_id) if job.agent_id else None
+        if job.status == JobStatus.QUEUED or session is None or job_id not in session.jobs:
+            job = await self._store.set_job_status(org, job_id, None, JobStatus.CANCELED, datetime.now(UTC),
+                                                   "canceled by user")
+            self._logs.notify(job_id)
+            return job
+        session.send(Cancel(job_id, "canceled by user"))
+        log.info("job_cancel_requested", job_id=job_id, agent_id=job.agent_id)
+        return job
+
+    async def follow(self, org: str, job_id: str, offset: int, follow: bool) -> AsyncIterator[LogChunk | Job]:
+        """Log chunks from ``offset``; with ``follow``, until the job has ended
+        and all its log was sent, then the final job."""
+        if offset < 0:
+            raise InvalidArgument("from_offset must not be negative")
+        while True:
+            changed = self._logs.changed(job_id)
+            job = await self.get(org, job_id)
+            async for chunk in self._logs.read(org, job_id, offset):
+                offset = chunk.offset + len(chunk.data)
+                yield chunk
+            if not follow:
+                return
+            # A LOST job about to be retried ends for its followers once they can see the retry.
+            if job.status.terminal and offset >= job.log_size and not job.retryable:
+                yield job
+                return
+            if offset >= job.log_size:
+                try:
+                    async with asyncio.timeout(FOLLOW_RECHECK_S):
+                        await changed.wait()
+                except TimeoutError:
+                    pass
+
+    # agents -------------------------------------------------------------------
+    async def leased(self, identity: AgentIdentity, job_id: str, epoch: int) -> Job:
+        """The job, if this agent holds it at this epoch and it has not ended."""
+        job = await self._store.get_job(identity.org, job_id)
+        if job is None or job.agent_id != identity.agent_id:
+            raise NotFound(f"job {job_id} is not assigned to this agent")
+        if job.epoch != epoch:
+            raise StaleEpoch(f"job {job_id} was reassigned (epoch {job.epoch}, not {epoch})")
+        return job
+
+    async def workspace_for(self, identity: AgentIdentity, job_id: str, epoch: int) -> AsyncIterator[bytes]:
+        job = await self.leased(identity, job_id, epoch)
+        if not job.spec.workspace_id:
+            raise NotFound(f"job {job_id} has no workspace")
+        found = await self._store.get_blob(job.org, job.spec.workspace_id)
+        if found is None:
+            raise NotFound(f"the workspace of job {job_id} is gone")
+        async for chunk in self._blobs.read(*found):
+            yield chunk
+
+    async def store_artifact(self, identity: AgentIdentity, job_id: str, epoch: int, path: str, kind: str,
+                             sha256: str, chunks: AsyncIterator[bytes]) -> BlobInfo:
+        job = await self.leased(identity, job_id, epoch)
+        if job.status.terminal:
+            raise FailedPrecondition(f"job {job_id} has already ended")
+        validate_relative_path("artifact path", path)
+        stored = sum(b.size for b in await self._store.list_blobs(job.org, job_id, "artifact"))
+        limit = min(MAX_ARTIFACT_BYTES, MAX_JOB_ARTIFACT_BYTES - stored)
+        report = bytearray()
+
+        async def keep_report() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                report.extend(chunk)
+                yield chunk
+
+        if kind == "junit":
+            info = await self._blobs.write(job.org, kind, job_id, path, keep_report(), MAX_REPORT_BYTES)
+        else:
+            info = await self._blobs.write(job.org, kind, job_id, path, chunks, limit)
+        if info.sha256 != sha256:
+            raise InvalidArgument(f"{path}: received data does not match the announced sha256")
+        if kind == "junit":
+            try:
+                cases, error = parse_junit(bytes(report)), ""
+            except JunitError as exc:
+                cases, error = [], str(exc)
+                log.warning("junit_report_refused", job_id=job_id, path=path, error=error)
+            await self._store.record_test_report(job_id, path, cases, error)
+        return info
+
+    async def on_hello(self, session: AgentSession, running: dict[str, int]) -> None:
+        """Reconcile what the agent says it runs with what the store says."""
+        org = session.identity.org
+        for job in await self._store.jobs_of_agent(org, session.identity.agent_id):
+            if running.get(job.id) == job.epoch:
+                session.jobs.add(job.id)
+            elif job.status == JobStatus.ASSIGNED:
+                await self._leases.release(job, JobStatus.QUEUED, "agent reconnected without it; requeued")
+            else:
+                await self._leases.release(job, JobStatus.LOST, "agent reconnected without it (it restarted)")
+        for job_id in running.keys() - session.jobs:
+            session.send(Cancel(job_id, "this agent no longer holds the job", abandon=True))
+        await self._leases.extend(session, {j: e for j, e in running.items() if j in session.jobs})
+        await self._leases.retry_lost()
+        self._scheduler.kick(org, session.identity.pool)
+
+    async def on_heartbeat(self, session: AgentSession, held: dict[str, int], draining: bool) -> None:
+        """``draining``: the agent takes no new jobs (shutting down, or its container engine is down)."""
+        await self._leases.extend(session, held)
+        if draining != session.draining:
+            session.draining = draining
+            log.info("agent_availability_changed", agent_id=session.identity.agent_id, taking_jobs=not draining)
+            if not draining:
+                self._scheduler.kick(session.identity.org, session.identity.pool)
+
+    async def on_refused(self, session: AgentSession, job_id: str, epoch: int, reason: str) -> None:
+        """The agent will not run an assignment (it is shutting down): queue it again."""
+        job = await self.leased(session.identity, job_id, epoch)
+        session.jobs.discard(job_id)
+        if job.status == JobStatus.ASSIGNED:
+            await self._leases.release(job, JobStatus.QUEUED, f"agent refused it ({reason[:200]}); requeued")
+
+    async def on_started(self, session: AgentSession, job_id: str, epoch: int) -> None:
+        _, changed = await self._store.report_job(session.identity.org, job_id, session.identity.agent_id, epoch,
+                                                  JobStatus.RUNNING, datetime.now(UTC))
+        if changed:
+            log.info("job_started", job_id=job_id, agent_id=session.identity.agent_id)
+
+    async def on_log_batch(self, session: AgentSession, job_id: str, epoch: int, seq: int,
+                           entries: list[tuple[LogStream, bytes]]) -> None:
+        stored = await self._logs.append(session.identity.org, job_id, epoch, seq, entries)
+        session.send(LogAck(job_id, stored))
+
+    async def on_result(self, session: AgentSession, job_id: str, epoch: int, last_seq: int,
+                        status: JobStatus, exit_code: int | None, reason: str) -> None:
+        _, changed = await self._store.report_job(session.identity.org, job_id, session.identity.agent_id, epoch,
+                                                  status, datetime.now(UTC), reason, exit_code, last_seq=last_seq)
+        if changed:
+            log.info("job_finished", job_id=job_id, status=status.value, exit_code=exit_code)
+        session.jobs.discard(job_id)
+        session.send(ResultAck(job_id))
+        self._logs.notify(job_id)
+        self._scheduler.kick(session.identity.org, session.identity.pool)

@@ -1,0 +1,103 @@
+"""Validation of what users send. Every refusal names the field and the rule."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from testhide.common.identity import NAME_RE
+from testhide.controlplane.errors import InvalidArgument
+from testhide.controlplane.jobs.model import JobSpec, Resources
+
+# The grammar of github.com/distribution/reference, with an optional digest.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+# As in Docker, a first component is a registry only if it has a '.' or a port, or is localhost;
+# otherwise it is part of the (lowercase) repository path.
+_DOMAIN = rf"(?:localhost(?::[0-9]+)?|{_LABEL}(?:\.{_LABEL})+(?::[0-9]+)?|{_LABEL}:[0-9]+)"
+# \Z, not $: $ also matches before a final newline.
+IMAGE_RE = re.compile(
+    rf"\A(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?\Z",
+    re.ASCII,
+)
+ENV_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._/-]{0,62}\Z")
+
+SECRET_NAME_RE = re.compile(r"\A[A-Z_][A-Z0-9_]{0,127}\Z")
+WORKSPACE_ID_RE = re.compile(r"\Ab[0-9a-f]{24}\Z")
+RUNTIMES = ("", "runc", "runsc")
+
+MAX_IMAGE = 255
+MAX_ARGS = 1024
+MAX_COMMAND_BYTES = 128 * 1024
+MAX_ENV = 256
+MAX_ENV_VALUE = 32 * 1024
+MAX_TIMEOUT = timedelta(hours=24)
+MAX_RETRIES = 10
+LIMITS = Resources(cpus=64, memory_bytes=256 * 1024**3, pids=65536)
+
+
+def validate_name(field: str, value: str) -> str:
+    if not NAME_RE.match(value):
+        raise InvalidArgument(f"{field} {value!r} must be 1-63 lowercase letters, digits or '-'")
+    return value
+
+
+def validate_spec(spec: JobSpec) -> JobSpec:
+    if not spec.image or len(spec.image) > MAX_IMAGE or not IMAGE_RE.match(spec.image):
+        raise InvalidArgument(f"image {spec.image[:80]!r} is not a valid image reference")
+    if not spec.command or not spec.command[0]:
+        raise InvalidArgument("command must not be empty")
+    if len(spec.command) > MAX_ARGS or sum(len(a.encode()) for a in spec.command) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(f"command is too long (at most {MAX_ARGS} arguments, {MAX_COMMAND_BYTES} bytes)")
+    if any("\x00" in a for a in spec.command):
+        raise InvalidArgument("command arguments must not contain NUL bytes")
+    if len(spec.env) > MAX_ENV:
+        raise InvalidArgument(f"at most {MAX_ENV} environment variables")
+    for name, value in spec.env.items():
+        if not ENV_NAME_RE.match(name):
+            raise InvalidArgument(f"environment variable name {name[:64]!r} is invalid")
+        if len(value.encode()) > MAX_ENV_VALUE or "\x00" in value:
+            raise InvalidArgument(f"environment variable {name} is too long or contains NUL")
+    validate_name("pool", spec.pool)
+    if not timedelta(seconds=1) <= spec.timeout <= MAX_TIMEOUT:
+        raise InvalidArgument("timeout must be between 1s and 24h")
+    if not 0 <= spec.retries <= MAX_RETRIES:
+        raise InvalidArgument(f"retries must be between 0 and {MAX_RETRIES}")
+    r = spec.resources
+    if not 0 < r.cpus <= LIMITS.cpus:
+        raise InvalidArgument(f"cpus must be in (0, {LIMITS.cpus}]")
+    if not 6 * 1024**2 <= r.memory_bytes <= LIMITS.memory_bytes:
+        raise InvalidArgument("memory must be between 6 MiB and 256 GiB")
+    if not 8 <= r.pids <= LIMITS.pids:
+        raise InvalidArgument(f"pids must be between 8 and {LIMITS.pids}")
+    if not spec.workdir.startswith("/") or ".." in spec.workdir.split("/") or len(spec.workdir) > 1024:
+        raise InvalidArgument("workdir must be an absolute path without '..'")
+    for key, value in spec.labels.items():
+        if not LABEL_RE.match(key) or len(value) > 256:
+            raise InvalidArgument(f"label {key[:64]!r} is invalid")
+    if len(spec.secrets) > MAX_ENV or len(set(spec.secrets)) != len(spec.secrets):
+        raise InvalidArgument("secrets must be distinct and at most 256")
+    for name in spec.secrets:
+        if not SECRET_NAME_RE.match(name):
+            raise InvalidArgument(f"secret name {name[:64]!r} is invalid")
+        if name in spec.env:
+            raise InvalidArgument(f"{name} is both an environment variable and a secret")
+    if spec.runtime not in RUNTIMES:
+        raise InvalidArgument(f"runtime must be one of {', '.join(r for r in RUNTIMES if r)}")
+    for kind, globs in (("artifact", spec.artifact_globs), ("junit", spec.junit_globs)):
+        if len(globs) > 64:
+            raise InvalidArgument(f"at most 64 {kind} globs")
+        for glob in globs:
+            validate_relative_path(f"{kind} glob", glob)
+    if spec.workspace_id and not WORKSPACE_ID_RE.match(spec.workspace_id):
+        raise InvalidArgument("workspace_id is malformed")
+    return spec
+
+
+def validate_relative_path(field: str, path: str) -> str:
+    """A path (or glob) inside /workspace: relative, no '..', no NUL."""
+    parts = path.split("/")
+    if not path or len(path) > 1024 or path.startswith("/") or ".." in parts or "\x00" in path:
+        raise InvalidArgument(f"{field} {path[:80]!r} must be a relative path inside the workspace, without '..'")
+    return path

@@ -1,0 +1,39 @@
+"""What operator commands share: the data dir opened with its store, master
+key and audit log, and the operator's identity for the audit trail."""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from testhide.controlplane.atrest import MasterKey
+from testhide.controlplane.auth.audit import Auditor
+from testhide.controlplane.datadir import DataDir
+from testhide.controlplane.store.sqlite import SqliteStore
+
+
+@dataclass(frozen=True)
+class OperatorContext:
+    directory: DataDir
+    master: MasterKey
+    store: SqliteStore
+    auditor: Auditor
+
+    @property
+    def actor(self) -> str:
+        return f"operator:{getpass.getuser()}"
+
+
+@asynccontextmanager
+async def operator_context(data_dir: Path) -> AsyncIterator[OperatorContext]:
+    directory = DataDir(data_dir)
+    directory.require_initialised()
+    master = directory.master_key()
+    store = await SqliteStore.open(directory.db_path)
+    try:
+        yield OperatorContext(directory, master, store, Auditor(store, await directory.audit_key(master, store)))
+    finally:
+        await store.close()

@@ -1,0 +1,126 @@
+"""Authentication and authorisation of every API-port RPC, in one place. A
+method missing from the table is refused: new RPCs fail closed."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from testhide.controlplane.auth.limits import RateLimiter
+from testhide.controlplane.auth.principal import Principal
+from testhide.controlplane.auth.sessions import Sessions
+from testhide.controlplane.errors import ControlPlaneError, PermissionDenied, RateLimited
+from testhide.controlplane.rpc.status import abort_with
+
+PUBLIC = frozenset({
+    "/testhide.v1.Enrollment/Enroll",  # the token in the request is the credential
+    "/testhide.v1.Auth/Login",
+    "/testhide.v1.Auth/Refresh",
+    "/testhide.v1.Auth/Logout",
+    "/testhide.v1.Auth/GetSigningKeys",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+})
+SCOPE_OF_METHOD = {
+    "/testhide.v1.Jobs/Submit": "jobs:write",
+    "/testhide.v1.Jobs/Cancel": "jobs:write",
+    "/testhide.v1.Jobs/Get": "jobs:read",
+    "/testhide.v1.Jobs/List": "jobs:read",
+    "/testhide.v1.Jobs/FollowLogs": "jobs:read",
+    "/testhide.v1.Jobs/UploadWorkspace": "jobs:write",
+    "/testhide.v1.Jobs/ListArtifacts": "jobs:read",
+    "/testhide.v1.Jobs/DownloadArtifact": "jobs:read",
+    "/testhide.v1.Jobs/GetTestResults": "jobs:read",
+    "/testhide.v1.Secrets/Set": "secrets:write",
+    "/testhide.v1.Secrets/Delete": "secrets:write",
+    "/testhide.v1.Secrets/List": "jobs:read",
+}
+
+_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being served; set only after authentication."""
+    return _principal.get()
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that runs ``behaviour``."""
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return factory(behaviour, request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)
+
+
+def client_address(context: grpc.aio.ServicerContext) -> str:
+    """``ipv4:127.0.0.1:5000`` -> ``ipv4:127.0.0.1``: limits apply per address, not per port."""
+    return context.peer().rsplit(":", 1)[0]
+
+
+class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every API-port call passes here: a per-address rate limit for all, and
+    for all but the public methods an access token, its scope and a
+    per-principal rate limit. Methods missing from the table are refused."""
+
+    def __init__(self, sessions: Sessions, per_address: RateLimiter, per_principal: RateLimiter) -> None:
+        self._sessions = sessions
+        self._per_address = per_address
+        self._per_principal = per_principal
+
+    async def _admit(self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext
+                     ) -> Principal | None:
+        wait = self._per_address.take(client_address(context))
+        if wait:
+            raise RateLimited("too many requests from this address", retry_after_s=wait)
+        if method in PUBLIC:
+            return None
+        scope = SCOPE_OF_METHOD.get(method)
+        if scope is None:
+            raise PermissionDenied(f"method {method} is not open to API callers")
+        principal = await self._sessions.authenticate(metadata.get("authorization"), context.peer())
+        principal.require(scope)
+        wait = self._per_principal.take(f"{principal.kind}:{principal.id}")
+        if wait:
+            raise RateLimited("too many requests for this credential", retry_after_s=wait)
+        return principal
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        inner = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+        admit = self._admit
+
+        async def admitted(context: grpc.aio.ServicerContext) -> None:
+            try:
+                principal = await admit(method, metadata, context)
+            except ControlPlaneError as exc:
+                await abort_with(context, exc)
+            if principal is not None:
+                _principal.set(principal)
+
+        if not handler.response_streaming:
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await admitted(context)
+                return await inner(request, context)
+
+            return _rebuild(handler, unary)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await admitted(context)
+            async for item in inner(request, context):
+                yield item
+
+        return _rebuild(handler, stream)
