@@ -24,31 +24,51 @@ from benchmarks.notes import NOTES
 from testhide.common.logging import configure
 from tests.harness import REPO
 
-SUITE: dict[str, Callable[[bool], Awaitable[Figure | list[Figure]]]] = {"overhead": overhead.measure, "pickup": pickup.measure, "logs": logs.measure,
-         "scheduler": scheduler.measure, "connections": connections.measure, "certs": certs.measure}
+SUITE: dict[str, Callable[[bool], Awaitable[Figure | list[Figure]]]] = {
+    "overhead": overhead.measure,
+    "pickup": pickup.measure,
+    "logs": logs.measure,
+    "scheduler": scheduler.measure,
+    "connections": connections.measure,
+    "certs": certs.measure,
+}
 
 
 def commit() -> dict[str, Any]:
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", ".",
-                                                                  ":!benchmarks/results"))}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--", ".", ":!benchmarks/results")),
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
     source = result["source"]
-    header = (f"Commit `{source['commit'][:12]}`{' (with uncommitted changes)' if source['dirty'] else ''}, "
-              f"{result['finished_at']}, {result['machine']['cpus']} cores, "
-              f"{result['machine']['memory_mib']:,} MiB, Python {result['machine']['python']}. "
-              f"Run with `python3 -m benchmarks{' --smoke' if result['smoke'] else ''}` "
-              f"in {result['duration_s']:.0f} s.")
-    lines = [f"# Benchmark results{' (smoke)' if result['smoke'] else ''}", "", header, "",
-             "| figure | value | baseline | ratio | goal | met |", "| --- | --- | --- | --- | --- | --- |"]
+    header = (
+        f"Commit `{source['commit'][:12]}`{' (with uncommitted changes)' if source['dirty'] else ''}, "
+        f"{result['finished_at']}, {result['machine']['cpus']} cores, "
+        f"{result['machine']['memory_mib']:,} MiB, Python {result['machine']['python']}. "
+        f"Run with `python3 -m benchmarks{' --smoke' if result['smoke'] else ''}` "
+        f"in {result['duration_s']:.0f} s."
+    )
+    lines = [
+        f"# Benchmark results{' (smoke)' if result['smoke'] else ''}",
+        "",
+        header,
+        "",
+        "| figure | value | baseline | ratio | goal | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for f in result["figures"]:
         met = {True: "yes", False: "**no**", None: "n/a"}[f["met"]]
-        lines.append(f"| {f['title']} | {f['value']:,} {f['unit']} | {f['baseline']:,} {f['baseline_unit']} "
-                     f"({f['baseline_what']}) | {f['ratio']} | {f['goal']} | {met} |")
+        lines.append(
+            f"| {f['title']} | {f['value']:,} {f['unit']} | {f['baseline']:,} {f['baseline_unit']} "
+            f"({f['baseline_what']}) | {f['ratio']} | {f['goal']} | {met} |"
+        )
     lines += ["", "## Notes", ""]
     for f in result["figures"]:
         lines.append(f"- **{f['title']}**: {f['note'] or '-'}")
@@ -71,18 +91,28 @@ async def run(names: list[str], smoke: bool) -> tuple[list[Figure], list[str]]:
             figure.note = NOTES.get(figure.name, "")
             figure.details["seconds_to_measure"] = round(time.monotonic() - started, 1)
             figures.append(figure)
-            print(f"{figure.title}: {figure.value} {figure.unit} vs {figure.baseline} {figure.baseline_unit}"
-                  f" -> ratio {figure.ratio} (goal {figure.goal}; met: {figure.met})", flush=True)
+            print(
+                f"{figure.title}: {figure.value} {figure.unit} vs {figure.baseline} {figure.baseline_unit}"
+                f" -> ratio {figure.ratio} (goal {figure.goal}; met: {figure.met})",
+                flush=True,
+            )
     return figures, failed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: keeps the suite from rotting")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, seconds: keeps the suite from rotting"
+    )
     parser.add_argument("--only", nargs="+", choices=list(SUITE), default=list(SUITE))
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--renote", action="store_true",
-                        help="only rewrite the notes of the results in --out-dir from notes.py")
+    parser.add_argument(
+        "--renote",
+        action="store_true",
+        help="only rewrite the notes of the results in --out-dir from notes.py",
+    )
     args = parser.parse_args()
     if args.renote:
         path = args.out_dir / "latest.json"
@@ -97,9 +127,14 @@ def main() -> None:
     source = commit()
     started = time.monotonic()
     figures, failed = asyncio.run(run(args.only, args.smoke))
-    result = {"smoke": args.smoke, "source": source, "machine": machine(),
-              "finished_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-              "duration_s": round(time.monotonic() - started, 1), "figures": [f.as_dict() for f in figures]}
+    result = {
+        "smoke": args.smoke,
+        "source": source,
+        "machine": machine(),
+        "finished_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "duration_s": round(time.monotonic() - started, 1),
+        "figures": [f.as_dict() for f in figures],
+    }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out_dir / "latest.md").write_text(markdown(result))

@@ -44,7 +44,9 @@ def signing_rate(count: int) -> float:
     csrs = [new_key_and_csr()[1] for _ in range(count)]
     started = time.perf_counter()
     for i, csr in enumerate(csrs):
-        ca.issue_agent(csr, AgentIdentity("bench.local", "default", "default", f"a{i:016x}"), timedelta(hours=1))
+        ca.issue_agent(
+            csr, AgentIdentity("bench.local", "default", "default", f"a{i:016x}"), timedelta(hours=1)
+        )
     return count / (time.perf_counter() - started)
 
 
@@ -76,8 +78,9 @@ async def _renew_all(target: str, ca_pem: bytes, agents: list[tuple[bytes, bytes
         async with grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
             started = time.perf_counter()
             _, csr = new_key_and_csr()
-            response = await agent_pb2_grpc.AgentControlStub(channel).Renew(agent_pb2.RenewRequest(csr_pem=csr),
-                                                                             timeout=300)
+            response = await agent_pb2_grpc.AgentControlStub(channel).Renew(
+                agent_pb2.RenewRequest(csr_pem=csr), timeout=300
+            )
             assert response.certificate_pem
             return time.perf_counter() - started
 
@@ -102,15 +105,26 @@ async def renewal(agents: int, workers: int) -> dict[str, Any]:
                 key_pem, csr = new_key_and_csr()
                 identity = AgentIdentity(ca.trust_domain, "default", "default", f"a{i:016x}")
                 issued = ca.issue_agent(csr, identity, timedelta(hours=1))
-                await store.create_agent(AgentRecord(identity.agent_id, "default", "default", f"bench-{i}",
-                                                     format(issued.serial, "x"), issued.not_after,
-                                                     datetime.now(UTC), cert_issuer=fingerprint(ca.certificate_pem)))
+                await store.create_agent(
+                    AgentRecord(
+                        identity.agent_id,
+                        "default",
+                        "default",
+                        f"bench-{i}",
+                        format(issued.serial, "x"),
+                        issued.not_after,
+                        datetime.now(UTC),
+                        cert_issuer=fingerprint(ca.certificate_pem),
+                    )
+                )
                 identities.append((key_pem, issued.certificate_pem))
             context = multiprocessing.get_context("spawn")
             start, out = context.Event(), context.Queue()
             shares = [identities[i::workers] for i in range(workers)]
-            processes = [context.Process(target=_worker, args=(cp.agent_target, cp.ca_pem, share, start, out))
-                         for share in shares]
+            processes = [
+                context.Process(target=_worker, args=(cp.agent_target, cp.ca_pem, share, start, out))
+                for share in shares
+            ]
             for process in processes:
                 process.start()
             await asyncio.sleep(1.0)  # let the workers import and reach the start line
@@ -123,10 +137,14 @@ async def renewal(agents: int, workers: int) -> dict[str, Any]:
             for process in processes:
                 process.join(30)
     latencies.sort()
-    return {"agents": agents, "workers": workers, "all_renewed_s": round(elapsed, 3),
-            "renewals_per_s": round(agents / elapsed, 1),
-            "latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
-            "latency_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1)}
+    return {
+        "agents": agents,
+        "workers": workers,
+        "all_renewed_s": round(elapsed, 3),
+        "renewals_per_s": round(agents / elapsed, 1),
+        "latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
+        "latency_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 1),
+    }
 
 
 async def measure(smoke: bool) -> list[Figure]:
@@ -141,25 +159,47 @@ async def measure(smoke: bool) -> list[Figure]:
     sign_rate, ecdsa_per_s = median(signing), median(ecdsa)
     signing_alone_s = agents / sign_rate
     return [
-        Figure(name="certificate_signing", title="Certificate signing", value=round(sign_rate, 1),
-               unit="certificates/s", baseline=round(ecdsa_per_s, 1), baseline_unit="signatures/s",
-               baseline_what="bare ECDSA P-256 signatures (cryptography) in the same process",
-               ratio=round(sign_rate / ecdsa_per_s, 3), goal="none set (reported)", met=None,
-               details={"signing_per_s": [round(r, 1) for r in signing],
-                        "ecdsa_per_s": [round(r, 1) for r in ecdsa]}),
-        Figure(name="certificate_renewal", title=f"{agents:,} agents renewing", value=renewed["all_renewed_s"],
-               unit="s", baseline=round(signing_alone_s, 3), baseline_unit="s",
-               baseline_what=f"the CA alone signing {agents:,} certificates in process",
-               ratio=round(renewed["all_renewed_s"] / signing_alone_s, 2), goal="none set (reported)", met=None,
-               details=renewed),
+        Figure(
+            name="certificate_signing",
+            title="Certificate signing",
+            value=round(sign_rate, 1),
+            unit="certificates/s",
+            baseline=round(ecdsa_per_s, 1),
+            baseline_unit="signatures/s",
+            baseline_what="bare ECDSA P-256 signatures (cryptography) in the same process",
+            ratio=round(sign_rate / ecdsa_per_s, 3),
+            goal="none set (reported)",
+            met=None,
+            details={
+                "signing_per_s": [round(r, 1) for r in signing],
+                "ecdsa_per_s": [round(r, 1) for r in ecdsa],
+            },
+        ),
+        Figure(
+            name="certificate_renewal",
+            title=f"{agents:,} agents renewing",
+            value=renewed["all_renewed_s"],
+            unit="s",
+            baseline=round(signing_alone_s, 3),
+            baseline_unit="s",
+            baseline_what=f"the CA alone signing {agents:,} certificates in process",
+            ratio=round(renewed["all_renewed_s"] / signing_alone_s, 2),
+            goal="none set (reported)",
+            met=None,
+            details=renewed,
+        ),
     ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: keeps the benchmark from rotting")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, seconds: keeps the benchmark from rotting"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     configure("warning")

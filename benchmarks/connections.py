@@ -65,8 +65,9 @@ def _client_process(target: str, ca_pem: bytes, agents: list[AgentKeys], connect
 
 
 async def _idle_rss(*command: str, cwd: Path, settle_s: float, ready: Any = None) -> int:
-    process = await asyncio.create_subprocess_exec(*command, cwd=cwd, stdout=asyncio.subprocess.DEVNULL,
-                                                   stderr=asyncio.subprocess.DEVNULL)
+    process = await asyncio.create_subprocess_exec(
+        *command, cwd=cwd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
     try:
         if ready is not None:
             await ready
@@ -83,8 +84,17 @@ async def idle_agent(cp: RunningControlPlane, tmp: Path) -> tuple[int, int]:
     data_dir = save_credentials(cp, keys, tmp / "idle-agent")
     assert cp.daemon.scheduler is not None
     attached = cp.daemon.scheduler.wait_for_agent(keys.agent_id)
-    agent = await _idle_rss(sys.executable, "-m", "testhide.agent.cli", "run", "--data-dir", str(data_dir), cwd=REPO,
-                            settle_s=3.0, ready=asyncio.wait_for(attached, 60))
+    agent = await _idle_rss(
+        sys.executable,
+        "-m",
+        "testhide.agent.cli",
+        "run",
+        "--data-dir",
+        str(data_dir),
+        cwd=REPO,
+        settle_s=3.0,
+        ready=asyncio.wait_for(attached, 60),
+    )
     bare = await _idle_rss(sys.executable, "-c", "import time; time.sleep(60)", cwd=REPO, settle_s=1.0)
     return agent, bare
 
@@ -105,9 +115,14 @@ async def measure(smoke: bool) -> list[Figure]:
             idle = rss_bytes(served.process.pid)
             connected, stop = SPAWN.Queue(), SPAWN.Event()
             target = f"127.0.0.1:{served.agent_port}"
-            processes = [SPAWN.Process(target=_client_process, name=f"bench-streams-{i}",
-                                       args=(target, ca_pem, agents[i::clients], connected, stop))
-                         for i in range(clients)]
+            processes = [
+                SPAWN.Process(
+                    target=_client_process,
+                    name=f"bench-streams-{i}",
+                    args=(target, ca_pem, agents[i::clients], connected, stop),
+                )
+                for i in range(clients)
+            ]
             started = time.monotonic()
             for process in processes:
                 process.start()
@@ -126,17 +141,38 @@ async def measure(smoke: bool) -> list[Figure]:
             agent_rss, bare_rss = await idle_agent(cp, Path(tmp))
     per_stream_kib = (loaded - idle) / streams / 1024
     return [
-        Figure(name="controlplane_memory", title=f"Control plane memory, {streams:,} idle agent streams",
-               value=round(loaded / MIB, 1), unit="MiB", baseline=round(idle / MIB, 1), baseline_unit="MiB",
-               baseline_what="the same control plane process before any agent connected", ratio=round(loaded / idle, 2),
-               goal="< 1024 MiB", met=loaded < GOAL_CONTROLPLANE_BYTES and held == streams,
-               details={"streams": streams, "streams_held": held, "client_processes": clients,
-                        "connections": streams, "per_stream_kib": round(per_stream_kib, 1),
-                        "all_connected_s": round(connect_s, 1),
-                        "client_process_rss_mib": [round(r / MIB, 1) for r in client_rss]}),
-        Figure(name="agent_memory", title="Idle agent memory", value=round(agent_rss / MIB, 1), unit="MiB",
-               baseline=round(bare_rss / MIB, 1), baseline_unit="MiB",
-               baseline_what="a bare Python interpreter, idle", ratio=round(agent_rss / bare_rss, 2),
-               goal="< 60 MB (57.2 MiB)", met=agent_rss < GOAL_AGENT_BYTES,
-               details={"command": "testhide-agent run (Docker runtime), connected, no job"}),
+        Figure(
+            name="controlplane_memory",
+            title=f"Control plane memory, {streams:,} idle agent streams",
+            value=round(loaded / MIB, 1),
+            unit="MiB",
+            baseline=round(idle / MIB, 1),
+            baseline_unit="MiB",
+            baseline_what="the same control plane process before any agent connected",
+            ratio=round(loaded / idle, 2),
+            goal="< 1024 MiB",
+            met=loaded < GOAL_CONTROLPLANE_BYTES and held == streams,
+            details={
+                "streams": streams,
+                "streams_held": held,
+                "client_processes": clients,
+                "connections": streams,
+                "per_stream_kib": round(per_stream_kib, 1),
+                "all_connected_s": round(connect_s, 1),
+                "client_process_rss_mib": [round(r / MIB, 1) for r in client_rss],
+            },
+        ),
+        Figure(
+            name="agent_memory",
+            title="Idle agent memory",
+            value=round(agent_rss / MIB, 1),
+            unit="MiB",
+            baseline=round(bare_rss / MIB, 1),
+            baseline_unit="MiB",
+            baseline_what="a bare Python interpreter, idle",
+            ratio=round(agent_rss / bare_rss, 2),
+            goal="< 60 MB (57.2 MiB)",
+            met=agent_rss < GOAL_AGENT_BYTES,
+            details={"command": "testhide-agent run (Docker runtime), connected, no job"},
+        ),
     ]

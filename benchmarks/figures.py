@@ -45,8 +45,9 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[rank - 1]
 
 
-async def alternate(repetitions: int, measured: Callable[[], Awaitable[float]],
-                    baseline: Callable[[], Awaitable[float]]) -> tuple[list[float], list[float]]:
+async def alternate(
+    repetitions: int, measured: Callable[[], Awaitable[float]], baseline: Callable[[], Awaitable[float]]
+) -> tuple[list[float], list[float]]:
     """Run baseline and measured turn about, ``repetitions`` times each,
     starting with whichever went second last time."""
     values: list[float] = []
@@ -87,6 +88,10 @@ def raise_fd_limit() -> int:
 def machine() -> dict[str, Any]:
     with open("/proc/meminfo") as meminfo:
         total_kib = int(meminfo.readline().split()[1])
-    return {"cpus": os.cpu_count(), "memory_mib": total_kib // 1024, "python": platform.python_version(),
-            "kernel": platform.release(), "open_files_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
-
+    return {
+        "cpus": os.cpu_count(),
+        "memory_mib": total_kib // 1024,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "open_files_hard_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    }

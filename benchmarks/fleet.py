@@ -52,26 +52,40 @@ async def issue_agents(cp: RunningControlPlane, count: int, pool: str = "default
         key_pem, csr = new_key_and_csr()
         identity = AgentIdentity(ca.trust_domain, "default", pool, f"a{secrets.token_hex(8)}")
         issued = ca.issue_agent(csr, identity, timedelta(hours=1))
-        await store.create_agent(AgentRecord(identity.agent_id, "default", pool, f"bench-{identity.agent_id}",
-                                             format(issued.serial, "x"), issued.not_after, datetime.now(UTC),
-                                             cert_issuer=issuer))
+        await store.create_agent(
+            AgentRecord(
+                identity.agent_id,
+                "default",
+                pool,
+                f"bench-{identity.agent_id}",
+                format(issued.serial, "x"),
+                issued.not_after,
+                datetime.now(UTC),
+                cert_issuer=issuer,
+            )
+        )
         agents.append(AgentKeys(identity.agent_id, key_pem, issued.certificate_pem))
     return agents
 
 
 def save_credentials(cp: RunningControlPlane, keys: AgentKeys, data_dir: Path) -> Path:
-    Credentials(keys.agent_id, cp.api_target, cp.agent_target, keys.key_pem, keys.certificate_pem,
-                cp.ca_pem).save(data_dir)
+    Credentials(
+        keys.agent_id, cp.api_target, cp.agent_target, keys.key_pem, keys.certificate_pem, cp.ca_pem
+    ).save(data_dir)
     return data_dir
 
 
-async def open_stream(target: str, ca_pem: bytes, keys: AgentKeys, max_jobs: int = 1
-                      ) -> tuple[grpc.aio.Channel, grpc.aio.StreamStreamCall]:
+async def open_stream(
+    target: str, ca_pem: bytes, keys: AgentKeys, max_jobs: int = 1
+) -> tuple[grpc.aio.Channel, grpc.aio.StreamStreamCall]:
     """The agent's Connect stream, established: hello sent, identity accepted."""
-    channel = secure_channel(target, ca_pem, client_key_pem=keys.key_pem, client_cert_pem=keys.certificate_pem)
+    channel = secure_channel(
+        target, ca_pem, client_key_pem=keys.key_pem, client_cert_pem=keys.certificate_pem
+    )
     call = agent_pb2_grpc.AgentControlStub(channel).Connect()
-    await call.write(agent_pb2.AgentMessage(hello=agent_pb2.Hello(max_jobs=max_jobs, version="bench",
-                                                                  runtimes=["runc"])))
+    await call.write(
+        agent_pb2.AgentMessage(hello=agent_pb2.Hello(max_jobs=max_jobs, version="bench", runtimes=["runc"]))
+    )
     metadata = await call.initial_metadata()
     if metadata is None or not any(key == SESSION_ACCEPTED for key, _ in metadata):
         await channel.close()
@@ -81,9 +95,14 @@ async def open_stream(target: str, ca_pem: bytes, keys: AgentKeys, max_jobs: int
 
 def finished_messages(job_id: str, epoch: int) -> list[agent_pb2.AgentMessage]:
     """What an agent sends for a job that exits 0 at once without output."""
-    return [agent_pb2.AgentMessage(started=agent_pb2.JobStarted(job_id=job_id, epoch=epoch)),
-            agent_pb2.AgentMessage(result=agent_pb2.JobResult(
-                job_id=job_id, epoch=epoch, last_seq=0, outcome=agent_pb2.JOB_OUTCOME_EXITED, exit_code=0))]
+    return [
+        agent_pb2.AgentMessage(started=agent_pb2.JobStarted(job_id=job_id, epoch=epoch)),
+        agent_pb2.AgentMessage(
+            result=agent_pb2.JobResult(
+                job_id=job_id, epoch=epoch, last_seq=0, outcome=agent_pb2.JOB_OUTCOME_EXITED, exit_code=0
+            )
+        ),
+    ]
 
 
 def _run_agent(data_dir: Path, config: dict[str, Any], stop: Any) -> None:

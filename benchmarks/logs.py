@@ -31,9 +31,11 @@ READ_BLOCK = 1 << 20
 def generator(lines: int, delay_s: float) -> list[str]:
     """The job: after ``delay_s`` (time for the follower to attach), ``lines``
     numbered lines written in large blocks."""
-    program = (f"import sys, time\ntime.sleep({delay_s})\nw = sys.stdout.buffer.write\n"
-               f"for k in range(0, {lines}, 100000):\n"
-               f"    w(b''.join(b'%09d\\n' % i for i in range(k, min({lines}, k + 100000))))\n")
+    program = (
+        f"import sys, time\ntime.sleep({delay_s})\nw = sys.stdout.buffer.write\n"
+        f"for k in range(0, {lines}, 100000):\n"
+        f"    w(b''.join(b'%09d\\n' % i for i in range(k, min({lines}, k + 100000))))\n"
+    )
     return ["python3", "-c", program]
 
 
@@ -71,8 +73,15 @@ def read_attach_socket(command: list[str]) -> Received:
     """The baseline: a container like the job's (no Docker log, as the agent
     sets up), its output read in 1 MiB blocks."""
     client = docker.from_env()
-    container = client.containers.create(IMAGE, command, network_mode="none", user="65534:65534",
-                                         read_only=True, cap_drop=["ALL"], log_config=LogConfig(type="none"))
+    container = client.containers.create(
+        IMAGE,
+        command,
+        network_mode="none",
+        user="65534:65534",
+        read_only=True,
+        cap_drop=["ALL"],
+        log_config=LogConfig(type="none"),
+    )
     received = Received()
     try:
         sock = client.api.attach_socket(container.id, {"stdout": 1, "stderr": 1, "stream": 1})
@@ -124,18 +133,33 @@ async def measure(smoke: bool) -> Figure:
                 return runs["docker"][-1].rate
 
             values, baselines = await alternate(repetitions, testhide, attach)
-    identical = all(r.digest.hexdigest() == expected and r.size == lines * LINE
-                    for received in runs.values() for r in received)
+    identical = all(
+        r.digest.hexdigest() == expected and r.size == lines * LINE
+        for received in runs.values()
+        for r in received
+    )
     value, baseline = median(values), median(baselines)
     ratio = value / baseline
     mb = 1e6
     details: dict[str, Any] = {
-        "bytes": lines * LINE, "repetitions": repetitions, "source_sha256": expected, "sha256_match": identical,
-        "testhide_mb_s": [round(v / mb, 1) for v in values], "docker_mb_s": [round(v / mb, 1) for v in baselines],
-        "python": sys.version.split()[0]}
+        "bytes": lines * LINE,
+        "repetitions": repetitions,
+        "source_sha256": expected,
+        "sha256_match": identical,
+        "testhide_mb_s": [round(v / mb, 1) for v in values],
+        "docker_mb_s": [round(v / mb, 1) for v in baselines],
+        "python": sys.version.split()[0],
+    }
     return Figure(
-        name="log_throughput", title="Log throughput", value=round(value / mb, 1), unit="MB/s",
-        baseline=round(baseline / mb, 1), baseline_unit="MB/s",
+        name="log_throughput",
+        title="Log throughput",
+        value=round(value / mb, 1),
+        unit="MB/s",
+        baseline=round(baseline / mb, 1),
+        baseline_unit="MB/s",
         baseline_what="Python reading the same container's attach socket in 1 MiB blocks",
-        ratio=round(ratio, 3), goal=f"ratio >= {GOAL} and sha256 identical", met=ratio >= GOAL and identical,
-        details=details)
+        ratio=round(ratio, 3),
+        goal=f"ratio >= {GOAL} and sha256 identical",
+        met=ratio >= GOAL and identical,
+        details=details,
+    )

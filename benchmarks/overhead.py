@@ -18,8 +18,9 @@ GOAL = 1.15
 
 async def _timed(*command: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
     started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(*command, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        *command, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     _, err = await process.communicate()
     elapsed = time.monotonic() - started
     if process.returncode != 0:
@@ -35,8 +36,19 @@ async def measure(smoke: bool) -> Figure:
             assert (await cli.login(cp)).returncode == 0
 
             async def testhide() -> float:
-                return await _timed(sys.executable, "-m", "testhide.cli.main", "run", "--no-workspace", "--image", JOB_IMAGE,
-                                    "--", "true", env=cli.env, cwd=cli.cwd)
+                return await _timed(
+                    sys.executable,
+                    "-m",
+                    "testhide.cli.main",
+                    "run",
+                    "--no-workspace",
+                    "--image",
+                    JOB_IMAGE,
+                    "--",
+                    "true",
+                    env=cli.env,
+                    cwd=cli.cwd,
+                )
 
             async def docker() -> float:
                 return await _timed("docker", "run", "--rm", "--network", "none", JOB_IMAGE, "true")
@@ -44,14 +56,31 @@ async def measure(smoke: bool) -> Figure:
             await testhide()  # warm both paths: image cache, init image, imports
             await docker()
             values, baselines = await alternate(repetitions, testhide, docker)
-            cli_start = median([await _timed(sys.executable, "-m", "testhide.cli.main", "--help", env=cli.env, cwd=REPO)
-                                for _ in range(3)])
+            cli_start = median(
+                [
+                    await _timed(sys.executable, "-m", "testhide.cli.main", "--help", env=cli.env, cwd=REPO)
+                    for _ in range(3)
+                ]
+            )
     value, baseline = median(values), median(baselines)
     ratio = value / baseline
     return Figure(
-        name="job_overhead", title="Job overhead", value=round(value, 3), unit="s", baseline=round(baseline, 3),
-        baseline_unit="s", baseline_what="docker run --rm --network none IMAGE true", ratio=round(ratio, 3),
-        goal=f"ratio <= {GOAL}", met=ratio <= GOAL,
-        details={"repetitions": repetitions, "testhide_s": [round(v, 3) for v in values],
-                 "docker_s": [round(v, 3) for v in baselines], "cli_startup_s": round(cli_start, 3),
-                 "without_cli_startup_ratio": round((value - cli_start) / baseline, 3), "image": JOB_IMAGE})
+        name="job_overhead",
+        title="Job overhead",
+        value=round(value, 3),
+        unit="s",
+        baseline=round(baseline, 3),
+        baseline_unit="s",
+        baseline_what="docker run --rm --network none IMAGE true",
+        ratio=round(ratio, 3),
+        goal=f"ratio <= {GOAL}",
+        met=ratio <= GOAL,
+        details={
+            "repetitions": repetitions,
+            "testhide_s": [round(v, 3) for v in values],
+            "docker_s": [round(v, 3) for v in baselines],
+            "cli_startup_s": round(cli_start, 3),
+            "without_cli_startup_ratio": round((value - cli_start) / baseline, 3),
+            "image": JOB_IMAGE,
+        },
+    )

@@ -50,8 +50,9 @@ def _run_agents(data_dirs: list[Path], stop: Any) -> None:
     asyncio.run(main())
 
 
-async def _submit(api_target: str, ca_pem: bytes, bearer: tuple[tuple[str, str], ...], count: int
-                  ) -> list[tuple[str, float, float]]:
+async def _submit(
+    api_target: str, ca_pem: bytes, bearer: tuple[tuple[str, str], ...], count: int
+) -> list[tuple[str, float, float]]:
     spec = jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"], pool="default")
     submitted: list[tuple[str, float, float]] = []
     remaining = iter(range(count))
@@ -61,7 +62,9 @@ async def _submit(api_target: str, ca_pem: bytes, bearer: tuple[tuple[str, str],
         async def submitter() -> None:
             for _ in remaining:
                 started = time.monotonic()
-                response = await jobs.Submit(jobs_pb2.SubmitJobRequest(spec=spec), metadata=bearer, timeout=120)
+                response = await jobs.Submit(
+                    jobs_pb2.SubmitJobRequest(spec=spec), metadata=bearer, timeout=120
+                )
                 submitted.append((response.job.id, started, time.monotonic()))
 
         await asyncio.gather(*(submitter() for _ in range(SUBMITTERS)))
@@ -89,8 +92,9 @@ def _record_times(cp: RunningControlPlane) -> tuple[dict[str, float], dict[str, 
             assigned[job_id] = time.monotonic()
         return job
 
-    async def timed_report(org: str, job_id: str, agent_id: str, epoch: int, status: JobStatus, *args: Any,
-                           **kwargs: Any) -> tuple[Job, bool]:
+    async def timed_report(
+        org: str, job_id: str, agent_id: str, epoch: int, status: JobStatus, *args: Any, **kwargs: Any
+    ) -> tuple[Job, bool]:
         job, changed = await report_job(org, job_id, agent_id, epoch, status, *args, **kwargs)
         if changed and status.terminal:
             ended[job_id] = time.monotonic()
@@ -116,8 +120,9 @@ async def store_lifecycle_rate(directory: Path, count: int) -> float:
             assigned = await store.assign_job("default", job.id, "a1", now, now + timedelta(minutes=1))
             assert assigned is not None
             await store.report_job("default", job.id, "a1", assigned.epoch, JobStatus.RUNNING, now)
-            await store.report_job("default", job.id, "a1", assigned.epoch, JobStatus.SUCCEEDED, now, "", 0,
-                                   last_seq=0)
+            await store.report_job(
+                "default", job.id, "a1", assigned.epoch, JobStatus.SUCCEEDED, now, "", 0, last_seq=0
+            )
         return count / (time.monotonic() - started)
     finally:
         await store.close()
@@ -139,11 +144,15 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
         async with control_plane(Path(tmp), **UNLIMITED) as cp:
             scheduler = cp.daemon.scheduler
             assert scheduler is not None
-            dirs = [save_credentials(cp, keys, Path(tmp) / "agents" / keys.agent_id)
-                    for keys in await issue_agents(cp, agents)]
+            dirs = [
+                save_credentials(cp, keys, Path(tmp) / "agents" / keys.agent_id)
+                for keys in await issue_agents(cp, agents)
+            ]
             stop = SPAWN.Event()
-            fleet = [SPAWN.Process(target=_run_agents, args=(dirs[i::workers], stop), name=f"bench-agents-{i}")
-                     for i in range(workers)]
+            fleet = [
+                SPAWN.Process(target=_run_agents, args=(dirs[i::workers], stop), name=f"bench-agents-{i}")
+                for i in range(workers)
+            ]
             for process in fleet:
                 process.start()
             connect_started = time.monotonic()
@@ -151,8 +160,11 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
             connected_s = time.monotonic() - connect_started
             assigned, ended = _record_times(cp)
             start, out = SPAWN.Event(), SPAWN.Queue()
-            submitter = SPAWN.Process(target=_submit_process, name="bench-submit", args=(
-                (cp.api_target, cp.ca_pem, await cp.bearer(), count), start, out))
+            submitter = SPAWN.Process(
+                target=_submit_process,
+                name="bench-submit",
+                args=((cp.api_target, cp.ca_pem, await cp.bearer(), count), start, out),
+            )
             submitter.start()
             await asyncio.sleep(1.0)  # let the submitter import and reach the start line
             profiler = cProfile.Profile() if profile else None
@@ -163,8 +175,10 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
             start.set()
             submitted = await asyncio.to_thread(out.get, True, 900)
             await _wait_for(lambda: len(ended) >= count, 900, "jobs did not all complete")
-            cpu = {role: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[role], 1)
-                   for role, pids in roles.items()}
+            cpu = {
+                role: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[role], 1)
+                for role, pids in roles.items()
+            }
             if profiler and profile:
                 profiler.disable()
                 profiler.dump_stats(profile)
@@ -179,14 +193,29 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
     submit_rate = count / (max(r for _, _, r in submitted) - first)
     baseline = median(baselines)
     return Figure(
-        name="scheduler_throughput", title="Scheduler throughput", value=round(completed, 1), unit="jobs/s",
-        baseline=round(baseline, 1), baseline_unit="jobs/s",
+        name="scheduler_throughput",
+        title="Scheduler throughput",
+        value=round(completed, 1),
+        unit="jobs/s",
+        baseline=round(baseline, 1),
+        baseline_unit="jobs/s",
         baseline_what="the store alone: create, assign, running, succeeded per job on SQLite",
-        ratio=round(completed / baseline, 3), goal=f">= {GOAL:g} jobs/s completed", met=completed >= GOAL,
-        details={"agents": agents, "agent_processes": workers, "jobs": count, "concurrent_submitters": SUBMITTERS,
-                 "agents_connected_s": round(connected_s, 2), "submitted_per_s": round(submit_rate, 1),
-                 "dispatched_per_s": round(dispatched, 1), "completed_per_s": round(completed, 1),
-                 "submit_to_completion_p50_ms": round(median(latencies) * 1000, 1),
-                 "submit_to_completion_p99_ms": round(percentile(latencies, 99) * 1000, 1),
-                 "store_alone_jobs_per_s": [round(b, 1) for b in baselines],
-                 "cpu_seconds": cpu, "cpu_ms_per_job": {role: round(v * 1000 / count, 2) for role, v in cpu.items()}})
+        ratio=round(completed / baseline, 3),
+        goal=f">= {GOAL:g} jobs/s completed",
+        met=completed >= GOAL,
+        details={
+            "agents": agents,
+            "agent_processes": workers,
+            "jobs": count,
+            "concurrent_submitters": SUBMITTERS,
+            "agents_connected_s": round(connected_s, 2),
+            "submitted_per_s": round(submit_rate, 1),
+            "dispatched_per_s": round(dispatched, 1),
+            "completed_per_s": round(completed, 1),
+            "submit_to_completion_p50_ms": round(median(latencies) * 1000, 1),
+            "submit_to_completion_p99_ms": round(percentile(latencies, 99) * 1000, 1),
+            "store_alone_jobs_per_s": [round(b, 1) for b in baselines],
+            "cpu_seconds": cpu,
+            "cpu_ms_per_job": {role: round(v * 1000 / count, 2) for role, v in cpu.items()},
+        },
+    )

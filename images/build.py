@@ -35,8 +35,15 @@ def busybox_rootfs() -> bytes:
     applets = subprocess.run([busybox, "--list"], check=True, capture_output=True, text=True).stdout.split()
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for name, mode in (("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777), ("proc", 0o755), ("sys", 0o755),
-                           ("dev", 0o755), ("root", 0o700)):
+        for name, mode in (
+            ("bin", 0o755),
+            ("etc", 0o755),
+            ("tmp", 0o1777),
+            ("proc", 0o755),
+            ("sys", 0o755),
+            ("dev", 0o755),
+            ("root", 0o700),
+        ):
             info = tarfile.TarInfo(name)
             info.type, info.mode = tarfile.DIRTYPE, mode
             archive.addfile(info)
@@ -63,8 +70,9 @@ def build(client: docker.DockerClient, force: bool = False) -> None:
     except docker.errors.ImageNotFound:
         pass
     repository, tag = BUSYBOX_IMAGE.split(":")
-    client.api.import_image_from_data(busybox_rootfs(), repository=repository, tag=tag,
-                                      changes=["ENV PATH=/bin", "CMD [\"/bin/sh\"]"])
+    client.api.import_image_from_data(
+        busybox_rootfs(), repository=repository, tag=tag, changes=["ENV PATH=/bin", 'CMD ["/bin/sh"]']
+    )
     print(f"{BUSYBOX_IMAGE} built")
 
 
@@ -76,9 +84,12 @@ def debian_mirror() -> str:
     sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
     for source in sources:
         if source.is_file():
-            for match in re.finditer(r"(?:^deb|^URIs:)\s+(?:\[[^]]*\]\s+)?(\S+/debian)\s*$|"
-                                     r"(?:^deb|^URIs:)\s+(?:\[[^]]*\]\s+)?(\S+/debian)\s",
-                                     source.read_text(), re.M):
+            for match in re.finditer(
+                r"(?:^deb|^URIs:)\s+(?:\[[^]]*\]\s+)?(\S+/debian)\s*$|"
+                r"(?:^deb|^URIs:)\s+(?:\[[^]]*\]\s+)?(\S+/debian)\s",
+                source.read_text(),
+                re.M,
+            ):
                 return match.group(1) or match.group(2)
     raise SystemExit("no Debian mirror found in the apt sources")
 
@@ -97,13 +108,27 @@ def build_python(client: docker.DockerClient, force: bool = False) -> None:
     if shutil.which("debootstrap") is None:
         raise SystemExit("debootstrap is not installed (apt-get install debootstrap)")
     with tempfile.TemporaryDirectory(prefix="testhide-rootfs-") as root:
-        subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-pytest", "bookworm", root,
-                        debian_mirror()], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-pytest",
+                "bookworm",
+                root,
+                debian_mirror(),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
         assert tar.stdout is not None
         repository, tag = PYTHON_IMAGE.split(":")
-        client.api.import_image(src=tar.stdout, repository=repository, tag=tag,
-                                changes=["ENV PATH=/usr/local/bin:/usr/bin:/bin", "CMD [\"/usr/bin/python3\"]"])
+        client.api.import_image(
+            src=tar.stdout,
+            repository=repository,
+            tag=tag,
+            changes=["ENV PATH=/usr/local/bin:/usr/bin:/bin", 'CMD ["/usr/bin/python3"]'],
+        )
         tar.wait()
     print(f"{PYTHON_IMAGE} built")
 

@@ -44,7 +44,9 @@ async def docker_agent(cp: RunningControlPlane, tmp_path: Path, docker_client) -
 
     from testhide.agent.runtime.docker import DockerRuntime
 
-    async with running_agent(cp, tmp_path, DockerRuntime(docker_client), stop_grace=timedelta(seconds=1)) as agent:
+    async with running_agent(
+        cp, tmp_path, DockerRuntime(docker_client), stop_grace=timedelta(seconds=1)
+    ) as agent:
         yield agent
 
 

@@ -60,16 +60,20 @@ class RunningControlPlane:
         """Log in with an API key (the admin's by default), as the CLI does."""
         from testhide.protos.v1 import auth_pb2, auth_pb2_grpc
 
-        async with grpc.aio.secure_channel(self.api_target, grpc.ssl_channel_credentials(self.ca_pem)) as channel:
+        async with grpc.aio.secure_channel(
+            self.api_target, grpc.ssl_channel_credentials(self.ca_pem)
+        ) as channel:
             pair = await auth_pb2_grpc.AuthStub(channel).Login(
-                auth_pb2.LoginRequest(api_key=api_key or self.admin_key), timeout=30)
+                auth_pb2.LoginRequest(api_key=api_key or self.admin_key), timeout=30
+            )
         return pair.access_token
 
     async def bearer(self, api_key: str | None = None) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {await self.access_token(api_key)}"),)
 
-    async def enrollment_token(self, org: str = "default", pool: str = "default",
-                               ttl: timedelta = timedelta(minutes=10)) -> str:
+    async def enrollment_token(
+        self, org: str = "default", pool: str = "default", ttl: timedelta = timedelta(minutes=10)
+    ) -> str:
         assert self.daemon._store is not None
         return await create_token(self.daemon._store, self.ca_pem, org, pool, ttl)
 
@@ -100,8 +104,14 @@ async def serving(data_dir: Path, admin_key: str, **config: object) -> AsyncIter
         await daemon.shutdown()
 
 
-async def enrolled(cp: RunningControlPlane, tmp: Path, name: str = "agent", org: str = "default",
-                   pool: str = "default", agent_port: int | None = None) -> Path:
+async def enrolled(
+    cp: RunningControlPlane,
+    tmp: Path,
+    name: str = "agent",
+    org: str = "default",
+    pool: str = "default",
+    agent_port: int | None = None,
+) -> Path:
     """An enrolled agent's data dir; ``agent_port`` sends its stream elsewhere (a proxy)."""
     data_dir = tmp / f"agent-{name}"
     await enroll(cp.api_target, await cp.enrollment_token(org, pool), data_dir, name)
@@ -112,9 +122,16 @@ async def enrolled(cp: RunningControlPlane, tmp: Path, name: str = "agent", org:
 
 
 @asynccontextmanager
-async def running_agent(cp: RunningControlPlane, tmp: Path, runtime: ContainerRuntime, name: str = "agent",
-                        org: str = "default", pool: str = "default", agent_port: int | None = None,
-                        **config: object) -> AsyncIterator[Agent]:
+async def running_agent(
+    cp: RunningControlPlane,
+    tmp: Path,
+    runtime: ContainerRuntime,
+    name: str = "agent",
+    org: str = "default",
+    pool: str = "default",
+    agent_port: int | None = None,
+    **config: object,
+) -> AsyncIterator[Agent]:
     data_dir = await enrolled(cp, tmp, name, org, pool, agent_port)
     agent = Agent(AgentConfig(data_dir=data_dir, **config), runtime)  # type: ignore[arg-type]
     task = asyncio.create_task(agent.run())
@@ -136,8 +153,14 @@ async def wait_until(condition: asyncio.Condition, predicate: Callable[[], bool]
 async def operator(*args: str, timeout: float = 60) -> tuple[int, str, str]:
     """``testhide-controlplane`` in a subprocess, as an operator runs it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "testhide.controlplane.cli", *args, cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "testhide.controlplane.cli",
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     return process.returncode or 0, out.decode(), err.decode()
 
@@ -158,15 +181,24 @@ class Cli:
         self.cwd = cwd or config_home.parent / "empty-workspace"
         self.cwd.mkdir(parents=True, exist_ok=True)
 
-    async def start(self, *args: str, stdin: bytes | None = None, cwd: Path | None = None
-                    ) -> asyncio.subprocess.Process:
+    async def start(
+        self, *args: str, stdin: bytes | None = None, cwd: Path | None = None
+    ) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "testhide.cli.main", *args, env=self.env, cwd=cwd or self.cwd,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL)
+            sys.executable,
+            "-m",
+            "testhide.cli.main",
+            *args,
+            env=self.env,
+            cwd=cwd or self.cwd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        )
 
-    async def __call__(self, *args: str, timeout: float = 90, stdin: bytes | None = None,
-                       cwd: Path | None = None) -> CliResult:
+    async def __call__(
+        self, *args: str, timeout: float = 90, stdin: bytes | None = None, cwd: Path | None = None
+    ) -> CliResult:
         process = await self.start(*args, stdin=stdin, cwd=cwd)
         stdout, stderr = await asyncio.wait_for(process.communicate(stdin), timeout)
         assert process.returncode is not None
@@ -174,8 +206,15 @@ class Cli:
 
     async def login(self, cp: RunningControlPlane, api_key: str | None = None) -> CliResult:
         ca_file = cp.data_dir / "ca.pem"
-        return await self("login", "--server", cp.api_target, "--api-key", api_key or cp.admin_key,
-                          "--ca-file", str(ca_file))
+        return await self(
+            "login",
+            "--server",
+            cp.api_target,
+            "--api-key",
+            api_key or cp.admin_key,
+            "--ca-file",
+            str(ca_file),
+        )
 
 
 async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -200,8 +239,13 @@ async def job(cp: RunningControlPlane, job_id: str) -> Job:
 
 async def stored_log(cp: RunningControlPlane, job_id: str) -> bytes:
     assert cp.daemon.jobs is not None
-    return b"".join([item.data async for item in cp.daemon.jobs.follow("default", job_id, 0, False)
-                     if not isinstance(item, Job)])
+    return b"".join(
+        [
+            item.data
+            async for item in cp.daemon.jobs.follow("default", job_id, 0, False)
+            if not isinstance(item, Job)
+        ]
+    )
 
 
 def containers_of(docker_client: Any, job_id: str) -> list[Any]:
@@ -225,9 +269,14 @@ def assert_same_bytes(got: bytes, expected: bytes, what: str = "log") -> None:
     """Equal, or a message saying where they part (a sha256 alone says nothing)."""
     if hashlib.sha256(got).digest() == hashlib.sha256(expected).digest():
         return
-    at = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
-    raise AssertionError(f"{what} differs: {len(got)} bytes, expected {len(expected)}; first difference at byte {at}: "
-                         f"got {got[max(0, at - 30):at + 30]!r}, expected {expected[max(0, at - 30):at + 30]!r}")
+    at = next(
+        (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+        min(len(got), len(expected)),
+    )
+    raise AssertionError(
+        f"{what} differs: {len(got)} bytes, expected {len(expected)}; first difference at byte {at}: "
+        f"got {got[max(0, at - 30) : at + 30]!r}, expected {expected[max(0, at - 30) : at + 30]!r}"
+    )
 
 
 def free_port() -> int:
@@ -249,9 +298,22 @@ class ControlPlaneProcess:
         ports = self.data_dir.parent / "ports.json"
         ports.unlink(missing_ok=True)
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "testhide.controlplane.cli", "serve", "--data-dir", str(self.data_dir),
-            "--listen", f"127.0.0.1:{self.api_port}", "--agent-listen", f"127.0.0.1:{self.agent_port}",
-            "--port-file", str(ports), cwd=REPO, stdout=self.log, stderr=self.log)
+            sys.executable,
+            "-m",
+            "testhide.controlplane.cli",
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            f"127.0.0.1:{self.api_port}",
+            "--agent-listen",
+            f"127.0.0.1:{self.agent_port}",
+            "--port-file",
+            str(ports),
+            cwd=REPO,
+            stdout=self.log,
+            stderr=self.log,
+        )
         while not ports.exists():  # written once both ports listen
             assert self.process.returncode is None, "the control plane exited"
             await asyncio.sleep(0.05)

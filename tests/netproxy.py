@@ -15,11 +15,19 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class CuttableProxy:
-    def __init__(self, target_host: str, target_port: int, *, unix_path: Path | None = None,
-                 unix_target: Path | None = None) -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        unix_path: Path | None = None,
+        unix_target: Path | None = None,
+    ) -> None:
         self._upstream: Callable[[], Awaitable[Streams]] = (
-            (lambda: asyncio.open_unix_connection(unix_target)) if unix_target
-            else (lambda: asyncio.open_connection(target_host, target_port)))
+            (lambda: asyncio.open_unix_connection(unix_target))
+            if unix_target
+            else (lambda: asyncio.open_connection(target_host, target_port))
+        )
         self._unix_path = unix_path
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()

@@ -37,8 +37,9 @@ def channel(cp: RunningControlPlane) -> grpc.aio.Channel:
 async def list_jobs_code(cp: RunningControlPlane, token: str) -> grpc.StatusCode:
     async with channel(cp) as ch:
         try:
-            await jobs_pb2_grpc.JobsStub(ch).List(jobs_pb2.ListJobsRequest(),
-                                                  metadata=(("authorization", f"Bearer {token}"),))
+            await jobs_pb2_grpc.JobsStub(ch).List(
+                jobs_pb2.ListJobsRequest(), metadata=(("authorization", f"Bearer {token}"),)
+            )
         except grpc.aio.AioRpcError as error:
             return error.code()
     return grpc.StatusCode.OK
@@ -60,18 +61,30 @@ def b64(data: bytes) -> str:
 
 # Forged and broken tokens --------------------------------------------------------------------------------
 
+
 def forge(cp: RunningControlPlane, **overrides: Any) -> str:
     directory = DataDir(cp.data_dir)
     keys = SigningKeys(directory, directory.master_key())
     kid, key = keys.signing_key()
     now = int(time.time())
-    claims = {"iss": issuer_for("testhide.local"), "aud": AUDIENCE, "sub": "api_key:x", "org": "default",
-              "scope": "jobs:read jobs:write", "sid": "fnope", "jti": "j", "iat": now, "exp": now + 600}
+    claims = {
+        "iss": issuer_for("testhide.local"),
+        "aud": AUDIENCE,
+        "sub": "api_key:x",
+        "org": "default",
+        "scope": "jobs:read jobs:write",
+        "sid": "fnope",
+        "jti": "j",
+        "iat": now,
+        "exp": now + 600,
+    }
     claims.update(overrides.pop("claims", {}))
     for name in overrides.pop("drop", []):
         del claims[name]
     headers = {"kid": kid, "typ": "at+jwt", **overrides.pop("headers", {})}
-    return jwt.encode(claims, overrides.pop("key", key), algorithm=overrides.pop("alg", "RS256"), headers=headers)
+    return jwt.encode(
+        claims, overrides.pop("key", key), algorithm=overrides.pop("alg", "RS256"), headers=headers
+    )
 
 
 async def test_a_well_formed_token_of_our_own_is_accepted(cp: RunningControlPlane) -> None:
@@ -84,18 +97,34 @@ async def test_forged_and_broken_tokens_are_unauthenticated(cp: RunningControlPl
     directory = DataDir(cp.data_dir)
     keys = SigningKeys(directory, directory.master_key())
     kid, key = keys.signing_key()
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     now = int(time.time())
     header = b64(json.dumps({"alg": "HS256", "typ": "at+jwt", "kid": kid}).encode())
-    payload = b64(json.dumps({"iss": issuer_for("testhide.local"), "aud": AUDIENCE, "sub": "api_key:x",
-                              "org": "default", "scope": "jobs:read", "sid": "f", "jti": "j", "iat": now,
-                              "exp": now + 600}).encode())
-    hs256 = f"{header}.{payload}." + b64(hmac.new(public_pem, f"{header}.{payload}".encode(), hashlib.sha256).digest())
+    payload = b64(
+        json.dumps(
+            {
+                "iss": issuer_for("testhide.local"),
+                "aud": AUDIENCE,
+                "sub": "api_key:x",
+                "org": "default",
+                "scope": "jobs:read",
+                "sid": "f",
+                "jti": "j",
+                "iat": now,
+                "exp": now + 600,
+            }
+        ).encode()
+    )
+    hs256 = f"{header}.{payload}." + b64(
+        hmac.new(public_pem, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    )
     alg_none = f"{b64(json.dumps({'alg': 'none', 'typ': 'at+jwt', 'kid': kid}).encode())}.{payload}."
     pair = await login(cp)
-    other_key = __import__("cryptography.hazmat.primitives.asymmetric.rsa", fromlist=["x"]).generate_private_key(
-        public_exponent=65537, key_size=2048)
+    other_key = __import__(
+        "cryptography.hazmat.primitives.asymmetric.rsa", fromlist=["x"]
+    ).generate_private_key(public_exponent=65537, key_size=2048)
     cases = {
         "alg none": alg_none,
         "HS256 with the RSA public key": hs256,
@@ -133,8 +162,9 @@ async def test_a_token_signed_by_a_rotated_out_key_is_refused(cp: RunningControl
 
 async def test_jwks_verifies_our_tokens(cp: RunningControlPlane) -> None:
     async with channel(cp) as ch:
-        jwks = json.loads((await auth_pb2_grpc.AuthStub(ch).GetSigningKeys(auth_pb2.GetSigningKeysRequest()))
-                          .jwks_json)
+        jwks = json.loads(
+            (await auth_pb2_grpc.AuthStub(ch).GetSigningKeys(auth_pb2.GetSigningKeysRequest())).jwks_json
+        )
     token = (await login(cp)).access_token
     kid = jwt.get_unverified_header(token)["kid"]
     [jwk] = [k for k in jwks["keys"] if k["kid"] == kid]
@@ -144,6 +174,7 @@ async def test_jwks_verifies_our_tokens(cp: RunningControlPlane) -> None:
 
 
 # Sessions --------------------------------------------------------------------------------------------------
+
 
 async def test_refresh_rotates_and_a_reply_lost_in_transit_may_be_retried(cp: RunningControlPlane) -> None:
     first = await login(cp)
@@ -195,20 +226,42 @@ async def test_revoking_an_api_key_ends_its_sessions(cp: RunningControlPlane) ->
 
 async def test_users_log_in_with_a_password_through_the_cli(cp: RunningControlPlane, tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
-        "python3", "-m", "testhide.controlplane.cli", "users", "create", "--data-dir", str(cp.data_dir), "ada",
-        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        "python3",
+        "-m",
+        "testhide.controlplane.cli",
+        "users",
+        "create",
+        "--data-dir",
+        str(cp.data_dir),
+        "ada",
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
     _, err = await process.communicate(b"weak\n")
     assert process.returncode == 1 and b"at least 12 characters" in err
     process = await asyncio.create_subprocess_exec(
-        "python3", "-m", "testhide.controlplane.cli", "users", "create", "--data-dir", str(cp.data_dir), "ada",
-        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        "python3",
+        "-m",
+        "testhide.controlplane.cli",
+        "users",
+        "create",
+        "--data-dir",
+        str(cp.data_dir),
+        "ada",
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
     _, err = await process.communicate(b"Correct-Horse-42\n")
     assert process.returncode == 0, err
     from tests.harness import Cli
 
     cli = Cli(tmp_path / "ada")
     cli.env["TESTHIDE_PASSWORD"] = "Correct-Horse-42"
-    result = await cli("login", "--server", cp.api_target, "--user", "ada", "--ca-file", str(cp.data_dir / "ca.pem"))
+    result = await cli(
+        "login", "--server", cp.api_target, "--user", "ada", "--ca-file", str(cp.data_dir / "ca.pem")
+    )
     assert result.returncode == 0, result.stderr
     stored = (tmp_path / "ada" / "testhide" / "credentials.json").read_text()
     assert "Correct-Horse-42" not in stored and "refresh_token" in stored
@@ -217,11 +270,15 @@ async def test_users_log_in_with_a_password_through_the_cli(cp: RunningControlPl
 
 # Lockout, rate limits, alerts ------------------------------------------------------------------------------
 
+
 async def password_login(cp: RunningControlPlane, user: str, password: str) -> grpc.aio.AioRpcError | None:
     async with channel(cp) as ch:
         try:
-            await auth_pb2_grpc.AuthStub(ch).Login(auth_pb2.LoginRequest(
-                password=auth_pb2.PasswordLogin(org="default", user=user, password=password)))
+            await auth_pb2_grpc.AuthStub(ch).Login(
+                auth_pb2.LoginRequest(
+                    password=auth_pb2.PasswordLogin(org="default", user=user, password=password)
+                )
+            )
         except grpc.aio.AioRpcError as error:
             return error
     return None
@@ -233,12 +290,17 @@ async def test_lockout_engages_after_five_failures_and_recovers(tmp_path: Path) 
         from testhide.controlplane.auth.passwords import hash_password
         from testhide.controlplane.store.base import UserRecord
 
-        await cp.daemon._store.create_user(UserRecord("u1", "default", "grace", hash_password("Str0ng-Passw0rd!"),
-                                                       ("jobs:read",), datetime.now(UTC)))
+        await cp.daemon._store.create_user(
+            UserRecord(
+                "u1", "default", "grace", hash_password("Str0ng-Passw0rd!"), ("jobs:read",), datetime.now(UTC)
+            )
+        )
         for user in ("grace", "nobody-by-this-name"):
             for _ in range(5):
                 error = await password_login(cp, user, "wrong-guess")
-                assert error is not None and error.code() == UNAUTH and error.details() == "invalid credentials"
+                assert (
+                    error is not None and error.code() == UNAUTH and error.details() == "invalid credentials"
+                )
             locked = await password_login(cp, user, "Str0ng-Passw0rd!")
             assert locked is not None and locked.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert dict(locked.trailing_metadata() or ())["retry-after"] in ("1", "2")
@@ -274,6 +336,7 @@ async def test_a_burst_of_failures_raises_an_alert(tmp_path: Path) -> None:
 
 # Scopes and tenancy ------------------------------------------------------------------------------------------
 
+
 async def scoped_key(cp: RunningControlPlane, org: str, *scopes: str) -> str:
     args = ["api-keys", "create", "--data-dir", str(cp.data_dir), "--org", org, "--name", f"k-{org}"]
     for scope in scopes:
@@ -288,18 +351,25 @@ async def test_a_read_only_key_cannot_write(cp: RunningControlPlane) -> None:
     admin = await cp.bearer()
     async with channel(cp) as ch:
         jobs, secrets = jobs_pb2_grpc.JobsStub(ch), jobs_pb2_grpc.SecretsStub(ch)
-        job = (await jobs.Submit(jobs_pb2.SubmitJobRequest(spec=jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"])),
-                                 metadata=admin)).job
+        job = (
+            await jobs.Submit(
+                jobs_pb2.SubmitJobRequest(spec=jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"])),
+                metadata=admin,
+            )
+        ).job
         await jobs.Get(jobs_pb2.GetJobRequest(job_id=job.id), metadata=metadata)  # reading is allowed
-        for call in (jobs.Submit(jobs_pb2.SubmitJobRequest(spec=job.spec), metadata=metadata),
-                     jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=job.id), metadata=metadata),
-                     secrets.Set(jobs_pb2.SetSecretRequest(name="X_TOKEN", value=b"v"), metadata=metadata),
-                     secrets.Delete(jobs_pb2.DeleteSecretRequest(name="X_TOKEN"), metadata=metadata)):
+        for call in (
+            jobs.Submit(jobs_pb2.SubmitJobRequest(spec=job.spec), metadata=metadata),
+            jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=job.id), metadata=metadata),
+            secrets.Set(jobs_pb2.SetSecretRequest(name="X_TOKEN", value=b"v"), metadata=metadata),
+            secrets.Delete(jobs_pb2.DeleteSecretRequest(name="X_TOKEN"), metadata=metadata),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await call
             assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert (await jobs.Get(jobs_pb2.GetJobRequest(job_id=job.id), metadata=admin)).status == \
-            jobs_pb2.JOB_STATUS_QUEUED
+        assert (
+            await jobs.Get(jobs_pb2.GetJobRequest(job_id=job.id), metadata=admin)
+        ).status == jobs_pb2.JOB_STATUS_QUEUED
 
 
 async def test_no_organisation_sees_another(cp: RunningControlPlane, tmp_path: Path) -> None:
@@ -314,8 +384,12 @@ async def test_no_organisation_sees_another(cp: RunningControlPlane, tmp_path: P
             yield jobs_pb2.DataChunk(data=b"")
 
         workspace = await jobs.UploadWorkspace(chunks(), metadata=alpha)
-        job = (await jobs.Submit(jobs_pb2.SubmitJobRequest(spec=jobs_pb2.JobSpec(
-            image=JOB_IMAGE, command=["true"])), metadata=alpha)).job
+        job = (
+            await jobs.Submit(
+                jobs_pb2.SubmitJobRequest(spec=jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"])),
+                metadata=alpha,
+            )
+        ).job
         await secrets.Set(jobs_pb2.SetSecretRequest(name="ALPHA_ONLY", value=b"classified"), metadata=alpha)
         cross = {
             "get job": jobs.Get(jobs_pb2.GetJobRequest(job_id=job.id), metadata=beta),
@@ -330,22 +404,35 @@ async def test_no_organisation_sees_another(cp: RunningControlPlane, tmp_path: P
             assert error.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED), name
             details = error.value.details() or ""
             assert "classified" not in details and JOB_IMAGE not in details, name  # no data, only a refusal
-        for stream in (jobs.FollowLogs(jobs_pb2.FollowLogsRequest(job_id=job.id), metadata=beta),
-                       jobs.DownloadArtifact(jobs_pb2.DownloadArtifactRequest(job_id=job.id, path="x"),
-                                             metadata=beta)):
+        for stream in (
+            jobs.FollowLogs(jobs_pb2.FollowLogsRequest(job_id=job.id), metadata=beta),
+            jobs.DownloadArtifact(jobs_pb2.DownloadArtifactRequest(job_id=job.id, path="x"), metadata=beta),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await stream.read()
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await jobs.Submit(jobs_pb2.SubmitJobRequest(spec=jobs_pb2.JobSpec(
-                image=JOB_IMAGE, command=["true"], workspace_id=workspace.workspace_id)), metadata=beta)
+            await jobs.Submit(
+                jobs_pb2.SubmitJobRequest(
+                    spec=jobs_pb2.JobSpec(
+                        image=JOB_IMAGE, command=["true"], workspace_id=workspace.workspace_id
+                    )
+                ),
+                metadata=beta,
+            )
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.aio.AioRpcError) as error:  # another org's secret, by name
-            await jobs.Submit(jobs_pb2.SubmitJobRequest(spec=jobs_pb2.JobSpec(
-                image=JOB_IMAGE, command=["true"], secrets=["ALPHA_ONLY"])), metadata=beta)
+            await jobs.Submit(
+                jobs_pb2.SubmitJobRequest(
+                    spec=jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"], secrets=["ALPHA_ONLY"])
+                ),
+                metadata=beta,
+            )
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert list((await jobs.List(jobs_pb2.ListJobsRequest(), metadata=beta)).jobs) == []
-        assert [s.name for s in (await secrets.List(jobs_pb2.ListSecretsRequest(), metadata=beta)).secrets] == []
+        assert [
+            s.name for s in (await secrets.List(jobs_pb2.ListSecretsRequest(), metadata=beta)).secrets
+        ] == []
 
     # An agent of beta never receives alpha's job.
     runtime = FakeRuntime()
@@ -354,16 +441,23 @@ async def test_no_organisation_sees_another(cp: RunningControlPlane, tmp_path: P
         assert scheduler is not None
         beta_job = None
         async with channel(cp) as ch:
-            beta_job = (await jobs_pb2_grpc.JobsStub(ch).Submit(jobs_pb2.SubmitJobRequest(
-                spec=jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"])), metadata=beta)).job
+            beta_job = (
+                await jobs_pb2_grpc.JobsStub(ch).Submit(
+                    jobs_pb2.SubmitJobRequest(spec=jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"])),
+                    metadata=beta,
+                )
+            ).job
             while beta_job.id not in runtime.started:  # the dispatcher has run for beta
                 await asyncio.sleep(0.05)
             assert job.id not in runtime.started
-            shown = await jobs_pb2_grpc.JobsStub(ch).Get(jobs_pb2.GetJobRequest(job_id=job.id), metadata=alpha)
+            shown = await jobs_pb2_grpc.JobsStub(ch).Get(
+                jobs_pb2.GetJobRequest(job_id=job.id), metadata=alpha
+            )
             assert shown.status == jobs_pb2.JOB_STATUS_QUEUED
 
 
 # Audit ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tamper", ["edit", "delete-middle", "reorder", "truncate"])
 async def test_tampering_with_the_audit_log_is_detected(cp: RunningControlPlane, tamper: str) -> None:

@@ -21,9 +21,11 @@ from tests.harness import JOB_IMAGE, Cli, control_plane, operator, running_agent
 
 pytestmark = [pytest.mark.chaos, pytest.mark.docker]
 
-JOB = ('echo "line-$((6 * 7))"; echo "to-stderr" >&2; mkdir -p out r; echo "artifact-$((7 * 8))" > out/a.txt;'
-       ' echo \'<testsuite name="s"><testcase name="ok"/><testcase name="bad"><failure message="no"/>'
-       '</testcase></testsuite>\' > r/junit.xml')
+JOB = (
+    'echo "line-$((6 * 7))"; echo "to-stderr" >&2; mkdir -p out r; echo "artifact-$((7 * 8))" > out/a.txt;'
+    ' echo \'<testsuite name="s"><testcase name="ok"/><testcase name="bad"><failure message="no"/>'
+    "</testcase></testsuite>' > r/junit.xml"
+)
 
 
 def free_port() -> int:
@@ -32,16 +34,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def test_backup_while_serving_then_restore_after_losing_the_data_dir(tmp_path: Path, docker_client) -> None:  # type: ignore[no-untyped-def]
+async def test_backup_while_serving_then_restore_after_losing_the_data_dir(
+    tmp_path: Path, docker_client
+) -> None:  # type: ignore[no-untyped-def]
     ports = {"listen": f"127.0.0.1:{free_port()}", "agent_listen": f"127.0.0.1:{free_port()}"}
     runtime = DockerRuntime(docker_client)
     cli = Cli(tmp_path / "config")
     backup, kept_key = tmp_path / "offsite" / "cp.thb", tmp_path / "key-safe" / "master.key"
-    async with control_plane(tmp_path, **ports) as cp, \
-            running_agent(cp, tmp_path, runtime, name="old", stop_grace=timedelta(seconds=1)) as agent:
+    async with (
+        control_plane(tmp_path, **ports) as cp,
+        running_agent(cp, tmp_path, runtime, name="old", stop_grace=timedelta(seconds=1)) as agent,
+    ):
         assert (await cli.login(cp)).returncode == 0
-        first = await cli("run", "--artifacts", "out/*", "--junit", "r/*.xml", "--image", JOB_IMAGE, "--",
-                          "sh", "-c", JOB)
+        first = await cli(
+            "run", "--artifacts", "out/*", "--junit", "r/*.xml", "--image", JOB_IMAGE, "--", "sh", "-c", JOB
+        )
         assert first.returncode == 0, first.stderr
         job_id = first.stderr.split(b"job ")[1].split()[0].decode()
         jobs_before = json.loads((await cli("jobs", "list", "--json")).stdout)
@@ -54,12 +61,15 @@ async def test_backup_while_serving_then_restore_after_losing_the_data_dir(tmp_p
     shutil.copy(data_dir / "master.key", kept_key)
     shutil.rmtree(data_dir)  # the disk is gone
 
-    code, _, err = await operator("restore", "--from", str(backup), "--data-dir", str(data_dir),
-                                  "--master-key-file", str(kept_key))
+    code, _, err = await operator(
+        "restore", "--from", str(backup), "--data-dir", str(data_dir), "--master-key-file", str(kept_key)
+    )
     assert code == 0, err
     async with serving(data_dir, cp.admin_key, **ports) as restored:
         assert restored.daemon.scheduler is not None
-        old_agent = Agent(AgentConfig(data_dir=tmp_path / "agent-old", stop_grace=timedelta(seconds=1)), runtime)
+        old_agent = Agent(
+            AgentConfig(data_dir=tmp_path / "agent-old", stop_grace=timedelta(seconds=1)), runtime
+        )
         task = asyncio.create_task(old_agent.run())
         try:
             await asyncio.wait_for(restored.daemon.scheduler.wait_for_agent(agent_id), 30)
@@ -92,7 +102,14 @@ async def test_a_tampered_backup_is_refused_and_leaves_nothing(tmp_path: Path) -
     data[len(data) // 2] ^= 0x10
     backup.write_bytes(bytes(data))
     target = tmp_path / "restore-here"
-    code, _, err = await operator("restore", "--from", str(backup), "--data-dir", str(target / "dd"),
-                                  "--master-key-file", str(cp.data_dir / "master.key"))
+    code, _, err = await operator(
+        "restore",
+        "--from",
+        str(backup),
+        "--data-dir",
+        str(target / "dd"),
+        "--master-key-file",
+        str(cp.data_dir / "master.key"),
+    )
     assert code == 1 and ("failed authentication" in err or "damaged" in err), err
     assert not target.exists() or list(target.iterdir()) == []

@@ -28,24 +28,30 @@ async def submit(cp: RunningControlPlane, spec: jobs_pb2.JobSpec) -> grpc.aio.Ai
         return error.value
 
 
-@pytest.mark.parametrize("spec, field", [
-    (jobs_pb2.JobSpec(image="Not A Valid/Image", command=["true"]), "image"),
-    (jobs_pb2.JobSpec(image="busybox", command=[]), "command"),
-    (jobs_pb2.JobSpec(image="busybox", command=[""]), "command"),
-    (jobs_pb2.JobSpec(image="busybox", command=["true"], env={"1BAD": "x"}), "environment"),
-    (jobs_pb2.JobSpec(image="busybox", command=["true"], pool="no-such-pool"), "pool"),
-    (jobs_pb2.JobSpec(image="busybox", command=["true"], resources=jobs_pb2.Resources(pids=1)), "pids"),
-    (jobs_pb2.JobSpec(image="busybox", command=["true"], workdir="relative"), "workdir"),
-])
-async def test_invalid_specs_are_refused_with_the_field_named(cp: RunningControlPlane, spec: jobs_pb2.JobSpec,
-                                                              field: str) -> None:
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        (jobs_pb2.JobSpec(image="Not A Valid/Image", command=["true"]), "image"),
+        (jobs_pb2.JobSpec(image="busybox", command=[]), "command"),
+        (jobs_pb2.JobSpec(image="busybox", command=[""]), "command"),
+        (jobs_pb2.JobSpec(image="busybox", command=["true"], env={"1BAD": "x"}), "environment"),
+        (jobs_pb2.JobSpec(image="busybox", command=["true"], pool="no-such-pool"), "pool"),
+        (jobs_pb2.JobSpec(image="busybox", command=["true"], resources=jobs_pb2.Resources(pids=1)), "pids"),
+        (jobs_pb2.JobSpec(image="busybox", command=["true"], workdir="relative"), "workdir"),
+    ],
+)
+async def test_invalid_specs_are_refused_with_the_field_named(
+    cp: RunningControlPlane, spec: jobs_pb2.JobSpec, field: str
+) -> None:
     error = await submit(cp, spec)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (error.details() or "")
 
 
 async def test_an_oversized_request_is_refused(cp: RunningControlPlane) -> None:
-    error = await submit(cp, jobs_pb2.JobSpec(image="busybox", command=["true"], env={"BIG": "x" * (5 << 20)}))
+    error = await submit(
+        cp, jobs_pb2.JobSpec(image="busybox", command=["true"], env={"BIG": "x" * (5 << 20)})
+    )
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -63,7 +69,9 @@ async def test_cli_without_a_command_is_a_usage_error(cli: Cli) -> None:
     assert b"Traceback" not in result.stderr
 
 
-async def test_cli_login_with_a_wrong_key_fails_and_stores_nothing(cp: RunningControlPlane, tmp_path: Path) -> None:
+async def test_cli_login_with_a_wrong_key_fails_and_stores_nothing(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
     fresh = Cli(tmp_path / "other-config")
     result = await fresh.login(cp, api_key="thk_0123456789abcdef_" + "a" * 64)
     assert result.returncode == 1
@@ -80,6 +88,7 @@ async def test_cli_unknown_job_is_not_found(cli: Cli) -> None:
 
 
 # Enrollment ---------------------------------------------------------------------------------------------
+
 
 async def test_enrollment_with_a_forged_secret_is_refused(cp: RunningControlPlane, tmp_path: Path) -> None:
     real = await cp.enrollment_token()
@@ -103,14 +112,23 @@ async def test_an_expired_enrollment_token_is_refused(cp: RunningControlPlane, t
     text, parsed = new_enrollment_token(fingerprint(cp.ca_pem))
     past = datetime.now(UTC) - timedelta(minutes=20)
     assert cp.daemon._store is not None
-    await cp.daemon._store.create_enrollment_token(EnrollmentTokenRecord(
-        parsed.token_id, "default", "default", hash_secret(parsed.secret), past, past + timedelta(minutes=10)))
+    await cp.daemon._store.create_enrollment_token(
+        EnrollmentTokenRecord(
+            parsed.token_id,
+            "default",
+            "default",
+            hash_secret(parsed.secret),
+            past,
+            past + timedelta(minutes=10),
+        )
+    )
     with pytest.raises(EnrollmentError, match="expired"):
         await enroll(cp.api_target, text, tmp_path / "agent", "late")
 
 
-async def test_a_token_pinning_another_ca_never_talks_to_this_server(cp: RunningControlPlane,
-                                                                    tmp_path: Path) -> None:
+async def test_a_token_pinning_another_ca_never_talks_to_this_server(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
     real = await cp.enrollment_token()
     wrong_pin = real.rsplit(".", 1)[0] + "." + "ab" * 32
     with pytest.raises(EnrollmentError, match="pinned"):
@@ -123,6 +141,7 @@ async def test_a_malformed_token_is_refused_locally(cp: RunningControlPlane, tmp
 
 
 # Operator commands on bad data dirs ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("command", [["serve", "--listen", "127.0.0.1:0"], ["enroll-token", "create"]])
 async def test_missing_or_uninitialised_data_dir(tmp_path: Path, command: list[str]) -> None:

@@ -13,15 +13,31 @@ import pytest
 
 from tests.harness import REPO
 
-FIGURES = {"job_overhead", "pickup_latency", "log_throughput", "scheduler_throughput", "controlplane_memory",
-           "agent_memory", "certificate_signing", "certificate_renewal"}
+FIGURES = {
+    "job_overhead",
+    "pickup_latency",
+    "log_throughput",
+    "scheduler_throughput",
+    "controlplane_memory",
+    "agent_memory",
+    "certificate_signing",
+    "certificate_renewal",
+}
 
 
 @pytest.mark.timeout(300)
 async def test_whole_suite_smoke(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks", "--smoke", "--out-dir", str(tmp_path), cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--smoke",
+        "--out-dir",
+        str(tmp_path),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     output, _ = await asyncio.wait_for(process.communicate(), 280)
     assert process.returncode == 0, output.decode()[-4000:]
     result = json.loads((tmp_path / "latest.json").read_text())
@@ -38,19 +54,35 @@ async def test_whole_suite_smoke(tmp_path: Path) -> None:
     assert figures["log_throughput"]["details"]["sha256_match"] is True
     assert figures["pickup_latency"]["details"]["p99_ms"] > 0
     assert figures["scheduler_throughput"]["details"]["submit_to_completion_p99_ms"] > 0
-    assert figures["controlplane_memory"]["details"]["streams_held"] == figures["controlplane_memory"][
-        "details"]["streams"]
+    assert (
+        figures["controlplane_memory"]["details"]["streams_held"]
+        == figures["controlplane_memory"]["details"]["streams"]
+    )
     assert "| figure |" in (tmp_path / "latest.md").read_text()
 
 
 async def test_certificate_benchmark_alone_smoke(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.certs", "--smoke", "--out", str(out), cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "benchmarks.certs",
+        "--smoke",
+        "--out",
+        str(out),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     output, _ = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, output.decode()
     result = json.loads(out.read_text())
     assert result["agents"] == 20
-    for key in ("signing_per_s", "renewals_per_s", "all_renewed_s", "renewal_rate_vs_signing", "latency_p99_ms"):
+    for key in (
+        "signing_per_s",
+        "renewals_per_s",
+        "all_renewed_s",
+        "renewal_rate_vs_signing",
+        "latency_p99_ms",
+    ):
         assert isinstance(result[key], float) and result[key] > 0, key

@@ -41,28 +41,45 @@ async def serving_with_agent(tmp_path: Path, docker_client: Any) -> tuple[Contro
     admin_key = await initialise(data_dir, ["localhost", "127.0.0.1"])
     store = await SqliteStore.open(data_dir / "testhide.db")
     await store.set_pool_policy("default", "default", PoolPolicy(pull_policy=PullPolicy.NEVER))
-    token = await create_token(store, (data_dir / "ca.pem").read_bytes(), "default", "default", timedelta(minutes=5))
+    token = await create_token(
+        store, (data_dir / "ca.pem").read_bytes(), "default", "default", timedelta(minutes=5)
+    )
     await store.close()
     cp = ControlPlaneProcess(data_dir, free_port(), free_port())
     await cp.start()
     await enroll(f"127.0.0.1:{cp.api_port}", token, tmp_path / "agent", "survivor")
-    agent = Agent(AgentConfig(data_dir=tmp_path / "agent", max_backoff=timedelta(seconds=1)),
-                  DockerRuntime(docker_client))
+    agent = Agent(
+        AgentConfig(data_dir=tmp_path / "agent", max_backoff=timedelta(seconds=1)),
+        DockerRuntime(docker_client),
+    )
     return cp, agent, admin_key
 
 
-async def test_sigkill_of_the_control_plane_loses_no_log_and_reports_once(tmp_path: Path, docker_client) -> None:
+async def test_sigkill_of_the_control_plane_loses_no_log_and_reports_once(
+    tmp_path: Path, docker_client
+) -> None:
     cp, agent, admin_key = await serving_with_agent(tmp_path, docker_client)
     data_dir = cp.data_dir
     agent_task = asyncio.create_task(agent.run())
     cli = Cli(tmp_path / "config")
     try:
-        login = await cli("login", "--server", f"127.0.0.1:{cp.api_port}", "--api-key", admin_key,
-                          "--ca-file", str(data_dir / "ca.pem"))
+        login = await cli(
+            "login",
+            "--server",
+            f"127.0.0.1:{cp.api_port}",
+            "--api-key",
+            admin_key,
+            "--ca-file",
+            str(data_dir / "ca.pem"),
+        )
         assert login.returncode == 0, login.stderr
-        script = (f"i=0; while [ $i -lt {CHUNKS} ]; do seq $((i*{LINES_PER_CHUNK}+1)) $(((i+1)*{LINES_PER_CHUNK}));"
-                  " i=$((i+1)); sleep 0.25; done")
-        job_id = (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", script)).stdout.decode().strip()
+        script = (
+            f"i=0; while [ $i -lt {CHUNKS} ]; do seq $((i*{LINES_PER_CHUNK}+1)) $(((i+1)*{LINES_PER_CHUNK}));"
+            " i=$((i+1)); sleep 0.25; done"
+        )
+        job_id = (
+            (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", script)).stdout.decode().strip()
+        )
         assert job_id
         # Following from the start: the client resumes from its offset after each restart.
         follower = await cli.start("logs", "--follow", job_id)
@@ -93,21 +110,33 @@ async def test_sigkill_of_the_control_plane_loses_no_log_and_reports_once(tmp_pa
     assert os.path.getsize(data_dir / "testhide.db") > 0
 
 
-async def test_sigterm_stops_the_control_plane_cleanly_and_agents_carry_on(tmp_path: Path, docker_client: Any
-                                                                           ) -> None:
+async def test_sigterm_stops_the_control_plane_cleanly_and_agents_carry_on(
+    tmp_path: Path, docker_client: Any
+) -> None:
     cp, agent, admin_key = await serving_with_agent(tmp_path, docker_client)
     agent_task = asyncio.create_task(agent.run())
     cli = Cli(tmp_path / "config")
     try:
-        login = await cli("login", "--server", f"127.0.0.1:{cp.api_port}", "--api-key", admin_key,
-                          "--ca-file", str(cp.data_dir / "ca.pem"))
+        login = await cli(
+            "login",
+            "--server",
+            f"127.0.0.1:{cp.api_port}",
+            "--api-key",
+            admin_key,
+            "--ca-file",
+            str(cp.data_dir / "ca.pem"),
+        )
         assert login.returncode == 0, login.stderr
         script = "i=0; while [ $i -lt 20 ]; do seq $((i*5000+1)) $(((i+1)*5000)); i=$((i+1)); sleep 0.2; done"
-        job_id = (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", script)).stdout.decode().strip()
+        job_id = (
+            (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", script)).stdout.decode().strip()
+        )
         while agent.outbox.sent_batches(job_id) < 3:
             assert job_id in agent.outbox.running(), "the job ended before the control plane was stopped"
             await asyncio.sleep(0.05)
-        assert await cp.terminate() == 0  # graceful: streams closed with UNAVAILABLE, in-flight calls finished
+        assert (
+            await cp.terminate() == 0
+        )  # graceful: streams closed with UNAVAILABLE, in-flight calls finished
         await cp.start()
         followed = await cli("logs", "--follow", job_id, timeout=120)
         shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)

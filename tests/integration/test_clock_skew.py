@@ -16,24 +16,48 @@ import pytest
 from tests.harness import REPO, RunningControlPlane, control_plane, operator
 
 LIBFAKETIME = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))), None)
-pytestmark = pytest.mark.skipif(LIBFAKETIME is None and not os.environ.get("CI"),
-                                reason="libfaketime (Debian package faketime) not installed")
+pytestmark = pytest.mark.skipif(
+    LIBFAKETIME is None and not os.environ.get("CI"),
+    reason="libfaketime (Debian package faketime) not installed",
+)
 
 
 async def agent_process(skew: str, *args: str) -> asyncio.subprocess.Process:
     """The agent with its clock shifted. The library is preloaded directly (the
     faketime wrapper forks, and a signal to it would orphan the agent)."""
     assert LIBFAKETIME is not None, "install Debian's faketime"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": skew,
-           "FAKETIME_DONT_RESET": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "LD_PRELOAD": str(LIBFAKETIME),
+        "FAKETIME": skew,
+        "FAKETIME_DONT_RESET": "1",
+    }
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "testhide.agent.cli", *args, cwd=REPO, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "testhide.agent.cli",
+        *args,
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
 
 
 async def enroll_skewed(cp: RunningControlPlane, skew: str, data_dir: Path) -> tuple[int, str]:
-    process = await agent_process(skew, "enroll", "--server", cp.api_target, "--token",
-                                  await cp.enrollment_token(), "--data-dir", str(data_dir), "--name", "skewed")
+    process = await agent_process(
+        skew,
+        "enroll",
+        "--server",
+        cp.api_target,
+        "--token",
+        await cp.enrollment_token(),
+        "--data-dir",
+        str(data_dir),
+        "--name",
+        "skewed",
+    )
     out, _ = await asyncio.wait_for(process.communicate(), 60)
     return process.returncode or 0, out.decode()
 

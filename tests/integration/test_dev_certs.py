@@ -11,8 +11,9 @@ from tests.harness import REPO
 
 
 async def run(*args: str, cwd: Path = REPO) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(*args, cwd=cwd, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.STDOUT)
+    process = await asyncio.create_subprocess_exec(
+        *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     out, _ = await asyncio.wait_for(process.communicate(), 60)
     return process.returncode or 0, out.decode()
 
@@ -27,8 +28,9 @@ async def test_dev_ca_needs_the_dev_flag_at_init_and_serve(tmp_path: Path) -> No
     code, out = await run(*cp, "init", "--data-dir", str(tmp_path / "a"), "--import-ca", str(cert), str(key))
     assert code == 1 and "development material" in out and not (tmp_path / "a").exists()
 
-    code, out = await run(*cp, "init", "--data-dir", str(tmp_path / "b"), "--import-ca", str(cert), str(key),
-                          "--dev")
+    code, out = await run(
+        *cp, "init", "--data-dir", str(tmp_path / "b"), "--import-ca", str(cert), str(key), "--dev"
+    )
     assert code == 0, out
     assert (tmp_path / "b" / "ca.pem").read_bytes() == cert.read_bytes()
 

@@ -33,7 +33,9 @@ async def test_run_exits_zero_on_success_and_detach_prints_only_the_id(docker_ag
 
 
 async def test_log_arrives_while_the_job_runs_and_cancel_stops_it(docker_agent, cli: Cli) -> None:
-    detached = await cli("run", "--detach", "--image", JOB_IMAGE, "--", "sh", "-c", "echo first; exec sleep 3600")
+    detached = await cli(
+        "run", "--detach", "--image", JOB_IMAGE, "--", "sh", "-c", "echo first; exec sleep 3600"
+    )
     job_id = detached.stdout.decode().strip()
     follower = await cli.start("logs", "--follow", job_id)
     assert follower.stdout is not None
@@ -61,14 +63,17 @@ async def test_jobs_list_and_show(docker_agent, cli: Cli) -> None:
     assert listed[0]["id"] in table and "FAILED" in table
 
 
-async def test_a_job_queued_before_any_agent_runs_when_one_connects(cp: RunningControlPlane, cli: Cli,
-                                                                   docker_client, tmp_path) -> None:
+async def test_a_job_queued_before_any_agent_runs_when_one_connects(
+    cp: RunningControlPlane, cli: Cli, docker_client, tmp_path
+) -> None:
     from datetime import timedelta
 
     from testhide.agent.runtime.docker import DockerRuntime
     from tests.harness import running_agent
 
-    job_id = (await cli("run", "--detach", "--image", JOB_IMAGE, "--", "echo", "late")).stdout.decode().strip()
+    job_id = (
+        (await cli("run", "--detach", "--image", JOB_IMAGE, "--", "echo", "late")).stdout.decode().strip()
+    )
     shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)
     assert shown["status"] == "QUEUED"
     async with running_agent(cp, tmp_path, DockerRuntime(docker_client), stop_grace=timedelta(seconds=1)):
@@ -91,6 +96,5 @@ async def test_grpc_status_reaches_python_clients_unchanged(cp: RunningControlPl
     async with grpc.aio.secure_channel(cp.api_target, credentials) as channel:
         stub = jobs_pb2_grpc.JobsStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await stub.Get(jobs_pb2.GetJobRequest(job_id="jnope"),
-                           metadata=await cp.bearer())
+            await stub.Get(jobs_pb2.GetJobRequest(job_id="jnope"), metadata=await cp.bearer())
         assert error.value.code() == grpc.StatusCode.NOT_FOUND

@@ -20,7 +20,9 @@ async def test_enrollment_renewal_refusal_and_revocation_are_logged(tmp_path: Pa
         async with control_plane(tmp_path, agent_cert_ttl=timedelta(seconds=10)) as cp:
             async with running_agent(cp, tmp_path, FakeRuntime()) as agent:
                 first = cp.daemon.scheduler.session_of(agent.agent_id)
-                await asyncio.wait_for(cp.daemon.scheduler.wait_for_agent(agent.agent_id, replacing=first), 30)
+                await asyncio.wait_for(
+                    cp.daemon.scheduler.wait_for_agent(agent.agent_id, replacing=first), 30
+                )
                 token = await cp.enrollment_token()
                 await enroll(cp.api_target, token, tmp_path / "second", "second")
                 with pytest.raises(EnrollmentError):

@@ -71,8 +71,13 @@ async def refused_submit(cli: Cli) -> str:
 
 async def test_locked_database_refuses_clearly_and_recovers(tmp_path: Path, docker_client: Any) -> None:
     async with control_plane(tmp_path, db_busy_timeout=timedelta(milliseconds=300)) as cp:
-        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), max_backoff=timedelta(seconds=1),
-                                 stop_grace=timedelta(seconds=1)) as agent:
+        async with running_agent(
+            cp,
+            tmp_path,
+            DockerRuntime(docker_client),
+            max_backoff=timedelta(seconds=1),
+            stop_grace=timedelta(seconds=1),
+        ) as agent:
             cli = Cli(tmp_path / "config")
             assert (await cli.login(cp)).returncode == 0
             job_id = await start_job(cli, f"seq 1 1000; {WAIT_FOR_GO}; seq 1001 200000")
@@ -106,8 +111,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(mount_point)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0700", "tmpfs", str(mount_point)],
+            check=True,
+            capture_output=True,
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
         if IN_CI:
             pytest.fail(f"cannot mount a tmpfs (CI runs as root): {exc}")
@@ -135,10 +143,16 @@ def fill(directory: Path) -> Path:
 
 
 async def test_full_disk_refuses_writes_keeps_serving_reads_and_recovers(
-        tmp_path: Path, small_disk: Path, docker_client: Any) -> None:
+    tmp_path: Path, small_disk: Path, docker_client: Any
+) -> None:
     async with control_plane(small_disk) as cp:
-        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), max_backoff=timedelta(seconds=1),
-                                 stop_grace=timedelta(seconds=1)) as agent:
+        async with running_agent(
+            cp,
+            tmp_path,
+            DockerRuntime(docker_client),
+            max_backoff=timedelta(seconds=1),
+            stop_grace=timedelta(seconds=1),
+        ) as agent:
             cli = Cli(tmp_path / "config")
             assert (await cli.login(cp)).returncode == 0
             job_id = await start_job(cli, f"seq 1 1000; {WAIT_FOR_GO}; seq 1001 300000")
@@ -165,16 +179,20 @@ async def test_full_disk_refuses_writes_keeps_serving_reads_and_recovers(
 
 
 async def test_docker_daemon_going_away_fails_the_running_job_and_pauses_the_agent(
-        tmp_path: Path, docker_client: Any) -> None:
+    tmp_path: Path, docker_client: Any
+) -> None:
     engine_socket = Path(os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock").removeprefix("unix://"))
-    async with CuttableProxy.unix(tmp_path / "docker.sock", engine_socket) as engine, \
-            control_plane(tmp_path) as cp:
+    async with (
+        CuttableProxy.unix(tmp_path / "docker.sock", engine_socket) as engine,
+        control_plane(tmp_path) as cp,
+    ):
         # docker-py blocks: through a proxy on this event loop it must run in a thread.
         client = await asyncio.to_thread(docker.DockerClient, base_url=f"unix://{tmp_path / 'docker.sock'}")
         runtime = DockerRuntime(client)
         await asyncio.to_thread(runtime.runtimes)  # asked once, then cached
-        async with running_agent(cp, tmp_path, runtime, max_backoff=timedelta(seconds=1),
-                                 stop_grace=timedelta(seconds=1)) as agent:
+        async with running_agent(
+            cp, tmp_path, runtime, max_backoff=timedelta(seconds=1), stop_grace=timedelta(seconds=1)
+        ) as agent:
             cli = Cli(tmp_path / "config")
             assert (await cli.login(cp)).returncode == 0
             first = await start_job(cli, "echo started; sleep 600")
@@ -191,8 +209,11 @@ async def test_docker_daemon_going_away_fails_the_running_job_and_pauses_the_age
             engine.restore()
             done = await eventually(lambda: in_status(cp, second, JobStatus.SUCCEEDED), 60, "the next job")
             log = await finished_log(cli, second)
-            await eventually(lambda: containers_of(docker_client, first) == [], 30,
-                             "the first job's container to be removed")
+            await eventually(
+                lambda: containers_of(docker_client, first) == [],
+                30,
+                "the first job's container to be removed",
+            )
     assert log == b"after the restart\n"
     assert [t.status for t in done.transitions][-1] == JobStatus.SUCCEEDED
 

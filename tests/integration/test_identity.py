@@ -50,7 +50,9 @@ async def audit_actions(data_dir: Path) -> list[dict[str, object]]:
 @pytest.mark.slow
 @pytest.mark.docker
 @pytest.mark.timeout(300)
-async def test_renewal_under_load_loses_duplicates_and_reorders_nothing(tmp_path: Path, docker_client) -> None:
+async def test_renewal_under_load_loses_duplicates_and_reorders_nothing(
+    tmp_path: Path, docker_client
+) -> None:
     async with control_plane(tmp_path, agent_cert_ttl=timedelta(seconds=12)) as cp:
         cli = Cli(tmp_path / "config")
         assert (await cli.login(cp)).returncode == 0
@@ -72,8 +74,11 @@ async def test_revocation_cuts_off_an_agent_mid_job(cp, cli: Cli, tmp_path: Path
     agent = Agent(AgentConfig(data_dir=data_dir, **FAST), DockerRuntime(docker_client))
     running = asyncio.create_task(agent.run())
     await asyncio.wait_for(cp.daemon.scheduler.wait_for_agent(agent.agent_id), 30)
-    job_id = (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", "echo started; exec sleep 3600")
-              ).stdout.decode().strip()
+    job_id = (
+        (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", "echo started; exec sleep 3600"))
+        .stdout.decode()
+        .strip()
+    )
     follower = await cli.start("logs", "--follow", job_id)
     assert await asyncio.wait_for(follower.stdout.readline(), 30) == b"started\n"
 
@@ -90,12 +95,18 @@ async def test_revocation_cuts_off_an_agent_mid_job(cp, cli: Cli, tmp_path: Path
     assert docker_client.containers.list(all=True, filters={"label": f"dev.testhide.job={job_id}"}) == []
 
     credentials = Credentials.load(data_dir)
-    assert await connect_with(cp, credentials.key_pem, credentials.certificate_pem) == \
-        grpc.StatusCode.PERMISSION_DENIED
-    channel_credentials = grpc.ssl_channel_credentials(cp.ca_pem, credentials.key_pem, credentials.certificate_pem)
+    assert (
+        await connect_with(cp, credentials.key_pem, credentials.certificate_pem)
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
+    channel_credentials = grpc.ssl_channel_credentials(
+        cp.ca_pem, credentials.key_pem, credentials.certificate_pem
+    )
     async with grpc.aio.secure_channel(cp.agent_target, channel_credentials) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as error:
-            await agent_pb2_grpc.AgentControlStub(channel).Renew(agent_pb2.RenewRequest(csr_pem=b"x"), timeout=10)
+            await agent_pb2_grpc.AgentControlStub(channel).Renew(
+                agent_pb2.RenewRequest(csr_pem=b"x"), timeout=10
+            )
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
     _, listed, _ = await operator("agents", "list", "--json", "--data-dir", str(cp.data_dir))
     assert [a["state"] for a in json.loads(listed) if a["id"] == agent.agent_id] == ["revoked"]
@@ -107,8 +118,9 @@ async def test_an_open_stream_ends_when_its_certificate_expires(cp) -> None:
     agent_id = "a00000000000000e1"
     key_pem, cert_pem = agent_certificate(ca, agent_id, lifetime=timedelta(seconds=3))
     cert = x509.load_pem_x509_certificate(cert_pem)
-    await cp.daemon._store.create_agent(AgentRecord(agent_id, "default", "default", "short", "x",
-                                                    cert.not_valid_after_utc, datetime.now(UTC)))
+    await cp.daemon._store.create_agent(
+        AgentRecord(agent_id, "default", "default", "short", "x", cert.not_valid_after_utc, datetime.now(UTC))
+    )
     credentials = grpc.ssl_channel_credentials(cp.ca_pem, private_key=key_pem, certificate_chain=cert_pem)
     async with grpc.aio.secure_channel(cp.agent_target, credentials) as channel:
         call = agent_pb2_grpc.AgentControlStub(channel).Connect()
@@ -126,8 +138,15 @@ async def test_an_agent_offline_past_expiry_is_told_to_enroll_again(cp, tmp_path
     credentials = await enroll(cp.api_target, await cp.enrollment_token(), data_dir, "sleeper")
     two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
     _, expired_pem = agent_certificate(our_ca(cp), credentials.agent_id, now=two_hours_ago)
-    Credentials(credentials.agent_id, credentials.api_endpoint, credentials.agent_endpoint, credentials.key_pem,
-                expired_pem, credentials.ca_pem, received_at=two_hours_ago).save(data_dir)
+    Credentials(
+        credentials.agent_id,
+        credentials.api_endpoint,
+        credentials.agent_endpoint,
+        credentials.key_pem,
+        expired_pem,
+        credentials.ca_pem,
+        received_at=two_hours_ago,
+    ).save(data_dir)
     agent = Agent(AgentConfig(data_dir=data_dir), FakeRuntime())
     with pytest.raises(CredentialsError, match="expired .* enroll this agent again"):
         await asyncio.wait_for(agent.run(), 30)
@@ -155,11 +174,13 @@ async def test_enrollment_tokens_are_scoped_and_revocable(cp, tmp_path: Path) ->
 
 
 async def test_a_pool_can_shorten_certificate_lifetimes(cp, tmp_path: Path) -> None:
-    code, _, err = await operator("pools", "create", "--data-dir", str(cp.data_dir), "short-lived",
-                                  "--agent-cert-ttl", "2m")
+    code, _, err = await operator(
+        "pools", "create", "--data-dir", str(cp.data_dir), "short-lived", "--agent-cert-ttl", "2m"
+    )
     assert code == 0, err
-    credentials = await enroll(cp.api_target, await cp.enrollment_token("default", "short-lived"),
-                               tmp_path / "agent", "brief")
+    credentials = await enroll(
+        cp.api_target, await cp.enrollment_token("default", "short-lived"), tmp_path / "agent", "brief"
+    )
     cert = credentials.certificate
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert lifetime == timedelta(minutes=2, seconds=30)  # 2 minutes plus the 30 s backdate
@@ -198,11 +219,16 @@ async def test_ca_rotation_with_a_connected_agent_and_a_running_job(tmp_path: Pa
             job = asyncio.create_task(cli("run", "--image", JOB_IMAGE, "--", "sh", "-c", script, timeout=150))
 
             rotation.prepare(directory, directory.master_key())
-            await wait_until(agent.credentials_changed,
-                             lambda: agent.credentials.ca_pem.count(b"BEGIN CERTIFICATE") == 2, 30)
+            await wait_until(
+                agent.credentials_changed,
+                lambda: agent.credentials.ca_pem.count(b"BEGIN CERTIFICATE") == 2,
+                30,
+            )
             new_generation = rotation.activate(directory, directory.master_key())
             new_ca = directory.ca_certificate(new_generation)
-            await wait_until(agent.credentials_changed, lambda: issued_by(agent.credentials.certificate, new_ca), 60)
+            await wait_until(
+                agent.credentials_changed, lambda: issued_by(agent.credentials.certificate, new_ca), 60
+            )
             code, _, err = await operator("ca", "rotate", "retire", "--data-dir", str(cp.data_dir))
             assert code == 0, err
             result = await job
@@ -213,5 +239,7 @@ async def test_ca_rotation_with_a_connected_agent_and_a_running_job(tmp_path: Pa
             await asyncio.sleep(0.2)
         old_key, old_cert = agent_certificate(old_ca, agent.agent_id)
         assert await connect_with(cp, old_key, old_cert) == grpc.StatusCode.UNAVAILABLE
-        assert fingerprint(new_ca.public_bytes(serialization.Encoding.DER)) in \
-            cp.daemon.certificates.current.trusted_fingerprints
+        assert (
+            fingerprint(new_ca.public_bytes(serialization.Encoding.DER))
+            in cp.daemon.certificates.current.trusted_fingerprints
+        )

@@ -58,17 +58,35 @@ async def test_a_fork_loop_hits_the_pids_limit(docker_agent, cli: Cli) -> None:
 
 
 async def test_memory_and_cpu_limits_apply(docker_agent, cli: Cli) -> None:
-    result = await cli("run", "--image", JOB_IMAGE, "--memory", "64m", "--cpus", "0.5", "--", "sh", "-c",
-                       "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null;"
-                       "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu.max 2>/dev/null; true")
+    result = await cli(
+        "run",
+        "--image",
+        JOB_IMAGE,
+        "--memory",
+        "64m",
+        "--cpus",
+        "0.5",
+        "--",
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null;"
+        "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu.max 2>/dev/null; true",
+    )
     out = result.stdout.decode()
     assert str(64 * 1024 * 1024) in out
     assert "50000" in out
 
 
 async def test_no_network_even_to_the_host(docker_agent, cli: Cli) -> None:
-    result = await cli("run", "--image", JOB_IMAGE, "--", "sh", "-c",
-                       "wget -T 2 -q -O- http://127.0.0.1:1/ 2>&1; ip route 2>&1; echo done")
+    result = await cli(
+        "run",
+        "--image",
+        JOB_IMAGE,
+        "--",
+        "sh",
+        "-c",
+        "wget -T 2 -q -O- http://127.0.0.1:1/ 2>&1; ip route 2>&1; echo done",
+    )
     assert b"done" in result.stdout
     assert b"default" not in result.stdout  # no route anywhere
 
@@ -82,10 +100,33 @@ async def test_runsc_runs_the_job_under_gvisor(docker_agent, cli: Cli) -> None:
 
 
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
-async def test_the_running_container_is_configured_locked_down(docker_agent, cli: Cli, docker_client,
-                                                              runtime: str) -> None:
-    job_id = (await cli("run", "-d", "--runtime", runtime, "--pids", "64", "--memory", "256m", "--cpus", "1",
-                        "--image", JOB_IMAGE, "--", "sh", "-c", "echo up; exec sleep 3600")).stdout.decode().strip()
+async def test_the_running_container_is_configured_locked_down(
+    docker_agent, cli: Cli, docker_client, runtime: str
+) -> None:
+    job_id = (
+        (
+            await cli(
+                "run",
+                "-d",
+                "--runtime",
+                runtime,
+                "--pids",
+                "64",
+                "--memory",
+                "256m",
+                "--cpus",
+                "1",
+                "--image",
+                JOB_IMAGE,
+                "--",
+                "sh",
+                "-c",
+                "echo up; exec sleep 3600",
+            )
+        )
+        .stdout.decode()
+        .strip()
+    )
     follower = await cli.start("logs", "--follow", job_id)
     assert await asyncio.wait_for(follower.stdout.readline(), 60) == b"up\n"
     [container] = docker_client.containers.list(filters={"label": f"dev.testhide.job={job_id}"})

@@ -30,25 +30,40 @@ async def show(cli: Cli, job_id: str) -> dict[str, object]:
 
 # Workspaces -----------------------------------------------------------------------------------------------
 
+
 async def test_the_current_directory_becomes_the_workspace(docker_agent, cli: Cli, tmp_path: Path) -> None:
     work = tmp_path / "project"
     (work / "src").mkdir(parents=True)
     (work / "src" / "hello.txt").write_text("hello from the workspace\n")
     (work / "build.log").write_text("ignored\n")
     (work / ".testhideignore").write_text("*.log\n")
-    result = await cli("run", "--image", JOB_IMAGE, "--", "sh", "-c",
-                       "cat src/hello.txt; ls -a; touch made-here && echo writable", cwd=work)
+    result = await cli(
+        "run",
+        "--image",
+        JOB_IMAGE,
+        "--",
+        "sh",
+        "-c",
+        "cat src/hello.txt; ls -a; touch made-here && echo writable",
+        cwd=work,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout.decode()
     assert out.startswith("hello from the workspace\n")
     assert "build.log" not in out and ".testhideignore" in out and "writable" in out
 
 
-async def test_a_git_repository_sends_tracked_and_untracked_unignored_files(docker_agent, cli: Cli,
-                                                                           tmp_path: Path) -> None:
+async def test_a_git_repository_sends_tracked_and_untracked_unignored_files(
+    docker_agent, cli: Cli, tmp_path: Path
+) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name, text in {"tracked.txt": "t", "untracked.txt": "u", "secret.env": "s", ".gitignore": "*.env\n"}.items():
+    for name, text in {
+        "tracked.txt": "t",
+        "untracked.txt": "u",
+        "secret.env": "s",
+        ".gitignore": "*.env\n",
+    }.items():
         (repo / name).write_text(text)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run(["git", "add", "tracked.txt", ".gitignore"], cwd=repo, check=True)
@@ -56,8 +71,9 @@ async def test_a_git_repository_sends_tracked_and_untracked_unignored_files(dock
     assert result.stdout.decode().split() == [".gitignore", "tracked.txt", "untracked.txt"]
 
 
-async def test_a_workspace_over_the_cap_is_refused_before_anything_is_sent(cp: RunningControlPlane, cli: Cli,
-                                                                          tmp_path: Path) -> None:
+async def test_a_workspace_over_the_cap_is_refused_before_anything_is_sent(
+    cp: RunningControlPlane, cli: Cli, tmp_path: Path
+) -> None:
     work = tmp_path / "big"
     work.mkdir()
     (work / "blob.bin").write_bytes(b"x" * 4096)
@@ -70,8 +86,11 @@ async def test_a_workspace_over_the_cap_is_refused_before_anything_is_sent(cp: R
 def hostile_tar(kind: str) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        info = tarfile.TarInfo({"dotdot": "../../etc/cron.d/x", "absolute": "/etc/passwd",
-                                "symlink": "etc", "device": "null"}[kind])
+        info = tarfile.TarInfo(
+            {"dotdot": "../../etc/cron.d/x", "absolute": "/etc/passwd", "symlink": "etc", "device": "null"}[
+                kind
+            ]
+        )
         if kind == "symlink":
             info.type, info.linkname = tarfile.SYMTYPE, "/etc"
             tar.addfile(info)
@@ -85,8 +104,9 @@ def hostile_tar(kind: str) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "device"])
-async def test_hostile_workspace_archives_are_refused_by_the_agent(docker_agent, cp: RunningControlPlane,
-                                                                  cli: Cli, kind: str) -> None:
+async def test_hostile_workspace_archives_are_refused_by_the_agent(
+    docker_agent, cp: RunningControlPlane, cli: Cli, kind: str
+) -> None:
     metadata = await cp.bearer()
     async with grpc.aio.secure_channel(cp.api_target, grpc.ssl_channel_credentials(cp.ca_pem)) as channel:
         stub = jobs_pb2_grpc.JobsStub(channel)
@@ -95,7 +115,9 @@ async def test_hostile_workspace_archives_are_refused_by_the_agent(docker_agent,
             yield jobs_pb2.DataChunk(data=hostile_tar(kind))
 
         uploaded = await stub.UploadWorkspace(chunks(), metadata=metadata)
-        spec = jobs_pb2.JobSpec(image=JOB_IMAGE, command=["sh", "-c", "echo ran"], workspace_id=uploaded.workspace_id)
+        spec = jobs_pb2.JobSpec(
+            image=JOB_IMAGE, command=["sh", "-c", "echo ran"], workspace_id=uploaded.workspace_id
+        )
         job = (await stub.Submit(jobs_pb2.SubmitJobRequest(spec=spec), metadata=metadata)).job
     followed = await cli("logs", "--follow", job.id)
     assert b"ran" not in followed.stdout
@@ -106,11 +128,19 @@ async def test_hostile_workspace_archives_are_refused_by_the_agent(docker_agent,
 
 # Artifacts ------------------------------------------------------------------------------------------------
 
-async def test_artifacts_come_back_verified_and_links_are_not_followed(docker_agent, cli: Cli, tmp_path: Path) -> None:
-    script = ("mkdir -p out/nested && echo report > out/report.txt && head -c 100000 /dev/urandom > out/nested/r.bin"
-              " && ln -s /etc/passwd out/passwd && echo done")
-    job_id = (await cli("run", "-d", "--artifacts", "out/**", "--image", JOB_IMAGE, "--", "sh", "-c", script)
-              ).stdout.decode().strip()
+
+async def test_artifacts_come_back_verified_and_links_are_not_followed(
+    docker_agent, cli: Cli, tmp_path: Path
+) -> None:
+    script = (
+        "mkdir -p out/nested && echo report > out/report.txt && head -c 100000 /dev/urandom > out/nested/r.bin"
+        " && ln -s /etc/passwd out/passwd && echo done"
+    )
+    job_id = (
+        (await cli("run", "-d", "--artifacts", "out/**", "--image", JOB_IMAGE, "--", "sh", "-c", script))
+        .stdout.decode()
+        .strip()
+    )
     followed = await cli("logs", "--follow", job_id)
     assert b"out/passwd (not a regular file)" in followed.stderr
     download = tmp_path / "downloaded"
@@ -119,8 +149,10 @@ async def test_artifacts_come_back_verified_and_links_are_not_followed(docker_ag
     assert (download / "out" / "report.txt").read_text() == "report\n"
     assert (download / "out" / "nested" / "r.bin").stat().st_size == 100000
     assert not (download / "out" / "passwd").exists()
-    assert sorted(line.split()[0] for line in result.stdout.decode().splitlines()) == \
-        ["out/nested/r.bin", "out/report.txt"]
+    assert sorted(line.split()[0] for line in result.stdout.decode().splitlines()) == [
+        "out/nested/r.bin",
+        "out/report.txt",
+    ]
 
 
 # Secrets --------------------------------------------------------------------------------------------------
@@ -128,14 +160,18 @@ async def test_artifacts_come_back_verified_and_links_are_not_followed(docker_ag
 SECRET = "s3cr3t-Value-0123456789"
 
 
-async def test_secrets_reach_the_job_but_never_the_log(docker_agent, cp: RunningControlPlane, cli: Cli) -> None:
+async def test_secrets_reach_the_job_but_never_the_log(
+    docker_agent, cp: RunningControlPlane, cli: Cli
+) -> None:
     assert (await cli("secrets", "set", "DEPLOY_TOKEN", stdin=SECRET.encode() + b"\n")).returncode == 0
     listed = (await cli("secrets", "list")).stdout.decode()
     assert "DEPLOY_TOKEN" in listed and SECRET not in listed
     half = len(SECRET) // 2
-    script = (f'echo "plain: $DEPLOY_TOKEN"; printf "split: {SECRET[:half]}"; sleep 0.6; '
-              f'printf "{SECRET[half:]} end\\n"; echo "b64: $(printf "user:$DEPLOY_TOKEN" | base64)"; '
-              f'[ "$DEPLOY_TOKEN" = "{SECRET}" ] && echo "value arrived intact" >&2')
+    script = (
+        f'echo "plain: $DEPLOY_TOKEN"; printf "split: {SECRET[:half]}"; sleep 0.6; '
+        f'printf "{SECRET[half:]} end\\n"; echo "b64: $(printf "user:$DEPLOY_TOKEN" | base64)"; '
+        f'[ "$DEPLOY_TOKEN" = "{SECRET}" ] && echo "value arrived intact" >&2'
+    )
     result = await cli("run", "--secret", "DEPLOY_TOKEN", "--image", JOB_IMAGE, "--", "sh", "-c", script)
     out = result.stdout.decode()
     assert result.returncode == 0, result.stderr
@@ -155,9 +191,24 @@ async def test_an_unknown_secret_refuses_the_job(cp: RunningControlPlane, cli: C
 
 # Stopping -------------------------------------------------------------------------------------------------
 
+
 async def test_cancel_sends_sigterm_then_sigkill_within_grace(docker_agent, cli: Cli) -> None:
-    job_id = (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c",
-                        "trap '' TERM; echo ignoring-term; while true; do sleep 1; done")).stdout.decode().strip()
+    job_id = (
+        (
+            await cli(
+                "run",
+                "-d",
+                "--image",
+                JOB_IMAGE,
+                "--",
+                "sh",
+                "-c",
+                "trap '' TERM; echo ignoring-term; while true; do sleep 1; done",
+            )
+        )
+        .stdout.decode()
+        .strip()
+    )
     follower = await cli.start("logs", "--follow", job_id)
     assert await asyncio.wait_for(follower.stdout.readline(), 30) == b"ignoring-term\n"
     started = time.monotonic()
@@ -175,19 +226,36 @@ async def test_timeout_ends_the_job_as_timed_out(docker_agent, cli: Cli) -> None
 
 
 async def test_out_of_memory_is_reported_as_such(docker_agent, cli: Cli) -> None:
-    result = await cli("run", "--memory", "16m", "--image", JOB_IMAGE, "--", "sh", "-c",
-                       "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived")
+    result = await cli(
+        "run",
+        "--memory",
+        "16m",
+        "--image",
+        JOB_IMAGE,
+        "--",
+        "sh",
+        "-c",
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
+    )
     assert b"survived" not in result.stdout
     assert result.returncode == 137
     jobs = json.loads((await cli("jobs", "list", "--json")).stdout)
     assert jobs[0]["status"] == "FAILED" and "out of memory" in jobs[0]["status_reason"]
 
 
-async def test_the_log_cap_truncates_visibly_and_the_job_keeps_running(cp: RunningControlPlane, cli: Cli,
-                                                                      tmp_path: Path, docker_client) -> None:
+async def test_the_log_cap_truncates_visibly_and_the_job_keeps_running(
+    cp: RunningControlPlane, cli: Cli, tmp_path: Path, docker_client
+) -> None:
     async with running_agent(cp, tmp_path, DockerRuntime(docker_client), log_cap_bytes=1024 * 1024):
-        result = await cli("run", "--image", JOB_IMAGE, "--", "sh", "-c",
-                           "head -c 3000000 /dev/zero | tr '\\0' x; echo; echo finished-after-cap >&2; exit 0")
+        result = await cli(
+            "run",
+            "--image",
+            JOB_IMAGE,
+            "--",
+            "sh",
+            "-c",
+            "head -c 3000000 /dev/zero | tr '\\0' x; echo; echo finished-after-cap >&2; exit 0",
+        )
     assert result.returncode == 0
     assert len(result.stdout) == 1024 * 1024
     assert b"log truncated at 1 MiB; the job keeps running" in result.stderr
@@ -197,11 +265,19 @@ async def test_the_log_cap_truncates_visibly_and_the_job_keeps_running(cp: Runni
 
 # Agents at work -------------------------------------------------------------------------------------------
 
-async def test_max_jobs_runs_jobs_side_by_side(cp: RunningControlPlane, cli: Cli, tmp_path: Path,
-                                              docker_client) -> None:
-    async with running_agent(cp, tmp_path, DockerRuntime(docker_client), max_jobs=2, stop_grace=timedelta(seconds=1)):
-        ids = [(await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", "echo up; sleep 30")
-                ).stdout.decode().strip() for _ in range(2)]
+
+async def test_max_jobs_runs_jobs_side_by_side(
+    cp: RunningControlPlane, cli: Cli, tmp_path: Path, docker_client
+) -> None:
+    async with running_agent(
+        cp, tmp_path, DockerRuntime(docker_client), max_jobs=2, stop_grace=timedelta(seconds=1)
+    ):
+        ids = [
+            (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", "echo up; sleep 30"))
+            .stdout.decode()
+            .strip()
+            for _ in range(2)
+        ]
         followers = [await cli.start("logs", "--follow", job_id) for job_id in ids]
         for follower in followers:
             assert await asyncio.wait_for(follower.stdout.readline(), 30) == b"up\n"
@@ -212,13 +288,17 @@ async def test_max_jobs_runs_jobs_side_by_side(cp: RunningControlPlane, cli: Cli
             await asyncio.wait_for(follower.wait(), 30)
 
 
-async def test_labels_route_jobs_and_a_job_nobody_can_take_says_why(cp: RunningControlPlane, cli: Cli,
-                                                                   tmp_path: Path, docker_client) -> None:
+async def test_labels_route_jobs_and_a_job_nobody_can_take_says_why(
+    cp: RunningControlPlane, cli: Cli, tmp_path: Path, docker_client
+) -> None:
     async with running_agent(cp, tmp_path, DockerRuntime(docker_client), labels={"gpu": "yes"}):
         routed = await cli("run", "--label", "gpu=yes", "--image", JOB_IMAGE, "--", "echo", "on a gpu host")
         assert routed.stdout == b"on a gpu host\n"
-        stuck = (await cli("run", "-d", "--label", "arch=arm64", "--image", JOB_IMAGE, "--", "true")
-                 ).stdout.decode().strip()
+        stuck = (
+            (await cli("run", "-d", "--label", "arch=arm64", "--image", JOB_IMAGE, "--", "true"))
+            .stdout.decode()
+            .strip()
+        )
         shown = await show(cli, stuck)
         assert shown["status"] == "QUEUED"
         assert "no connected agent of pool 'default' offers labels arch=arm64" in str(shown["status_reason"])
@@ -228,9 +308,13 @@ async def test_labels_route_jobs_and_a_job_nobody_can_take_says_why(cp: RunningC
 
 # Image policy ---------------------------------------------------------------------------------------------
 
-async def test_a_pool_refuses_images_outside_its_allow_list(docker_agent, cp: RunningControlPlane, cli: Cli) -> None:
-    await cp.daemon._store.set_pool_policy("default", "default", PoolPolicy(
-        allowed_images=("testhide/*",), pull_policy=PullPolicy.NEVER))
+
+async def test_a_pool_refuses_images_outside_its_allow_list(
+    docker_agent, cp: RunningControlPlane, cli: Cli
+) -> None:
+    await cp.daemon._store.set_pool_policy(
+        "default", "default", PoolPolicy(allowed_images=("testhide/*",), pull_policy=PullPolicy.NEVER)
+    )
     allowed = await cli("run", "--image", JOB_IMAGE, "--", "echo", "fine")
     assert allowed.stdout == b"fine\n"
     refused = await cli("run", "--image", "docker.io/library/alpine:3", "--", "echo", "never")
@@ -238,8 +322,9 @@ async def test_a_pool_refuses_images_outside_its_allow_list(docker_agent, cp: Ru
     assert b"is not allowed in pool 'default'" in refused.stderr
 
 
-async def test_pull_policy_always_pulls_on_the_host_and_fails_clearly(docker_agent, cp: RunningControlPlane,
-                                                                     cli: Cli) -> None:
+async def test_pull_policy_always_pulls_on_the_host_and_fails_clearly(
+    docker_agent, cp: RunningControlPlane, cli: Cli
+) -> None:
     # A registry address on loopback where nothing listens: the pull is refused at once.
     await cp.daemon._store.set_pool_policy("default", "default", PoolPolicy(pull_policy=PullPolicy.ALWAYS))
     result = await cli("run", "--image", "127.0.0.1:1/testhide/busybox:1", "--", "echo", "never")

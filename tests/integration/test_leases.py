@@ -44,19 +44,27 @@ TERMINAL = {s.value for s in JobStatus if s.terminal}
 
 
 async def submit(cli: Cli, *command: str, retries: int = 0) -> str:
-    result = await cli("run", "-d", "--no-workspace", "--retries", str(retries), "--image", JOB_IMAGE, "--",
-                       *command)
+    result = await cli(
+        "run", "-d", "--no-workspace", "--retries", str(retries), "--image", JOB_IMAGE, "--", *command
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.decode().strip()
 
 
 async def test_connection_cut_for_30s_mid_job_loses_nothing(tmp_path: Path, docker_client: Any) -> None:
     part1, part2 = (1, 1_500_000), (1_500_001, 6_000_000)  # about 11 MB, then 41 MB while cut off
-    script = (f"seq {part1[0]} {part1[1]}; while [ ! -e /tmp/go ]; do sleep 0.1; done; "
-              f"seq {part2[0]} {part2[1]}")
+    script = (
+        f"seq {part1[0]} {part1[1]}; while [ ! -e /tmp/go ]; do sleep 0.1; done; seq {part2[0]} {part2[1]}"
+    )
     async with control_plane(tmp_path) as cp, CuttableProxy("127.0.0.1", cp.daemon.agent_port) as proxy:
-        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), agent_port=proxy.port,
-                                 max_backoff=timedelta(seconds=1), stop_grace=timedelta(seconds=1)) as agent:
+        async with running_agent(
+            cp,
+            tmp_path,
+            DockerRuntime(docker_client),
+            agent_port=proxy.port,
+            max_backoff=timedelta(seconds=1),
+            stop_grace=timedelta(seconds=1),
+        ) as agent:
             cli = Cli(tmp_path / "config")
             assert (await cli.login(cp)).returncode == 0
             job_id = await submit(cli, "sh", "-c", script)
@@ -94,8 +102,18 @@ class AgentProcess:
     async def start(self) -> None:
         with open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "testhide.agent.cli", "run", "--data-dir", str(self.data_dir), *self.args, cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log)
+                sys.executable,
+                "-m",
+                "testhide.agent.cli",
+                "run",
+                "--data-dir",
+                str(self.data_dir),
+                *self.args,
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                stdout=log,
+                stderr=log,
+            )
 
     async def signal(self, sig: int) -> None:
         assert self.process is not None
@@ -111,8 +129,9 @@ class AgentProcess:
             await self.process.wait()
 
 
-async def test_killed_agent_job_is_lost_within_the_lease_and_retried_once(tmp_path: Path,
-                                                                         docker_client: Any) -> None:
+async def test_killed_agent_job_is_lost_within_the_lease_and_retried_once(
+    tmp_path: Path, docker_client: Any
+) -> None:
     lease = timedelta(seconds=3)
     async with control_plane(tmp_path, job_lease=lease) as cp:
         assert cp.daemon.scheduler is not None
@@ -124,8 +143,18 @@ async def test_killed_agent_job_is_lost_within_the_lease_and_retried_once(tmp_pa
             await asyncio.wait_for(cp.daemon.scheduler.wait_for_agent(agent_id), 30)
             cli = Cli(tmp_path / "config")
             assert (await cli.login(cp)).returncode == 0
-            follower = await cli.start("run", "--no-workspace", "--retries", "1", "--image", JOB_IMAGE, "--",
-                                       "sh", "-c", "echo attempt-start; sleep 2; echo attempt-end")
+            follower = await cli.start(
+                "run",
+                "--no-workspace",
+                "--retries",
+                "1",
+                "--image",
+                JOB_IMAGE,
+                "--",
+                "sh",
+                "-c",
+                "echo attempt-start; sleep 2; echo attempt-end",
+            )
             assert follower.stderr is not None
             job_id = (await follower.stderr.readline()).decode().split()[1]
             await eventually(lambda: log_reached(cp, job_id, 1), 30, "the job to start")
@@ -162,20 +191,32 @@ async def _retry_of(cp: RunningControlPlane, job_id: str) -> Job | None:
 
 
 async def test_agent_back_after_its_lease_lapsed_stops_the_job_and_reports_nothing(
-        tmp_path: Path, docker_client: Any) -> None:
+    tmp_path: Path, docker_client: Any
+) -> None:
     lease = timedelta(seconds=2)
-    async with control_plane(tmp_path, job_lease=lease) as cp, \
-            CuttableProxy("127.0.0.1", cp.daemon.agent_port) as proxy:
-        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), agent_port=proxy.port,
-                                 max_backoff=timedelta(seconds=1), stop_grace=timedelta(seconds=1)) as agent:
+    async with (
+        control_plane(tmp_path, job_lease=lease) as cp,
+        CuttableProxy("127.0.0.1", cp.daemon.agent_port) as proxy,
+    ):
+        async with running_agent(
+            cp,
+            tmp_path,
+            DockerRuntime(docker_client),
+            agent_port=proxy.port,
+            max_backoff=timedelta(seconds=1),
+            stop_grace=timedelta(seconds=1),
+        ) as agent:
             cli = Cli(tmp_path / "config")
             assert (await cli.login(cp)).returncode == 0
             job_id = await submit(cli, "sh", "-c", "echo before; while true; do sleep 0.2; done")
             first = await eventually(lambda: in_status(cp, job_id, JobStatus.RUNNING), 30, "RUNNING")
             assert first.lease_expires_at is not None
             # Heartbeats keep the lease: still RUNNING well past the first lease's end.
-            await eventually(lambda: _lease_beyond(cp, job_id, first.lease_expires_at + 2 * lease), 15,
-                             "the lease to be extended twice")
+            await eventually(
+                lambda: _lease_beyond(cp, job_id, first.lease_expires_at + 2 * lease),
+                15,
+                "the lease to be extended twice",
+            )
 
             proxy.cut()
             lost = await eventually(lambda: in_status(cp, job_id, JobStatus.LOST), 15, "the job to be LOST")

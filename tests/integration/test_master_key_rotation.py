@@ -16,25 +16,33 @@ from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, operator
 
 pytestmark = pytest.mark.docker
 
-BEFORE = ('echo "before-$((6 * 7))"; mkdir -p out; echo "artifact-$((7 * 8))" > out/a.txt;'
-          ' printf %s "$TOKEN" | wc -c')
+BEFORE = (
+    'echo "before-$((6 * 7))"; mkdir -p out; echo "artifact-$((7 * 8))" > out/a.txt;'
+    ' printf %s "$TOKEN" | wc -c'
+)
 DURING = 'i=0; while [ $i -lt 25 ]; do echo "tick-$i"; i=$((i + 1)); sleep 0.1; done'
 
 
 def stored_key_ids(data_dir: Path) -> set[str]:
     with sqlite3.connect(data_dir / "testhide.db") as conn:
-        wrapped = [r[0] for table in ("jobs", "blobs", "secrets")
-                   for r in conn.execute(f"SELECT data_key FROM {table}")]
+        wrapped = [
+            r[0]
+            for table in ("jobs", "blobs", "secrets")
+            for r in conn.execute(f"SELECT data_key FROM {table}")
+        ]
     directory = DataDir(data_dir)
     return {sealed_by(bytes(w)) for w in wrapped} | {
-        sealed_by((data_dir / name).read_bytes()) for name in directory.sealed_files()}
+        sealed_by((data_dir / name).read_bytes()) for name in directory.sealed_files()
+    }
 
 
 async def test_rotation_while_serving_keeps_old_data_readable_and_leaves_no_old_key(
-        docker_agent, cp: RunningControlPlane, cli: Cli, tmp_path: Path) -> None:
+    docker_agent, cp: RunningControlPlane, cli: Cli, tmp_path: Path
+) -> None:
     assert (await cli("secrets", "set", "TOKEN", stdin=b"s3cret!")).returncode == 0
-    before = await cli("run", "--secret", "TOKEN", "--artifacts", "out/*", "--image", JOB_IMAGE, "--",
-                       "sh", "-c", BEFORE)
+    before = await cli(
+        "run", "--secret", "TOKEN", "--artifacts", "out/*", "--image", JOB_IMAGE, "--", "sh", "-c", BEFORE
+    )
     assert before.returncode == 0, before.stderr
     assert b"before-42\n" in before.stdout and b"7\n" in before.stdout
     old_job = before.stderr.split(b"job ")[1].split()[0].decode()
@@ -56,8 +64,9 @@ async def test_rotation_while_serving_keeps_old_data_readable_and_leaves_no_old_
     downloaded = await cli("artifacts", old_job, "-o", str(tmp_path / "dl"))
     assert downloaded.returncode == 0 and (tmp_path / "dl" / "out" / "a.txt").read_text() == "artifact-56\n"
     # The log masks the value itself, so the job prints it transformed.
-    after = await cli("run", "--secret", "TOKEN", "--image", JOB_IMAGE, "--", "sh", "-c",
-                      'printf %s "$TOKEN" | tr a-z A-Z')
+    after = await cli(
+        "run", "--secret", "TOKEN", "--image", JOB_IMAGE, "--", "sh", "-c", 'printf %s "$TOKEN" | tr a-z A-Z'
+    )
     assert after.returncode == 0 and after.stdout == b"S3CRET!"
     assert stored_key_ids(cp.data_dir) == {new_key[0]}
 

@@ -11,7 +11,7 @@ from tests.harness import JOB_IMAGE, Cli
 
 pytestmark = pytest.mark.docker
 
-SUITE = '''
+SUITE = """
 import pytest
 
 def test_adds():
@@ -23,16 +23,32 @@ def test_breaks():
 @pytest.mark.skip(reason="not today")
 def test_later():
     pass
-'''
+"""
 
 
-async def test_a_real_pytest_run_comes_back_as_cases(docker_agent, cli: Cli, python_image: str,
-                                                     tmp_path: Path) -> None:
+async def test_a_real_pytest_run_comes_back_as_cases(
+    docker_agent, cli: Cli, python_image: str, tmp_path: Path
+) -> None:
     project = tmp_path / "project"
     project.mkdir()
     (project / "test_sample.py").write_text(SUITE)
-    result = await cli("run", "--image", python_image, "--junit", "reports/*.xml", "--", "python3", "-m", "pytest",
-                       "-q", "-p", "no:cacheprovider", "--junitxml=reports/junit.xml", cwd=project, timeout=180)
+    result = await cli(
+        "run",
+        "--image",
+        python_image,
+        "--junit",
+        "reports/*.xml",
+        "--",
+        "python3",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--junitxml=reports/junit.xml",
+        cwd=project,
+        timeout=180,
+    )
     assert result.returncode == 1  # pytest's own exit code: a test failed
     assert b"1 failed, 1 passed, 1 skipped" in result.stdout
     assert b"tests: 3 total, 1 passed, 1 failed, 0 errors, 1 skipped" in result.stderr
@@ -50,8 +66,10 @@ async def test_a_real_pytest_run_comes_back_as_cases(docker_agent, cli: Cli, pyt
 
 
 async def test_hostile_reports_are_refused_without_expansion(docker_agent, cli: Cli) -> None:
-    xxe = ('<?xml version="1.0"?><!DOCTYPE t [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
-           '<testsuite name="x"><testcase name="&x;"/></testsuite>')
+    xxe = (
+        '<?xml version="1.0"?><!DOCTYPE t [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        '<testsuite name="x"><testcase name="&x;"/></testsuite>'
+    )
     script = f"mkdir -p r && printf '%s' '{xxe}' > r/evil.xml && echo '<testsuite name=\"s\"><testcase name=\"ok\"/></testsuite>' > r/good.xml"
     result = await cli("run", "--junit", "r/*.xml", "--image", JOB_IMAGE, "--", "sh", "-c", script)
     assert result.returncode == 0, result.stderr

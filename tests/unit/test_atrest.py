@@ -108,6 +108,7 @@ def test_aad_binding_property(plaintext: bytes, aad: bytes, other: bytes) -> Non
 
 # ------------------------------------------------------------------ MasterKey
 
+
 @pytest.fixture(autouse=True)
 def no_env_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(MASTER_KEY_ENV, raising=False)

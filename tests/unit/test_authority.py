@@ -38,7 +38,8 @@ def csr() -> tuple[bytes, bytes]:
 
 def _csr_for(key: object) -> bytes:
     builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
+    )
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
@@ -115,8 +116,9 @@ def test_csr_subject_and_extensions_are_ignored(ca: CertificateAuthority) -> Non
     csr_pem = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "admin")]))
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(evil.uri)]),
-                       critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(evil.uri)]), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
         .public_bytes(serialization.Encoding.PEM)
@@ -138,8 +140,7 @@ def test_csr_subject_and_extensions_are_ignored(ca: CertificateAuthority) -> Non
     ],
     ids=["rsa2048", "p384", "secp256k1", "ed25519"],
 )
-def test_issue_agent_rejects_non_p256_keys(ca: CertificateAuthority,
-                                           make_key: Callable[[], object]) -> None:
+def test_issue_agent_rejects_non_p256_keys(ca: CertificateAuthority, make_key: Callable[[], object]) -> None:
     with pytest.raises(InvalidArgument, match="P-256"):
         ca.issue_agent(_csr_for(make_key()), IDENTITY, timedelta(hours=1))
 
@@ -183,11 +184,22 @@ def test_is_development_ca() -> None:
     now = datetime.now(UTC)
 
     def self_signed(org: str) -> x509.Certificate:
-        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
-                          x509.NameAttribute(NameOID.COMMON_NAME, "ca")])
-        return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                .serial_number(1).not_valid_before(now).not_valid_after(now + timedelta(days=1))
-                .sign(key, hashes.SHA256()))
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                x509.NameAttribute(NameOID.COMMON_NAME, "ca"),
+            ]
+        )
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(now)
+            .not_valid_after(now + timedelta(days=1))
+            .sign(key, hashes.SHA256())
+        )
 
     assert is_development_ca(self_signed(DEV_MARKER))
     assert is_development_ca(self_signed(f"acme {DEV_MARKER} ci"))
@@ -197,8 +209,10 @@ def test_is_development_ca() -> None:
     assert is_development_ca(dev.certificate)
     # A development CA still signs: its issued certificates chain to it.
     leaf = x509.load_pem_x509_certificate(
-        dev.issue_agent(new_key_and_csr()[1], AgentIdentity("dev.local", "o", "p", "a"), timedelta(hours=1))
-        .certificate_pem)
+        dev.issue_agent(
+            new_key_and_csr()[1], AgentIdentity("dev.local", "o", "p", "a"), timedelta(hours=1)
+        ).certificate_pem
+    )
     leaf.verify_directly_issued_by(dev.certificate)
 
 
@@ -215,8 +229,10 @@ def test_issue_server_chain_and_sans(ca: CertificateAuthority) -> None:
 
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["cp.example.org", "localhost"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1"),
-                                                       ipaddress.ip_address("::1")]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == []
     eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]

@@ -32,7 +32,7 @@ def encrypt(data: bytes, master: MasterKey, pieces: int = 7) -> bytes:
     out = io.BytesIO()
     writer = backupfile.BackupWriter(out, master)
     for start in range(0, len(data), pieces):
-        writer.write(data[start:start + pieces])
+        writer.write(data[start : start + pieces])
     writer.close()
     return out.getvalue()
 
@@ -49,8 +49,8 @@ def records(blob: bytes) -> tuple[bytes, list[bytes]]:
     offset = 14 + length
     prefix, found = blob[:offset], []
     while offset < len(blob):
-        (size,) = struct.unpack(">I", blob[offset:offset + 4])
-        found.append(blob[offset:offset + 4 + size])
+        (size,) = struct.unpack(">I", blob[offset : offset + 4])
+        found.append(blob[offset : offset + 4 + size])
         offset += 4 + size
     return prefix, found
 
@@ -95,8 +95,13 @@ def test_reordered_dropped_or_duplicated_chunks_are_refused() -> None:
     master = MasterKey(KEY)
     prefix, chunks = records(encrypt(PLAIN, master))
     assert len(chunks) == 12
-    for changed in (chunks[1:2] + chunks[:1] + chunks[2:], chunks[:5] + chunks[6:], chunks[:5] + chunks[4:],
-                    chunks[:-1], chunks + chunks[-1:]):
+    for changed in (
+        chunks[1:2] + chunks[:1] + chunks[2:],
+        chunks[:5] + chunks[6:],
+        chunks[:5] + chunks[4:],
+        chunks[:-1],
+        chunks + chunks[-1:],
+    ):
         with pytest.raises(IntegrityError):
             decrypt(prefix + b"".join(changed), master)
 
@@ -123,6 +128,7 @@ def test_not_a_backup() -> None:
 
 # ------------------------------------------------------------------ data dirs
 
+
 async def _backup(tmp_path: Path) -> tuple[DataDir, Path]:
     await initialise(tmp_path / "live", ["localhost"])
     directory = DataDir(tmp_path / "live")
@@ -143,17 +149,24 @@ async def test_backup_and_restore_a_data_dir(tmp_path: Path) -> None:
     target = tmp_path / "restored"
     summary = await restore(out, target, live.master_key(), live.master_key_path.read_text(), "operator:test")
     assert summary.audit_entries == 1
-    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()
-                  and not p.name.startswith(".")) == sorted(
-        p.relative_to(live.path).as_posix() for p in live.path.rglob("*") if p.is_file()
-        and not p.name.startswith(".") and "run" not in p.parts)
+    assert sorted(
+        p.relative_to(target).as_posix()
+        for p in target.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    ) == sorted(
+        p.relative_to(live.path).as_posix()
+        for p in live.path.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and "run" not in p.parts
+    )
     assert (target / "master.key").stat().st_mode & 0o777 == 0o600
     assert all((target / d).stat().st_mode & 0o777 == 0o700 for d in ("cas", "signing", "."))
     with sqlite3.connect(target / "testhide.db") as conn:
         assert ("acme",) in conn.execute("SELECT name FROM orgs").fetchall()
     restored = DataDir(target)
-    assert restored.tls_material(restored.master_key()).server_key_pem == \
-        live.tls_material(live.master_key()).server_key_pem
+    assert (
+        restored.tls_material(restored.master_key()).server_key_pem
+        == live.tls_material(live.master_key()).server_key_pem
+    )
 
 
 async def test_restore_refuses_a_non_empty_target(tmp_path: Path) -> None:

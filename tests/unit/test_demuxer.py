@@ -68,8 +68,9 @@ def test_unknown_stream_is_stdout() -> None:
     assert Demuxer().feed(frame(0, b"stdin?") + frame(3, b"?")) == [(OUT, b"stdin??")]
 
 
-frames_strategy = st.lists(st.tuples(st.sampled_from([1, 2]), st.binary(min_size=1, max_size=40)),
-                           min_size=1, max_size=12)
+frames_strategy = st.lists(
+    st.tuples(st.sampled_from([1, 2]), st.binary(min_size=1, max_size=40)), min_size=1, max_size=12
+)
 
 
 @PROPS
@@ -100,5 +101,5 @@ def test_every_single_split_point() -> None:
         assert merged([c for c in chunks if c[1]]) == expected, cut
     # Byte by byte.
     demuxer = Demuxer()
-    chunks = [c for i in range(len(stream)) for c in demuxer.feed(stream[i:i + 1])]
+    chunks = [c for i in range(len(stream)) for c in demuxer.feed(stream[i : i + 1])]
     assert merged([c for c in chunks if c[1]]) == expected

@@ -40,8 +40,25 @@ def test_bare_number_means_seconds(text: str, seconds: int) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", "10x", "m10", "1h 30m", "1h30", "1.5h", "-5s", "h", "s", "10 s", "5S", "1h-30m", "1h,30m",
-     "ms", "1y", "1hh"],
+    [
+        "",
+        "   ",
+        "10x",
+        "m10",
+        "1h 30m",
+        "1h30",
+        "1.5h",
+        "-5s",
+        "h",
+        "s",
+        "10 s",
+        "5S",
+        "1h-30m",
+        "1h,30m",
+        "ms",
+        "1y",
+        "1hh",
+    ],
 )
 def test_parse_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
@@ -76,8 +93,13 @@ def test_round_trip_whole_seconds(seconds: int) -> None:
 
 
 @PROPS
-@given(st.integers(0, 1000), st.integers(0, 1000), st.integers(0, 1000), st.integers(0, 1000),
-       st.integers(0, 100))
+@given(
+    st.integers(0, 1000),
+    st.integers(0, 1000),
+    st.integers(0, 1000),
+    st.integers(0, 1000),
+    st.integers(0, 100),
+)
 def test_parse_sums_parts(days: int, hours: int, minutes: int, seconds: int, ms: int) -> None:
     text = f"{days}d{hours}h{minutes}m{seconds}s{ms}ms"
     expected = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds, milliseconds=ms)

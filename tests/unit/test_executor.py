@@ -95,7 +95,12 @@ async def test_container_spec_from_assignment_and_config(tmp_path: Path) -> None
     spec = h.runtime.specs["j1"]
     assert (spec.job_id, spec.image, spec.command) == ("j1", "alpine:3", ("sh", "-c", "true"))
     assert (spec.env, spec.workdir, spec.cpus, spec.memory_bytes, spec.pids) == (
-        {"A": "1"}, "/src", 0.5, 64 * 1024**2, 99)
+        {"A": "1"},
+        "/src",
+        0.5,
+        64 * 1024**2,
+        99,
+    )
     assert (spec.user, spec.runtime) == ("1000:1000", "runsc")
 
 

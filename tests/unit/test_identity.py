@@ -19,7 +19,9 @@ _ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
 # NAME_RE: [a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?
 names = st.sampled_from(_ALNUM) | st.builds(
     lambda first, middle, last: first + middle + last,
-    st.sampled_from(_ALNUM), st.text(_ALNUM + "-", max_size=61), st.sampled_from(_ALNUM),
+    st.sampled_from(_ALNUM),
+    st.text(_ALNUM + "-", max_size=61),
+    st.sampled_from(_ALNUM),
 )
 trust_domains = st.text(_ALNUM + ".-", min_size=1, max_size=40)
 

@@ -38,7 +38,10 @@ BOMB = b"""<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2
 def test_pytest_report() -> None:
     cases = parse_junit(PYTEST)
     assert [(c.name, c.status) for c in cases] == [
-        ("test_ok", TestStatus.PASSED), ("test_bad", TestStatus.FAILED), ("test_later", TestStatus.SKIPPED)]
+        ("test_ok", TestStatus.PASSED),
+        ("test_bad", TestStatus.FAILED),
+        ("test_later", TestStatus.SKIPPED),
+    ]
     assert cases[1].message == "assert 1 == 2" and cases[1].classname == "test_sample"
     assert cases[0].suite == "pytest" and cases[1].duration_s == pytest.approx(0.002)
 
@@ -47,13 +50,17 @@ def test_surefire_report() -> None:
     cases = parse_junit(SUREFIRE)
     assert [(c.suite, c.classname, c.name, c.status) for c in cases] == [
         ("com.example.AppTest", "com.example.AppTest", "adds", TestStatus.PASSED),
-        ("com.example.AppTest", "com.example.AppTest", "divides", TestStatus.ERROR)]
+        ("com.example.AppTest", "com.example.AppTest", "divides", TestStatus.ERROR),
+    ]
     assert cases[1].message == "/ by zero"
 
 
 def test_go_junit_report() -> None:
     cases = parse_junit(GO_JUNIT_REPORT)
-    assert [(c.name, c.status) for c in cases] == [("TestGood", TestStatus.PASSED), ("TestBad", TestStatus.FAILED)]
+    assert [(c.name, c.status) for c in cases] == [
+        ("TestGood", TestStatus.PASSED),
+        ("TestBad", TestStatus.FAILED),
+    ]
     assert cases[1].duration_s == pytest.approx(1.23)
 
 

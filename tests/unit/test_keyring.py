@@ -38,6 +38,7 @@ def b64(*keys: bytes) -> str:
 
 # ------------------------------------------------------------------ the ring
 
+
 def test_seal_names_the_current_key_and_every_ring_key_opens_its_own() -> None:
     old_sealed = MasterKey(OLD).seal(b"private key", b"cas/ca-1.key.sealed")
     ring = MasterKey(NEW, OLD)
@@ -50,7 +51,9 @@ def test_seal_names_the_current_key_and_every_ring_key_opens_its_own() -> None:
 
 def test_a_key_missing_from_the_ring_is_named() -> None:
     sealed = MasterKey(OLD).seal(b"x", b"a")
-    with pytest.raises(IntegrityError, match=f"sealed by master key {key_id(OLD)}, which is not in the key ring"):
+    with pytest.raises(
+        IntegrityError, match=f"sealed by master key {key_id(OLD)}, which is not in the key ring"
+    ):
         MasterKey(NEW).unseal(sealed, b"a")
 
 
@@ -126,8 +129,9 @@ async def _fill(store: SqliteStore, master: MasterKey) -> str:
     """A job with a log, a blob and a secret, all under ``master``."""
     job_id = "j" + os.urandom(4).hex()
     _, wrapped = master.new_data_key(job_id.encode())
-    await store.create_job(Job(job_id, "default", JobSpec(image="busybox", command=("true",)), JobStatus.QUEUED,
-                               NOW), wrapped)
+    await store.create_job(
+        Job(job_id, "default", JobSpec(image="busybox", command=("true",)), JobStatus.QUEUED, NOW), wrapped
+    )
     job = await store.assign_job("default", job_id, "agent-1", NOW, NOW + timedelta(minutes=1))
     assert job is not None
     await LogBook(store, master).append("default", job_id, job.epoch, 1, [(LogStream.STDOUT, b"old log\n")])
@@ -158,12 +162,18 @@ def _file_key_ids(directory: DataDir) -> set[str]:
     return {sealed_by((directory.path / n).read_bytes()) for n in directory.sealed_files()}
 
 
-async def test_rotation_rewraps_rows_and_files_and_drops_the_old_key(datadir: tuple[DataDir, SqliteStore]) -> None:
+async def test_rotation_rewraps_rows_and_files_and_drops_the_old_key(
+    datadir: tuple[DataDir, SqliteStore],
+) -> None:
     directory, store = datadir
     old = directory.master_key()
     job_id = await _fill(store, old)
     result = await masterkey.rotate(directory, store, directory.master_key())
-    assert result.dropped and result.rewrapped == 3 and result.resealed_files == len(directory.sealed_files()) == 4
+    assert (
+        result.dropped
+        and result.rewrapped == 3
+        and result.resealed_files == len(directory.sealed_files()) == 4
+    )
     assert result.retired_key_ids == (old.current_id,)
     new = directory.master_key()
     assert new.key_ids == (result.new_key_id,)
@@ -185,7 +195,11 @@ async def test_rotation_resumes_after_a_crash_between_steps(datadir: tuple[DataD
     result = await masterkey.rotate(directory, store, directory.master_key())
     assert result.new_key_id == ring.current_id and result.rewrapped == 0 and result.dropped
     assert _db_key_ids(directory) == _file_key_ids(directory) == {ring.current_id}
-    assert await _read_back(store, directory.master_key(), job_id) == (b"old log\n", b"artifact bytes", "s3cret")
+    assert await _read_back(store, directory.master_key(), job_id) == (
+        b"old log\n",
+        b"artifact bytes",
+        "s3cret",
+    )
 
 
 async def test_rotation_of_a_legacy_data_dir(datadir: tuple[DataDir, SqliteStore]) -> None:
@@ -193,18 +207,28 @@ async def test_rotation_of_a_legacy_data_dir(datadir: tuple[DataDir, SqliteStore
     directory, store = datadir
     raw = base64.b64decode(directory.master_key_path.read_text())
     job_id = "jlegacy"
-    await store.create_job(Job(job_id, "default", JobSpec(image="b", command=("true",)), JobStatus.QUEUED, NOW),
-                           seal(raw, os.urandom(32), b"data-key:" + job_id.encode()))
+    await store.create_job(
+        Job(job_id, "default", JobSpec(image="b", command=("true",)), JobStatus.QUEUED, NOW),
+        seal(raw, os.urandom(32), b"data-key:" + job_id.encode()),
+    )
     (directory.path / "server.key.sealed").write_bytes(
-        seal(raw, directory.master_key().unseal((directory.path / "server.key.sealed").read_bytes(),
-                                                b"server.key.sealed"), b"server.key.sealed"))
+        seal(
+            raw,
+            directory.master_key().unseal(
+                (directory.path / "server.key.sealed").read_bytes(), b"server.key.sealed"
+            ),
+            b"server.key.sealed",
+        )
+    )
     assert LEGACY_KEY_ID in _db_key_ids(directory) | _file_key_ids(directory)
     result = await masterkey.rotate(directory, store, directory.master_key())
     assert _db_key_ids(directory) == _file_key_ids(directory) == {result.new_key_id}
     directory.tls_material(directory.master_key())
 
 
-async def test_a_tampered_data_key_is_reported_and_keeps_the_old_key(datadir: tuple[DataDir, SqliteStore]) -> None:
+async def test_a_tampered_data_key_is_reported_and_keeps_the_old_key(
+    datadir: tuple[DataDir, SqliteStore],
+) -> None:
     directory, store = datadir
     job_id = await _fill(store, directory.master_key())
     with sqlite3.connect(directory.db_path) as conn:
@@ -221,7 +245,8 @@ async def test_a_tampered_data_key_is_reported_and_keeps_the_old_key(datadir: tu
 
 
 async def test_an_environment_ring_of_one_key_refuses_with_the_procedure(
-        datadir: tuple[DataDir, SqliteStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    datadir: tuple[DataDir, SqliteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
     directory, store = datadir
     monkeypatch.setenv(MASTER_KEY_ENV, directory.master_key_path.read_text().strip())
     with pytest.raises(FailedPrecondition, match="NEW,OLD"):
@@ -229,7 +254,8 @@ async def test_an_environment_ring_of_one_key_refuses_with_the_procedure(
 
 
 async def test_an_environment_ring_is_rewrapped_but_not_dropped(
-        datadir: tuple[DataDir, SqliteStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    datadir: tuple[DataDir, SqliteStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
     directory, store = datadir
     await _fill(store, directory.master_key())
     old_text = directory.master_key_path.read_text().strip()
@@ -240,7 +266,9 @@ async def test_an_environment_ring_is_rewrapped_but_not_dropped(
     assert directory.master_key_path.read_text().strip() == old_text  # the file is not the ring in use
 
 
-async def test_rotation_waits_for_running_serves_and_gives_up_clearly(datadir: tuple[DataDir, SqliteStore]) -> None:
+async def test_rotation_waits_for_running_serves_and_gives_up_clearly(
+    datadir: tuple[DataDir, SqliteStore],
+) -> None:
     directory, store = datadir
     master = directory.master_key()
     lagging = masterkey.RingAnnouncement(directory, master)
@@ -253,7 +281,9 @@ async def test_rotation_waits_for_running_serves_and_gives_up_clearly(datadir: t
     # Picking up the ring (as serve's watcher does) lets the rotation, run again, finish.
     assert master.reload()
     lagging.publish()
-    result = await masterkey.rotate(directory, store, directory.master_key(), holder_timeout=timedelta(seconds=2))
+    result = await masterkey.rotate(
+        directory, store, directory.master_key(), holder_timeout=timedelta(seconds=2)
+    )
     assert result.dropped
     lagging.withdraw()
 
@@ -268,6 +298,7 @@ async def test_a_second_rotation_at_the_same_time_is_refused(datadir: tuple[Data
 
 # ------------------------------------------------------------------ the audit key
 
+
 async def test_audit_chain_survives_rotation(datadir: tuple[DataDir, SqliteStore]) -> None:
     directory, store = datadir
     auditor = Auditor(store, await directory.audit_key(directory.master_key(), store))
@@ -279,7 +310,9 @@ async def test_audit_chain_survives_rotation(datadir: tuple[DataDir, SqliteStore
     assert [e.event.action for e in entries] == ["before", "after"] and problems == []
 
 
-async def test_a_data_dir_from_before_the_audit_key_keeps_its_chain(datadir: tuple[DataDir, SqliteStore]) -> None:
+async def test_a_data_dir_from_before_the_audit_key_keeps_its_chain(
+    datadir: tuple[DataDir, SqliteStore],
+) -> None:
     directory, store = datadir
     (directory.path / AUDIT_KEY).unlink()
     raw = base64.b64decode(directory.master_key_path.read_text())

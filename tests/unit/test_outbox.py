@@ -90,8 +90,11 @@ async def test_detach_stops_sending_and_reattach_replays_all_unacked(spool: Spoo
     assert len(first) == 2
     second: list[Report] = []
     outbox.attach(second.append)
-    assert second == [JobStarted("j", 1), LogBatch("j", 1, 1, ((OUT, b"a"),)),
-                      LogBatch("j", 1, 2, ((OUT, b"b"),))]
+    assert second == [
+        JobStarted("j", 1),
+        LogBatch("j", 1, 1, ((OUT, b"a"),)),
+        LogBatch("j", 1, 2, ((OUT, b"b"),)),
+    ]
     assert len(first) == 2
 
 
@@ -178,10 +181,16 @@ async def test_replay_covers_every_job(spool: Spool) -> None:
     outbox.finish("b", Outcome.CANCELED, 143, "stop")
     replay: list[Report] = []
     outbox.attach(replay.append)
-    assert sorted(map(repr, replay)) == sorted(map(repr, [
-        LogBatch("a", 1, 1, ((OUT, b"a1"),)), JobStarted("b", 2),
-        JobResult("b", 2, 0, Outcome.CANCELED, 143, "stop"),
-    ]))
+    assert sorted(map(repr, replay)) == sorted(
+        map(
+            repr,
+            [
+                LogBatch("a", 1, 1, ((OUT, b"a1"),)),
+                JobStarted("b", 2),
+                JobResult("b", 2, 0, Outcome.CANCELED, 143, "stop"),
+            ],
+        )
+    )
     # Within a job, order is started, batches, result.
     b_reports = [r for r in replay if r.job_id == "b"]
     assert b_reports == [JobStarted("b", 2), JobResult("b", 2, 0, Outcome.CANCELED, 143, "stop")]
@@ -207,11 +216,15 @@ async def test_reopen_of_the_same_assignment_keeps_its_reports(spool: Spool) -> 
     await outbox.log("j", [(OUT, b"more")])
     replay: list[Report] = []
     outbox.attach(replay.append)
-    assert replay == [JobStarted("j", 3), LogBatch("j", 3, 1, ((OUT, b"kept"),)),
-                      LogBatch("j", 3, 2, ((OUT, b"more"),))]
+    assert replay == [
+        JobStarted("j", 3),
+        LogBatch("j", 3, 1, ((OUT, b"kept"),)),
+        LogBatch("j", 3, 2, ((OUT, b"more"),)),
+    ]
 
 
 # ------------------------------------------------------------ window and disk spool
+
 
 def data_of(reports: list[Report]) -> bytes:
     return b"".join(d for r in reports if isinstance(r, LogBatch) for _, d in r.entries)

@@ -21,8 +21,7 @@ LEASE = timedelta(seconds=60)
 
 
 def make_job(job_id: str, org: str = "acme", pool: str = "default", **spec_changes: object) -> Job:
-    spec = JobSpec(image="alpine:3", command=("sh", "-c", "echo hi"), pool=pool,
-                   **spec_changes)  # type: ignore[arg-type]
+    spec = JobSpec(image="alpine:3", command=("sh", "-c", "echo hi"), pool=pool, **spec_changes)  # type: ignore[arg-type]
     return Job(id=job_id, org=org, spec=spec, status=JobStatus.QUEUED, created_at=NOW)
 
 
@@ -48,6 +47,7 @@ async def assigned(store: SqliteStore, job_id: str = "j1") -> Job:
 
 # ------------------------------------------------------------------ migrations
 
+
 async def test_migrations_applied_once(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     first = await SqliteStore.open(path)
@@ -63,8 +63,16 @@ async def test_migrations_applied_once(tmp_path: Path) -> None:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     conn.close()
     assert versions == [version for version, _ in MIGRATIONS]
-    assert {"orgs", "pools", "api_keys", "enrollment_tokens", "agents", "jobs", "job_transitions",
-            "log_entries"} <= tables
+    assert {
+        "orgs",
+        "pools",
+        "api_keys",
+        "enrollment_tokens",
+        "agents",
+        "jobs",
+        "job_transitions",
+        "log_entries",
+    } <= tables
 
 
 async def test_foreign_keys_enforced(store: SqliteStore) -> None:
@@ -76,9 +84,16 @@ async def test_foreign_keys_enforced(store: SqliteStore) -> None:
 
 # ------------------------------------------------------------------ jobs
 
+
 async def test_job_round_trip(store: SqliteStore) -> None:
-    job = make_job("j1", env={"A": "1"}, timeout=timedelta(minutes=5), labels={"team": "x"},
-                   resources=Resources(cpus=0.5, memory_bytes=64 * 1024**2, pids=10), workdir="/src")
+    job = make_job(
+        "j1",
+        env={"A": "1"},
+        timeout=timedelta(minutes=5),
+        labels={"team": "x"},
+        resources=Resources(cpus=0.5, memory_bytes=64 * 1024**2, pids=10),
+        workdir="/src",
+    )
     await store.create_job(job, b"wrapped-key")
     loaded = await store.get_job("acme", "j1")
     assert loaded is not None
@@ -165,8 +180,12 @@ async def test_set_job_status_lifecycle(store: SqliteStore) -> None:
     done = await store.set_job_status("acme", "j1", 1, JobStatus.FAILED, end, "exit 3", exit_code=3)
     assert (done.status, done.exit_code, done.status_reason) == (JobStatus.FAILED, 3, "exit 3")
     assert done.started_at == later and done.finished_at == end
-    assert [t.status for t in done.transitions] == [JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING,
-                                                    JobStatus.FAILED]
+    assert [t.status for t in done.transitions] == [
+        JobStatus.QUEUED,
+        JobStatus.ASSIGNED,
+        JobStatus.RUNNING,
+        JobStatus.FAILED,
+    ]
     assert [t.at for t in done.transitions] == [NOW, NOW, later, end]
 
 
@@ -198,6 +217,7 @@ async def test_set_job_status_unknown_job(store: SqliteStore) -> None:
 
 # ------------------------------------------------------------------ logs
 
+
 async def test_append_log_batch_offsets_and_replay(store: SqliteStore) -> None:
     await assigned(store)
     first = [(OUT, b"sealed-a", 5), (ERR, b"sealed-b", 3)]
@@ -207,7 +227,10 @@ async def test_append_log_batch_offsets_and_replay(store: SqliteStore) -> None:
     assert job is not None and (job.last_seq, job.log_size) == (2, 12)
     entries = await store.read_log("acme", "j1", 0, 100)
     assert [(e.offset, e.stream, e.sealed, e.seq, e.index) for e in entries] == [
-        (0, OUT, b"sealed-a", 1, 0), (5, ERR, b"sealed-b", 1, 1), (8, OUT, b"sealed-c", 2, 0)]
+        (0, OUT, b"sealed-a", 1, 0),
+        (5, ERR, b"sealed-b", 1, 1),
+        (8, OUT, b"sealed-c", 2, 0),
+    ]
 
     # A replayed batch (after a reconnect) is acknowledged but stored once.
     assert await store.append_log_batch("acme", "j1", 1, 1, [(OUT, b"different", 99)]) == 2
@@ -266,8 +289,13 @@ async def test_read_log_from_offsets(store: SqliteStore) -> None:
 
 # ------------------------------------------------------------------ enrollment tokens
 
-def token(token_id: str = "t1", expires: datetime = NOW + timedelta(hours=1), secret_hash: bytes = b"h" * 32,
-          pool: str = "default") -> EnrollmentTokenRecord:
+
+def token(
+    token_id: str = "t1",
+    expires: datetime = NOW + timedelta(hours=1),
+    secret_hash: bytes = b"h" * 32,
+    pool: str = "default",
+) -> EnrollmentTokenRecord:
     return EnrollmentTokenRecord(token_id, "acme", pool, secret_hash, NOW, expires)
 
 
@@ -326,6 +354,7 @@ async def test_api_key_round_trip(store: SqliteStore) -> None:
 
 
 # ------------------------------------------------------------------ leases
+
 
 async def test_heartbeat_extends_only_held_jobs_at_their_epoch(store: SqliteStore) -> None:
     await assigned(store, "j1")
@@ -412,13 +441,19 @@ async def test_agent_reports_are_checked_and_applied_once(store: SqliteStore) ->
     await store.append_log_batch("acme", "j1", 1, 1, [(OUT, b"x", 1)])
     with pytest.raises(FailedPrecondition):  # the result may not overtake the log
         await store.report_job("acme", "j1", "agent-1", 1, JobStatus.SUCCEEDED, NOW, exit_code=0, last_seq=2)
-    done, changed = await store.report_job("acme", "j1", "agent-1", 1, JobStatus.SUCCEEDED, NOW, exit_code=0,
-                                           last_seq=1)
+    done, changed = await store.report_job(
+        "acme", "j1", "agent-1", 1, JobStatus.SUCCEEDED, NOW, exit_code=0, last_seq=1
+    )
     assert changed and (done.status, done.exit_code, done.lease_expires_at) == (JobStatus.SUCCEEDED, 0, None)
     # A replayed or late result changes nothing, also with another outcome.
-    again, changed = await store.report_job("acme", "j1", "agent-1", 1, JobStatus.FAILED, NOW, exit_code=1,
-                                            last_seq=1)
+    again, changed = await store.report_job(
+        "acme", "j1", "agent-1", 1, JobStatus.FAILED, NOW, exit_code=1, last_seq=1
+    )
     assert not changed and again.status == JobStatus.SUCCEEDED
     transitions = (await store.get_job("acme", "j1")).transitions  # type: ignore[union-attr]
-    assert [t.status for t in transitions] == [JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING,
-                                               JobStatus.SUCCEEDED]
+    assert [t.status for t in transitions] == [
+        JobStatus.QUEUED,
+        JobStatus.ASSIGNED,
+        JobStatus.RUNNING,
+        JobStatus.SUCCEEDED,
+    ]

@@ -16,5 +16,6 @@ def test_sqlite_store_implements_every_protocol_method() -> None:
     for name in sorted(wanted):
         implementation = getattr(SqliteStore, name, None)
         assert implementation is not None, name
-        assert list(inspect.signature(implementation).parameters) == \
-            list(inspect.signature(getattr(Store, name)).parameters), name
+        assert list(inspect.signature(implementation).parameters) == list(
+            inspect.signature(getattr(Store, name)).parameters
+        ), name

@@ -187,8 +187,13 @@ def test_accepts_pool_names(pool: str) -> None:
 
 @pytest.mark.parametrize(
     "timeout",
-    [timedelta(0), timedelta(milliseconds=999), timedelta(seconds=-5), timedelta(hours=24, microseconds=1),
-     timedelta(days=2)],
+    [
+        timedelta(0),
+        timedelta(milliseconds=999),
+        timedelta(seconds=-5),
+        timedelta(hours=24, microseconds=1),
+        timedelta(days=2),
+    ],
 )
 def test_rejects_timeouts_out_of_range(timeout: timedelta) -> None:
     with pytest.raises(InvalidArgument, match="timeout"):
@@ -223,8 +228,14 @@ def test_rejects_resources_out_of_range(resources: Resources, field: str) -> Non
 
 @pytest.mark.parametrize(
     "resources",
-    [Resources(cpus=0.01), Resources(cpus=64), Resources(memory_bytes=6 * MiB),
-     Resources(memory_bytes=256 * GiB), Resources(pids=8), Resources(pids=65536)],
+    [
+        Resources(cpus=0.01),
+        Resources(cpus=64),
+        Resources(memory_bytes=6 * MiB),
+        Resources(memory_bytes=256 * GiB),
+        Resources(pids=8),
+        Resources(pids=65536),
+    ],
 )
 def test_accepts_resource_bounds(resources: Resources) -> None:
     assert validate_spec(spec(resources=resources)).resources == resources
@@ -297,7 +308,7 @@ def test_uppercase_in_repository_path_is_rejected(image: str, data: st.DataObjec
     head, _, last = path.rpartition("/")
     index = data.draw(st.integers(0, len(last) - 1))
     letter = data.draw(st.sampled_from("ABCXYZ"))
-    last = last[:index] + letter + last[index + 1:]
+    last = last[:index] + letter + last[index + 1 :]
     bad = (f"{head}/" if head else "") + last + (f":{tag}" if tag else "")
     with pytest.raises(InvalidArgument, match="image"):
         validate_spec(spec(image=bad))

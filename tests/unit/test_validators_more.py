@@ -44,6 +44,10 @@ def test_accepted_passwords_meet_every_rule(password: str, user: str) -> None:
     except InvalidArgument:
         return
     assert len(password) >= 12 and len(password.encode()) <= 72 and user not in password.lower()
-    classes = [any(c.islower() for c in password), any(c.isupper() for c in password),
-               any(c.isdigit() for c in password), any(not c.isalnum() for c in password)]
+    classes = [
+        any(c.islower() for c in password),
+        any(c.isupper() for c in password),
+        any(c.isdigit() for c in password),
+        any(not c.isalnum() for c in password),
+    ]
     assert sum(classes) >= 3

@@ -18,8 +18,13 @@ from testhide.common.logging import configure
 
 T = TypeVar("T")
 
-data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), required=True,
-                               envvar="TESTHIDE_AGENT_DATA_DIR", help="Where the agent keeps its identity.")
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    envvar="TESTHIDE_AGENT_DATA_DIR",
+    help="Where the agent keeps its identity.",
+)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -47,21 +52,41 @@ def enroll(server: str, token: str, data_dir: Path, name: str) -> None:
     from testhide.agent.rpc.enroll import enroll as do_enroll
 
     credentials = _run(do_enroll(server, token, data_dir, name))
-    click.echo(f"enrolled as agent {credentials.agent_id}; "
-               f"certificate valid until {credentials.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC")
+    click.echo(
+        f"enrolled as agent {credentials.agent_id}; "
+        f"certificate valid until {credentials.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
+    )
 
 
 @main.command()
 @data_dir_option
 @click.option("--max-jobs", default=1, show_default=True, help="Jobs run at once.")
-@click.option("--runtime", default="runc", show_default=True, help="Default Docker runtime for jobs (runsc: gVisor).")
+@click.option(
+    "--runtime", default="runc", show_default=True, help="Default Docker runtime for jobs (runsc: gVisor)."
+)
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="What this host offers (repeatable).")
-@click.option("--drain-timeout", type=Duration(), default="5m", show_default=True,
-              help="On SIGTERM, how long running jobs may go on before they are canceled.")
-@click.option("--spool-max", type=click.IntRange(min=4 * 1024 * 1024), default=512 * 1024 * 1024,
-              show_default=True, help="Bytes of job output kept on disk while the control plane is out of reach.")
-def run(data_dir: Path, max_jobs: int, runtime: str, labels: tuple[str, ...], drain_timeout: timedelta,
-        spool_max: int) -> None:
+@click.option(
+    "--drain-timeout",
+    type=Duration(),
+    default="5m",
+    show_default=True,
+    help="On SIGTERM, how long running jobs may go on before they are canceled.",
+)
+@click.option(
+    "--spool-max",
+    type=click.IntRange(min=4 * 1024 * 1024),
+    default=512 * 1024 * 1024,
+    show_default=True,
+    help="Bytes of job output kept on disk while the control plane is out of reach.",
+)
+def run(
+    data_dir: Path,
+    max_jobs: int,
+    runtime: str,
+    labels: tuple[str, ...],
+    drain_timeout: timedelta,
+    spool_max: int,
+) -> None:
     """Connect to the control plane and run jobs. SIGTERM drains (no new jobs;
     running ones finish or are canceled after --drain-timeout; results are
     delivered); a second SIGTERM or SIGINT stops at once."""
@@ -76,8 +101,17 @@ def run(data_dir: Path, max_jobs: int, runtime: str, labels: tuple[str, ...], dr
             if not sep or not key:
                 raise click.BadParameter(f"{label!r} is not K=V", param_hint="--label")
             offered[key] = value
-        agent = Agent(AgentConfig(data_dir=data_dir, max_jobs=max_jobs, runtime=runtime, labels=offered,
-                                  drain_timeout=drain_timeout, spool_max_bytes=spool_max), DockerRuntime())
+        agent = Agent(
+            AgentConfig(
+                data_dir=data_dir,
+                max_jobs=max_jobs,
+                runtime=runtime,
+                labels=offered,
+                drain_timeout=drain_timeout,
+                spool_max_bytes=spool_max,
+            ),
+            DockerRuntime(),
+        )
         loop = asyncio.get_running_loop()
         draining: list[asyncio.Task[None]] = []
 

@@ -20,11 +20,10 @@ from testhide.common.identity import AGENT_CERT_BACKDATE
 def new_key_and_csr() -> tuple[bytes, bytes]:
     """A fresh P-256 key (PEM) and a CSR (PEM) proving possession of it."""
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([]))
-           .sign(key, hashes.SHA256()))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return key_pem, csr.public_bytes(serialization.Encoding.PEM)
 
 
@@ -56,9 +55,16 @@ class Credentials:
         """Half-way through the lifetime, shifted by ``jitter`` (in [-0.1, 0.1]) of it."""
         return self.received_at + self.lifetime * (0.5 + jitter)
 
-    def with_certificate(self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes | None = None) -> Credentials:
-        return replace(self, key_pem=key_pem, certificate_pem=certificate_pem, ca_pem=ca_pem or self.ca_pem,
-                       received_at=datetime.now(UTC))
+    def with_certificate(
+        self, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes | None = None
+    ) -> Credentials:
+        return replace(
+            self,
+            key_pem=key_pem,
+            certificate_pem=certificate_pem,
+            ca_pem=ca_pem or self.ca_pem,
+            received_at=datetime.now(UTC),
+        )
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -73,8 +79,12 @@ class Credentials:
         atomic_write(directory / "agent.key", self.key_pem, 0o600)
         atomic_write(directory / "agent.pem", self.certificate_pem, 0o644)
         atomic_write(directory / "ca.pem", self.ca_pem, 0o644)
-        meta = {"agent_id": self.agent_id, "api_endpoint": self.api_endpoint, "agent_endpoint": self.agent_endpoint,
-                "certificate_received_at": self.received_at.isoformat()}
+        meta = {
+            "agent_id": self.agent_id,
+            "api_endpoint": self.api_endpoint,
+            "agent_endpoint": self.agent_endpoint,
+            "certificate_received_at": self.received_at.isoformat(),
+        }
         atomic_write(directory / "agent.json", json.dumps(meta, indent=2).encode() + b"\n", 0o644)
 
     @classmethod
@@ -85,10 +95,18 @@ class Credentials:
             if key_path.stat().st_mode & 0o077:
                 raise ConfigError(f"{key_path} must not be readable by group or others (chmod 600)")
             received = meta.get("certificate_received_at")
-            return cls(meta["agent_id"], meta["api_endpoint"], meta["agent_endpoint"], key_path.read_bytes(),
-                       (directory / "agent.pem").read_bytes(), (directory / "ca.pem").read_bytes(),
-                       datetime.fromisoformat(received) if received else datetime.now(UTC))
+            return cls(
+                meta["agent_id"],
+                meta["api_endpoint"],
+                meta["agent_endpoint"],
+                key_path.read_bytes(),
+                (directory / "agent.pem").read_bytes(),
+                (directory / "ca.pem").read_bytes(),
+                datetime.fromisoformat(received) if received else datetime.now(UTC),
+            )
         except FileNotFoundError as exc:
-            raise ConfigError(f"{directory} holds no enrolled agent; run 'testhide-agent enroll' first") from exc
+            raise ConfigError(
+                f"{directory} holds no enrolled agent; run 'testhide-agent enroll' first"
+            ) from exc
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"{directory}/agent.json is damaged: {exc}") from exc

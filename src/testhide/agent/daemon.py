@@ -44,9 +44,14 @@ class Agent:
         self._credentials = Credentials.load(config.data_dir)
         self.outbox = Outbox(Spool(config.spool_dir), config.spool_max_bytes)
         self._runtime = runtime
-        self._executor = Executor(config, runtime, self.outbox, ControlPlaneLink(lambda: self._credentials),
-                                  owner=self._credentials.agent_id,
-                                  on_runtime_unavailable=self._runtime_unavailable)
+        self._executor = Executor(
+            config,
+            runtime,
+            self.outbox,
+            ControlPlaneLink(lambda: self._credentials),
+            owner=self._credentials.agent_id,
+            on_runtime_unavailable=self._runtime_unavailable,
+        )
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
         self.draining = asyncio.Event()
@@ -66,8 +71,11 @@ class Agent:
         if job.job_id in self._jobs:
             return None  # a replayed assignment of a job already running
         if not self.accepting():
-            reason = ("the agent is shutting down" if self.draining.is_set()
-                      else "the agent's container engine is not answering")
+            reason = (
+                "the agent is shutting down"
+                if self.draining.is_set()
+                else "the agent's container engine is not answering"
+            )
             log.info("job_refused", job_id=job.job_id, reason=reason)
             return reason
         # Open before the task runs: a hello sent in between must list the job.
@@ -140,10 +148,20 @@ class Agent:
             log.info("trust_bundle_updated", certificates=bundle_pem.count(b"BEGIN CERTIFICATE"))
 
     async def _one_session(self) -> None:
-        session = Session(self.config, self._credentials, self.outbox, SessionEvents(
-            assign=self._assign, cancel=self._cancel, renewed=self._update_credentials,
-            trust_bundle=self._trust_bundle), runtimes=self._runtime.runtimes(), accepting=self.accepting,
-            accepting_changed=self.accepting_changed)
+        session = Session(
+            self.config,
+            self._credentials,
+            self.outbox,
+            SessionEvents(
+                assign=self._assign,
+                cancel=self._cancel,
+                renewed=self._update_credentials,
+                trust_bundle=self._trust_bundle,
+            ),
+            runtimes=self._runtime.runtimes(),
+            accepting=self.accepting,
+            accepting_changed=self.accepting_changed,
+        )
         await session.run()
 
     async def run(self) -> None:
@@ -153,8 +171,11 @@ class Agent:
             removed = 0
             self._runtime_unavailable()  # no jobs until it answers; then the leftovers go
         if removed:
-            log.warning("leftover_containers_removed", count=removed,
-                        note="jobs of an earlier run of this agent; the control plane has marked them LOST")
+            log.warning(
+                "leftover_containers_removed",
+                count=removed,
+                note="jobs of an earlier run of this agent; the control plane has marked them LOST",
+            )
         stopper = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
@@ -176,13 +197,18 @@ class Agent:
 
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
-            log.warning("controlplane_unreachable", attempt=state.attempt_number,
-                        retry_in_s=round(state.upcoming_sleep, 2),
-                        error=error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error))
+            log.warning(
+                "controlplane_unreachable",
+                attempt=state.attempt_number,
+                retry_in_s=round(state.upcoming_sleep, 2),
+                error=error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error),
+            )
 
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=0.5, max=self.config.max_backoff.total_seconds()),
-            retry=retry_if_exception_type(grpc.aio.AioRpcError), before_sleep=before_sleep, reraise=True,
+            retry=retry_if_exception_type(grpc.aio.AioRpcError),
+            before_sleep=before_sleep,
+            reraise=True,
         )
         try:
             async for attempt in retrying:

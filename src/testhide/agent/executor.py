@@ -29,9 +29,15 @@ def truncation_marker(cap: int) -> bytes:
 
 
 class Executor:
-    def __init__(self, config: AgentConfig, runtime: ContainerRuntime, outbox: Outbox,
-                 link: ControlPlaneLink | None = None, owner: str = "",
-                 on_runtime_unavailable: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        runtime: ContainerRuntime,
+        outbox: Outbox,
+        link: ControlPlaneLink | None = None,
+        owner: str = "",
+        on_runtime_unavailable: Callable[[], None] = lambda: None,
+    ) -> None:
         self._config = config
         self._on_runtime_unavailable = on_runtime_unavailable
         self._owner = owner
@@ -60,8 +66,9 @@ class Executor:
     async def _prepare(self, job: Assignment) -> ContainerSpec:
         """Everything that can refuse the job before it runs."""
         if job.allowed_images and not any(fnmatchcase(job.image, p) for p in job.allowed_images):
-            raise JobSetupError(f"image {job.image!r} is not allowed in this pool "
-                                f"(allowed: {', '.join(job.allowed_images)})")
+            raise JobSetupError(
+                f"image {job.image!r} is not allowed in this pool (allowed: {', '.join(job.allowed_images)})"
+            )
         await self._runtime.ensure_image(job.image, job.pull_policy)
         workspace = None
         if job.has_workspace:
@@ -69,14 +76,25 @@ class Executor:
                 raise JobSetupError("this agent cannot fetch workspaces")
             uid, _, gid = self._config.job_user.partition(":")
             with tempfile.TemporaryFile() as spool:
-                await self._link.fetch_workspace(job.job_id, job.epoch, spool, self._config.max_workspace_bytes)
+                await self._link.fetch_workspace(
+                    job.job_id, job.epoch, spool, self._config.max_workspace_bytes
+                )
                 workspace = await asyncio.to_thread(repack_workspace, spool, int(uid), int(gid or uid))
-        return ContainerSpec(job_id=job.job_id, image=job.image, command=job.command,
-                             env={**job.env, **job.secret_env}, workdir=job.workdir, cpus=job.cpus,
-                             memory_bytes=job.memory_bytes, pids=job.pids, user=self._config.job_user,
-                             runtime=self._runtime_for(job), workspace_tar=workspace,
-                             owner=self._owner,
-                             workspace_volume=bool(job.has_workspace or job.artifact_globs or job.junit_globs))
+        return ContainerSpec(
+            job_id=job.job_id,
+            image=job.image,
+            command=job.command,
+            env={**job.env, **job.secret_env},
+            workdir=job.workdir,
+            cpus=job.cpus,
+            memory_bytes=job.memory_bytes,
+            pids=job.pids,
+            user=self._config.job_user,
+            runtime=self._runtime_for(job),
+            workspace_tar=workspace,
+            owner=self._owner,
+            workspace_volume=bool(job.has_workspace or job.artifact_globs or job.junit_globs),
+        )
 
     def _runtime_for(self, job: Assignment) -> str:
         """A host configured for a stronger runtime (gVisor) runs every job under it."""
@@ -102,8 +120,12 @@ class Executor:
             return
         except Exception as exc:
             # Whatever went wrong, the job must end: a job that never reports is worse.
-            reason = str(exc) if isinstance(exc, JobSetupError) else f"the agent could not start the job: {exc!r}"
-            (bound.warning if isinstance(exc, JobSetupError) else bound.exception)("job_setup_failed", error=reason)
+            reason = (
+                str(exc) if isinstance(exc, JobSetupError) else f"the agent could not start the job: {exc!r}"
+            )
+            (bound.warning if isinstance(exc, JobSetupError) else bound.exception)(
+                "job_setup_failed", error=reason
+            )
             await self._fail(job, reason)
             self._stop_requests.pop(job.job_id, None)
             return
@@ -139,15 +161,17 @@ class Executor:
             with suppress(RuntimeUnavailable):  # what stays behind is removed once the engine is back
                 await asyncio.shield(container.remove())
 
-    async def _supervise(self, job: Assignment, container: RunningContainer, stop: asyncio.Event
-                         ) -> tuple[Outcome, int, str]:
+    async def _supervise(
+        self, job: Assignment, container: RunningContainer, stop: asyncio.Event
+    ) -> tuple[Outcome, int, str]:
         """Until the job exits, times out or is canceled: (outcome, exit code, reason)."""
         outcome, reason = Outcome.EXITED, ""
         waiting = asyncio.create_task(container.wait())
         stopping = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait({waiting, stopping}, timeout=job.timeout.total_seconds(),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {waiting, stopping}, timeout=job.timeout.total_seconds(), return_when=asyncio.FIRST_COMPLETED
+            )
             if waiting not in done:
                 if stopping in done:
                     outcome, reason = Outcome.CANCELED, self._stop_reasons.get(job.job_id, "canceled")
@@ -170,8 +194,14 @@ class Executor:
             with tempfile.TemporaryFile() as spool:
                 await container.workspace_archive(spool)
                 spool.seek(0)
-                found = await asyncio.to_thread(collect, spool, job.artifact_globs, job.junit_globs,
-                                                self._config.max_artifact_bytes, self._config.max_job_artifact_bytes)
+                found = await asyncio.to_thread(
+                    collect,
+                    spool,
+                    job.artifact_globs,
+                    job.junit_globs,
+                    self._config.max_artifact_bytes,
+                    self._config.max_job_artifact_bytes,
+                )
             for item in found.files:
                 await self._link.upload(job.job_id, job.epoch, item.path, item.kind, item.data)
             notes = [f"testhide: not collected: {s}\n" for s in found.skipped]
@@ -179,8 +209,9 @@ class Executor:
                 await self._outbox.log(job.job_id, [(LogStream.SYSTEM, "".join(notes).encode())])
         except Exception as exc:
             log.warning("artifact_collection_failed", job_id=job.job_id, error=str(exc))
-            await self._outbox.log(job.job_id,
-                                   [(LogStream.SYSTEM, f"testhide: artifacts not collected: {exc}\n".encode())])
+            await self._outbox.log(
+                job.job_id, [(LogStream.SYSTEM, f"testhide: artifacts not collected: {exc}\n".encode())]
+            )
 
     async def _forward(self, job: Assignment, output: OutputQueue) -> None:
         """Mask secrets, cap the log, and batch: send at ``log_batch_bytes`` or

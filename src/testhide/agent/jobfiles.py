@@ -33,7 +33,9 @@ def _check_member(member: tarfile.TarInfo) -> None:
         base = posixpath.dirname(name) if member.issym() else ""
         resolved = posixpath.normpath(posixpath.join(base, target))
         if target.startswith("/") or resolved == ".." or resolved.startswith("../"):
-            raise UnsafeArchive(f"workspace archive refused: link {name!r} -> {target!r} leaves the workspace")
+            raise UnsafeArchive(
+                f"workspace archive refused: link {name!r} -> {target!r} leaves the workspace"
+            )
 
 
 def repack_workspace(source: IO[bytes], uid: int, gid: int) -> bytes:
@@ -41,7 +43,10 @@ def repack_workspace(source: IO[bytes], uid: int, gid: int) -> bytes:
     the job user, with permissions sanitised by tarfile's ``data`` filter."""
     out = io.BytesIO()
     try:
-        with tarfile.open(fileobj=source, mode="r:*") as archive, tarfile.open(fileobj=out, mode="w") as packed:
+        with (
+            tarfile.open(fileobj=source, mode="r:*") as archive,
+            tarfile.open(fileobj=out, mode="w") as packed,
+        ):
             for member in archive:
                 _check_member(member)
                 try:
@@ -71,8 +76,13 @@ class Collection:
     skipped: list[str]
 
 
-def collect(archive_stream: IO[bytes], artifact_globs: tuple[str, ...], junit_globs: tuple[str, ...],
-            max_file: int, max_total: int) -> Collection:
+def collect(
+    archive_stream: IO[bytes],
+    artifact_globs: tuple[str, ...],
+    junit_globs: tuple[str, ...],
+    max_file: int,
+    max_total: int,
+) -> Collection:
     """Regular files under /workspace matching the globs, from ``docker cp``'s
     tar of the workspace. Links are never followed: a symlink to /etc/shadow is
     a symlink, not a file, and is skipped."""
@@ -86,7 +96,11 @@ def collect(archive_stream: IO[bytes], artifact_globs: tuple[str, ...], junit_gl
     with tarfile.open(fileobj=archive_stream, mode="r|*") as archive:
         for member in _members(archive):
             path = member.name.split("/", 1)[1] if "/" in member.name else ""
-            kinds = [k for k, spec in (("junit", reports), ("artifact", artifacts)) if path and spec.match_file(path)]
+            kinds = [
+                k
+                for k, spec in (("junit", reports), ("artifact", artifacts))
+                if path and spec.match_file(path)
+            ]
             if not kinds:
                 continue
             if not member.isreg():

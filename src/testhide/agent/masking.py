@@ -55,7 +55,7 @@ class SecretMasker:
         for pattern in self._patterns:
             data = data.replace(pattern, MASK)
         hold = self._hold_length(data)
-        self._held = data[len(data) - hold:] if hold else b""
+        self._held = data[len(data) - hold :] if hold else b""
         return data[: len(data) - hold]
 
     def flush(self) -> bytes:

@@ -39,8 +39,12 @@ class _JobReports:
 
 
 class Outbox:
-    def __init__(self, spool: Spool, max_spool_bytes: int = DEFAULT_SPOOL_BYTES,
-                 window_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        max_spool_bytes: int = DEFAULT_SPOOL_BYTES,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
+    ) -> None:
         self._spool = spool
         self._max_spool = max_spool_bytes
         self._window = window_bytes
@@ -113,8 +117,12 @@ class Outbox:
 
     async def log(self, job_id: str, entries: list[tuple[LogStream, bytes]]) -> None:
         size = sum(len(data) for _, data in entries)
-        while (job_id in self._jobs and not self._sendable(job_id, size)
-               and self._spool.size and self._spool.size + size > self._max_spool):
+        while (
+            job_id in self._jobs
+            and not self._sendable(job_id, size)
+            and self._spool.size
+            and self._spool.size + size > self._max_spool
+        ):
             self._space.clear()
             await self._space.wait()
         reports = self._jobs.get(job_id)

@@ -31,8 +31,9 @@ class Login:
         try:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
-            raise click.ClickException("not logged in: run 'testhide login --server HOST:PORT --api-key KEY'") \
-                from None
+            raise click.ClickException(
+                "not logged in: run 'testhide login --server HOST:PORT --api-key KEY'"
+            ) from None
         except (ValueError, TypeError) as exc:
             raise click.ClickException(f"{path} is damaged ({exc}); run 'testhide login' again") from exc
 

@@ -62,29 +62,40 @@ def job_as_dict(job: jobs_pb2.Job) -> dict[str, Any]:
         "started_at": job.started_at.ToJsonString() if job.HasField("started_at") else None,
         "finished_at": job.finished_at.ToJsonString() if job.HasField("finished_at") else None,
         "log_size": job.log_size,
-        "transitions": [{"status": status_name(t.status), "at": t.at.ToJsonString(), "reason": t.reason}
-                        for t in job.transitions],
+        "transitions": [
+            {"status": status_name(t.status), "at": t.at.ToJsonString(), "reason": t.reason}
+            for t in job.transitions
+        ],
     }
 
 
 def exit_code_of(job: jobs_pb2.Job) -> int:
-    if job.HasField("exit_code") and job.status in (jobs_pb2.JOB_STATUS_SUCCEEDED, jobs_pb2.JOB_STATUS_FAILED):
+    if job.HasField("exit_code") and job.status in (
+        jobs_pb2.JOB_STATUS_SUCCEEDED,
+        jobs_pb2.JOB_STATUS_FAILED,
+    ):
         return job.exit_code
-    return {jobs_pb2.JOB_STATUS_TIMED_OUT: EXIT_TIMED_OUT,
-            jobs_pb2.JOB_STATUS_CANCELED: EXIT_CANCELED}.get(job.status, EXIT_INFRASTRUCTURE)
+    return {jobs_pb2.JOB_STATUS_TIMED_OUT: EXIT_TIMED_OUT, jobs_pb2.JOB_STATUS_CANCELED: EXIT_CANCELED}.get(
+        job.status, EXIT_INFRASTRUCTURE
+    )
 
 
 def _reconnectable(error: BaseException) -> bool:
     return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def stream_log(api: JobsApi, job_id: str, follow: bool, out: BinaryIO, err: BinaryIO) -> jobs_pb2.Job | None:
+async def stream_log(
+    api: JobsApi, job_id: str, follow: bool, out: BinaryIO, err: BinaryIO
+) -> jobs_pb2.Job | None:
     """Write the log to out/err as it arrives, resuming from the last byte
     after a lost connection. With ``follow``, returns the finished job."""
     offset = 0
-    async for attempt in AsyncRetrying(retry=retry_if_exception(_reconnectable), reraise=True,
-                                       wait=wait_random_exponential(multiplier=0.2, max=5),
-                                       stop=stop_after_delay(300)):
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception(_reconnectable),
+        reraise=True,
+        wait=wait_random_exponential(multiplier=0.2, max=5),
+        stop=stop_after_delay(300),
+    ):
         with attempt:
             async for item in api.follow(job_id, offset, follow):
                 if item.HasField("finished"):
@@ -104,8 +115,11 @@ async def follow_attempts(api: JobsApi, job_id: str, out: BinaryIO, err: BinaryI
         assert finished is not None
         if finished.status != jobs_pb2.JOB_STATUS_LOST or not finished.retried_as:
             return finished
-        click.echo(f"job {job_id} LOST: {finished.status_reason}; retrying as job {finished.retried_as} "
-                   f"(attempt {finished.attempt + 1} of {finished.spec.retries + 1})", err=True)
+        click.echo(
+            f"job {job_id} LOST: {finished.status_reason}; retrying as job {finished.retried_as} "
+            f"(attempt {finished.attempt + 1} of {finished.spec.retries + 1})",
+            err=True,
+        )
         job_id = finished.retried_as
 
 
@@ -119,8 +133,11 @@ def main() -> None:
 @click.option("--api-key", envvar="TESTHIDE_API_KEY", help="An API key (or log in as a user with --user).")
 @click.option("--org", default="default", show_default=True, help="Organisation of --user.")
 @click.option("--user", help="Log in with a user name and password (prompted, or TESTHIDE_PASSWORD).")
-@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CA certificate of the control plane (default: the system's trust store).")
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CA certificate of the control plane (default: the system's trust store).",
+)
 def login(server: str, api_key: str | None, org: str, user: str | None, ca_file: Path | None) -> None:
     """Log in: the credential buys a session (a 10-minute access token, renewed
     with a rotating refresh token); only the session is stored (mode 0600)."""
@@ -128,7 +145,9 @@ def login(server: str, api_key: str | None, org: str, user: str | None, ca_file:
         raise click.UsageError("log in with either --api-key or --user")
     if user:
         password = os.environ.get("TESTHIDE_PASSWORD") or click.prompt("password", hide_input=True, err=True)
-        request = auth_pb2.LoginRequest(password=auth_pb2.PasswordLogin(org=org, user=user, password=password))
+        request = auth_pb2.LoginRequest(
+            password=auth_pb2.PasswordLogin(org=org, user=user, password=password)
+        )
     else:
         assert api_key is not None
         request = auth_pb2.LoginRequest(api_key=api_key.strip())
@@ -149,28 +168,59 @@ def login(server: str, api_key: str | None, org: str, user: str | None, ca_file:
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Run only on agents offering these.")
 @click.option("--secret", "secrets", multiple=True, metavar="NAME", help="Organisation secret as env var.")
 @click.option("--runtime", type=click.Choice(["runc", "runsc"]), default=None, help="runsc: under gVisor.")
-@click.option("--artifacts", "artifact_globs", multiple=True, metavar="GLOB", help="Files to keep (under /workspace).")
+@click.option(
+    "--artifacts", "artifact_globs", multiple=True, metavar="GLOB", help="Files to keep (under /workspace)."
+)
 @click.option("--junit", "junit_globs", multiple=True, metavar="GLOB", help="JUnit XML reports to parse.")
 @click.option("--no-workspace", is_flag=True, help="Do not upload the current directory.")
 @click.option("--workspace-cap", default="256m", show_default=True, help="Refuse larger workspaces.")
-@click.option("--retries", type=click.IntRange(0, 10), default=0, show_default=True,
-              help="Run again if the job is LOST (its agent vanished mid-run).")
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 10),
+    default=0,
+    show_default=True,
+    help="Run again if the job is LOST (its agent vanished mid-run).",
+)
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
 @click.argument("command", nargs=-1, required=True)
-def run(image: str, pool: str, env: tuple[str, ...], timeout: str, workdir: str, cpus: float | None,
-        memory: str | None, pids: int | None, labels: tuple[str, ...], secrets: tuple[str, ...],
-        runtime: str | None, artifact_globs: tuple[str, ...], junit_globs: tuple[str, ...], no_workspace: bool,
-        workspace_cap: str, retries: int, detach: bool, command: tuple[str, ...]) -> None:
+def run(
+    image: str,
+    pool: str,
+    env: tuple[str, ...],
+    timeout: str,
+    workdir: str,
+    cpus: float | None,
+    memory: str | None,
+    pids: int | None,
+    labels: tuple[str, ...],
+    secrets: tuple[str, ...],
+    runtime: str | None,
+    artifact_globs: tuple[str, ...],
+    junit_globs: tuple[str, ...],
+    no_workspace: bool,
+    workspace_cap: str,
+    retries: int,
+    detach: bool,
+    command: tuple[str, ...],
+) -> None:
     """Run COMMAND in IMAGE with the current directory as /workspace, follow
     its output and exit with its exit code."""
     try:
         spec = jobs_pb2.JobSpec(
-            image=image, command=list(command), pool=pool, workdir=workdir,
-            env=dict(_pair("--env", e) for e in env), labels=dict(_pair("--label", x) for x in labels),
-            resources=jobs_pb2.Resources(cpus=cpus or 0, memory_bytes=parse_memory(memory) if memory else 0,
-                                         pids=pids or 0),
-            secrets=list(secrets), runtime=runtime or "", artifact_globs=list(artifact_globs),
-            junit_globs=list(junit_globs), retries=retries,
+            image=image,
+            command=list(command),
+            pool=pool,
+            workdir=workdir,
+            env=dict(_pair("--env", e) for e in env),
+            labels=dict(_pair("--label", x) for x in labels),
+            resources=jobs_pb2.Resources(
+                cpus=cpus or 0, memory_bytes=parse_memory(memory) if memory else 0, pids=pids or 0
+            ),
+            secrets=list(secrets),
+            runtime=runtime or "",
+            artifact_globs=list(artifact_globs),
+            junit_globs=list(junit_globs),
+            retries=retries,
         )
         spec.timeout.FromTimedelta(parse_duration(timeout))
         cap = parse_memory(workspace_cap)
@@ -193,7 +243,9 @@ def run(image: str, pool: str, env: tuple[str, ...], timeout: str, workdir: str,
             click.echo(f"job {job.id} queued", err=True)
             finished = await follow_attempts(api, job.id, sys.stdout.buffer, sys.stderr.buffer)
             if finished.status not in (jobs_pb2.JOB_STATUS_SUCCEEDED, jobs_pb2.JOB_STATUS_FAILED):
-                click.echo(f"job {finished.id} {status_name(finished.status)}: {finished.status_reason}", err=True)
+                click.echo(
+                    f"job {finished.id} {status_name(finished.status)}: {finished.status_reason}", err=True
+                )
             if junit_globs:
                 print_test_summary(await api.test_results(finished.id), err=True)
             return exit_code_of(finished)
@@ -223,13 +275,19 @@ async def _chunks_with_progress(archive: BinaryIO) -> AsyncIterator[bytes]:
 
 
 def print_test_summary(results: jobs_pb2.TestResults, err: bool = False) -> None:
-    click.echo(f"tests: {results.total} total, {results.passed} passed, {results.failed} failed, "
-               f"{results.errors} errors, {results.skipped} skipped", err=err)
+    click.echo(
+        f"tests: {results.total} total, {results.passed} passed, {results.failed} failed, "
+        f"{results.errors} errors, {results.skipped} skipped",
+        err=err,
+    )
     for case in results.cases:
         if case.status in (jobs_pb2.TEST_STATUS_FAILED, jobs_pb2.TEST_STATUS_ERROR):
             where = ".".join(p for p in (case.classname, case.name) if p)
-            click.echo(f"  {jobs_pb2.TestStatus.Name(case.status).removeprefix('TEST_STATUS_')} {where}: "
-                       f"{case.message.splitlines()[0] if case.message else ''}", err=err)
+            click.echo(
+                f"  {jobs_pb2.TestStatus.Name(case.status).removeprefix('TEST_STATUS_')} {where}: "
+                f"{case.message.splitlines()[0] if case.message else ''}",
+                err=err,
+            )
     for path in results.rejected_reports:
         click.echo(f"  report refused: {path}", err=err)
 
@@ -262,8 +320,10 @@ def jobs_list(limit: int, as_json: bool) -> None:
     for job in found:
         d = job_as_dict(job)
         exit_code = "" if d["exit_code"] is None else str(d["exit_code"])
-        click.echo(f"{d['id']:<30} {d['status']:<10} {exit_code:>4}  {(d['created_at'] or '')[:19]:<20} "
-                   f"{d['image'][:24]:<24} {' '.join(' '.join(d['command']).split())[:60]}")
+        click.echo(
+            f"{d['id']:<30} {d['status']:<10} {exit_code:>4}  {(d['created_at'] or '')[:19]:<20} "
+            f"{d['image'][:24]:<24} {' '.join(' '.join(d['command']).split())[:60]}"
+        )
 
 
 @jobs.command("show")
@@ -278,8 +338,19 @@ def jobs_show(job_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
-    for key in ("id", "status", "exit_code", "status_reason", "image", "command", "pool", "agent_id",
-                "created_at", "started_at", "finished_at"):
+    for key in (
+        "id",
+        "status",
+        "exit_code",
+        "status_reason",
+        "image",
+        "command",
+        "pool",
+        "agent_id",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ):
         click.echo(f"{key + ':':<15} {d[key] if d[key] not in (None, '') else '-'}")
     for t in d["transitions"]:
         click.echo(f"  {t['at']}  {t['status']:<10} {t['reason']}")
@@ -295,8 +366,11 @@ def logs(job_id: str, follow: bool) -> None:
         async with connect(Login.load()) as api:
             finished = await stream_log(api, job_id, follow, sys.stdout.buffer, sys.stderr.buffer)
         if finished is not None and finished.retried_as:
-            click.echo(f"job {job_id} {status_name(finished.status)}: {finished.status_reason}; "
-                       f"retried as job {finished.retried_as}", err=True)
+            click.echo(
+                f"job {job_id} {status_name(finished.status)}: {finished.status_reason}; "
+                f"retried as job {finished.retried_as}",
+                err=True,
+            )
 
     _run(go())
 
@@ -306,6 +380,7 @@ def logs(job_id: str, follow: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def tests(job_id: str, as_json: bool) -> None:
     """A job's test results: a summary and the failures."""
+
     async def go() -> jobs_pb2.TestResults:
         async with connect(Login.load()) as api:
             return await api.test_results(job_id)
@@ -323,10 +398,17 @@ def tests(job_id: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("job_id")
-@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help="Directory to write the artifacts into.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory to write the artifacts into.",
+)
 def artifacts(job_id: str, output: Path) -> None:
     """Download a job's artifacts and verify their sha256."""
+
     async def go() -> list[jobs_pb2.Artifact]:
         async with connect(Login.load()) as api:
             found = await api.artifacts(job_id)

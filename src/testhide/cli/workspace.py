@@ -25,18 +25,25 @@ class WorkspaceTooLarge(click.ClickException):
 def workspace_files(root: Path) -> list[str]:
     """Relative paths to pack, sorted."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                                cwd=root, capture_output=True, check=True)
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+        )
         return sorted({p for p in listed.stdout.decode().split("\0") if p and os.path.lexists(root / p)})
     except (OSError, subprocess.CalledProcessError):
         pass
     ignore_path = root / IGNORE_FILE
-    spec = pathspec.GitIgnoreSpec.from_lines(ignore_path.read_text().splitlines() if ignore_path.is_file() else [])
+    spec = pathspec.GitIgnoreSpec.from_lines(
+        ignore_path.read_text().splitlines() if ignore_path.is_file() else []
+    )
     found = []
     for directory, dirnames, filenames in os.walk(root):
         relative_dir = Path(directory).relative_to(root)
-        dirnames[:] = sorted(d for d in dirnames if d != ".git"
-                             and not spec.match_file(f"{(relative_dir / d).as_posix()}/"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d != ".git" and not spec.match_file(f"{(relative_dir / d).as_posix()}/")
+        )
         for name in filenames:
             relative = (relative_dir / name).as_posix()
             if not spec.match_file(relative):
@@ -48,11 +55,14 @@ def pack(root: Path, cap: int = DEFAULT_CAP) -> IO[bytes]:
     """A gzipped tar of the workspace in a temporary file, positioned at 0.
     Regular files and symlinks only; refuses above ``cap`` bytes of content."""
     files = workspace_files(root)
-    total = sum(os.lstat(root / f).st_size for f in files if (root / f).is_file() and not (root / f).is_symlink())
+    total = sum(
+        os.lstat(root / f).st_size for f in files if (root / f).is_file() and not (root / f).is_symlink()
+    )
     if total > cap:
         raise WorkspaceTooLarge(
             f"the workspace holds {total / 2**20:.1f} MiB, above the {cap / 2**20:.0f} MiB cap; "
-            f"exclude files with {IGNORE_FILE} (or .gitignore), or pass --no-workspace")
+            f"exclude files with {IGNORE_FILE} (or .gitignore), or pass --no-workspace"
+        )
     spool = tempfile.TemporaryFile()
     with tarfile.open(fileobj=spool, mode="w:gz", compresslevel=6) as archive:
         for relative in files:

@@ -133,7 +133,9 @@ class MasterKey:
 
     def with_new_current(self) -> MasterKey:
         """The ring with a fresh key in front (not saved)."""
-        return MasterKey(AESGCM.generate_key(bit_length=256), *(k for _, k in self._ring), source=self._source)
+        return MasterKey(
+            AESGCM.generate_key(bit_length=256), *(k for _, k in self._ring), source=self._source
+        )
 
     def only_current(self) -> MasterKey:
         return MasterKey(self._ring[0][1], source=self._source)
@@ -171,16 +173,20 @@ class MasterKey:
             return self._unseal_legacy(sealed, aad)
         ring = dict(self._ring)
         if kid not in ring:
-            raise IntegrityError(f"stored ciphertext was sealed by master key {kid}, which is not in the key ring "
-                                 f"(holds {', '.join(self.key_ids)})")
+            raise IntegrityError(
+                f"stored ciphertext was sealed by master key {kid}, which is not in the key ring "
+                f"(holds {', '.join(self.key_ids)})"
+            )
         header = sealed[: len(_RING_MAGIC) + _KEY_ID]
-        body = sealed[len(header):]
+        body = sealed[len(header) :]
         if len(body) < _NONCE + _TAG:
             raise IntegrityError("stored ciphertext is malformed")
         try:
             return AESGCM(ring[kid]).decrypt(body[:_NONCE], body[_NONCE:], header + aad)
         except InvalidTag as exc:
-            raise IntegrityError("stored ciphertext failed authentication (tampered, or another key)") from exc
+            raise IntegrityError(
+                "stored ciphertext failed authentication (tampered, or another key)"
+            ) from exc
 
     def _unseal_legacy(self, sealed: bytes, aad: bytes) -> bytes:
         error: IntegrityError | None = None

@@ -52,9 +52,13 @@ def _data_dir_files(directory: DataDir) -> dict[str, bytes]:
     with directory.sealing():
         for path in sorted(directory.path.rglob("*")):
             relative = path.relative_to(directory.path)
-            if (not path.is_file() or relative.parts[0] in _EXCLUDED_DIRS or relative.as_posix() in _EXCLUDED
-                    or relative.name.startswith("master.key")  # copies an operator left beside it, too
-                    or any(part.startswith(".") for part in relative.parts)):
+            if (
+                not path.is_file()
+                or relative.parts[0] in _EXCLUDED_DIRS
+                or relative.as_posix() in _EXCLUDED
+                or relative.name.startswith("master.key")  # copies an operator left beside it, too
+                or any(part.startswith(".") for part in relative.parts)
+            ):
                 continue
             files[relative.as_posix()] = path.read_bytes()
     return files
@@ -73,7 +77,9 @@ def _add_dirs(archive: tarfile.TarFile, names: list[str]) -> None:
         archive.addfile(info)
 
 
-async def create_backup(directory: DataDir, master: MasterKey, store: SqliteStore, out: Path) -> BackupSummary:
+async def create_backup(
+    directory: DataDir, master: MasterKey, store: SqliteStore, out: Path
+) -> BackupSummary:
     """Write an encrypted backup to ``out`` (0600, atomically)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     files = _data_dir_files(directory)
@@ -95,8 +101,9 @@ class _Hashing:
         return self._out.write(data)
 
 
-def _write_backup(out: Path, master: MasterKey, files: dict[str, bytes], snapshot: Path
-                  ) -> tuple[backupfile.BackupHeader, str]:
+def _write_backup(
+    out: Path, master: MasterKey, files: dict[str, bytes], snapshot: Path
+) -> tuple[backupfile.BackupHeader, str]:
     with atomic_file(out, 0o600) as handle:
         hashing = _Hashing(handle)
         writer = backupfile.BackupWriter(hashing, master)
@@ -116,20 +123,28 @@ class RestoreSummary:
     audit_entries: int
 
 
-async def restore(source: Path, path: Path, master: MasterKey, master_key_text: str | None,
-                  actor: str) -> RestoreSummary:
+async def restore(
+    source: Path, path: Path, master: MasterKey, master_key_text: str | None, actor: str
+) -> RestoreSummary:
     """Restore ``source`` into ``path`` (absent or empty). ``master_key_text``
     is written as the new data dir's master.key; None when the key comes from
     the environment."""
-    return await build_atomically(path, "restore", "restore into a new directory",
-                                  lambda staging: _restore_into(staging, source, master, master_key_text, actor))
+    return await build_atomically(
+        path,
+        "restore",
+        "restore into a new directory",
+        lambda staging: _restore_into(staging, source, master, master_key_text, actor),
+    )
 
 
 def _unpack(source: Path, master: MasterKey, directory: DataDir) -> backupfile.BackupHeader:
     """Authenticate the whole backup, then unpack it; nothing unauthenticated is unpacked."""
     directory.path.chmod(0o700)
     plain = directory.path / ".backup.tar"
-    with open(source, "rb") as src, open(os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dest:
+    with (
+        open(source, "rb") as src,
+        open(os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dest,
+    ):
         header = backupfile.decrypt(src, master, dest)
     with tarfile.open(plain, mode="r:") as archive:
         names = archive.getnames()
@@ -143,8 +158,9 @@ def _unpack(source: Path, master: MasterKey, directory: DataDir) -> backupfile.B
     return header
 
 
-async def _restore_into(directory: DataDir, source: Path, master: MasterKey, master_key_text: str | None,
-                        actor: str) -> RestoreSummary:
+async def _restore_into(
+    directory: DataDir, source: Path, master: MasterKey, master_key_text: str | None, actor: str
+) -> RestoreSummary:
     header = await asyncio.to_thread(_unpack, source, master, directory)
     if master_key_text is not None:
         fd = os.open(directory.master_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -160,8 +176,13 @@ async def _restore_into(directory: DataDir, source: Path, master: MasterKey, mas
         entries, audit_problems = await auditor.verify()
         if audit_problems:
             raise IntegrityError(f"the restored audit log does not verify: {'; '.join(audit_problems[:5])}")
-        await auditor.record("backup_restored", actor, target=header.backup_id,
-                             backup_created_at=header.created_at.isoformat(), master_key_id=header.master_key_id)
+        await auditor.record(
+            "backup_restored",
+            actor,
+            target=header.backup_id,
+            backup_created_at=header.created_at.isoformat(),
+            master_key_id=header.master_key_id,
+        )
     finally:
         await store.close()
     directory.tls_material(master, allow_development=True)  # the sealed keys open with this master key

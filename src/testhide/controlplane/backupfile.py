@@ -46,11 +46,17 @@ class BackupHeader:
     wrapped_key: bytes
 
     def encode(self) -> bytes:
-        return json.dumps({"format": 1, "backup_id": self.backup_id, "created_at": self.created_at.isoformat(),
-                           "master_key_id": self.master_key_id,
-                           "wrapped_key": base64.b64encode(self.wrapped_key).decode(),
-                           "note": "encrypted; the master key is not in this file and is needed to restore"},
-                          sort_keys=True).encode()
+        return json.dumps(
+            {
+                "format": 1,
+                "backup_id": self.backup_id,
+                "created_at": self.created_at.isoformat(),
+                "master_key_id": self.master_key_id,
+                "wrapped_key": base64.b64encode(self.wrapped_key).decode(),
+                "note": "encrypted; the master key is not in this file and is needed to restore",
+            },
+            sort_keys=True,
+        ).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> BackupHeader:
@@ -58,8 +64,12 @@ class BackupHeader:
             data: dict[str, Any] = json.loads(raw)
             if data.get("format") != 1:
                 raise IntegrityError(f"unsupported backup format {data.get('format')!r}")
-            return cls(str(data["backup_id"]), datetime.fromisoformat(data["created_at"]),
-                       str(data["master_key_id"]), base64.b64decode(data["wrapped_key"], validate=True))
+            return cls(
+                str(data["backup_id"]),
+                datetime.fromisoformat(data["created_at"]),
+                str(data["master_key_id"]),
+                base64.b64decode(data["wrapped_key"], validate=True),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError("the backup header is damaged") from exc
 
@@ -137,8 +147,10 @@ def decrypt(src: BinaryIO, master: MasterKey, dest: BinaryIO) -> BackupHeader:
     """Authenticate and decrypt the whole backup into ``dest``."""
     header, raw_header = read_header(src)
     if header.master_key_id not in master.key_ids or sealed_by(header.wrapped_key) not in master.key_ids:
-        raise IntegrityError(f"this backup was encrypted under master key {header.master_key_id}; the key given "
-                             f"({', '.join(master.key_ids)}) is not it")
+        raise IntegrityError(
+            f"this backup was encrypted under master key {header.master_key_id}; the key given "
+            f"({', '.join(master.key_ids)}) is not it"
+        )
     aead = AESGCM(master.unwrap_data_key(header.wrapped_key, b"backup:" + header.backup_id.encode()))
     record, index = _next_record(src, 0), 0
     if record is None:
@@ -146,12 +158,17 @@ def decrypt(src: BinaryIO, master: MasterKey, dest: BinaryIO) -> BackupHeader:
     while record is not None:
         following = _next_record(src, index + 1)
         try:
-            dest.write(aead.decrypt(record[:_NONCE], record[_NONCE:], _aad(raw_header, index, following is None)))
+            dest.write(
+                aead.decrypt(record[:_NONCE], record[_NONCE:], _aad(raw_header, index, following is None))
+            )
         except InvalidTag as exc:
             if following is None:
-                raise IntegrityError(f"the backup is truncated or damaged at chunk {index} "
-                                     "(it does not end with its last chunk)") from exc
-            raise IntegrityError(f"backup chunk {index} failed authentication (tampered, reordered or "
-                                 "from another backup)") from exc
+                raise IntegrityError(
+                    f"the backup is truncated or damaged at chunk {index} "
+                    "(it does not end with its last chunk)"
+                ) from exc
+            raise IntegrityError(
+                f"backup chunk {index} failed authentication (tampered, reordered or from another backup)"
+            ) from exc
         record, index = following, index + 1
     return header

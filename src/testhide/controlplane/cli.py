@@ -46,14 +46,28 @@ def main(log_format: str, log_level: str) -> None:
 
 @main.command()
 @data_dir_option
-@click.option("--server-name", "server_names", multiple=True,
-              help="DNS name or IP the listeners answer as (repeatable). Default: localhost, 127.0.0.1.")
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    help="DNS name or IP the listeners answer as (repeatable). Default: localhost, 127.0.0.1.",
+)
 @click.option("--trust-domain", default="testhide.local", show_default=True)
-@click.option("--import-ca", nargs=2, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              metavar="CERT KEY", help="Use an existing CA (PEM certificate and ECDSA key).")
+@click.option(
+    "--import-ca",
+    nargs=2,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="CERT KEY",
+    help="Use an existing CA (PEM certificate and ECDSA key).",
+)
 @click.option("--dev", is_flag=True, help="Allow development certificates from certs-dev/.")
-def init(data_dir: Path, server_names: tuple[str, ...], trust_domain: str, import_ca: tuple[Path, Path] | None,
-         dev: bool) -> None:
+def init(
+    data_dir: Path,
+    server_names: tuple[str, ...],
+    trust_domain: str,
+    import_ca: tuple[Path, Path] | None,
+    dev: bool,
+) -> None:
     """Create the data dir: CA, server certificate, database, admin API key."""
     from cryptography import x509
 
@@ -64,9 +78,12 @@ def init(data_dir: Path, server_names: tuple[str, ...], trust_domain: str, impor
     if import_ca:
         imported = (import_ca[0].read_bytes(), import_ca[1].read_bytes())
         if is_development_ca(x509.load_pem_x509_certificate(imported[0])) and not dev:
-            raise click.ClickException("that CA is development material from certs-dev/; pass --dev to use it")
-    admin_key = _run(initialise(data_dir, list(server_names) or ["localhost", "127.0.0.1"], trust_domain,
-                                imported))
+            raise click.ClickException(
+                "that CA is development material from certs-dev/; pass --dev to use it"
+            )
+    admin_key = _run(
+        initialise(data_dir, list(server_names) or ["localhost", "127.0.0.1"], trust_domain, imported)
+    )
     click.echo(f"initialised {data_dir}", err=True)
     click.echo("admin API key (shown once; store it now):", err=True)
     click.echo(admin_key)
@@ -74,26 +91,60 @@ def init(data_dir: Path, server_names: tuple[str, ...], trust_domain: str, impor
 
 @main.command()
 @data_dir_option
-@click.option("--listen", default="127.0.0.1:7443", show_default=True, envvar="TESTHIDE_LISTEN",
-              help="HOST:PORT of the API port.")
+@click.option(
+    "--listen",
+    default="127.0.0.1:7443",
+    show_default=True,
+    envvar="TESTHIDE_LISTEN",
+    help="HOST:PORT of the API port.",
+)
 @click.option("--agent-listen", default=None, help="HOST:PORT of the mutual-TLS agent port [API port + 1].")
 @click.option("--agent-cert-ttl", type=Duration(), default="1h", show_default=True)
-@click.option("--job-lease", type=Duration(), default="60s", show_default=True,
-              help="How long a job's agent may stay silent before the job is requeued or LOST.")
-@click.option("--db-busy-timeout", type=Duration(), default="10s", show_default=True,
-              help="How long a write waits for a database lock another process holds.")
+@click.option(
+    "--job-lease",
+    type=Duration(),
+    default="60s",
+    show_default=True,
+    help="How long a job's agent may stay silent before the job is requeued or LOST.",
+)
+@click.option(
+    "--db-busy-timeout",
+    type=Duration(),
+    default="10s",
+    show_default=True,
+    help="How long a write waits for a database lock another process holds.",
+)
 @click.option("--dev", is_flag=True, help="Accept development certificates. Never in production.")
-@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the bound ports as JSON here once serving (for port 0).")
-def serve(data_dir: Path, listen: str, agent_listen: str | None, agent_cert_ttl: Any, job_lease: Any,
-          db_busy_timeout: Any, dev: bool, port_file: Path | None) -> None:
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bound ports as JSON here once serving (for port 0).",
+)
+def serve(
+    data_dir: Path,
+    listen: str,
+    agent_listen: str | None,
+    agent_cert_ttl: Any,
+    job_lease: Any,
+    db_busy_timeout: Any,
+    dev: bool,
+    port_file: Path | None,
+) -> None:
     """Serve the API and agent ports until SIGTERM or SIGINT."""
     from testhide.controlplane.daemon import ControlPlane
 
     async def run() -> None:
-        daemon = ControlPlane(ControlPlaneConfig(data_dir=data_dir, listen=listen, agent_listen=agent_listen,
-                                                 agent_cert_ttl=agent_cert_ttl, job_lease=job_lease,
-                                                 db_busy_timeout=db_busy_timeout, dev=dev))
+        daemon = ControlPlane(
+            ControlPlaneConfig(
+                data_dir=data_dir,
+                listen=listen,
+                agent_listen=agent_listen,
+                agent_cert_ttl=agent_cert_ttl,
+                job_lease=job_lease,
+                db_busy_timeout=db_busy_timeout,
+                dev=dev,
+            )
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(daemon.shutdown()))
@@ -123,10 +174,21 @@ def enroll_token_create(data_dir: Path, org: str, pool: str, ttl: Any) -> None:
 
     async def run() -> str:
         async with operator_context(data_dir) as op:
-            token = await create_token(op.store, op.directory.load_ca(op.master, allow_development=True)
-                                       .certificate_pem, org, pool, ttl)
-            await op.auditor.record("enrollment_token_created", op.actor, org=org, target=token.split(".")[1],
-                                    pool=pool, ttl_s=ttl.total_seconds())
+            token = await create_token(
+                op.store,
+                op.directory.load_ca(op.master, allow_development=True).certificate_pem,
+                org,
+                pool,
+                ttl,
+            )
+            await op.auditor.record(
+                "enrollment_token_created",
+                op.actor,
+                org=org,
+                target=token.split(".")[1],
+                pool=pool,
+                ttl_s=ttl.total_seconds(),
+            )
             return token
 
     token = _run(run())
@@ -139,14 +201,27 @@ def enroll_token_create(data_dir: Path, org: str, pool: str, ttl: Any) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def enroll_token_list(data_dir: Path, as_json: bool) -> None:
     """Tokens with their state; never their secrets."""
+
     async def run() -> list[dict[str, Any]]:
         async with operator_context(data_dir) as op:
             now = datetime.now(UTC)
-            return [{"id": t.id, "org": t.org, "pool": t.pool, "created_at": t.created_at.isoformat(),
-                     "expires_at": t.expires_at.isoformat(),
-                     "state": "revoked" if t.revoked_at else "used" if t.used_at else
-                     "expired" if t.expires_at <= now else "usable"}
-                    for t in await op.store.list_enrollment_tokens()]
+            return [
+                {
+                    "id": t.id,
+                    "org": t.org,
+                    "pool": t.pool,
+                    "created_at": t.created_at.isoformat(),
+                    "expires_at": t.expires_at.isoformat(),
+                    "state": "revoked"
+                    if t.revoked_at
+                    else "used"
+                    if t.used_at
+                    else "expired"
+                    if t.expires_at <= now
+                    else "usable",
+                }
+                for t in await op.store.list_enrollment_tokens()
+            ]
 
     _print_rows(_run(run()), as_json, ["id", "org", "pool", "state", "expires_at"])
 
@@ -156,6 +231,7 @@ def enroll_token_list(data_dir: Path, as_json: bool) -> None:
 @click.argument("token_id")
 def enroll_token_revoke(data_dir: Path, token_id: str) -> None:
     """Make an unused token useless."""
+
     async def run() -> None:
         async with operator_context(data_dir) as op:
             record = await op.store.revoke_enrollment_token(token_id, datetime.now(UTC))
@@ -177,16 +253,31 @@ def agents() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def agents_list(data_dir: Path, as_json: bool) -> None:
     """Agents with their certificate serial and expiry, last contact and state."""
+
     async def run() -> list[dict[str, Any]]:
         async with operator_context(data_dir) as op:
             now = datetime.now(UTC)
-            return [{"id": a.id, "name": a.name, "org": a.org, "pool": a.pool, "cert_serial": a.cert_serial,
-                     "cert_not_after": a.cert_not_after.isoformat(),
-                     "last_seen_at": a.last_seen_at.isoformat() if a.last_seen_at else None,
-                     "state": "revoked" if a.revoked_at else "expired" if a.cert_not_after <= now else "active"}
-                    for a in await op.store.list_agents()]
+            return [
+                {
+                    "id": a.id,
+                    "name": a.name,
+                    "org": a.org,
+                    "pool": a.pool,
+                    "cert_serial": a.cert_serial,
+                    "cert_not_after": a.cert_not_after.isoformat(),
+                    "last_seen_at": a.last_seen_at.isoformat() if a.last_seen_at else None,
+                    "state": "revoked"
+                    if a.revoked_at
+                    else "expired"
+                    if a.cert_not_after <= now
+                    else "active",
+                }
+                for a in await op.store.list_agents()
+            ]
 
-    _print_rows(_run(run()), as_json, ["id", "name", "org", "pool", "state", "cert_not_after", "last_seen_at"])
+    _print_rows(
+        _run(run()), as_json, ["id", "name", "org", "pool", "state", "cert_not_after", "last_seen_at"]
+    )
 
 
 @agents.command("revoke")
@@ -195,6 +286,7 @@ def agents_list(data_dir: Path, as_json: bool) -> None:
 def agents_revoke(data_dir: Path, agent_id: str) -> None:
     """Cut an agent off: a running control plane closes its stream within
     seconds, refuses its RPCs and renewals, and ends its jobs as ERROR."""
+
     async def run() -> list[str]:
         async with operator_context(data_dir) as op:
             revoked = await op.store.revoke_agent(agent_id, datetime.now(UTC))
@@ -202,7 +294,9 @@ def agents_revoke(data_dir: Path, agent_id: str) -> None:
                 raise NotFound(f"no agent {agent_id}")
             agent, jobs = revoked
             log.info("agent_revoked", agent_id=agent_id, org=agent.org, jobs_ended=jobs)
-            await op.auditor.record("agent_revoked", op.actor, org=agent.org, target=agent_id, jobs_ended=jobs)
+            await op.auditor.record(
+                "agent_revoked", op.actor, org=agent.org, target=agent_id, jobs_ended=jobs
+            )
             return jobs
 
     jobs = _run(run())
@@ -225,8 +319,12 @@ def server_cert_rotate(data_dir: Path) -> None:
         async with operator_context(data_dir) as op:
             cert = rotate_server_certificate(op.directory, op.master)
             serial = format(cert.serial_number, "x")
-            await op.auditor.record("server_certificate_rotated", op.actor, target=serial,
-                                    not_after=cert.not_valid_after_utc.isoformat())
+            await op.auditor.record(
+                "server_certificate_rotated",
+                op.actor,
+                target=serial,
+                not_after=cert.not_valid_after_utc.isoformat(),
+            )
             return serial
 
     click.echo(f"new server certificate {_run(run())}", err=True)
@@ -268,14 +366,21 @@ def ca_rotate(data_dir: Path, stage: str, force: bool) -> None:
 async def _check_retirable(op: OperatorContext, force: bool) -> None:
     from testhide.controlplane.ca import rotation
 
-    old = {fingerprint(op.directory.ca_certificate(g).public_bytes(Encoding.DER))
-           for g in rotation.retiring(op.directory)}
+    old = {
+        fingerprint(op.directory.ca_certificate(g).public_bytes(Encoding.DER))
+        for g in rotation.retiring(op.directory)
+    }
     now = datetime.now(UTC)
-    holding = [a.id for a in await op.store.list_agents()
-               if a.cert_issuer in old and a.revoked_at is None and a.cert_not_after > now]
+    holding = [
+        a.id
+        for a in await op.store.list_agents()
+        if a.cert_issuer in old and a.revoked_at is None and a.cert_not_after > now
+    ]
     if holding and not force:
-        raise FailedPrecondition(f"agents still hold certificates of the CA being retired: {', '.join(holding)}; "
-                                 "wait for them to renew, or pass --force")
+        raise FailedPrecondition(
+            f"agents still hold certificates of the CA being retired: {', '.join(holding)}; "
+            "wait for them to renew, or pass --force"
+        )
 
 
 @main.group()
@@ -287,7 +392,9 @@ def pools() -> None:
 @data_dir_option
 @org_option
 @click.argument("pool")
-@click.option("--agent-cert-ttl", type=Duration(), default=None, help="Shorter agent certificates for this pool.")
+@click.option(
+    "--agent-cert-ttl", type=Duration(), default=None, help="Shorter agent certificates for this pool."
+)
 def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> None:
     from testhide.controlplane.jobs.validation import validate_name
 
@@ -297,8 +404,13 @@ def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> No
             await op.store.create_pool(org, pool, datetime.now(UTC))
             if agent_cert_ttl:
                 await op.store.set_pool_cert_ttl(org, pool, _pool_ttl(agent_cert_ttl))
-            await op.auditor.record("pool_created", op.actor, org=org, target=pool,
-                                    agent_cert_ttl_s=agent_cert_ttl.total_seconds() if agent_cert_ttl else None)
+            await op.auditor.record(
+                "pool_created",
+                op.actor,
+                org=org,
+                target=pool,
+                agent_cert_ttl_s=agent_cert_ttl.total_seconds() if agent_cert_ttl else None,
+            )
 
     _run(run())
     click.echo(f"pool {org}/{pool} created", err=True)
@@ -308,16 +420,36 @@ def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> No
 @data_dir_option
 @org_option
 @click.argument("pool")
-@click.option("--agent-cert-ttl", type=Duration(), default=None, help="Agent certificate lifetime (next renewal).")
-@click.option("--allowed-image", "allowed_images", multiple=True, metavar="PATTERN",
-              help="fnmatch pattern of allowed images (repeatable; replaces the list).")
+@click.option(
+    "--agent-cert-ttl", type=Duration(), default=None, help="Agent certificate lifetime (next renewal)."
+)
+@click.option(
+    "--allowed-image",
+    "allowed_images",
+    multiple=True,
+    metavar="PATTERN",
+    help="fnmatch pattern of allowed images (repeatable; replaces the list).",
+)
 @click.option("--any-image", is_flag=True, help="Allow any image (clears the list).")
 @click.option("--pull-policy", type=click.Choice([p.value for p in PullPolicy]), default=None)
-@click.option("--runtime", type=click.Choice(["runc", "runsc", "job"]), default=None,
-              help="Enforce a runtime for every job of the pool ('job' lets each job choose).")
-def pools_set(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any, allowed_images: tuple[str, ...],
-              any_image: bool, pull_policy: str | None, runtime: str | None) -> None:
+@click.option(
+    "--runtime",
+    type=click.Choice(["runc", "runsc", "job"]),
+    default=None,
+    help="Enforce a runtime for every job of the pool ('job' lets each job choose).",
+)
+def pools_set(
+    data_dir: Path,
+    org: str,
+    pool: str,
+    agent_cert_ttl: Any,
+    allowed_images: tuple[str, ...],
+    any_image: bool,
+    pull_policy: str | None,
+    runtime: str | None,
+) -> None:
     """Change a pool's policy: certificate lifetime, allowed images, pull policy, runtime."""
+
     async def run() -> PoolPolicy:
         async with operator_context(data_dir) as op:
             if agent_cert_ttl:
@@ -327,18 +459,28 @@ def pools_set(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any, allowed_
                 policy,
                 allowed_images=() if any_image else (allowed_images or policy.allowed_images),
                 pull_policy=PullPolicy(pull_policy) if pull_policy else policy.pull_policy,
-                runtime=policy.runtime if runtime is None else ("" if runtime == "job" else runtime))
+                runtime=policy.runtime if runtime is None else ("" if runtime == "job" else runtime),
+            )
             await op.store.set_pool_policy(org, pool, policy)
-            await op.auditor.record("pool_updated", op.actor, org=org, target=pool,
-                                    agent_cert_ttl_s=agent_cert_ttl.total_seconds() if agent_cert_ttl else None,
-                                    allowed_images=list(policy.allowed_images), pull_policy=policy.pull_policy.value,
-                                    runtime=policy.runtime)
+            await op.auditor.record(
+                "pool_updated",
+                op.actor,
+                org=org,
+                target=pool,
+                agent_cert_ttl_s=agent_cert_ttl.total_seconds() if agent_cert_ttl else None,
+                allowed_images=list(policy.allowed_images),
+                pull_policy=policy.pull_policy.value,
+                runtime=policy.runtime,
+            )
             return policy
 
     policy = _run(run())
-    click.echo(f"pool {org}/{pool}: images {', '.join(policy.allowed_images) or 'any'}, "
-               f"pull {policy.pull_policy.value}, runtime {policy.runtime or 'chosen by each job'}"
-               + (f", agent certificates live {format_duration(agent_cert_ttl)}" if agent_cert_ttl else ""), err=True)
+    click.echo(
+        f"pool {org}/{pool}: images {', '.join(policy.allowed_images) or 'any'}, "
+        f"pull {policy.pull_policy.value}, runtime {policy.runtime or 'chosen by each job'}"
+        + (f", agent certificates live {format_duration(agent_cert_ttl)}" if agent_cert_ttl else ""),
+        err=True,
+    )
 
 
 def _pool_ttl(ttl: timedelta) -> timedelta:
@@ -358,6 +500,7 @@ def audit() -> None:
 @data_dir_option
 def audit_verify(data_dir: Path) -> None:
     """Check the whole chain; exit 1 and list what is wrong if anything is."""
+
     async def run() -> tuple[int, list[str]]:
         async with operator_context(data_dir) as op:
             entries, problems = await op.auditor.verify()
@@ -375,6 +518,7 @@ def audit_verify(data_dir: Path) -> None:
 @data_dir_option
 def audit_export(data_dir: Path) -> None:
     """Write every entry as a JSON line, with its chain hashes."""
+
     async def run() -> list[dict[str, Any]]:
         async with operator_context(data_dir) as op:
             entries, _ = await op.store.read_audit()
@@ -414,6 +558,7 @@ def orgs_create(data_dir: Path, org: str) -> None:
 def orgs_revoke(data_dir: Path, org: str) -> None:
     """Cut an organisation off: its API keys, users, sessions, agents and
     enrollment tokens are revoked; its data stays for export."""
+
     async def run() -> dict[str, int]:
         async with operator_context(data_dir) as op:
             counts = await op.store.revoke_org(org, datetime.now(UTC))
@@ -437,8 +582,13 @@ def orgs_list(data_dir: Path) -> None:
         click.echo(org)
 
 
-scopes_option = click.option("--scope", "scopes", multiple=True, type=click.Choice(SCOPES),
-                             help="Repeatable; default: jobs:read and jobs:write.")
+scopes_option = click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(SCOPES),
+    help="Repeatable; default: jobs:read and jobs:write.",
+)
 
 
 @main.group()
@@ -458,16 +608,28 @@ def users_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]) -
 
     if not USER_NAME_RE.match(name):
         raise click.BadParameter("1-64 letters, digits, '.', '_', '@' or '-'", param_hint="NAME")
-    password = click.prompt("password", hide_input=True, confirmation_prompt=True, err=True) \
-        if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+    password = (
+        click.prompt("password", hide_input=True, confirmation_prompt=True, err=True)
+        if sys.stdin.isatty()
+        else sys.stdin.readline().rstrip("\n")
+    )
 
     async def run() -> None:
         check_complexity(password, name)
         async with operator_context(data_dir) as op:
-            await op.store.create_user(UserRecord("u" + secrets.token_hex(8), org, name, hash_password(password),
-                                                  scopes or DEFAULT_SCOPES, datetime.now(UTC)))
-            await op.auditor.record("user_created", op.actor, org=org, target=name,
-                                    scopes=list(scopes or DEFAULT_SCOPES))
+            await op.store.create_user(
+                UserRecord(
+                    "u" + secrets.token_hex(8),
+                    org,
+                    name,
+                    hash_password(password),
+                    scopes or DEFAULT_SCOPES,
+                    datetime.now(UTC),
+                )
+            )
+            await op.auditor.record(
+                "user_created", op.actor, org=org, target=name, scopes=list(scopes or DEFAULT_SCOPES)
+            )
 
     _run(run())
     click.echo(f"user {org}/{name} created", err=True)
@@ -480,8 +642,15 @@ def users_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]) -
 def users_list(data_dir: Path, org: str, as_json: bool) -> None:
     async def run() -> list[dict[str, Any]]:
         async with operator_context(data_dir) as op:
-            return [{"id": u.id, "name": u.name, "scopes": " ".join(u.scopes),
-                     "state": "revoked" if u.revoked_at else "active"} for u in await op.store.list_users(org)]
+            return [
+                {
+                    "id": u.id,
+                    "name": u.name,
+                    "scopes": " ".join(u.scopes),
+                    "state": "revoked" if u.revoked_at else "active",
+                }
+                for u in await op.store.list_users(org)
+            ]
 
     _print_rows(_run(run()), as_json, ["id", "name", "scopes", "state"])
 
@@ -492,6 +661,7 @@ def users_list(data_dir: Path, org: str, as_json: bool) -> None:
 @click.argument("name")
 def users_revoke(data_dir: Path, org: str, name: str) -> None:
     """Remove a user's access and end their sessions."""
+
     async def run() -> None:
         async with operator_context(data_dir) as op:
             if await op.store.revoke_user(org, name, datetime.now(UTC)) is None:
@@ -522,11 +692,26 @@ def api_keys_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]
         async with operator_context(data_dir) as op:
             text, parsed = new_api_key()
             now = datetime.now(UTC)
-            await op.store.create_api_key(ApiKeyRecord(
-                parsed.key_id, org, name, hash_secret(parsed.secret), scopes or DEFAULT_SCOPES, now,
-                owner=f"service-account:{name}", expires_at=now + expires_in if expires_in else None))
-            await op.auditor.record("api_key_created", op.actor, org=org, target=parsed.key_id, name=name,
-                                    scopes=list(scopes or DEFAULT_SCOPES))
+            await op.store.create_api_key(
+                ApiKeyRecord(
+                    parsed.key_id,
+                    org,
+                    name,
+                    hash_secret(parsed.secret),
+                    scopes or DEFAULT_SCOPES,
+                    now,
+                    owner=f"service-account:{name}",
+                    expires_at=now + expires_in if expires_in else None,
+                )
+            )
+            await op.auditor.record(
+                "api_key_created",
+                op.actor,
+                org=org,
+                target=parsed.key_id,
+                name=name,
+                scopes=list(scopes or DEFAULT_SCOPES),
+            )
             return text
 
     key = _run(run())
@@ -540,15 +725,26 @@ def api_keys_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]
 @click.option("--json", "as_json", is_flag=True)
 def api_keys_list(data_dir: Path, org: str, as_json: bool) -> None:
     """Keys by prefix, with scopes, expiry and last use; never the secret."""
+
     async def run() -> list[dict[str, Any]]:
         async with operator_context(data_dir) as op:
             now = datetime.now(UTC)
-            return [{"prefix": f"thk_{k.id}", "id": k.id, "name": k.name, "scopes": " ".join(k.scopes),
-                     "expires_at": k.expires_at.isoformat() if k.expires_at else None,
-                     "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
-                     "state": "revoked" if k.revoked_at else
-                     "expired" if k.expires_at and k.expires_at <= now else "active"}
-                    for k in await op.store.list_api_keys(org)]
+            return [
+                {
+                    "prefix": f"thk_{k.id}",
+                    "id": k.id,
+                    "name": k.name,
+                    "scopes": " ".join(k.scopes),
+                    "expires_at": k.expires_at.isoformat() if k.expires_at else None,
+                    "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
+                    "state": "revoked"
+                    if k.revoked_at
+                    else "expired"
+                    if k.expires_at and k.expires_at <= now
+                    else "active",
+                }
+                for k in await op.store.list_api_keys(org)
+            ]
 
     _print_rows(_run(run()), as_json, ["prefix", "name", "scopes", "state", "expires_at", "last_used_at"])
 

@@ -14,8 +14,13 @@ from testhide.controlplane.errors import ControlPlaneError
 
 T = TypeVar("T")
 
-data_dir_option = click.option("--data-dir", type=click.Path(path_type=Path), required=True,
-                               envvar="TESTHIDE_DATA_DIR", help="The control plane's data directory.")
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    envvar="TESTHIDE_DATA_DIR",
+    help="The control plane's data directory.",
+)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

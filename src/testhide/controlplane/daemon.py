@@ -79,43 +79,65 @@ class ControlPlane:
         secrets = SecretVault(store, master)
         logs = LogBook(store, master)
         leases = Leases(store, master, scheduler, logs, self.config.job_lease)
-        self.jobs = jobs = JobService(store, master, scheduler, logs, BlobVault(store, master), secrets, leases)
+        self.jobs = jobs = JobService(
+            store, master, scheduler, logs, BlobVault(store, master), secrets, leases
+        )
         health = health_aio.HealthServicer()
         ttl = self.config.agent_cert_ttl
         if ttl < timedelta(minutes=5):
-            log.warning("agent_certificate_lifetime_short", ttl_s=ttl.total_seconds(),
-                        note="below 5 minutes agents renew very often; meant for tests")
+            log.warning(
+                "agent_certificate_lifetime_short",
+                ttl_s=ttl.total_seconds(),
+                note="below 5 minutes agents renew very often; meant for tests",
+            )
 
-        agent_server = grpc.aio.server(options=CHANNEL_OPTIONS + [
-            # An open connection outlives the certificate that opened it: bound it.
-            ("grpc.max_connection_age_ms", int(ttl.total_seconds() * 1000)),
-            ("grpc.max_connection_age_grace_ms", 30_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            # TLS record buffers per connection: 16 KiB by default, held by every idle agent.
-            ("grpc.tsi.max_frame_size", 4096),
-        ])
+        agent_server = grpc.aio.server(
+            options=CHANNEL_OPTIONS
+            + [
+                # An open connection outlives the certificate that opened it: bound it.
+                ("grpc.max_connection_age_ms", int(ttl.total_seconds() * 1000)),
+                ("grpc.max_connection_age_grace_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                # TLS record buffers per connection: 16 KiB by default, held by every idle agent.
+                ("grpc.tsi.max_frame_size", 4096),
+            ]
+        )
         agent_pb2_grpc.add_AgentControlServicer_to_server(
-            AgentControlServicer(store, scheduler, jobs, certs, ttl, auditor, leases.heartbeat_interval), agent_server)
+            AgentControlServicer(store, scheduler, jobs, certs, ttl, auditor, leases.heartbeat_interval),
+            agent_server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(health, agent_server)
-        self.agent_port = agent_server.add_secure_port(self.config.resolved_agent_listen,
-                                                       certs.credentials(client_auth=True))
+        self.agent_port = agent_server.add_secure_port(
+            self.config.resolved_agent_listen, certs.credentials(client_auth=True)
+        )
 
         self.signing_keys = keys = SigningKeys(directory, master)
-        sessions = Sessions(store, AccessTokens(keys, issuer_for(certs.current.active_ca.trust_domain)), auditor,
-                            self.config.lockout, SpikeDetector(self.config.failure_spike_threshold),
-                            reuse_grace=self.config.refresh_reuse_grace)
+        sessions = Sessions(
+            store,
+            AccessTokens(keys, issuer_for(certs.current.active_ca.trust_domain)),
+            auditor,
+            self.config.lockout,
+            SpikeDetector(self.config.failure_spike_threshold),
+            reuse_grace=self.config.refresh_reuse_grace,
+        )
         rate_a, rate_p = self.config.rate_per_address, self.config.rate_per_principal
         api_server = grpc.aio.server(
-            interceptors=[ApiAuthInterceptor(sessions, RateLimiter(rate_a, int(2 * rate_a)),
-                                             RateLimiter(rate_p, int(2 * rate_p)))],
-            options=[("grpc.max_receive_message_length", self.config.max_request_bytes),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000)],
+            interceptors=[
+                ApiAuthInterceptor(
+                    sessions, RateLimiter(rate_a, int(2 * rate_a)), RateLimiter(rate_p, int(2 * rate_p))
+                )
+            ],
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_request_bytes),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
         )
         jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), api_server)
         jobs_pb2_grpc.add_SecretsServicer_to_server(SecretsServicer(secrets, auditor), api_server)
         enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-            EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port), api_server)
+            EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port), api_server
+        )
         auth_pb2_grpc.add_AuthServicer_to_server(AuthServicer(sessions, keys), api_server)
         health_pb2_grpc.add_HealthServicer_to_server(health, api_server)
         self.api_port = api_server.add_secure_port(self.config.listen, certs.credentials(client_auth=False))
@@ -127,8 +149,12 @@ class ControlPlane:
         self._tasks.append(asyncio.create_task(leases.run(), name="leases"))
         self._tasks.append(asyncio.create_task(self._watch(directory, master), name="watcher"))
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("controlplane_started", api_port=self.api_port, agent_port=self.agent_port,
-                 data_dir=str(self.config.data_dir))
+        log.info(
+            "controlplane_started",
+            api_port=self.api_port,
+            agent_port=self.agent_port,
+            data_dir=str(self.config.data_dir),
+        )
 
     async def _watch(self, directory: DataDir, master: MasterKey) -> None:
         assert self.certificates is not None and self._store is not None and self.scheduler is not None
@@ -143,7 +169,9 @@ class ControlPlane:
                     log.info("master_key_reloaded", key_ids=list(master.key_ids), current=master.current_id)
                 if certs.server_certificate_due():
                     cert = await asyncio.to_thread(rotate_server_certificate, directory, master)
-                    log.info("server_certificate_rotated", serial=format(cert.serial_number, "x"), automatic=True)
+                    log.info(
+                        "server_certificate_rotated", serial=format(cert.serial_number, "x"), automatic=True
+                    )
                 changed = certs.reload_if_changed()
                 if changed:
                     self._apply_trust(*changed)

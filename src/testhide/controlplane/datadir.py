@@ -88,11 +88,14 @@ class DataDir:
         if not self.path.is_dir():
             raise DataDirError(f"data dir {self.path} does not exist; run 'testhide-controlplane init' first")
         if not self.state_path.is_file():
-            raise DataDirError(f"data dir {self.path} is not initialised; run 'testhide-controlplane init' first")
+            raise DataDirError(
+                f"data dir {self.path} is not initialised; run 'testhide-controlplane init' first"
+            )
         state: dict[str, Any] = json.loads(self.state_path.read_text())
         if state.get("layout_version") != LAYOUT_VERSION:
-            raise DataDirError(f"data dir {self.path} has layout {state.get('layout_version')}, "
-                               f"expected {LAYOUT_VERSION}")
+            raise DataDirError(
+                f"data dir {self.path} has layout {state.get('layout_version')}, expected {LAYOUT_VERSION}"
+            )
         return state
 
     def write_state(self, state: dict[str, Any]) -> None:
@@ -114,13 +117,18 @@ class DataDir:
 
     def sealed_files(self) -> list[str]:
         """Every file sealed under the master key, named as its associated data."""
-        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*.sealed")
-                      if p.is_file() and not p.name.startswith("."))
+        return sorted(
+            p.relative_to(self.path).as_posix()
+            for p in self.path.rglob("*.sealed")
+            if p.is_file() and not p.name.startswith(".")
+        )
 
     def create_audit_key(self, master: MasterKey, key: bytes | None = None) -> None:
         with self.sealing():
             if not (self.path / AUDIT_KEY).exists():  # another process may have won
-                atomic_write(self.path / AUDIT_KEY, master.seal(key or os.urandom(32), AUDIT_KEY.encode()), 0o600)
+                atomic_write(
+                    self.path / AUDIT_KEY, master.seal(key or os.urandom(32), AUDIT_KEY.encode()), 0o600
+                )
 
     async def audit_key(self, master: MasterKey, store: SqliteStore) -> bytes:
         """The audit chain's key; data dirs from before it was stored on its
@@ -139,14 +147,17 @@ class DataDir:
     def ca_certificate(self, generation: int) -> x509.Certificate:
         return x509.load_pem_x509_certificate((self.path / "cas" / f"ca-{generation}.pem").read_bytes())
 
-    def load_ca(self, master: MasterKey, generation: int | None = None,
-                allow_development: bool = False) -> CertificateAuthority:
+    def load_ca(
+        self, master: MasterKey, generation: int | None = None, allow_development: bool = False
+    ) -> CertificateAuthority:
         state = self.require_initialised()
         generation = generation or int(state["ca"]["active"])
         cert = self.ca_certificate(generation)
         if is_development_ca(cert) and not allow_development:
-            raise ConfigError("this data dir uses development certificates from certs-dev/; "
-                              "start with --dev to accept them, never in production")
+            raise ConfigError(
+                "this data dir uses development certificates from certs-dev/; "
+                "start with --dev to accept them, never in production"
+            )
         key = self._unseal_key(f"cas/ca-{generation}.key.sealed", master)
         return CertificateAuthority(cert, key, str(state["trust_domain"]))
 
@@ -158,15 +169,24 @@ class DataDir:
             atomic_write(self.path / "cas" / f"ca-{generation}.pem", ca.certificate_pem)
 
     def write_bundle(self, generations: list[int]) -> None:
-        bundle = b"".join(self.ca_certificate(g).public_bytes(serialization.Encoding.PEM) for g in generations)
+        bundle = b"".join(
+            self.ca_certificate(g).public_bytes(serialization.Encoding.PEM) for g in generations
+        )
         atomic_write(self.path / "ca.pem", bundle)
 
-    def issue_server_certificate(self, ca: CertificateAuthority, names: list[str], master: MasterKey,
-                                 lifetime: timedelta = SERVER_CERT_LIFETIME) -> x509.Certificate:
+    def issue_server_certificate(
+        self,
+        ca: CertificateAuthority,
+        names: list[str],
+        master: MasterKey,
+        lifetime: timedelta = SERVER_CERT_LIFETIME,
+    ) -> x509.Certificate:
         chain, key = ca.issue_server(names, lifetime)
         # Key first: a reader that sees the new chain must find the matching key.
         with self.sealing():
-            atomic_write(self.path / "server.key.sealed.next", master.seal(key, aad=b"server.key.sealed"), 0o600)
+            atomic_write(
+                self.path / "server.key.sealed.next", master.seal(key, aad=b"server.key.sealed"), 0o600
+            )
             atomic_write(self.path / "server.pem.next", chain)
             os.replace(self.path / "server.key.sealed.next", self.path / "server.key.sealed")
             os.replace(self.path / "server.pem.next", self.path / "server.pem")
@@ -182,8 +202,9 @@ class DataDir:
                 break
         else:
             raise DataDirError("server.pem and server.key.sealed do not match")
-        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
         trusted = tuple(self.ca_certificate(int(g)) for g in state["ca"]["trusted"])
         return TlsMaterial(self.load_ca(master, allow_development=allow_development), trusted, key_pem, chain)
 
@@ -206,14 +227,24 @@ async def _legacy_audit_key(master: MasterKey, store: SqliteStore) -> bytes | No
     return candidates[-1]  # none fits: the head was altered, and verify will say so
 
 
-async def initialise(path: Path, server_names: list[str], trust_domain: str = "testhide.local",
-                     imported_ca: tuple[bytes, bytes] | None = None) -> str:
+async def initialise(
+    path: Path,
+    server_names: list[str],
+    trust_domain: str = "testhide.local",
+    imported_ca: tuple[bytes, bytes] | None = None,
+) -> str:
     """Create the data dir and return the admin API key (shown once)."""
-    return await build_atomically(path, "init", "refusing to initialise it again",
-                                  lambda staging: _populate(staging, server_names, trust_domain, imported_ca))
+    return await build_atomically(
+        path,
+        "init",
+        "refusing to initialise it again",
+        lambda staging: _populate(staging, server_names, trust_domain, imported_ca),
+    )
 
 
-async def build_atomically(path: Path, purpose: str, refusal: str, build: Callable[[DataDir], Awaitable[T]]) -> T:
+async def build_atomically(
+    path: Path, purpose: str, refusal: str, build: Callable[[DataDir], Awaitable[T]]
+) -> T:
     """Build a data dir in a sibling temporary directory and rename it into
     ``path`` (absent or empty) once ``build`` succeeded: a refused or failed
     init or restore leaves nothing behind."""
@@ -232,8 +263,9 @@ async def build_atomically(path: Path, purpose: str, refusal: str, build: Callab
     return result
 
 
-async def _populate(directory: DataDir, server_names: list[str], trust_domain: str,
-                    imported_ca: tuple[bytes, bytes] | None) -> str:
+async def _populate(
+    directory: DataDir, server_names: list[str], trust_domain: str, imported_ca: tuple[bytes, bytes] | None
+) -> str:
     root = directory.path
     root.chmod(0o700)
     master = MasterKey.from_env_value(os.environ[MASTER_KEY_ENV]) if os.environ.get(MASTER_KEY_ENV) else None
@@ -259,13 +291,20 @@ async def _populate(directory: DataDir, server_names: list[str], trust_domain: s
         await store.create_org("default", now)
         await store.create_pool("default", "default", now)
         admin_key, parsed = new_api_key()
-        await store.create_api_key(ApiKeyRecord(parsed.key_id, "default", "admin", hash_secret(parsed.secret),
-                                                SCOPES, now))
+        await store.create_api_key(
+            ApiKeyRecord(parsed.key_id, "default", "admin", hash_secret(parsed.secret), SCOPES, now)
+        )
     finally:
         await store.close()
-    directory.write_state({"layout_version": LAYOUT_VERSION, "trust_domain": trust_domain,
-                           "server_names": server_names, "created_at": datetime.now(UTC).isoformat(),
-                           "ca": {"active": 1, "trusted": [1]}})
+    directory.write_state(
+        {
+            "layout_version": LAYOUT_VERSION,
+            "trust_domain": trust_domain,
+            "server_names": server_names,
+            "created_at": datetime.now(UTC).isoformat(),
+            "ca": {"active": 1, "trusted": [1]},
+        }
+    )
     from testhide.controlplane.auth.tokens import rotate_signing_key
 
     rotate_signing_key(directory, master)

@@ -52,7 +52,8 @@ ENV_HELP = (
     f"the master key comes from {MASTER_KEY_ENV}, which a command cannot change for a running serve. "
     "To rotate it: (1) 'testhide-controlplane master-key generate' prints a new key; (2) restart serve with "
     f"{MASTER_KEY_ENV}=NEW,OLD (new key first); (3) run 'master-key rotate' with that same value: it re-wraps "
-    f"everything under NEW; (4) restart serve with {MASTER_KEY_ENV}=NEW.")
+    f"everything under NEW; (4) restart serve with {MASTER_KEY_ENV}=NEW."
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,9 @@ class RingAnnouncement:
 
     def publish(self) -> None:
         self._path.parent.mkdir(mode=0o700, exist_ok=True)
-        atomic_write(self._path, json.dumps({"pid": os.getpid(), "key_ids": list(self._master.key_ids)}).encode())
+        atomic_write(
+            self._path, json.dumps({"pid": os.getpid(), "key_ids": list(self._master.key_ids)}).encode()
+        )
 
     def withdraw(self) -> None:
         self._path.unlink(missing_ok=True)
@@ -115,7 +118,8 @@ async def wait_for_holders(directory: DataDir, current_id: str, timeout: timedel
             raise FailedPrecondition(
                 f"running serve process(es) {pids} still seal with another key than {current_id} after "
                 f"{timeout.total_seconds():.0f}s; if the key comes from {MASTER_KEY_ENV}, restart them with the "
-                "new key first. Run rotate again to continue.")
+                "new key first. Run rotate again to continue."
+            )
         await asyncio.sleep(_POLL_S)
 
 
@@ -141,7 +145,9 @@ async def rewrap_data_keys(store: Store, master: MasterKey) -> Sweep:
                 if master.is_current(key.wrapped):
                     continue
                 try:
-                    updates.append((key.rowid, key.wrapped, master.rewrap_data_key(key.wrapped, _data_key_aad(key))))
+                    updates.append(
+                        (key.rowid, key.wrapped, master.rewrap_data_key(key.wrapped, _data_key_aad(key)))
+                    )
                 except IntegrityError as exc:
                     damaged.append(f"{table} {'/'.join(key.owner)}: {exc}")
             if updates:
@@ -218,9 +224,15 @@ def _begin(directory: DataDir, master: MasterKey) -> MasterKey:
     return ring
 
 
-async def rotate(directory: DataDir, store: Store, master: MasterKey, *, force: bool = False,
-                 holder_timeout: timedelta = HOLDER_TIMEOUT,
-                 progress: Callable[[str], None] = lambda _: None) -> RotationResult:
+async def rotate(
+    directory: DataDir,
+    store: Store,
+    master: MasterKey,
+    *,
+    force: bool = False,
+    holder_timeout: timedelta = HOLDER_TIMEOUT,
+    progress: Callable[[str], None] = lambda _: None,
+) -> RotationResult:
     started = time.monotonic()
     with _exclusive(directory):
         ring = _begin(directory, master)
@@ -243,10 +255,18 @@ async def rotate(directory: DataDir, store: Store, master: MasterKey, *, force: 
         if dropped:
             assert ring.source is not None
             atomic_write(ring.source, ring.only_current().serialise().encode(), 0o600)
-    log.info("master_key_rotated", key_id=ring.current_id, retired=list(ring.key_ids[1:]), rewrapped=rewrapped,
-             resealed_files=resealed, damaged=len(damaged), dropped=dropped)
-    return RotationResult(ring.current_id, ring.key_ids[1:], rewrapped, resealed, damaged, dropped,
-                          time.monotonic() - started)
+    log.info(
+        "master_key_rotated",
+        key_id=ring.current_id,
+        retired=list(ring.key_ids[1:]),
+        rewrapped=rewrapped,
+        resealed_files=resealed,
+        damaged=len(damaged),
+        dropped=dropped,
+    )
+    return RotationResult(
+        ring.current_id, ring.key_ids[1:], rewrapped, resealed, damaged, dropped, time.monotonic() - started
+    )
 
 
 def holders_summary(directory: DataDir) -> list[str]:

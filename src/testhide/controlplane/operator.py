@@ -34,6 +34,8 @@ async def operator_context(data_dir: Path) -> AsyncIterator[OperatorContext]:
     master = directory.master_key()
     store = await SqliteStore.open(directory.db_path)
     try:
-        yield OperatorContext(directory, master, store, Auditor(store, await directory.audit_key(master, store)))
+        yield OperatorContext(
+            directory, master, store, Auditor(store, await directory.audit_key(master, store))
+        )
     finally:
         await store.close()

@@ -22,10 +22,19 @@ def master_key() -> None:
 
 @master_key.command("rotate")
 @data_dir_option
-@click.option("--force", is_flag=True,
-              help="Drop the old key even if some objects failed authentication (they stay unreadable).")
-@click.option("--wait", "wait_s", type=float, default=30.0, show_default=True,
-              help="Seconds to wait for running serve processes to pick up the new key.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Drop the old key even if some objects failed authentication (they stay unreadable).",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for running serve processes to pick up the new key.",
+)
 def master_key_rotate(data_dir: Path, force: bool, wait_s: float) -> None:
     """Re-wrap every data key and re-seal every private key under a new master
     key, while serve keeps running. Safe to run again after a crash: it resumes."""
@@ -35,30 +44,49 @@ def master_key_rotate(data_dir: Path, force: bool, wait_s: float) -> None:
 
     async def run_rotation() -> masterkey.RotationResult:
         async with operator_context(data_dir) as op:
-            result = await masterkey.rotate(op.directory, op.store, op.master, force=force,
-                                            holder_timeout=timedelta(seconds=wait_s),
-                                            progress=lambda line: click.echo(line, err=True))
+            result = await masterkey.rotate(
+                op.directory,
+                op.store,
+                op.master,
+                force=force,
+                holder_timeout=timedelta(seconds=wait_s),
+                progress=lambda line: click.echo(line, err=True),
+            )
             await op.auditor.record(
-                "master_key_rotated", op.actor, target=result.new_key_id, retired=list(result.retired_key_ids),
-                rewrapped=result.rewrapped, resealed_files=result.resealed_files, damaged=list(result.damaged),
-                dropped=result.dropped, source="file" if op.master.source else "environment")
+                "master_key_rotated",
+                op.actor,
+                target=result.new_key_id,
+                retired=list(result.retired_key_ids),
+                rewrapped=result.rewrapped,
+                resealed_files=result.resealed_files,
+                damaged=list(result.damaged),
+                dropped=result.dropped,
+                source="file" if op.master.source else "environment",
+            )
             return result
 
     result = run(run_rotation())
-    click.echo(f"master key {result.new_key_id} is current: {result.rewrapped} data keys re-wrapped, "
-               f"{result.resealed_files} files re-sealed in {result.seconds:.1f}s", err=True)
+    click.echo(
+        f"master key {result.new_key_id} is current: {result.rewrapped} data keys re-wrapped, "
+        f"{result.resealed_files} files re-sealed in {result.seconds:.1f}s",
+        err=True,
+    )
     for problem in result.damaged:
         click.echo(f"failed authentication: {problem}", err=True)
     if result.dropped:
         click.echo(f"retired key(s) {', '.join(result.retired_key_ids)} removed from the ring", err=True)
     elif not result.damaged:
-        click.echo(f"nothing is sealed by {', '.join(result.retired_key_ids)} any more: set {MASTER_KEY_ENV} "
-                   f"to the new key alone and restart serve", err=True)
+        click.echo(
+            f"nothing is sealed by {', '.join(result.retired_key_ids)} any more: set {MASTER_KEY_ENV} "
+            f"to the new key alone and restart serve",
+            err=True,
+        )
     else:
         raise click.ClickException(
             f"{len(result.damaged)} stored object(s) failed authentication (tampered or damaged) and were left as "
             "they are; the old key stays in the ring so this rotation loses nothing. Restore them from a backup "
-            "and run rotate again, or pass --force to drop the old key anyway.")
+            "and run rotate again, or pass --force to drop the old key anyway."
+        )
 
 
 @master_key.command("status")
@@ -87,8 +115,12 @@ def master_key_generate() -> None:
 
 @click.command("backup")
 @data_dir_option
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The backup file to write (0600; replaced atomically).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The backup file to write (0600; replaced atomically).",
+)
 def backup(data_dir: Path, out: Path) -> None:
     """Write an encrypted, consistent backup of the data dir while serve runs.
     The master key is not in it: keep it elsewhere, restoring needs it."""
@@ -97,24 +129,44 @@ def backup(data_dir: Path, out: Path) -> None:
     async def run_backup() -> BackupSummary:
         async with operator_context(data_dir) as op:
             summary = await create_backup(op.directory, op.master, op.store, out)
-            await op.auditor.record("backup_created", op.actor, target=summary.backup_id, out=str(out),
-                                    size=summary.size, sha256=summary.sha256, master_key_id=summary.master_key_id)
+            await op.auditor.record(
+                "backup_created",
+                op.actor,
+                target=summary.backup_id,
+                out=str(out),
+                size=summary.size,
+                sha256=summary.sha256,
+                master_key_id=summary.master_key_id,
+            )
             return summary
 
     summary = run(run_backup())
-    click.echo(f"backup {summary.backup_id} written to {out} ({summary.size} bytes, {summary.files} files, "
-               f"sha256 {summary.sha256})", err=True)
-    click.echo(f"The master key is NOT in this backup. Restoring it needs master key {summary.master_key_id}: "
-               f"keep a copy of {data_dir / 'master.key'} (or {MASTER_KEY_ENV}) somewhere other than the backup.",
-               err=True)
+    click.echo(
+        f"backup {summary.backup_id} written to {out} ({summary.size} bytes, {summary.files} files, "
+        f"sha256 {summary.sha256})",
+        err=True,
+    )
+    click.echo(
+        f"The master key is NOT in this backup. Restoring it needs master key {summary.master_key_id}: "
+        f"keep a copy of {data_dir / 'master.key'} (or {MASTER_KEY_ENV}) somewhere other than the backup.",
+        err=True,
+    )
 
 
 @click.command("restore")
-@click.option("--from", "source", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="The backup file.")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="The backup file.",
+)
 @data_dir_option
-@click.option("--master-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help=f"The master key (ring) file, copied 0600 into the new data dir [default: {MASTER_KEY_ENV}].")
+@click.option(
+    "--master-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=f"The master key (ring) file, copied 0600 into the new data dir [default: {MASTER_KEY_ENV}].",
+)
 def restore(source: Path, data_dir: Path, master_key_file: Path | None) -> None:
     """Restore a backup into a new (absent or empty) data dir. A tampered or
     truncated backup is refused and leaves nothing behind."""
@@ -122,8 +174,11 @@ def restore(source: Path, data_dir: Path, master_key_file: Path | None) -> None:
 
     master, text = _restore_key(master_key_file)
     summary = run(restore_backup(source, data_dir, master, text, f"operator:{getpass.getuser()}"))
-    click.echo(f"restored backup {summary.backup_id} (taken {summary.created_at}) into {data_dir}; "
-               f"audit log intact ({summary.audit_entries} entries)", err=True)
+    click.echo(
+        f"restored backup {summary.backup_id} (taken {summary.created_at}) into {data_dir}; "
+        f"audit log intact ({summary.audit_entries} entries)",
+        err=True,
+    )
     if text is None:
         click.echo(f"the data dir has no master.key: serve it with the same {MASTER_KEY_ENV}", err=True)
 

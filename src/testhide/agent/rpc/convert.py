@@ -7,20 +7,32 @@ from datetime import timedelta
 from testhide.agent.model import Assignment, JobRefused, JobResult, JobStarted, LogBatch, Report
 from testhide.protos.v1 import agent_pb2
 
-_PULL = {agent_pb2.PULL_POLICY_NEVER: "never", agent_pb2.PULL_POLICY_IF_NOT_PRESENT: "if-not-present",
-         agent_pb2.PULL_POLICY_ALWAYS: "always"}
+_PULL = {
+    agent_pb2.PULL_POLICY_NEVER: "never",
+    agent_pb2.PULL_POLICY_IF_NOT_PRESENT: "if-not-present",
+    agent_pb2.PULL_POLICY_ALWAYS: "always",
+}
 
 
 def assignment_from_pb(message: agent_pb2.AssignJob) -> Assignment:
     spec = message.spec
     return Assignment(
-        job_id=message.job_id, epoch=message.epoch, image=spec.image, command=tuple(spec.command),
-        env=dict(spec.env), workdir=spec.workdir or "/workspace",
+        job_id=message.job_id,
+        epoch=message.epoch,
+        image=spec.image,
+        command=tuple(spec.command),
+        env=dict(spec.env),
+        workdir=spec.workdir or "/workspace",
         timeout=spec.timeout.ToTimedelta() if spec.HasField("timeout") else timedelta(hours=1),
-        cpus=spec.resources.cpus or 2.0, memory_bytes=spec.resources.memory_bytes or 2 * 1024**3,
-        pids=spec.resources.pids or 2048, secret_env=dict(message.secret_env), runtime=message.runtime or "runc",
-        pull_policy=_PULL.get(message.pull_policy, "if-not-present"), allowed_images=tuple(message.allowed_images),
-        artifact_globs=tuple(spec.artifact_globs), junit_globs=tuple(spec.junit_globs),
+        cpus=spec.resources.cpus or 2.0,
+        memory_bytes=spec.resources.memory_bytes or 2 * 1024**3,
+        pids=spec.resources.pids or 2048,
+        secret_env=dict(message.secret_env),
+        runtime=message.runtime or "runc",
+        pull_policy=_PULL.get(message.pull_policy, "if-not-present"),
+        allowed_images=tuple(message.allowed_images),
+        artifact_globs=tuple(spec.artifact_globs),
+        junit_globs=tuple(spec.junit_globs),
         has_workspace=bool(spec.workspace_id),
     )
 
@@ -30,13 +42,27 @@ def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
         case JobStarted(job_id, epoch):
             return agent_pb2.AgentMessage(started=agent_pb2.JobStarted(job_id=job_id, epoch=epoch))
         case LogBatch(job_id, epoch, seq, entries):
-            return agent_pb2.AgentMessage(log_batch=agent_pb2.LogBatch(
-                job_id=job_id, epoch=epoch, seq=seq,
-                entries=[agent_pb2.LogEntry(stream=int(stream), data=data) for stream, data in entries]))
+            return agent_pb2.AgentMessage(
+                log_batch=agent_pb2.LogBatch(
+                    job_id=job_id,
+                    epoch=epoch,
+                    seq=seq,
+                    entries=[agent_pb2.LogEntry(stream=int(stream), data=data) for stream, data in entries],
+                )
+            )
         case JobResult(job_id, epoch, last_seq, outcome, exit_code, reason):
-            return agent_pb2.AgentMessage(result=agent_pb2.JobResult(
-                job_id=job_id, epoch=epoch, last_seq=last_seq, outcome=int(outcome), exit_code=exit_code,
-                reason=reason))
+            return agent_pb2.AgentMessage(
+                result=agent_pb2.JobResult(
+                    job_id=job_id,
+                    epoch=epoch,
+                    last_seq=last_seq,
+                    outcome=int(outcome),
+                    exit_code=exit_code,
+                    reason=reason,
+                )
+            )
         case JobRefused(job_id, epoch, reason):
-            return agent_pb2.AgentMessage(refused=agent_pb2.JobRefused(job_id=job_id, epoch=epoch, reason=reason))
+            return agent_pb2.AgentMessage(
+                refused=agent_pb2.JobRefused(job_id=job_id, epoch=epoch, reason=reason)
+            )
     raise TypeError(f"cannot encode {report!r}")

@@ -42,7 +42,8 @@ async def enroll(server: str, token: str, data_dir: Path, name: str) -> Credenti
     async with secure_channel(server, ca_pem) as channel:
         try:
             response = await enrollment_pb2_grpc.EnrollmentStub(channel).Enroll(
-                enrollment_pb2.EnrollRequest(token=token.strip(), csr_pem=csr_pem, name=name), timeout=30)
+                enrollment_pb2.EnrollRequest(token=token.strip(), csr_pem=csr_pem, name=name), timeout=30
+            )
         except grpc.aio.AioRpcError as exc:
             raise EnrollmentError(f"enrollment refused: {exc.details()}") from exc
     certificate = x509.load_pem_x509_certificate(response.certificate_pem)
@@ -53,7 +54,13 @@ async def enroll(server: str, token: str, data_dir: Path, name: str) -> Credenti
         certificate.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_pem))
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise EnrollmentError("the issued certificate was not signed by the pinned CA") from exc
-    credentials = Credentials(response.agent_id, server, endpoint_for(server, response.agent_endpoint), key_pem,
-                              response.certificate_pem, ca_pem)
+    credentials = Credentials(
+        response.agent_id,
+        server,
+        endpoint_for(server, response.agent_endpoint),
+        key_pem,
+        response.certificate_pem,
+        ca_pem,
+    )
     credentials.save(data_dir)
     return credentials

@@ -23,7 +23,9 @@ _KIND = {"artifact": agent_pb2.ARTIFACT_KIND_FILE, "junit": agent_pb2.ARTIFACT_K
 
 def _transient(error: BaseException) -> bool:
     return isinstance(error, grpc.aio.AioRpcError) and error.code() in (
-        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
 
 
 class ControlPlaneLink:
@@ -32,13 +34,18 @@ class ControlPlaneLink:
         self._patience_s = patience_s
 
     def _retrying(self) -> AsyncRetrying:
-        return AsyncRetrying(retry=retry_if_exception(_transient), reraise=True,
-                             wait=wait_random_exponential(multiplier=0.5, max=15),
-                             stop=stop_after_delay(self._patience_s))
+        return AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            reraise=True,
+            wait=wait_random_exponential(multiplier=0.5, max=15),
+            stop=stop_after_delay(self._patience_s),
+        )
 
     def _channel(self) -> grpc.aio.Channel:
         c = self._credentials()
-        return secure_channel(c.agent_endpoint, c.ca_pem, client_key_pem=c.key_pem, client_cert_pem=c.certificate_pem)
+        return secure_channel(
+            c.agent_endpoint, c.ca_pem, client_key_pem=c.key_pem, client_cert_pem=c.certificate_pem
+        )
 
     async def fetch_workspace(self, job_id: str, epoch: int, dest: BinaryIO, max_bytes: int) -> None:
         try:
@@ -49,7 +56,9 @@ class ControlPlaneLink:
                     size = 0
                     async with self._channel() as channel:
                         stub = agent_pb2_grpc.AgentControlStub(channel)
-                        async for chunk in stub.FetchWorkspace(agent_pb2.JobLease(job_id=job_id, epoch=epoch)):
+                        async for chunk in stub.FetchWorkspace(
+                            agent_pb2.JobLease(job_id=job_id, epoch=epoch)
+                        ):
                             size += len(chunk.data)
                             if size > max_bytes:
                                 raise JobSetupError(f"workspace larger than {max_bytes} bytes")
@@ -59,13 +68,19 @@ class ControlPlaneLink:
         dest.seek(0)
 
     async def upload(self, job_id: str, epoch: int, path: str, kind: str, data: bytes) -> None:
-        header = agent_pb2.ArtifactHeader(job_id=job_id, epoch=epoch, path=path, kind=_KIND[kind],
-                                          size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        header = agent_pb2.ArtifactHeader(
+            job_id=job_id,
+            epoch=epoch,
+            path=path,
+            kind=_KIND[kind],
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
 
         async def messages() -> AsyncIterator[agent_pb2.ArtifactUpload]:
             yield agent_pb2.ArtifactUpload(header=header)
             for start in range(0, len(data), CHUNK):
-                yield agent_pb2.ArtifactUpload(data=data[start:start + CHUNK])
+                yield agent_pb2.ArtifactUpload(data=data[start : start + CHUNK])
 
         async for attempt in self._retrying():
             with attempt:

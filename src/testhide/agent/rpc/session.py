@@ -48,10 +48,17 @@ class SessionEvents:
 
 
 class Session:
-    def __init__(self, config: AgentConfig, credentials: Credentials, outbox: Outbox, events: SessionEvents,
-                 runtimes: list[str] | None = None, rng: random.Random | None = None,
-                 accepting: Callable[[], bool] = lambda: True,
-                 accepting_changed: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        credentials: Credentials,
+        outbox: Outbox,
+        events: SessionEvents,
+        runtimes: list[str] | None = None,
+        rng: random.Random | None = None,
+        accepting: Callable[[], bool] = lambda: True,
+        accepting_changed: asyncio.Event | None = None,
+    ) -> None:
         self._runtimes = runtimes or ["runc"]
         self._accepting = accepting
         self._accepting_changed = accepting_changed or asyncio.Event()
@@ -70,25 +77,38 @@ class Session:
         if creds.expired:
             raise CredentialsError(
                 f"the agent certificate expired at {creds.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
-                "enroll this agent again with a new token")
-        async with secure_channel(creds.agent_endpoint, creds.ca_pem, client_key_pem=creds.key_pem,
-                                  client_cert_pem=creds.certificate_pem) as channel:
+                "enroll this agent again with a new token"
+            )
+        async with secure_channel(
+            creds.agent_endpoint,
+            creds.ca_pem,
+            client_key_pem=creds.key_pem,
+            client_cert_pem=creds.certificate_pem,
+        ) as channel:
             stub = agent_pb2_grpc.AgentControlStub(channel)
             call = stub.Connect()
             outgoing: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
-            hello = agent_pb2.Hello(max_jobs=self._config.max_jobs, version="0.1.0", labels=self._config.labels,
-                                    runtimes=self._runtimes, running_jobs=[
-                agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])
+            hello = agent_pb2.Hello(
+                max_jobs=self._config.max_jobs,
+                version="0.1.0",
+                labels=self._config.labels,
+                runtimes=self._runtimes,
+                running_jobs=[
+                    agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()
+                ],
+            )
             outgoing.put_nowait(agent_pb2.AgentMessage(hello=hello))
             try:
                 self._heartbeat_s = self._heartbeat_interval(await self._await_acceptance(call))
                 self.established = True
                 log.info("agent_connected", endpoint=creds.agent_endpoint, agent_id=creds.agent_id)
                 self._outbox.attach(lambda report: outgoing.put_nowait(report_to_pb(report)))
-                tasks = [asyncio.create_task(self._read(call, outgoing), name="read"),
-                         asyncio.create_task(self._write(call, outgoing), name="write"),
-                         asyncio.create_task(self._heartbeat(outgoing), name="heartbeat"),
-                         asyncio.create_task(self._renew(stub), name="renew")]
+                tasks = [
+                    asyncio.create_task(self._read(call, outgoing), name="read"),
+                    asyncio.create_task(self._write(call, outgoing), name="write"),
+                    asyncio.create_task(self._heartbeat(outgoing), name="heartbeat"),
+                    asyncio.create_task(self._renew(stub), name="renew"),
+                ]
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -101,7 +121,9 @@ class Session:
                 raise error
             except grpc.aio.AioRpcError as error:
                 if error.code() in FATAL:
-                    raise CredentialsError(f"the control plane refused this agent: {error.details()}") from error
+                    raise CredentialsError(
+                        f"the control plane refused this agent: {error.details()}"
+                    ) from error
                 if self.established:
                     raise SessionLost(f"connection lost: {error.code().name} {error.details()}") from error
                 raise
@@ -128,8 +150,9 @@ class Session:
         code, details = await call.code(), await call.details()
         raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await call.trailing_metadata(), details)
 
-    async def _write(self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
-                     ) -> None:
+    async def _write(
+        self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+    ) -> None:
         while True:
             message = await outgoing.get()
             try:
@@ -137,19 +160,24 @@ class Session:
             except asyncio.InvalidStateError:
                 # The control plane ended the call (e.g. UNAVAILABLE): its status says why.
                 code, details = await call.code(), await call.details()
-                raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await call.trailing_metadata(),
-                                           details) from None
+                raise grpc.aio.AioRpcError(
+                    code, grpc.aio.Metadata(), await call.trailing_metadata(), details
+                ) from None
 
-    async def _read(self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
-                    ) -> None:
+    async def _read(
+        self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+    ) -> None:
         async for message in call:
             match message.WhichOneof("body"):
                 case "assign":
                     a = message.assign
                     refusal = self._events.assign(assignment_from_pb(a))
                     if refusal is not None:
-                        outgoing.put_nowait(agent_pb2.AgentMessage(refused=agent_pb2.JobRefused(
-                            job_id=a.job_id, epoch=a.epoch, reason=refusal)))
+                        outgoing.put_nowait(
+                            agent_pb2.AgentMessage(
+                                refused=agent_pb2.JobRefused(job_id=a.job_id, epoch=a.epoch, reason=refusal)
+                            )
+                        )
                 case "cancel":
                     c = message.cancel
                     self._events.cancel(c.job_id, c.reason, c.abandon)
@@ -171,9 +199,16 @@ class Session:
                         await self._accepting_changed.wait()
                 self._accepting_changed.clear()
             announced = self._accepting()
-            outgoing.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
-                draining=not announced, running_jobs=[
-                    agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()])))
+            outgoing.put_nowait(
+                agent_pb2.AgentMessage(
+                    heartbeat=agent_pb2.Heartbeat(
+                        draining=not announced,
+                        running_jobs=[
+                            agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()
+                        ],
+                    )
+                )
+            )
 
     async def _renew(self, stub: agent_pb2_grpc.AgentControlStub) -> None:
         """At half-life with jitter: a new key, a new certificate, then end this
@@ -183,9 +218,13 @@ class Session:
         await asyncio.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()))
         key_pem, csr_pem = new_key_and_csr()
         response = await stub.Renew(agent_pb2.RenewRequest(csr_pem=csr_pem), timeout=30)
-        renewed = self._credentials.with_certificate(key_pem, response.certificate_pem,
-                                                     response.ca_bundle_pem or None)
+        renewed = self._credentials.with_certificate(
+            key_pem, response.certificate_pem, response.ca_bundle_pem or None
+        )
         self._events.renewed(renewed)
-        log.info("agent_certificate_renewed", agent_id=renewed.agent_id,
-                 not_after=renewed.certificate.not_valid_after_utc.isoformat())
+        log.info(
+            "agent_certificate_renewed",
+            agent_id=renewed.agent_id,
+            not_after=renewed.certificate.not_valid_after_utc.isoformat(),
+        )
         raise SessionLost("certificate renewed; reconnecting with it")

@@ -41,7 +41,11 @@ async def engine(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     (stopped, restarting) becomes RuntimeUnavailable, whatever the call."""
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
-    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError, ConnectionError) as exc:
+    except (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.ChunkedEncodingError,
+        ConnectionError,
+    ) as exc:
         raise RuntimeUnavailable(f"the Docker daemon is not answering: {exc}") from exc
 
 
@@ -92,7 +96,7 @@ class Demuxer:
                 stream = _STREAMS.get(kind, LogStream.STDOUT)
                 if not runs or runs[-1][0] != stream:
                     runs.append((stream, []))
-                runs[-1][1].append(bytes(view[start:start + size]))
+                runs[-1][1].append(bytes(view[start : start + size]))
                 pos = start + size
         finally:
             view.release()
@@ -202,14 +206,18 @@ class DockerRuntime:
             raise JobSetupError(f"could not look up image {image!r}: {exc}") from exc
         if pull_policy == "never" or (present and pull_policy == "if-not-present"):
             if not present:
-                raise JobSetupError(f"image {image!r} is not present on this agent's host (pull policy: never)")
+                raise JobSetupError(
+                    f"image {image!r} is not present on this agent's host (pull policy: never)"
+                )
             return
         try:
             log.info("image_pull", image=image, policy=pull_policy)
             self._client.images.pull(image)
         except docker.errors.DockerException as exc:
-            raise JobSetupError(f"could not pull image {image!r} (pull policy: {pull_policy}): "
-                                f"{getattr(exc, 'explanation', None) or exc}") from exc
+            raise JobSetupError(
+                f"could not pull image {image!r} (pull policy: {pull_policy}): "
+                f"{getattr(exc, 'explanation', None) or exc}"
+            ) from exc
 
     def _create(self, spec: ContainerSpec) -> tuple[Container, str | None]:
         try:
@@ -221,8 +229,9 @@ class DockerRuntime:
     def _workspace_volume(self, spec: ContainerSpec, labels: dict[str, str]) -> str:
         volume = self._client.volumes.create(name=f"testhide-ws-{spec.job_id}", labels=labels).name
         mount = Mount("/workspace", volume, type="volume")
-        helper = self._client.containers.create(self._ensure_init_image(spec.user), ["/none"],
-                                                network_mode="none", mounts=[mount], labels=labels)
+        helper = self._client.containers.create(
+            self._ensure_init_image(spec.user), ["/none"], network_mode="none", mounts=[mount], labels=labels
+        )
         helper.remove(force=True)
         return volume
 
@@ -240,8 +249,9 @@ class DockerRuntime:
             # Nothing goes in or comes out: a tmpfs owned by the job user, bounded
             # by the job's memory limit, saves the volume and its helper container.
             uid, _, gid = spec.user.partition(":")
-            tmpfs["/workspace"] = (f"rw,exec,nosuid,nodev,size={spec.memory_bytes},"
-                                   f"uid={uid},gid={gid or uid},mode=0700")
+            tmpfs["/workspace"] = (
+                f"rw,exec,nosuid,nodev,size={spec.memory_bytes},uid={uid},gid={gid or uid},mode=0700"
+            )
         container: Container | None = None
         try:
             container = self._client.containers.create(
@@ -282,8 +292,11 @@ class DockerRuntime:
     async def remove_leftovers(self, owner: str, keep: frozenset[str] = frozenset()) -> int:
         def run() -> int:
             selector = {"label": f"{OWNER_LABEL}={owner}"}
-            containers = [c for c in self._client.containers.list(all=True, filters=selector)
-                          if c.labels.get(LABEL) not in keep]
+            containers = [
+                c
+                for c in self._client.containers.list(all=True, filters=selector)
+                if c.labels.get(LABEL) not in keep
+            ]
             for container in containers:
                 with contextlib.suppress(docker.errors.NotFound):
                     container.remove(force=True)
@@ -302,11 +315,13 @@ class DockerRuntime:
         running = DockerContainer(self._client, container, volume)
         try:
             sock = await engine(
-                self._client.api.attach_socket, container.id,
+                self._client.api.attach_socket,
+                container.id,
                 {"stdout": 1, "stderr": 1, "stream": 1},
             )
-            threading.Thread(target=self._pump, args=(sock, output), name=f"output-{spec.job_id}",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(sock, output), name=f"output-{spec.job_id}", daemon=True
+            ).start()
             await engine(container.start)
         except docker.errors.DockerException as exc:
             await running.remove()

@@ -50,20 +50,42 @@ class AuditEntry:
 
     def as_json(self) -> dict[str, Any]:
         e = self.event
-        return {"seq": self.seq, "at": e.at.isoformat(), "actor": e.actor, "org": e.org, "action": e.action,
-                "target": e.target, "details": e.details, "source_ip": e.source_ip,
-                "prev_hash": self.prev_hash.hex(), "hash": self.hash.hex()}
+        return {
+            "seq": self.seq,
+            "at": e.at.isoformat(),
+            "actor": e.actor,
+            "org": e.org,
+            "action": e.action,
+            "target": e.target,
+            "details": e.details,
+            "source_ip": e.source_ip,
+            "prev_hash": self.prev_hash.hex(),
+            "hash": self.hash.hex(),
+        }
 
 
 def canonical(seq: int, event: AuditEvent) -> bytes:
-    return json.dumps([seq, event.at.isoformat(), event.actor, event.org, event.action, event.target,
-                       event.details, event.source_ip], sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(
+        [
+            seq,
+            event.at.isoformat(),
+            event.actor,
+            event.org,
+            event.action,
+            event.target,
+            event.details,
+            event.source_ip,
+        ],
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
 
 
 def legacy_audit_key(master_key_material: bytes) -> bytes:
     """The audit key of data dirs made before it was stored on its own."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=b"testhide audit chain v1").derive(master_key_material)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"testhide audit chain v1").derive(
+        master_key_material
+    )
 
 
 class AuditChain:
@@ -87,7 +109,9 @@ class AuditChain:
             if stored.seq != expected_seq:
                 problems.append(f"entry {expected_seq} is missing (found {stored.seq} next)")
             if stored.prev_hash != prev:
-                problems.append(f"entry {stored.seq} does not follow the entry before it (reordered or removed)")
+                problems.append(
+                    f"entry {stored.seq} does not follow the entry before it (reordered or removed)"
+                )
             recomputed = self.entry(stored.seq, stored.prev_hash, stored.event)
             if not hmac.compare_digest(recomputed.hash, stored.hash):
                 problems.append(f"entry {stored.seq} was altered")
@@ -101,8 +125,10 @@ class AuditChain:
             if not hmac.compare_digest(mac, self.head_mac(seq, head_hash)):
                 problems.append("the audit head was altered")
             elif seq != last_seq or head_hash != prev:
-                problems.append(f"the log ends at entry {last_seq} but the head records entry {seq} "
-                                "(entries removed from the end)")
+                problems.append(
+                    f"the log ends at entry {last_seq} but the head records entry {seq} "
+                    "(entries removed from the end)"
+                )
         return problems
 
 
@@ -113,10 +139,12 @@ class Auditor:
         self._store = store
         self._chain = AuditChain(key)
 
-    async def record(self, action: str, actor: str, *, org: str = "", target: str = "",
-                     source_ip: str = "", **details: Any) -> AuditEntry:
+    async def record(
+        self, action: str, actor: str, *, org: str = "", target: str = "", source_ip: str = "", **details: Any
+    ) -> AuditEntry:
         return await self._store.append_audit(
-            AuditEvent(action, actor, org, target, details, source_ip), self._chain)
+            AuditEvent(action, actor, org, target, details, source_ip), self._chain
+        )
 
     async def verify(self) -> tuple[list[AuditEntry], list[str]]:
         entries, head = await self._store.read_audit()

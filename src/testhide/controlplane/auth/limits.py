@@ -24,8 +24,13 @@ class _Bucket:
 class RateLimiter:
     """Token buckets keyed by any string; ``take`` returns 0 or the seconds to wait."""
 
-    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic,
-                 max_keys: int = 100_000) -> None:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 100_000,
+    ) -> None:
         self._rate = rate_per_s
         self._burst = burst
         self._clock = clock
@@ -65,9 +70,13 @@ class SpikeDetector:
     """Emits ``auth_failure_spike`` once per window when one address or one
     account fails authentication ``threshold`` times within ``window``."""
 
-    def __init__(self, threshold: int = 20, window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 on_spike: Callable[[str, str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        threshold: int = 20,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_spike: Callable[[str, str, int], None] | None = None,
+    ) -> None:
         self._threshold = threshold
         self._window = window_s
         self._clock = clock
@@ -83,8 +92,9 @@ class SpikeDetector:
             events.popleft()
         if len(events) >= self._threshold and now - self._alerted.get(name, -1e18) >= self._window:
             self._alerted[name] = now
-            log.warning("auth_failure_spike", kind=kind, subject=key, failures=len(events),
-                        window_s=self._window)
+            log.warning(
+                "auth_failure_spike", kind=kind, subject=key, failures=len(events), window_s=self._window
+            )
             if self._on_spike:
                 self._on_spike(kind, key, len(events))
             return True

@@ -17,10 +17,14 @@ def check_complexity(password: str, user: str) -> None:
         raise InvalidArgument(f"the password must have at least {MIN_LENGTH} characters")
     if len(password.encode()) > MAX_BYTES:
         raise InvalidArgument(f"the password must be at most {MAX_BYTES} bytes")
-    classes = sum(any(test(ch) for ch in password)
-                  for test in (str.islower, str.isupper, str.isdigit, lambda ch: not ch.isalnum()))
+    classes = sum(
+        any(test(ch) for ch in password)
+        for test in (str.islower, str.isupper, str.isdigit, lambda ch: not ch.isalnum())
+    )
     if classes < 3:
-        raise InvalidArgument("the password must mix at least three of: lowercase, uppercase, digits, symbols")
+        raise InvalidArgument(
+            "the password must mix at least three of: lowercase, uppercase, digits, symbols"
+        )
     if user.lower() in password.lower():
         raise InvalidArgument("the password must not contain the user name")
 

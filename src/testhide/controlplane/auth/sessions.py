@@ -45,10 +45,16 @@ class TokenPair:
 
 
 class Sessions:
-    def __init__(self, store: Store, tokens: AccessTokens, auditor: Auditor,
-                 lockout: LockoutPolicy = DEFAULT_LOCKOUT, spikes: SpikeDetector | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 reuse_grace: timedelta = REUSE_GRACE) -> None:
+    def __init__(
+        self,
+        store: Store,
+        tokens: AccessTokens,
+        auditor: Auditor,
+        lockout: LockoutPolicy = DEFAULT_LOCKOUT,
+        spikes: SpikeDetector | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        reuse_grace: timedelta = REUSE_GRACE,
+    ) -> None:
         self._reuse_grace = reuse_grace
         self._store = store
         self._tokens = tokens
@@ -69,8 +75,12 @@ class Sessions:
         await self._check_lockout(subject)
         record = await self._store.get_api_key(parsed.key_id)
         now = self._clock()
-        if (record is None or record.revoked_at is not None or (record.expires_at and record.expires_at <= now)
-                or not same_hash(record.secret_hash, hash_secret(parsed.secret))):
+        if (
+            record is None
+            or record.revoked_at is not None
+            or (record.expires_at and record.expires_at <= now)
+            or not same_hash(record.secret_hash, hash_secret(parsed.secret))
+        ):
             await self._failed(subject, source_ip)
             raise Unauthenticated(INVALID)
         await self._store.touch_api_key(record.id, now)
@@ -83,7 +93,10 @@ class Sessions:
         record = await self._store.find_user(org, user)
         usable = record is not None and record.revoked_at is None
         # verify_password runs bcrypt even for unknown users: timing tells nothing.
-        if not verify_password(password, record.password_hash if usable and record else None) or record is None:
+        if (
+            not verify_password(password, record.password_hash if usable and record else None)
+            or record is None
+        ):
             await self._failed(subject, source_ip)
             raise Unauthenticated(INVALID)
         principal = Principal("user", record.id, record.org, frozenset(record.scopes))
@@ -95,15 +108,28 @@ class Sessions:
         now = self._clock()
         pair = await self._issue(principal, family, now + REFRESH_TTL, now)
         log.info("login", subject=subject, org=principal.org, session=family, source_ip=source_ip)
-        await self._auditor.record("login", f"{principal.kind}:{principal.id}", org=principal.org,
-                                   target=family, source_ip=source_ip)
+        await self._auditor.record(
+            "login", f"{principal.kind}:{principal.id}", org=principal.org, target=family, source_ip=source_ip
+        )
         return pair
 
-    async def _issue(self, principal: Principal, family: str, family_expires: datetime, now: datetime) -> TokenPair:
+    async def _issue(
+        self, principal: Principal, family: str, family_expires: datetime, now: datetime
+    ) -> TokenPair:
         token_id, secret = secrets.token_hex(8), secrets.token_hex(32)
-        await self._store.create_refresh_token(RefreshRecord(
-            token_id, family, principal.org, principal.kind, principal.id, tuple(sorted(principal.scopes)),
-            hash_secret(secret), now, family_expires))
+        await self._store.create_refresh_token(
+            RefreshRecord(
+                token_id,
+                family,
+                principal.org,
+                principal.kind,
+                principal.id,
+                tuple(sorted(principal.scopes)),
+                hash_secret(secret),
+                now,
+                family_expires,
+            )
+        )
         access, expires = self._tokens.issue(principal, family, now)
         return TokenPair(access, expires, f"thr_{token_id}_{secret}", family_expires)
 
@@ -126,9 +152,16 @@ class Sessions:
             if not retry:
                 await self._store.revoke_refresh_family(record.family, now)
                 self._revoked_cache.pop(record.family, None)
-                log.warning("refresh_token_reused", session=record.family, org=record.org, source_ip=source_ip)
-                await self._auditor.record("refresh_token_reused", f"{record.principal_kind}:{record.principal_id}",
-                                           org=record.org, target=record.family, source_ip=source_ip)
+                log.warning(
+                    "refresh_token_reused", session=record.family, org=record.org, source_ip=source_ip
+                )
+                await self._auditor.record(
+                    "refresh_token_reused",
+                    f"{record.principal_kind}:{record.principal_id}",
+                    org=record.org,
+                    target=record.family,
+                    source_ip=source_ip,
+                )
                 raise Unauthenticated("refresh token reused: the whole session is revoked; log in again")
         principal = await self._still_valid(record, now)
         return await self._issue(principal, record.family, record.family_expires_at, now)
@@ -158,7 +191,9 @@ class Sessions:
     # every call -----------------------------------------------------------------------
     async def authenticate(self, authorization: str | None, source_ip: str) -> Principal:
         if not authorization:
-            raise Unauthenticated("missing credentials: log in and send 'authorization: Bearer <access token>'")
+            raise Unauthenticated(
+                "missing credentials: log in and send 'authorization: Bearer <access token>'"
+            )
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             await self._failed("bearer:malformed", source_ip)

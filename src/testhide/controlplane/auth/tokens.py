@@ -99,8 +99,9 @@ def rotate_signing_key(directory: DataDir, master: MasterKey) -> str:
     """A new active key; the one before it stays for verification, older ones go."""
     kid = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     (directory.path / "signing").mkdir(mode=0o700, exist_ok=True)
     name = f"signing/{kid}.key.sealed"
     with directory.sealing():
@@ -127,9 +128,17 @@ class AccessTokens:
         now = now or datetime.now(UTC)
         expires = now + ACCESS_TTL
         kid, key = self._keys.signing_key()
-        claims = {"iss": self._issuer, "aud": AUDIENCE, "sub": f"{principal.kind}:{principal.id}",
-                  "org": principal.org, "scope": " ".join(sorted(principal.scopes)), "sid": session,
-                  "jti": secrets.token_hex(16), "iat": int(now.timestamp()), "exp": int(expires.timestamp())}
+        claims = {
+            "iss": self._issuer,
+            "aud": AUDIENCE,
+            "sub": f"{principal.kind}:{principal.id}",
+            "org": principal.org,
+            "scope": " ".join(sorted(principal.scopes)),
+            "sid": session,
+            "jti": secrets.token_hex(16),
+            "iat": int(now.timestamp()),
+            "exp": int(expires.timestamp()),
+        }
         token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid, "typ": TOKEN_TYPE})
         return token, expires
 
@@ -162,8 +171,15 @@ class AccessTokens:
         if public is None:
             raise Unauthenticated("access token signed by an unknown or retired key")
         try:
-            claims = jwt.decode(token, public, algorithms=["RS256"], audience=AUDIENCE, issuer=self._issuer,
-                                leeway=LEEWAY, options={"require": ["exp", "iat", "aud", "iss", "sub", "jti"]})
+            claims = jwt.decode(
+                token,
+                public,
+                algorithms=["RS256"],
+                audience=AUDIENCE,
+                issuer=self._issuer,
+                leeway=LEEWAY,
+                options={"require": ["exp", "iat", "aud", "iss", "sub", "jti"]},
+            )
         except jwt.ExpiredSignatureError as exc:
             raise Unauthenticated("access token expired; refresh it") from exc
         except jwt.PyJWTError as exc:
@@ -173,6 +189,8 @@ class AccessTokens:
         kind, _, principal_id = str(claims["sub"]).partition(":")
         if not principal_id or "org" not in claims or "sid" not in claims:
             raise Unauthenticated("access token lacks its subject, organisation or session")
-        principal = Principal(kind, principal_id, str(claims["org"]), frozenset(str(claims.get("scope", "")).split()))
+        principal = Principal(
+            kind, principal_id, str(claims["org"]), frozenset(str(claims.get("scope", "")).split())
+        )
         expires = datetime.fromtimestamp(claims["exp"], UTC)
         return AccessClaims(principal, str(claims["sid"]), expires), str(header["kid"])

@@ -54,8 +54,9 @@ class CertificateAuthority:
         self.trust_domain = trust_domain
 
     @classmethod
-    def create(cls, trust_domain: str, generation: int = 1,
-               lifetime: timedelta = timedelta(days=3650)) -> CertificateAuthority:
+    def create(
+        cls, trust_domain: str, generation: int = 1, lifetime: timedelta = timedelta(days=3650)
+    ) -> CertificateAuthority:
         """Each generation has its own name, so certificates say which one issued them."""
         key = generate_key()
         name = x509.Name(
@@ -89,8 +90,14 @@ class CertificateAuthority:
     def key_pem(self) -> bytes:
         return key_to_pem(self._key)
 
-    def _leaf(self, subject_cn: str, public_key: ec.EllipticCurvePublicKey, lifetime: timedelta,
-              now: datetime, backdate: timedelta = BACKDATE) -> x509.CertificateBuilder:
+    def _leaf(
+        self,
+        subject_cn: str,
+        public_key: ec.EllipticCurvePublicKey,
+        lifetime: timedelta,
+        now: datetime,
+        backdate: timedelta = BACKDATE,
+    ) -> x509.CertificateBuilder:
         return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
@@ -108,8 +115,9 @@ class CertificateAuthority:
             )
         )
 
-    def issue_agent(self, csr_pem: bytes, identity: AgentIdentity, lifetime: timedelta,
-                    now: datetime | None = None) -> IssuedCertificate:
+    def issue_agent(
+        self, csr_pem: bytes, identity: AgentIdentity, lifetime: timedelta, now: datetime | None = None
+    ) -> IssuedCertificate:
         """Sign a CSR. Only its public key is used: the identity is ours to decide."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
@@ -129,8 +137,9 @@ class CertificateAuthority:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        return IssuedCertificate(cert.public_bytes(serialization.Encoding.PEM), cert.serial_number,
-                                 cert.not_valid_after_utc)
+        return IssuedCertificate(
+            cert.public_bytes(serialization.Encoding.PEM), cert.serial_number, cert.not_valid_after_utc
+        )
 
     def issue_server(self, names: list[str], lifetime: timedelta) -> tuple[bytes, bytes]:
         """A server certificate (PEM chain: leaf then CA) and its key (PEM)."""

@@ -52,7 +52,9 @@ async def certificate_lifetime(store: Store, org: str, pool: str, default: timed
 
 
 class Enrollment:
-    def __init__(self, store: Store, certs: CertificateState, agent_cert_ttl: timedelta, auditor: Auditor) -> None:
+    def __init__(
+        self, store: Store, certs: CertificateState, agent_cert_ttl: timedelta, auditor: Auditor
+    ) -> None:
         self._store = store
         self._certs = certs
         self._ttl = agent_cert_ttl
@@ -72,12 +74,18 @@ class Enrollment:
             token_id = parsed.token_id
             if parsed.ca_fingerprint != fingerprint(ca.certificate_pem):
                 raise Unauthenticated("the enrollment token was issued for another CA or control plane")
-            record = await self._store.consume_enrollment_token(parsed.token_id, hash_secret(parsed.secret),
-                                                                datetime.now(UTC))
+            record = await self._store.consume_enrollment_token(
+                parsed.token_id, hash_secret(parsed.secret), datetime.now(UTC)
+            )
         except Unauthenticated as exc:
             log.warning("enrollment_token_refused", token_id=token_id, reason=str(exc), source_ip=source_ip)
-            await self._auditor.record("enrollment_token_refused", f"agent-host:{name}", target=token_id,
-                                       source_ip=source_ip, reason=str(exc))
+            await self._auditor.record(
+                "enrollment_token_refused",
+                f"agent-host:{name}",
+                target=token_id,
+                source_ip=source_ip,
+                reason=str(exc),
+            )
             raise
         agent_id = "a" + secrets.token_hex(8)
         identity = AgentIdentity(ca.trust_domain, record.org, record.pool, agent_id)
@@ -85,11 +93,36 @@ class Enrollment:
         issued = ca.issue_agent(csr_pem, identity, lifetime)
         now = datetime.now(UTC)
         serial = format(issued.serial, "x")
-        await self._store.create_agent(AgentRecord(agent_id, record.org, record.pool, name, serial,
-                                                   issued.not_after, now, cert_issuer=fingerprint(ca.certificate_pem)))
-        log.info("agent_enrolled", agent_id=agent_id, org=record.org, pool=record.pool, name=name,
-                 serial=serial, not_after=issued.not_after.isoformat())
-        await self._auditor.record("agent_enrolled", f"token:{record.id}", org=record.org, target=agent_id,
-                                   source_ip=source_ip, pool=record.pool, name=name, serial=serial,
-                                   not_after=issued.not_after.isoformat())
+        await self._store.create_agent(
+            AgentRecord(
+                agent_id,
+                record.org,
+                record.pool,
+                name,
+                serial,
+                issued.not_after,
+                now,
+                cert_issuer=fingerprint(ca.certificate_pem),
+            )
+        )
+        log.info(
+            "agent_enrolled",
+            agent_id=agent_id,
+            org=record.org,
+            pool=record.pool,
+            name=name,
+            serial=serial,
+            not_after=issued.not_after.isoformat(),
+        )
+        await self._auditor.record(
+            "agent_enrolled",
+            f"token:{record.id}",
+            org=record.org,
+            target=agent_id,
+            source_ip=source_ip,
+            pool=record.pool,
+            name=name,
+            serial=serial,
+            not_after=issued.not_after.isoformat(),
+        )
         return Enrolled(agent_id, issued.certificate_pem, self._certs.current.bundle_pem)

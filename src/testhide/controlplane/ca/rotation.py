@@ -45,18 +45,23 @@ def _save(directory: DataDir, ca: CaState) -> None:
 
 def rotate_server_certificate(directory: DataDir, master: MasterKey) -> x509.Certificate:
     state = directory.require_initialised()
-    return directory.issue_server_certificate(directory.load_ca(master, allow_development=True),
-                                              list(state["server_names"]), master)
+    return directory.issue_server_certificate(
+        directory.load_ca(master, allow_development=True), list(state["server_names"]), master
+    )
 
 
 def prepare(directory: DataDir, master: MasterKey) -> int:
     current = ca_state(directory)
     if len(current.trusted) > 1:
-        raise FailedPrecondition("a CA rotation is already in progress "
-                                 f"(trusted generations {list(current.trusted)}, active {current.active})")
+        raise FailedPrecondition(
+            "a CA rotation is already in progress "
+            f"(trusted generations {list(current.trusted)}, active {current.active})"
+        )
     state = directory.require_initialised()
     generation = max(current.trusted) + 1
-    directory.store_ca(CertificateAuthority.create(str(state["trust_domain"]), generation), generation, master)
+    directory.store_ca(
+        CertificateAuthority.create(str(state["trust_domain"]), generation), generation, master
+    )
     _save(directory, CaState(current.active, (*current.trusted, generation)))
     return generation
 

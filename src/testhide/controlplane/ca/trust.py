@@ -40,9 +40,12 @@ class CertificateState:
         self.current = self._directory.tls_material(self._master, self._allow_development)
         self._files = files
         self.version += 1
-        log.info("certificates_reloaded", server_serial=format(self.current.server_certificate.serial_number, "x"),
-                 active_ca=self.current.active_ca.certificate.subject.rfc4514_string(),
-                 trusted=len(self.current.trusted))
+        log.info(
+            "certificates_reloaded",
+            server_serial=format(self.current.server_certificate.serial_number, "x"),
+            active_ca=self.current.active_ca.certificate.subject.rfc4514_string(),
+            trusted=len(self.current.trusted),
+        )
         return old, self.current
 
     def server_certificate_due(self, now: datetime | None = None) -> bool:
@@ -54,7 +57,8 @@ class CertificateState:
         material = self.current
         return grpc.ssl_server_certificate_configuration(
             [(material.server_key_pem, material.server_chain_pem)],
-            root_certificates=material.bundle_pem if client_auth else None)
+            root_certificates=material.bundle_pem if client_auth else None,
+        )
 
     def credentials(self, client_auth: bool) -> grpc.ServerCredentials:
         served = self.version
@@ -67,5 +71,6 @@ class CertificateState:
             return self._configuration(client_auth)
 
         fetcher: Callable[[], grpc.ServerCertificateConfiguration | None] = fetch
-        return grpc.dynamic_ssl_server_credentials(self._configuration(client_auth), fetcher,
-                                                   require_client_authentication=client_auth)
+        return grpc.dynamic_ssl_server_credentials(
+            self._configuration(client_auth), fetcher, require_client_authentication=client_auth
+        )

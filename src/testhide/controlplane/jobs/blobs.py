@@ -32,8 +32,9 @@ class BlobVault:
         self._store = store
         self._master = master
 
-    async def write(self, org: str, kind: str, job_id: str | None, path: str, chunks: AsyncIterator[bytes],
-                    max_size: int) -> BlobInfo:
+    async def write(
+        self, org: str, kind: str, job_id: str | None, path: str, chunks: AsyncIterator[bytes], max_size: int
+    ) -> BlobInfo:
         """Store what ``chunks`` yields; over ``max_size`` nothing is kept."""
         blob_id = "b" + secrets.token_hex(12)
         data_key, wrapped = self._master.new_data_key(aad=blob_id.encode())
@@ -47,10 +48,13 @@ class BlobVault:
                 digest.update(data)
                 pending += data
                 while len(pending) > CHUNK:
-                    await self._store.add_blob_chunk(blob_id, index, seal(data_key, pending[:CHUNK],
-                                                                          _aad(blob_id, index, False)))
+                    await self._store.add_blob_chunk(
+                        blob_id, index, seal(data_key, pending[:CHUNK], _aad(blob_id, index, False))
+                    )
                     pending, index = pending[CHUNK:], index + 1
-            await self._store.add_blob_chunk(blob_id, index, seal(data_key, pending, _aad(blob_id, index, True)))
+            await self._store.add_blob_chunk(
+                blob_id, index, seal(data_key, pending, _aad(blob_id, index, True))
+            )
             await self._store.complete_blob(blob_id, size, digest.hexdigest())
         except BaseException:
             await self._store.delete_blob(blob_id)

@@ -28,14 +28,23 @@ def _float(value: str | None) -> float:
 
 def _case(suite: str, element: Element) -> TestCase:
     status, message = TestStatus.PASSED, ""
-    for child, kind in ((element.find("failure"), TestStatus.FAILED), (element.find("error"), TestStatus.ERROR),
-                        (element.find("skipped"), TestStatus.SKIPPED)):
+    for child, kind in (
+        (element.find("failure"), TestStatus.FAILED),
+        (element.find("error"), TestStatus.ERROR),
+        (element.find("skipped"), TestStatus.SKIPPED),
+    ):
         if child is not None:
             status = kind
             message = child.get("message") or (child.text or "").strip()
             break
-    return TestCase(suite=suite, classname=element.get("classname", ""), name=element.get("name", ""),
-                    duration_s=_float(element.get("time")), status=status, message=message[:MAX_MESSAGE])
+    return TestCase(
+        suite=suite,
+        classname=element.get("classname", ""),
+        name=element.get("name", ""),
+        duration_s=_float(element.get("time")),
+        status=status,
+        message=message[:MAX_MESSAGE],
+    )
 
 
 def parse_junit(data: bytes) -> list[TestCase]:

@@ -29,8 +29,15 @@ def utc_now() -> datetime:
 
 
 class Leases:
-    def __init__(self, store: Store, master: MasterKey, scheduler: Scheduler, logs: LogBook,
-                 duration: timedelta, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        store: Store,
+        master: MasterKey,
+        scheduler: Scheduler,
+        logs: LogBook,
+        duration: timedelta,
+        clock: Clock = utc_now,
+    ) -> None:
         self.duration = duration
         self._store = store
         self._master = master
@@ -54,7 +61,9 @@ class Leases:
     async def release(self, job: Job, status: JobStatus, reason: str) -> Job | None:
         """Take a held job back (QUEUED or LOST); None if it had already moved on."""
         try:
-            released = await self._store.release_job(job.org, job.id, job.epoch, status, reason, self._clock())
+            released = await self._store.release_job(
+                job.org, job.id, job.epoch, status, reason, self._clock()
+            )
         except StaleEpoch:
             return None
         self._released(released, previous_agent=job.agent_id)
@@ -67,8 +76,13 @@ class Leases:
             session.send(Cancel(job.id, job.status_reason, abandon=True))
         self._logs.notify(job.id)
         self._scheduler.kick(job.org, job.spec.pool)
-        log.warning("job_released", job_id=job.id, status=job.status.value, agent_id=previous_agent,
-                    reason=job.status_reason)
+        log.warning(
+            "job_released",
+            job_id=job.id,
+            status=job.status.value,
+            agent_id=previous_agent,
+            reason=job.status_reason,
+        )
 
     async def sweep(self) -> None:
         """Release lapsed leases, then queue the retries LOST jobs asked for."""
@@ -81,16 +95,22 @@ class Leases:
         for lost in await self._store.retryable_jobs(limit=100):
             retry_id = new_job_id()
             _, wrapped = self._master.new_data_key(aad=retry_id.encode())
-            draft = Job(id=retry_id, org=lost.org, spec=lost.spec, status=JobStatus.QUEUED,
-                        created_at=self._clock())
+            draft = Job(
+                id=retry_id, org=lost.org, spec=lost.spec, status=JobStatus.QUEUED, created_at=self._clock()
+            )
             retry = await self._store.create_retry(lost, draft, wrapped)
             if retry is None:
                 continue
             retries.append(retry)
             self._logs.notify(lost.id)  # its followers move on to the retry
             self._scheduler.kick(retry.org, retry.spec.pool)
-            log.info("job_retried", job_id=lost.id, retry_job_id=retry.id, attempt=retry.attempt,
-                     of=lost.spec.retries + 1)
+            log.info(
+                "job_retried",
+                job_id=lost.id,
+                retry_job_id=retry.id,
+                attempt=retry.attempt,
+                of=lost.spec.retries + 1,
+            )
         return retries
 
     async def run(self) -> None:

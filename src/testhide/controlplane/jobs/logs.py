@@ -37,11 +37,15 @@ class LogBook:
         self._keys.move_to_end(job_id)
         return key
 
-    async def append(self, org: str, job_id: str, epoch: int, seq: int,
-                     entries: list[tuple[LogStream, bytes]]) -> int:
+    async def append(
+        self, org: str, job_id: str, epoch: int, seq: int, entries: list[tuple[LogStream, bytes]]
+    ) -> int:
         key = await self._data_key(org, job_id)
         kept = [(stream, data) for stream, data in entries if data]
-        sealed = [(stream, seal(key, data, _aad(job_id, seq, i)), len(data)) for i, (stream, data) in enumerate(kept)]
+        sealed = [
+            (stream, seal(key, data, _aad(job_id, seq, i)), len(data))
+            for i, (stream, data) in enumerate(kept)
+        ]
         stored = await self._store.append_log_batch(org, job_id, epoch, seq, sealed)
         self.notify(job_id)
         return stored

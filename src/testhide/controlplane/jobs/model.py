@@ -31,8 +31,14 @@ class JobStatus(enum.StrEnum):
 
 
 TERMINAL = frozenset(
-    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELED, JobStatus.ERROR,
-     JobStatus.LOST}
+    {
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.TIMED_OUT,
+        JobStatus.CANCELED,
+        JobStatus.ERROR,
+        JobStatus.LOST,
+    }
 )
 
 

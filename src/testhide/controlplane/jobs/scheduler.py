@@ -122,8 +122,10 @@ class AgentSession:
 
     def can_run(self, job: Job) -> bool:
         wanted_runtime = job.spec.runtime or "runc"
-        return (all(self.labels.get(k) == v for k, v in job.spec.labels.items())
-                and wanted_runtime in self.runtimes)
+        return (
+            all(self.labels.get(k) == v for k, v in job.spec.labels.items())
+            and wanted_runtime in self.runtimes
+        )
 
     def send(self, message: Outbound) -> None:
         self.outbox.put_nowait(message)
@@ -143,8 +145,12 @@ class AgentSession:
 
 
 class Scheduler:
-    def __init__(self, store: Store, prepare: Callable[[Job], Awaitable[AssignDetails]] | None = None,
-                 lease: timedelta = DEFAULT_LEASE) -> None:
+    def __init__(
+        self,
+        store: Store,
+        prepare: Callable[[Job], Awaitable[AssignDetails]] | None = None,
+        lease: timedelta = DEFAULT_LEASE,
+    ) -> None:
         self.prepare = prepare
         self.lease = lease
         """Resolves secrets and policy for an assignment; a failure ends the job as ERROR."""
@@ -178,6 +184,7 @@ class Scheduler:
     async def wait_for_agent(self, agent_id: str, replacing: AgentSession | None = None) -> AgentSession:
         """Until the agent has an open session, other than ``replacing`` if
         given (operators' tooling and tests)."""
+
         def ready() -> bool:
             session = self._sessions.get(agent_id)
             return session is not None and session is not replacing
@@ -224,8 +231,11 @@ class Scheduler:
     async def _dispatch(self, org: str, pool: str) -> None:
         # Most free slots first; the first able agent takes a job, then queues up
         # behind the others: linear in jobs plus agents, not their product.
-        idle = sorted((s for s in self._pool_sessions(org, pool) if s.free_slots > 0),
-                      key=lambda s: s.free_slots, reverse=True)
+        idle = sorted(
+            (s for s in self._pool_sessions(org, pool) if s.free_slots > 0),
+            key=lambda s: s.free_slots,
+            reverse=True,
+        )
         if not idle:
             return
         # Look past the head of the queue: a job no idle agent can take must not block the others.
@@ -266,10 +276,14 @@ class Scheduler:
         if not any(s.can_run(job) for s in sessions):
             wants = ", ".join(f"{k}={v}" for k, v in sorted(job.spec.labels.items()))
             offer = f"labels {wants} and " if wants else ""
-            return (f"waiting: no connected agent of pool {job.spec.pool!r} offers "
-                    f"{offer}runtime {job.spec.runtime or 'runc'}")
+            return (
+                f"waiting: no connected agent of pool {job.spec.pool!r} offers "
+                f"{offer}runtime {job.spec.runtime or 'runc'}"
+            )
         able = [s for s in sessions if s.can_run(job)]
         if all(s.draining for s in able):
-            return (f"waiting: the {len(able)} able agent(s) of pool {job.spec.pool!r} take no jobs now "
-                    "(shutting down, or their container engine is down)")
+            return (
+                f"waiting: the {len(able)} able agent(s) of pool {job.spec.pool!r} take no jobs now "
+                "(shutting down, or their container engine is down)"
+            )
         return f"waiting for a free agent ({len(able)} able, all busy)"

@@ -19,7 +19,9 @@ def secret_aad(org: str, name: str) -> bytes:
 
 def validate_secret_name(name: str) -> str:
     if not SECRET_NAME_RE.match(name):
-        raise InvalidArgument(f"secret name {name[:64]!r} must be 1-128 of A-Z, 0-9 and _, not starting with a digit")
+        raise InvalidArgument(
+            f"secret name {name[:64]!r} must be 1-128 of A-Z, 0-9 and _, not starting with a digit"
+        )
     return name
 
 
@@ -35,7 +37,9 @@ class SecretVault:
         try:
             value.decode()
         except UnicodeDecodeError as exc:
-            raise InvalidArgument("a secret value must be UTF-8 text (it becomes an environment variable)") from exc
+            raise InvalidArgument(
+                "a secret value must be UTF-8 text (it becomes an environment variable)"
+            ) from exc
         data_key, wrapped = self._master.new_data_key(aad=secret_aad(org, name))
         now = datetime.now(UTC)
         await self._store.put_secret(org, name, wrapped, seal(data_key, value, secret_aad(org, name)), now)

@@ -30,7 +30,14 @@ from testhide.controlplane.jobs.model import (
     TestCase,
     new_job_id,
 )
-from testhide.controlplane.jobs.scheduler import AgentSession, AssignDetails, Cancel, LogAck, ResultAck, Scheduler
+from testhide.controlplane.jobs.scheduler import (
+    AgentSession,
+    AssignDetails,
+    Cancel,
+    LogAck,
+    ResultAck,
+    Scheduler,
+)
 from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.validation import validate_relative_path, validate_spec
 from testhide.controlplane.store.base import Store
@@ -50,8 +57,16 @@ MAX_JOB_ARTIFACT_BYTES = 1024 * 1024 * 1024
 
 
 class JobService:
-    def __init__(self, store: Store, master: MasterKey, scheduler: Scheduler, logs: LogBook,
-                 blobs: BlobVault, secrets: SecretVault, leases: Leases) -> None:
+    def __init__(
+        self,
+        store: Store,
+        master: MasterKey,
+        scheduler: Scheduler,
+        logs: LogBook,
+        blobs: BlobVault,
+        secrets: SecretVault,
+        leases: Leases,
+    ) -> None:
         self._store = store
         self._leases = leases
         self._policies: dict[tuple[str, str], tuple[float, PoolPolicy]] = {}
@@ -83,9 +98,13 @@ class JobService:
         log.info("job_submitted", job_id=job_id, org=org, pool=spec.pool, image=spec.image)
         if policy.allowed_images and not any(fnmatchcase(spec.image, p) for p in policy.allowed_images):
             # Refused before anything runs, yet recorded: the engineer sees the job and why.
-            reason = (f"image {spec.image!r} is not allowed in pool {spec.pool!r} "
-                      f"(allowed: {', '.join(policy.allowed_images)})")
-            job = await self._store.set_job_status(org, job_id, None, JobStatus.ERROR, datetime.now(UTC), reason)
+            reason = (
+                f"image {spec.image!r} is not allowed in pool {spec.pool!r} "
+                f"(allowed: {', '.join(policy.allowed_images)})"
+            )
+            job = await self._store.set_job_status(
+                org, job_id, None, JobStatus.ERROR, datetime.now(UTC), reason
+            )
             self._logs.notify(job_id)
             return job
         self._scheduler.kick(org, spec.pool)
@@ -144,8 +163,9 @@ class JobService:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.status.value})")
         session = self._scheduler.session_of(job.agent_id) if job.agent_id else None
         if job.status == JobStatus.QUEUED or session is None or job_id not in session.jobs:
-            job = await self._store.set_job_status(org, job_id, None, JobStatus.CANCELED, datetime.now(UTC),
-                                                   "canceled by user")
+            job = await self._store.set_job_status(
+                org, job_id, None, JobStatus.CANCELED, datetime.now(UTC), "canceled by user"
+            )
             self._logs.notify(job_id)
             return job
         session.send(Cancel(job_id, "canceled by user"))
@@ -196,8 +216,16 @@ class JobService:
         async for chunk in self._blobs.read(*found):
             yield chunk
 
-    async def store_artifact(self, identity: AgentIdentity, job_id: str, epoch: int, path: str, kind: str,
-                             sha256: str, chunks: AsyncIterator[bytes]) -> BlobInfo:
+    async def store_artifact(
+        self,
+        identity: AgentIdentity,
+        job_id: str,
+        epoch: int,
+        path: str,
+        kind: str,
+        sha256: str,
+        chunks: AsyncIterator[bytes],
+    ) -> BlobInfo:
         job = await self.leased(identity, job_id, epoch)
         if job.status.terminal:
             raise FailedPrecondition(f"job {job_id} has already ended")
@@ -247,7 +275,9 @@ class JobService:
         await self._leases.extend(session, held)
         if draining != session.draining:
             session.draining = draining
-            log.info("agent_availability_changed", agent_id=session.identity.agent_id, taking_jobs=not draining)
+            log.info(
+                "agent_availability_changed", agent_id=session.identity.agent_id, taking_jobs=not draining
+            )
             if not draining:
                 self._scheduler.kick(session.identity.org, session.identity.pool)
 
@@ -259,20 +289,44 @@ class JobService:
             await self._leases.release(job, JobStatus.QUEUED, f"agent refused it ({reason[:200]}); requeued")
 
     async def on_started(self, session: AgentSession, job_id: str, epoch: int) -> None:
-        _, changed = await self._store.report_job(session.identity.org, job_id, session.identity.agent_id, epoch,
-                                                  JobStatus.RUNNING, datetime.now(UTC))
+        _, changed = await self._store.report_job(
+            session.identity.org,
+            job_id,
+            session.identity.agent_id,
+            epoch,
+            JobStatus.RUNNING,
+            datetime.now(UTC),
+        )
         if changed:
             log.info("job_started", job_id=job_id, agent_id=session.identity.agent_id)
 
-    async def on_log_batch(self, session: AgentSession, job_id: str, epoch: int, seq: int,
-                           entries: list[tuple[LogStream, bytes]]) -> None:
+    async def on_log_batch(
+        self, session: AgentSession, job_id: str, epoch: int, seq: int, entries: list[tuple[LogStream, bytes]]
+    ) -> None:
         stored = await self._logs.append(session.identity.org, job_id, epoch, seq, entries)
         session.send(LogAck(job_id, stored))
 
-    async def on_result(self, session: AgentSession, job_id: str, epoch: int, last_seq: int,
-                        status: JobStatus, exit_code: int | None, reason: str) -> None:
-        _, changed = await self._store.report_job(session.identity.org, job_id, session.identity.agent_id, epoch,
-                                                  status, datetime.now(UTC), reason, exit_code, last_seq=last_seq)
+    async def on_result(
+        self,
+        session: AgentSession,
+        job_id: str,
+        epoch: int,
+        last_seq: int,
+        status: JobStatus,
+        exit_code: int | None,
+        reason: str,
+    ) -> None:
+        _, changed = await self._store.report_job(
+            session.identity.org,
+            job_id,
+            session.identity.agent_id,
+            epoch,
+            status,
+            datetime.now(UTC),
+            reason,
+            exit_code,
+            last_seq=last_seq,
+        )
         if changed:
             log.info("job_finished", job_id=job_id, status=status.value, exit_code=exit_code)
         session.jobs.discard(job_id)

@@ -49,7 +49,9 @@ def validate_spec(spec: JobSpec) -> JobSpec:
     if not spec.command or not spec.command[0]:
         raise InvalidArgument("command must not be empty")
     if len(spec.command) > MAX_ARGS or sum(len(a.encode()) for a in spec.command) > MAX_COMMAND_BYTES:
-        raise InvalidArgument(f"command is too long (at most {MAX_ARGS} arguments, {MAX_COMMAND_BYTES} bytes)")
+        raise InvalidArgument(
+            f"command is too long (at most {MAX_ARGS} arguments, {MAX_COMMAND_BYTES} bytes)"
+        )
     if any("\x00" in a for a in spec.command):
         raise InvalidArgument("command arguments must not contain NUL bytes")
     if len(spec.env) > MAX_ENV:
@@ -99,5 +101,7 @@ def validate_relative_path(field: str, path: str) -> str:
     """A path (or glob) inside /workspace: relative, no '..', no NUL."""
     parts = path.split("/")
     if not path or len(path) > 1024 or path.startswith("/") or ".." in parts or "\x00" in path:
-        raise InvalidArgument(f"{field} {path[:80]!r} must be a relative path inside the workspace, without '..'")
+        raise InvalidArgument(
+            f"{field} {path[:80]!r} must be a relative path inside the workspace, without '..'"
+        )
     return path

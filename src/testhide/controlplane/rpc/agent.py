@@ -56,10 +56,17 @@ _OUTCOME = {
     agent_pb2.JOB_OUTCOME_CANCELED: JobStatus.CANCELED,
     agent_pb2.JOB_OUTCOME_ERROR: JobStatus.ERROR,
 }
-_PULL = {PullPolicy.NEVER: agent_pb2.PULL_POLICY_NEVER, PullPolicy.IF_NOT_PRESENT: agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
-         PullPolicy.ALWAYS: agent_pb2.PULL_POLICY_ALWAYS}
+_PULL = {
+    PullPolicy.NEVER: agent_pb2.PULL_POLICY_NEVER,
+    PullPolicy.IF_NOT_PRESENT: agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
+    PullPolicy.ALWAYS: agent_pb2.PULL_POLICY_ALWAYS,
+}
 _KIND = {agent_pb2.ARTIFACT_KIND_FILE: "artifact", agent_pb2.ARTIFACT_KIND_JUNIT: "junit"}
-_WITH_EXIT_CODE = (agent_pb2.JOB_OUTCOME_EXITED, agent_pb2.JOB_OUTCOME_TIMED_OUT, agent_pb2.JOB_OUTCOME_CANCELED)
+_WITH_EXIT_CODE = (
+    agent_pb2.JOB_OUTCOME_EXITED,
+    agent_pb2.JOB_OUTCOME_TIMED_OUT,
+    agent_pb2.JOB_OUTCOME_CANCELED,
+)
 
 
 class VerifiedAgent:
@@ -87,8 +94,9 @@ def issuer_of(cert: x509.Certificate, trusted: tuple[x509.Certificate, ...]) -> 
     return None
 
 
-async def authenticate_agent(context: grpc.aio.ServicerContext, store: Store, certs: CertificateState
-                             ) -> VerifiedAgent:
+async def authenticate_agent(
+    context: grpc.aio.ServicerContext, store: Store, certs: CertificateState
+) -> VerifiedAgent:
     """Re-checked on every stream and RPC: the handshake alone is not enough,
     because a connection outlives the certificate (and the trust) it opened with."""
     cert = peer_certificate(context)
@@ -96,8 +104,9 @@ async def authenticate_agent(context: grpc.aio.ServicerContext, store: Store, ce
         raise Unauthenticated("the agent certificate has expired; enroll the agent again")
     issuer = issuer_of(cert, certs.current.trusted)
     if issuer is None:
-        raise Unauthenticated("the agent certificate was issued by a CA that is no longer trusted; "
-                              "enroll the agent again")
+        raise Unauthenticated(
+            "the agent certificate was issued by a CA that is no longer trusted; enroll the agent again"
+        )
     try:
         identity = AgentIdentity.from_certificate(cert)
     except IdentityError as exc:
@@ -113,12 +122,21 @@ async def authenticate_agent(context: grpc.aio.ServicerContext, store: Store, ce
 def encode(message: Outbound) -> agent_pb2.ControlMessage:
     match message:
         case Assign(job, details):
-            return agent_pb2.ControlMessage(assign=agent_pb2.AssignJob(
-                job_id=job.id, epoch=job.epoch, spec=spec_to_pb(job.spec), secret_env=details.secret_env,
-                pull_policy=_PULL[details.policy.pull_policy], allowed_images=list(details.policy.allowed_images),
-                runtime=details.runtime))
+            return agent_pb2.ControlMessage(
+                assign=agent_pb2.AssignJob(
+                    job_id=job.id,
+                    epoch=job.epoch,
+                    spec=spec_to_pb(job.spec),
+                    secret_env=details.secret_env,
+                    pull_policy=_PULL[details.policy.pull_policy],
+                    allowed_images=list(details.policy.allowed_images),
+                    runtime=details.runtime,
+                )
+            )
         case Cancel(job_id, reason, abandon):
-            return agent_pb2.ControlMessage(cancel=agent_pb2.CancelJob(job_id=job_id, reason=reason, abandon=abandon))
+            return agent_pb2.ControlMessage(
+                cancel=agent_pb2.CancelJob(job_id=job_id, reason=reason, abandon=abandon)
+            )
         case LogAck(job_id, seq):
             return agent_pb2.ControlMessage(log_ack=agent_pb2.LogAck(job_id=job_id, seq=seq))
         case ResultAck(job_id):
@@ -129,8 +147,16 @@ def encode(message: Outbound) -> agent_pb2.ControlMessage:
 
 
 class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
-    def __init__(self, store: Store, scheduler: Scheduler, jobs: JobService, certs: CertificateState,
-                 cert_ttl: timedelta, auditor: Auditor, heartbeat_interval: timedelta) -> None:
+    def __init__(
+        self,
+        store: Store,
+        scheduler: Scheduler,
+        jobs: JobService,
+        certs: CertificateState,
+        cert_ttl: timedelta,
+        auditor: Auditor,
+        heartbeat_interval: timedelta,
+    ) -> None:
         self._heartbeat_ms = str(int(heartbeat_interval.total_seconds() * 1000))
         self._store = store
         self._scheduler = scheduler
@@ -144,17 +170,24 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             agent = await authenticate_agent(context, self._store, self._certs)
         except ControlPlaneError as exc:
             await context.abort(code_for(exc), str(exc))
-        await context.send_initial_metadata(((SESSION_ACCEPTED, "1"), (HEARTBEAT_INTERVAL, self._heartbeat_ms)))
+        await context.send_initial_metadata(
+            ((SESSION_ACCEPTED, "1"), (HEARTBEAT_INTERVAL, self._heartbeat_ms))
+        )
         first = await context.read()
         if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
         identity = agent.identity
         hello = first.hello
         running = {r.job_id: r.epoch for r in hello.running_jobs}
-        session = AgentSession(identity, agent.certificate.serial_number, agent.certificate.not_valid_after_utc,
-                               agent.issuer, max_jobs=max(1, min(hello.max_jobs or 1, 64)),
-                               labels=dict(list(hello.labels.items())[:64]),
-                               runtimes=frozenset(hello.runtimes or ["runc"]))
+        session = AgentSession(
+            identity,
+            agent.certificate.serial_number,
+            agent.certificate.not_valid_after_utc,
+            agent.issuer,
+            max_jobs=max(1, min(hello.max_jobs or 1, 64)),
+            labels=dict(list(hello.labels.items())[:64]),
+            runtimes=frozenset(hello.runtimes or ["runc"]),
+        )
         # This frame lives as long as the stream: keep what the session needs, not the
         # parsed certificate and hello (a few KiB each, times ten thousand streams).
         del agent, first, hello
@@ -186,8 +219,11 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         # An open stream must not outlive the certificate it was opened with.
         remaining = (session.cert_not_after - datetime.now(UTC)).total_seconds()
         expiry = asyncio.get_running_loop().call_later(
-            max(0.0, remaining), session.close, "UNAUTHENTICATED",
-            "the agent certificate has expired; reconnect with a renewed one")
+            max(0.0, remaining),
+            session.close,
+            "UNAUTHENTICATED",
+            "the agent certificate has expired; reconnect with a renewed one",
+        )
         writer = asyncio.create_task(self._write(session, context))
         writer.add_done_callback(lambda task: self._writer_done(session, task))
         session.interrupt = reading.cancel
@@ -206,7 +242,9 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     @staticmethod
     def _writer_done(session: AgentSession, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.info("agent_stream_write_failed", agent_id=session.identity.agent_id, error=str(task.exception()))
+            log.info(
+                "agent_stream_write_failed", agent_id=session.identity.agent_id, error=str(task.exception())
+            )
         session.end()
 
     async def _write(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
@@ -229,9 +267,12 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             match kind:
                 case "heartbeat":
                     h = message.heartbeat
-                    await self._store.touch_agent(session.identity.org, session.identity.agent_id,
-                                                  datetime.now(UTC))
-                    await self._jobs.on_heartbeat(session, {r.job_id: r.epoch for r in h.running_jobs}, h.draining)
+                    await self._store.touch_agent(
+                        session.identity.org, session.identity.agent_id, datetime.now(UTC)
+                    )
+                    await self._jobs.on_heartbeat(
+                        session, {r.job_id: r.epoch for r in h.running_jobs}, h.draining
+                    )
                 case "refused":
                     refusal = message.refused
                     await self._jobs.on_refused(session, refusal.job_id, refusal.epoch, refusal.reason)
@@ -245,10 +286,13 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                     await self._jobs.on_log_batch(session, b.job_id, b.epoch, b.seq, entries)
                 case "result":
                     r = message.result
-                    status = _OUTCOME.get(r.outcome) or (JobStatus.SUCCEEDED if r.exit_code == 0
-                                                         else JobStatus.FAILED)
+                    status = _OUTCOME.get(r.outcome) or (
+                        JobStatus.SUCCEEDED if r.exit_code == 0 else JobStatus.FAILED
+                    )
                     exit_code = r.exit_code if r.outcome in _WITH_EXIT_CODE else None
-                    await self._jobs.on_result(session, r.job_id, r.epoch, r.last_seq, status, exit_code, r.reason)
+                    await self._jobs.on_result(
+                        session, r.job_id, r.epoch, r.last_seq, status, exit_code, r.reason
+                    )
                 case _:
                     log.warning("agent_message_ignored", kind=kind, agent_id=session.identity.agent_id)
         except StorageUnavailable as exc:
@@ -256,7 +300,9 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             log.warning("agent_session_deferred", agent_id=session.identity.agent_id, error=str(exc))
             session.close("UNAVAILABLE", str(exc))
         except ControlPlaneError as exc:
-            log.warning("agent_message_refused", kind=kind, agent_id=session.identity.agent_id, error=str(exc))
+            log.warning(
+                "agent_message_refused", kind=kind, agent_id=session.identity.agent_id, error=str(exc)
+            )
             # A message about a job this agent no longer holds: stop it, report nothing more.
             job_id = getattr(getattr(message, kind), "job_id", "")
             if job_id and isinstance(exc, (StaleEpoch, NotFound)):
@@ -264,8 +310,9 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                 session.send(Cancel(job_id, str(exc), abandon=True))
 
     @mapped
-    async def Renew(self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext
-                    ) -> agent_pb2.RenewResponse:
+    async def Renew(
+        self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RenewResponse:
         """A new certificate for the same identity and a new key, authorised by
         the current, still valid certificate."""
         agent = await authenticate_agent(context, self._store, self._certs)
@@ -274,24 +321,40 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         lifetime = await certificate_lifetime(self._store, identity.org, identity.pool, self._cert_ttl)
         issued = material.active_ca.issue_agent(request.csr_pem, identity, lifetime)
         serial, issuer = format(issued.serial, "x"), fingerprint(material.active_ca.certificate_pem)
-        await self._store.record_agent_certificate(identity.org, identity.agent_id, serial, issued.not_after, issuer)
-        log.info("agent_certificate_renewed", agent_id=identity.agent_id, serial=serial,
-                 not_after=issued.not_after.isoformat())
-        await self._auditor.record("agent_certificate_renewed", f"agent:{identity.agent_id}", org=identity.org,
-                                   target=identity.agent_id, source_ip=context.peer(), serial=serial,
-                                   not_after=issued.not_after.isoformat())
-        return agent_pb2.RenewResponse(certificate_pem=issued.certificate_pem, ca_bundle_pem=material.bundle_pem)
+        await self._store.record_agent_certificate(
+            identity.org, identity.agent_id, serial, issued.not_after, issuer
+        )
+        log.info(
+            "agent_certificate_renewed",
+            agent_id=identity.agent_id,
+            serial=serial,
+            not_after=issued.not_after.isoformat(),
+        )
+        await self._auditor.record(
+            "agent_certificate_renewed",
+            f"agent:{identity.agent_id}",
+            org=identity.org,
+            target=identity.agent_id,
+            source_ip=context.peer(),
+            serial=serial,
+            not_after=issued.not_after.isoformat(),
+        )
+        return agent_pb2.RenewResponse(
+            certificate_pem=issued.certificate_pem, ca_bundle_pem=material.bundle_pem
+        )
 
     @mapped
-    async def FetchWorkspace(self, request: agent_pb2.JobLease, context: grpc.aio.ServicerContext
-                             ) -> AsyncIterator[jobs_pb2.DataChunk]:
+    async def FetchWorkspace(
+        self, request: agent_pb2.JobLease, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.DataChunk]:
         agent = await authenticate_agent(context, self._store, self._certs)
         async for chunk in self._jobs.workspace_for(agent.identity, request.job_id, request.epoch):
             yield jobs_pb2.DataChunk(data=chunk)
 
     @mapped
-    async def UploadArtifact(self, request_iterator: AsyncIterator[agent_pb2.ArtifactUpload],
-                             context: grpc.aio.ServicerContext) -> agent_pb2.ArtifactStored:
+    async def UploadArtifact(
+        self, request_iterator: AsyncIterator[agent_pb2.ArtifactUpload], context: grpc.aio.ServicerContext
+    ) -> agent_pb2.ArtifactStored:
         agent = await authenticate_agent(context, self._store, self._certs)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
@@ -304,6 +367,13 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             async for message in request_iterator:
                 yield message.data
 
-        info = await self._jobs.store_artifact(agent.identity, header.job_id, header.epoch, header.path,
-                                               _KIND[header.kind], header.sha256, chunks())
+        info = await self._jobs.store_artifact(
+            agent.identity,
+            header.job_id,
+            header.epoch,
+            header.path,
+            _KIND[header.kind],
+            header.sha256,
+            chunks(),
+        )
         return agent_pb2.ArtifactStored(path=info.path)

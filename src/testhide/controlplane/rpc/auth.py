@@ -15,15 +15,17 @@ from testhide.controlplane.auth.sessions import Sessions
 from testhide.controlplane.errors import ControlPlaneError, PermissionDenied, RateLimited
 from testhide.controlplane.rpc.status import abort_with
 
-PUBLIC = frozenset({
-    "/testhide.v1.Enrollment/Enroll",  # the token in the request is the credential
-    "/testhide.v1.Auth/Login",
-    "/testhide.v1.Auth/Refresh",
-    "/testhide.v1.Auth/Logout",
-    "/testhide.v1.Auth/GetSigningKeys",
-    "/grpc.health.v1.Health/Check",
-    "/grpc.health.v1.Health/Watch",
-})
+PUBLIC = frozenset(
+    {
+        "/testhide.v1.Enrollment/Enroll",  # the token in the request is the credential
+        "/testhide.v1.Auth/Login",
+        "/testhide.v1.Auth/Refresh",
+        "/testhide.v1.Auth/Logout",
+        "/testhide.v1.Auth/GetSigningKeys",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+    }
+)
 SCOPE_OF_METHOD = {
     "/testhide.v1.Jobs/Submit": "jobs:write",
     "/testhide.v1.Jobs/Cancel": "jobs:write",
@@ -55,8 +57,11 @@ def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> g
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return factory(behaviour, request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+    return factory(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def client_address(context: grpc.aio.ServicerContext) -> str:
@@ -74,8 +79,9 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
         self._per_address = per_address
         self._per_principal = per_principal
 
-    async def _admit(self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext
-                     ) -> Principal | None:
+    async def _admit(
+        self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext
+    ) -> Principal | None:
         wait = self._per_address.take(client_address(context))
         if wait:
             raise RateLimited("too many requests from this address", retry_after_s=wait)
@@ -92,7 +98,8 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
         return principal
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
@@ -112,6 +119,7 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
                 _principal.set(principal)
 
         if not handler.response_streaming:
+
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 await admitted(context)
                 return await inner(request, context)

@@ -17,9 +17,11 @@ from testhide.protos.v1 import auth_pb2, auth_pb2_grpc
 def _pair(pair: TokenPair) -> auth_pb2.TokenPair:
     now = datetime.now(UTC)
     return auth_pb2.TokenPair(
-        access_token=pair.access_token, access_expires_in_s=int((pair.access_expires_at - now).total_seconds()),
+        access_token=pair.access_token,
+        access_expires_in_s=int((pair.access_expires_at - now).total_seconds()),
         refresh_token=pair.refresh_token,
-        refresh_expires_in_s=int((pair.refresh_expires_at - now).total_seconds()))
+        refresh_expires_in_s=int((pair.refresh_expires_at - now).total_seconds()),
+    )
 
 
 class AuthServicer(auth_pb2_grpc.AuthServicer):
@@ -28,7 +30,9 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         self._keys = keys
 
     @mapped
-    async def Login(self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext) -> auth_pb2.TokenPair:
+    async def Login(
+        self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.TokenPair:
         match request.WhichOneof("credential"):
             case "api_key":
                 return _pair(await self._sessions.login_api_key(request.api_key, context.peer()))
@@ -40,17 +44,20 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         raise InvalidArgument("log in with an api_key or a password")
 
     @mapped
-    async def Refresh(self, request: auth_pb2.RefreshRequest, context: grpc.aio.ServicerContext
-                      ) -> auth_pb2.TokenPair:
+    async def Refresh(
+        self, request: auth_pb2.RefreshRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.TokenPair:
         return _pair(await self._sessions.refresh(request.refresh_token, context.peer()))
 
     @mapped
-    async def Logout(self, request: auth_pb2.RefreshRequest, context: grpc.aio.ServicerContext
-                     ) -> auth_pb2.LogoutResponse:
+    async def Logout(
+        self, request: auth_pb2.RefreshRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.LogoutResponse:
         await self._sessions.logout(request.refresh_token)
         return auth_pb2.LogoutResponse()
 
     @mapped
-    async def GetSigningKeys(self, request: auth_pb2.GetSigningKeysRequest, context: grpc.aio.ServicerContext
-                             ) -> auth_pb2.SigningKeys:
+    async def GetSigningKeys(
+        self, request: auth_pb2.GetSigningKeysRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.SigningKeys:
         return auth_pb2.SigningKeys(jwks_json=json.dumps(self._keys.jwks(), sort_keys=True))

@@ -65,11 +65,21 @@ def spec_from_pb(spec: jobs_pb2.JobSpec) -> JobSpec:
 
 def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
     pb = jobs_pb2.JobSpec(
-        image=spec.image, command=list(spec.command), env=spec.env, pool=spec.pool, workdir=spec.workdir,
-        labels=spec.labels, secrets=list(spec.secrets), runtime=spec.runtime,
-        artifact_globs=list(spec.artifact_globs), junit_globs=list(spec.junit_globs), workspace_id=spec.workspace_id,
-        retries=spec.retries, resources=jobs_pb2.Resources(cpus=spec.resources.cpus, memory_bytes=spec.resources.memory_bytes,
-                                     pids=spec.resources.pids),
+        image=spec.image,
+        command=list(spec.command),
+        env=spec.env,
+        pool=spec.pool,
+        workdir=spec.workdir,
+        labels=spec.labels,
+        secrets=list(spec.secrets),
+        runtime=spec.runtime,
+        artifact_globs=list(spec.artifact_globs),
+        junit_globs=list(spec.junit_globs),
+        workspace_id=spec.workspace_id,
+        retries=spec.retries,
+        resources=jobs_pb2.Resources(
+            cpus=spec.resources.cpus, memory_bytes=spec.resources.memory_bytes, pids=spec.resources.pids
+        ),
     )
     pb.timeout.FromTimedelta(spec.timeout)
     return pb
@@ -77,12 +87,23 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
 
 def job_to_pb(job: Job) -> jobs_pb2.Job:
     pb = jobs_pb2.Job(
-        id=job.id, org=job.org, spec=spec_to_pb(job.spec), status=status_to_pb(job.status),
-        status_reason=job.status_reason, created_at=_ts(job.created_at), started_at=_ts(job.started_at),
-        finished_at=_ts(job.finished_at), agent_id=job.agent_id, log_size=job.log_size,
-        transitions=[jobs_pb2.StatusTransition(status=status_to_pb(t.status), at=_ts(t.at), reason=t.reason)
-                     for t in job.transitions],
-        attempt=job.attempt, retry_of=job.retry_of, retried_as=job.retried_as,
+        id=job.id,
+        org=job.org,
+        spec=spec_to_pb(job.spec),
+        status=status_to_pb(job.status),
+        status_reason=job.status_reason,
+        created_at=_ts(job.created_at),
+        started_at=_ts(job.started_at),
+        finished_at=_ts(job.finished_at),
+        agent_id=job.agent_id,
+        log_size=job.log_size,
+        transitions=[
+            jobs_pb2.StatusTransition(status=status_to_pb(t.status), at=_ts(t.at), reason=t.reason)
+            for t in job.transitions
+        ],
+        attempt=job.attempt,
+        retry_of=job.retry_of,
+        retried_as=job.retried_as,
     )
     if job.exit_code is not None:
         pb.exit_code = job.exit_code
@@ -106,10 +127,24 @@ _TEST_STATUS = {status: jobs_pb2.TestStatus.Value(f"TEST_STATUS_{status.value}")
 def test_results_to_pb(cases: list[TestCase], rejected: list[str]) -> jobs_pb2.TestResults:
     count = {status: sum(1 for c in cases if c.status == status) for status in TestStatus}
     return jobs_pb2.TestResults(
-        total=len(cases), passed=count[TestStatus.PASSED], failed=count[TestStatus.FAILED],
-        errors=count[TestStatus.ERROR], skipped=count[TestStatus.SKIPPED], rejected_reports=rejected,
-        cases=[jobs_pb2.TestCase(suite=c.suite, classname=c.classname, name=c.name, duration_s=c.duration_s,
-                                 status=_TEST_STATUS[c.status], message=c.message) for c in cases])
+        total=len(cases),
+        passed=count[TestStatus.PASSED],
+        failed=count[TestStatus.FAILED],
+        errors=count[TestStatus.ERROR],
+        skipped=count[TestStatus.SKIPPED],
+        rejected_reports=rejected,
+        cases=[
+            jobs_pb2.TestCase(
+                suite=c.suite,
+                classname=c.classname,
+                name=c.name,
+                duration_s=c.duration_s,
+                status=_TEST_STATUS[c.status],
+                message=c.message,
+            )
+            for c in cases
+        ],
+    )
 
 
 def timestamp(value: datetime) -> Timestamp:

@@ -15,11 +15,15 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServicer):
         self._agent_port = agent_port
 
     @mapped
-    async def Enroll(self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
-                     ) -> enrollment_pb2.EnrollResponse:
-        enrolled = await self._enrollment.enroll(request.token, request.csr_pem, request.name,
-                                                 source_ip=context.peer())
+    async def Enroll(
+        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.EnrollResponse:
+        enrolled = await self._enrollment.enroll(
+            request.token, request.csr_pem, request.name, source_ip=context.peer()
+        )
         return enrollment_pb2.EnrollResponse(
-            agent_id=enrolled.agent_id, certificate_pem=enrolled.certificate_pem,
-            ca_bundle_pem=enrolled.ca_bundle_pem, agent_endpoint=f":{self._agent_port}",
+            agent_id=enrolled.agent_id,
+            certificate_pem=enrolled.certificate_pem,
+            ca_bundle_pem=enrolled.ca_bundle_pem,
+            agent_endpoint=f":{self._agent_port}",
         )

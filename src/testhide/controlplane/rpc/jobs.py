@@ -11,7 +11,13 @@ from testhide.controlplane.jobs.model import Job
 from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.service import JobService
 from testhide.controlplane.rpc.auth import current_principal
-from testhide.controlplane.rpc.convert import chunk_to_pb, job_to_pb, spec_from_pb, test_results_to_pb, timestamp
+from testhide.controlplane.rpc.convert import (
+    chunk_to_pb,
+    job_to_pb,
+    spec_from_pb,
+    test_results_to_pb,
+    timestamp,
+)
 from testhide.controlplane.rpc.status import mapped
 from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -21,8 +27,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         self._jobs = jobs
 
     @mapped
-    async def Submit(self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
-                     ) -> jobs_pb2.SubmitJobResponse:
+    async def Submit(
+        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.SubmitJobResponse:
         job = await self._jobs.submit(current_principal().org, spec_from_pb(request.spec))
         return jobs_pb2.SubmitJobResponse(job=job_to_pb(job))
 
@@ -31,18 +38,22 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         return job_to_pb(await self._jobs.get(current_principal().org, request.job_id))
 
     @mapped
-    async def List(self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
-                   ) -> jobs_pb2.ListJobsResponse:
+    async def List(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
         jobs, token = await self._jobs.list(current_principal().org, request.page_size, request.page_token)
         return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
 
     @mapped
-    async def Cancel(self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+    async def Cancel(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.Job:
         return job_to_pb(await self._jobs.cancel(current_principal().org, request.job_id))
 
     @mapped
-    async def FollowLogs(self, request: jobs_pb2.FollowLogsRequest, context: grpc.aio.ServicerContext
-                         ) -> AsyncIterator[jobs_pb2.FollowLogsResponse]:
+    async def FollowLogs(
+        self, request: jobs_pb2.FollowLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.FollowLogsResponse]:
         org = current_principal().org
         async for item in self._jobs.follow(org, request.job_id, request.from_offset, request.follow):
             if isinstance(item, Job):
@@ -51,8 +62,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                 yield jobs_pb2.FollowLogsResponse(chunk=chunk_to_pb(item))
 
     @mapped
-    async def UploadWorkspace(self, request_iterator: AsyncIterator[jobs_pb2.DataChunk],
-                              context: grpc.aio.ServicerContext) -> jobs_pb2.UploadWorkspaceResponse:
+    async def UploadWorkspace(
+        self, request_iterator: AsyncIterator[jobs_pb2.DataChunk], context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.UploadWorkspaceResponse:
         async def chunks() -> AsyncIterator[bytes]:
             async for chunk in request_iterator:
                 yield chunk.data
@@ -61,21 +73,25 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         return jobs_pb2.UploadWorkspaceResponse(workspace_id=info.id, size=info.size, sha256=info.sha256)
 
     @mapped
-    async def ListArtifacts(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext
-                            ) -> jobs_pb2.ListArtifactsResponse:
+    async def ListArtifacts(
+        self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.ListArtifactsResponse:
         found = await self._jobs.artifacts(current_principal().org, request.job_id)
         return jobs_pb2.ListArtifactsResponse(
-            artifacts=[jobs_pb2.Artifact(path=a.path, size=a.size, sha256=a.sha256) for a in found])
+            artifacts=[jobs_pb2.Artifact(path=a.path, size=a.size, sha256=a.sha256) for a in found]
+        )
 
     @mapped
-    async def DownloadArtifact(self, request: jobs_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
-                               ) -> AsyncIterator[jobs_pb2.DataChunk]:
+    async def DownloadArtifact(
+        self, request: jobs_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.DataChunk]:
         async for chunk in self._jobs.artifact(current_principal().org, request.job_id, request.path):
             yield jobs_pb2.DataChunk(data=chunk)
 
     @mapped
-    async def GetTestResults(self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext
-                             ) -> jobs_pb2.TestResults:
+    async def GetTestResults(
+        self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.TestResults:
         return test_results_to_pb(*await self._jobs.test_results(current_principal().org, request.job_id))
 
 
@@ -85,25 +101,40 @@ class SecretsServicer(jobs_pb2_grpc.SecretsServicer):
         self._auditor = auditor
 
     @mapped
-    async def Set(self, request: jobs_pb2.SetSecretRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Secret:
+    async def Set(
+        self, request: jobs_pb2.SetSecretRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.Secret:
         principal = current_principal()
         updated = await self._vault.set(principal.org, request.name, request.value)
-        await self._auditor.record("secret_written", f"{principal.kind}:{principal.id}", org=principal.org,
-                                   target=request.name, source_ip=context.peer())
+        await self._auditor.record(
+            "secret_written",
+            f"{principal.kind}:{principal.id}",
+            org=principal.org,
+            target=request.name,
+            source_ip=context.peer(),
+        )
         return jobs_pb2.Secret(name=request.name, updated_at=timestamp(updated))
 
     @mapped
-    async def List(self, request: jobs_pb2.ListSecretsRequest, context: grpc.aio.ServicerContext
-                   ) -> jobs_pb2.ListSecretsResponse:
+    async def List(
+        self, request: jobs_pb2.ListSecretsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.ListSecretsResponse:
         found = await self._vault.list(current_principal().org)
-        return jobs_pb2.ListSecretsResponse(secrets=[jobs_pb2.Secret(name=n, updated_at=timestamp(at))
-                                                     for n, at in found])
+        return jobs_pb2.ListSecretsResponse(
+            secrets=[jobs_pb2.Secret(name=n, updated_at=timestamp(at)) for n, at in found]
+        )
 
     @mapped
-    async def Delete(self, request: jobs_pb2.DeleteSecretRequest, context: grpc.aio.ServicerContext
-                     ) -> jobs_pb2.Secret:
+    async def Delete(
+        self, request: jobs_pb2.DeleteSecretRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.Secret:
         principal = current_principal()
         updated = await self._vault.delete(principal.org, request.name)
-        await self._auditor.record("secret_deleted", f"{principal.kind}:{principal.id}", org=principal.org,
-                                   target=request.name, source_ip=context.peer())
+        await self._auditor.record(
+            "secret_deleted",
+            f"{principal.kind}:{principal.id}",
+            org=principal.org,
+            target=request.name,
+            source_ip=context.peer(),
+        )
         return jobs_pb2.Secret(name=request.name, updated_at=timestamp(updated))

@@ -83,4 +83,3 @@ def mapped(method: F) -> F:
             await abort(context, exc)
 
     return unary  # type: ignore[return-value]
-

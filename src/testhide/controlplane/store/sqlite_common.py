@@ -18,6 +18,7 @@ class SqliteParts:
     """Base of the store's parts (mixins): SqliteStore provides these."""
 
     if TYPE_CHECKING:
+
         async def _tx(self, fn: Callable[[sqlite3.Connection], T], write: bool = True) -> T: ...
         async def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]: ...
 

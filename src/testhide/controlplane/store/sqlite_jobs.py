@@ -27,21 +27,39 @@ class SqliteJobData(SqliteParts):
     # jobs ----------------------------------------------------------------------
     @staticmethod
     def _job(c: sqlite3.Connection, r: sqlite3.Row, with_transitions: bool = True) -> Job:
-        transitions = tuple(
-            Transition(JobStatus(t["status"]), _dt(t["at"]) or datetime.min, t["reason"])
-            for t in c.execute("SELECT * FROM job_transitions WHERE job_id = ? ORDER BY n", (r["id"],))
-        ) if with_transitions else ()
+        transitions = (
+            tuple(
+                Transition(JobStatus(t["status"]), _dt(t["at"]) or datetime.min, t["reason"])
+                for t in c.execute("SELECT * FROM job_transitions WHERE job_id = ? ORDER BY n", (r["id"],))
+            )
+            if with_transitions
+            else ()
+        )
         return Job(
-            id=r["id"], org=r["org"], spec=_spec_from_json(r["spec"]), status=JobStatus(r["status"]),
-            created_at=_dt(r["created_at"]) or datetime.min, exit_code=r["exit_code"],
-            status_reason=r["status_reason"], started_at=_dt(r["started_at"]),
-            finished_at=_dt(r["finished_at"]), agent_id=r["agent_id"], epoch=r["epoch"],
-            log_size=r["log_size"], last_seq=r["last_seq"], transitions=transitions, attempt=r["attempt"],
-            retry_of=r["retry_of"], retried_as=r["retried_as"], lease_expires_at=_dt(r["lease_expires_at"]),
+            id=r["id"],
+            org=r["org"],
+            spec=_spec_from_json(r["spec"]),
+            status=JobStatus(r["status"]),
+            created_at=_dt(r["created_at"]) or datetime.min,
+            exit_code=r["exit_code"],
+            status_reason=r["status_reason"],
+            started_at=_dt(r["started_at"]),
+            finished_at=_dt(r["finished_at"]),
+            agent_id=r["agent_id"],
+            epoch=r["epoch"],
+            log_size=r["log_size"],
+            last_seq=r["last_seq"],
+            transitions=transitions,
+            attempt=r["attempt"],
+            retry_of=r["retry_of"],
+            retried_as=r["retried_as"],
+            lease_expires_at=_dt(r["lease_expires_at"]),
         )
 
     @staticmethod
-    def _add_transition(c: sqlite3.Connection, job_id: str, status: JobStatus, now: datetime, reason: str) -> None:
+    def _add_transition(
+        c: sqlite3.Connection, job_id: str, status: JobStatus, now: datetime, reason: str
+    ) -> None:
         c.execute(
             "INSERT INTO job_transitions SELECT ?, COALESCE(MAX(n), 0) + 1, ?, ?, ? FROM job_transitions"
             " WHERE job_id = ?",
@@ -53,8 +71,18 @@ class SqliteJobData(SqliteParts):
             c.execute(
                 "INSERT INTO jobs (id, org, pool, spec, status, created_at, data_key, attempt, retry_of, retries)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.org, job.spec.pool, _spec_to_json(job.spec), job.status.value,
-                 _ts(job.created_at), data_key_wrapped, job.attempt, job.retry_of, job.spec.retries),
+                (
+                    job.id,
+                    job.org,
+                    job.spec.pool,
+                    _spec_to_json(job.spec),
+                    job.status.value,
+                    _ts(job.created_at),
+                    data_key_wrapped,
+                    job.attempt,
+                    job.retry_of,
+                    job.spec.retries,
+                ),
             )
             self._add_transition(c, job.id, job.status, job.created_at, "")
 
@@ -94,7 +122,9 @@ class SqliteJobData(SqliteParts):
         return await self._tx(run, write=False)
 
     async def queued_pools(self) -> list[tuple[str, str]]:
-        rows = await self._query("SELECT DISTINCT org, pool FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,))
+        rows = await self._query(
+            "SELECT DISTINCT org, pool FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)
+        )
         return [(r["org"], r["pool"]) for r in rows]
 
     async def jobs_of_agent(self, org: str, agent_id: str) -> list[Job]:
@@ -107,8 +137,9 @@ class SqliteJobData(SqliteParts):
 
         return await self._tx(run, write=False)
 
-    async def assign_job(self, org: str, job_id: str, agent_id: str, now: datetime, lease_until: datetime
-                         ) -> Job | None:
+    async def assign_job(
+        self, org: str, job_id: str, agent_id: str, now: datetime, lease_until: datetime
+    ) -> Job | None:
         """QUEUED -> ASSIGNED with a new fencing epoch and a lease, or None if someone else won."""
 
         def run(c: sqlite3.Connection) -> Job | None:
@@ -125,7 +156,13 @@ class SqliteJobData(SqliteParts):
         return await self._tx(run)
 
     async def set_job_status(
-        self, org: str, job_id: str, epoch: int | None, status: JobStatus, now: datetime, reason: str = "",
+        self,
+        org: str,
+        job_id: str,
+        epoch: int | None,
+        status: JobStatus,
+        now: datetime,
+        reason: str = "",
         exit_code: int | None = None,
     ) -> Job:
         def run(c: sqlite3.Connection) -> Job:
@@ -143,26 +180,46 @@ class SqliteJobData(SqliteParts):
 
         return await self._tx(run)
 
-    def _apply_status(self, c: sqlite3.Connection, row: sqlite3.Row, status: JobStatus, now: datetime, reason: str,
-                      exit_code: int | None, with_transitions: bool = True) -> Job:
+    def _apply_status(
+        self,
+        c: sqlite3.Connection,
+        row: sqlite3.Row,
+        status: JobStatus,
+        now: datetime,
+        reason: str,
+        exit_code: int | None,
+        with_transitions: bool = True,
+    ) -> Job:
         """Move the job in ``row`` to ``status``, with its timestamps and a transition."""
         started = _ts(now) if status == JobStatus.RUNNING else row["started_at"]
         finished = _ts(now) if status.terminal else None
         lease = None if status.terminal or status == JobStatus.QUEUED else row["lease_expires_at"]
-        c.execute("UPDATE jobs SET status = ?, status_reason = ?, exit_code = ?, started_at = ?, finished_at = ?,"
-                  " lease_expires_at = ? WHERE id = ?",
-                  (status.value, reason, exit_code, started, finished, lease, row["id"]))
+        c.execute(
+            "UPDATE jobs SET status = ?, status_reason = ?, exit_code = ?, started_at = ?, finished_at = ?,"
+            " lease_expires_at = ? WHERE id = ?",
+            (status.value, reason, exit_code, started, finished, lease, row["id"]),
+        )
         self._add_transition(c, row["id"], status, now, reason)
-        return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone(),
-                         with_transitions)
+        return self._job(
+            c, c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone(), with_transitions
+        )
 
     async def report_job(
-        self, org: str, job_id: str, agent_id: str, epoch: int, status: JobStatus, now: datetime, reason: str = "",
-        exit_code: int | None = None, last_seq: int | None = None,
+        self,
+        org: str,
+        job_id: str,
+        agent_id: str,
+        epoch: int,
+        status: JobStatus,
+        now: datetime,
+        reason: str = "",
+        exit_code: int | None = None,
+        last_seq: int | None = None,
     ) -> tuple[Job, bool]:
         """What the holding agent reports (RUNNING, or how the job ended), checked and
         applied in one transaction; (job, whether it changed). A report the job
         is already past is a replay and changes nothing."""
+
         def run(c: sqlite3.Connection) -> tuple[Job, bool]:
             row = c.execute("SELECT * FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone()
             if row is None or row["agent_id"] != agent_id:
@@ -171,7 +228,8 @@ class SqliteJobData(SqliteParts):
                 raise StaleEpoch(f"job {job_id} was reassigned (epoch {row['epoch']}, not {epoch})")
             if last_seq is not None and row["last_seq"] != last_seq:
                 raise FailedPrecondition(
-                    f"result of job {job_id} arrived before its log ({row['last_seq']}/{last_seq})")
+                    f"result of job {job_id} arrived before its log ({row['last_seq']}/{last_seq})"
+                )
             current = JobStatus(row["status"])
             replay = current.terminal or current == status
             if replay or (status == JobStatus.RUNNING and current != JobStatus.ASSIGNED):
@@ -188,8 +246,9 @@ class SqliteJobData(SqliteParts):
         ``entries`` are (stream, sealed data, plaintext length)."""
 
         def run(c: sqlite3.Connection) -> int:
-            row = c.execute("SELECT epoch, status, last_seq, log_size FROM jobs WHERE org = ? AND id = ?",
-                            (org, job_id)).fetchone()
+            row = c.execute(
+                "SELECT epoch, status, last_seq, log_size FROM jobs WHERE org = ? AND id = ?", (org, job_id)
+            ).fetchone()
             if row is None:
                 raise NotFound(f"job {job_id} not found")
             if row["epoch"] != epoch:
@@ -200,10 +259,14 @@ class SqliteJobData(SqliteParts):
             if JobStatus(row["status"]) not in (JobStatus.ASSIGNED, JobStatus.RUNNING):
                 raise StaleEpoch(f"job {job_id} is {row['status']}; this agent no longer holds it")
             if seq != last_seq + 1:
-                raise FailedPrecondition(f"log batch {seq} of job {job_id} arrived before batch {last_seq + 1}")
+                raise FailedPrecondition(
+                    f"log batch {seq} of job {job_id} arrived before batch {last_seq + 1}"
+                )
             for index, (stream, sealed, length) in enumerate(entries):
-                c.execute("INSERT INTO log_entries VALUES (?, ?, ?, ?, ?, ?)",
-                          (job_id, seq, index, offset, int(stream), sealed))
+                c.execute(
+                    "INSERT INTO log_entries VALUES (?, ?, ?, ?, ?, ?)",
+                    (job_id, seq, index, offset, int(stream), sealed),
+                )
                 offset += length
             c.execute("UPDATE jobs SET last_seq = ?, log_size = ? WHERE id = ?", (seq, offset, job_id))
             return seq
@@ -218,13 +281,16 @@ class SqliteJobData(SqliteParts):
             " ORDER BY l.byte_offset, l.seq, l.idx LIMIT ?",
             (org, job_id, job_id, from_offset, limit),
         )
-        return [StoredLogEntry(r["byte_offset"], LogStream(r["stream"]), bytes(r["data"]), r["seq"], r["idx"])
-                for r in rows]
+        return [
+            StoredLogEntry(r["byte_offset"], LogStream(r["stream"]), bytes(r["data"]), r["seq"], r["idx"])
+            for r in rows
+        ]
 
     # pool policy -----------------------------------------------------------------
     async def pool_policy(self, org: str, pool: str) -> PoolPolicy:
-        rows = await self._query("SELECT allowed_images, pull_policy, runtime FROM pools WHERE org = ? AND name = ?",
-                                 (org, pool))
+        rows = await self._query(
+            "SELECT allowed_images, pull_policy, runtime FROM pools WHERE org = ? AND name = ?", (org, pool)
+        )
         if not rows:
             raise NotFound(f"pool {org}/{pool} not found")
         r = rows[0]
@@ -232,33 +298,54 @@ class SqliteJobData(SqliteParts):
 
     async def set_pool_policy(self, org: str, pool: str, policy: PoolPolicy) -> None:
         def run(c: sqlite3.Connection) -> None:
-            if c.execute("UPDATE pools SET allowed_images = ?, pull_policy = ?, runtime = ? WHERE org = ? AND name = ?",
-                         (json.dumps(list(policy.allowed_images)), policy.pull_policy.value, policy.runtime,
-                          org, pool)).rowcount != 1:
+            if (
+                c.execute(
+                    "UPDATE pools SET allowed_images = ?, pull_policy = ?, runtime = ? WHERE org = ? AND name = ?",
+                    (
+                        json.dumps(list(policy.allowed_images)),
+                        policy.pull_policy.value,
+                        policy.runtime,
+                        org,
+                        pool,
+                    ),
+                ).rowcount
+                != 1
+            ):
                 raise NotFound(f"pool {org}/{pool} not found")
 
         await self._tx(run)
 
     # blobs: workspaces, artifacts, reports ----------------------------------------
-    async def create_blob(self, blob_id: str, org: str, kind: str, job_id: str | None, path: str,
-                          data_key: bytes, now: datetime) -> None:
-        await self._tx(lambda c: c.execute(
-            "INSERT INTO blobs (id, org, kind, job_id, path, data_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (blob_id, org, kind, job_id, path, data_key, _ts(now))))
+    async def create_blob(
+        self, blob_id: str, org: str, kind: str, job_id: str | None, path: str, data_key: bytes, now: datetime
+    ) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO blobs (id, org, kind, job_id, path, data_key, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (blob_id, org, kind, job_id, path, data_key, _ts(now)),
+            )
+        )
 
     async def add_blob_chunk(self, blob_id: str, index: int, sealed: bytes) -> None:
-        await self._tx(lambda c: c.execute("INSERT INTO blob_chunks VALUES (?, ?, ?)", (blob_id, index, sealed)))
+        await self._tx(
+            lambda c: c.execute("INSERT INTO blob_chunks VALUES (?, ?, ?)", (blob_id, index, sealed))
+        )
 
     async def complete_blob(self, blob_id: str, size: int, sha256: str) -> None:
         """Mark complete; a complete blob of the same job, kind and path is replaced."""
+
         def run(c: sqlite3.Connection) -> None:
             row = c.execute("SELECT job_id, kind, path FROM blobs WHERE id = ?", (blob_id,)).fetchone()
             if row["job_id"] is not None:
-                for old in c.execute("SELECT id FROM blobs WHERE job_id = ? AND kind = ? AND path = ? AND id != ?",
-                                     (row["job_id"], row["kind"], row["path"], blob_id)).fetchall():
+                for old in c.execute(
+                    "SELECT id FROM blobs WHERE job_id = ? AND kind = ? AND path = ? AND id != ?",
+                    (row["job_id"], row["kind"], row["path"], blob_id),
+                ).fetchall():
                     c.execute("DELETE FROM blob_chunks WHERE blob_id = ?", (old["id"],))
                     c.execute("DELETE FROM blobs WHERE id = ?", (old["id"],))
-            c.execute("UPDATE blobs SET size = ?, sha256 = ?, complete = 1 WHERE id = ?", (size, sha256, blob_id))
+            c.execute(
+                "UPDATE blobs SET size = ?, sha256 = ?, complete = 1 WHERE id = ?", (size, sha256, blob_id)
+            )
 
         await self._tx(run)
 
@@ -274,31 +361,40 @@ class SqliteJobData(SqliteParts):
         return BlobInfo(r["id"], r["org"], r["kind"], r["job_id"], r["path"], r["size"], r["sha256"])
 
     async def get_blob(self, org: str, blob_id: str) -> tuple[BlobInfo, bytes] | None:
-        rows = await self._query("SELECT * FROM blobs WHERE org = ? AND id = ? AND complete = 1", (org, blob_id))
+        rows = await self._query(
+            "SELECT * FROM blobs WHERE org = ? AND id = ? AND complete = 1", (org, blob_id)
+        )
         return (self._blob(rows[0]), bytes(rows[0]["data_key"])) if rows else None
 
     async def find_blob(self, org: str, job_id: str, kind: str, path: str) -> tuple[BlobInfo, bytes] | None:
         rows = await self._query(
             "SELECT * FROM blobs WHERE org = ? AND job_id = ? AND kind = ? AND path = ? AND complete = 1",
-            (org, job_id, kind, path))
+            (org, job_id, kind, path),
+        )
         return (self._blob(rows[0]), bytes(rows[0]["data_key"])) if rows else None
 
     async def list_blobs(self, org: str, job_id: str, kind: str) -> list[BlobInfo]:
         rows = await self._query(
             "SELECT * FROM blobs WHERE org = ? AND job_id = ? AND kind = ? AND complete = 1 ORDER BY path",
-            (org, job_id, kind))
+            (org, job_id, kind),
+        )
         return [self._blob(r) for r in rows]
 
     async def blob_chunk(self, blob_id: str, index: int) -> bytes | None:
-        rows = await self._query("SELECT data FROM blob_chunks WHERE blob_id = ? AND idx = ?", (blob_id, index))
+        rows = await self._query(
+            "SELECT data FROM blob_chunks WHERE blob_id = ? AND idx = ?", (blob_id, index)
+        )
         return bytes(rows[0]["data"]) if rows else None
 
     # secrets ---------------------------------------------------------------------
     async def put_secret(self, org: str, name: str, data_key: bytes, sealed: bytes, now: datetime) -> None:
-        await self._tx(lambda c: c.execute(
-            "INSERT INTO secrets VALUES (?, ?, ?, ?, ?) ON CONFLICT (org, name) DO UPDATE SET"
-            " data_key = excluded.data_key, value = excluded.value, updated_at = excluded.updated_at",
-            (org, name, data_key, sealed, _ts(now))))
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO secrets VALUES (?, ?, ?, ?, ?) ON CONFLICT (org, name) DO UPDATE SET"
+                " data_key = excluded.data_key, value = excluded.value, updated_at = excluded.updated_at",
+                (org, name, data_key, sealed, _ts(now)),
+            )
+        )
 
     async def list_secrets(self, org: str) -> list[tuple[str, datetime]]:
         rows = await self._query("SELECT name, updated_at FROM secrets WHERE org = ? ORDER BY name", (org,))
@@ -306,7 +402,9 @@ class SqliteJobData(SqliteParts):
 
     async def delete_secret(self, org: str, name: str) -> datetime | None:
         def run(c: sqlite3.Connection) -> datetime | None:
-            row = c.execute("SELECT updated_at FROM secrets WHERE org = ? AND name = ?", (org, name)).fetchone()
+            row = c.execute(
+                "SELECT updated_at FROM secrets WHERE org = ? AND name = ?", (org, name)
+            ).fetchone()
             c.execute("DELETE FROM secrets WHERE org = ? AND name = ?", (org, name))
             return _dt(row["updated_at"]) if row else None
 
@@ -316,19 +414,27 @@ class SqliteJobData(SqliteParts):
         if not names:
             return {}
         marks = ", ".join("?" * len(names))
-        rows = await self._query(f"SELECT name, data_key, value FROM secrets WHERE org = ? AND name IN ({marks})",
-                                 (org, *names))
+        rows = await self._query(
+            f"SELECT name, data_key, value FROM secrets WHERE org = ? AND name IN ({marks})", (org, *names)
+        )
         return {r["name"]: (bytes(r["data_key"]), bytes(r["value"])) for r in rows}
 
     # test results ----------------------------------------------------------------
     async def record_test_report(self, job_id: str, path: str, cases: list[TestCase], error: str) -> None:
         def run(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM test_cases WHERE job_id = ? AND path = ?", (job_id, path))
-            c.execute("INSERT INTO test_reports VALUES (?, ?, ?) ON CONFLICT (job_id, path) DO UPDATE SET"
-                      " error = excluded.error", (job_id, path, error))
-            c.executemany("INSERT INTO test_cases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          [(job_id, path, n, t.suite, t.classname, t.name, t.duration_s, t.status.value, t.message)
-                           for n, t in enumerate(cases)])
+            c.execute(
+                "INSERT INTO test_reports VALUES (?, ?, ?) ON CONFLICT (job_id, path) DO UPDATE SET"
+                " error = excluded.error",
+                (job_id, path, error),
+            )
+            c.executemany(
+                "INSERT INTO test_cases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (job_id, path, n, t.suite, t.classname, t.name, t.duration_s, t.status.value, t.message)
+                    for n, t in enumerate(cases)
+                ],
+            )
 
         await self._tx(run)
 
@@ -336,11 +442,23 @@ class SqliteJobData(SqliteParts):
         def run(c: sqlite3.Connection) -> tuple[list[TestCase], list[str]]:
             if c.execute("SELECT 1 FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone() is None:
                 raise NotFound(f"job {job_id} not found")
-            cases = [TestCase(r["suite"], r["classname"], r["name"], r["duration_s"], TestStatus(r["status"]),
-                              r["message"])
-                     for r in c.execute("SELECT * FROM test_cases WHERE job_id = ? ORDER BY path, n", (job_id,))]
-            rejected = [r["path"] for r in c.execute(
-                "SELECT path FROM test_reports WHERE job_id = ? AND error != '' ORDER BY path", (job_id,))]
+            cases = [
+                TestCase(
+                    r["suite"],
+                    r["classname"],
+                    r["name"],
+                    r["duration_s"],
+                    TestStatus(r["status"]),
+                    r["message"],
+                )
+                for r in c.execute("SELECT * FROM test_cases WHERE job_id = ? ORDER BY path, n", (job_id,))
+            ]
+            rejected = [
+                r["path"]
+                for r in c.execute(
+                    "SELECT path FROM test_reports WHERE job_id = ? AND error != '' ORDER BY path", (job_id,)
+                )
+            ]
             return cases, rejected
 
         return await self._tx(run, write=False)

@@ -25,12 +25,15 @@ class SqliteLeases(SqliteParts):
 
     async def extend_leases(self, org: str, agent_id: str, held: dict[str, int], until: datetime) -> int:
         """Extend the leases of the jobs the agent says it holds, at those epochs."""
+
         def run(c: sqlite3.Connection) -> int:
             extended = 0
             for job_id, epoch in held.items():
                 extended += c.execute(
                     "UPDATE jobs SET lease_expires_at = ? WHERE org = ? AND id = ? AND agent_id = ? AND epoch = ?"
-                    " AND status IN (?, ?)", (_ts(until), org, job_id, agent_id, epoch, *_HELD)).rowcount
+                    " AND status IN (?, ?)",
+                    (_ts(until), org, job_id, agent_id, epoch, *_HELD),
+                ).rowcount
             return extended
 
         result: int = await self._tx(run)
@@ -38,24 +41,34 @@ class SqliteLeases(SqliteParts):
 
     async def extend_all_leases(self, until: datetime) -> int:
         """At start-up: every agent gets a whole lease to reconnect, however long we were down."""
+
         def run(c: sqlite3.Connection) -> int:
-            return int(c.execute("UPDATE jobs SET lease_expires_at = ? WHERE status IN (?, ?)",
-                                 (_ts(until), *_HELD)).rowcount)
+            return int(
+                c.execute(
+                    "UPDATE jobs SET lease_expires_at = ? WHERE status IN (?, ?)", (_ts(until), *_HELD)
+                ).rowcount
+            )
 
         result: int = await self._tx(run)
         return result
 
-    def _release(self, c: sqlite3.Connection, row: sqlite3.Row, status: JobStatus, reason: str,
-                 now: datetime) -> Job:
+    def _release(
+        self, c: sqlite3.Connection, row: sqlite3.Row, status: JobStatus, reason: str, now: datetime
+    ) -> Job:
         finished = _ts(now) if status.terminal else None
-        c.execute("UPDATE jobs SET status = ?, status_reason = ?, epoch = epoch + 1, lease_expires_at = NULL,"
-                  " finished_at = ? WHERE id = ?", (status.value, reason, finished, row["id"]))
+        c.execute(
+            "UPDATE jobs SET status = ?, status_reason = ?, epoch = epoch + 1, lease_expires_at = NULL,"
+            " finished_at = ? WHERE id = ?",
+            (status.value, reason, finished, row["id"]),
+        )
         self._add_transition(c, row["id"], status, now, reason)
         return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
-    async def release_job(self, org: str, job_id: str, epoch: int, status: JobStatus, reason: str,
-                          now: datetime) -> Job:
+    async def release_job(
+        self, org: str, job_id: str, epoch: int, status: JobStatus, reason: str, now: datetime
+    ) -> Job:
         """Take a held job back from its agent: QUEUED again (it had not started) or LOST."""
+
         def run(c: sqlite3.Connection) -> Job:
             row = c.execute("SELECT * FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone()
             if row is None:
@@ -69,18 +82,23 @@ class SqliteLeases(SqliteParts):
 
     async def expire_leases(self, now: datetime) -> list[Job]:
         """Lapsed leases: an ASSIGNED job goes back to the queue, a RUNNING one is LOST."""
+
         def run(c: sqlite3.Connection) -> list[Job]:
-            rows = c.execute("SELECT * FROM jobs WHERE status IN (?, ?) AND lease_expires_at < ? ORDER BY id",
-                             (*_HELD, _ts(now))).fetchall()
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE status IN (?, ?) AND lease_expires_at < ? ORDER BY id",
+                (*_HELD, _ts(now)),
+            ).fetchall()
             released = []
             for row in rows:
                 lapsed = f"lease of agent {row['agent_id']} lapsed at {row['lease_expires_at']}"
                 if row["status"] == JobStatus.ASSIGNED.value:
-                    released.append(self._release(c, row, JobStatus.QUEUED, f"{lapsed} before it started; requeued",
-                                                  now))
+                    released.append(
+                        self._release(c, row, JobStatus.QUEUED, f"{lapsed} before it started; requeued", now)
+                    )
                 else:
-                    released.append(self._release(c, row, JobStatus.LOST, f"{lapsed}: the agent stopped reporting",
-                                                  now))
+                    released.append(
+                        self._release(c, row, JobStatus.LOST, f"{lapsed}: the agent stopped reporting", now)
+                    )
             return released
 
         jobs: list[Job] = await self._tx(run)
@@ -88,9 +106,13 @@ class SqliteLeases(SqliteParts):
 
     async def retryable_jobs(self, limit: int) -> list[Job]:
         """LOST jobs that asked for another attempt and have none yet."""
+
         def run(c: sqlite3.Connection) -> list[Job]:
-            rows = c.execute("SELECT * FROM jobs WHERE status = ? AND retried_as = '' AND attempt <= retries"
-                             " ORDER BY id LIMIT ?", (JobStatus.LOST.value, limit)).fetchall()
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE status = ? AND retried_as = '' AND attempt <= retries"
+                " ORDER BY id LIMIT ?",
+                (JobStatus.LOST.value, limit),
+            ).fetchall()
             return [self._job(c, r) for r in rows]
 
         jobs: list[Job] = await self._tx(run, write=False)
@@ -98,14 +120,21 @@ class SqliteLeases(SqliteParts):
 
     async def create_retry(self, lost: Job, retry: Job, data_key_wrapped: bytes) -> Job | None:
         """Queue ``retry`` as the next attempt of ``lost``, once: None if another did it first."""
+
         def run(c: sqlite3.Connection) -> Job | None:
-            if c.execute("UPDATE jobs SET retried_as = ? WHERE org = ? AND id = ? AND status = ? AND retried_as = ''",
-                         (retry.id, lost.org, lost.id, JobStatus.LOST.value)).rowcount != 1:
+            if (
+                c.execute(
+                    "UPDATE jobs SET retried_as = ? WHERE org = ? AND id = ? AND status = ? AND retried_as = ''",
+                    (retry.id, lost.org, lost.id, JobStatus.LOST.value),
+                ).rowcount
+                != 1
+            ):
                 return None
             c.execute(
                 "INSERT INTO jobs (id, org, pool, spec, status, created_at, data_key, attempt, retry_of, retries)"
                 " SELECT ?, org, pool, spec, ?, ?, ?, attempt + 1, id, retries FROM jobs WHERE id = ?",
-                (retry.id, JobStatus.QUEUED.value, _ts(retry.created_at), data_key_wrapped, lost.id))
+                (retry.id, JobStatus.QUEUED.value, _ts(retry.created_at), data_key_wrapped, lost.id),
+            )
             self._add_transition(c, retry.id, JobStatus.QUEUED, retry.created_at, f"retry of {lost.id}")
             return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (retry.id,)).fetchone())
 
