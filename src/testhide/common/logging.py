@@ -9,13 +9,30 @@ from typing import Any
 
 import structlog
 
-_SECRET_KEYS = ("token", "api_key", "password", "secret", "private_key", "authorization", "master_key")
+# Exact keys, not substrings: `token_id` and `secret_name` name a credential without being one, and
+# an operator needs them in the log; the value of `token` or `secret` must never get there.
+SECRET_KEYS = frozenset(
+    {
+        "token",
+        "access_token",
+        "refresh_token",
+        "enrollment_token",
+        "api_key",
+        "password",
+        "secret",
+        "secret_value",
+        "private_key",
+        "authorization",
+        "master_key",
+        "key_pem",
+    }
+)
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Drop the values of anything that looks like a credential."""
+    """Replace the values of credential fields, matched by exact (case-insensitive) key."""
     for key in list(event):
-        if any(marker in key.lower() for marker in _SECRET_KEYS):
+        if key.lower() in SECRET_KEYS:
             event[key] = "[redacted]"
     return event
 

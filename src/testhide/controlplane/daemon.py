@@ -1,18 +1,25 @@
 """The control plane daemon: two listeners, the scheduler, the store, and a
-watcher that applies rotations and revocations made by operator commands."""
+watcher that applies rotations and revocations made by operator commands.
+
+Lifecycle only: ``start()`` binds and starts the supervised background tasks,
+``run()`` waits until the daemon stops, ``shutdown()`` stops it. The background
+tasks never end on their own: the first one that does (an exception, or a
+return) is logged with its cause and stops the whole daemon, and ``run()`` then
+raises ``BackgroundTaskFailed`` so that ``serve`` exits non-zero instead of
+serving on without a scheduler."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from testhide.common.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.limits import RateLimiter, SpikeDetector
@@ -23,6 +30,7 @@ from testhide.controlplane.ca.rotation import rotate_server_certificate
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.config import ControlPlaneConfig
 from testhide.controlplane.datadir import DataDir, TlsMaterial
+from testhide.controlplane.errors import BackgroundTaskFailed
 from testhide.controlplane.jobs.blobs import BlobVault
 from testhide.controlplane.jobs.leases import Leases
 from testhide.controlplane.jobs.logs import LogBook
@@ -30,13 +38,13 @@ from testhide.controlplane.jobs.scheduler import Scheduler, TrustBundle
 from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.service import JobService
 from testhide.controlplane.masterkey import RingAnnouncement
+from testhide.controlplane.rpc import server
 from testhide.controlplane.rpc.agent import AgentControlServicer
 from testhide.controlplane.rpc.auth import ApiAuthInterceptor
 from testhide.controlplane.rpc.auth_service import AuthServicer
 from testhide.controlplane.rpc.enrollment import EnrollmentServicer
 from testhide.controlplane.rpc.jobs import JobsServicer, SecretsServicer
 from testhide.controlplane.store.sqlite import SqliteStore
-from testhide.protos.v1 import agent_pb2_grpc, auth_pb2_grpc, enrollment_pb2_grpc, jobs_pb2_grpc
 
 log = structlog.get_logger("testhide.controlplane")
 
@@ -56,6 +64,8 @@ class ControlPlane:
         self._stopped = asyncio.Event()
         self._shutdown_started = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._failure: BaseException | None = None
+        self._stopping: asyncio.Future[None] | None = None
         self._servers: list[grpc.aio.Server] = []
         self._store: SqliteStore | None = None
         self.scheduler: Scheduler | None = None
@@ -91,22 +101,11 @@ class ControlPlane:
                 note="below 5 minutes agents renew very often; meant for tests",
             )
 
-        agent_server = grpc.aio.server(
-            options=CHANNEL_OPTIONS
-            + [
-                # An open connection outlives the certificate that opened it: bound it.
-                ("grpc.max_connection_age_ms", int(ttl.total_seconds() * 1000)),
-                ("grpc.max_connection_age_grace_ms", 30_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                # TLS record buffers per connection: 16 KiB by default, held by every idle agent.
-                ("grpc.tsi.max_frame_size", 4096),
-            ]
-        )
-        agent_pb2_grpc.add_AgentControlServicer_to_server(
+        agent_server = server.agent_server(
             AgentControlServicer(store, scheduler, jobs, certs, ttl, auditor, leases.heartbeat_interval),
-            agent_server,
+            health,
+            ttl,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(health, agent_server)
         self.agent_port = agent_server.add_secure_port(
             self.config.resolved_agent_listen, certs.credentials(client_auth=True)
         )
@@ -121,33 +120,27 @@ class ControlPlane:
             reuse_grace=self.config.refresh_reuse_grace,
         )
         rate_a, rate_p = self.config.rate_per_address, self.config.rate_per_principal
-        api_server = grpc.aio.server(
-            interceptors=[
-                ApiAuthInterceptor(
-                    sessions, RateLimiter(rate_a, int(2 * rate_a)), RateLimiter(rate_p, int(2 * rate_p))
-                )
-            ],
-            options=[
-                ("grpc.max_receive_message_length", self.config.max_request_bytes),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ],
+        api_server = server.api_server(
+            server.ApiServicers(
+                jobs=JobsServicer(jobs),
+                secrets=SecretsServicer(secrets, auditor),
+                enrollment=EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port),
+                auth=AuthServicer(sessions, keys),
+                health=health,
+            ),
+            ApiAuthInterceptor(
+                sessions, RateLimiter(rate_a, int(2 * rate_a)), RateLimiter(rate_p, int(2 * rate_p))
+            ),
+            self.config.max_request_bytes,
         )
-        jobs_pb2_grpc.add_JobsServicer_to_server(JobsServicer(jobs), api_server)
-        jobs_pb2_grpc.add_SecretsServicer_to_server(SecretsServicer(secrets, auditor), api_server)
-        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-            EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port), api_server
-        )
-        auth_pb2_grpc.add_AuthServicer_to_server(AuthServicer(sessions, keys), api_server)
-        health_pb2_grpc.add_HealthServicer_to_server(health, api_server)
         self.api_port = api_server.add_secure_port(self.config.listen, certs.credentials(client_auth=False))
 
         self._servers = [api_server, agent_server]
-        for server in self._servers:
-            await server.start()
-        self._tasks.append(asyncio.create_task(scheduler.run(), name="scheduler"))
-        self._tasks.append(asyncio.create_task(leases.run(), name="leases"))
-        self._tasks.append(asyncio.create_task(self._watch(directory, master), name="watcher"))
+        for listener in self._servers:
+            await listener.start()
+        self._supervise(scheduler.run(), "scheduler")
+        self._supervise(leases.run(), "leases")
+        self._supervise(self._watch(directory, master), "watcher")
         await health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "controlplane_started",
@@ -156,8 +149,24 @@ class ControlPlane:
             data_dir=str(self.config.data_dir),
         )
 
+    def _supervise(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._task_ended)
+        self._tasks.append(task)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._shutdown_started:
+            return
+        error = task.exception()
+        # The first failure wins; the daemon stops rather than serve without this task.
+        self._failure = error or RuntimeError(f"the {task.get_name()} task returned")
+        log.error("background_task_failed", task=task.get_name(), exc_info=self._failure)
+        self._stopping = asyncio.ensure_future(self.shutdown())
+
     async def _watch(self, directory: DataDir, master: MasterKey) -> None:
-        assert self.certificates is not None and self._store is not None and self.scheduler is not None
+        assert self.certificates is not None
+        assert self._store is not None
+        assert self.scheduler is not None
         certs, store, scheduler = self.certificates, self._store, self.scheduler
         revoked_since = datetime.now(UTC)
         while True:
@@ -198,30 +207,43 @@ class ControlPlane:
                 session.close("UNAUTHENTICATED", "the agent certificate's CA has been retired; enroll again")
 
     async def run(self) -> None:
+        """Serve until ``shutdown()``; raise ``BackgroundTaskFailed`` if a background task stopped it."""
         if not self._servers:
             await self.start()
         await self._stopped.wait()
+        if self._failure is not None:
+            raise BackgroundTaskFailed(
+                f"the control plane stopped: a background task failed: {self._failure!r}"
+            ) from self._failure
 
     async def shutdown(self) -> None:
+        """Stop serving, end the background tasks, close the store. Idempotent; always completes."""
         if self._shutdown_started:
             await self._stopped.wait()
             return
         self._shutdown_started = True
+        try:
+            await self._stop_serving()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            # A task that failed has its exception recorded already; never re-raise it here.
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            try:
+                if self._store is not None:
+                    await self._store.close()
+            finally:
+                if self._ring is not None:
+                    self._ring.withdraw()
+                log.info("controlplane_stopped")
+                self._stopped.set()
+
+    async def _stop_serving(self) -> None:
         grace = self.config.shutdown_grace.total_seconds()
         # Agents' streams never end on their own: close them with a status that
         # makes agents reconnect (to the next instance) and replay what is unacknowledged.
-        stopping = [asyncio.create_task(server.stop(grace)) for server in self._servers]
+        stopping = [asyncio.create_task(listener.stop(grace)) for listener in self._servers]
         if self.scheduler is not None:
             for session in self.scheduler.sessions():
                 session.close("UNAVAILABLE", "the control plane is shutting down; reconnect")
         await asyncio.gather(*stopping)
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._store is not None:
-            await self._store.close()
-        if self._ring is not None:
-            self._ring.withdraw()
-        log.info("controlplane_stopped")
-        self._stopped.set()

@@ -11,7 +11,8 @@ ControlPlaneError
 ├── FailedPrecondition       the object is not in a state that allows this
 ├── StaleEpoch               an agent reported on an assignment it no longer holds
 ├── IntegrityError           stored data failed authentication (tampering, wrong key)
-└── StorageUnavailable       the database is locked by another process, or the disk is full
+├── StorageUnavailable       the database is locked by another process, or the disk is full
+└── BackgroundTaskFailed     a supervised task of the daemon died; the daemon stopped because of it
 """
 
 
@@ -63,3 +64,7 @@ class IntegrityError(ControlPlaneError):
 
 class StorageUnavailable(ControlPlaneError):
     """Transient: nothing was changed; the same request succeeds once the condition clears."""
+
+
+class BackgroundTaskFailed(ControlPlaneError):
+    """The scheduler, the lease keeper or the watcher ended; its cause is chained (``__cause__``)."""
