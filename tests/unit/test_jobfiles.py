@@ -70,8 +70,12 @@ def test_safe_archives_are_repacked_for_the_job_user() -> None:
         members = {m.name: m for m in tar.getmembers()}
         assert set(members) == {"src", "src/main.py", "src/alias.py", "docs/link"}
         assert all((m.uid, m.gid) == (1000, 1001) for m in members.values())
-        assert tar.extractfile("src/main.py").read() == b"print(1)\n"  # type: ignore[union-attr]
+        main = tar.extractfile("src/main.py")
+        assert main is not None
+        assert main.read() == b"print(1)\n"
         assert members["src/alias.py"].linkname == "main.py"
+        # The filter leaves directories and links without a mode; the repacked archive gives them one.
+        assert [members[n].mode for n in ("src", "src/main.py", "src/alias.py")] == [0o755, 0o644, 0o777]
 
 
 def test_garbage_is_not_an_archive() -> None:

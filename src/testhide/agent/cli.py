@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from testhide import __version__
 from testhide.agent.errors import AgentError
 from testhide.common.durations import Duration
 from testhide.common.logging import configure
@@ -35,6 +36,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 @click.group()
+@click.version_option(__version__, prog_name="testhide-agent", message="%(prog)s %(version)s")
 @click.option("--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True)
 @click.option("--log-level", default="info", show_default=True)
 def main(log_format: str, log_level: str) -> None:

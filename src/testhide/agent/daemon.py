@@ -61,6 +61,8 @@ class Agent:
         self.accepting_changed = asyncio.Event()
         self._probe: asyncio.Task[None] | None = None
         self.credentials_changed = asyncio.Condition()
+        self._announcements: set[asyncio.Task[None]] = set()
+        """Held until done: the event loop keeps only weak references to tasks."""
 
     @property
     def agent_id(self) -> str:
@@ -136,7 +138,9 @@ class Agent:
     def _update_credentials(self, credentials: Credentials) -> None:
         credentials.save(self.config.data_dir)
         self._credentials = credentials
-        asyncio.ensure_future(self._announce_credentials())
+        announcement = asyncio.ensure_future(self._announce_credentials())
+        self._announcements.add(announcement)
+        announcement.add_done_callback(self._announcements.discard)
 
     async def _announce_credentials(self) -> None:
         async with self.credentials_changed:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from testhide.agent.errors import JobSetupError
+from testhide.common.safetar import UnsafeMember, data_filter
 
 WORKSPACE = "/workspace"
 
@@ -40,7 +41,7 @@ def _check_member(member: tarfile.TarInfo) -> None:
 
 def repack_workspace(source: IO[bytes], uid: int, gid: int) -> bytes:
     """Validate a (possibly gzipped) tar and repack it for /workspace, owned by
-    the job user, with permissions sanitised by tarfile's ``data`` filter."""
+    the job user, with permissions sanitised by the ``data`` filter (common/safetar.py)."""
     out = io.BytesIO()
     try:
         with (
@@ -50,12 +51,15 @@ def repack_workspace(source: IO[bytes], uid: int, gid: int) -> bytes:
             for member in archive:
                 _check_member(member)
                 try:
-                    safe = tarfile.data_filter(member, WORKSPACE)
-                except tarfile.FilterError as exc:
+                    safe = data_filter(member, WORKSPACE)
+                except UnsafeMember as exc:
                     raise UnsafeArchive(f"workspace archive refused: {exc}") from exc
-                # The data filter leaves link modes unset; tar needs one.
-                mode = safe.mode if safe.mode is not None else 0o777
-                safe = safe.replace(uid=uid, gid=gid, uname="", gname="", mode=mode, deep=False)
+                safe.uid, safe.gid, safe.uname, safe.gname = uid, gid, "", ""
+                # The filter gives directories and links no mode of their own; tar needs one.
+                if safe.isdir():
+                    safe.mode = 0o755
+                elif safe.issym():
+                    safe.mode = 0o777
                 data = archive.extractfile(member) if member.isreg() else None
                 packed.addfile(safe, data)
     except tarfile.TarError as exc:

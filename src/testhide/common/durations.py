@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any
 
 import click
 
@@ -44,12 +43,14 @@ def format_duration(value: timedelta) -> str:
     return "".join(parts) or "0s"
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[timedelta, str | timedelta]):
     """A click option type for the forms above."""
 
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def convert(
+        self, value: str | timedelta, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
         try:
             return parse_duration(value) if isinstance(value, str) else value
         except ValueError as exc:

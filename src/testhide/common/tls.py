@@ -56,14 +56,16 @@ def _peer_chain(host: str, port: int, timeout: float) -> list[bytes]:
     context.verify_mode = ssl.CERT_NONE
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, port), timeout=timeout) as raw:
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            public = getattr(tls, "get_unverified_chain", None)  # Python >= 3.13: DER bytes
-            if public is not None:
-                return list(public())
-            # Python 3.11/3.12 have the same method on the private object.
-            der = _ssl.ENCODING_DER  # type: ignore[attr-defined]
-            return [c.public_bytes(der) for c in tls._sslobj.get_unverified_chain()]  # type: ignore[union-attr]
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        public = getattr(tls, "get_unverified_chain", None)  # Python >= 3.13: DER bytes
+        if public is not None:
+            return list(public())
+        # Python 3.11/3.12 have the same method on the private object.
+        private = tls._sslobj  # type: ignore[attr-defined]  # private, so typeshed does not declare it
+        return [c.public_bytes(_ssl.ENCODING_DER) for c in private.get_unverified_chain()]
 
 
 def fetch_pinned_ca(target: str, ca_fingerprint: str, timeout: float = 10.0) -> bytes:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from testhide.common.files import atomic_file
+from testhide.common.safetar import UnsafeMember, extract_all
 from testhide.controlplane import backupfile
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
@@ -87,7 +88,8 @@ async def create_backup(
         snapshot = Path(scratch) / DB_NAME
         await store.snapshot(snapshot)
         header, sha256 = await asyncio.to_thread(_write_backup, out, master, files, snapshot)
-    return BackupSummary(header.backup_id, header.master_key_id, out.stat().st_size, sha256, len(files) + 1)
+    size = (await asyncio.to_thread(out.stat)).st_size
+    return BackupSummary(header.backup_id, header.master_key_id, size, sha256, len(files) + 1)
 
 
 class _Hashing:
@@ -150,7 +152,10 @@ def _unpack(source: Path, master: MasterKey, directory: DataDir) -> backupfile.B
         names = archive.getnames()
         if DB_NAME not in names or "state.json" not in names:
             raise IntegrityError("the backup lacks the database or the data dir state")
-        archive.extractall(directory.path, filter="data")
+        try:
+            extract_all(archive, directory.path)
+        except UnsafeMember as exc:
+            raise IntegrityError(f"the backup holds an unsafe member: {exc}") from exc
         for member in archive.getmembers():
             if member.isdir():  # the "data" filter leaves directories to the umask
                 (directory.path / member.name).chmod(0o700)

@@ -17,6 +17,7 @@ import click
 import structlog
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from testhide import __version__
 from testhide.common.durations import Duration, format_duration
 from testhide.common.logging import configure
 from testhide.common.tls import fingerprint
@@ -37,6 +38,7 @@ org_option = click.option("--org", default="default", show_default=True, help="O
 
 
 @click.group()
+@click.version_option(__version__, prog_name="testhide-controlplane", message="%(prog)s %(version)s")
 @click.option("--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True)
 @click.option("--log-level", default="info", show_default=True)
 def main(log_format: str, log_level: str) -> None:
@@ -266,6 +268,7 @@ def agents_list(data_dir: Path, as_json: bool) -> None:
                     "cert_serial": a.cert_serial,
                     "cert_not_after": a.cert_not_after.isoformat(),
                     "last_seen_at": a.last_seen_at.isoformat() if a.last_seen_at else None,
+                    "version": a.version or None,
                     "state": "revoked"
                     if a.revoked_at
                     else "expired"
@@ -275,9 +278,8 @@ def agents_list(data_dir: Path, as_json: bool) -> None:
                 for a in await op.store.list_agents()
             ]
 
-    _print_rows(
-        _run(run()), as_json, ["id", "name", "org", "pool", "state", "cert_not_after", "last_seen_at"]
-    )
+    columns = ["id", "name", "org", "pool", "state", "version", "cert_not_after", "last_seen_at"]
+    _print_rows(_run(run()), as_json, columns)
 
 
 @agents.command("revoke")
@@ -564,7 +566,7 @@ def orgs_revoke(data_dir: Path, org: str) -> None:
             counts = await op.store.revoke_org(org, datetime.now(UTC))
             if counts is None:
                 raise NotFound(f"no organisation {org}")
-            await op.auditor.record("org_revoked", op.actor, org=org, target=org, **counts)
+            await op.auditor.record("org_revoked", op.actor, org=org, target=org, revoked=counts)
             return counts
 
     counts = _run(run())

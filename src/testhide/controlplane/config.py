@@ -3,7 +3,7 @@ command line reads flags and the environment; the daemon gets this."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,7 +35,7 @@ class ControlPlaneConfig:
     """API requests per second from one client address (token bucket, burst twice that)."""
     rate_per_principal: float = 50.0
     """API requests per second for one user or API key (token bucket, burst twice that)."""
-    lockout: LockoutPolicy = LockoutPolicy()
+    lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
     """Failed logins per account before exponential backoff, and the window they count in."""
     refresh_reuse_grace: timedelta = timedelta(seconds=10)
     """A spent refresh token presented again within this window is taken as a retry of a

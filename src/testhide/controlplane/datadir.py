@@ -2,7 +2,7 @@
 every other command. Private keys are stored sealed under the master key.
 
     DIR/state.json            layout version, trust domain, server names, CA generations
-    DIR/master.key            0600 key ring (current key first), unless the operator supplies TESTHIDE_MASTER_KEY
+    DIR/master.key            0600 key ring (current key first), unless TESTHIDE_MASTER_KEY supplies it
     DIR/ca.pem                the trust bundle: every trusted CA (public; give it to clients)
     DIR/cas/ca-N.pem          CA generation N
     DIR/cas/ca-N.key.sealed   its private key, AES-256-GCM under the master key
@@ -17,6 +17,7 @@ every other command. Private keys are stored sealed under the master key.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -248,19 +249,31 @@ async def build_atomically(
     """Build a data dir in a sibling temporary directory and rename it into
     ``path`` (absent or empty) once ``build`` succeeded: a refused or failed
     init or restore leaves nothing behind."""
+    staging = await asyncio.to_thread(_new_staging, path, purpose, refusal)
+    try:
+        result = await build(DataDir(staging))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    await asyncio.to_thread(_move_into_place, staging, path)
+    return result
+
+
+def _new_staging(path: Path, purpose: str, refusal: str) -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise DataDirError(f"{path} already exists and is not empty; {refusal}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{purpose}-", dir=path.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.{purpose}-", dir=path.parent))
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
     try:
-        result = await build(DataDir(staging))
         if path.exists():
             path.rmdir()
         staging.rename(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return result
 
 
 async def _populate(

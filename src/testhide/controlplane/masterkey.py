@@ -50,9 +50,9 @@ _POLL_S = 0.1
 
 ENV_HELP = (
     f"the master key comes from {MASTER_KEY_ENV}, which a command cannot change for a running serve. "
-    "To rotate it: (1) 'testhide-controlplane master-key generate' prints a new key; (2) restart serve with "
-    f"{MASTER_KEY_ENV}=NEW,OLD (new key first); (3) run 'master-key rotate' with that same value: it re-wraps "
-    f"everything under NEW; (4) restart serve with {MASTER_KEY_ENV}=NEW."
+    "To rotate it: (1) 'testhide-controlplane master-key generate' prints a new key; (2) restart serve "
+    f"with {MASTER_KEY_ENV}=NEW,OLD (new key first); (3) run 'master-key rotate' with that same value: it "
+    f"re-wraps everything under NEW; (4) restart serve with {MASTER_KEY_ENV}=NEW."
 )
 
 
@@ -106,9 +106,12 @@ def ring_holders(directory: DataDir) -> list[RingHolder]:
     return holders
 
 
-async def wait_for_holders(directory: DataDir, current_id: str, timeout: timedelta = HOLDER_TIMEOUT) -> None:
-    """Until every running serve seals with ``current_id``."""
-    deadline = time.monotonic() + timeout.total_seconds()
+async def wait_for_holders(
+    directory: DataDir, current_id: str, holder_timeout: timedelta = HOLDER_TIMEOUT
+) -> None:
+    """Until every running serve seals with ``current_id``; past ``holder_timeout``, a
+    FailedPrecondition that names the serves still on another key."""
+    deadline = time.monotonic() + holder_timeout.total_seconds()
     while True:
         lagging = [h for h in ring_holders(directory) if h.key_ids[:1] != (current_id,)]
         if not lagging:
@@ -117,8 +120,8 @@ async def wait_for_holders(directory: DataDir, current_id: str, timeout: timedel
             pids = ", ".join(str(h.pid) for h in lagging)
             raise FailedPrecondition(
                 f"running serve process(es) {pids} still seal with another key than {current_id} after "
-                f"{timeout.total_seconds():.0f}s; if the key comes from {MASTER_KEY_ENV}, restart them with the "
-                "new key first. Run rotate again to continue."
+                f"{holder_timeout.total_seconds():.0f}s; if the key comes from {MASTER_KEY_ENV}, restart "
+                "them with the new key first. Run rotate again to continue."
             )
         await asyncio.sleep(_POLL_S)
 

@@ -83,9 +83,9 @@ def master_key_rotate(data_dir: Path, force: bool, wait_s: float) -> None:
         )
     else:
         raise click.ClickException(
-            f"{len(result.damaged)} stored object(s) failed authentication (tampered or damaged) and were left as "
-            "they are; the old key stays in the ring so this rotation loses nothing. Restore them from a backup "
-            "and run rotate again, or pass --force to drop the old key anyway."
+            f"{len(result.damaged)} stored object(s) failed authentication (tampered or damaged) and were "
+            "left as they are; the old key stays in the ring so this rotation loses nothing. Restore them "
+            "from a backup and run rotate again, or pass --force to drop the old key anyway."
         )
 
 

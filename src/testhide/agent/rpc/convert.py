@@ -4,14 +4,25 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from testhide.agent.model import Assignment, JobRefused, JobResult, JobStarted, LogBatch, Report
-from testhide.protos.v1 import agent_pb2
+from testhide.agent.model import (
+    Assignment,
+    JobRefused,
+    JobResult,
+    JobStarted,
+    LogBatch,
+    LogStream,
+    Outcome,
+    Report,
+)
+from testhide.protos.v1 import agent_pb2, jobs_pb2
 
 _PULL = {
     agent_pb2.PULL_POLICY_NEVER: "never",
     agent_pb2.PULL_POLICY_IF_NOT_PRESENT: "if-not-present",
     agent_pb2.PULL_POLICY_ALWAYS: "always",
 }
+_STREAM = {stream: jobs_pb2.LogStream.Value(f"LOG_STREAM_{stream.name}") for stream in LogStream}
+_OUTCOME = {outcome: agent_pb2.JobOutcome.Value(f"JOB_OUTCOME_{outcome.name}") for outcome in Outcome}
 
 
 def assignment_from_pb(message: agent_pb2.AssignJob) -> Assignment:
@@ -47,7 +58,9 @@ def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
                     job_id=job_id,
                     epoch=epoch,
                     seq=seq,
-                    entries=[agent_pb2.LogEntry(stream=int(stream), data=data) for stream, data in entries],
+                    entries=[
+                        agent_pb2.LogEntry(stream=_STREAM[stream], data=data) for stream, data in entries
+                    ],
                 )
             )
         case JobResult(job_id, epoch, last_seq, outcome, exit_code, reason):
@@ -56,7 +69,7 @@ def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
                     job_id=job_id,
                     epoch=epoch,
                     last_seq=last_seq,
-                    outcome=int(outcome),
+                    outcome=_OUTCOME[outcome],
                     exit_code=exit_code,
                     reason=reason,
                 )

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import grpc
 import structlog
 
+from testhide import __version__
 from testhide.agent.config import AgentConfig
 from testhide.agent.credentials import Credentials, new_key_and_csr
 from testhide.agent.errors import CredentialsError
@@ -67,7 +68,7 @@ class Session:
         self._credentials = credentials
         self._outbox = outbox
         self._events = events
-        self._rng = rng or random.Random()
+        self._rng = rng or random.SystemRandom()
         self.established = False
 
     async def run(self) -> None:
@@ -90,7 +91,7 @@ class Session:
             outgoing: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
             hello = agent_pb2.Hello(
                 max_jobs=self._config.max_jobs,
-                version="0.1.0",
+                version=__version__,
                 labels=self._config.labels,
                 runtimes=self._runtimes,
                 running_jobs=[
@@ -141,7 +142,9 @@ class Session:
         return max(MIN_HEARTBEAT_S, interval)
 
     @staticmethod
-    async def _await_acceptance(call: grpc.aio.StreamStreamCall) -> dict[str, str]:
+    async def _await_acceptance(
+        call: grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
+    ) -> dict[str, str]:
         """The server sends a marker in its initial metadata once it has
         accepted our identity; anything else is the call's error."""
         metadata = await call.initial_metadata()
@@ -151,7 +154,9 @@ class Session:
         raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await call.trailing_metadata(), details)
 
     async def _write(
-        self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+        self,
+        call: grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
+        outgoing: asyncio.Queue[agent_pb2.AgentMessage],
     ) -> None:
         while True:
             message = await outgoing.get()
@@ -165,7 +170,9 @@ class Session:
                 ) from None
 
     async def _read(
-        self, call: grpc.aio.StreamStreamCall, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+        self,
+        call: grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
+        outgoing: asyncio.Queue[agent_pb2.AgentMessage],
     ) -> None:
         async for message in call:
             match message.WhichOneof("body"):
@@ -210,7 +217,7 @@ class Session:
                 )
             )
 
-    async def _renew(self, stub: agent_pb2_grpc.AgentControlStub) -> None:
+    async def _renew(self, stub: agent_pb2_grpc.AgentControlAsyncStub) -> None:
         """At half-life with jitter: a new key, a new certificate, then end this
         session so the next connection presents it. Jobs run on; the outbox
         replays whatever this connection had not acknowledged."""

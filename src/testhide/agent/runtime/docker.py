@@ -126,10 +126,8 @@ class DockerContainer:
         return ContainerExit(int(result.get("StatusCode", -1)), bool(state.get("OOMKilled")))
 
     async def stop(self, grace: float) -> None:
-        try:
-            await engine(self._container.stop, timeout=max(0, int(round(grace))))
-        except docker.errors.NotFound:
-            pass
+        with contextlib.suppress(docker.errors.NotFound):
+            await engine(self._container.stop, timeout=max(0, round(grace)))
 
     async def workspace_archive(self, dest: BinaryIO) -> None:
         def copy() -> None:
@@ -146,15 +144,11 @@ class DockerContainer:
         if self._removed:
             return
         self._removed = True
-        try:
+        with contextlib.suppress(docker.errors.NotFound):
             await engine(self._container.remove, force=True)
-        except docker.errors.NotFound:
-            pass
         if self._volume is not None:
-            try:
+            with contextlib.suppress(docker.errors.NotFound):
                 await engine(self._client.api.remove_volume, self._volume, True)
-            except docker.errors.NotFound:
-                pass
 
 
 class DockerRuntime:
@@ -237,7 +231,8 @@ class DockerRuntime:
 
     def _create_unchecked(self, spec: ContainerSpec) -> tuple[Container, str | None]:
         labels = {LABEL: spec.job_id, OWNER_LABEL: spec.owner}
-        tmpfs = {"/tmp": "rw,nosuid,nodev,size=64m"}
+        # The job container's own /tmp, a tmpfs inside it: no file on this host.
+        tmpfs = {"/tmp": "rw,nosuid,nodev,size=64m"}  # noqa: S108
         volume: str | None = None
         mounts: list[Mount] = []
         if spec.workspace_volume:
@@ -291,7 +286,7 @@ class DockerRuntime:
 
     async def remove_leftovers(self, owner: str, keep: frozenset[str] = frozenset()) -> int:
         def run() -> int:
-            selector = {"label": f"{OWNER_LABEL}={owner}"}
+            selector: dict[str, str | list[str] | bool] = {"label": f"{OWNER_LABEL}={owner}"}
             containers = [
                 c
                 for c in self._client.containers.list(all=True, filters=selector)

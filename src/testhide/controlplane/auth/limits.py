@@ -63,7 +63,8 @@ class LockoutPolicy:
         """How long after the last failure the next attempt must wait."""
         if failures < self.failures:
             return timedelta(0)
-        return min(self.max_delay, self.first_delay * 2 ** (failures - self.failures))
+        factor: int = 2 ** (failures - self.failures)  # never a fraction: failures >= self.failures
+        return min(self.max_delay, self.first_delay * factor)
 
 
 class SpikeDetector:

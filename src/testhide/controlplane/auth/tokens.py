@@ -30,7 +30,7 @@ ACCESS_TTL = timedelta(minutes=10)
 LEEWAY = timedelta(seconds=30)
 VERIFIED_CACHE = 4096
 AUDIENCE = "testhide-api"
-TOKEN_TYPE = "at+jwt"
+ACCESS_JWT_TYPE = "at+jwt"  # the "typ" header of an access token (RFC 9068)
 KEPT_KEYS = 2
 
 
@@ -108,7 +108,7 @@ def rotate_signing_key(directory: DataDir, master: MasterKey) -> str:
         state = directory.require_initialised()
         atomic_write(directory.path / name, master.seal(pem, aad=name.encode()), 0o600)
         previous = list(state.get("signing", {}).get("keys", []))
-        kept = (previous + [kid])[-KEPT_KEYS:]
+        kept = [*previous, kid][-KEPT_KEYS:]
         state["signing"] = {"active": kid, "keys": kept}
         directory.write_state(state)
         for dropped in set(previous) - set(kept):
@@ -139,7 +139,7 @@ class AccessTokens:
             "iat": int(now.timestamp()),
             "exp": int(expires.timestamp()),
         }
-        token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid, "typ": TOKEN_TYPE})
+        token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid, "typ": ACCESS_JWT_TYPE})
         return token, expires
 
     def verify(self, token: str, now: datetime | None = None) -> AccessClaims:
@@ -163,7 +163,7 @@ class AccessTokens:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise Unauthenticated("malformed access token") from exc
-        if header.get("typ") != TOKEN_TYPE:
+        if header.get("typ") != ACCESS_JWT_TYPE:
             raise Unauthenticated("not an access token")
         if header.get("alg") != "RS256":
             raise Unauthenticated("access tokens are RS256")

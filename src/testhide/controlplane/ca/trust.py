@@ -72,5 +72,7 @@ class CertificateState:
 
         fetcher: Callable[[], grpc.ServerCertificateConfiguration | None] = fetch
         return grpc.dynamic_ssl_server_credentials(
-            self._configuration(client_auth), fetcher, require_client_authentication=client_auth
+            self._configuration(client_auth),
+            fetcher,  # type: ignore[arg-type]  # grpc documents None as "no change"; its stub omits it
+            require_client_authentication=client_auth,
         )

@@ -60,7 +60,7 @@ def parse_junit(data: bytes) -> list[TestCase]:
         suites = list(root.iter("testsuite"))
     else:
         raise JunitError(f"not a JUnit report (root element <{root.tag}>)")
-    cases = []
+    cases: list[TestCase] = []
     for suite in suites:
         name = suite.get("name", "")
         cases.extend(_case(name, element) for element in suite.findall("testcase"))

@@ -160,6 +160,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._pending: set[tuple[str, str]] = set()
         self._attached = asyncio.Condition()
+        self._announcements: set[asyncio.Task[None]] = set()
+        """Held until done: the event loop keeps only weak references to tasks."""
 
     def session_of(self, agent_id: str) -> AgentSession | None:
         return self._sessions.get(agent_id)
@@ -175,7 +177,9 @@ class Scheduler:
         identity = session.identity
         self._by_pool.setdefault((identity.org, identity.pool), {})[identity.agent_id] = session
         self.kick(session.identity.org, session.identity.pool)
-        asyncio.ensure_future(self._announce())
+        announcement = asyncio.ensure_future(self._announce())
+        self._announcements.add(announcement)
+        announcement.add_done_callback(self._announcements.discard)
 
     async def _announce(self) -> None:
         async with self._attached:

@@ -3,6 +3,7 @@ the scheduler when it hands a job to the agent that runs it."""
 
 from __future__ import annotations
 
+import builtins
 from datetime import UTC, datetime
 
 from testhide.controlplane.atrest import MasterKey, seal, unseal
@@ -55,7 +56,7 @@ class SecretVault:
             raise NotFound(f"secret {name} not found")
         return deleted
 
-    async def missing(self, org: str, names: tuple[str, ...]) -> list[str]:
+    async def missing(self, org: str, names: tuple[str, ...]) -> builtins.list[str]:
         found = await self._store.get_secrets(org, names)
         return [n for n in names if n not in found]
 

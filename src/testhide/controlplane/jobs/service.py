@@ -4,6 +4,7 @@ authenticated for; agents' org and pool come from their certificates."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -301,7 +302,12 @@ class JobService:
             log.info("job_started", job_id=job_id, agent_id=session.identity.agent_id)
 
     async def on_log_batch(
-        self, session: AgentSession, job_id: str, epoch: int, seq: int, entries: list[tuple[LogStream, bytes]]
+        self,
+        session: AgentSession,
+        job_id: str,
+        epoch: int,
+        seq: int,
+        entries: builtins.list[tuple[LogStream, bytes]],
     ) -> None:
         stored = await self._logs.append(session.identity.org, job_id, epoch, seq, entries)
         session.send(LogAck(job_id, stored))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import structlog
@@ -69,6 +70,11 @@ _WITH_EXIT_CODE = (
 )
 
 
+def announced_version(text: str) -> str:
+    """An agent's self-reported version, for display only: printable ASCII, at most 64 characters."""
+    return "".join(ch for ch in text[:64] if " " <= ch <= "~") or "unknown"
+
+
 class VerifiedAgent:
     def __init__(self, identity: AgentIdentity, certificate: x509.Certificate, issuer: str) -> None:
         self.identity = identity
@@ -76,11 +82,20 @@ class VerifiedAgent:
         self.issuer = issuer
 
 
-def peer_certificate(context: grpc.aio.ServicerContext) -> x509.Certificate:
-    pems = context.auth_context().get("x509_pem_cert")
-    if not pems:
+def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate:
+    pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+    if not pem:
         raise Unauthenticated("a client certificate is required")
-    return x509.load_pem_x509_certificate(pems[0])
+    return x509.load_pem_x509_certificate(pem)
+
+
+async def read_message(
+    context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, Any],
+) -> agent_pb2.AgentMessage | None:
+    """The agent's next message, None once it has closed its side of the stream (grpc.aio.EOF,
+    which grpc's stub leaves out of read()'s type)."""
+    message: object = await context.read()
+    return message if isinstance(message, agent_pb2.AgentMessage) else None
 
 
 def issuer_of(cert: x509.Certificate, trusted: tuple[x509.Certificate, ...]) -> str | None:
@@ -95,7 +110,7 @@ def issuer_of(cert: x509.Certificate, trusted: tuple[x509.Certificate, ...]) -> 
 
 
 async def authenticate_agent(
-    context: grpc.aio.ServicerContext, store: Store, certs: CertificateState
+    context: grpc.aio.ServicerContext[Any, Any], store: Store, certs: CertificateState
 ) -> VerifiedAgent:
     """Re-checked on every stream and RPC: the handshake alone is not enough,
     because a connection outlives the certificate (and the trust) it opened with."""
@@ -165,7 +180,13 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         self._cert_ttl = cert_ttl
         self._auditor = auditor
 
-    async def Connect(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+    # grpc.aio also serves a stream as a coroutine that reads and writes through its context, which
+    # mypy-protobuf's stub (iterators only) cannot express.
+    async def Connect(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
+    ) -> None:
         try:
             agent = await authenticate_agent(context, self._store, self._certs)
         except ControlPlaneError as exc:
@@ -173,12 +194,13 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         await context.send_initial_metadata(
             ((SESSION_ACCEPTED, "1"), (HEARTBEAT_INTERVAL, self._heartbeat_ms))
         )
-        first = await context.read()
-        if first is grpc.aio.EOF or first.WhichOneof("body") != "hello":
+        first = await read_message(context)
+        if first is None or first.WhichOneof("body") != "hello":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello")
         identity = agent.identity
         hello = first.hello
         running = {r.job_id: r.epoch for r in hello.running_jobs}
+        version = announced_version(hello.version)
         session = AgentSession(
             identity,
             agent.certificate.serial_number,
@@ -193,7 +215,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         del agent, first, hello
         bound = log.bind(agent_id=identity.agent_id, org=identity.org, pool=identity.pool)
         try:
-            await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC))
+            await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC), version)
             await self._jobs.on_hello(session, running)
         except ControlPlaneError as exc:
             await context.abort(code_for(exc), str(exc))
@@ -209,7 +231,11 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             code, message = session.close_reason
             await context.abort(grpc.StatusCode[code], message)
 
-    async def _serve(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+    async def _serve(
+        self,
+        session: AgentSession,
+        context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
+    ) -> None:
         """Reads in the handler's own task, writes in one more; the session's
         interrupt (revocation, a newer stream, a failed write) and a timer for
         the certificate's end stop it. Ten thousand idle streams each hold
@@ -247,15 +273,23 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             )
         session.end()
 
-    async def _write(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+    async def _write(
+        self,
+        session: AgentSession,
+        context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
+    ) -> None:
         while True:
             await context.write(encode(await session.outbox.get()))
 
-    async def _read(self, session: AgentSession, context: grpc.aio.ServicerContext) -> None:
+    async def _read(
+        self,
+        session: AgentSession,
+        context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
+    ) -> None:
         try:
             while True:
-                message = await context.read()
-                if message is grpc.aio.EOF:
+                message = await read_message(context)
+                if message is None:
                     return
                 await self._handle(session, message)
         finally:
@@ -304,14 +338,16 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                 "agent_message_refused", kind=kind, agent_id=session.identity.agent_id, error=str(exc)
             )
             # A message about a job this agent no longer holds: stop it, report nothing more.
-            job_id = getattr(getattr(message, kind), "job_id", "")
+            job_id = getattr(getattr(message, kind), "job_id", "") if kind else ""
             if job_id and isinstance(exc, (StaleEpoch, NotFound)):
                 session.jobs.discard(job_id)
                 session.send(Cancel(job_id, str(exc), abandon=True))
 
     @mapped
     async def Renew(
-        self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext
+        self,
+        request: agent_pb2.RenewRequest,
+        context: grpc.aio.ServicerContext[agent_pb2.RenewRequest, agent_pb2.RenewResponse],
     ) -> agent_pb2.RenewResponse:
         """A new certificate for the same identity and a new key, authorised by
         the current, still valid certificate."""
@@ -345,7 +381,9 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
 
     @mapped
     async def FetchWorkspace(
-        self, request: agent_pb2.JobLease, context: grpc.aio.ServicerContext
+        self,
+        request: agent_pb2.JobLease,
+        context: grpc.aio.ServicerContext[agent_pb2.JobLease, jobs_pb2.DataChunk],
     ) -> AsyncIterator[jobs_pb2.DataChunk]:
         agent = await authenticate_agent(context, self._store, self._certs)
         async for chunk in self._jobs.workspace_for(agent.identity, request.job_id, request.epoch):
@@ -353,7 +391,9 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
 
     @mapped
     async def UploadArtifact(
-        self, request_iterator: AsyncIterator[agent_pb2.ArtifactUpload], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[agent_pb2.ArtifactUpload],
+        context: grpc.aio.ServicerContext[agent_pb2.ArtifactUpload, agent_pb2.ArtifactStored],
     ) -> agent_pb2.ArtifactStored:
         agent = await authenticate_agent(context, self._store, self._certs)
         first = await anext(aiter(request_iterator), None)

@@ -4,8 +4,8 @@ method missing from the table is refused: new RPCs fail closed."""
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 
@@ -43,13 +43,23 @@ SCOPE_OF_METHOD = {
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
+# What a handler's behaviour really is on a grpc.aio server. grpc's stubs share one
+# RpcMethodHandler between the two servers and describe the synchronous one.
+AioUnaryBehaviour: TypeAlias = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+AioStreamingBehaviour: TypeAlias = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
 
 def current_principal() -> Principal:
     """The caller of the RPC being served; set only after authentication."""
     return _principal.get()
 
 
-def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:
+def _rebuild(
+    handler: grpc.RpcMethodHandler[RequestT, ResponseT], behaviour: Callable[..., Any]
+) -> grpc.RpcMethodHandler[RequestT, ResponseT]:
     """A handler of the same shape as ``handler`` that runs ``behaviour``."""
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -64,7 +74,7 @@ def _rebuild(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> g
     )
 
 
-def client_address(context: grpc.aio.ServicerContext) -> str:
+def client_address(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """``ipv4:127.0.0.1:5000`` -> ``ipv4:127.0.0.1``: limits apply per address, not per port."""
     return context.peer().rsplit(":", 1)[0]
 
@@ -80,7 +90,7 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
         self._per_principal = per_principal
 
     async def _admit(
-        self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext
+        self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Principal | None:
         wait = self._per_address.take(client_address(context))
         if wait:
@@ -99,9 +109,11 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[RequestT, ResponseT] | None]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[RequestT, ResponseT] | None:
         handler = await continuation(details)
         if handler is None:
             return handler
@@ -110,7 +122,7 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
         admit = self._admit
 
-        async def admitted(context: grpc.aio.ServicerContext) -> None:
+        async def admitted(context: grpc.aio.ServicerContext[Any, Any]) -> None:
             try:
                 principal = await admit(method, metadata, context)
             except ControlPlaneError as exc:
@@ -119,16 +131,19 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
                 _principal.set(principal)
 
         if not handler.response_streaming:
+            respond = cast(AioUnaryBehaviour, inner)
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 await admitted(context)
-                return await inner(request, context)
+                return await respond(request, context)
 
             return _rebuild(handler, unary)
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        respond_each = cast(AioStreamingBehaviour, inner)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             await admitted(context)
-            async for item in inner(request, context):
+            async for item in respond_each(request, context):
                 yield item
 
         return _rebuild(handler, stream)

@@ -31,7 +31,9 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
 
     @mapped
     async def Login(
-        self, request: auth_pb2.LoginRequest, context: grpc.aio.ServicerContext
+        self,
+        request: auth_pb2.LoginRequest,
+        context: grpc.aio.ServicerContext[auth_pb2.LoginRequest, auth_pb2.TokenPair],
     ) -> auth_pb2.TokenPair:
         match request.WhichOneof("credential"):
             case "api_key":
@@ -45,19 +47,25 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
 
     @mapped
     async def Refresh(
-        self, request: auth_pb2.RefreshRequest, context: grpc.aio.ServicerContext
+        self,
+        request: auth_pb2.RefreshRequest,
+        context: grpc.aio.ServicerContext[auth_pb2.RefreshRequest, auth_pb2.TokenPair],
     ) -> auth_pb2.TokenPair:
         return _pair(await self._sessions.refresh(request.refresh_token, context.peer()))
 
     @mapped
     async def Logout(
-        self, request: auth_pb2.RefreshRequest, context: grpc.aio.ServicerContext
+        self,
+        request: auth_pb2.RefreshRequest,
+        context: grpc.aio.ServicerContext[auth_pb2.RefreshRequest, auth_pb2.LogoutResponse],
     ) -> auth_pb2.LogoutResponse:
         await self._sessions.logout(request.refresh_token)
         return auth_pb2.LogoutResponse()
 
     @mapped
     async def GetSigningKeys(
-        self, request: auth_pb2.GetSigningKeysRequest, context: grpc.aio.ServicerContext
+        self,
+        request: auth_pb2.GetSigningKeysRequest,
+        context: grpc.aio.ServicerContext[auth_pb2.GetSigningKeysRequest, auth_pb2.SigningKeys],
     ) -> auth_pb2.SigningKeys:
         return auth_pb2.SigningKeys(jwks_json=json.dumps(self._keys.jwks(), sort_keys=True))

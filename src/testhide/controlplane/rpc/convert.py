@@ -20,6 +20,7 @@ from testhide.controlplane.jobs.model import (
 from testhide.protos.v1 import jobs_pb2
 
 _STATUS_TO_PB = {status: jobs_pb2.JobStatus.Value(f"JOB_STATUS_{status.value}") for status in JobStatus}
+_STREAM_TO_PB = {stream: jobs_pb2.LogStream.Value(f"LOG_STREAM_{stream.name}") for stream in LogStream}
 DEFAULT_RESOURCES = Resources()
 
 
@@ -111,7 +112,7 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
 
 
 def chunk_to_pb(chunk: LogChunk) -> jobs_pb2.LogChunk:
-    return jobs_pb2.LogChunk(offset=chunk.offset, stream=int(chunk.stream), data=chunk.data)
+    return jobs_pb2.LogChunk(offset=chunk.offset, stream=_STREAM_TO_PB[chunk.stream], data=chunk.data)
 
 
 def stream_from_pb(value: int) -> LogStream:

@@ -16,7 +16,9 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServicer):
 
     @mapped
     async def Enroll(
-        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+        self,
+        request: enrollment_pb2.EnrollRequest,
+        context: grpc.aio.ServicerContext[enrollment_pb2.EnrollRequest, enrollment_pb2.EnrollResponse],
     ) -> enrollment_pb2.EnrollResponse:
         enrolled = await self._enrollment.enroll(
             request.token, request.csr_pem, request.name, source_ip=context.peer()

@@ -28,31 +28,43 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @mapped
     async def Submit(
-        self, request: jobs_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.SubmitJobRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.SubmitJobRequest, jobs_pb2.SubmitJobResponse],
     ) -> jobs_pb2.SubmitJobResponse:
         job = await self._jobs.submit(current_principal().org, spec_from_pb(request.spec))
         return jobs_pb2.SubmitJobResponse(job=job_to_pb(job))
 
     @mapped
-    async def Get(self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> jobs_pb2.Job:
+    async def Get(
+        self,
+        request: jobs_pb2.GetJobRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.GetJobRequest, jobs_pb2.Job],
+    ) -> jobs_pb2.Job:
         return job_to_pb(await self._jobs.get(current_principal().org, request.job_id))
 
     @mapped
     async def List(
-        self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.ListJobsRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.ListJobsRequest, jobs_pb2.ListJobsResponse],
     ) -> jobs_pb2.ListJobsResponse:
         jobs, token = await self._jobs.list(current_principal().org, request.page_size, request.page_token)
         return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
 
     @mapped
     async def Cancel(
-        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.CancelJobRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.CancelJobRequest, jobs_pb2.Job],
     ) -> jobs_pb2.Job:
         return job_to_pb(await self._jobs.cancel(current_principal().org, request.job_id))
 
     @mapped
     async def FollowLogs(
-        self, request: jobs_pb2.FollowLogsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.FollowLogsRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.FollowLogsRequest, jobs_pb2.FollowLogsResponse],
     ) -> AsyncIterator[jobs_pb2.FollowLogsResponse]:
         org = current_principal().org
         async for item in self._jobs.follow(org, request.job_id, request.from_offset, request.follow):
@@ -63,7 +75,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @mapped
     async def UploadWorkspace(
-        self, request_iterator: AsyncIterator[jobs_pb2.DataChunk], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[jobs_pb2.DataChunk],
+        context: grpc.aio.ServicerContext[jobs_pb2.DataChunk, jobs_pb2.UploadWorkspaceResponse],
     ) -> jobs_pb2.UploadWorkspaceResponse:
         async def chunks() -> AsyncIterator[bytes]:
             async for chunk in request_iterator:
@@ -74,7 +88,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @mapped
     async def ListArtifacts(
-        self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.JobRef,
+        context: grpc.aio.ServicerContext[jobs_pb2.JobRef, jobs_pb2.ListArtifactsResponse],
     ) -> jobs_pb2.ListArtifactsResponse:
         found = await self._jobs.artifacts(current_principal().org, request.job_id)
         return jobs_pb2.ListArtifactsResponse(
@@ -83,14 +99,18 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
 
     @mapped
     async def DownloadArtifact(
-        self, request: jobs_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.DownloadArtifactRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.DownloadArtifactRequest, jobs_pb2.DataChunk],
     ) -> AsyncIterator[jobs_pb2.DataChunk]:
         async for chunk in self._jobs.artifact(current_principal().org, request.job_id, request.path):
             yield jobs_pb2.DataChunk(data=chunk)
 
     @mapped
     async def GetTestResults(
-        self, request: jobs_pb2.JobRef, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.JobRef,
+        context: grpc.aio.ServicerContext[jobs_pb2.JobRef, jobs_pb2.TestResults],
     ) -> jobs_pb2.TestResults:
         return test_results_to_pb(*await self._jobs.test_results(current_principal().org, request.job_id))
 
@@ -102,7 +122,9 @@ class SecretsServicer(jobs_pb2_grpc.SecretsServicer):
 
     @mapped
     async def Set(
-        self, request: jobs_pb2.SetSecretRequest, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.SetSecretRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.SetSecretRequest, jobs_pb2.Secret],
     ) -> jobs_pb2.Secret:
         principal = current_principal()
         updated = await self._vault.set(principal.org, request.name, request.value)
@@ -117,7 +139,9 @@ class SecretsServicer(jobs_pb2_grpc.SecretsServicer):
 
     @mapped
     async def List(
-        self, request: jobs_pb2.ListSecretsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.ListSecretsRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.ListSecretsRequest, jobs_pb2.ListSecretsResponse],
     ) -> jobs_pb2.ListSecretsResponse:
         found = await self._vault.list(current_principal().org)
         return jobs_pb2.ListSecretsResponse(
@@ -126,7 +150,9 @@ class SecretsServicer(jobs_pb2_grpc.SecretsServicer):
 
     @mapped
     async def Delete(
-        self, request: jobs_pb2.DeleteSecretRequest, context: grpc.aio.ServicerContext
+        self,
+        request: jobs_pb2.DeleteSecretRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.DeleteSecretRequest, jobs_pb2.Secret],
     ) -> jobs_pb2.Secret:
         principal = current_principal()
         updated = await self._vault.delete(principal.org, request.name)

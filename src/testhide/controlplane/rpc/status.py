@@ -36,7 +36,7 @@ def code_for(exc: errors.ControlPlaneError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: errors.ControlPlaneError) -> None:
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: errors.ControlPlaneError) -> None:
     """Abort with the error's status; a rate limit tells the client when to retry."""
     if isinstance(exc, errors.RateLimited):
         retry = max(1, round(exc.retry_after_s))
@@ -53,7 +53,7 @@ def mapped(method: F) -> F:
     a gRPC status with the error's message; anything else is INTERNAL and
     logged, without leaking its text to the caller."""
 
-    async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
         if isinstance(exc, errors.ControlPlaneError):
             await abort_with(context, exc)
         log.exception("rpc_failed", method=method.__name__)
@@ -62,7 +62,9 @@ def mapped(method: F) -> F:
     if inspect.isasyncgenfunction(method):
 
         @wraps(method)
-        async def streaming(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def streaming(
+            self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
@@ -74,7 +76,7 @@ def mapped(method: F) -> F:
         return streaming  # type: ignore[return-value]
 
     @wraps(method)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:

@@ -93,6 +93,8 @@ class AgentRecord:
     revoked_at: datetime | None = None
     cert_issuer: str = ""
     """sha256 fingerprint of the CA that signed the current certificate."""
+    version: str = ""
+    """The testhide version the agent announced in its last hello ('' before its first)."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,9 @@ class Store(Protocol):
 
     async def agents_revoked_since(self, since: datetime) -> list[AgentRecord]: ...
     async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None: ...
-    async def touch_agent(self, org: str, agent_id: str, now: datetime) -> None: ...
+    async def touch_agent(
+        self, org: str, agent_id: str, now: datetime, version: str | None = None
+    ) -> None: ...
     async def record_agent_certificate(
         self, org: str, agent_id: str, serial: str, not_after: datetime, issuer: str
     ) -> None: ...

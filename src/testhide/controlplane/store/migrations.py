@@ -226,3 +226,12 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        6,
+        """
+        ALTER TABLE agents ADD COLUMN version TEXT NOT NULL DEFAULT '';
+        """,
+    )
+)

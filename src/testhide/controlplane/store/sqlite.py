@@ -183,7 +183,8 @@ class SqliteStore(SqliteJobData, SqliteLeases):
     async def create_api_key(self, record: ApiKeyRecord) -> None:
         await self._tx(
             lambda c: c.execute(
-                "INSERT INTO api_keys (id, org, name, secret_hash, scopes, created_at, revoked_at, owner, expires_at)"
+                "INSERT INTO api_keys"
+                " (id, org, name, secret_hash, scopes, created_at, revoked_at, owner, expires_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
@@ -319,7 +320,9 @@ class SqliteStore(SqliteJobData, SqliteLeases):
             at = _ts(now)
             counts = {
                 table: c.execute(
-                    f"UPDATE {table} SET revoked_at = COALESCE(revoked_at, ?) WHERE org = ?", (at, org)
+                    # The table names are the constants below; the values travel as parameters.
+                    f"UPDATE {table} SET revoked_at = COALESCE(revoked_at, ?) WHERE org = ?",  # noqa: S608
+                    (at, org),
                 ).rowcount
                 for table in ("api_keys", "users", "refresh_tokens", "agents", "enrollment_tokens")
             }
@@ -502,7 +505,8 @@ class SqliteStore(SqliteJobData, SqliteLeases):
     async def create_agent(self, record: AgentRecord) -> None:
         await self._tx(
             lambda c: c.execute(
-                "INSERT INTO agents (id, org, pool, name, cert_serial, cert_not_after, enrolled_at, cert_issuer)"
+                "INSERT INTO agents"
+                " (id, org, pool, name, cert_serial, cert_not_after, enrolled_at, cert_issuer)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
@@ -530,6 +534,7 @@ class SqliteStore(SqliteJobData, SqliteLeases):
             _dt(r["last_seen_at"]),
             _dt(r["revoked_at"]),
             r["cert_issuer"],
+            r["version"],
         )
 
     async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None:
@@ -573,19 +578,24 @@ class SqliteStore(SqliteJobData, SqliteLeases):
         )
         return [self._agent(r) for r in rows]
 
-    async def touch_agent(self, org: str, agent_id: str, now: datetime) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "UPDATE agents SET last_seen_at = ? WHERE org = ? AND id = ?", (_ts(now), org, agent_id)
-            )
-        )
+    async def touch_agent(self, org: str, agent_id: str, now: datetime, version: str | None = None) -> None:
+        """Last contact; with ``version``, also the version the agent announced in its hello."""
+        args: tuple[str | None, ...]
+        if version is None:
+            sql = "UPDATE agents SET last_seen_at = ? WHERE org = ? AND id = ?"
+            args = (_ts(now), org, agent_id)
+        else:
+            sql = "UPDATE agents SET last_seen_at = ?, version = ? WHERE org = ? AND id = ?"
+            args = (_ts(now), version, org, agent_id)
+        await self._tx(lambda c: c.execute(sql, args))
 
     async def record_agent_certificate(
         self, org: str, agent_id: str, serial: str, not_after: datetime, issuer: str
     ) -> None:
         await self._tx(
             lambda c: c.execute(
-                "UPDATE agents SET cert_serial = ?, cert_not_after = ?, cert_issuer = ? WHERE org = ? AND id = ?",
+                "UPDATE agents SET cert_serial = ?, cert_not_after = ?, cert_issuer = ?"
+                " WHERE org = ? AND id = ?",
                 (serial, _ts(not_after), issuer, org, agent_id),
             )
         )
@@ -648,7 +658,9 @@ class SqliteStore(SqliteJobData, SqliteLeases):
     async def data_keys(self, table: str, after_rowid: int, limit: int) -> list[WrappedDataKey]:
         owner = _DATA_KEY_OWNER[table]
         rows = await self._query(
-            f"SELECT rowid, {', '.join(owner)}, data_key FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT ?",
+            # Table and columns are keys and values of the constant _DATA_KEY_OWNER (KeyError otherwise).
+            f"SELECT rowid, {', '.join(owner)}, data_key FROM {table}"  # noqa: S608
+            " WHERE rowid > ? ORDER BY rowid LIMIT ?",
             (after_rowid, limit),
         )
         return [
@@ -661,7 +673,8 @@ class SqliteStore(SqliteJobData, SqliteLeases):
         def run(c: sqlite3.Connection) -> int:
             return sum(
                 c.execute(
-                    f"UPDATE {table} SET data_key = ? WHERE rowid = ? AND data_key = ?", (new, rowid, old)
+                    f"UPDATE {table} SET data_key = ? WHERE rowid = ? AND data_key = ?",  # noqa: S608
+                    (new, rowid, old),
                 ).rowcount
                 for rowid, old, new in updates
             )

@@ -30,8 +30,8 @@ class SqliteLeases(SqliteParts):
             extended = 0
             for job_id, epoch in held.items():
                 extended += c.execute(
-                    "UPDATE jobs SET lease_expires_at = ? WHERE org = ? AND id = ? AND agent_id = ? AND epoch = ?"
-                    " AND status IN (?, ?)",
+                    "UPDATE jobs SET lease_expires_at = ?"
+                    " WHERE org = ? AND id = ? AND agent_id = ? AND epoch = ? AND status IN (?, ?)",
                     (_ts(until), org, job_id, agent_id, epoch, *_HELD),
                 ).rowcount
             return extended
@@ -124,14 +124,16 @@ class SqliteLeases(SqliteParts):
         def run(c: sqlite3.Connection) -> Job | None:
             if (
                 c.execute(
-                    "UPDATE jobs SET retried_as = ? WHERE org = ? AND id = ? AND status = ? AND retried_as = ''",
+                    "UPDATE jobs SET retried_as = ?"
+                    " WHERE org = ? AND id = ? AND status = ? AND retried_as = ''",
                     (retry.id, lost.org, lost.id, JobStatus.LOST.value),
                 ).rowcount
                 != 1
             ):
                 return None
             c.execute(
-                "INSERT INTO jobs (id, org, pool, spec, status, created_at, data_key, attempt, retry_of, retries)"
+                "INSERT INTO jobs"
+                " (id, org, pool, spec, status, created_at, data_key, attempt, retry_of, retries)"
                 " SELECT ?, org, pool, spec, ?, ?, ?, attempt + 1, id, retries FROM jobs WHERE id = ?",
                 (retry.id, JobStatus.QUEUED.value, _ts(retry.created_at), data_key_wrapped, lost.id),
             )
