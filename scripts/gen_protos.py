@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import grpc_tools
+import grpc_tools  # type: ignore[import-untyped]  # grpcio-tools ships no type information
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
