@@ -83,7 +83,7 @@ async def run(names: list[str], smoke: bool) -> tuple[list[Figure], list[str]]:
         started = time.monotonic()
         try:
             produced = await SUITE[name](smoke)
-        except Exception:  # noqa: BLE001 -- one broken benchmark must not cost the others' figures
+        except Exception:  # one broken benchmark must not cost the others' figures
             traceback.print_exc()
             failed.append(name)
             continue

@@ -27,8 +27,8 @@ import grpc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from testhide.agent.credentials import new_key_and_csr
 from benchmarks.figures import Figure, median, raise_fd_limit
+from testhide.agent.credentials import new_key_and_csr
 from testhide.common.identity import AgentIdentity
 from testhide.common.logging import configure
 from testhide.common.tls import CHANNEL_OPTIONS, fingerprint

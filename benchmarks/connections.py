@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from benchmarks.figures import Figure, raise_fd_limit, rss_bytes
-from benchmarks.fleet import SPAWN, AgentKeys, issue_agents, open_stream, save_credentials
+from benchmarks.fleet import SPAWN, AgentKeys, AgentStream, issue_agents, open_stream, save_credentials
 from testhide.protos.v1 import agent_pb2
 from tests.harness import REPO, ControlPlaneProcess, RunningControlPlane, control_plane, free_port
 
@@ -32,19 +32,19 @@ MIB = 1 << 20
 
 async def _hold(target: str, ca_pem: bytes, agents: list[AgentKeys], connected: Any, stop: Any) -> None:
     gate = asyncio.Semaphore(HANDSHAKES_AT_ONCE)
-    streams: list[tuple[grpc.aio.Channel, grpc.aio.StreamStreamCall]] = []
+    streams: list[tuple[grpc.aio.Channel, AgentStream]] = []
 
     async def one(keys: AgentKeys) -> None:
         async with gate:
             streams.append(await open_stream(target, ca_pem, keys))
 
-    async def heartbeat(call: grpc.aio.StreamStreamCall) -> None:
+    async def heartbeat(call: AgentStream) -> None:
         await asyncio.sleep(random.uniform(0, HEARTBEAT_S))
         while True:
             await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat()))
             await asyncio.sleep(HEARTBEAT_S)
 
-    async def drain(call: grpc.aio.StreamStreamCall) -> None:
+    async def drain(call: AgentStream) -> None:
         async for _ in call:
             pass
 

@@ -31,6 +31,8 @@ SPAWN = multiprocessing.get_context("spawn")
 # The benchmarks submit as one API key from one address, far faster than the
 # API's per-credential limit (50 requests/s by default) allows a person to.
 UNLIMITED: dict[str, Any] = {"rate_per_address": 1e6, "rate_per_principal": 1e6}
+# An agent's Connect stream as a client holds it.
+AgentStream = grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage]
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def save_credentials(cp: RunningControlPlane, keys: AgentKeys, data_dir: Path) -
 
 async def open_stream(
     target: str, ca_pem: bytes, keys: AgentKeys, max_jobs: int = 1
-) -> tuple[grpc.aio.Channel, grpc.aio.StreamStreamCall]:
+) -> tuple[grpc.aio.Channel, AgentStream]:
     """The agent's Connect stream, established: hello sent, identity accepted."""
     channel = secure_channel(
         target, ca_pem, client_key_pem=keys.key_pem, client_cert_pem=keys.certificate_pem

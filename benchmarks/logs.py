@@ -17,9 +17,9 @@ import docker
 from docker.types import LogConfig
 from docker.utils.socket import read as socket_read
 
-from testhide.agent.runtime.docker import Demuxer
 from benchmarks.figures import Figure, alternate, median
 from benchmarks.fleet import agent_process
+from testhide.agent.runtime.docker import Demuxer
 from tests.harness import Cli, control_plane
 
 GOAL = 0.8
@@ -84,6 +84,7 @@ def read_attach_socket(command: list[str]) -> Received:
     )
     received = Received()
     try:
+        assert container.id is not None  # a created container has one
         sock = client.api.attach_socket(container.id, {"stdout": 1, "stderr": 1, "stream": 1})
         container.start()
         demuxer = Demuxer()
@@ -103,7 +104,8 @@ async def follow_job(cli: Cli, command: list[str]) -> Received:
     assert submitted.returncode == 0, submitted.stderr.decode()
     job_id = submitted.stdout.decode().strip()
     process = await cli.start("logs", "--follow", job_id)
-    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout is not None
+    assert process.stderr is not None
     received = Received()
     while data := await process.stdout.read(READ_BLOCK):
         received.add(data)

@@ -5,12 +5,13 @@ NOTES: dict[str, str] = {
     "job_overhead": (
         "Not met; held back by the CLI being a Python program. details.cli_startup_s (`testhide --help`, "
         "~0.4 s) is as long as the whole `docker run`; without it, testhide takes about 1.15 times the bare "
-        "`docker run` (details.without_cli_startup_ratio): submit, push, container set-up, result, follow. python -X importtime showed cryptography.x509 "
-        "(through common.tls; only login needs it), pathspec and protobuf json_format imported by every "
-        "command (~130 ms): now imported where used. The agent gave every job a volume and a helper container "
-        "for /workspace: a job without a workspace and with nothing to collect now gets a tmpfs (three Docker "
-        "calls fewer). Ratio 2.45 -> ~1.96. What is left is interpreter start and imports of asyncio and grpc "
-        "(~150 ms, grpc imports asyncio itself); 1.15x of a Go client's `docker run` needs a compiled client."
+        "`docker run` (details.without_cli_startup_ratio): submit, push, container set-up, result, follow. "
+        "python -X importtime showed cryptography.x509 (through common.tls; only login needs it), pathspec "
+        "and protobuf json_format imported by every command (~130 ms): now imported where used. The agent "
+        "gave every job a volume and a helper container for /workspace: a job without a workspace and with "
+        "nothing to collect now gets a tmpfs (three Docker calls fewer). Ratio 2.45 -> ~1.96. What is left "
+        "is interpreter start and imports of asyncio and grpc (~150 ms, grpc imports asyncio itself); 1.15x "
+        "of a Go client's `docker run` needs a compiled client."
     ),
     "pickup_latency": (
         "Met: the assignment is pushed on the open stream as soon as the dispatcher runs, so pickup is about "
@@ -42,19 +43,19 @@ NOTES: dict[str, str] = {
         "the ten thousand agents' keys was measured). With 2,000 real mTLS streams against a control plane "
         "process, per-stream memory went 112 -> 97 KiB: TLS record buffers of 4 KiB on the agent port "
         "(grpc.tsi.max_frame_size, 16 KiB by default: -5 KiB); the handler no longer keeps the parsed peer "
-        "certificate and hello alive for the stream's lifetime (tracemalloc: ~30 objects per stream; -5 KiB); "
-        "the reader runs in the handler's task with one writer task, a small mailbox instead of an "
-        "asyncio.Queue, slotted sessions (-4 KiB). Python objects are about 15 KiB of a stream, gRPC core "
+        "certificate and hello alive for the stream's lifetime (tracemalloc: ~30 objects per stream; "
+        "-5 KiB); the reader runs in the handler's task with one writer task, a small mailbox instead of "
+        "an asyncio.Queue, slotted sessions (-4 KiB). Python objects are about 15 KiB of a stream, gRPC core "
         "(TLS, HTTP/2) the rest. Smaller HPACK tables and TCP read chunks changed nothing."
     ),
     "agent_memory": (
         "Not met, by about 6 MiB, held back by imports: after importing the agent's modules alone RSS is "
         "58 MiB (grpc +18.5 MiB, docker-py with requests and urllib3 +9 MiB, cryptography.x509 +10 MiB over "
         "a 13.4 MiB interpreter; within docker-py, requests imports charset_normalizer, which loads 96 codec "
-        "modules: 4.6 MiB); pathspec is now imported only to collect artifacts. MALLOC_ARENA_MAX=2 "
-        "changed nothing. The way under 60 MB is a minimal Docker Engine API client instead of docker-py; not "
-        "done: docker-py is the well-kept library for the hijacked attach stream, and 6 MiB do not justify "
-        "our own HTTP client for it."
+        "modules: 4.6 MiB); pathspec is now imported only to collect artifacts. MALLOC_ARENA_MAX=2 changed "
+        "nothing. The way under 60 MB is a minimal Docker Engine API client instead of docker-py; not done: "
+        "docker-py is the well-kept library for the hijacked attach stream, and 6 MiB do not justify our own "
+        "HTTP client for it."
     ),
     "certificate_signing": (
         "Building and signing an X.509 certificate from a CSR (CSR parse and signature check, extensions, "

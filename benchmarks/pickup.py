@@ -54,7 +54,8 @@ async def _probe(
         health = health_pb2_grpc.HealthStub(channel)
         for i in range(WARMUP + count):
             started = time.monotonic()
-            await health.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            # types-grpcio-health-checking declares HealthStub without its methods.
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=30)  # type: ignore[attr-defined]
             round_trip = time.monotonic() - started
             response = await jobs.Submit(jobs_pb2.SubmitJobRequest(spec=spec), metadata=bearer, timeout=30)
             returned = time.monotonic()

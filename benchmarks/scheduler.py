@@ -20,8 +20,7 @@ import grpc
 
 from benchmarks.figures import Figure, cpu_seconds, median, percentile, raise_fd_limit
 from benchmarks.fleet import SPAWN, UNLIMITED, issue_agents, save_credentials
-from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus
-from testhide.controlplane.jobs.service import new_job_id
+from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus, new_job_id
 from testhide.controlplane.store.sqlite import SqliteStore
 from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.harness import JOB_IMAGE, RunningControlPlane, control_plane
@@ -86,8 +85,10 @@ def _record_times(cp: RunningControlPlane) -> tuple[dict[str, float], dict[str, 
     assign_job: Callable[..., Awaitable[Job | None]] = store.assign_job
     report_job: Callable[..., Awaitable[tuple[Job, bool]]] = store.report_job
 
-    async def timed_assign(org: str, job_id: str, *args: Any) -> Job | None:
-        job = await assign_job(org, job_id, *args)
+    async def timed_assign(
+        org: str, job_id: str, agent_id: str, now: datetime, lease_until: datetime
+    ) -> Job | None:
+        job = await assign_job(org, job_id, agent_id, now, lease_until)
         if job is not None:
             assigned[job_id] = time.monotonic()
         return job
@@ -128,8 +129,8 @@ async def store_lifecycle_rate(directory: Path, count: int) -> float:
         await store.close()
 
 
-async def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for(predicate: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(what)
@@ -170,7 +171,11 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
             profiler = cProfile.Profile() if profile else None
             if profiler:
                 profiler.enable()
-            roles = {"control_plane": [None], "agents": [p.pid for p in fleet], "submitter": [submitter.pid]}
+            roles: dict[str, list[int | None]] = {
+                "control_plane": [None],
+                "agents": [p.pid for p in fleet],
+                "submitter": [submitter.pid],
+            }
             cpu_before = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
             start.set()
             submitted = await asyncio.to_thread(out.get, True, 900)

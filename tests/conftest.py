@@ -3,17 +3,21 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from testhide.agent.daemon import Agent
 from tests.harness import Cli, RunningControlPlane, control_plane, running_agent
 
+if TYPE_CHECKING:
+    from docker import DockerClient
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")
-def docker_client():  # type: ignore[no-untyped-def]
+def docker_client() -> DockerClient:
     """A Docker engine with the job images built. Skips on a laptop without
     Docker; in CI (CI=true) a missing engine fails the test instead."""
     import docker
@@ -39,7 +43,9 @@ async def cp(tmp_path: Path) -> AsyncIterator[RunningControlPlane]:
 
 
 @pytest.fixture
-async def docker_agent(cp: RunningControlPlane, tmp_path: Path, docker_client) -> AsyncIterator[Agent]:  # type: ignore[no-untyped-def]
+async def docker_agent(
+    cp: RunningControlPlane, tmp_path: Path, docker_client: DockerClient
+) -> AsyncIterator[Agent]:
     from datetime import timedelta
 
     from testhide.agent.runtime.docker import DockerRuntime
@@ -59,7 +65,7 @@ async def cli(cp: RunningControlPlane, tmp_path: Path) -> Cli:
 
 
 @pytest.fixture(scope="session")
-def python_image(docker_client) -> str:  # type: ignore[no-untyped-def]
+def python_image(docker_client: DockerClient) -> str:
     """testhide/python:1 (Debian minbase with python3 and pytest); built by
     scripts/host-setup, or here on first use (about a minute)."""
     from images.build import PYTHON_IMAGE, build_python

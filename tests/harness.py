@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from docker import DockerClient
+from docker.models.containers import Container
 
 from testhide.agent.config import AgentConfig
 from testhide.agent.credentials import Credentials
@@ -144,14 +146,16 @@ async def running_agent(
         await asyncio.wait_for(task, 60)
 
 
-async def wait_until(condition: asyncio.Condition, predicate: Callable[[], bool], timeout: float) -> None:
-    """Await a condition variable until ``predicate`` holds: no polling."""
+async def wait_until(condition: asyncio.Condition, predicate: Callable[[], bool], within: float) -> None:
+    """Await a condition variable until ``predicate`` holds, for at most
+    ``within`` seconds: no polling."""
     async with condition:
-        await asyncio.wait_for(condition.wait_for(predicate), timeout)
+        await asyncio.wait_for(condition.wait_for(predicate), within)
 
 
-async def operator(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    """``testhide-controlplane`` in a subprocess, as an operator runs it."""
+async def operator(*args: str, within: float = 60) -> tuple[int, str, str]:
+    """``testhide-controlplane`` in a subprocess, as an operator runs it; it
+    must finish ``within`` seconds."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -161,7 +165,7 @@ async def operator(*args: str, timeout: float = 60) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    out, err = await asyncio.wait_for(process.communicate(), within)
     return process.returncode or 0, out.decode(), err.decode()
 
 
@@ -197,10 +201,11 @@ class Cli:
         )
 
     async def __call__(
-        self, *args: str, timeout: float = 90, stdin: bytes | None = None, cwd: Path | None = None
+        self, *args: str, within: float = 90, stdin: bytes | None = None, cwd: Path | None = None
     ) -> CliResult:
+        """Run the command to its end, which must come ``within`` seconds."""
         process = await self.start(*args, stdin=stdin, cwd=cwd)
-        stdout, stderr = await asyncio.wait_for(process.communicate(stdin), timeout)
+        stdout, stderr = await asyncio.wait_for(process.communicate(stdin), within)
         assert process.returncode is not None
         return CliResult(process.returncode, stdout, stderr)
 
@@ -217,11 +222,11 @@ class Cli:
         )
 
 
-async def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Until ``check`` (plain or a coroutine function) returns something true.
-    For state with no event to await (a container, another process), looked
-    at every 100 ms."""
-    deadline = time.monotonic() + timeout
+async def eventually(check: Callable[[], Any], within: float, what: str) -> Any:
+    """Until ``check`` (plain or a coroutine function) returns something true,
+    for at most ``within`` seconds. For state with no event to await (a
+    container, another process), looked at every 100 ms."""
+    deadline = time.monotonic() + within
     while True:
         value = check()
         if inspect.isawaitable(value):
@@ -248,7 +253,7 @@ async def stored_log(cp: RunningControlPlane, job_id: str) -> bytes:
     )
 
 
-def containers_of(docker_client: Any, job_id: str) -> list[Any]:
+def containers_of(docker_client: DockerClient, job_id: str) -> list[Container]:
     return docker_client.containers.list(all=True, filters={"label": f"{LABEL}={job_id}"})
 
 
@@ -292,28 +297,30 @@ class ControlPlaneProcess:
     def __init__(self, data_dir: Path, api_port: int, agent_port: int) -> None:
         self.data_dir, self.api_port, self.agent_port = data_dir, api_port, agent_port
         self.process: asyncio.subprocess.Process | None = None
-        self.log = open(data_dir.parent / "controlplane.log", "ab")
+        self.log_path = data_dir.parent / "controlplane.log"
 
     async def start(self) -> None:
         ports = self.data_dir.parent / "ports.json"
         ports.unlink(missing_ok=True)
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "testhide.controlplane.cli",
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--listen",
-            f"127.0.0.1:{self.api_port}",
-            "--agent-listen",
-            f"127.0.0.1:{self.agent_port}",
-            "--port-file",
-            str(ports),
-            cwd=REPO,
-            stdout=self.log,
-            stderr=self.log,
-        )
+        # Appended to across restarts; the child keeps its own copy of the descriptor.
+        with await asyncio.to_thread(self.log_path.open, "ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "testhide.controlplane.cli",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen",
+                f"127.0.0.1:{self.api_port}",
+                "--agent-listen",
+                f"127.0.0.1:{self.agent_port}",
+                "--port-file",
+                str(ports),
+                cwd=REPO,
+                stdout=log,
+                stderr=log,
+            )
         while not ports.exists():  # written once both ports listen
             assert self.process.returncode is None, "the control plane exited"
             await asyncio.sleep(0.05)
@@ -332,4 +339,3 @@ class ControlPlaneProcess:
     async def stop(self) -> None:
         if self.process and self.process.returncode is None:
             await self.terminate()
-        self.log.close()

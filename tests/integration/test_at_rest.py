@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from testhide.agent.daemon import Agent
 from tests.harness import JOB_IMAGE, Cli, RunningControlPlane
 
 pytestmark = pytest.mark.docker
@@ -16,7 +17,7 @@ WORKSPACE_TEXT = "plaintext-canary-workspace-51be"
 
 
 async def test_secrets_logs_workspaces_and_artifacts_are_not_stored_in_the_clear(
-    docker_agent, cp: RunningControlPlane, cli: Cli, tmp_path: Path
+    docker_agent: Agent, cp: RunningControlPlane, cli: Cli, tmp_path: Path
 ) -> None:
     assert (await cli("secrets", "set", "CANARY", stdin=SECRET.encode())).returncode == 0
     work = tmp_path / "work"
@@ -42,13 +43,12 @@ async def test_secrets_logs_workspaces_and_artifacts_are_not_stored_in_the_clear
         cwd=work,
     )
     assert result.returncode == 0, result.stderr
-    assert b"log-canary-42-line" in result.stdout and WORKSPACE_TEXT.encode() in result.stdout
+    assert b"log-canary-42-line" in result.stdout
+    assert WORKSPACE_TEXT.encode() in result.stdout
     job_id = (await cli("jobs", "list", "--json")).stdout.split(b'"id": "')[1].split(b'"')[0].decode()
     downloaded = await cli("artifacts", job_id, "-o", str(tmp_path / "dl"))
-    assert (
-        downloaded.returncode == 0
-        and (tmp_path / "dl" / "out" / "a.txt").read_text() == "artifact-canary-56\n"
-    )
+    assert downloaded.returncode == 0
+    assert (tmp_path / "dl" / "out" / "a.txt").read_text() == "artifact-canary-56\n"
 
     canaries = [SECRET.encode(), b"log-canary-42-line", WORKSPACE_TEXT.encode(), b"artifact-canary-56"]
     files = [p for p in cp.data_dir.rglob("*") if p.is_file()]

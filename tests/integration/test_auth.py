@@ -9,7 +9,9 @@ import hashlib
 import hmac
 import json
 import sqlite3
+import sys
 import time
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from testhide.controlplane.auth.limits import LockoutPolicy
 from testhide.controlplane.auth.tokens import AUDIENCE, SigningKeys, issuer_for
 from testhide.controlplane.datadir import DataDir
 from testhide.protos.v1 import auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from tests.harness import JOB_IMAGE, RunningControlPlane, control_plane, operator, running_agent
+from tests.harness import JOB_IMAGE, RunningControlPlane, control_plane, eventually, operator, running_agent
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 
@@ -147,8 +149,10 @@ async def rotate_signing_key(cp: RunningControlPlane) -> None:
     code, _, err = await operator("signing-keys", "rotate", "--data-dir", str(cp.data_dir))
     assert code == 0, err
     kid = err.split()[2]  # "signing key KID active"
-    cp.daemon.signing_keys.reload()  # the watcher would within a second; do not wait for it
-    assert cp.daemon.signing_keys.active == kid
+    signing_keys = cp.daemon.signing_keys
+    assert signing_keys is not None
+    signing_keys.reload()  # the watcher would within a second; do not wait for it
+    assert signing_keys.active == kid
 
 
 async def test_a_token_signed_by_a_rotated_out_key_is_refused(cp: RunningControlPlane) -> None:
@@ -168,9 +172,11 @@ async def test_jwks_verifies_our_tokens(cp: RunningControlPlane) -> None:
     token = (await login(cp)).access_token
     kid = jwt.get_unverified_header(token)["kid"]
     [jwk] = [k for k in jwks["keys"] if k["kid"] == kid]
-    assert "d" not in jwk and jwk["alg"] == "RS256"  # public parts only
+    assert "d" not in jwk  # public parts only
+    assert jwk["alg"] == "RS256"
     claims = jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=["RS256"], audience=AUDIENCE)
-    assert claims["org"] == "default" and claims["exp"] - claims["iat"] == 600
+    assert claims["org"] == "default"
+    assert claims["exp"] - claims["iat"] == 600
 
 
 # Sessions --------------------------------------------------------------------------------------------------
@@ -179,7 +185,8 @@ async def test_jwks_verifies_our_tokens(cp: RunningControlPlane) -> None:
 async def test_refresh_rotates_and_a_reply_lost_in_transit_may_be_retried(cp: RunningControlPlane) -> None:
     first = await login(cp)
     second = await refresh(cp, first.refresh_token)
-    assert second.refresh_token != first.refresh_token and second.access_token != first.access_token
+    assert second.refresh_token != first.refresh_token
+    assert second.access_token != first.access_token
     retried = await refresh(cp, first.refresh_token)  # within the grace window: a retry, not theft
     assert await list_jobs_code(cp, retried.access_token) == grpc.StatusCode.OK
 
@@ -190,7 +197,8 @@ async def test_reusing_a_spent_refresh_token_revokes_the_whole_family(tmp_path: 
         second = await refresh(cp, first.refresh_token)
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await refresh(cp, first.refresh_token)  # the thief's copy
-        assert error.value.code() == UNAUTH and "revoked" in (error.value.details() or "")
+        assert error.value.code() == UNAUTH
+        assert "revoked" in (error.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError):
             await refresh(cp, second.refresh_token)  # the legitimate holder is logged out too
         deadline = time.monotonic() + 5
@@ -208,7 +216,9 @@ async def test_revoking_an_api_key_ends_its_sessions(cp: RunningControlPlane) ->
     assert await list_jobs_code(cp, pair.access_token) == grpc.StatusCode.OK
     _, listed, _ = await operator("api-keys", "list", "--json", "--data-dir", str(cp.data_dir))
     entry = next(k for k in json.loads(listed) if k["name"] == "ci-bot")
-    assert entry["prefix"] == key.rsplit("_", 1)[0] and entry["last_used_at"] and key not in listed
+    assert entry["prefix"] == key.rsplit("_", 1)[0]
+    assert entry["last_used_at"]
+    assert key not in listed
     code, _, err = await operator("api-keys", "revoke", "--data-dir", str(cp.data_dir), entry["prefix"])
     assert code == 0, err
     deadline = time.monotonic() + 5
@@ -226,7 +236,7 @@ async def test_revoking_an_api_key_ends_its_sessions(cp: RunningControlPlane) ->
 
 async def test_users_log_in_with_a_password_through_the_cli(cp: RunningControlPlane, tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
-        "python3",
+        sys.executable,
         "-m",
         "testhide.controlplane.cli",
         "users",
@@ -239,9 +249,10 @@ async def test_users_log_in_with_a_password_through_the_cli(cp: RunningControlPl
         stdout=asyncio.subprocess.PIPE,
     )
     _, err = await process.communicate(b"weak\n")
-    assert process.returncode == 1 and b"at least 12 characters" in err
+    assert process.returncode == 1
+    assert b"at least 12 characters" in err
     process = await asyncio.create_subprocess_exec(
-        "python3",
+        sys.executable,
         "-m",
         "testhide.controlplane.cli",
         "users",
@@ -264,7 +275,8 @@ async def test_users_log_in_with_a_password_through_the_cli(cp: RunningControlPl
     )
     assert result.returncode == 0, result.stderr
     stored = (tmp_path / "ada" / "testhide" / "credentials.json").read_text()
-    assert "Correct-Horse-42" not in stored and "refresh_token" in stored
+    assert "Correct-Horse-42" not in stored
+    assert "refresh_token" in stored
     assert (await cli("jobs", "list")).returncode == 0
 
 
@@ -290,6 +302,7 @@ async def test_lockout_engages_after_five_failures_and_recovers(tmp_path: Path) 
         from testhide.controlplane.auth.passwords import hash_password
         from testhide.controlplane.store.base import UserRecord
 
+        assert cp.daemon._store is not None
         await cp.daemon._store.create_user(
             UserRecord(
                 "u1", "default", "grace", hash_password("Str0ng-Passw0rd!"), ("jobs:read",), datetime.now(UTC)
@@ -298,31 +311,32 @@ async def test_lockout_engages_after_five_failures_and_recovers(tmp_path: Path) 
         for user in ("grace", "nobody-by-this-name"):
             for _ in range(5):
                 error = await password_login(cp, user, "wrong-guess")
-                assert (
-                    error is not None and error.code() == UNAUTH and error.details() == "invalid credentials"
-                )
+                assert error is not None
+                assert error.code() == UNAUTH
+                assert error.details() == "invalid credentials"
             locked = await password_login(cp, user, "Str0ng-Passw0rd!")
-            assert locked is not None and locked.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert locked is not None
+            assert locked.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert dict(locked.trailing_metadata() or ())["retry-after"] in ("1", "2")
         await asyncio.sleep(2.1)  # the backoff itself is what is under test
         assert await password_login(cp, "grace", "Str0ng-Passw0rd!") is None
 
 
 async def test_rate_limits_engage_with_a_retry_hint_and_recover(tmp_path: Path) -> None:
-    async with control_plane(tmp_path, rate_per_address=5.0) as cp:
-        async with channel(cp) as ch:
-            stub = auth_pb2_grpc.AuthStub(ch)
-            codes = []
-            for _ in range(15):
-                try:
-                    await stub.GetSigningKeys(auth_pb2.GetSigningKeysRequest())
-                    codes.append("ok")
-                except grpc.aio.AioRpcError as error:
-                    codes.append(error.code().name)
-                    hint = dict(error.trailing_metadata() or ())["retry-after"]
-            assert codes[:10] == ["ok"] * 10 and "RESOURCE_EXHAUSTED" in codes
-            await asyncio.sleep(int(hint))
-            await stub.GetSigningKeys(auth_pb2.GetSigningKeysRequest())
+    async with control_plane(tmp_path, rate_per_address=5.0) as cp, channel(cp) as ch:
+        stub = auth_pb2_grpc.AuthStub(ch)
+        codes = []
+        for _ in range(15):
+            try:
+                await stub.GetSigningKeys(auth_pb2.GetSigningKeysRequest())
+                codes.append("ok")
+            except grpc.aio.AioRpcError as error:
+                codes.append(error.code().name)
+                hint = dict(error.trailing_metadata() or ())["retry-after"]
+        assert codes[:10] == ["ok"] * 10
+        assert "RESOURCE_EXHAUSTED" in codes
+        await asyncio.sleep(int(hint))
+        await stub.GetSigningKeys(auth_pb2.GetSigningKeysRequest())
 
 
 async def test_a_burst_of_failures_raises_an_alert(tmp_path: Path) -> None:
@@ -331,10 +345,11 @@ async def test_a_burst_of_failures_raises_an_alert(tmp_path: Path) -> None:
             for _ in range(3):
                 await password_login(cp, "mallory", "guess")
     spikes = [e for e in events if e["event"] == "auth_failure_spike"]
-    assert spikes and {e["kind"] for e in spikes} >= {"ip"}
+    assert spikes
+    assert {e["kind"] for e in spikes} >= {"ip"}
 
 
-# Scopes and tenancy ------------------------------------------------------------------------------------------
+# Scopes and tenancy -----------------------------------------------------------------------------------------
 
 
 async def scoped_key(cp: RunningControlPlane, org: str, *scopes: str) -> str:
@@ -380,7 +395,7 @@ async def test_no_organisation_sees_another(cp: RunningControlPlane, tmp_path: P
     async with channel(cp) as ch:
         jobs, secrets = jobs_pb2_grpc.JobsStub(ch), jobs_pb2_grpc.SecretsStub(ch)
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[jobs_pb2.DataChunk]:
             yield jobs_pb2.DataChunk(data=b"")
 
         workspace = await jobs.UploadWorkspace(chunks(), metadata=alpha)
@@ -391,7 +406,7 @@ async def test_no_organisation_sees_another(cp: RunningControlPlane, tmp_path: P
             )
         ).job
         await secrets.Set(jobs_pb2.SetSecretRequest(name="ALPHA_ONLY", value=b"classified"), metadata=alpha)
-        cross = {
+        cross: dict[str, Awaitable[object]] = {
             "get job": jobs.Get(jobs_pb2.GetJobRequest(job_id=job.id), metadata=beta),
             "cancel job": jobs.Cancel(jobs_pb2.CancelJobRequest(job_id=job.id), metadata=beta),
             "artifacts": jobs.ListArtifacts(jobs_pb2.JobRef(job_id=job.id), metadata=beta),
@@ -403,7 +418,8 @@ async def test_no_organisation_sees_another(cp: RunningControlPlane, tmp_path: P
                 await call
             assert error.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED), name
             details = error.value.details() or ""
-            assert "classified" not in details and JOB_IMAGE not in details, name  # no data, only a refusal
+            assert "classified" not in details, name  # no data, only a refusal
+            assert JOB_IMAGE not in details, name
         for stream in (
             jobs.FollowLogs(jobs_pb2.FollowLogsRequest(job_id=job.id), metadata=beta),
             jobs.DownloadArtifact(jobs_pb2.DownloadArtifactRequest(job_id=job.id, path="x"), metadata=beta),
@@ -447,8 +463,7 @@ async def test_no_organisation_sees_another(cp: RunningControlPlane, tmp_path: P
                     metadata=beta,
                 )
             ).job
-            while beta_job.id not in runtime.started:  # the dispatcher has run for beta
-                await asyncio.sleep(0.05)
+            await eventually(lambda: beta_job.id in runtime.started, 30, "the dispatcher to run for beta")
             assert job.id not in runtime.started
             shown = await jobs_pb2_grpc.JobsStub(ch).Get(
                 jobs_pb2.GetJobRequest(job_id=job.id), metadata=alpha
@@ -456,7 +471,7 @@ async def test_no_organisation_sees_another(cp: RunningControlPlane, tmp_path: P
             assert shown.status == jobs_pb2.JOB_STATUS_QUEUED
 
 
-# Audit ---------------------------------------------------------------------------------------------------------
+# Audit ------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("tamper", ["edit", "delete-middle", "reorder", "truncate"])
@@ -464,7 +479,8 @@ async def test_tampering_with_the_audit_log_is_detected(cp: RunningControlPlane,
     for _ in range(3):
         await login(cp)
     code, _, err = await operator("audit", "verify", "--data-dir", str(cp.data_dir))
-    assert code == 0 and "intact" in err
+    assert code == 0
+    assert "intact" in err
     db = sqlite3.connect(cp.data_dir / "testhide.db")
     with db:
         match tamper:
@@ -482,7 +498,8 @@ async def test_tampering_with_the_audit_log_is_detected(cp: RunningControlPlane,
                 db.execute("DELETE FROM audit_log WHERE seq = (SELECT MAX(seq) FROM audit_log)")
     db.close()
     code, _, err = await operator("audit", "verify", "--data-dir", str(cp.data_dir))
-    assert code == 1 and "audit log damaged" in err, err
+    assert code == 1, err
+    assert "audit log damaged" in err, err
 
 
 async def test_revoking_an_organisation_cuts_off_its_keys_and_sessions(cp: RunningControlPlane) -> None:
@@ -491,7 +508,8 @@ async def test_revoking_an_organisation_cuts_off_its_keys_and_sessions(cp: Runni
     key = await scoped_key(cp, "gamma", "jobs:read")
     pair = await login(cp, key)
     code, _, err = await operator("orgs", "revoke", "--data-dir", str(cp.data_dir), "gamma")
-    assert code == 0 and "1 api_keys" in err, err
+    assert code == 0, err
+    assert "1 api_keys" in err, err
     deadline = time.monotonic() + 5
     while await list_jobs_code(cp, pair.access_token) == grpc.StatusCode.OK:
         assert time.monotonic() < deadline

@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from docker import DockerClient
 
 from testhide.agent.config import AgentConfig
 from testhide.agent.daemon import Agent
@@ -35,8 +36,8 @@ def free_port() -> int:
 
 
 async def test_backup_while_serving_then_restore_after_losing_the_data_dir(
-    tmp_path: Path, docker_client
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, docker_client: DockerClient
+) -> None:
     ports = {"listen": f"127.0.0.1:{free_port()}", "agent_listen": f"127.0.0.1:{free_port()}"}
     runtime = DockerRuntime(docker_client)
     cli = Cli(tmp_path / "config")
@@ -80,7 +81,8 @@ async def test_backup_while_serving_then_restore_after_losing_the_data_dir(
             assert (await cli("artifacts", job_id, "-o", str(tmp_path / "dl"))).returncode == 0
             assert (tmp_path / "dl" / "out" / "a.txt").read_text() == "artifact-56\n"
             again = await cli("run", "--image", JOB_IMAGE, "--", "sh", "-c", "echo after-restore")
-            assert again.returncode == 0 and again.stdout == b"after-restore\n", again.stderr
+            assert again.returncode == 0, again.stderr
+            assert again.stdout == b"after-restore\n", again.stderr
         finally:
             old_agent.shutdown()
             await asyncio.wait_for(task, 60)
@@ -111,5 +113,6 @@ async def test_a_tampered_backup_is_refused_and_leaves_nothing(tmp_path: Path) -
         "--master-key-file",
         str(cp.data_dir / "master.key"),
     )
-    assert code == 1 and ("failed authentication" in err or "damaged" in err), err
+    assert code == 1, err
+    assert "failed authentication" in err or "damaged" in err, err
     assert not target.exists() or list(target.iterdir()) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,7 +31,7 @@ async def submit(cp: RunningControlPlane, spec: jobs_pb2.JobSpec) -> grpc.aio.Ai
 
 
 @pytest.mark.parametrize(
-    "spec, field",
+    ("spec", "field"),
     [
         (jobs_pb2.JobSpec(image="Not A Valid/Image", command=["true"]), "image"),
         (jobs_pb2.JobSpec(image="busybox", command=[]), "command"),
@@ -59,7 +61,9 @@ async def test_cli_reports_a_bad_image_in_one_line(cp: RunningControlPlane, cli:
     result = await cli("run", "--image", "UPPER/case", "--", "true")
     assert result.returncode == 1
     lines = result.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and "not a valid image reference" in lines[0] and "invalid_argument" in lines[0]
+    assert len(lines) == 1
+    assert "not a valid image reference" in lines[0]
+    assert "invalid_argument" in lines[0]
     assert (await cli("jobs", "list", "--json")).stdout.strip() == b"[]"
 
 
@@ -75,16 +79,19 @@ async def test_cli_login_with_a_wrong_key_fails_and_stores_nothing(
     fresh = Cli(tmp_path / "other-config")
     result = await fresh.login(cp, api_key="thk_0123456789abcdef_" + "a" * 64)
     assert result.returncode == 1
-    assert b"unauthenticated" in result.stderr and b"Traceback" not in result.stderr
+    assert b"unauthenticated" in result.stderr
+    assert b"Traceback" not in result.stderr
     assert not (tmp_path / "other-config" / "testhide" / "credentials.json").exists()
     not_logged_in = await fresh("jobs", "list")
-    assert not_logged_in.returncode == 1 and b"not logged in" in not_logged_in.stderr
+    assert not_logged_in.returncode == 1
+    assert b"not logged in" in not_logged_in.stderr
 
 
 async def test_cli_unknown_job_is_not_found(cli: Cli) -> None:
     result = await cli("jobs", "show", "j000000000000000000000000")
     assert result.returncode == 1
-    assert b"not found" in result.stderr and b"Traceback" not in result.stderr
+    assert b"not found" in result.stderr
+    assert b"Traceback" not in result.stderr
 
 
 # Enrollment ---------------------------------------------------------------------------------------------
@@ -92,7 +99,7 @@ async def test_cli_unknown_job_is_not_found(cli: Cli) -> None:
 
 async def test_enrollment_with_a_forged_secret_is_refused(cp: RunningControlPlane, tmp_path: Path) -> None:
     real = await cp.enrollment_token()
-    prefix, token_id, secret, fp = real.split(".")
+    prefix, token_id, _secret, fp = real.split(".")
     forged = ".".join([prefix, token_id, "0" * 64, fp])
     with pytest.raises(EnrollmentError, match="enrollment refused"):
         await enroll(cp.api_target, forged, tmp_path / "agent", "forger")
@@ -146,18 +153,27 @@ async def test_a_malformed_token_is_refused_locally(cp: RunningControlPlane, tmp
 @pytest.mark.parametrize("command", [["serve", "--listen", "127.0.0.1:0"], ["enroll-token", "create"]])
 async def test_missing_or_uninitialised_data_dir(tmp_path: Path, command: list[str]) -> None:
     code, _, err = await operator(*command, "--data-dir", str(tmp_path / "missing"))
-    assert code == 1 and "does not exist" in err and "Traceback" not in err
+    assert code == 1
+    assert "does not exist" in err
+    assert "Traceback" not in err
     (tmp_path / "empty").mkdir()
     code, _, err = await operator(*command, "--data-dir", str(tmp_path / "empty"))
-    assert code == 1 and "not initialised" in err and "Traceback" not in err
+    assert code == 1
+    assert "not initialised" in err
+    assert "Traceback" not in err
+
+
+def files_in(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
 
 
 async def test_init_twice_refuses_and_changes_nothing(tmp_path: Path) -> None:
     target = tmp_path / "cp"
     code, _, _ = await operator("init", "--data-dir", str(target))
     assert code == 0
-    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    before = await asyncio.to_thread(files_in, target)
     code, _, err = await operator("init", "--data-dir", str(target))
-    assert code == 1 and "refusing" in err
-    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cp"]  # no staging left behind
+    assert code == 1
+    assert "refusing" in err
+    assert await asyncio.to_thread(files_in, target) == before
+    assert sorted(await asyncio.to_thread(os.listdir, tmp_path)) == ["cp"]  # no staging left behind

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from docker import DockerClient
 
 from testhide.agent.config import AgentConfig
 from testhide.agent.daemon import Agent
@@ -56,7 +57,7 @@ async def serving_with_agent(tmp_path: Path, docker_client: Any) -> tuple[Contro
 
 
 async def test_sigkill_of_the_control_plane_loses_no_log_and_reports_once(
-    tmp_path: Path, docker_client
+    tmp_path: Path, docker_client: DockerClient
 ) -> None:
     cp, agent, admin_key = await serving_with_agent(tmp_path, docker_client)
     data_dir = cp.data_dir
@@ -95,7 +96,7 @@ async def test_sigkill_of_the_control_plane_loses_no_log_and_reports_once(
 
         followed_out, followed_err = await asyncio.wait_for(follower.communicate(), 300)
         assert follower.returncode == 0, followed_err
-        again = await cli("logs", job_id, timeout=300)
+        again = await cli("logs", job_id, within=300)
         shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)
     finally:
         agent.shutdown()
@@ -107,7 +108,7 @@ async def test_sigkill_of_the_control_plane_loses_no_log_and_reports_once(
     assert hashlib.sha256(again.stdout).hexdigest() == expected, "the stored log differs"
     terminal = [t for t in shown["transitions"] if t["status"] in ("SUCCEEDED", "FAILED", "ERROR", "LOST")]
     assert len(terminal) == 1
-    assert os.path.getsize(data_dir / "testhide.db") > 0
+    assert await asyncio.to_thread(os.path.getsize, data_dir / "testhide.db") > 0
 
 
 async def test_sigterm_stops_the_control_plane_cleanly_and_agents_carry_on(
@@ -138,14 +139,15 @@ async def test_sigterm_stops_the_control_plane_cleanly_and_agents_carry_on(
             await cp.terminate() == 0
         )  # graceful: streams closed with UNAVAILABLE, in-flight calls finished
         await cp.start()
-        followed = await cli("logs", "--follow", job_id, timeout=120)
+        followed = await cli("logs", "--follow", job_id, within=120)
         shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)
     finally:
         agent.shutdown()
         await asyncio.wait_for(agent_task, 60)
         await cp.stop()
     log = (cp.data_dir.parent / "controlplane.log").read_text()
-    assert "controlplane_stopped" in log and "Traceback" not in log
+    assert "controlplane_stopped" in log
+    assert "Traceback" not in log
     assert shown["status"] == "SUCCEEDED", shown
     assert followed.stdout == "".join(f"{i}\n" for i in range(1, 100_001)).encode()
     assert [t["status"] for t in shown["transitions"]].count("SUCCEEDED") == 1

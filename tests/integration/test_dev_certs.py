@@ -26,7 +26,9 @@ async def test_dev_ca_needs_the_dev_flag_at_init_and_serve(tmp_path: Path) -> No
     cp = [sys.executable, "-m", "testhide.controlplane.cli"]
 
     code, out = await run(*cp, "init", "--data-dir", str(tmp_path / "a"), "--import-ca", str(cert), str(key))
-    assert code == 1 and "development material" in out and not (tmp_path / "a").exists()
+    assert code == 1
+    assert "development material" in out
+    assert not (tmp_path / "a").exists()
 
     code, out = await run(
         *cp, "init", "--data-dir", str(tmp_path / "b"), "--import-ca", str(cert), str(key), "--dev"
@@ -35,4 +37,6 @@ async def test_dev_ca_needs_the_dev_flag_at_init_and_serve(tmp_path: Path) -> No
     assert (tmp_path / "b" / "ca.pem").read_bytes() == cert.read_bytes()
 
     code, out = await run(*cp, "serve", "--data-dir", str(tmp_path / "b"), "--listen", "127.0.0.1:0")
-    assert code == 1 and "--dev" in out and "Traceback" not in out
+    assert code == 1
+    assert "--dev" in out
+    assert "Traceback" not in out

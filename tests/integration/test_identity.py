@@ -13,6 +13,7 @@ import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from docker import DockerClient
 
 from testhide.agent.config import AgentConfig
 from testhide.agent.credentials import Credentials
@@ -27,10 +28,19 @@ from testhide.controlplane.ca import rotation
 from testhide.controlplane.datadir import DataDir
 from testhide.controlplane.store.base import AgentRecord
 from testhide.protos.v1 import agent_pb2, agent_pb2_grpc
-from tests.harness import JOB_IMAGE, Cli, control_plane, operator, running_agent, wait_until
+from tests.harness import (
+    JOB_IMAGE,
+    Cli,
+    RunningControlPlane,
+    control_plane,
+    eventually,
+    operator,
+    running_agent,
+    wait_until,
+)
 from tests.integration.test_transport import agent_certificate, connect_with, our_ca
 
-FAST = {"stop_grace": timedelta(seconds=1)}
+STOP_GRACE = timedelta(seconds=1)
 
 
 def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
@@ -51,15 +61,15 @@ async def audit_actions(data_dir: Path) -> list[dict[str, object]]:
 @pytest.mark.docker
 @pytest.mark.timeout(300)
 async def test_renewal_under_load_loses_duplicates_and_reorders_nothing(
-    tmp_path: Path, docker_client
+    tmp_path: Path, docker_client: DockerClient
 ) -> None:
     async with control_plane(tmp_path, agent_cert_ttl=timedelta(seconds=12)) as cp:
         cli = Cli(tmp_path / "config")
         assert (await cli.login(cp)).returncode == 0
-        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), **FAST) as agent:
+        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), stop_grace=STOP_GRACE) as agent:
             first_serial = agent.credentials.certificate.serial_number
             script = 'i=0; while [ $i -lt 450 ]; do echo "line $i"; i=$((i+1)); sleep 0.1; done'
-            result = await cli("run", "--image", JOB_IMAGE, "--", "sh", "-c", script, timeout=240)
+            result = await cli("run", "--image", JOB_IMAGE, "--", "sh", "-c", script, within=240)
             assert agent.credentials.certificate.serial_number != first_serial
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode() == "".join(f"line {i}\n" for i in range(450))
@@ -68,11 +78,14 @@ async def test_renewal_under_load_loses_duplicates_and_reorders_nothing(
 
 
 @pytest.mark.docker
-async def test_revocation_cuts_off_an_agent_mid_job(cp, cli: Cli, tmp_path: Path, docker_client) -> None:
+async def test_revocation_cuts_off_an_agent_mid_job(
+    cp: RunningControlPlane, cli: Cli, tmp_path: Path, docker_client: DockerClient
+) -> None:
     data_dir = tmp_path / "agent"
     await enroll(cp.api_target, await cp.enrollment_token(), data_dir, "doomed")
-    agent = Agent(AgentConfig(data_dir=data_dir, **FAST), DockerRuntime(docker_client))
+    agent = Agent(AgentConfig(data_dir=data_dir, stop_grace=STOP_GRACE), DockerRuntime(docker_client))
     running = asyncio.create_task(agent.run())
+    assert cp.daemon.scheduler is not None
     await asyncio.wait_for(cp.daemon.scheduler.wait_for_agent(agent.agent_id), 30)
     job_id = (
         (await cli("run", "-d", "--image", JOB_IMAGE, "--", "sh", "-c", "echo started; exec sleep 3600"))
@@ -80,6 +93,7 @@ async def test_revocation_cuts_off_an_agent_mid_job(cp, cli: Cli, tmp_path: Path
         .strip()
     )
     follower = await cli.start("logs", "--follow", job_id)
+    assert follower.stdout is not None
     assert await asyncio.wait_for(follower.stdout.readline(), 30) == b"started\n"
 
     code, _, err = await operator("agents", "revoke", "--data-dir", str(cp.data_dir), agent.agent_id)
@@ -90,7 +104,8 @@ async def test_revocation_cuts_off_an_agent_mid_job(cp, cli: Cli, tmp_path: Path
     assert asyncio.get_running_loop().time() - revoked_at < 5  # the stream was closed within seconds
 
     shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)
-    assert shown["status"] == "ERROR" and "revoked" in shown["status_reason"]
+    assert shown["status"] == "ERROR"
+    assert "revoked" in shown["status_reason"]
     await asyncio.wait_for(follower.wait(), 30)
     assert docker_client.containers.list(all=True, filters={"label": f"dev.testhide.job={job_id}"}) == []
 
@@ -113,11 +128,12 @@ async def test_revocation_cuts_off_an_agent_mid_job(cp, cli: Cli, tmp_path: Path
     assert "agent_revoked" in [e["action"] for e in await audit_actions(cp.data_dir)]
 
 
-async def test_an_open_stream_ends_when_its_certificate_expires(cp) -> None:
+async def test_an_open_stream_ends_when_its_certificate_expires(cp: RunningControlPlane) -> None:
     ca = our_ca(cp)
     agent_id = "a00000000000000e1"
     key_pem, cert_pem = agent_certificate(ca, agent_id, lifetime=timedelta(seconds=3))
     cert = x509.load_pem_x509_certificate(cert_pem)
+    assert cp.daemon._store is not None
     await cp.daemon._store.create_agent(
         AgentRecord(agent_id, "default", "default", "short", "x", cert.not_valid_after_utc, datetime.now(UTC))
     )
@@ -125,15 +141,21 @@ async def test_an_open_stream_ends_when_its_certificate_expires(cp) -> None:
     async with grpc.aio.secure_channel(cp.agent_target, credentials) as channel:
         call = agent_pb2_grpc.AgentControlStub(channel).Connect()
         await call.write(agent_pb2.AgentMessage(hello=agent_pb2.Hello(max_jobs=1)))
-        with pytest.raises(grpc.aio.AioRpcError) as error:
+
+        async def read_until_refused() -> None:
             while True:
                 await asyncio.wait_for(call.read(), 30)
+
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await read_until_refused()
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "expired" in (error.value.details() or "")
     assert datetime.now(UTC) >= cert.not_valid_after_utc
 
 
-async def test_an_agent_offline_past_expiry_is_told_to_enroll_again(cp, tmp_path: Path) -> None:
+async def test_an_agent_offline_past_expiry_is_told_to_enroll_again(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
     data_dir = tmp_path / "agent"
     credentials = await enroll(cp.api_target, await cp.enrollment_token(), data_dir, "sleeper")
     two_hours_ago = datetime.now(UTC) - timedelta(hours=2)
@@ -148,12 +170,13 @@ async def test_an_agent_offline_past_expiry_is_told_to_enroll_again(cp, tmp_path
         received_at=two_hours_ago,
     ).save(data_dir)
     agent = Agent(AgentConfig(data_dir=data_dir), FakeRuntime())
-    with pytest.raises(CredentialsError, match="expired .* enroll this agent again"):
+    with pytest.raises(CredentialsError, match=r"expired .* enroll this agent again"):
         await asyncio.wait_for(agent.run(), 30)
 
 
-async def test_enrollment_tokens_are_scoped_and_revocable(cp, tmp_path: Path) -> None:
+async def test_enrollment_tokens_are_scoped_and_revocable(cp: RunningControlPlane, tmp_path: Path) -> None:
     store = cp.daemon._store
+    assert store is not None
     await store.create_org("acme", datetime.now(UTC))
     await store.create_pool("acme", "gpu", datetime.now(UTC))
     acme = await enroll(cp.api_target, await cp.enrollment_token("acme", "gpu"), tmp_path / "acme", "acme-1")
@@ -173,7 +196,7 @@ async def test_enrollment_tokens_are_scoped_and_revocable(cp, tmp_path: Path) ->
     assert [e["target"] for e in refused] == [token_id]
 
 
-async def test_a_pool_can_shorten_certificate_lifetimes(cp, tmp_path: Path) -> None:
+async def test_a_pool_can_shorten_certificate_lifetimes(cp: RunningControlPlane, tmp_path: Path) -> None:
     code, _, err = await operator(
         "pools", "create", "--data-dir", str(cp.data_dir), "short-lived", "--agent-cert-ttl", "2m"
     )
@@ -187,36 +210,43 @@ async def test_a_pool_can_shorten_certificate_lifetimes(cp, tmp_path: Path) -> N
 
 
 @pytest.mark.docker
-async def test_server_certificate_rotation_reaches_new_connections_only(cp, cli: Cli, docker_agent) -> None:
-    old_serial = cp.daemon.certificates.current.server_certificate.serial_number
-    session = cp.daemon.scheduler.session_of(docker_agent.agent_id)
+async def test_server_certificate_rotation_reaches_new_connections_only(
+    cp: RunningControlPlane, cli: Cli, docker_agent: Agent
+) -> None:
+    certificates, scheduler = cp.daemon.certificates, cp.daemon.scheduler
+    assert certificates is not None
+    assert scheduler is not None
+    old_serial = certificates.current.server_certificate.serial_number
+    session = scheduler.session_of(docker_agent.agent_id)
     code, _, err = await operator("server-cert", "rotate", "--data-dir", str(cp.data_dir))
     assert code == 0, err
     new_serial = x509.load_pem_x509_certificate((cp.data_dir / "server.pem").read_bytes()).serial_number
     assert new_serial != old_serial
 
-    async def served_serial() -> int:
+    async def new_certificate_served() -> bool:
         der = (await asyncio.to_thread(_peer_chain, "127.0.0.1", cp.daemon.api_port, 10))[0]
-        return x509.load_der_x509_certificate(der).serial_number
+        return x509.load_der_x509_certificate(der).serial_number == new_serial
 
-    while await served_serial() != new_serial:  # the watcher applies it within a second
-        await asyncio.sleep(0.2)
+    # The watcher applies it within a second.
+    await eventually(new_certificate_served, 60, "the new server certificate to be served")
     result = await cli("run", "--image", JOB_IMAGE, "--", "echo", "still here")
     assert result.stdout == b"still here\n"
-    assert cp.daemon.scheduler.session_of(docker_agent.agent_id) is session  # the open stream carried on
+    assert scheduler.session_of(docker_agent.agent_id) is session  # the open stream carried on
 
 
 @pytest.mark.docker
 @pytest.mark.timeout(180)
-async def test_ca_rotation_with_a_connected_agent_and_a_running_job(tmp_path: Path, docker_client) -> None:
+async def test_ca_rotation_with_a_connected_agent_and_a_running_job(
+    tmp_path: Path, docker_client: DockerClient
+) -> None:
     async with control_plane(tmp_path, agent_cert_ttl=timedelta(seconds=10)) as cp:
         cli = Cli(tmp_path / "config")
         assert (await cli.login(cp)).returncode == 0
         directory = DataDir(cp.data_dir)
         old_ca = our_ca(cp)
-        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), **FAST) as agent:
+        async with running_agent(cp, tmp_path, DockerRuntime(docker_client), stop_grace=STOP_GRACE) as agent:
             script = 'i=0; while [ $i -lt 300 ]; do echo "tick $i"; i=$((i+1)); sleep 0.1; done'
-            job = asyncio.create_task(cli("run", "--image", JOB_IMAGE, "--", "sh", "-c", script, timeout=150))
+            job = asyncio.create_task(cli("run", "--image", JOB_IMAGE, "--", "sh", "-c", script, within=150))
 
             rotation.prepare(directory, directory.master_key())
             await wait_until(
@@ -235,11 +265,16 @@ async def test_ca_rotation_with_a_connected_agent_and_a_running_job(tmp_path: Pa
         assert result.returncode == 0, result.stderr
         assert result.stdout.decode() == "".join(f"tick {i}\n" for i in range(300))
 
-        while old_ca.certificate_pem in cp.daemon.certificates.current.bundle_pem:
-            await asyncio.sleep(0.2)
+        certificates = cp.daemon.certificates
+        assert certificates is not None
+        await eventually(
+            lambda: old_ca.certificate_pem not in certificates.current.bundle_pem,
+            60,
+            "the old CA to leave the trust bundle",
+        )
         old_key, old_cert = agent_certificate(old_ca, agent.agent_id)
         assert await connect_with(cp, old_key, old_cert) == grpc.StatusCode.UNAVAILABLE
         assert (
             fingerprint(new_ca.public_bytes(serialization.Encoding.DER))
-            in cp.daemon.certificates.current.trusted_fingerprints
+            in certificates.current.trusted_fingerprints
         )

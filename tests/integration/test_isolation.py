@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from docker import DockerClient
 
+from testhide.agent.daemon import Agent
 from tests.harness import JOB_IMAGE, Cli
 
 pytestmark = pytest.mark.docker
@@ -17,7 +19,8 @@ echo "uid: $(id -u)"
 touch /rootfs-write 2>/dev/null && echo "root: writable" || echo "root: read-only"
 touch /tmp/ok && echo "tmp: writable"
 touch /workspace/ok && echo "workspace: writable"
-ls /var/run/docker.sock /run/docker.sock 2>/dev/null && echo "docker socket: present" || echo "docker socket: absent"
+ls /var/run/docker.sock /run/docker.sock 2>/dev/null && echo "docker socket: present" \
+  || echo "docker socket: absent"
 """
 
 
@@ -32,7 +35,7 @@ async def run_probe(cli: Cli, *extra: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
-async def test_the_job_container_is_locked_down(docker_agent, cli: Cli, runtime: str) -> None:
+async def test_the_job_container_is_locked_down(docker_agent: Agent, cli: Cli, runtime: str) -> None:
     facts = await run_probe(cli, "--runtime", runtime)
     assert facts["links"] == "lo"
     assert int(facts["CapEff"], 16) == 0
@@ -49,7 +52,7 @@ async def test_the_job_container_is_locked_down(docker_agent, cli: Cli, runtime:
     assert facts["docker socket"] == "absent"
 
 
-async def test_a_fork_loop_hits_the_pids_limit(docker_agent, cli: Cli) -> None:
+async def test_a_fork_loop_hits_the_pids_limit(docker_agent: Agent, cli: Cli) -> None:
     script = "i=0; while [ $i -lt 200 ]; do sleep 60 & i=$((i+1)); done; echo spawned-all"
     result = await cli("run", "--image", JOB_IMAGE, "--pids", "32", "--", "sh", "-c", script)
     assert b"spawned-all" not in result.stdout
@@ -57,7 +60,7 @@ async def test_a_fork_loop_hits_the_pids_limit(docker_agent, cli: Cli) -> None:
     assert result.returncode != 0
 
 
-async def test_memory_and_cpu_limits_apply(docker_agent, cli: Cli) -> None:
+async def test_memory_and_cpu_limits_apply(docker_agent: Agent, cli: Cli) -> None:
     result = await cli(
         "run",
         "--image",
@@ -77,7 +80,7 @@ async def test_memory_and_cpu_limits_apply(docker_agent, cli: Cli) -> None:
     assert "50000" in out
 
 
-async def test_no_network_even_to_the_host(docker_agent, cli: Cli) -> None:
+async def test_no_network_even_to_the_host(docker_agent: Agent, cli: Cli) -> None:
     result = await cli(
         "run",
         "--image",
@@ -91,7 +94,7 @@ async def test_no_network_even_to_the_host(docker_agent, cli: Cli) -> None:
     assert b"default" not in result.stdout  # no route anywhere
 
 
-async def test_runsc_runs_the_job_under_gvisor(docker_agent, cli: Cli) -> None:
+async def test_runsc_runs_the_job_under_gvisor(docker_agent: Agent, cli: Cli) -> None:
     result = await cli("run", "--runtime", "runsc", "--image", JOB_IMAGE, "--", "dmesg")
     assert result.returncode == 0, result.stderr
     assert b"gVisor" in result.stdout
@@ -101,7 +104,7 @@ async def test_runsc_runs_the_job_under_gvisor(docker_agent, cli: Cli) -> None:
 
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
 async def test_the_running_container_is_configured_locked_down(
-    docker_agent, cli: Cli, docker_client, runtime: str
+    docker_agent: Agent, cli: Cli, docker_client: DockerClient, runtime: str
 ) -> None:
     job_id = (
         (
@@ -128,19 +131,24 @@ async def test_the_running_container_is_configured_locked_down(
         .strip()
     )
     follower = await cli.start("logs", "--follow", job_id)
+    assert follower.stdout is not None
     assert await asyncio.wait_for(follower.stdout.readline(), 60) == b"up\n"
     [container] = docker_client.containers.list(filters={"label": f"dev.testhide.job={job_id}"})
     host = container.attrs["HostConfig"]
     assert host["Runtime"] == runtime
     assert host["NetworkMode"] == "none"
-    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+    assert host["CapDrop"] == ["ALL"]
+    assert not host["CapAdd"]
     assert "no-new-privileges:true" in host["SecurityOpt"]
     assert not any("seccomp" in opt or "apparmor=unconfined" in opt for opt in host["SecurityOpt"])
-    assert host["ReadonlyRootfs"] is True and host["Privileged"] is False
+    assert host["ReadonlyRootfs"] is True
+    assert host["Privileged"] is False
     assert (host["PidsLimit"], host["Memory"], host["NanoCpus"]) == (64, 256 * 1024**2, 10**9)
     assert container.attrs["Config"]["User"] == "65534:65534"
     mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
-    assert set(mounts) == {"/workspace"} and mounts["/workspace"]["Type"] == "volume"
-    assert not host["Binds"] and "docker.sock" not in str(container.attrs)
+    assert set(mounts) == {"/workspace"}
+    assert mounts["/workspace"]["Type"] == "volume"
+    assert not host["Binds"]
+    assert "docker.sock" not in str(container.attrs)
     assert (await cli("cancel", job_id)).returncode == 0
     await asyncio.wait_for(follower.wait(), 30)

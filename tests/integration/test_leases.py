@@ -5,6 +5,7 @@ agent told to stop (SIGTERM). Real control plane, real agents, real Docker."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -56,34 +57,37 @@ async def test_connection_cut_for_30s_mid_job_loses_nothing(tmp_path: Path, dock
     script = (
         f"seq {part1[0]} {part1[1]}; while [ ! -e /tmp/go ]; do sleep 0.1; done; seq {part2[0]} {part2[1]}"
     )
-    async with control_plane(tmp_path) as cp, CuttableProxy("127.0.0.1", cp.daemon.agent_port) as proxy:
-        async with running_agent(
+    async with (
+        control_plane(tmp_path) as cp,
+        CuttableProxy("127.0.0.1", cp.daemon.agent_port) as proxy,
+        running_agent(
             cp,
             tmp_path,
             DockerRuntime(docker_client),
             agent_port=proxy.port,
             max_backoff=timedelta(seconds=1),
             stop_grace=timedelta(seconds=1),
-        ) as agent:
-            cli = Cli(tmp_path / "config")
-            assert (await cli.login(cp)).returncode == 0
-            job_id = await submit(cli, "sh", "-c", script)
-            first = numbered(*part1)
-            await eventually(lambda: log_reached(cp, job_id, len(first)), 60, "the first part stored")
+        ) as agent,
+    ):
+        cli = Cli(tmp_path / "config")
+        assert (await cli.login(cp)).returncode == 0
+        job_id = await submit(cli, "sh", "-c", script)
+        first = numbered(*part1)
+        await eventually(lambda: log_reached(cp, job_id, len(first)), 60, "the first part stored")
 
-            proxy.cut()
-            cut_at = time.monotonic()
-            await asyncio.to_thread(containers_of(docker_client, job_id)[0].exec_run, ["touch", "/tmp/go"])
-            # The job writes the rest and ends while the agent is cut off: all of it waits in the spool.
-            await asyncio.wait_for(agent.job_done(job_id), 25)  # the job to end while cut off
-            assert agent.outbox.unacked_bytes() >= len(numbered(*part2)) - 8 * 1024 * 1024
-            assert any(agent.config.spool_dir.iterdir()), "the backlog is on disk"
-            assert (await job(cp, job_id)).status == JobStatus.RUNNING
-            await asyncio.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))  # the cut itself lasts 30 s
-            proxy.restore()
+        proxy.cut()
+        cut_at = time.monotonic()
+        await asyncio.to_thread(containers_of(docker_client, job_id)[0].exec_run, ["touch", "/tmp/go"])
+        # The job writes the rest and ends while the agent is cut off: all of it waits in the spool.
+        await asyncio.wait_for(agent.job_done(job_id), 25)  # the job to end while cut off
+        assert agent.outbox.unacked_bytes() >= len(numbered(*part2)) - 8 * 1024 * 1024
+        assert any(agent.config.spool_dir.iterdir()), "the backlog is on disk"
+        assert (await job(cp, job_id)).status == JobStatus.RUNNING
+        await asyncio.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))  # the cut itself lasts 30 s
+        proxy.restore()
 
-            followed = await cli("logs", "--follow", job_id, timeout=240)
-            shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)
+        followed = await cli("logs", "--follow", job_id, within=240)
+        shown = json.loads((await cli("jobs", "show", job_id, "--json")).stdout)
     assert proxy.connections >= 2, "the agent reconnected through the proxy"
     expected = numbered(part1[0], part2[1])
     assert_same_bytes(followed.stdout, expected)
@@ -100,7 +104,8 @@ class AgentProcess:
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        with open(self.data_dir.parent / f"{self.data_dir.name}.log", "ab") as log:
+        log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
+        with await asyncio.to_thread(log_path.open, "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -119,9 +124,9 @@ class AgentProcess:
         assert self.process is not None
         self.process.send_signal(sig)
 
-    async def wait(self, timeout: float) -> int:
+    async def wait(self, within: float) -> int:
         assert self.process is not None
-        return await asyncio.wait_for(self.process.wait(), timeout)
+        return await asyncio.wait_for(self.process.wait(), within)
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -179,7 +184,8 @@ async def test_killed_agent_job_is_lost_within_the_lease_and_retried_once(
     assert out == b"attempt-start\nattempt-start\nattempt-end\n"
     assert f"retrying as job {retry.id} (attempt 2 of 2)".encode() in err
     # Reported once: the first attempt stays LOST with the log it had, and its container is gone.
-    assert final_lost.status == JobStatus.LOST and lost_log == b"attempt-start\n"
+    assert final_lost.status == JobStatus.LOST
+    assert lost_log == b"attempt-start\n"
     assert [t.status for t in final_lost.transitions].count(JobStatus.LOST) == 1
     assert not [t for t in final_lost.transitions if t.status.terminal and t.status != JobStatus.LOST]
     assert containers_of(docker_client, job_id) == []
@@ -197,37 +203,38 @@ async def test_agent_back_after_its_lease_lapsed_stops_the_job_and_reports_nothi
     async with (
         control_plane(tmp_path, job_lease=lease) as cp,
         CuttableProxy("127.0.0.1", cp.daemon.agent_port) as proxy,
-    ):
-        async with running_agent(
+        running_agent(
             cp,
             tmp_path,
             DockerRuntime(docker_client),
             agent_port=proxy.port,
             max_backoff=timedelta(seconds=1),
             stop_grace=timedelta(seconds=1),
-        ) as agent:
-            cli = Cli(tmp_path / "config")
-            assert (await cli.login(cp)).returncode == 0
-            job_id = await submit(cli, "sh", "-c", "echo before; while true; do sleep 0.2; done")
-            first = await eventually(lambda: in_status(cp, job_id, JobStatus.RUNNING), 30, "RUNNING")
-            assert first.lease_expires_at is not None
-            # Heartbeats keep the lease: still RUNNING well past the first lease's end.
-            await eventually(
-                lambda: _lease_beyond(cp, job_id, first.lease_expires_at + 2 * lease),
-                15,
-                "the lease to be extended twice",
-            )
+        ) as agent,
+    ):
+        cli = Cli(tmp_path / "config")
+        assert (await cli.login(cp)).returncode == 0
+        job_id = await submit(cli, "sh", "-c", "echo before; while true; do sleep 0.2; done")
+        first = await eventually(lambda: in_status(cp, job_id, JobStatus.RUNNING), 30, "RUNNING")
+        assert first.lease_expires_at is not None
+        # Heartbeats keep the lease: still RUNNING well past the first lease's end.
+        await eventually(
+            lambda: _lease_beyond(cp, job_id, first.lease_expires_at + 2 * lease),
+            15,
+            "the lease to be extended twice",
+        )
 
-            proxy.cut()
-            lost = await eventually(lambda: in_status(cp, job_id, JobStatus.LOST), 15, "the job to be LOST")
-            assert job_id in agent.executing(), "still running on the partitioned agent"
-            proxy.restore()
-            # Back again: the control plane tells it the job is no longer its; it stops the container.
-            await asyncio.wait_for(agent.job_done(job_id), 30)  # the container to be stopped
-            assert job_id not in agent.outbox.running()
-            assert containers_of(docker_client, job_id) == []
-            final = await job(cp, job_id)
-    assert final.status == JobStatus.LOST and final.log_size == lost.log_size
+        proxy.cut()
+        lost = await eventually(lambda: in_status(cp, job_id, JobStatus.LOST), 15, "the job to be LOST")
+        assert job_id in agent.executing(), "still running on the partitioned agent"
+        proxy.restore()
+        # Back again: the control plane tells it the job is no longer its; it stops the container.
+        await asyncio.wait_for(agent.job_done(job_id), 30)  # the container to be stopped
+        assert job_id not in agent.outbox.running()
+        assert containers_of(docker_client, job_id) == []
+        final = await job(cp, job_id)
+    assert final.status == JobStatus.LOST
+    assert final.log_size == lost.log_size
     assert [t.status for t in final.transitions].count(JobStatus.LOST) == 1
     assert final.epoch == first.epoch + 1
 
@@ -252,7 +259,7 @@ async def test_sigterm_drains_the_agent(tmp_path: Path, docker_client: Any) -> N
             short = await submit(cli, "sh", "-c", "echo short; sleep 1; echo short-done")
             long = await submit(cli, "sh", "-c", "echo long; sleep 600")
             for job_id in (short, long):
-                await eventually(lambda j=job_id: log_reached(cp, j, 1), 30, "the jobs to start")
+                await eventually(functools.partial(log_reached, cp, job_id, 1), 30, "the jobs to start")
 
             await agent.signal(signal.SIGTERM)
             session = cp.daemon.scheduler.session_of(agent_id)
@@ -264,6 +271,8 @@ async def test_sigterm_drains_the_agent(tmp_path: Path, docker_client: Any) -> N
         finally:
             await agent.stop()
     assert finished_short.status == JobStatus.SUCCEEDED
-    assert finished_long.status == JobStatus.CANCELED and "shutting down" in finished_long.status_reason
-    assert queued.status == JobStatus.QUEUED and "no agent" in queued.status_reason
+    assert finished_long.status == JobStatus.CANCELED
+    assert "shutting down" in finished_long.status_reason
+    assert queued.status == JobStatus.QUEUED
+    assert "no agent" in queued.status_reason
     assert [t.status for t in queued.transitions] == [JobStatus.QUEUED]

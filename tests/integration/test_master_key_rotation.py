@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from testhide.agent.daemon import Agent
 from testhide.controlplane.atrest import sealed_by
 from testhide.controlplane.datadir import DataDir
 from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, operator
@@ -27,8 +28,12 @@ def stored_key_ids(data_dir: Path) -> set[str]:
     with sqlite3.connect(data_dir / "testhide.db") as conn:
         wrapped = [
             r[0]
-            for table in ("jobs", "blobs", "secrets")
-            for r in conn.execute(f"SELECT data_key FROM {table}")
+            for query in (
+                "SELECT data_key FROM jobs",
+                "SELECT data_key FROM blobs",
+                "SELECT data_key FROM secrets",
+            )
+            for r in conn.execute(query)
         ]
     directory = DataDir(data_dir)
     return {sealed_by(bytes(w)) for w in wrapped} | {
@@ -37,14 +42,15 @@ def stored_key_ids(data_dir: Path) -> set[str]:
 
 
 async def test_rotation_while_serving_keeps_old_data_readable_and_leaves_no_old_key(
-    docker_agent, cp: RunningControlPlane, cli: Cli, tmp_path: Path
+    docker_agent: Agent, cp: RunningControlPlane, cli: Cli, tmp_path: Path
 ) -> None:
     assert (await cli("secrets", "set", "TOKEN", stdin=b"s3cret!")).returncode == 0
     before = await cli(
         "run", "--secret", "TOKEN", "--artifacts", "out/*", "--image", JOB_IMAGE, "--", "sh", "-c", BEFORE
     )
     assert before.returncode == 0, before.stderr
-    assert b"before-42\n" in before.stdout and b"7\n" in before.stdout
+    assert b"before-42\n" in before.stdout
+    assert b"7\n" in before.stdout
     old_job = before.stderr.split(b"job ")[1].split()[0].decode()
     old_key = DataDir(cp.data_dir).master_key().current_id
 
@@ -56,25 +62,32 @@ async def test_rotation_while_serving_keeps_old_data_readable_and_leaves_no_old_
     assert during_out == b"".join(f"tick-{i}\n".encode() for i in range(25))
 
     new_key = DataDir(cp.data_dir).master_key().key_ids
-    assert len(new_key) == 1 and new_key[0] != old_key and f"{old_key} removed from the ring" in err
+    assert len(new_key) == 1
+    assert new_key[0] != old_key
+    assert f"{old_key} removed from the ring" in err
     assert stored_key_ids(cp.data_dir) == {new_key[0]}
 
     logs = await cli("logs", old_job)
-    assert logs.returncode == 0 and logs.stdout == before.stdout
+    assert logs.returncode == 0
+    assert logs.stdout == before.stdout
     downloaded = await cli("artifacts", old_job, "-o", str(tmp_path / "dl"))
-    assert downloaded.returncode == 0 and (tmp_path / "dl" / "out" / "a.txt").read_text() == "artifact-56\n"
+    assert downloaded.returncode == 0
+    assert (tmp_path / "dl" / "out" / "a.txt").read_text() == "artifact-56\n"
     # The log masks the value itself, so the job prints it transformed.
     after = await cli(
         "run", "--secret", "TOKEN", "--image", JOB_IMAGE, "--", "sh", "-c", 'printf %s "$TOKEN" | tr a-z A-Z'
     )
-    assert after.returncode == 0 and after.stdout == b"S3CRET!"
+    assert after.returncode == 0
+    assert after.stdout == b"S3CRET!"
     assert stored_key_ids(cp.data_dir) == {new_key[0]}
 
     code, _, err = await operator("audit", "verify", "--data-dir", str(cp.data_dir))
     assert code == 0, err
     _, exported, _ = await operator("audit", "export", "--data-dir", str(cp.data_dir))
     rotated = [json.loads(line) for line in exported.splitlines() if '"master_key_rotated"' in line]
-    assert rotated and rotated[0]["target"] == new_key[0] and rotated[0]["details"]["retired"] == [old_key]
+    assert rotated
+    assert rotated[0]["target"] == new_key[0]
+    assert rotated[0]["details"]["retired"] == [old_key]
 
 
 async def test_a_second_rotation_and_status(cp: RunningControlPlane) -> None:
@@ -84,6 +97,8 @@ async def test_a_second_rotation_and_status(cp: RunningControlPlane) -> None:
         assert code == 0, err
     ring = DataDir(cp.data_dir).master_key()
     code, out, _ = await operator("master-key", "status", "--data-dir", str(cp.data_dir))
-    assert code == 0 and f"current {ring.current_id}" in out
-    assert "serve pid" in out and f"holds {ring.current_id}" in out
+    assert code == 0
+    assert f"current {ring.current_id}" in out
+    assert "serve pid" in out
+    assert f"holds {ring.current_id}" in out
     assert stored_key_ids(cp.data_dir) == {ring.current_id}

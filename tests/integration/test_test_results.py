@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from testhide.agent.daemon import Agent
 from tests.harness import JOB_IMAGE, Cli
 
 pytestmark = pytest.mark.docker
@@ -27,7 +28,7 @@ def test_later():
 
 
 async def test_a_real_pytest_run_comes_back_as_cases(
-    docker_agent, cli: Cli, python_image: str, tmp_path: Path
+    docker_agent: Agent, cli: Cli, python_image: str, tmp_path: Path
 ) -> None:
     project = tmp_path / "project"
     project.mkdir()
@@ -47,7 +48,7 @@ async def test_a_real_pytest_run_comes_back_as_cases(
         "no:cacheprovider",
         "--junitxml=reports/junit.xml",
         cwd=project,
-        timeout=180,
+        within=180,
     )
     assert result.returncode == 1  # pytest's own exit code: a test failed
     assert b"1 failed, 1 passed, 1 skipped" in result.stdout
@@ -65,12 +66,15 @@ async def test_a_real_pytest_run_comes_back_as_cases(
     assert cases["test_breaks"]["classname"] == "test_sample"
 
 
-async def test_hostile_reports_are_refused_without_expansion(docker_agent, cli: Cli) -> None:
+async def test_hostile_reports_are_refused_without_expansion(docker_agent: Agent, cli: Cli) -> None:
     xxe = (
         '<?xml version="1.0"?><!DOCTYPE t [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
         '<testsuite name="x"><testcase name="&x;"/></testsuite>'
     )
-    script = f"mkdir -p r && printf '%s' '{xxe}' > r/evil.xml && echo '<testsuite name=\"s\"><testcase name=\"ok\"/></testsuite>' > r/good.xml"
+    script = (
+        f"mkdir -p r && printf '%s' '{xxe}' > r/evil.xml"
+        ' && echo \'<testsuite name="s"><testcase name="ok"/></testsuite>\' > r/good.xml'
+    )
     result = await cli("run", "--junit", "r/*.xml", "--image", JOB_IMAGE, "--", "sh", "-c", script)
     assert result.returncode == 0, result.stderr
     assert b"report refused: r/evil.xml" in result.stderr

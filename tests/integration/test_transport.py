@@ -14,6 +14,7 @@ from testhide.agent.credentials import new_key_and_csr
 from testhide.common.identity import AgentIdentity
 from testhide.controlplane.ca.authority import CertificateAuthority
 from testhide.controlplane.datadir import DataDir
+from testhide.controlplane.rpc.agent import SESSION_ACCEPTED
 from testhide.protos.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from tests.harness import RunningControlPlane
 
@@ -26,14 +27,18 @@ def our_ca(cp: RunningControlPlane) -> CertificateAuthority:
 async def connect_with(
     cp: RunningControlPlane, key_pem: bytes | None, cert_pem: bytes | None
 ) -> grpc.StatusCode:
-    """Open Connect on the agent port and return the status it ends with."""
+    """Open Connect on the agent port and return the status the server refuses
+    it with, or OK if the server accepts the agent.
+
+    Like the agent, it sends nothing before the server has accepted the stream:
+    a write that crosses the server's refusal makes grpc.aio replace the
+    server's status with INTERNAL "Internal error from Core" (grpc/grpc#36066)."""
     credentials = grpc.ssl_channel_credentials(cp.ca_pem, private_key=key_pem, certificate_chain=cert_pem)
     async with grpc.aio.secure_channel(cp.agent_target, credentials) as channel:
         call = agent_pb2_grpc.AgentControlStub(channel).Connect(timeout=10)
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await call.write(agent_pb2.AgentMessage(hello=agent_pb2.Hello(max_jobs=1)))
-            await call.read()
-        return error.value.code()
+        if SESSION_ACCEPTED in await call.initial_metadata():
+            return grpc.StatusCode.OK
+        return await call.code()
 
 
 def agent_certificate(

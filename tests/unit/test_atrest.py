@@ -223,4 +223,5 @@ def test_data_key_wrap_is_bound_to_aad() -> None:
 def test_data_keys_are_fresh() -> None:
     master = MasterKey(KEY)
     (k1, w1), (k2, w2) = master.new_data_key(b"j"), master.new_data_key(b"j")
-    assert k1 != k2 and w1 != w2
+    assert k1 != k2
+    assert w1 != w2

@@ -48,16 +48,21 @@ def test_ca_certificate(ca: CertificateAuthority) -> None:
     cert = ca.certificate
     assert cert.subject == cert.issuer
     bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    assert bc.critical
+    assert bc.value.ca
+    assert bc.value.path_length == 0
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
-    assert ku.key_cert_sign and ku.crl_sign and not ku.digital_signature
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
-    assert cert.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
+    assert ku.key_cert_sign
+    assert ku.crl_sign
+    assert not ku.digital_signature
+    public_key = cert.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    assert public_key.curve.name == "secp256r1"
     assert "example.org" in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     assert not is_development_ca(cert)
     assert x509.load_pem_x509_certificate(ca.certificate_pem) == cert
     key = serialization.load_pem_private_key(ca.key_pem(), password=None)
-    assert key.public_key() == cert.public_key()  # type: ignore[union-attr]
+    assert key.public_key() == cert.public_key()
 
 
 def test_ca_lifetime_and_backdate() -> None:
@@ -81,7 +86,8 @@ def test_issue_agent(ca: CertificateAuthority, csr: tuple[bytes, bytes]) -> None
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and not bc.value.ca
+    assert bc.critical
+    assert not bc.value.ca
     assert cert.extensions.get_extension_for_class(x509.KeyUsage).value.digital_signature
 
     assert cert.not_valid_before_utc == now - timedelta(seconds=30)
@@ -92,7 +98,7 @@ def test_issue_agent(ca: CertificateAuthority, csr: tuple[bytes, bytes]) -> None
     cert.verify_directly_issued_by(ca.certificate)
 
     key = serialization.load_pem_private_key(key_pem, password=None)
-    assert cert.public_key() == key.public_key()  # type: ignore[union-attr]
+    assert cert.public_key() == key.public_key()
     assert AgentIdentity.from_certificate(cert) == IDENTITY
 
 
@@ -172,7 +178,8 @@ def test_issue_agent_rejects_bad_csr_signature(ca: CertificateAuthority) -> None
     good_der = good.public_bytes(serialization.Encoding.DER)
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     own, theirs = key.public_key().public_bytes(*spki), other.public_key().public_bytes(*spki)
-    assert own in good_der and len(own) == len(theirs)
+    assert own in good_der
+    assert len(own) == len(theirs)
     forged = x509.load_der_x509_csr(good_der.replace(own, theirs))
     assert not forged.is_signature_valid
     with pytest.raises(InvalidArgument, match="signature"):

@@ -121,5 +121,5 @@ def test_out_of_range_duration_is_a_value_error() -> None:
     # Callers (the CLIs' Duration param type and ``testhide run --timeout``)
     # only catch ValueError; a huge duration must be refused the same way
     # rather than escaping as OverflowError.
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="duration"):
         parse_duration("99999999999999d")

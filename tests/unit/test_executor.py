@@ -144,7 +144,8 @@ async def test_time_triggered_flush_while_running(tmp_path: Path) -> None:
     await asyncio.wait_for(flushed.wait(), WAIT)
     container = h.runtime.started["j1"]
     assert not task.done()
-    assert container.stopped_with_grace is None and not container.removed
+    assert container.stopped_with_grace is None
+    assert not container.removed
     assert h.batches() == [LogBatch("j1", 1, 1, ((OUT, b"tick\n"), (ERR, b"tock\n")))]
     assert h.executor.cancel("j1", "done watching")
     await asyncio.wait_for(task, WAIT)

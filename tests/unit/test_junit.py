@@ -7,30 +7,38 @@ import pytest
 from testhide.controlplane.jobs.junit import JunitError, parse_junit
 from testhide.controlplane.jobs.model import TestStatus
 
-PYTEST = b"""<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1"
+PYTEST = b"""<?xml version="1.0" encoding="utf-8"?><testsuites>\
+<testsuite name="pytest" errors="0" failures="1"
 skipped="1" tests="3" time="0.05"><testcase classname="test_sample" name="test_ok" time="0.001" />
-<testcase classname="test_sample" name="test_bad" time="0.002"><failure message="assert 1 == 2">def test_bad():
+<testcase classname="test_sample" name="test_bad" time="0.002"><failure message="assert 1 == 2">\
+def test_bad():
 &gt;       assert 1 == 2</failure></testcase><testcase classname="test_sample" name="test_later" time="0.000">
-<skipped type="pytest.skip" message="not yet">test_sample.py:9: not yet</skipped></testcase></testsuite></testsuites>"""
+<skipped type="pytest.skip" message="not yet">test_sample.py:9: not yet</skipped></testcase></testsuite>\
+</testsuites>"""
 
 SUREFIRE = b"""<?xml version="1.0" encoding="UTF-8"?>
 <testsuite xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" name="com.example.AppTest" time="0.012"
-tests="2" errors="1" skipped="0" failures="0"><properties><property name="java.version" value="17"/></properties>
+tests="2" errors="1" skipped="0" failures="0"><properties><property name="java.version" value="17"/>\
+</properties>
 <testcase name="adds" classname="com.example.AppTest" time="0.001"/>
 <testcase name="divides" classname="com.example.AppTest" time="0.002"><error message="/ by zero"
-type="java.lang.ArithmeticException">java.lang.ArithmeticException: / by zero</error></testcase></testsuite>"""
+type="java.lang.ArithmeticException">java.lang.ArithmeticException: / by zero</error></testcase>\
+</testsuite>"""
 
 GO_JUNIT_REPORT = b"""<?xml version="1.0" encoding="UTF-8"?>
 <testsuites tests="2" failures="1"><testsuite tests="2" failures="1" time="1.234" name="example.com/pkg"
-timestamp="2024-01-01T00:00:00Z"><properties><property name="go.version" value="go1.22"></property></properties>
+timestamp="2024-01-01T00:00:00Z"><properties><property name="go.version" value="go1.22"></property>\
+</properties>
 <testcase classname="pkg" name="TestGood" time="0.000"></testcase>
-<testcase classname="pkg" name="TestBad" time="1.230"><failure message="Failed" type="">bad_test.go:9: want 2, got 3
+<testcase classname="pkg" name="TestBad" time="1.230"><failure message="Failed" type="">\
+bad_test.go:9: want 2, got 3
 </failure></testcase></testsuite></testsuites>"""
 
 XXE = b"""<?xml version="1.0"?><!DOCTYPE testsuite [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
 <testsuite name="x"><testcase name="&xxe;"/></testsuite>"""
 
-BOMB = b"""<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;">
+BOMB = b"""<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">\
+<!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;">
 <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;"><!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">]>
 <testsuite name="&lol4;"/>"""
 
@@ -42,8 +50,10 @@ def test_pytest_report() -> None:
         ("test_bad", TestStatus.FAILED),
         ("test_later", TestStatus.SKIPPED),
     ]
-    assert cases[1].message == "assert 1 == 2" and cases[1].classname == "test_sample"
-    assert cases[0].suite == "pytest" and cases[1].duration_s == pytest.approx(0.002)
+    assert cases[1].message == "assert 1 == 2"
+    assert cases[1].classname == "test_sample"
+    assert cases[0].suite == "pytest"
+    assert cases[1].duration_s == pytest.approx(0.002)
 
 
 def test_surefire_report() -> None:

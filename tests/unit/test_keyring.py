@@ -43,9 +43,11 @@ def test_seal_names_the_current_key_and_every_ring_key_opens_its_own() -> None:
     old_sealed = MasterKey(OLD).seal(b"private key", b"cas/ca-1.key.sealed")
     ring = MasterKey(NEW, OLD)
     new_sealed = ring.seal(b"private key", b"cas/ca-1.key.sealed")
-    assert sealed_by(old_sealed) == key_id(OLD) and sealed_by(new_sealed) == key_id(NEW) == ring.current_id
+    assert sealed_by(old_sealed) == key_id(OLD)
+    assert sealed_by(new_sealed) == key_id(NEW) == ring.current_id
     assert ring.unseal(old_sealed, b"cas/ca-1.key.sealed") == ring.unseal(new_sealed, b"cas/ca-1.key.sealed")
-    assert ring.is_current(new_sealed) and not ring.is_current(old_sealed)
+    assert ring.is_current(new_sealed)
+    assert not ring.is_current(old_sealed)
     assert ring.is_current(ring.reseal(old_sealed, b"cas/ca-1.key.sealed"))
 
 
@@ -84,12 +86,14 @@ def test_key_id_and_header_are_authenticated() -> None:
 def test_ring_file_and_environment_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "master.key"
     MasterKey(NEW, OLD).save(path)
-    assert path.read_text() == b64(NEW, OLD) and path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text() == b64(NEW, OLD)
+    assert path.stat().st_mode & 0o777 == 0o600
     assert MasterKey.load(path).key_ids == (key_id(NEW), key_id(OLD))
     assert MasterKey.load(path).source == path
     monkeypatch.setenv(MASTER_KEY_ENV, ",".join(b64(OTHER, NEW).split()))
     from_env = MasterKey.load(path)
-    assert from_env.key_ids == (key_id(OTHER), key_id(NEW)) and from_env.source is None
+    assert from_env.key_ids == (key_id(OTHER), key_id(NEW))
+    assert from_env.source is None
 
 
 def test_the_same_key_twice_is_refused() -> None:
@@ -104,7 +108,8 @@ def test_reload_follows_the_file_and_an_environment_ring_never_changes(tmp_path:
     assert not ring.reload()
     path.write_text(b64(NEW, OLD))
     os.utime(path, ns=(1, 1))
-    assert ring.reload() and ring.current_id == key_id(NEW)
+    assert ring.reload()
+    assert ring.current_id == key_id(NEW)
     assert not ring.reload()
     assert not MasterKey(OLD).reload()
 
@@ -154,7 +159,15 @@ async def _read_back(store: SqliteStore, master: MasterKey, job_id: str) -> tupl
 
 def _db_key_ids(directory: DataDir) -> set[str]:
     with sqlite3.connect(directory.db_path) as conn:
-        rows = [r[0] for t in ("jobs", "blobs", "secrets") for r in conn.execute(f"SELECT data_key FROM {t}")]
+        rows = [
+            r[0]
+            for query in (
+                "SELECT data_key FROM jobs",
+                "SELECT data_key FROM blobs",
+                "SELECT data_key FROM secrets",
+            )
+            for r in conn.execute(query)
+        ]
     return {sealed_by(bytes(r)) for r in rows}
 
 
@@ -169,11 +182,9 @@ async def test_rotation_rewraps_rows_and_files_and_drops_the_old_key(
     old = directory.master_key()
     job_id = await _fill(store, old)
     result = await masterkey.rotate(directory, store, directory.master_key())
-    assert (
-        result.dropped
-        and result.rewrapped == 3
-        and result.resealed_files == len(directory.sealed_files()) == 4
-    )
+    assert result.dropped
+    assert result.rewrapped == 3
+    assert result.resealed_files == len(directory.sealed_files()) == 4
     assert result.retired_key_ids == (old.current_id,)
     new = directory.master_key()
     assert new.key_ids == (result.new_key_id,)
@@ -193,7 +204,9 @@ async def test_rotation_resumes_after_a_crash_between_steps(datadir: tuple[DataD
     directory.master_key_path.write_text(ring.serialise())
     await masterkey.rewrap_data_keys(store, ring)
     result = await masterkey.rotate(directory, store, directory.master_key())
-    assert result.new_key_id == ring.current_id and result.rewrapped == 0 and result.dropped
+    assert result.new_key_id == ring.current_id
+    assert result.rewrapped == 0
+    assert result.dropped
     assert _db_key_ids(directory) == _file_key_ids(directory) == {ring.current_id}
     assert await _read_back(store, directory.master_key(), job_id) == (
         b"old log\n",
@@ -235,13 +248,16 @@ async def test_a_tampered_data_key_is_reported_and_keeps_the_old_key(
         (wrapped,) = conn.execute("SELECT data_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
         conn.execute("UPDATE jobs SET data_key = ? WHERE id = ?", (bytes(wrapped[:-1]) + b"\x00", job_id))
     result = await masterkey.rotate(directory, store, directory.master_key())
-    assert not result.dropped and len(result.damaged) == 1 and job_id in result.damaged[0]
+    assert not result.dropped
+    assert len(result.damaged) == 1
+    assert job_id in result.damaged[0]
     assert len(directory.master_key().key_ids) == 2
     # Never served: reading that job's log still fails authentication.
     with pytest.raises(IntegrityError):
         await _read_back(store, directory.master_key(), job_id)
     forced = await masterkey.rotate(directory, store, directory.master_key(), force=True)
-    assert forced.dropped and len(directory.master_key().key_ids) == 1
+    assert forced.dropped
+    assert len(directory.master_key().key_ids) == 1
 
 
 async def test_an_environment_ring_of_one_key_refuses_with_the_procedure(
@@ -261,7 +277,9 @@ async def test_an_environment_ring_is_rewrapped_but_not_dropped(
     old_text = directory.master_key_path.read_text().strip()
     monkeypatch.setenv(MASTER_KEY_ENV, base64.b64encode(NEW).decode() + "," + old_text)
     result = await masterkey.rotate(directory, store, directory.master_key())
-    assert not result.dropped and not result.damaged and result.new_key_id == key_id(NEW)
+    assert not result.dropped
+    assert not result.damaged
+    assert result.new_key_id == key_id(NEW)
     assert _db_key_ids(directory) == _file_key_ids(directory) == {key_id(NEW)}
     assert directory.master_key_path.read_text().strip() == old_text  # the file is not the ring in use
 
@@ -307,7 +325,8 @@ async def test_audit_chain_survives_rotation(datadir: tuple[DataDir, SqliteStore
     after = Auditor(store, await directory.audit_key(directory.master_key(), store))
     await after.record("after", "operator:test")
     entries, problems = await after.verify()
-    assert [e.event.action for e in entries] == ["before", "after"] and problems == []
+    assert [e.event.action for e in entries] == ["before", "after"]
+    assert problems == []
 
 
 async def test_a_data_dir_from_before_the_audit_key_keeps_its_chain(
@@ -319,7 +338,8 @@ async def test_a_data_dir_from_before_the_audit_key_keeps_its_chain(
     legacy = AuditChain(legacy_audit_key(raw))
     await store.append_audit(AuditEvent("made_before", "operator:test"), legacy)
     key = await directory.audit_key(directory.master_key(), store)
-    assert key == legacy_audit_key(raw) and (directory.path / AUDIT_KEY).exists()
+    assert key == legacy_audit_key(raw)
+    assert (directory.path / AUDIT_KEY).exists()
     await masterkey.rotate(directory, store, directory.master_key())
     _, problems = await Auditor(store, await directory.audit_key(directory.master_key(), store)).verify()
     assert problems == []

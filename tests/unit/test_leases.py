@@ -68,11 +68,15 @@ async def test_heartbeats_keep_a_job_and_silence_loses_it(store: SqliteStore) ->
         clock.now += LEASE / 2
         await keeper.extend(agent, {"j1": job.epoch})
         await keeper.sweep()
-        assert (await store.get_job("acme", "j1")).status == JobStatus.RUNNING  # type: ignore[union-attr]
+        current = await store.get_job("acme", "j1")
+        assert current is not None
+        assert current.status == JobStatus.RUNNING
     clock.now += LEASE + timedelta(seconds=1)
     await keeper.sweep()
     lost = await store.get_job("acme", "j1")
-    assert lost is not None and lost.status == JobStatus.LOST and lost.epoch == job.epoch + 1
+    assert lost is not None
+    assert lost.status == JobStatus.LOST
+    assert lost.epoch == job.epoch + 1
     # Its (still connected) holder is told to drop the job and report nothing more.
     assert "j1" not in agent.jobs
     assert len(agent.outbox) == 1
@@ -87,11 +91,15 @@ async def test_a_lost_job_is_retried_as_asked_once(store: SqliteStore) -> None:
     clock.now += 2 * LEASE
     await keeper.sweep()
     lost = await store.get_job("acme", "j1")
-    assert lost is not None and lost.retried_as
+    assert lost is not None
+    assert lost.retried_as
     retry = await store.get_job("acme", lost.retried_as)
-    assert retry is not None and (retry.status, retry.attempt, retry.retry_of) == (JobStatus.QUEUED, 2, "j1")
+    assert retry is not None
+    assert (retry.status, retry.attempt, retry.retry_of) == (JobStatus.QUEUED, 2, "j1")
     assert retry.created_at == clock.now
-    assert (await store.get_job("acme", "j2")).retried_as == ""  # type: ignore[union-attr]
+    other = await store.get_job("acme", "j2")
+    assert other is not None
+    assert other.retried_as == ""
     assert await keeper.retry_lost() == []  # once
 
 
@@ -101,4 +109,5 @@ async def test_release_of_a_job_that_moved_on_changes_nothing(store: SqliteStore
     assert await keeper.release(job, JobStatus.LOST, "gone") is not None
     assert await keeper.release(job, JobStatus.LOST, "gone again") is None  # its epoch moved on
     final = await store.get_job("acme", "j1")
-    assert final is not None and [t.status for t in final.transitions].count(JobStatus.LOST) == 1
+    assert final is not None
+    assert [t.status for t in final.transitions].count(JobStatus.LOST) == 1

@@ -20,7 +20,8 @@ def spool(tmp_path: Path) -> Spool:
 
 
 def attached(spool: Spool) -> tuple[Outbox, list[Report]]:
-    outbox, sent = Outbox(spool), []
+    outbox = Outbox(spool)
+    sent: list[Report] = []
     outbox.attach(sent.append)
     return outbox, sent
 
@@ -231,7 +232,8 @@ def data_of(reports: list[Report]) -> bytes:
 
 
 async def test_past_the_window_batches_wait_on_disk_and_follow_acks(spool: Spool) -> None:
-    outbox, sent = Outbox(spool, window_bytes=10), []
+    outbox = Outbox(spool, window_bytes=10)
+    sent: list[Report] = []
     outbox.attach(sent.append)
     outbox.open("j", 1)
     for i in range(5):
@@ -239,16 +241,19 @@ async def test_past_the_window_batches_wait_on_disk_and_follow_acks(spool: Spool
     outbox.finish("j", Outcome.EXITED, 0)
     # 4 + 4 fit the window (10 bytes); the rest, and the result behind them, wait on disk.
     assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2]
-    assert spool.size == 12 and list(spool.directory.iterdir())
+    assert spool.size == 12
+    assert list(spool.directory.iterdir())
     assert outbox.unacked_bytes() == 20
     outbox.ack_log("j", 2)
     assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2, 3, 4]
     assert not any(isinstance(r, JobResult) for r in sent)  # batch 5 is still waiting
     outbox.ack_log("j", 4)
     assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2, 3, 4, 5]
-    assert isinstance(sent[-1], JobResult) and sent[-1].last_seq == 5
+    assert isinstance(sent[-1], JobResult)
+    assert sent[-1].last_seq == 5
     assert data_of(sent) == b"AAAABBBBCCCCDDDDEEEE"
-    assert spool.size == 0 and not list(spool.directory.iterdir())
+    assert spool.size == 0
+    assert not list(spool.directory.iterdir())
 
 
 async def test_cut_off_agent_spools_then_replays_everything_in_order(spool: Spool) -> None:
@@ -276,7 +281,8 @@ async def test_full_spool_makes_the_job_wait_not_drop(spool: Spool) -> None:
     await outbox.log("j", [(OUT, b"5678")])
     blocked = asyncio.create_task(outbox.log("j", [(OUT, b"9abc")]))
     await asyncio.sleep(0)  # let it reach its wait
-    assert not blocked.done() and spool.size == 8
+    assert not blocked.done()
+    assert spool.size == 8
     sent: list[Report] = []
     outbox.attach(sent.append)  # connected again: the spool drains into the window
     outbox.ack_log("j", 1)
@@ -318,7 +324,8 @@ def test_spool_starts_empty_and_private(tmp_path: Path) -> None:
     directory.mkdir()
     (directory / "old.spool").write_bytes(b"from a run that died")
     spool = Spool(directory)
-    assert list(directory.iterdir()) == [] and spool.size == 0
+    assert list(directory.iterdir()) == []
+    assert spool.size == 0
     assert directory.stat().st_mode & 0o777 == 0o700
     spool.put(LogBatch("j", 1, 1, ((OUT, b"a"), (ERR, b""), (LogStream.SYSTEM, b"\x00\xff"))))
     assert (directory / "j.spool").stat().st_mode & 0o777 == 0o600

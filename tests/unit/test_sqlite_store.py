@@ -119,7 +119,8 @@ async def test_org_scoping(store: SqliteStore) -> None:
         await store.set_job_status("other", "j1", None, JobStatus.CANCELED, NOW)
     assert await store.assign_job("other", "j1", "agent-x", NOW, NOW + LEASE) is None
     job = await store.get_job("acme", "j1")
-    assert job is not None and job.status == JobStatus.QUEUED
+    assert job is not None
+    assert job.status == JobStatus.QUEUED
 
 
 async def test_list_jobs_pagination(store: SqliteStore) -> None:
@@ -153,7 +154,8 @@ async def test_assign_only_from_queued_and_bumps_epoch(store: SqliteStore) -> No
     # Requeued (e.g. its agent vanished) and assigned again: a new epoch fences the old holder.
     await store.set_job_status("acme", "j1", 1, JobStatus.QUEUED, NOW, "agent lost")
     again = await store.assign_job("acme", "j1", "agent-2", NOW, NOW + LEASE)
-    assert again is not None and (again.epoch, again.agent_id) == (2, "agent-2")
+    assert again is not None
+    assert (again.epoch, again.agent_id) == (2, "agent-2")
     with pytest.raises(StaleEpoch):
         await store.set_job_status("acme", "j1", 1, JobStatus.RUNNING, NOW)
     assert await store.assign_job("acme", "missing", "agent-1", NOW, NOW + LEASE) is None
@@ -172,14 +174,18 @@ async def test_set_job_status_lifecycle(store: SqliteStore) -> None:
     await assigned(store)
     later = NOW + timedelta(minutes=1)
     running = await store.set_job_status("acme", "j1", 1, JobStatus.RUNNING, later)
-    assert running.status == JobStatus.RUNNING and running.started_at == later and running.finished_at is None
+    assert running.status == JobStatus.RUNNING
+    assert running.started_at == later
+    assert running.finished_at is None
     # Same status again is a no-op, not an error.
     same = await store.set_job_status("acme", "j1", 1, JobStatus.RUNNING, later + timedelta(seconds=5))
-    assert same.started_at == later and len(same.transitions) == len(running.transitions)
+    assert same.started_at == later
+    assert len(same.transitions) == len(running.transitions)
     end = later + timedelta(minutes=2)
     done = await store.set_job_status("acme", "j1", 1, JobStatus.FAILED, end, "exit 3", exit_code=3)
     assert (done.status, done.exit_code, done.status_reason) == (JobStatus.FAILED, 3, "exit 3")
-    assert done.started_at == later and done.finished_at == end
+    assert done.started_at == later
+    assert done.finished_at == end
     assert [t.status for t in done.transitions] == [
         JobStatus.QUEUED,
         JobStatus.ASSIGNED,
@@ -195,7 +201,8 @@ async def test_set_job_status_refuses_stale_epoch(store: SqliteStore) -> None:
         with pytest.raises(StaleEpoch):
             await store.set_job_status("acme", "j1", stale, JobStatus.RUNNING, NOW)
     job = await store.get_job("acme", "j1")
-    assert job is not None and job.status == JobStatus.ASSIGNED
+    assert job is not None
+    assert job.status == JobStatus.ASSIGNED
 
 
 @pytest.mark.parametrize("terminal", [JobStatus.SUCCEEDED, JobStatus.CANCELED, JobStatus.LOST])
@@ -207,7 +214,8 @@ async def test_set_job_status_refuses_leaving_terminal(store: SqliteStore, termi
             await store.set_job_status("acme", "j1", 1, status, NOW)
         assert not isinstance(info.value, StaleEpoch)
     job = await store.get_job("acme", "j1")
-    assert job is not None and job.status == terminal
+    assert job is not None
+    assert job.status == terminal
 
 
 async def test_set_job_status_unknown_job(store: SqliteStore) -> None:
@@ -224,7 +232,8 @@ async def test_append_log_batch_offsets_and_replay(store: SqliteStore) -> None:
     assert await store.append_log_batch("acme", "j1", 1, 1, first) == 1
     assert await store.append_log_batch("acme", "j1", 1, 2, [(OUT, b"sealed-c", 4)]) == 2
     job = await store.get_job("acme", "j1")
-    assert job is not None and (job.last_seq, job.log_size) == (2, 12)
+    assert job is not None
+    assert (job.last_seq, job.log_size) == (2, 12)
     entries = await store.read_log("acme", "j1", 0, 100)
     assert [(e.offset, e.stream, e.sealed, e.seq, e.index) for e in entries] == [
         (0, OUT, b"sealed-a", 1, 0),
@@ -236,7 +245,8 @@ async def test_append_log_batch_offsets_and_replay(store: SqliteStore) -> None:
     assert await store.append_log_batch("acme", "j1", 1, 1, [(OUT, b"different", 99)]) == 2
     assert await store.append_log_batch("acme", "j1", 1, 2, [(OUT, b"different", 99)]) == 2
     job = await store.get_job("acme", "j1")
-    assert job is not None and (job.last_seq, job.log_size) == (2, 12)
+    assert job is not None
+    assert (job.last_seq, job.log_size) == (2, 12)
     assert len(await store.read_log("acme", "j1", 0, 100)) == 3
 
 
@@ -291,12 +301,12 @@ async def test_read_log_from_offsets(store: SqliteStore) -> None:
 
 
 def token(
-    token_id: str = "t1",
     expires: datetime = NOW + timedelta(hours=1),
     secret_hash: bytes = b"h" * 32,
     pool: str = "default",
 ) -> EnrollmentTokenRecord:
-    return EnrollmentTokenRecord(token_id, "acme", pool, secret_hash, NOW, expires)
+    """Enrollment token ``t1`` of org ``acme``."""
+    return EnrollmentTokenRecord("t1", "acme", pool, secret_hash, NOW, expires)
 
 
 async def test_consume_enrollment_token_once(store: SqliteStore) -> None:
@@ -330,7 +340,8 @@ async def test_consume_enrollment_token_refuses_wrong_hash_without_burning_it(st
 async def test_consume_enrollment_token_refuses_revoked(store: SqliteStore) -> None:
     await store.create_enrollment_token(token())
     revoked = await store.revoke_enrollment_token("t1", NOW + timedelta(minutes=1))
-    assert revoked is not None and revoked.revoked_at == NOW + timedelta(minutes=1)
+    assert revoked is not None
+    assert revoked.revoked_at == NOW + timedelta(minutes=1)
     with pytest.raises(Unauthenticated):
         await store.consume_enrollment_token("t1", b"h" * 32, NOW + timedelta(minutes=2))
     assert await store.revoke_enrollment_token("missing", NOW) is None
@@ -363,8 +374,11 @@ async def test_heartbeat_extends_only_held_jobs_at_their_epoch(store: SqliteStor
     assert await store.extend_leases("acme", "agent-1", {"j1": 1, "j2": 7, "missing": 1}, later) == 1
     assert await store.extend_leases("acme", "agent-2", {"j1": 1}, later) == 0  # not its job
     assert await store.extend_leases("other", "agent-1", {"j1": 1}, later) == 0  # not its org
-    assert (await store.get_job("acme", "j1")).lease_expires_at == later  # type: ignore[union-attr]
-    assert (await store.get_job("acme", "j2")).lease_expires_at == NOW + LEASE  # type: ignore[union-attr]
+    extended, other = await store.get_job("acme", "j1"), await store.get_job("acme", "j2")
+    assert extended is not None
+    assert other is not None
+    assert extended.lease_expires_at == later
+    assert other.lease_expires_at == NOW + LEASE
 
 
 async def test_lapsed_lease_requeues_assigned_and_loses_running(store: SqliteStore) -> None:
@@ -373,8 +387,10 @@ async def test_lapsed_lease_requeues_assigned_and_loses_running(store: SqliteSto
     await store.set_job_status("acme", "j2", 1, JobStatus.RUNNING, NOW)
     assert await store.expire_leases(NOW + LEASE) == []  # not yet: the lease runs up to its end
     released = {j.id: j for j in await store.expire_leases(NOW + LEASE + timedelta(seconds=1))}
-    assert released["j1"].status == JobStatus.QUEUED and released["j1"].lease_expires_at is None
-    assert released["j2"].status == JobStatus.LOST and released["j2"].finished_at is not None
+    assert released["j1"].status == JobStatus.QUEUED
+    assert released["j1"].lease_expires_at is None
+    assert released["j2"].status == JobStatus.LOST
+    assert released["j2"].finished_at is not None
     assert "stopped reporting" in released["j2"].status_reason
     # Both epochs moved on: the old holder is fenced off at once, even before any reassignment.
     assert released["j1"].epoch == released["j2"].epoch == 2
@@ -384,7 +400,8 @@ async def test_lapsed_lease_requeues_assigned_and_loses_running(store: SqliteSto
         await store.set_job_status("acme", "j2", 1, JobStatus.SUCCEEDED, NOW)
     assert await store.expire_leases(NOW + 3 * LEASE) == []  # released once
     again = await store.assign_job("acme", "j1", "agent-2", NOW, NOW + LEASE)
-    assert again is not None and again.epoch == 3
+    assert again is not None
+    assert again.epoch == 3
 
 
 async def test_restart_grace_extends_every_held_lease(store: SqliteStore) -> None:
@@ -415,12 +432,16 @@ async def test_lost_job_is_retried_once_per_attempt_as_asked(store: SqliteStore)
     await store.set_job_status("acme", "j9", 1, JobStatus.RUNNING, NOW)
     await store.expire_leases(NOW + 2 * LEASE)
     [lost] = await store.retryable_jobs(10)
-    assert lost.id == "j1" and lost.retryable
+    assert lost.id == "j1"
+    assert lost.retryable
     retry = await store.create_retry(lost, make_job("j2"), b"k2")
-    assert retry is not None and (retry.attempt, retry.retry_of, retry.status) == (2, "j1", JobStatus.QUEUED)
+    assert retry is not None
+    assert (retry.attempt, retry.retry_of, retry.status) == (2, "j1", JobStatus.QUEUED)
     assert retry.spec == lost.spec
     assert await store.create_retry(lost, make_job("j3"), b"k3") is None  # once
-    assert (await store.get_job("acme", "j1")).retried_as == "j2"  # type: ignore[union-attr]
+    first = await store.get_job("acme", "j1")
+    assert first is not None
+    assert first.retried_as == "j2"
     assert await store.retryable_jobs(10) == []
     # The retry is lost too: its one retry is spent.
     await store.assign_job("acme", "j2", "agent-1", NOW, NOW + LEASE)
@@ -436,7 +457,9 @@ async def test_agent_reports_are_checked_and_applied_once(store: SqliteStore) ->
     with pytest.raises(StaleEpoch):
         await store.report_job("acme", "j1", "agent-1", 2, JobStatus.RUNNING, NOW)
     running, changed = await store.report_job("acme", "j1", "agent-1", 1, JobStatus.RUNNING, NOW)
-    assert changed and running.status == JobStatus.RUNNING and running.started_at == NOW
+    assert changed
+    assert running.status == JobStatus.RUNNING
+    assert running.started_at == NOW
     assert not (await store.report_job("acme", "j1", "agent-1", 1, JobStatus.RUNNING, NOW))[1]  # a replay
     await store.append_log_batch("acme", "j1", 1, 1, [(OUT, b"x", 1)])
     with pytest.raises(FailedPrecondition):  # the result may not overtake the log
@@ -444,13 +467,17 @@ async def test_agent_reports_are_checked_and_applied_once(store: SqliteStore) ->
     done, changed = await store.report_job(
         "acme", "j1", "agent-1", 1, JobStatus.SUCCEEDED, NOW, exit_code=0, last_seq=1
     )
-    assert changed and (done.status, done.exit_code, done.lease_expires_at) == (JobStatus.SUCCEEDED, 0, None)
+    assert changed
+    assert (done.status, done.exit_code, done.lease_expires_at) == (JobStatus.SUCCEEDED, 0, None)
     # A replayed or late result changes nothing, also with another outcome.
     again, changed = await store.report_job(
         "acme", "j1", "agent-1", 1, JobStatus.FAILED, NOW, exit_code=1, last_seq=1
     )
-    assert not changed and again.status == JobStatus.SUCCEEDED
-    transitions = (await store.get_job("acme", "j1")).transitions  # type: ignore[union-attr]
+    assert not changed
+    assert again.status == JobStatus.SUCCEEDED
+    final = await store.get_job("acme", "j1")
+    assert final is not None
+    transitions = final.transitions
     assert [t.status for t in transitions] == [
         JobStatus.QUEUED,
         JobStatus.ASSIGNED,

@@ -322,4 +322,6 @@ def test_arbitrary_image_and_command_only_raise_invalid_argument(image: str, com
     except InvalidArgument:
         return
     assert result.image == image
-    assert command and command[0] and len(image) <= 255
+    assert command
+    assert command[0]
+    assert len(image) <= 255

@@ -21,7 +21,10 @@ def test_relative_paths_never_escape(path: str) -> None:
         validate_relative_path("p", path)
     except InvalidArgument:
         return
-    assert not path.startswith("/") and ".." not in path.split("/") and "\x00" not in path and path
+    assert not path.startswith("/")
+    assert ".." not in path.split("/")
+    assert "\x00" not in path
+    assert path
 
 
 @SETTINGS
@@ -43,7 +46,9 @@ def test_accepted_passwords_meet_every_rule(password: str, user: str) -> None:
         check_complexity(password, user)
     except InvalidArgument:
         return
-    assert len(password) >= 12 and len(password.encode()) <= 72 and user not in password.lower()
+    assert len(password) >= 12
+    assert len(password.encode()) <= 72
+    assert user not in password.lower()
     classes = [
         any(c.islower() for c in password),
         any(c.isupper() for c in password),
