@@ -59,7 +59,7 @@ async def test_an_oversized_request_is_refused(cp: RunningControlPlane) -> None:
 
 async def test_cli_reports_a_bad_image_in_one_line(cp: RunningControlPlane, cli: Cli) -> None:
     result = await cli("run", "--image", "UPPER/case", "--", "true")
-    assert result.returncode == 1
+    assert result.returncode == 125  # testhide's own failure, never a job's 1 or 2
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1
     assert "not a valid image reference" in lines[0]
@@ -69,7 +69,7 @@ async def test_cli_reports_a_bad_image_in_one_line(cp: RunningControlPlane, cli:
 
 async def test_cli_without_a_command_is_a_usage_error(cli: Cli) -> None:
     result = await cli("run", "--image", "busybox")
-    assert result.returncode == 2
+    assert result.returncode == 125
     assert b"Traceback" not in result.stderr
 
 
@@ -78,18 +78,18 @@ async def test_cli_login_with_a_wrong_key_fails_and_stores_nothing(
 ) -> None:
     fresh = Cli(tmp_path / "other-config")
     result = await fresh.login(cp, api_key="thk_0123456789abcdef_" + "a" * 64)
-    assert result.returncode == 1
+    assert result.returncode == 125
     assert b"unauthenticated" in result.stderr
     assert b"Traceback" not in result.stderr
     assert not (tmp_path / "other-config" / "testhide" / "credentials.json").exists()
     not_logged_in = await fresh("jobs", "list")
-    assert not_logged_in.returncode == 1
+    assert not_logged_in.returncode == 125
     assert b"not logged in" in not_logged_in.stderr
 
 
 async def test_cli_unknown_job_is_not_found(cli: Cli) -> None:
     result = await cli("jobs", "show", "j000000000000000000000000")
-    assert result.returncode == 1
+    assert result.returncode == 125
     assert b"not found" in result.stderr
     assert b"Traceback" not in result.stderr
 

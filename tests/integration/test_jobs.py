@@ -86,7 +86,7 @@ async def test_a_workspace_over_the_cap_is_refused_before_anything_is_sent(
     work.mkdir()
     (work / "blob.bin").write_bytes(b"x" * 4096)
     result = await cli("run", "--workspace-cap", "2k", "--image", JOB_IMAGE, "--", "true", cwd=work)
-    assert result.returncode == 1
+    assert result.returncode == 125
     assert b"above the" in result.stderr
     assert b"cap" in result.stderr
     assert b"Traceback" not in result.stderr
@@ -202,7 +202,7 @@ async def test_secrets_reach_the_job_but_never_the_log(
 
 async def test_an_unknown_secret_refuses_the_job(cp: RunningControlPlane, cli: Cli) -> None:
     result = await cli("run", "--secret", "NOT_SET", "--image", JOB_IMAGE, "--", "true")
-    assert result.returncode == 1
+    assert result.returncode == 125
     assert b"secrets not found" in result.stderr
 
 

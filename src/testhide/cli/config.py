@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import click
+from testhide.cli.errors import NotLoggedIn
 
 
 def config_dir() -> Path:
@@ -31,11 +31,11 @@ class Login:
         try:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
-            raise click.ClickException(
+            raise NotLoggedIn(
                 "not logged in: run 'testhide login --server HOST:PORT --api-key KEY'"
             ) from None
         except (ValueError, TypeError) as exc:
-            raise click.ClickException(f"{path} is damaged ({exc}); run 'testhide login' again") from exc
+            raise NotLoggedIn(f"{path} is damaged ({exc}); run 'testhide login' again") from exc
 
     def save(self) -> Path:
         directory = config_dir()

@@ -1,32 +1,43 @@
-"""``testhide``: the engineer's command."""
+"""``testhide``: the engineer's command. Each command parses its options,
+talks to the control plane through `cli/wire.py` in the CLI's own model, and
+prints (`cli/output.py`); its exit status follows `cli/exitcodes.py`."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
-import grpc
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from testhide.cli.client import JobsApi, connect, connect_secrets, log_in
+from testhide import __version__
+from testhide.cli import exitcodes
 from testhide.cli.config import Login
-from testhide.common.durations import parse_duration
-from testhide.protos.v1 import auth_pb2, jobs_pb2
+from testhide.cli.errors import ArtifactRefused, CliError
+from testhide.cli.follow import DEFAULT_WINDOW, Reconnect, follow_attempts, stream_log
+from testhide.cli.model import ApiKeyLogin, Artifact, Job, JobRequest, PasswordLogin, TestResults
+from testhide.cli.output import (
+    dumps,
+    job_details,
+    job_json,
+    jobs_table,
+    results_json,
+    results_summary,
+    timestamp,
+)
+from testhide.common.durations import Duration, format_duration, parse_duration
+
+# gRPC and the generated messages (cli/wire.py) are imported by the commands
+# that talk to the control plane, not for `testhide --help` or a usage error.
 
 T = TypeVar("T")
-
-# Exit codes when a job ended without a process exit code, after timeout(1)
-# and docker run's conventions.
-EXIT_TIMED_OUT = 124
-EXIT_INFRASTRUCTURE = 125
-EXIT_CANCELED = 130
 _UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -34,11 +45,16 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except KeyboardInterrupt:
-        raise click.exceptions.Exit(130) from None
+        raise click.exceptions.Exit(exitcodes.CANCELED) from None
 
 
-def status_name(value: int) -> str:
-    return jobs_pb2.JobStatus.Name(value).removeprefix("JOB_STATUS_")
+def _echo_lines(lines: list[str], err: bool = False) -> None:
+    for line in lines:
+        click.echo(line, err=err)
+
+
+def _notice(line: str) -> None:
+    click.echo(line, err=True)
 
 
 def parse_memory(text: str) -> int:
@@ -48,84 +64,58 @@ def parse_memory(text: str) -> int:
     return int(text)
 
 
-def job_as_dict(job: jobs_pb2.Job) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "status": status_name(job.status),
-        "exit_code": job.exit_code if job.HasField("exit_code") else None,
-        "status_reason": job.status_reason,
-        "image": job.spec.image,
-        "command": list(job.spec.command),
-        "pool": job.spec.pool,
-        "agent_id": job.agent_id,
-        "created_at": job.created_at.ToJsonString() if job.HasField("created_at") else None,
-        "started_at": job.started_at.ToJsonString() if job.HasField("started_at") else None,
-        "finished_at": job.finished_at.ToJsonString() if job.HasField("finished_at") else None,
-        "log_size": job.log_size,
-        "transitions": [
-            {"status": status_name(t.status), "at": t.at.ToJsonString(), "reason": t.reason}
-            for t in job.transitions
-        ],
-    }
+@contextmanager
+def _own_failures() -> Iterator[None]:
+    """click exits 2 on a usage error and 1 on its other errors, numbers a
+    job's own command uses too: every failure of testhide itself exits 125."""
+    try:
+        yield
+    except click.ClickException as exc:
+        # An instance attribute on purpose: click's main() reads it, and the
+        # exception keeps its own message and usage text.
+        exc.exit_code = exitcodes.TOOL_FAILED  # type: ignore[misc]
+        raise
+    except click.Abort as exc:  # a prompt got Ctrl-C or end of input
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise click.exceptions.Exit(exitcodes.CANCELED) from exc
+        raise CliError("aborted: no input") from exc
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(exitcodes.CANCELED) from None
 
 
-def exit_code_of(job: jobs_pb2.Job) -> int:
-    if job.HasField("exit_code") and job.status in (
-        jobs_pb2.JOB_STATUS_SUCCEEDED,
-        jobs_pb2.JOB_STATUS_FAILED,
-    ):
-        return job.exit_code
-    return {jobs_pb2.JOB_STATUS_TIMED_OUT: EXIT_TIMED_OUT, jobs_pb2.JOB_STATUS_CANCELED: EXIT_CANCELED}.get(
-        job.status, EXIT_INFRASTRUCTURE
-    )
+class _Testhide(click.Group):
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        with _own_failures():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _own_failures():
+            return super().invoke(ctx)
 
 
-def _reconnectable(error: BaseException) -> bool:
-    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+def _reconnect_window(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--reconnect-window",
+        type=Duration(),
+        default=format_duration(DEFAULT_WINDOW),
+        envvar="TESTHIDE_RECONNECT_WINDOW",
+        show_envvar=True,
+        show_default=True,
+        help="After losing the control plane, keep reconnecting this long (counted afresh at each loss).",
+    )(command)
 
 
-async def stream_log(
-    api: JobsApi, job_id: str, follow: bool, out: BinaryIO, err: BinaryIO
-) -> jobs_pb2.Job | None:
-    """Write the log to out/err as it arrives, resuming from the last byte
-    after a lost connection. With ``follow``, returns the finished job."""
-    offset = 0
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception(_reconnectable),
-        reraise=True,
-        wait=wait_random_exponential(multiplier=0.2, max=5),
-        stop=stop_after_delay(300),
-    ):
-        with attempt:
-            async for item in api.follow(job_id, offset, follow):
-                if item.HasField("finished"):
-                    return item.finished
-                chunk = item.chunk
-                target = out if chunk.stream == jobs_pb2.LOG_STREAM_STDOUT else err
-                target.write(chunk.data)
-                target.flush()
-                offset = chunk.offset + len(chunk.data)
-    return None
-
-
-async def follow_attempts(api: JobsApi, job_id: str, out: BinaryIO, err: BinaryIO) -> jobs_pb2.Job:
-    """Follow a job to its end and, when it was LOST and retried, its retries."""
-    while True:
-        finished = await stream_log(api, job_id, True, out, err)
-        assert finished is not None
-        if finished.status != jobs_pb2.JOB_STATUS_LOST or not finished.retried_as:
-            return finished
-        click.echo(
-            f"job {job_id} LOST: {finished.status_reason}; retrying as job {finished.retried_as} "
-            f"(attempt {finished.attempt + 1} of {finished.spec.retries + 1})",
-            err=True,
-        )
-        job_id = finished.retried_as
-
-
-@click.group()
+@click.group(cls=_Testhide)
+@click.version_option(__version__, prog_name="testhide", message="%(prog)s %(version)s")
 def main() -> None:
-    """Run CI jobs on testhide."""
+    """Run CI jobs on testhide.
+
+    Exit status: the job's own exit code; 124 timed out, 125 testhide itself
+    failed (or the job could not be set up), 126 the command could not be
+    executed, 127 the command was not found, 130 canceled.
+    """
 
 
 @main.command()
@@ -141,17 +131,18 @@ def main() -> None:
 def login(server: str, api_key: str | None, org: str, user: str | None, ca_file: Path | None) -> None:
     """Log in: the credential buys a session (a 10-minute access token, renewed
     with a rotating refresh token); only the session is stored (mode 0600)."""
+    from testhide.cli.wire import log_in
+
     if bool(api_key) == bool(user):
         raise click.UsageError("log in with either --api-key or --user")
+    credential: ApiKeyLogin | PasswordLogin
     if user:
         password = os.environ.get("TESTHIDE_PASSWORD") or click.prompt("password", hide_input=True, err=True)
-        request = auth_pb2.LoginRequest(
-            password=auth_pb2.PasswordLogin(org=org, user=user, password=password)
-        )
+        credential = PasswordLogin(org=org, user=user, password=password)
     else:
         assert api_key is not None
-        request = auth_pb2.LoginRequest(api_key=api_key.strip())
-    session = _run(log_in(Login(server, ca_file.read_text() if ca_file else None), request))
+        credential = ApiKeyLogin(api_key.strip())
+    session = _run(log_in(Login(server, ca_file.read_text() if ca_file else None), credential))
     path = session.save()
     click.echo(f"logged in to {server}; session stored in {path}", err=True)
 
@@ -182,6 +173,7 @@ def login(server: str, api_key: str | None, org: str, user: str | None, ca_file:
     help="Run again if the job is LOST (its agent vanished mid-run).",
 )
 @click.option("--detach", "-d", is_flag=True, help="Print the job id and return at once.")
+@_reconnect_window
 @click.argument("command", nargs=-1, required=True)
 def run(
     image: str,
@@ -201,54 +193,56 @@ def run(
     workspace_cap: str,
     retries: int,
     detach: bool,
+    reconnect_window: timedelta,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND in IMAGE with the current directory as /workspace, follow
     its output and exit with its exit code."""
     try:
-        spec = jobs_pb2.JobSpec(
+        request = JobRequest(
             image=image,
-            command=list(command),
+            command=command,
             pool=pool,
             workdir=workdir,
+            timeout=parse_duration(timeout),
             env=dict(_pair("--env", e) for e in env),
             labels=dict(_pair("--label", x) for x in labels),
-            resources=jobs_pb2.Resources(
-                cpus=cpus or 0, memory_bytes=parse_memory(memory) if memory else 0, pids=pids or 0
-            ),
-            secrets=list(secrets),
+            cpus=cpus or 0.0,
+            memory_bytes=parse_memory(memory) if memory else 0,
+            pids=pids or 0,
+            secrets=secrets,
             runtime=runtime or "",
-            artifact_globs=list(artifact_globs),
-            junit_globs=list(junit_globs),
+            artifact_globs=artifact_globs,
+            junit_globs=junit_globs,
             retries=retries,
         )
-        spec.timeout.FromTimedelta(parse_duration(timeout))
         cap = parse_memory(workspace_cap)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     login_data = Login.load()
-    from testhide.cli.workspace import pack  # imported only when a workspace is sent
+    from testhide.cli.wire import connect
+    from testhide.cli.workspace import pack  # pathspec: only when a workspace is sent
 
     archive = None if no_workspace else pack(Path.cwd(), cap)
 
     async def go() -> int:
         async with connect(login_data) as api:
-            if archive is not None:
-                uploaded = await api.upload_workspace(_chunks_with_progress(archive))
-                spec.workspace_id = uploaded.workspace_id
-            job = await api.submit(spec)
+            workspace_id = (
+                "" if archive is None else await api.upload_workspace(_chunks_with_progress(archive))
+            )
+            job = await api.submit(replace(request, workspace_id=workspace_id))
             if detach:
                 click.echo(job.id)
                 return 0
             click.echo(f"job {job.id} queued", err=True)
-            finished = await follow_attempts(api, job.id, sys.stdout.buffer, sys.stderr.buffer)
-            if finished.status not in (jobs_pb2.JOB_STATUS_SUCCEEDED, jobs_pb2.JOB_STATUS_FAILED):
-                click.echo(
-                    f"job {finished.id} {status_name(finished.status)}: {finished.status_reason}", err=True
-                )
+            finished = await follow_attempts(
+                api, job.id, sys.stdout.buffer, sys.stderr.buffer, Reconnect(reconnect_window), _notice
+            )
+            if not finished.status.exited:
+                click.echo(f"job {finished.id} {finished.status.value}: {finished.status_reason}", err=True)
             if junit_globs:
-                print_test_summary(await api.test_results(finished.id), err=True)
-            return exit_code_of(finished)
+                _echo_lines(results_summary(await api.test_results(finished.id)), err=True)
+            return exitcodes.of_job(finished)
 
     try:
         sys.exit(_run(go()))
@@ -261,7 +255,7 @@ UPLOAD_CHUNK = 1024 * 1024
 PROGRESS_ABOVE = 8 * 1024 * 1024
 
 
-async def _chunks_with_progress(archive: BinaryIO) -> AsyncIterator[bytes]:
+async def _chunks_with_progress(archive: IO[bytes]) -> AsyncIterator[bytes]:
     size = archive.seek(0, 2)
     archive.seek(0)
     if size <= PROGRESS_ABOVE:
@@ -272,24 +266,6 @@ async def _chunks_with_progress(archive: BinaryIO) -> AsyncIterator[bytes]:
         while chunk := archive.read(UPLOAD_CHUNK):
             yield chunk
             bar.update(len(chunk))
-
-
-def print_test_summary(results: jobs_pb2.TestResults, err: bool = False) -> None:
-    click.echo(
-        f"tests: {results.total} total, {results.passed} passed, {results.failed} failed, "
-        f"{results.errors} errors, {results.skipped} skipped",
-        err=err,
-    )
-    for case in results.cases:
-        if case.status in (jobs_pb2.TEST_STATUS_FAILED, jobs_pb2.TEST_STATUS_ERROR):
-            where = ".".join(p for p in (case.classname, case.name) if p)
-            click.echo(
-                f"  {jobs_pb2.TestStatus.Name(case.status).removeprefix('TEST_STATUS_')} {where}: "
-                f"{case.message.splitlines()[0] if case.message else ''}",
-                err=err,
-            )
-    for path in results.rejected_reports:
-        click.echo(f"  report refused: {path}", err=err)
 
 
 def _pair(option: str, text: str) -> tuple[str, str]:
@@ -306,70 +282,61 @@ def jobs() -> None:
 
 @jobs.command("list")
 @click.option("--limit", default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON, as described in README.md.")
 def jobs_list(limit: int, as_json: bool) -> None:
-    async def go() -> list[jobs_pb2.Job]:
+    from testhide.cli.wire import connect
+
+    async def go() -> list[Job]:
         async with connect(Login.load()) as api:
-            return list((await api.list(page_size=limit)).jobs)
+            return await api.list_jobs(limit)
 
     found = _run(go())
     if as_json:
-        click.echo(json.dumps([job_as_dict(j) for j in found], indent=2))
-        return
-    click.echo(f"{'ID':<30} {'STATUS':<10} {'EXIT':>4}  {'CREATED':<20} {'IMAGE':<24} COMMAND")
-    for job in found:
-        d = job_as_dict(job)
-        exit_code = "" if d["exit_code"] is None else str(d["exit_code"])
-        click.echo(
-            f"{d['id']:<30} {d['status']:<10} {exit_code:>4}  {(d['created_at'] or '')[:19]:<20} "
-            f"{d['image'][:24]:<24} {' '.join(' '.join(d['command']).split())[:60]}"
-        )
+        click.echo(dumps([job_json(job) for job in found]))
+    else:
+        _echo_lines(jobs_table(found))
 
 
 @jobs.command("show")
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON, as described in README.md.")
 def jobs_show(job_id: str, as_json: bool) -> None:
-    async def go() -> jobs_pb2.Job:
+    from testhide.cli.wire import connect
+
+    async def go() -> Job:
         async with connect(Login.load()) as api:
             return await api.get(job_id)
 
-    d = job_as_dict(_run(go()))
+    job = _run(go())
     if as_json:
-        click.echo(json.dumps(d, indent=2))
-        return
-    for key in (
-        "id",
-        "status",
-        "exit_code",
-        "status_reason",
-        "image",
-        "command",
-        "pool",
-        "agent_id",
-        "created_at",
-        "started_at",
-        "finished_at",
-    ):
-        click.echo(f"{key + ':':<15} {d[key] if d[key] not in (None, '') else '-'}")
-    for t in d["transitions"]:
-        click.echo(f"  {t['at']}  {t['status']:<10} {t['reason']}")
+        click.echo(dumps(job_json(job)))
+    else:
+        _echo_lines(job_details(job))
 
 
 @main.command()
 @click.argument("job_id")
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
-def logs(job_id: str, follow: bool) -> None:
+@_reconnect_window
+def logs(job_id: str, follow: bool, reconnect_window: timedelta) -> None:
     """Print a job's log: stdout to stdout, stderr to stderr."""
+    from testhide.cli.wire import connect
 
     async def go() -> None:
         async with connect(Login.load()) as api:
-            finished = await stream_log(api, job_id, follow, sys.stdout.buffer, sys.stderr.buffer)
+            finished = await stream_log(
+                api,
+                job_id,
+                follow,
+                sys.stdout.buffer,
+                sys.stderr.buffer,
+                Reconnect(reconnect_window),
+                _notice,
+            )
         if finished is not None and finished.retried_as:
-            click.echo(
-                f"job {job_id} {status_name(finished.status)}: {finished.status_reason}; "
-                f"retried as job {finished.retried_as}",
-                err=True,
+            _notice(
+                f"job {job_id} {finished.status.value}: {finished.status_reason}; "
+                f"retried as job {finished.retried_as}"
             )
 
     _run(go())
@@ -377,23 +344,22 @@ def logs(job_id: str, follow: bool) -> None:
 
 @main.command()
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON, as described in README.md.")
 def tests(job_id: str, as_json: bool) -> None:
-    """A job's test results: a summary and the failures."""
+    """A job's test results: a summary and the failures; exits 1 if a test failed."""
+    from testhide.cli.wire import connect
 
-    async def go() -> jobs_pb2.TestResults:
+    async def go() -> TestResults:
         async with connect(Login.load()) as api:
             return await api.test_results(job_id)
 
     results = _run(go())
     if as_json:
-        from google.protobuf.json_format import MessageToDict
-
-        click.echo(json.dumps(MessageToDict(results, always_print_fields_with_no_presence=True), indent=2))
+        click.echo(dumps(results_json(results)))
     else:
-        print_test_summary(results)
+        _echo_lines(results_summary(results))
     if results.failed or results.errors:
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(exitcodes.TESTS_FAILED)
 
 
 @main.command()
@@ -408,8 +374,9 @@ def tests(job_id: str, as_json: bool) -> None:
 )
 def artifacts(job_id: str, output: Path) -> None:
     """Download a job's artifacts and verify their sha256."""
+    from testhide.cli.wire import connect
 
-    async def go() -> list[jobs_pb2.Artifact]:
+    async def go() -> list[Artifact]:
         async with connect(Login.load()) as api:
             found = await api.artifacts(job_id)
             for artifact in found:
@@ -417,13 +384,16 @@ def artifacts(job_id: str, output: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 digest = hashlib.sha256()
                 partial = target.with_name(target.name + ".partial")
-                with open(partial, "wb") as handle:
-                    async for chunk in api.download(job_id, artifact.path):
-                        digest.update(chunk.data)
-                        handle.write(chunk.data)
+                handle = await asyncio.to_thread(open, partial, "wb")
+                try:
+                    async for data in api.download(job_id, artifact.path):
+                        digest.update(data)
+                        await asyncio.to_thread(handle.write, data)
+                finally:
+                    handle.close()
                 if digest.hexdigest() != artifact.sha256:
                     partial.unlink()
-                    raise click.ClickException(f"{artifact.path}: sha256 mismatch; nothing written")
+                    raise ArtifactRefused(f"{artifact.path}: sha256 mismatch; nothing written")
                 partial.replace(target)
             return found
 
@@ -434,7 +404,7 @@ def artifacts(job_id: str, output: Path) -> None:
 def safe_join(root: Path, relative: str) -> Path:
     target = (root / relative).resolve()
     if not target.is_relative_to(root.resolve()) or relative.startswith("/"):
-        raise click.ClickException(f"refusing artifact path {relative!r}: it leaves {root}")
+        raise ArtifactRefused(f"refusing artifact path {relative!r}: it leaves {root}")
     return target
 
 
@@ -447,13 +417,15 @@ def secrets() -> None:
 @click.argument("name")
 def secrets_set(name: str) -> None:
     """Set NAME to the value read from standard input."""
+    from testhide.cli.wire import connect
+
     value = sys.stdin.buffer.read()
     if value.endswith(b"\n") and value.count(b"\n") == 1:
         value = value[:-1]  # `echo value | testhide secrets set NAME`
 
     async def go() -> None:
-        async with connect_secrets(Login.load()) as api:
-            await api.set(name, value)
+        async with connect(Login.load()) as api:
+            await api.set_secret(name, value)
 
     _run(go())
     click.echo(f"secret {name} set", err=True)
@@ -461,20 +433,24 @@ def secrets_set(name: str) -> None:
 
 @secrets.command("list")
 def secrets_list() -> None:
-    async def go() -> list[jobs_pb2.Secret]:
-        async with connect_secrets(Login.load()) as api:
-            return await api.list()
+    from testhide.cli.wire import connect
 
-    for secret in _run(go()):
-        click.echo(f"{secret.name:<40} {secret.updated_at.ToJsonString()}")
+    async def go() -> list[tuple[str, str]]:
+        async with connect(Login.load()) as api:
+            return [(s.name, timestamp(s.updated_at) or "-") for s in await api.secrets()]
+
+    for name, updated_at in _run(go()):
+        click.echo(f"{name:<40} {updated_at}")
 
 
 @secrets.command("delete")
 @click.argument("name")
 def secrets_delete(name: str) -> None:
+    from testhide.cli.wire import connect
+
     async def go() -> None:
-        async with connect_secrets(Login.load()) as api:
-            await api.delete(name)
+        async with connect(Login.load()) as api:
+            await api.delete_secret(name)
 
     _run(go())
     click.echo(f"secret {name} deleted", err=True)
@@ -484,13 +460,14 @@ def secrets_delete(name: str) -> None:
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
     """Cancel a job: SIGTERM, a grace period, then SIGKILL."""
+    from testhide.cli.wire import connect
 
-    async def go() -> jobs_pb2.Job:
+    async def go() -> Job:
         async with connect(Login.load()) as api:
             return await api.cancel(job_id)
 
     job = _run(go())
-    click.echo(f"job {job.id}: {status_name(job.status)}", err=True)
+    click.echo(f"job {job.id}: {job.status.value}", err=True)
 
 
 if __name__ == "__main__":

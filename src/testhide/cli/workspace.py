@@ -11,15 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-import click
 import pathspec
+
+from testhide.cli.errors import WorkspaceTooLarge
 
 DEFAULT_CAP = 256 * 1024 * 1024
 IGNORE_FILE = ".testhideignore"
-
-
-class WorkspaceTooLarge(click.ClickException):
-    pass
 
 
 def workspace_files(root: Path) -> list[str]:
@@ -63,7 +60,7 @@ def pack(root: Path, cap: int = DEFAULT_CAP) -> IO[bytes]:
             f"the workspace holds {total / 2**20:.1f} MiB, above the {cap / 2**20:.0f} MiB cap; "
             f"exclude files with {IGNORE_FILE} (or .gitignore), or pass --no-workspace"
         )
-    spool = tempfile.TemporaryFile()
+    spool = tempfile.TemporaryFile()  # noqa: SIM115  # the caller closes it after the upload
     with tarfile.open(fileobj=spool, mode="w:gz", compresslevel=6) as archive:
         for relative in files:
             path = root / relative

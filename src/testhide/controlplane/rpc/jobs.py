@@ -67,6 +67,9 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         context: grpc.aio.ServicerContext[jobs_pb2.FollowLogsRequest, jobs_pb2.FollowLogsResponse],
     ) -> AsyncIterator[jobs_pb2.FollowLogsResponse]:
         org = current_principal().org
+        # Headers at once: a follower knows its stream is open even while the job
+        # prints nothing, and so tells a broken stream from a failed reconnect.
+        await context.send_initial_metadata(())
         async for item in self._jobs.follow(org, request.job_id, request.from_offset, request.follow):
             if isinstance(item, Job):
                 yield jobs_pb2.FollowLogsResponse(finished=job_to_pb(item))

@@ -1,0 +1,354 @@
+"""The CLI's wire layer: the one module of the command that speaks gRPC and
+the generated protobuf messages. It opens one channel to the control plane,
+keeps the session's access token fresh, converts messages to the CLI's
+model (`cli/model.py`) and back, and maps gRPC errors to the CLI's errors
+(`cli/errors.py`) in one place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from testhide.cli.config import Login
+from testhide.cli.errors import Disconnected, RpcFailed, Unreachable
+from testhide.cli.model import (
+    ApiKeyLogin,
+    Artifact,
+    Job,
+    JobRequest,
+    JobStatus,
+    LogChunk,
+    LogStream,
+    PasswordLogin,
+    Secret,
+    TestCase,
+    TestResults,
+    TestStatus,
+    Transition,
+)
+from testhide.common.tls import CHANNEL_OPTIONS
+from testhide.protos.v1 import auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+T = TypeVar("T")
+V = TypeVar("V")
+
+# Refresh this long before the access token expires, so a call never races it.
+REFRESH_MARGIN_S = 60
+
+# gRPC's own reconnect backoff grows to 2 minutes, and a call made meanwhile
+# fails at once: a follower would find the control plane "down" for minutes
+# after it came back. Keep the channel's backoff shorter than the follower's.
+_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
+
+_HINTS = {grpc.StatusCode.UNAUTHENTICATED: "run 'testhide login' again"}
+
+
+# Conversion -----------------------------------------------------------------------------------------------
+
+
+def _name(value: V, names: Callable[[V], str], prefix: str) -> str:
+    try:
+        return names(value).removeprefix(prefix)
+    except ValueError:  # a newer server's value
+        return "UNSPECIFIED"
+
+
+def _job_status(value: jobs_pb2.JobStatus.ValueType) -> JobStatus:
+    return JobStatus(_name(value, jobs_pb2.JobStatus.Name, "JOB_STATUS_"))
+
+
+def _time(message: Any, name: str) -> datetime | None:
+    if not message.HasField(name):
+        return None
+    stamp: Timestamp = getattr(message, name)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def job_from_pb(job: jobs_pb2.Job) -> Job:
+    return Job(
+        id=job.id,
+        status=_job_status(job.status),
+        exit_code=job.exit_code if job.HasField("exit_code") else None,
+        status_reason=job.status_reason,
+        image=job.spec.image,
+        command=tuple(job.spec.command),
+        pool=job.spec.pool,
+        agent_id=job.agent_id or None,
+        created_at=_time(job, "created_at"),
+        started_at=_time(job, "started_at"),
+        finished_at=_time(job, "finished_at"),
+        log_size=job.log_size,
+        transitions=tuple(
+            Transition(_job_status(t.status), t.at.ToDatetime(tzinfo=UTC), t.reason) for t in job.transitions
+        ),
+        attempt=job.attempt,
+        retries=job.spec.retries,
+        retry_of=job.retry_of or None,
+        retried_as=job.retried_as or None,
+    )
+
+
+def spec_to_pb(request: JobRequest) -> jobs_pb2.JobSpec:
+    spec = jobs_pb2.JobSpec(
+        image=request.image,
+        command=list(request.command),
+        pool=request.pool,
+        workdir=request.workdir,
+        env=request.env,
+        labels=request.labels,
+        resources=jobs_pb2.Resources(cpus=request.cpus, memory_bytes=request.memory_bytes, pids=request.pids),
+        secrets=list(request.secrets),
+        runtime=request.runtime,
+        artifact_globs=list(request.artifact_globs),
+        junit_globs=list(request.junit_globs),
+        retries=request.retries,
+        workspace_id=request.workspace_id,
+    )
+    spec.timeout.FromTimedelta(request.timeout)
+    return spec
+
+
+def chunk_from_pb(chunk: jobs_pb2.LogChunk) -> LogChunk:
+    return LogChunk(
+        chunk.offset, LogStream(_name(chunk.stream, jobs_pb2.LogStream.Name, "LOG_STREAM_")), chunk.data
+    )
+
+
+def results_from_pb(results: jobs_pb2.TestResults) -> TestResults:
+    return TestResults(
+        total=results.total,
+        passed=results.passed,
+        failed=results.failed,
+        errors=results.errors,
+        skipped=results.skipped,
+        cases=tuple(
+            TestCase(
+                suite=c.suite,
+                classname=c.classname,
+                name=c.name,
+                duration_s=c.duration_s,
+                status=TestStatus(_name(c.status, jobs_pb2.TestStatus.Name, "TEST_STATUS_")),
+                message=c.message,
+            )
+            for c in results.cases
+        ),
+        rejected_reports=tuple(results.rejected_reports),
+    )
+
+
+def _secret_from_pb(secret: jobs_pb2.Secret) -> Secret:
+    return Secret(secret.name, _time(secret, "updated_at"))
+
+
+def _login_request(credential: ApiKeyLogin | PasswordLogin) -> auth_pb2.LoginRequest:
+    if isinstance(credential, ApiKeyLogin):
+        return auth_pb2.LoginRequest(api_key=credential.api_key)
+    return auth_pb2.LoginRequest(
+        password=auth_pb2.PasswordLogin(
+            org=credential.org, user=credential.user, password=credential.password
+        )
+    )
+
+
+def _stored(pair: auth_pb2.TokenPair, login: Login) -> Login:
+    return replace(
+        login,
+        access_token=pair.access_token,
+        refresh_token=pair.refresh_token,
+        access_expires_at=time.time() + pair.access_expires_in_s,
+    )
+
+
+# Errors ---------------------------------------------------------------------------------------------------
+
+
+def _failure(error: grpc.aio.AioRpcError, server: str, channel: grpc.aio.Channel) -> RpcFailed:
+    """The one mapping from a gRPC error to the CLI's: a call that found no
+    connection is `Unreachable`; an answer keeps the server's message and code."""
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and channel.get_state() != grpc.ChannelConnectivity.READY:
+        return Unreachable(server, details)
+    return RpcFailed(code.name, details, _HINTS.get(code, ""))
+
+
+# The client -----------------------------------------------------------------------------------------------
+
+
+class ControlPlaneClient:
+    """The Jobs and Secrets services on one channel, as the signed-in user.
+    ``connected`` turns true once the control plane has answered a call."""
+
+    def __init__(self, login: Login, channel: grpc.aio.Channel) -> None:
+        self._login = login
+        self._channel = channel
+        self._jobs = jobs_pb2_grpc.JobsStub(channel)
+        self._secrets = jobs_pb2_grpc.SecretsStub(channel)
+        self.connected = False
+
+    @property
+    def server(self) -> str:
+        return self._login.server
+
+    async def _call(self, rpc: Callable[[], Awaitable[T]]) -> T:
+        try:
+            answer = await rpc()
+        except grpc.aio.AioRpcError as error:
+            raise _failure(error, self.server, self._channel) from error
+        self.connected = True
+        return answer
+
+    async def _bearer(self) -> tuple[tuple[str, str], ...]:
+        """The session's access token, refreshed (and the rotated refresh token
+        saved) when it is about to expire: a follower may reconnect hours later."""
+        if self._login.access_expires_at - time.time() <= REFRESH_MARGIN_S:
+            request = auth_pb2.RefreshRequest(refresh_token=self._login.refresh_token)
+            pair = await self._call(
+                lambda: auth_pb2_grpc.AuthStub(self._channel).Refresh(request, timeout=30)
+            )
+            self._login = _stored(pair, self._login)
+            self._login.save()
+        return (("authorization", f"Bearer {self._login.access_token}"),)
+
+    # jobs
+    async def submit(self, request: JobRequest) -> Job:
+        message = jobs_pb2.SubmitJobRequest(spec=spec_to_pb(request))
+        metadata = await self._bearer()
+        response = await self._call(lambda: self._jobs.Submit(message, metadata=metadata, timeout=60))
+        return job_from_pb(response.job)
+
+    async def get(self, job_id: str) -> Job:
+        metadata = await self._bearer()
+        request = jobs_pb2.GetJobRequest(job_id=job_id)
+        return job_from_pb(await self._call(lambda: self._jobs.Get(request, metadata=metadata, timeout=30)))
+
+    async def list_jobs(self, limit: int) -> list[Job]:
+        metadata = await self._bearer()
+        request = jobs_pb2.ListJobsRequest(page_size=limit)
+        response = await self._call(lambda: self._jobs.List(request, metadata=metadata, timeout=30))
+        return [job_from_pb(job) for job in response.jobs]
+
+    async def cancel(self, job_id: str) -> Job:
+        metadata = await self._bearer()
+        request = jobs_pb2.CancelJobRequest(job_id=job_id)
+        return job_from_pb(
+            await self._call(lambda: self._jobs.Cancel(request, metadata=metadata, timeout=30))
+        )
+
+    async def upload_workspace(self, chunks: AsyncIterator[bytes]) -> str:
+        """Uploads a packed workspace; its id, for `JobRequest.workspace_id`."""
+
+        async def messages() -> AsyncIterator[jobs_pb2.DataChunk]:
+            async for chunk in chunks:
+                yield jobs_pb2.DataChunk(data=chunk)
+
+        metadata = await self._bearer()
+        response = await self._call(
+            lambda: self._jobs.UploadWorkspace(messages(), metadata=metadata, timeout=3600)
+        )
+        return response.workspace_id
+
+    async def artifacts(self, job_id: str) -> list[Artifact]:
+        metadata = await self._bearer()
+        request = jobs_pb2.JobRef(job_id=job_id)
+        response = await self._call(lambda: self._jobs.ListArtifacts(request, metadata=metadata, timeout=30))
+        return [Artifact(a.path, a.size, a.sha256) for a in response.artifacts]
+
+    async def download(self, job_id: str, path: str) -> AsyncIterator[bytes]:
+        request = jobs_pb2.DownloadArtifactRequest(job_id=job_id, path=path)
+        call = self._jobs.DownloadArtifact(request, metadata=await self._bearer())
+        try:
+            async for chunk in call:
+                yield chunk.data
+        except grpc.aio.AioRpcError as error:
+            raise _failure(error, self.server, self._channel) from error
+        finally:
+            call.cancel()
+
+    async def test_results(self, job_id: str) -> TestResults:
+        metadata = await self._bearer()
+        request = jobs_pb2.JobRef(job_id=job_id)
+        response = await self._call(lambda: self._jobs.GetTestResults(request, metadata=metadata, timeout=30))
+        return results_from_pb(response)
+
+    async def follow(self, job_id: str, offset: int, follow: bool) -> AsyncIterator[LogChunk | Job]:
+        """The log from ``offset``; with ``follow``, until the job has ended,
+        then the finished job. A stream that was open (the control plane sent
+        its headers or a message) and breaks off raises `Disconnected`."""
+        request = jobs_pb2.FollowLogsRequest(job_id=job_id, from_offset=offset, follow=follow)
+        call = self._jobs.FollowLogs(request, metadata=await self._bearer())
+        opened = False
+        try:
+            await call.initial_metadata()  # returns at once on a failed call, with none
+            opened = not call.done()
+            self.connected = self.connected or opened
+            async for response in call:
+                opened = self.connected = True
+                if response.HasField("finished"):
+                    yield job_from_pb(response.finished)
+                else:
+                    yield chunk_from_pb(response.chunk)
+        except grpc.aio.AioRpcError as error:
+            if opened and error.code() == grpc.StatusCode.UNAVAILABLE:
+                raise Disconnected(self.server, error.details() or "") from error
+            raise _failure(error, self.server, self._channel) from error
+        finally:
+            call.cancel()
+
+    # secrets
+    async def set_secret(self, name: str, value: bytes) -> Secret:
+        metadata = await self._bearer()
+        request = jobs_pb2.SetSecretRequest(name=name, value=value)
+        return _secret_from_pb(
+            await self._call(lambda: self._secrets.Set(request, metadata=metadata, timeout=30))
+        )
+
+    async def secrets(self) -> list[Secret]:
+        metadata = await self._bearer()
+        request = jobs_pb2.ListSecretsRequest()
+        response = await self._call(lambda: self._secrets.List(request, metadata=metadata, timeout=30))
+        return [_secret_from_pb(s) for s in response.secrets]
+
+    async def delete_secret(self, name: str) -> Secret:
+        metadata = await self._bearer()
+        request = jobs_pb2.DeleteSecretRequest(name=name)
+        return _secret_from_pb(
+            await self._call(lambda: self._secrets.Delete(request, metadata=metadata, timeout=30))
+        )
+
+
+@asynccontextmanager
+async def _channel(login: Login) -> AsyncIterator[grpc.aio.Channel]:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=login.ca_pem.encode() if login.ca_pem else None
+    )
+    async with grpc.aio.secure_channel(login.server, credentials, options=_OPTIONS) as channel:
+        yield channel
+
+
+@asynccontextmanager
+async def connect(login: Login) -> AsyncIterator[ControlPlaneClient]:
+    async with _channel(login) as channel:
+        yield ControlPlaneClient(login, channel)
+
+
+async def log_in(login: Login, credential: ApiKeyLogin | PasswordLogin) -> Login:
+    """Trade a password or API key for a session; nothing is stored here."""
+    request = _login_request(credential)
+    async with _channel(login) as channel:
+        try:
+            pair = await auth_pb2_grpc.AuthStub(channel).Login(request, timeout=30)
+        except grpc.aio.AioRpcError as error:
+            raise _failure(error, login.server, channel) from error
+    return _stored(pair, login)
