@@ -153,19 +153,20 @@ async def wait_until(condition: asyncio.Condition, predicate: Callable[[], bool]
         await asyncio.wait_for(condition.wait_for(predicate), within)
 
 
-async def operator(*args: str, within: float = 60) -> tuple[int, str, str]:
-    """``testhide-controlplane`` in a subprocess, as an operator runs it; it
-    must finish ``within`` seconds."""
+async def operator(*args: str, within: float = 60, stdin: bytes | None = None) -> tuple[int, str, str]:
+    """``testhide-controlplane`` in a subprocess, as an operator runs it, with
+    ``stdin`` as its input; it must finish ``within`` seconds."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "testhide.controlplane.cli",
         *args,
         cwd=REPO,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), within)
+    out, err = await asyncio.wait_for(process.communicate(stdin), within)
     return process.returncode or 0, out.decode(), err.decode()
 
 

@@ -9,7 +9,6 @@ import hashlib
 import hmac
 import json
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
@@ -27,7 +26,15 @@ from testhide.controlplane.auth.limits import LockoutPolicy
 from testhide.controlplane.auth.tokens import AUDIENCE, SigningKeys, issuer_for
 from testhide.controlplane.datadir import DataDir
 from testhide.protos.v1 import auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
-from tests.harness import JOB_IMAGE, RunningControlPlane, control_plane, eventually, operator, running_agent
+from tests.harness import (
+    JOB_IMAGE,
+    Cli,
+    RunningControlPlane,
+    control_plane,
+    eventually,
+    operator,
+    running_agent,
+)
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
 
@@ -235,39 +242,12 @@ async def test_revoking_an_api_key_ends_its_sessions(cp: RunningControlPlane) ->
 
 
 async def test_users_log_in_with_a_password_through_the_cli(cp: RunningControlPlane, tmp_path: Path) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "testhide.controlplane.cli",
-        "users",
-        "create",
-        "--data-dir",
-        str(cp.data_dir),
-        "ada",
-        stdin=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    _, err = await process.communicate(b"weak\n")
-    assert process.returncode == 1
-    assert b"at least 12 characters" in err
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "testhide.controlplane.cli",
-        "users",
-        "create",
-        "--data-dir",
-        str(cp.data_dir),
-        "ada",
-        stdin=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    _, err = await process.communicate(b"Correct-Horse-42\n")
-    assert process.returncode == 0, err
-    from tests.harness import Cli
-
+    create_ada = ("users", "create", "--data-dir", str(cp.data_dir), "ada")
+    code, _, err = await operator(*create_ada, stdin=b"weak\n")
+    assert code == 1
+    assert "at least 12 characters" in err
+    code, _, err = await operator(*create_ada, stdin=b"Correct-Horse-42\n")
+    assert code == 0, err
     cli = Cli(tmp_path / "ada")
     cli.env["TESTHIDE_PASSWORD"] = "Correct-Horse-42"
     result = await cli(
