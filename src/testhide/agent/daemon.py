@@ -152,6 +152,7 @@ class Agent:
             log.info("trust_bundle_updated", certificates=bundle_pem.count(b"BEGIN CERTIFICATE"))
 
     async def _one_session(self) -> None:
+        runtimes = await asyncio.to_thread(self._runtime.runtimes)  # checked once, then cached
         session = Session(
             self.config,
             self._credentials,
@@ -162,7 +163,7 @@ class Agent:
                 renewed=self._update_credentials,
                 trust_bundle=self._trust_bundle,
             ),
-            runtimes=self._runtime.runtimes(),
+            runtimes=runtimes,
             accepting=self.accepting,
             accepting_changed=self.accepting_changed,
         )
@@ -180,6 +181,8 @@ class Agent:
                 count=removed,
                 note="jobs of an earlier run of this agent; the control plane has marked them LOST",
             )
+        # Which runtimes enforce seccomp, checked before the first hello (they are probed once).
+        log.info("runtimes_offered", runtimes=await asyncio.to_thread(self._runtime.runtimes))
         stopper = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():

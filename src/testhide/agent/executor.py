@@ -182,6 +182,9 @@ class Executor:
         finally:
             stopping.cancel()
             waiting.cancel()
+        if exit_info.runtime_failure and outcome == Outcome.EXITED:
+            # Not the job's exit: the sandbox around it died (the job's own output ends early).
+            return Outcome.ERROR, -1, exit_info.runtime_failure
         if exit_info.oom_killed:
             reason = reason or "killed: out of memory"
         return outcome, exit_info.exit_code, reason

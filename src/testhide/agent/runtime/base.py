@@ -83,6 +83,9 @@ class ContainerSpec:
 class ContainerExit:
     exit_code: int
     oom_killed: bool = False
+    runtime_failure: str = ""
+    """Set when the runtime itself failed (a gVisor sandbox that died): the
+    exit code is then not the job's."""
 
 
 class RunningContainer(Protocol):
@@ -110,7 +113,9 @@ class ContainerRuntime(Protocol):
         ...
 
     def runtimes(self) -> list[str]:
-        """Container runtimes this host offers (runc, runsc, ...)."""
+        """Container runtimes this host offers (runc, runsc, ...): only those that
+        enforce seccomp. The first call may block for a second or so while each
+        runtime is checked: make it in a thread."""
         ...
 
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> RunningContainer:

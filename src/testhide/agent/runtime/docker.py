@@ -1,6 +1,7 @@
-"""Job containers on Docker, locked down: no network, no capabilities, no new
-privileges, read-only root, a non-root user, pid/memory/CPU limits, Docker's
-default seccomp profile, and never the Docker socket. Docker keeps no log of
+"""Job containers on Docker, locked down (``hardening.py``: no network, no
+capabilities, no new privileges, our seccomp profile, read-only root, a
+non-root user, pid/memory/CPU limits), never with the Docker socket, and only
+under runtimes that enforce seccomp (``offer.py``). Docker keeps no log of
 its own (log driver "none"): the agent reads the output from the attach
 socket, attached before the container starts, and the daemon's copy would
 only cost a JSON line per output line and leave unmasked output on disk.
@@ -31,6 +32,9 @@ from docker.utils.socket import read as socket_read
 from testhide.agent.errors import ConfigError, JobSetupError, RuntimeUnavailable
 from testhide.agent.model import LogStream
 from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
+from testhide.agent.runtime.gvisor import GO_PANIC_EXIT, SandboxPanicWatch, failure_reason
+from testhide.agent.runtime.hardening import container_options
+from testhide.agent.runtime.offer import PROBE_IMAGE, Registration, offered_runtimes, registrations
 
 log = structlog.get_logger("testhide.agent.docker")
 T = TypeVar("T")
@@ -52,6 +56,8 @@ async def engine(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 LABEL = "dev.testhide.job"
 OWNER_LABEL = "dev.testhide.agent"
 READ_BLOCK = 1 << 20
+# After a gVisor sandbox exited as a panic would, how long its last output may take to arrive.
+OUTPUT_SETTLE_S = 10.0
 _HEADER = struct.Struct(">BxxxL")
 _STREAMS = {1: LogStream.STDOUT, 2: LogStream.STDERR}
 
@@ -114,16 +120,36 @@ def _close_attach_socket(sock: Any) -> None:
 
 
 class DockerContainer:
-    def __init__(self, client: docker.DockerClient, container: Container, volume: str | None) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        container: Container,
+        volume: str | None,
+        panic_watch: SandboxPanicWatch | None = None,
+    ) -> None:
         self._client = client
         self._container = container
         self._volume = volume
         self._removed = False
+        self.panic_watch = panic_watch
+        """Set for a gVisor job: spots the sandbox's own failure in its stderr."""
+        self.output_done = asyncio.Event()
 
     async def wait(self) -> ContainerExit:
         result = await engine(self._container.wait)
         state = (await engine(self._client.api.inspect_container, self._container.id))["State"]
-        return ContainerExit(int(result.get("StatusCode", -1)), bool(state.get("OOMKilled")))
+        exit_code = int(result.get("StatusCode", -1))
+        return ContainerExit(exit_code, bool(state.get("OOMKilled")), await self._sandbox_failure(exit_code))
+
+    async def _sandbox_failure(self, exit_code: int) -> str:
+        """Why the gVisor sandbox itself died, or "": its panic is in the job's
+        stderr, which may still be on its way when the container is gone."""
+        if self.panic_watch is None or exit_code != GO_PANIC_EXIT:
+            return ""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.output_done.wait(), OUTPUT_SETTLE_S)
+        failure = self.panic_watch.failure
+        return failure_reason(failure) if failure else ""
 
     async def stop(self, grace: float) -> None:
         with contextlib.suppress(docker.errors.NotFound):
@@ -152,13 +178,17 @@ class DockerContainer:
 
 
 class DockerRuntime:
-    def __init__(self, client: docker.DockerClient | None = None) -> None:
+    def __init__(self, client: docker.DockerClient | None = None, probe_image: str = PROBE_IMAGE) -> None:
+        """``probe_image`` (sh, grep and unshare, present on the host) runs the
+        seccomp check of each runtime but the engine's default."""
         try:
             self._client = client or docker.from_env()
         except docker.errors.DockerException as exc:
             raise ConfigError(f"cannot reach the Docker engine: {exc}") from exc
         self._ready_init_images: set[str] = set()
+        self._probe_image = probe_image
         self._runtimes: list[str] | None = None
+        self._registrations: dict[str, Registration] = {}
 
     def _ensure_init_image(self, user: str) -> str:
         image = workspace_init_image(user)
@@ -173,13 +203,28 @@ class DockerRuntime:
         return image
 
     def runtimes(self) -> list[str]:
-        """Asked once; runc if the daemon does not answer yet."""
+        """Asked once, probing each runtime (blocks: call it in a thread); runc
+        if the daemon does not answer yet."""
         if self._runtimes is None:
             try:
-                self._runtimes = sorted(self._client.info().get("Runtimes", {"runc": {}}))
+                info = self._client.info()
             except (requests.exceptions.ConnectionError, ConnectionError):
                 return ["runc"]
+            self._registrations = registrations(info)
+            self._runtimes = offered_runtimes(self._client, info, self._registrations, self._probe_image)
         return self._runtimes
+
+    def _registration(self, name: str) -> Registration:
+        """A runtime this agent offers, as registered; JobSetupError for any other."""
+        offered = self.runtimes()
+        if not self._registrations:
+            raise RuntimeUnavailable("the Docker daemon did not say which runtimes it has")
+        if name not in offered:
+            raise JobSetupError(
+                f"container runtime {name!r} is not offered by this agent (offered: {', '.join(offered)}); "
+                "a runtime that does not enforce seccomp is never offered"
+            )
+        return self._registrations[name]
 
     async def ping(self) -> bool:
         try:
@@ -213,9 +258,11 @@ class DockerRuntime:
                 f"{getattr(exc, 'explanation', None) or exc}"
             ) from exc
 
-    def _create(self, spec: ContainerSpec) -> tuple[Container, str | None]:
+    def _create(self, spec: ContainerSpec) -> tuple[Container, str | None, bool]:
+        """The container, its workspace volume, and whether it runs under gVisor."""
         try:
-            return self._create_unchecked(spec)
+            container, volume = self._create_unchecked(spec)
+            return container, volume, self._registrations[spec.runtime].is_gvisor
         except docker.errors.DockerException as exc:
             explanation = getattr(exc, "explanation", None) or exc
             raise JobSetupError(f"Docker refused to set up the job: {explanation}") from exc
@@ -230,6 +277,7 @@ class DockerRuntime:
         return volume
 
     def _create_unchecked(self, spec: ContainerSpec) -> tuple[Container, str | None]:
+        registration = self._registration(spec.runtime)
         labels = {LABEL: spec.job_id, OWNER_LABEL: spec.owner}
         # The job container's own /tmp, a tmpfs inside it: no file on this host.
         tmpfs = {"/tmp": "rw,nosuid,nodev,size=64m"}  # noqa: S108
@@ -256,22 +304,12 @@ class DockerRuntime:
                 labels=labels,
                 environment=spec.env,
                 working_dir=spec.workdir,
-                user=spec.user,
-                network_mode="none",
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges:true"],
-                read_only=True,
                 tmpfs=tmpfs,
                 mounts=mounts,
-                pids_limit=spec.pids,
-                mem_limit=spec.memory_bytes,
-                memswap_limit=spec.memory_bytes,
-                nano_cpus=int(spec.cpus * 1e9),
-                runtime=spec.runtime,
-                init=False,
                 log_config=LogConfig(type=LogConfig.types.NONE),
-                stdin_open=False,
-                tty=False,
+                **container_options(
+                    spec.runtime, registration.is_gvisor, spec.pids, spec.memory_bytes, spec.cpus, spec.user
+                ),
             )
             if spec.workspace_tar:
                 container.put_archive("/workspace", spec.workspace_tar)
@@ -306,8 +344,9 @@ class DockerRuntime:
         return await engine(run)
 
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> DockerContainer:
-        container, volume = await engine(self._create, spec)
-        running = DockerContainer(self._client, container, volume)
+        container, volume, is_gvisor = await engine(self._create, spec)
+        running = DockerContainer(self._client, container, volume, SandboxPanicWatch() if is_gvisor else None)
+        loop = asyncio.get_running_loop()
         try:
             sock = await engine(
                 self._client.api.attach_socket,
@@ -315,7 +354,15 @@ class DockerRuntime:
                 {"stdout": 1, "stderr": 1, "stream": 1},
             )
             threading.Thread(
-                target=self._pump, args=(sock, output), name=f"output-{spec.job_id}", daemon=True
+                target=self._pump,
+                args=(
+                    sock,
+                    output,
+                    running.panic_watch,
+                    lambda: loop.call_soon_threadsafe(running.output_done.set),
+                ),
+                name=f"output-{spec.job_id}",
+                daemon=True,
             ).start()
             await engine(container.start)
         except docker.errors.DockerException as exc:
@@ -326,7 +373,9 @@ class DockerRuntime:
         return running
 
     @staticmethod
-    def _pump(sock: Any, output: OutputQueue) -> None:
+    def _pump(
+        sock: Any, output: OutputQueue, panic_watch: SandboxPanicWatch | None, done: Callable[[], None]
+    ) -> None:
         demuxer = Demuxer()
         try:
             while True:
@@ -334,9 +383,13 @@ class DockerRuntime:
                 if not data:
                     break
                 for chunk in demuxer.feed(data):
+                    if panic_watch is not None and chunk[0] == LogStream.STDERR:
+                        panic_watch.feed(chunk[1])
                     output.put_from_thread(chunk)
         except OSError:
             log.warning("container_output_interrupted")
         finally:
             output.put_from_thread(None)
             _close_attach_socket(sock)
+            with contextlib.suppress(RuntimeError):  # the event loop is gone (agent stopping)
+                done()

@@ -20,6 +20,7 @@ class Script:
     exit_code: int = 0
     hold: bool = False
     oom_killed: bool = False
+    runtime_failure: str = ""
     setup_error: str | None = None
     workspace_archive: bytes = b""
 
@@ -34,7 +35,7 @@ class FakeContainer:
         for chunk in script.output:
             output.put_nowait(chunk)
         if not script.hold:
-            self._exit(ContainerExit(script.exit_code, script.oom_killed))
+            self._exit(ContainerExit(script.exit_code, script.oom_killed, script.runtime_failure))
 
     def _exit(self, result: ContainerExit) -> None:
         if not self._exited.done():
