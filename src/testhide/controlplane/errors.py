@@ -8,8 +8,9 @@ ControlPlaneError
 ├── PermissionDenied         authenticated, but not allowed
 ├── RateLimited              too many requests or failed attempts; carries a retry hint
 ├── NotFound                 no such object in the caller's organisation
+│   └── NotHeld              an agent spoke about a job it does not hold at that epoch
 ├── FailedPrecondition       the object is not in a state that allows this
-├── StaleEpoch               an agent reported on an assignment it no longer holds
+│   └── StaleEpoch           a fenced update found the job already at another epoch
 ├── IntegrityError           stored data failed authentication (tampering, wrong key)
 ├── StorageUnavailable       the database is locked by another process, or the disk is full
 └── BackgroundTaskFailed     a supervised task of the daemon died; the daemon stopped because of it
@@ -50,6 +51,18 @@ class NotFound(ControlPlaneError):
     pass
 
 
+class NotHeld(NotFound):
+    """An agent's message about a job it does not hold at the epoch it gave:
+    the job is unknown, another agent's, or was taken back from this one. One
+    answer for all of them, naming neither the holder nor the current epoch,
+    so an agent cannot tell a job that exists from one that does not. The text
+    does not echo the id either: the answer already carries it, where it has one."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__("this agent does not hold the job at that epoch")
+        self.job_id = job_id
+
+
 class FailedPrecondition(ControlPlaneError):
     pass
 
@@ -68,3 +81,12 @@ class StorageUnavailable(ControlPlaneError):
 
 class BackgroundTaskFailed(ControlPlaneError):
     """The scheduler, the lease keeper or the watcher ended; its cause is chained (``__cause__``)."""
+
+
+def quoted(value: str | bytes, limit: int = 64) -> str:
+    """What a caller sent, for an error message: at most ``limit`` characters of it,
+    repr-quoted (so control characters show), with its full length when cut. An error
+    never echoes a megabyte back: its text travels in a trailer that clients cap at 16 KiB."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} {'bytes' if isinstance(value, bytes) else 'characters'})"

@@ -6,7 +6,7 @@ import re
 from datetime import timedelta
 
 from testhide.common.identity import NAME_RE
-from testhide.controlplane.errors import InvalidArgument
+from testhide.controlplane.errors import InvalidArgument, quoted
 from testhide.controlplane.jobs.model import JobSpec, Resources
 
 # The grammar of github.com/distribution/reference, with an optional digest.
@@ -25,6 +25,10 @@ LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._/-]{0,62}\Z")
 
 SECRET_NAME_RE = re.compile(r"\A[A-Z_][A-Z0-9_]{0,127}\Z")
 WORKSPACE_ID_RE = re.compile(r"\Ab[0-9a-f]{24}\Z")
+# model.new_job_id: 'j', 12 hex digits of milliseconds, 12 random ones.
+JOB_ID_RE = re.compile(r"\Aj[0-9a-f]{24}\Z")
+# Control characters (C0, DEL, C1): nothing a label value or a display string needs.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 RUNTIMES = ("", "runc", "runsc")
 
 MAX_IMAGE = 255
@@ -34,18 +38,39 @@ MAX_ENV = 256
 MAX_ENV_VALUE = 32 * 1024
 MAX_TIMEOUT = timedelta(hours=24)
 MAX_RETRIES = 10
+# An agent announces at most 64 labels (rpc/agent.py): a job asking for more can never run.
+MAX_LABELS = 64
+MAX_LABEL_VALUE_BYTES = 256
+# Docker's smallest CPU limit; below it nano_cpus rounds to 0, which Docker reads as "no limit".
+MIN_CPUS = 0.01
 LIMITS = Resources(cpus=64, memory_bytes=256 * 1024**3, pids=65536)
+# Epochs, sequence numbers, offsets and sizes: far beyond any real one, yet a few more
+# increments still fit the store's signed 64-bit integers.
+MAX_COUNTER = 2**62
+
+
+def in_range(field: str, value: int, low: int, high: int = MAX_COUNTER) -> int:
+    """A number from the wire, checked before anything converts or stores it."""
+    if not low <= value <= high:
+        raise InvalidArgument(f"{field} must be between {low} and {high}, not {value}")
+    return value
+
+
+def validate_job_id(field: str, value: str) -> str:
+    if not JOB_ID_RE.match(value):
+        raise InvalidArgument(f"{field} {quoted(value)} is not a job id ('j' and 24 hex digits)")
+    return value
 
 
 def validate_name(field: str, value: str) -> str:
     if not NAME_RE.match(value):
-        raise InvalidArgument(f"{field} {value!r} must be 1-63 lowercase letters, digits or '-'")
+        raise InvalidArgument(f"{field} {quoted(value)} must be 1-63 lowercase letters, digits or '-'")
     return value
 
 
 def validate_spec(spec: JobSpec) -> JobSpec:
     if not spec.image or len(spec.image) > MAX_IMAGE or not IMAGE_RE.match(spec.image):
-        raise InvalidArgument(f"image {spec.image[:80]!r} is not a valid image reference")
+        raise InvalidArgument(f"image {quoted(spec.image)} is not a valid image reference")
     if not spec.command or not spec.command[0]:
         raise InvalidArgument("command must not be empty")
     if len(spec.command) > MAX_ARGS or sum(len(a.encode()) for a in spec.command) > MAX_COMMAND_BYTES:
@@ -58,7 +83,7 @@ def validate_spec(spec: JobSpec) -> JobSpec:
         raise InvalidArgument(f"at most {MAX_ENV} environment variables")
     for name, value in spec.env.items():
         if not ENV_NAME_RE.match(name):
-            raise InvalidArgument(f"environment variable name {name[:64]!r} is invalid")
+            raise InvalidArgument(f"environment variable name {quoted(name)} is invalid")
         if len(value.encode()) > MAX_ENV_VALUE or "\x00" in value:
             raise InvalidArgument(f"environment variable {name} is too long or contains NUL")
     validate_name("pool", spec.pool)
@@ -67,22 +92,20 @@ def validate_spec(spec: JobSpec) -> JobSpec:
     if not 0 <= spec.retries <= MAX_RETRIES:
         raise InvalidArgument(f"retries must be between 0 and {MAX_RETRIES}")
     r = spec.resources
-    if not 0 < r.cpus <= LIMITS.cpus:
-        raise InvalidArgument(f"cpus must be in (0, {LIMITS.cpus}]")
+    if not MIN_CPUS <= r.cpus <= LIMITS.cpus:
+        raise InvalidArgument(f"cpus must be between {MIN_CPUS} and {LIMITS.cpus}")
     if not 6 * 1024**2 <= r.memory_bytes <= LIMITS.memory_bytes:
         raise InvalidArgument("memory must be between 6 MiB and 256 GiB")
     if not 8 <= r.pids <= LIMITS.pids:
         raise InvalidArgument(f"pids must be between 8 and {LIMITS.pids}")
     if not spec.workdir.startswith("/") or ".." in spec.workdir.split("/") or len(spec.workdir) > 1024:
         raise InvalidArgument("workdir must be an absolute path without '..'")
-    for key, value in spec.labels.items():
-        if not LABEL_RE.match(key) or len(value) > 256:
-            raise InvalidArgument(f"label {key[:64]!r} is invalid")
+    validate_labels(spec.labels)
     if len(spec.secrets) > MAX_ENV or len(set(spec.secrets)) != len(spec.secrets):
         raise InvalidArgument("secrets must be distinct and at most 256")
     for name in spec.secrets:
         if not SECRET_NAME_RE.match(name):
-            raise InvalidArgument(f"secret name {name[:64]!r} is invalid")
+            raise InvalidArgument(f"secret name {quoted(name)} is invalid")
         if name in spec.env:
             raise InvalidArgument(f"{name} is both an environment variable and a secret")
     if spec.runtime not in RUNTIMES:
@@ -97,11 +120,29 @@ def validate_spec(spec: JobSpec) -> JobSpec:
     return spec
 
 
+def validate_labels(labels: dict[str, str]) -> dict[str, str]:
+    """What a job asks of its agent's host, bounded as an agent's announcement is."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"at most {MAX_LABELS} labels, not {len(labels)}")
+    for key, value in labels.items():
+        if not LABEL_RE.match(key):
+            raise InvalidArgument(
+                f"label {quoted(key)} must be 1-63 of letters, digits, '.', '_', '/' or '-', "
+                "starting with a letter or digit"
+            )
+        if len(value.encode()) > MAX_LABEL_VALUE_BYTES or _CONTROL_RE.search(value):
+            raise InvalidArgument(
+                f"label {key}: its value must be at most {MAX_LABEL_VALUE_BYTES} bytes, "
+                "without control characters"
+            )
+    return labels
+
+
 def validate_relative_path(field: str, path: str) -> str:
     """A path (or glob) inside /workspace: relative, no '..', no NUL."""
     parts = path.split("/")
     if not path or len(path) > 1024 or path.startswith("/") or ".." in parts or "\x00" in path:
         raise InvalidArgument(
-            f"{field} {path[:80]!r} must be a relative path inside the workspace, without '..'"
+            f"{field} {quoted(path)} must be a relative path inside the workspace, without '..'"
         )
     return path

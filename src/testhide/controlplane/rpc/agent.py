@@ -22,9 +22,8 @@ from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.errors import (
     ControlPlaneError,
     InvalidArgument,
-    NotFound,
+    NotHeld,
     PermissionDenied,
-    StaleEpoch,
     StorageUnavailable,
     Unauthenticated,
 )
@@ -40,7 +39,13 @@ from testhide.controlplane.jobs.scheduler import (
     TrustBundle,
 )
 from testhide.controlplane.jobs.service import JobService
-from testhide.controlplane.rpc.convert import spec_to_pb, stream_from_pb
+from testhide.controlplane.rpc.convert import (
+    check_agent_message,
+    check_artifact_header,
+    check_lease,
+    spec_to_pb,
+    stream_from_pb,
+)
 from testhide.controlplane.rpc.status import code_for, mapped
 from testhide.controlplane.store.base import Store
 from testhide.protos.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2
@@ -298,6 +303,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     async def _handle(self, session: AgentSession, message: agent_pb2.AgentMessage) -> None:
         kind = message.WhichOneof("body")
         try:
+            check_agent_message(message)
             match kind:
                 case "heartbeat":
                     h = message.heartbeat
@@ -333,15 +339,18 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             # Nothing was stored or acknowledged: the agent reconnects (with backoff) and replays.
             log.warning("agent_session_deferred", agent_id=session.identity.agent_id, error=str(exc))
             session.close("UNAVAILABLE", str(exc))
+        except NotHeld as exc:
+            # Not this agent's job at that epoch (another's, taken back, or none at all): one
+            # answer for each. A stale holder stops it and reports nothing more.
+            log.warning(
+                "agent_message_refused", kind=kind, agent_id=session.identity.agent_id, job_id=exc.job_id
+            )
+            session.jobs.discard(exc.job_id)
+            session.send(Cancel(exc.job_id, str(exc), abandon=True))
         except ControlPlaneError as exc:
             log.warning(
                 "agent_message_refused", kind=kind, agent_id=session.identity.agent_id, error=str(exc)
             )
-            # A message about a job this agent no longer holds: stop it, report nothing more.
-            job_id = getattr(getattr(message, kind), "job_id", "") if kind else ""
-            if job_id and isinstance(exc, (StaleEpoch, NotFound)):
-                session.jobs.discard(job_id)
-                session.send(Cancel(job_id, str(exc), abandon=True))
 
     @mapped
     async def Renew(
@@ -386,6 +395,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         context: grpc.aio.ServicerContext[agent_pb2.JobLease, jobs_pb2.DataChunk],
     ) -> AsyncIterator[jobs_pb2.DataChunk]:
         agent = await authenticate_agent(context, self._store, self._certs)
+        check_lease(request.job_id, request.epoch)
         async for chunk in self._jobs.workspace_for(agent.identity, request.job_id, request.epoch):
             yield jobs_pb2.DataChunk(data=chunk)
 
@@ -400,6 +410,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("an artifact upload starts with its header")
         header = first.header
+        check_artifact_header(header)
         if header.kind not in _KIND:
             raise InvalidArgument("unknown artifact kind")
 

@@ -4,6 +4,7 @@ method missing from the table is refused: new RPCs fail closed."""
 from __future__ import annotations
 
 import contextvars
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar, cast
 
@@ -130,7 +131,8 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
             if principal is not None:
                 _principal.set(principal)
 
-        if not handler.response_streaming:
+        # A coroutine may serve a response stream too, writing through its context (Health/Watch).
+        if not handler.response_streaming or not inspect.isasyncgenfunction(inner):
             respond = cast(AioUnaryBehaviour, inner)
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

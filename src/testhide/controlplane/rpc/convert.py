@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from testhide.controlplane.errors import InvalidArgument
+from testhide.controlplane.errors import InvalidArgument, NotFound, quoted
 from testhide.controlplane.jobs.model import (
     Job,
     JobSpec,
@@ -17,7 +18,14 @@ from testhide.controlplane.jobs.model import (
     TestCase,
     TestStatus,
 )
-from testhide.protos.v1 import jobs_pb2
+from testhide.controlplane.jobs.validation import (
+    JOB_ID_RE,
+    MAX_TIMEOUT,
+    in_range,
+    validate_job_id,
+    validate_relative_path,
+)
+from testhide.protos.v1 import agent_pb2, jobs_pb2
 
 _STATUS_TO_PB = {status: jobs_pb2.JobStatus.Value(f"JOB_STATUS_{status.value}") for status in JobStatus}
 _STREAM_TO_PB = {stream: jobs_pb2.LogStream.Value(f"LOG_STREAM_{stream.name}") for stream in LogStream}
@@ -36,9 +44,18 @@ def _ts(value: datetime | None) -> Timestamp | None:
     return ts
 
 
+def timeout_from_pb(value: Duration) -> timedelta:
+    """Checked before conversion: 2**62 seconds overflows a timedelta."""
+    if not (0 <= value.seconds <= MAX_TIMEOUT.total_seconds() and 0 <= value.nanos < 10**9):
+        raise InvalidArgument(f"timeout must be between 1s and {MAX_TIMEOUT.total_seconds() / 3600:g}h")
+    return value.ToTimedelta()
+
+
 def spec_from_pb(spec: jobs_pb2.JobSpec) -> JobSpec:
+    """Numbers are range-checked here only where converting them could fail; the domain's
+    ``validate_spec`` checks every field's range and names the field."""
     r = spec.resources
-    timeout = spec.timeout.ToTimedelta() if spec.HasField("timeout") else timedelta(hours=1)
+    timeout = timeout_from_pb(spec.timeout) if spec.HasField("timeout") else timedelta(hours=1)
     try:
         return JobSpec(
             image=spec.image,
@@ -61,7 +78,7 @@ def spec_from_pb(spec: jobs_pb2.JobSpec) -> JobSpec:
             retries=spec.retries,
         )
     except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidArgument(f"invalid job spec: {exc}") from exc
+        raise InvalidArgument(f"invalid job spec: {quoted(str(exc))}") from exc
 
 
 def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
@@ -120,6 +137,57 @@ def stream_from_pb(value: int) -> LogStream:
         return LogStream(value)
     except ValueError as exc:
         raise InvalidArgument(f"unknown log stream {value}") from exc
+
+
+def job_id_from_pb(value: str) -> str:
+    """Checked against the form of a job id before any lookup: one of another form names
+    no job (NOT_FOUND, as an unknown one does), and the error quotes only its start."""
+    if not JOB_ID_RE.match(value):
+        raise NotFound(f"job {quoted(value)} not found")
+    return value
+
+
+def artifact_path_from_pb(value: str) -> str:
+    return validate_relative_path("path", value)
+
+
+def page_from_pb(request: jobs_pb2.ListJobsRequest) -> tuple[int, str]:
+    """A page size (0 for the default; larger ones are capped) and the id of the last job seen."""
+    in_range("page_size", request.page_size, 0, 2**31 - 1)
+    if request.page_token:
+        validate_job_id("page_token", request.page_token)
+    return request.page_size, request.page_token
+
+
+# What an agent sends is checked before any lookup: ids of the right form, epochs from 1
+# (a job's first assignment), sequence numbers from 1, sizes and counts from 0.
+_HELD_JOB_KINDS = ("accepted", "started", "refused", "log_batch", "result")
+
+
+def check_lease(job_id: str, epoch: int, within: str = "") -> None:
+    """A job an agent says it holds; ``within`` names the enclosing field, if any."""
+    validate_job_id(f"{within}job_id", job_id)
+    in_range(f"{within}epoch", epoch, 1)
+
+
+def check_agent_message(message: agent_pb2.AgentMessage) -> None:
+    kind = message.WhichOneof("body")
+    if kind is None:
+        return
+    body = getattr(message, kind)
+    for running in getattr(body, "running_jobs", ()):
+        check_lease(running.job_id, running.epoch, f"{kind}.running_jobs.")
+    if kind in _HELD_JOB_KINDS:
+        check_lease(body.job_id, body.epoch, f"{kind}.")
+    if kind == "log_batch":
+        in_range("log_batch.seq", body.seq, 1)
+    elif kind == "result":
+        in_range("result.last_seq", body.last_seq, 0)
+
+
+def check_artifact_header(header: agent_pb2.ArtifactHeader) -> None:
+    check_lease(header.job_id, header.epoch, "header.")
+    in_range("header.size", header.size, 0)
 
 
 _TEST_STATUS = {status: jobs_pb2.TestStatus.Value(f"TEST_STATUS_{status.value}") for status in TestStatus}

@@ -10,10 +10,14 @@ from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.jobs.model import Job
 from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.service import JobService
+from testhide.controlplane.jobs.validation import in_range
 from testhide.controlplane.rpc.auth import current_principal
 from testhide.controlplane.rpc.convert import (
+    artifact_path_from_pb,
     chunk_to_pb,
+    job_id_from_pb,
     job_to_pb,
+    page_from_pb,
     spec_from_pb,
     test_results_to_pb,
     timestamp,
@@ -41,7 +45,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         request: jobs_pb2.GetJobRequest,
         context: grpc.aio.ServicerContext[jobs_pb2.GetJobRequest, jobs_pb2.Job],
     ) -> jobs_pb2.Job:
-        return job_to_pb(await self._jobs.get(current_principal().org, request.job_id))
+        return job_to_pb(await self._jobs.get(current_principal().org, job_id_from_pb(request.job_id)))
 
     @mapped
     async def List(
@@ -49,7 +53,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         request: jobs_pb2.ListJobsRequest,
         context: grpc.aio.ServicerContext[jobs_pb2.ListJobsRequest, jobs_pb2.ListJobsResponse],
     ) -> jobs_pb2.ListJobsResponse:
-        jobs, token = await self._jobs.list(current_principal().org, request.page_size, request.page_token)
+        jobs, token = await self._jobs.list(current_principal().org, *page_from_pb(request))
         return jobs_pb2.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
 
     @mapped
@@ -58,7 +62,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         request: jobs_pb2.CancelJobRequest,
         context: grpc.aio.ServicerContext[jobs_pb2.CancelJobRequest, jobs_pb2.Job],
     ) -> jobs_pb2.Job:
-        return job_to_pb(await self._jobs.cancel(current_principal().org, request.job_id))
+        return job_to_pb(await self._jobs.cancel(current_principal().org, job_id_from_pb(request.job_id)))
 
     @mapped
     async def FollowLogs(
@@ -66,6 +70,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         request: jobs_pb2.FollowLogsRequest,
         context: grpc.aio.ServicerContext[jobs_pb2.FollowLogsRequest, jobs_pb2.FollowLogsResponse],
     ) -> AsyncIterator[jobs_pb2.FollowLogsResponse]:
+        job_id_from_pb(request.job_id)
+        in_range("from_offset", request.from_offset, 0)
         org = current_principal().org
         # Headers at once: a follower knows its stream is open even while the job
         # prints nothing, and so tells a broken stream from a failed reconnect.
@@ -95,7 +101,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         request: jobs_pb2.JobRef,
         context: grpc.aio.ServicerContext[jobs_pb2.JobRef, jobs_pb2.ListArtifactsResponse],
     ) -> jobs_pb2.ListArtifactsResponse:
-        found = await self._jobs.artifacts(current_principal().org, request.job_id)
+        found = await self._jobs.artifacts(current_principal().org, job_id_from_pb(request.job_id))
         return jobs_pb2.ListArtifactsResponse(
             artifacts=[jobs_pb2.Artifact(path=a.path, size=a.size, sha256=a.sha256) for a in found]
         )
@@ -106,7 +112,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         request: jobs_pb2.DownloadArtifactRequest,
         context: grpc.aio.ServicerContext[jobs_pb2.DownloadArtifactRequest, jobs_pb2.DataChunk],
     ) -> AsyncIterator[jobs_pb2.DataChunk]:
-        async for chunk in self._jobs.artifact(current_principal().org, request.job_id, request.path):
+        job_id, path = job_id_from_pb(request.job_id), artifact_path_from_pb(request.path)
+        async for chunk in self._jobs.artifact(current_principal().org, job_id, path):
             yield jobs_pb2.DataChunk(data=chunk)
 
     @mapped
@@ -115,7 +122,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         request: jobs_pb2.JobRef,
         context: grpc.aio.ServicerContext[jobs_pb2.JobRef, jobs_pb2.TestResults],
     ) -> jobs_pb2.TestResults:
-        return test_results_to_pb(*await self._jobs.test_results(current_principal().org, request.job_id))
+        job_id = job_id_from_pb(request.job_id)
+        return test_results_to_pb(*await self._jobs.test_results(current_principal().org, job_id))
 
 
 class SecretsServicer(jobs_pb2_grpc.SecretsServicer):

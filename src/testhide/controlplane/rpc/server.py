@@ -3,6 +3,8 @@
 The agent port requires a client certificate and bounds a connection's age by the agent
 certificate lifetime (an open connection outlives the certificate that opened it); the API
 port serves users, with their credentials checked by the interceptor, and enrollment.
+Both are ``guarded``: an undecodable request answers INVALID_ARGUMENT and no exception
+reaches a caller with its type (``rpc/guard.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from testhide.controlplane.rpc.agent import AgentControlServicer
 from testhide.controlplane.rpc.auth import ApiAuthInterceptor
 from testhide.controlplane.rpc.auth_service import AuthServicer
 from testhide.controlplane.rpc.enrollment import EnrollmentServicer
+from testhide.controlplane.rpc.guard import guarded
 from testhide.controlplane.rpc.jobs import JobsServicer, SecretsServicer
 from testhide.protos.v1 import agent_pb2_grpc, auth_pb2_grpc, enrollment_pb2_grpc, jobs_pb2_grpc
 
@@ -27,6 +30,7 @@ def agent_server(
     servicer: AgentControlServicer, health: health_aio.HealthServicer, cert_ttl: timedelta
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
+        interceptors=guarded(),
         options=[
             *CHANNEL_OPTIONS,
             # An open connection outlives the certificate that opened it: bound it.
@@ -35,7 +39,7 @@ def agent_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             # TLS record buffers per connection: 16 KiB by default, held by every idle agent.
             ("grpc.tsi.max_frame_size", 4096),
-        ]
+        ],
     )
     agent_pb2_grpc.add_AgentControlServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -55,7 +59,7 @@ def api_server(
     servicers: ApiServicers, interceptor: ApiAuthInterceptor, max_request_bytes: int
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
-        interceptors=[interceptor],
+        interceptors=guarded(interceptor),
         options=[
             ("grpc.max_receive_message_length", max_request_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

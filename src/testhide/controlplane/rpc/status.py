@@ -29,6 +29,21 @@ STATUS: list[tuple[type[errors.ControlPlaneError], grpc.StatusCode]] = [
 ]
 
 
+# The longest error text sent, in UTF-8 bytes. grpc percent-encodes it in the grpc-message
+# trailer (up to three bytes each), and a client refuses trailers beyond 8 to 16 KiB with
+# RESOURCE_EXHAUSTED "Stream removed", hiding the real status.
+MAX_DETAILS_BYTES = 1024
+
+
+def bounded(details: str) -> str:
+    """``details`` cut to MAX_DETAILS_BYTES: a backstop behind ``errors.quoted``, for a
+    message that names many inputs (a list of missing secrets) or an unexpected one."""
+    encoded = details.encode()
+    if len(encoded) <= MAX_DETAILS_BYTES:
+        return details
+    return encoded[: MAX_DETAILS_BYTES - 20].decode(errors="ignore") + " ... (truncated)"
+
+
 def code_for(exc: errors.ControlPlaneError) -> grpc.StatusCode:
     for kind, code in STATUS:
         if isinstance(exc, kind):
@@ -41,8 +56,8 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: errors.Co
     if isinstance(exc, errors.RateLimited):
         retry = max(1, round(exc.retry_after_s))
         context.set_trailing_metadata((("retry-after", str(retry)),))
-        await context.abort(code_for(exc), f"{exc} (retry in {retry} s)")
-    await context.abort(code_for(exc), str(exc))
+        await context.abort(code_for(exc), f"{bounded(str(exc))} (retry in {retry} s)")
+    await context.abort(code_for(exc), bounded(str(exc)))
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -1,0 +1,41 @@
+"""A test control plane in a process of its own, for tests that watch it from outside
+(its memory, its survival): ``python -m tests.standalone_controlplane DIR CONFIG_JSON``.
+
+It is ``harness.control_plane`` (a fresh data dir in DIR, pools that never pull) with
+the config overrides in CONFIG_JSON (rate limits, say). Once both ports serve it writes
+DIR/serving.json: the ports, the admin API key and a one-time enrollment token. It runs
+until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+from testhide.common.logging import configure
+from tests.harness import control_plane
+
+
+async def serve(directory: Path, config: dict[str, object]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    async with control_plane(directory, **config) as cp:
+        info = {
+            "api_port": cp.daemon.api_port,
+            "agent_port": cp.daemon.agent_port,
+            "admin_key": cp.admin_key,
+            "ca_pem": cp.ca_pem.decode(),
+            "enrollment_token": await cp.enrollment_token(),
+        }
+        staged = directory / "serving.json.tmp"
+        staged.write_text(json.dumps(info))
+        staged.replace(directory / "serving.json")
+        await stop.wait()
+
+
+if __name__ == "__main__":
+    configure("info")
+    asyncio.run(serve(Path(sys.argv[1]), json.loads(sys.argv[2])))
