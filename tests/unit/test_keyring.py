@@ -139,7 +139,9 @@ async def _fill(store: SqliteStore, master: MasterKey) -> str:
     )
     job = await store.assign_job("default", job_id, "agent-1", NOW, NOW + timedelta(minutes=1))
     assert job is not None
-    await LogBook(store, master).append("default", job_id, job.epoch, 1, [(LogStream.STDOUT, b"old log\n")])
+    await LogBook(store, master).append(
+        "default", "agent-1", job_id, job.epoch, 1, [(LogStream.STDOUT, b"old log\n")]
+    )
 
     async def chunks() -> AsyncIterator[bytes]:
         yield b"artifact bytes"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testhide.controlplane.errors import FailedPrecondition, NotFound, StaleEpoch, Unauthenticated
+from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch, Unauthenticated
 from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus, LogStream, Resources
 from testhide.controlplane.store.base import ApiKeyRecord, EnrollmentTokenRecord
 from testhide.controlplane.store.migrations import MIGRATIONS
@@ -229,8 +229,8 @@ async def test_set_job_status_unknown_job(store: SqliteStore) -> None:
 async def test_append_log_batch_offsets_and_replay(store: SqliteStore) -> None:
     await assigned(store)
     first = [(OUT, b"sealed-a", 5), (ERR, b"sealed-b", 3)]
-    assert await store.append_log_batch("acme", "j1", 1, 1, first) == 1
-    assert await store.append_log_batch("acme", "j1", 1, 2, [(OUT, b"sealed-c", 4)]) == 2
+    assert await store.append_log_batch("acme", "j1", "agent-1", 1, 1, first) == 1
+    assert await store.append_log_batch("acme", "j1", "agent-1", 1, 2, [(OUT, b"sealed-c", 4)]) == 2
     job = await store.get_job("acme", "j1")
     assert job is not None
     assert (job.last_seq, job.log_size) == (2, 12)
@@ -242,8 +242,8 @@ async def test_append_log_batch_offsets_and_replay(store: SqliteStore) -> None:
     ]
 
     # A replayed batch (after a reconnect) is acknowledged but stored once.
-    assert await store.append_log_batch("acme", "j1", 1, 1, [(OUT, b"different", 99)]) == 2
-    assert await store.append_log_batch("acme", "j1", 1, 2, [(OUT, b"different", 99)]) == 2
+    assert await store.append_log_batch("acme", "j1", "agent-1", 1, 1, [(OUT, b"different", 99)]) == 2
+    assert await store.append_log_batch("acme", "j1", "agent-1", 1, 2, [(OUT, b"different", 99)]) == 2
     job = await store.get_job("acme", "j1")
     assert job is not None
     assert (job.last_seq, job.log_size) == (2, 12)
@@ -253,35 +253,38 @@ async def test_append_log_batch_offsets_and_replay(store: SqliteStore) -> None:
 async def test_append_log_batch_refuses_a_gap(store: SqliteStore) -> None:
     await assigned(store)
     with pytest.raises(FailedPrecondition, match="before batch 1"):
-        await store.append_log_batch("acme", "j1", 1, 2, [(OUT, b"x", 1)])
-    await store.append_log_batch("acme", "j1", 1, 1, [(OUT, b"x", 1)])
+        await store.append_log_batch("acme", "j1", "agent-1", 1, 2, [(OUT, b"x", 1)])
+    await store.append_log_batch("acme", "j1", "agent-1", 1, 1, [(OUT, b"x", 1)])
     with pytest.raises(FailedPrecondition, match="before batch 2"):
-        await store.append_log_batch("acme", "j1", 1, 3, [(OUT, b"y", 1)])
+        await store.append_log_batch("acme", "j1", "agent-1", 1, 3, [(OUT, b"y", 1)])
     assert len(await store.read_log("acme", "j1", 0, 100)) == 1
 
 
 async def test_append_log_batch_refuses_stale_epoch_and_unknown_job(store: SqliteStore) -> None:
     await assigned(store)
-    with pytest.raises(StaleEpoch):
-        await store.append_log_batch("acme", "j1", 0, 1, [(OUT, b"x", 1)])
-    with pytest.raises(NotFound):
-        await store.append_log_batch("acme", "missing", 1, 1, [(OUT, b"x", 1)])
-    with pytest.raises(NotFound):
-        await store.append_log_batch("other", "j1", 1, 1, [(OUT, b"x", 1)])
+    with pytest.raises(NotHeld):
+        await store.append_log_batch("acme", "j1", "agent-1", 0, 1, [(OUT, b"x", 1)])
+    with pytest.raises(NotHeld):
+        await store.append_log_batch("acme", "j1", "agent-2", 1, 1, [(OUT, b"x", 1)])
+    with pytest.raises(NotHeld):
+        await store.append_log_batch("acme", "missing", "agent-1", 1, 1, [(OUT, b"x", 1)])
+    with pytest.raises(NotHeld):
+        await store.append_log_batch("other", "j1", "agent-1", 1, 1, [(OUT, b"x", 1)])
     assert await store.read_log("acme", "j1", 0, 100) == []
 
 
 async def test_empty_batch_advances_seq(store: SqliteStore) -> None:
     await assigned(store)
-    assert await store.append_log_batch("acme", "j1", 1, 1, []) == 1
-    assert await store.append_log_batch("acme", "j1", 1, 2, [(OUT, b"x", 4)]) == 2
+    assert await store.append_log_batch("acme", "j1", "agent-1", 1, 1, []) == 1
+    assert await store.append_log_batch("acme", "j1", "agent-1", 1, 2, [(OUT, b"x", 4)]) == 2
     assert [e.offset for e in await store.read_log("acme", "j1", 0, 10)] == [0]
 
 
 async def test_read_log_from_offsets(store: SqliteStore) -> None:
     await assigned(store)
-    await store.append_log_batch("acme", "j1", 1, 1, [(OUT, b"e0", 5), (ERR, b"e1", 3)])  # [0,5) [5,8)
-    await store.append_log_batch("acme", "j1", 1, 2, [(OUT, b"e2", 4)])  # [8,12)
+    batch = [(OUT, b"e0", 5), (ERR, b"e1", 3)]
+    await store.append_log_batch("acme", "j1", "agent-1", 1, 1, batch)  # [0,5) [5,8)
+    await store.append_log_batch("acme", "j1", "agent-1", 1, 2, [(OUT, b"e2", 4)])  # [8,12)
 
     async def offsets(start: int, limit: int = 100) -> list[int]:
         return [e.offset for e in await store.read_log("acme", "j1", start, limit)]
@@ -386,7 +389,7 @@ async def test_lapsed_lease_requeues_assigned_and_loses_running(store: SqliteSto
     await assigned(store, "j2")
     await store.set_job_status("acme", "j2", 1, JobStatus.RUNNING, NOW)
     assert await store.expire_leases(NOW + LEASE) == []  # not yet: the lease runs up to its end
-    released = {j.id: j for j in await store.expire_leases(NOW + LEASE + timedelta(seconds=1))}
+    released = {j.id: j for j, _ in await store.expire_leases(NOW + LEASE + timedelta(seconds=1))}
     assert released["j1"].status == JobStatus.QUEUED
     assert released["j1"].lease_expires_at is None
     assert released["j2"].status == JobStatus.LOST
@@ -394,8 +397,8 @@ async def test_lapsed_lease_requeues_assigned_and_loses_running(store: SqliteSto
     assert "stopped reporting" in released["j2"].status_reason
     # Both epochs moved on: the old holder is fenced off at once, even before any reassignment.
     assert released["j1"].epoch == released["j2"].epoch == 2
-    with pytest.raises(StaleEpoch):
-        await store.append_log_batch("acme", "j2", 1, 1, [(OUT, b"late", 4)])
+    with pytest.raises(NotHeld):
+        await store.append_log_batch("acme", "j2", "agent-1", 1, 1, [(OUT, b"late", 4)])
     with pytest.raises(StaleEpoch):
         await store.set_job_status("acme", "j2", 1, JobStatus.SUCCEEDED, NOW)
     assert await store.expire_leases(NOW + 3 * LEASE) == []  # released once
@@ -452,16 +455,16 @@ async def test_lost_job_is_retried_once_per_attempt_as_asked(store: SqliteStore)
 
 async def test_agent_reports_are_checked_and_applied_once(store: SqliteStore) -> None:
     await assigned(store, "j1")
-    with pytest.raises(NotFound):  # not this agent's job, whatever the epoch
+    with pytest.raises(NotHeld):  # not this agent's job, whatever the epoch
         await store.report_job("acme", "j1", "agent-2", 1, JobStatus.RUNNING, NOW)
-    with pytest.raises(StaleEpoch):
+    with pytest.raises(NotHeld):
         await store.report_job("acme", "j1", "agent-1", 2, JobStatus.RUNNING, NOW)
     running, changed = await store.report_job("acme", "j1", "agent-1", 1, JobStatus.RUNNING, NOW)
     assert changed
     assert running.status == JobStatus.RUNNING
     assert running.started_at == NOW
     assert not (await store.report_job("acme", "j1", "agent-1", 1, JobStatus.RUNNING, NOW))[1]  # a replay
-    await store.append_log_batch("acme", "j1", 1, 1, [(OUT, b"x", 1)])
+    await store.append_log_batch("acme", "j1", "agent-1", 1, 1, [(OUT, b"x", 1)])
     with pytest.raises(FailedPrecondition):  # the result may not overtake the log
         await store.report_job("acme", "j1", "agent-1", 1, JobStatus.SUCCEEDED, NOW, exit_code=0, last_seq=2)
     done, changed = await store.report_job(

@@ -86,8 +86,8 @@ class Leases:
 
     async def sweep(self) -> None:
         """Release lapsed leases, then queue the retries LOST jobs asked for."""
-        for job in await self._store.expire_leases(self._clock()):
-            self._released(job, previous_agent=job.agent_id)
+        for job, holder in await self._store.expire_leases(self._clock()):
+            self._released(job, previous_agent=holder)
         await self.retry_lost()
 
     async def retry_lost(self) -> list[Job]:

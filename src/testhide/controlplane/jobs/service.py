@@ -15,7 +15,7 @@ import structlog
 
 from testhide.common.identity import AgentIdentity
 from testhide.controlplane.atrest import MasterKey
-from testhide.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, StaleEpoch
+from testhide.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, NotHeld
 from testhide.controlplane.jobs.blobs import BlobVault
 from testhide.controlplane.jobs.junit import MAX_REPORT_BYTES, JunitError, parse_junit
 from testhide.controlplane.jobs.leases import Leases
@@ -178,34 +178,35 @@ class JobService:
         and all its log was sent, then the final job."""
         if offset < 0:
             raise InvalidArgument("from_offset must not be negative")
-        while True:
-            changed = self._logs.changed(job_id)
-            job = await self.get(org, job_id)
-            async for chunk in self._logs.read(org, job_id, offset):
-                offset = chunk.offset + len(chunk.data)
-                yield chunk
-            if not follow:
-                return
-            # A LOST job about to be retried ends for its followers once they can see the retry.
-            if job.status.terminal and offset >= job.log_size and not job.retryable:
-                yield job
-                return
-            if offset >= job.log_size:
-                try:
-                    async with asyncio.timeout(FOLLOW_RECHECK_S):
-                        await changed.wait()
-                except TimeoutError:
-                    pass
+        await self.get(org, job_id)  # first: a job that does not exist gets no watch
+        with self._logs.watch(job_id) as watch:  # removed however the follower leaves
+            while True:
+                changed = watch.changed()
+                job = await self.get(org, job_id)
+                async for chunk in self._logs.read(org, job_id, offset):
+                    offset = chunk.offset + len(chunk.data)
+                    yield chunk
+                if not follow:
+                    return
+                # A LOST job about to be retried ends for its followers once they can see the retry.
+                if job.status.terminal and offset >= job.log_size and not job.retryable:
+                    yield job
+                    return
+                if offset >= job.log_size:
+                    try:
+                        async with asyncio.timeout(FOLLOW_RECHECK_S):
+                            await changed.wait()
+                    except TimeoutError:
+                        pass
 
     # agents -------------------------------------------------------------------
+    # Whatever an agent says about a job is taken only if it holds the job at the epoch
+    # it gives (Store.held_job; the store's report and log writes apply the same test in
+    # their own transaction). Anything else raises NotHeld: the one answer a job that
+    # does not exist gets too, naming neither its holder nor its epoch.
     async def leased(self, identity: AgentIdentity, job_id: str, epoch: int) -> Job:
-        """The job, if this agent holds it at this epoch and it has not ended."""
-        job = await self._store.get_job(identity.org, job_id)
-        if job is None or job.agent_id != identity.agent_id:
-            raise NotFound(f"job {job_id} is not assigned to this agent")
-        if job.epoch != epoch:
-            raise StaleEpoch(f"job {job_id} was reassigned (epoch {job.epoch}, not {epoch})")
-        return job
+        """The job, if this agent holds it at this epoch (it may have ended since)."""
+        return await self._store.held_job(identity.org, job_id, identity.agent_id, epoch)
 
     async def workspace_for(self, identity: AgentIdentity, job_id: str, epoch: int) -> AsyncIterator[bytes]:
         job = await self.leased(identity, job_id, epoch)
@@ -266,7 +267,7 @@ class JobService:
             else:
                 await self._leases.release(job, JobStatus.LOST, "agent reconnected without it (it restarted)")
         for job_id in running.keys() - session.jobs:
-            session.send(Cancel(job_id, "this agent no longer holds the job", abandon=True))
+            session.send(Cancel(job_id, str(NotHeld(job_id)), abandon=True))
         await self._leases.extend(session, {j: e for j, e in running.items() if j in session.jobs})
         await self._leases.retry_lost()
         self._scheduler.kick(org, session.identity.pool)
@@ -309,7 +310,8 @@ class JobService:
         seq: int,
         entries: builtins.list[tuple[LogStream, bytes]],
     ) -> None:
-        stored = await self._logs.append(session.identity.org, job_id, epoch, seq, entries)
+        identity = session.identity
+        stored = await self._logs.append(identity.org, identity.agent_id, job_id, epoch, seq, entries)
         session.send(LogAck(job_id, stored))
 
     async def on_result(

@@ -7,7 +7,7 @@ import json
 import sqlite3
 from datetime import datetime
 
-from testhide.controlplane.errors import FailedPrecondition, NotFound, StaleEpoch
+from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
     BlobInfo,
     Job,
@@ -21,6 +21,8 @@ from testhide.controlplane.jobs.model import (
 )
 from testhide.controlplane.store.base import StoredLogEntry
 from testhide.controlplane.store.sqlite_common import SqliteParts, _dt, _spec_from_json, _spec_to_json, _ts
+
+_TAKEN_BACK = (JobStatus.QUEUED.value, JobStatus.LOST.value)
 
 
 class SqliteJobData(SqliteParts):
@@ -171,7 +173,7 @@ class SqliteJobData(SqliteParts):
             if row is None:
                 raise NotFound(f"job {job_id} not found")
             if epoch is not None and row["epoch"] != epoch:
-                raise StaleEpoch(f"job {job_id} is at epoch {row['epoch']}, not {epoch}")
+                raise StaleEpoch(f"job {job_id} is no longer at epoch {epoch}")
             current = JobStatus(row["status"])
             if current == status:
                 return self._job(c, row)
@@ -205,6 +207,30 @@ class SqliteJobData(SqliteParts):
             c, c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone(), with_transitions
         )
 
+    @staticmethod
+    def _held_row(c: sqlite3.Connection, org: str, job_id: str, agent_id: str, epoch: int) -> sqlite3.Row:
+        """The job's row if ``agent_id`` holds it at ``epoch``, else NotHeld: the one
+        test every agent message about a job passes, inside the transaction that
+        acts on it. Assigned to the agent at that epoch, and not taken back since
+        (QUEUED again, or LOST: both move the epoch on and hold for nobody, not
+        even at the epoch that follows the agent's own). A job that ended on its
+        holder's report, or was canceled under it, stays its holder's, so
+        replays of that report are answered."""
+        row: sqlite3.Row | None = c.execute(
+            "SELECT * FROM jobs"
+            " WHERE org = ? AND id = ? AND agent_id = ? AND epoch = ? AND status NOT IN (?, ?)",
+            (org, job_id, agent_id, epoch, *_TAKEN_BACK),
+        ).fetchone()
+        if row is None:
+            raise NotHeld(job_id)
+        return row
+
+    async def held_job(self, org: str, job_id: str, agent_id: str, epoch: int) -> Job:
+        def run(c: sqlite3.Connection) -> Job:
+            return self._job(c, self._held_row(c, org, job_id, agent_id, epoch), with_transitions=False)
+
+        return await self._tx(run, write=False)
+
     async def report_job(
         self,
         org: str,
@@ -222,11 +248,7 @@ class SqliteJobData(SqliteParts):
         is already past is a replay and changes nothing."""
 
         def run(c: sqlite3.Connection) -> tuple[Job, bool]:
-            row = c.execute("SELECT * FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone()
-            if row is None or row["agent_id"] != agent_id:
-                raise NotFound(f"job {job_id} is not assigned to this agent")
-            if row["epoch"] != epoch:
-                raise StaleEpoch(f"job {job_id} was reassigned (epoch {row['epoch']}, not {epoch})")
+            row = self._held_row(c, org, job_id, agent_id, epoch)
             if last_seq is not None and row["last_seq"] != last_seq:
                 raise FailedPrecondition(
                     f"result of job {job_id} arrived before its log ({row['last_seq']}/{last_seq})"
@@ -241,24 +263,24 @@ class SqliteJobData(SqliteParts):
         return result
 
     async def append_log_batch(
-        self, org: str, job_id: str, epoch: int, seq: int, entries: list[tuple[LogStream, bytes, int]]
+        self,
+        org: str,
+        job_id: str,
+        agent_id: str,
+        epoch: int,
+        seq: int,
+        entries: list[tuple[LogStream, bytes, int]],
     ) -> int:
-        """Store batch ``seq`` once; returns the highest contiguous stored seq.
-        ``entries`` are (stream, sealed data, plaintext length)."""
+        """Store the holder's batch ``seq`` once; returns the highest contiguous
+        stored seq. ``entries`` are (stream, sealed data, plaintext length)."""
 
         def run(c: sqlite3.Connection) -> int:
-            row = c.execute(
-                "SELECT epoch, status, last_seq, log_size FROM jobs WHERE org = ? AND id = ?", (org, job_id)
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"job {job_id} not found")
-            if row["epoch"] != epoch:
-                raise StaleEpoch(f"job {job_id} is at epoch {row['epoch']}, not {epoch}")
+            row = self._held_row(c, org, job_id, agent_id, epoch)
             last_seq, offset = row["last_seq"], row["log_size"]
             if seq <= last_seq:
                 return int(last_seq)  # a replay of a batch already stored
             if JobStatus(row["status"]) not in (JobStatus.ASSIGNED, JobStatus.RUNNING):
-                raise StaleEpoch(f"job {job_id} is {row['status']}; this agent no longer holds it")
+                raise NotHeld(job_id)  # it has ended: nothing more is taken
             if seq != last_seq + 1:
                 raise FailedPrecondition(
                     f"log batch {seq} of job {job_id} arrived before batch {last_seq + 1}"

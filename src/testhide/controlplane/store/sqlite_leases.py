@@ -2,7 +2,8 @@
 expired by the control plane's sweep, and LOST jobs retried as new jobs.
 
 Releasing a job (lease lapsed, agent came back without it) bumps its fencing
-epoch at once, so anything the old holder still sends is refused."""
+epoch at once, so anything the old holder still sends is refused; a job queued
+again belongs to no agent until it is assigned anew."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 
-from testhide.controlplane.errors import NotFound, StaleEpoch
+from testhide.controlplane.errors import NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import Job, JobStatus
 from testhide.controlplane.store.sqlite_common import SqliteParts, _ts
 
@@ -21,19 +22,23 @@ class SqliteLeases(SqliteParts):
     """Mixed into SqliteStore, which provides the transaction runner; SqliteJobData the row mapping."""
 
     _job: Callable[[sqlite3.Connection, sqlite3.Row], Job]
+    _held_row: Callable[[sqlite3.Connection, str, str, str, int], sqlite3.Row]
     _add_transition: Callable[[sqlite3.Connection, str, JobStatus, datetime, str], None]
 
     async def extend_leases(self, org: str, agent_id: str, held: dict[str, int], until: datetime) -> int:
-        """Extend the leases of the jobs the agent says it holds, at those epochs."""
+        """Extend the leases of the jobs the agent says it holds, at those epochs;
+        the others in ``held`` are passed over, whoever holds them."""
 
         def run(c: sqlite3.Connection) -> int:
             extended = 0
             for job_id, epoch in held.items():
-                extended += c.execute(
-                    "UPDATE jobs SET lease_expires_at = ?"
-                    " WHERE org = ? AND id = ? AND agent_id = ? AND epoch = ? AND status IN (?, ?)",
-                    (_ts(until), org, job_id, agent_id, epoch, *_HELD),
-                ).rowcount
+                try:
+                    row = self._held_row(c, org, job_id, agent_id, epoch)
+                except NotHeld:
+                    continue
+                if row["status"] in _HELD:
+                    c.execute("UPDATE jobs SET lease_expires_at = ? WHERE id = ?", (_ts(until), row["id"]))
+                    extended += 1
             return extended
 
         result: int = await self._tx(run)
@@ -56,10 +61,12 @@ class SqliteLeases(SqliteParts):
         self, c: sqlite3.Connection, row: sqlite3.Row, status: JobStatus, reason: str, now: datetime
     ) -> Job:
         finished = _ts(now) if status.terminal else None
+        # Queued again, it is no agent's: its former holder must not pass for it at the next epoch.
+        holder = "" if status == JobStatus.QUEUED else row["agent_id"]
         c.execute(
             "UPDATE jobs SET status = ?, status_reason = ?, epoch = epoch + 1, lease_expires_at = NULL,"
-            " finished_at = ? WHERE id = ?",
-            (status.value, reason, finished, row["id"]),
+            " finished_at = ?, agent_id = ? WHERE id = ?",
+            (status.value, reason, finished, holder, row["id"]),
         )
         self._add_transition(c, row["id"], status, now, reason)
         return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
@@ -80,10 +87,11 @@ class SqliteLeases(SqliteParts):
         job: Job = await self._tx(run)
         return job
 
-    async def expire_leases(self, now: datetime) -> list[Job]:
-        """Lapsed leases: an ASSIGNED job goes back to the queue, a RUNNING one is LOST."""
+    async def expire_leases(self, now: datetime) -> list[tuple[Job, str]]:
+        """Lapsed leases: an ASSIGNED job goes back to the queue, a RUNNING one is LOST.
+        Returns each released job with the agent that held it."""
 
-        def run(c: sqlite3.Connection) -> list[Job]:
+        def run(c: sqlite3.Connection) -> list[tuple[Job, str]]:
             rows = c.execute(
                 "SELECT * FROM jobs WHERE status IN (?, ?) AND lease_expires_at < ? ORDER BY id",
                 (*_HELD, _ts(now)),
@@ -92,16 +100,15 @@ class SqliteLeases(SqliteParts):
             for row in rows:
                 lapsed = f"lease of agent {row['agent_id']} lapsed at {row['lease_expires_at']}"
                 if row["status"] == JobStatus.ASSIGNED.value:
-                    released.append(
-                        self._release(c, row, JobStatus.QUEUED, f"{lapsed} before it started; requeued", now)
+                    job = self._release(
+                        c, row, JobStatus.QUEUED, f"{lapsed} before it started; requeued", now
                     )
                 else:
-                    released.append(
-                        self._release(c, row, JobStatus.LOST, f"{lapsed}: the agent stopped reporting", now)
-                    )
+                    job = self._release(c, row, JobStatus.LOST, f"{lapsed}: the agent stopped reporting", now)
+                released.append((job, str(row["agent_id"])))
             return released
 
-        jobs: list[Job] = await self._tx(run)
+        jobs: list[tuple[Job, str]] = await self._tx(run)
         return jobs
 
     async def retryable_jobs(self, limit: int) -> list[Job]:
