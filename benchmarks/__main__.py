@@ -1,4 +1,4 @@
-"""The benchmark suite: all six figures, each with its baseline from the same
+"""The benchmark suite: all its figures, each with its baseline from the same
 run, written to ``results/latest.json`` and ``results/latest.md``.
 
     python3 -m benchmarks            # the full suite (about 10 minutes on 2 cores)
@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import certs, connections, logs, overhead, pickup, scheduler
+from benchmarks import certs, connections, login_flood, logs, overhead, pickup, scheduler
 from benchmarks.figures import Figure, machine, raise_fd_limit
 from benchmarks.notes import NOTES
 from testhide.common.logging import configure
@@ -31,6 +31,7 @@ SUITE: dict[str, Callable[[bool], Awaitable[Figure | list[Figure]]]] = {
     "scheduler": scheduler.measure,
     "connections": connections.measure,
     "certs": certs.measure,
+    "login_flood": login_flood.measure,
 }
 
 

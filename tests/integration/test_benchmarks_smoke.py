@@ -22,6 +22,7 @@ FIGURES = {
     "agent_memory",
     "certificate_signing",
     "certificate_renewal",
+    "login_flood_health_p99",
 }
 
 
@@ -55,6 +56,7 @@ async def test_whole_suite_smoke(tmp_path: Path) -> None:
         assert figure["met"] in (True, False, None), name
     assert figures["log_throughput"]["details"]["sha256_match"] is True
     assert figures["pickup_latency"]["details"]["p99_ms"] > 0
+    assert figures["login_flood_health_p99"]["details"]["logins_answered"]
     assert figures["scheduler_throughput"]["details"]["submit_to_completion_p99_ms"] > 0
     assert (
         figures["controlplane_memory"]["details"]["streams_held"]

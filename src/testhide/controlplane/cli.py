@@ -116,6 +116,41 @@ def init(
     show_default=True,
     help="How long a write waits for a database lock another process holds.",
 )
+@click.option(
+    "--address-failure-budget",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    envvar="TESTHIDE_ADDRESS_FAILURE_BUDGET",
+    show_envvar=True,
+    help="Failed logins from one client address (all accounts) before exponential backoff.",
+)
+@click.option(
+    "--address-failure-window",
+    type=Duration(),
+    default="15m",
+    show_default=True,
+    envvar="TESTHIDE_ADDRESS_FAILURE_WINDOW",
+    show_envvar=True,
+    help="An address's failures are forgotten after this long without one.",
+)
+@click.option(
+    "--password-workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    envvar="TESTHIDE_PASSWORD_WORKERS",
+    show_envvar=True,
+    help="Threads that check passwords (bcrypt) [half the cores].",
+)
+@click.option(
+    "--password-queue",
+    type=click.IntRange(0, 10_000),
+    default=16,
+    show_default=True,
+    envvar="TESTHIDE_PASSWORD_QUEUE",
+    show_envvar=True,
+    help="Password logins that may wait for a thread; more get RESOURCE_EXHAUSTED at once.",
+)
 @click.option("--dev", is_flag=True, help="Accept development certificates. Never in production.")
 @click.option(
     "--port-file",
@@ -129,11 +164,21 @@ def serve(
     agent_cert_ttl: Any,
     job_lease: Any,
     db_busy_timeout: Any,
+    address_failure_budget: int,
+    address_failure_window: timedelta,
+    password_workers: int | None,
+    password_queue: int,
     dev: bool,
     port_file: Path | None,
 ) -> None:
     """Serve the API and agent ports until SIGTERM or SIGINT."""
+    from testhide.controlplane.auth.limits import DEFAULT_ADDRESS_LOCKOUT
+    from testhide.controlplane.auth.passwords import default_workers
     from testhide.controlplane.daemon import ControlPlane
+
+    address_lockout = replace(
+        DEFAULT_ADDRESS_LOCKOUT, failures=address_failure_budget, window=address_failure_window
+    )
 
     async def run() -> None:
         daemon = ControlPlane(
@@ -144,6 +189,9 @@ def serve(
                 agent_cert_ttl=agent_cert_ttl,
                 job_lease=job_lease,
                 db_busy_timeout=db_busy_timeout,
+                address_lockout=address_lockout,
+                password_workers=password_workers or default_workers(),
+                password_queue=password_queue,
                 dev=dev,
             )
         )
@@ -619,6 +667,7 @@ def users_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]) -
     async def run() -> None:
         check_complexity(password, name)
         async with operator_context(data_dir) as op:
+            await _require_org(op, org)
             await op.store.create_user(
                 UserRecord(
                     "u" + secrets.token_hex(8),
@@ -674,6 +723,11 @@ def users_revoke(data_dir: Path, org: str, name: str) -> None:
     click.echo(f"user {org}/{name} revoked; their sessions are over", err=True)
 
 
+async def _require_org(op: OperatorContext, org: str) -> None:
+    if org not in await op.store.list_orgs():
+        raise NotFound(f"no organisation {org!r}; create it first: testhide-controlplane orgs create {org}")
+
+
 @main.group("api-keys")
 def api_keys() -> None:
     """Scoped API keys for service accounts (stored only as hashes)."""
@@ -692,6 +746,7 @@ def api_keys_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]
 
     async def run() -> str:
         async with operator_context(data_dir) as op:
+            await _require_org(op, org)
             text, parsed = new_api_key()
             now = datetime.now(UTC)
             await op.store.create_api_key(

@@ -8,7 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from testhide.common.tls import split_target
-from testhide.controlplane.auth.limits import LockoutPolicy
+from testhide.controlplane.auth.limits import DEFAULT_ADDRESS_LOCKOUT, LockoutPolicy
+from testhide.controlplane.auth.passwords import default_workers
 from testhide.controlplane.errors import ConfigError
 
 MIN_AGENT_CERT_TTL = timedelta(seconds=10)
@@ -37,6 +38,15 @@ class ControlPlaneConfig:
     """API requests per second for one user or API key (token bucket, burst twice that)."""
     lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
     """Failed logins per account before exponential backoff, and the window they count in."""
+    address_lockout: LockoutPolicy = field(default_factory=lambda: DEFAULT_ADDRESS_LOCKOUT)
+    """Failed logins from one client address (an IPv6 /64), over all accounts and API keys,
+    before exponential backoff (20 in 15 min, then 1 s doubling per failure up to 15 min;
+    attempts refused with RESOURCE_EXHAUSTED meanwhile). Kept in the store, so replicas share it."""
+    password_workers: int = field(default_factory=default_workers)
+    """Threads that run bcrypt for password logins (default: half the cores, at least 1)."""
+    password_queue: int = 16
+    """Password logins that may wait for a bcrypt thread; more are refused at once with
+    RESOURCE_EXHAUSTED, so a login flood cannot stall other RPCs or agent streams."""
     refresh_reuse_grace: timedelta = timedelta(seconds=10)
     """A spent refresh token presented again within this window is taken as a retry of a
     reply lost in transit; later, as theft, and its whole session is revoked."""
@@ -63,6 +73,11 @@ class ControlPlaneConfig:
             raise ConfigError("rate limits must be positive")
         if not 1024 <= self.max_request_bytes <= 64 * 1024 * 1024:
             raise ConfigError("max request size must be between 1 KiB and 64 MiB")
+        for policy in (self.lockout, self.address_lockout):
+            if policy.failures < 1 or policy.window <= timedelta(0) or policy.first_delay <= timedelta(0):
+                raise ConfigError("a failure budget needs at least 1 failure, a window and a first delay")
+        if not 1 <= self.password_workers <= 64 or not 0 <= self.password_queue <= 10_000:
+            raise ConfigError("password workers must be 1-64 and the password queue 0-10000")
 
     @property
     def resolved_agent_listen(self) -> str:

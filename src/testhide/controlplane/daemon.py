@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.limits import RateLimiter, SpikeDetector
+from testhide.controlplane.auth.passwords import PasswordChecks
 from testhide.controlplane.auth.sessions import Sessions
 from testhide.controlplane.auth.tokens import AccessTokens, SigningKeys, issuer_for
 from testhide.controlplane.ca.enrollment import Enrollment
@@ -73,6 +74,7 @@ class ControlPlane:
         self.signing_keys: SigningKeys | None = None
         self.jobs: JobService | None = None
         self._ring: RingAnnouncement | None = None
+        self.password_checks: PasswordChecks | None = None
 
     async def start(self) -> None:
         directory = DataDir(self.config.data_dir)
@@ -111,6 +113,7 @@ class ControlPlane:
         )
 
         self.signing_keys = keys = SigningKeys(directory, master)
+        self.password_checks = PasswordChecks(self.config.password_workers, self.config.password_queue)
         sessions = Sessions(
             store,
             AccessTokens(keys, issuer_for(certs.current.active_ca.trust_domain)),
@@ -118,6 +121,8 @@ class ControlPlane:
             self.config.lockout,
             SpikeDetector(self.config.failure_spike_threshold),
             reuse_grace=self.config.refresh_reuse_grace,
+            address_lockout=self.config.address_lockout,
+            passwords=self.password_checks,
         )
         rate_a, rate_p = self.config.rate_per_address, self.config.rate_per_principal
         api_server = server.api_server(
@@ -229,6 +234,8 @@ class ControlPlane:
                 task.cancel()
             # A task that failed has its exception recorded already; never re-raise it here.
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.password_checks is not None:
+                self.password_checks.close()
             try:
                 if self._store is not None:
                     await self._store.close()

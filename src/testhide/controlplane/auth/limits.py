@@ -4,8 +4,10 @@ failures spike. The clock is injected so tests need not sleep."""
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -67,9 +69,42 @@ class LockoutPolicy:
         return min(self.max_delay, self.first_delay * factor)
 
 
+# Failed logins from one client address (all accounts together) before backoff:
+# spraying one password over many accounts, or many keys, from one place.
+DEFAULT_ADDRESS_LOCKOUT = LockoutPolicy(failures=20)
+
+
+def client_network(peer: str) -> str:
+    """What a per-address failure budget counts, from a gRPC peer string:
+    ``ipv4:203.0.113.9:5000`` -> ``203.0.113.9``; an IPv6 address by its /64
+    (a single host is routinely given a whole /64), an IPv4-mapped one as IPv4.
+    Anything else (a Unix socket) as it is, without the port."""
+    kind, _, rest = peer.partition(":")
+    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return peer.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else peer
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    return str(address)
+
+
+@dataclass
+class _RecentFailures:
+    times: deque[float]
+    alerted_at: float = -math.inf
+
+
 class SpikeDetector:
     """Emits ``auth_failure_spike`` once per window when one address or one
-    account fails authentication ``threshold`` times within ``window``."""
+    account fails authentication ``threshold`` times within ``window``.
+
+    Bounded, because every failed subject is chosen by the caller: a subject
+    quiet for a whole window is forgotten, each keeps at most ``threshold``
+    timestamps, and beyond ``max_subjects`` the least recently failed go first."""
 
     def __init__(
         self,
@@ -77,22 +112,33 @@ class SpikeDetector:
         window_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         on_spike: Callable[[str, str, int], None] | None = None,
+        max_subjects: int = 10_000,
     ) -> None:
-        self._threshold = threshold
+        self._threshold = max(1, threshold)
         self._window = window_s
         self._clock = clock
-        self._events: dict[str, deque[float]] = {}
-        self._alerted: dict[str, float] = {}
+        self._max_subjects = max_subjects
+        # Least recently failed first: forgetting starts at the front.
+        self._recent: OrderedDict[str, _RecentFailures] = OrderedDict()
         self._on_spike = on_spike
+
+    def __len__(self) -> int:
+        """Subjects remembered now."""
+        return len(self._recent)
 
     def failure(self, kind: str, key: str) -> bool:
         now, name = self._clock(), f"{kind}:{key}"
-        events = self._events.setdefault(name, deque())
+        self._forget(now)
+        recent = self._recent.get(name)
+        if recent is None:
+            recent = self._recent[name] = _RecentFailures(deque(maxlen=self._threshold))
+        self._recent.move_to_end(name)
+        events = recent.times
         events.append(now)
         while events and events[0] < now - self._window:
             events.popleft()
-        if len(events) >= self._threshold and now - self._alerted.get(name, -1e18) >= self._window:
-            self._alerted[name] = now
+        if len(events) >= self._threshold and now - recent.alerted_at >= self._window:
+            recent.alerted_at = now
             log.warning(
                 "auth_failure_spike", kind=kind, subject=key, failures=len(events), window_s=self._window
             )
@@ -100,3 +146,11 @@ class SpikeDetector:
                 self._on_spike(kind, key, len(events))
             return True
         return False
+
+    def _forget(self, now: float) -> None:
+        while self._recent:
+            oldest = next(iter(self._recent.values()))
+            quiet = oldest.times[-1] < now - self._window if oldest.times else True
+            if not quiet and len(self._recent) < self._max_subjects:
+                return
+            self._recent.popitem(last=False)

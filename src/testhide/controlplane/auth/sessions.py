@@ -5,7 +5,12 @@ the access tokens issued from them. Every refresh spends its token and issues
 the next. A spent token presented again means a copy exists somewhere: the
 whole family is revoked (RFC 9700 4.14.2), except within a short grace window
 that covers a reply lost in transit. Revoking an API key or a user revokes
-their families; access tokens check their family on every call."""
+their families; access tokens check their family on every call.
+
+Guessing is slowed three ways, with the same answers whether or not an account
+exists: failures per account (``lockout``), failures per client address over
+all accounts (``address_lockout``: spraying one password over many accounts, or
+trying many API keys), and a bounded pool for bcrypt (``PasswordChecks``)."""
 
 from __future__ import annotations
 
@@ -18,8 +23,13 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from testhide.controlplane.auth.audit import Auditor
-from testhide.controlplane.auth.limits import LockoutPolicy, SpikeDetector
-from testhide.controlplane.auth.passwords import verify_password
+from testhide.controlplane.auth.limits import (
+    DEFAULT_ADDRESS_LOCKOUT,
+    LockoutPolicy,
+    SpikeDetector,
+    client_network,
+)
+from testhide.controlplane.auth.passwords import PasswordChecks
 from testhide.controlplane.auth.principal import Principal
 from testhide.controlplane.auth.secrets import hash_secret, parse_api_key, same_hash
 from testhide.controlplane.auth.tokens import AccessTokens
@@ -54,22 +64,27 @@ class Sessions:
         spikes: SpikeDetector | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         reuse_grace: timedelta = REUSE_GRACE,
+        address_lockout: LockoutPolicy = DEFAULT_ADDRESS_LOCKOUT,
+        passwords: PasswordChecks | None = None,
     ) -> None:
         self._reuse_grace = reuse_grace
+        self._address_lockout = address_lockout
+        self._passwords = passwords if passwords is not None else PasswordChecks()
         self._store = store
         self._tokens = tokens
         self._auditor = auditor
         self._lockout = lockout
-        self._spikes = spikes or SpikeDetector()
+        self._spikes = spikes if spikes is not None else SpikeDetector()  # empty is falsy
         self._clock = clock
         self._revoked_cache: dict[str, tuple[bool, datetime]] = {}
 
     # login ----------------------------------------------------------------------
     async def login_api_key(self, text: str, source_ip: str) -> TokenPair:
+        await self._check_address(source_ip)
         try:
             parsed = parse_api_key(text.strip())
         except Unauthenticated:
-            await self._failed("api_key:malformed", source_ip)
+            await self._failed("api_key:malformed", source_ip, login=True)
             raise Unauthenticated(INVALID) from None
         subject = f"api_key:{parsed.key_id}"
         await self._check_lockout(subject)
@@ -81,7 +96,7 @@ class Sessions:
             or (record.expires_at and record.expires_at <= now)
             or not same_hash(record.secret_hash, hash_secret(parsed.secret))
         ):
-            await self._failed(subject, source_ip)
+            await self._failed(subject, source_ip, login=True)
             raise Unauthenticated(INVALID)
         await self._store.touch_api_key(record.id, now)
         principal = Principal("api_key", record.id, record.org, frozenset(record.scopes))
@@ -89,15 +104,17 @@ class Sessions:
 
     async def login_password(self, org: str, user: str, password: str, source_ip: str) -> TokenPair:
         subject = f"user:{org}/{user}"
+        self._passwords.require_room()  # a flood is refused before it costs store lookups
+        await self._check_address(source_ip)
         await self._check_lockout(subject)
         record = await self._store.find_user(org, user)
         usable = record is not None and record.revoked_at is None
-        # verify_password runs bcrypt even for unknown users: timing tells nothing.
+        # bcrypt runs even for unknown users (a dummy hash): timing tells nothing.
         if (
-            not verify_password(password, record.password_hash if usable and record else None)
+            not await self._passwords.verify(password, record.password_hash if usable and record else None)
             or record is None
         ):
-            await self._failed(subject, source_ip)
+            await self._failed(subject, source_ip, login=True)
             raise Unauthenticated(INVALID)
         principal = Principal("user", record.id, record.org, frozenset(record.scopes))
         return await self._opened(subject, principal, source_ip)
@@ -219,6 +236,15 @@ class Sessions:
         return revoked
 
     # failures ---------------------------------------------------------------------------
+    async def _check_address(self, source_ip: str) -> None:
+        """Refuse a login from an address that spent its failure budget, whoever it names."""
+        now, policy = self._clock(), self._address_lockout
+        count, last = await self._store.address_failures(client_network(source_ip), now - policy.window)
+        delay = policy.delay(count)
+        if last is not None and delay and now < last + delay:
+            wait = (last + delay - now).total_seconds()
+            raise RateLimited("too many failed logins from this address; try again later", retry_after_s=wait)
+
     async def _check_lockout(self, subject: str) -> None:
         now = self._clock()
         count, last = await self._store.auth_failures(subject, now - self._lockout.window)
@@ -227,11 +253,14 @@ class Sessions:
             wait = (last + delay - now).total_seconds()
             raise RateLimited("too many failed attempts; try again later", retry_after_s=wait)
 
-    async def _failed(self, subject: str, source_ip: str, record: bool = True) -> None:
+    async def _failed(self, subject: str, source_ip: str, record: bool = True, login: bool = False) -> None:
         if record:
             await self._store.record_auth_failure(subject, self._clock(), self._lockout.window)
-        ip = source_ip.rsplit(":", 1)[0]
-        spiked = self._spikes.failure("ip", ip)
+        if login:
+            # Successes never reset it: one valid account must not buy more guesses at others.
+            window = self._address_lockout.window
+            await self._store.record_address_failure(client_network(source_ip), self._clock(), window)
+        spiked = self._spikes.failure("ip", client_network(source_ip))
         if record and self._spikes.failure("account", subject):
             spiked = True
         if spiked:

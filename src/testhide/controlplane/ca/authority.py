@@ -47,6 +47,20 @@ def is_development_ca(cert: x509.Certificate) -> bool:
     return any(DEV_MARKER in str(attr.value) for attr in orgs)
 
 
+def agent_public_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The P-256 key of an agent's CSR, or ``InvalidArgument`` saying what is wrong with it."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise InvalidArgument("csr_pem is not a PEM certificate signing request") from exc
+    if not csr.is_signature_valid:
+        raise InvalidArgument("the CSR's signature does not match its public key")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
+        raise InvalidArgument("agent keys must be ECDSA P-256")
+    return public_key
+
+
 class CertificateAuthority:
     def __init__(self, certificate: x509.Certificate, key: ec.EllipticCurvePrivateKey, trust_domain: str):
         self.certificate = certificate
@@ -119,15 +133,7 @@ class CertificateAuthority:
         self, csr_pem: bytes, identity: AgentIdentity, lifetime: timedelta, now: datetime | None = None
     ) -> IssuedCertificate:
         """Sign a CSR. Only its public key is used: the identity is ours to decide."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise InvalidArgument("csr_pem is not a PEM certificate signing request") from exc
-        if not csr.is_signature_valid:
-            raise InvalidArgument("the CSR's signature does not match its public key")
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != "secp256r1":
-            raise InvalidArgument("agent keys must be ECDSA P-256")
+        public_key = agent_public_key(csr_pem)
         now = now or datetime.now(UTC)
         cert = (
             self._leaf(f"agent {identity.agent_id}", public_key, lifetime, now)

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from cryptography import x509
 
 from testhide.common.identity import AgentIdentity
 from testhide.common.tls import fingerprint
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.secrets import hash_secret, new_enrollment_token, parse_enrollment_token
+from testhide.controlplane.ca.authority import agent_public_key
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.errors import InvalidArgument, Unauthenticated
 from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord, Store
@@ -63,10 +63,8 @@ class Enrollment:
     async def enroll(self, token: str, csr_pem: bytes, name: str, source_ip: str = "") -> Enrolled:
         if not AGENT_NAME_RE.match(name):
             raise InvalidArgument("agent name must be 1-63 letters, digits, '.', '_' or '-'")
-        try:
-            x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise InvalidArgument("csr_pem is not a PEM certificate signing request") from exc
+        # Everything the request alone can fail on is checked before the token is spent.
+        agent_public_key(csr_pem)
         ca = self._certs.current.active_ca
         token_id = ""
         try:

@@ -1,11 +1,17 @@
 """Job logs: sealed per entry under the job's data key, stored once per batch
-sequence number, and woken followers."""
+sequence number, and woken followers.
+
+A follower registers a watch on its job for as long as it follows, and only
+for a job that exists (the caller checks first); the watch goes when the last
+follower of that job does, however it leaves (end, error or cancellation).
+Nothing is kept for a job nobody follows, so made-up job ids cost nothing."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 from testhide.controlplane.atrest import MasterKey, seal, unseal
 from testhide.controlplane.jobs.model import LogChunk, LogStream
@@ -19,12 +25,26 @@ def _aad(job_id: str, seq: int, index: int) -> bytes:
     return f"log:{job_id}:{seq}:{index}".encode()
 
 
+class LogWatch:
+    """The followers of one job, and the event the next change of it sets."""
+
+    __slots__ = ("event", "followers")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.followers = 0
+
+    def changed(self) -> asyncio.Event:
+        """Take this before looking at the job; it is set by the next change after that."""
+        return self.event
+
+
 class LogBook:
     def __init__(self, store: Store, master: MasterKey) -> None:
         self._store = store
         self._master = master
         self._keys: OrderedDict[str, bytes] = OrderedDict()
-        self._changed: dict[str, asyncio.Event] = {}
+        self._watches: dict[str, LogWatch] = {}
 
     async def _data_key(self, org: str, job_id: str) -> bytes:
         key = self._keys.get(job_id)
@@ -38,26 +58,54 @@ class LogBook:
         return key
 
     async def append(
-        self, org: str, job_id: str, epoch: int, seq: int, entries: list[tuple[LogStream, bytes]]
+        self,
+        org: str,
+        agent_id: str,
+        job_id: str,
+        epoch: int,
+        seq: int,
+        entries: list[tuple[LogStream, bytes]],
     ) -> int:
+        """Store the holding agent's batch ``seq`` once; the highest contiguous seq stored."""
+        if job_id not in self._keys:
+            # Nothing of a job is looked up for an agent that does not hold it: its answer
+            # must be the one a job that does not exist gets.
+            await self._store.held_job(org, job_id, agent_id, epoch)
         key = await self._data_key(org, job_id)
         kept = [(stream, data) for stream, data in entries if data]
         sealed = [
             (stream, seal(key, data, _aad(job_id, seq, i)), len(data))
             for i, (stream, data) in enumerate(kept)
         ]
-        stored = await self._store.append_log_batch(org, job_id, epoch, seq, sealed)
+        stored = await self._store.append_log_batch(org, job_id, agent_id, epoch, seq, sealed)
         self.notify(job_id)
         return stored
 
     def notify(self, job_id: str) -> None:
         """Wake the followers of a job (new log bytes, or the job ended)."""
-        event = self._changed.pop(job_id, None)
-        if event is not None:
-            event.set()
+        watch = self._watches.get(job_id)
+        if watch is not None:
+            watch.event.set()
+            watch.event = asyncio.Event()
 
-    def changed(self, job_id: str) -> asyncio.Event:
-        return self._changed.setdefault(job_id, asyncio.Event())
+    @contextmanager
+    def watch(self, job_id: str) -> Iterator[LogWatch]:
+        """Follow ``job_id`` (which the caller has found) for the length of the block."""
+        watch = self._watches.get(job_id)
+        if watch is None:
+            watch = self._watches[job_id] = LogWatch()
+        watch.followers += 1
+        try:
+            yield watch
+        finally:
+            watch.followers -= 1
+            if watch.followers == 0 and self._watches.get(job_id) is watch:
+                del self._watches[job_id]
+
+    @property
+    def watched_jobs(self) -> int:
+        """Jobs with at least one follower now."""
+        return len(self._watches)
 
     async def read(self, org: str, job_id: str, offset: int) -> AsyncIterator[LogChunk]:
         """Chunks from byte ``offset`` to what is stored now."""

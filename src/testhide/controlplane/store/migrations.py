@@ -235,3 +235,18 @@ MIGRATIONS.append(
         """,
     )
 )
+
+MIGRATIONS.append(
+    (
+        7,
+        """
+        CREATE TABLE address_failures (
+            address TEXT PRIMARY KEY,
+            failures INTEGER NOT NULL,
+            first_at TEXT NOT NULL,
+            last_at TEXT NOT NULL
+        );
+        CREATE INDEX address_failures_by_last ON address_failures (last_at);
+        """,
+    )
+)

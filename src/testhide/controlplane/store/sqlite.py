@@ -426,6 +426,33 @@ class SqliteStore(SqliteJobData, SqliteLeases):
     async def clear_auth_failures(self, subject: str) -> None:
         await self._tx(lambda c: c.execute("DELETE FROM auth_failures WHERE subject = ?", (subject,)))
 
+    async def record_address_failure(self, address: str, now: datetime, window: timedelta) -> int:
+        """One failed login from ``address``; returns its failures since it was last
+        quiet for a whole ``window``. Addresses quiet that long are pruned."""
+
+        def run(c: sqlite3.Connection) -> int:
+            cutoff = _ts(now - window)
+            c.execute("DELETE FROM address_failures WHERE last_at < ?", (cutoff,))
+            c.execute(
+                "INSERT INTO address_failures (address, failures, first_at, last_at) VALUES (?, 1, ?, ?)"
+                " ON CONFLICT (address) DO UPDATE SET failures = failures + 1, last_at = excluded.last_at",
+                (address, _ts(now), _ts(now)),
+            )
+            row = c.execute("SELECT failures FROM address_failures WHERE address = ?", (address,)).fetchone()
+            return int(row[0])
+
+        return await self._tx(run)
+
+    async def address_failures(self, address: str, since: datetime) -> tuple[int, datetime | None]:
+        """Failures of ``address`` and its last one, if that was at or after ``since``."""
+        rows = await self._query(
+            "SELECT failures, last_at FROM address_failures WHERE address = ? AND last_at >= ?",
+            (address, _ts(since)),
+        )
+        if not rows:
+            return 0, None
+        return int(rows[0][0]), _dt(rows[0][1])
+
     # enrollment tokens and agents --------------------------------------------
     async def create_enrollment_token(self, record: EnrollmentTokenRecord) -> None:
         await self._tx(
