@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 if TYPE_CHECKING:
-    from testhide.controlplane.store.base import Store
+    from testhide.controlplane.auth.store import AuditStore
 
 log = structlog.get_logger("testhide.audit")
 GENESIS = b"\x00" * 32
@@ -135,7 +135,7 @@ class AuditChain:
 class Auditor:
     """Records privileged actions; every caller goes through here."""
 
-    def __init__(self, store: Store, key: bytes) -> None:
+    def __init__(self, store: AuditStore, key: bytes) -> None:
         self._store = store
         self._chain = AuditChain(key)
 

@@ -32,9 +32,10 @@ from testhide.controlplane.auth.limits import (
 from testhide.controlplane.auth.passwords import PasswordChecks
 from testhide.controlplane.auth.principal import Principal
 from testhide.controlplane.auth.secrets import hash_secret, parse_api_key, same_hash
+from testhide.controlplane.auth.store import CredentialStore
 from testhide.controlplane.auth.tokens import AccessTokens
 from testhide.controlplane.errors import RateLimited, Unauthenticated
-from testhide.controlplane.store.base import RefreshRecord, Store
+from testhide.controlplane.store.base import RefreshRecord
 
 log = structlog.get_logger("testhide.auth")
 
@@ -57,7 +58,7 @@ class TokenPair:
 class Sessions:
     def __init__(
         self,
-        store: Store,
+        store: CredentialStore,
         tokens: AccessTokens,
         auditor: Auditor,
         lockout: LockoutPolicy = DEFAULT_LOCKOUT,

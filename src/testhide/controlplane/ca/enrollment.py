@@ -15,9 +15,10 @@ from testhide.common.tls import fingerprint
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.secrets import hash_secret, new_enrollment_token, parse_enrollment_token
 from testhide.controlplane.ca.authority import agent_public_key
+from testhide.controlplane.ca.store import CertificatePolicyStore, EnrollmentStore
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.errors import InvalidArgument, Unauthenticated
-from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord, Store
+from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord
 
 log = structlog.get_logger("testhide.enrollment")
 
@@ -32,7 +33,9 @@ class Enrolled:
     ca_bundle_pem: bytes
 
 
-async def create_token(store: Store, ca_certificate_pem: bytes, org: str, pool: str, ttl: timedelta) -> str:
+async def create_token(
+    store: EnrollmentStore, ca_certificate_pem: bytes, org: str, pool: str, ttl: timedelta
+) -> str:
     if not timedelta(seconds=10) <= ttl <= MAX_TOKEN_TTL:
         raise InvalidArgument("token lifetime must be between 10s and 7 days")
     if not await store.pool_exists(org, pool):
@@ -45,7 +48,9 @@ async def create_token(store: Store, ca_certificate_pem: bytes, org: str, pool: 
     return text
 
 
-async def certificate_lifetime(store: Store, org: str, pool: str, default: timedelta) -> timedelta:
+async def certificate_lifetime(
+    store: CertificatePolicyStore, org: str, pool: str, default: timedelta
+) -> timedelta:
     """The server-wide lifetime, or the pool's if it set a shorter one."""
     pool_ttl = await store.pool_cert_ttl(org, pool)
     return min(default, pool_ttl) if pool_ttl else default
@@ -53,7 +58,7 @@ async def certificate_lifetime(store: Store, org: str, pool: str, default: timed
 
 class Enrollment:
     def __init__(
-        self, store: Store, certs: CertificateState, agent_cert_ttl: timedelta, auditor: Auditor
+        self, store: EnrollmentStore, certs: CertificateState, agent_cert_ttl: timedelta, auditor: Auditor
     ) -> None:
         self._store = store
         self._certs = certs

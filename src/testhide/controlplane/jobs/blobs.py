@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from testhide.controlplane.atrest import MasterKey, seal, unseal
 from testhide.controlplane.errors import IntegrityError, InvalidArgument
 from testhide.controlplane.jobs.model import BlobInfo
-from testhide.controlplane.store.base import Store
+from testhide.controlplane.jobs.store import BlobStore
 
 CHUNK = 1024 * 1024
 
@@ -28,7 +28,7 @@ def _aad(blob_id: str, index: int, last: bool) -> bytes:
 
 
 class BlobVault:
-    def __init__(self, store: Store, master: MasterKey) -> None:
+    def __init__(self, store: BlobStore, master: MasterKey) -> None:
         self._store = store
         self._master = master
 

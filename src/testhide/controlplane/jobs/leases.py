@@ -17,7 +17,7 @@ from testhide.controlplane.errors import StaleEpoch, StorageUnavailable
 from testhide.controlplane.jobs.logs import LogBook
 from testhide.controlplane.jobs.model import Job, JobStatus, new_job_id
 from testhide.controlplane.jobs.scheduler import AgentSession, Cancel, Scheduler
-from testhide.controlplane.store.base import Store
+from testhide.controlplane.jobs.store import LeaseStore
 
 log = structlog.get_logger("testhide.leases")
 
@@ -31,7 +31,7 @@ def utc_now() -> datetime:
 class Leases:
     def __init__(
         self,
-        store: Store,
+        store: LeaseStore,
         master: MasterKey,
         scheduler: Scheduler,
         logs: LogBook,

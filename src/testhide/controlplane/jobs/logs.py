@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from testhide.controlplane.atrest import MasterKey, seal, unseal
 from testhide.controlplane.jobs.model import LogChunk, LogStream
-from testhide.controlplane.store.base import Store
+from testhide.controlplane.jobs.store import LogStore
 
 READ_PAGE = 256
 _KEY_CACHE = 1024
@@ -40,7 +40,7 @@ class LogWatch:
 
 
 class LogBook:
-    def __init__(self, store: Store, master: MasterKey) -> None:
+    def __init__(self, store: LogStore, master: MasterKey) -> None:
         self._store = store
         self._master = master
         self._keys: OrderedDict[str, bytes] = OrderedDict()

@@ -15,7 +15,7 @@ import structlog
 from testhide.common.identity import AgentIdentity
 from testhide.controlplane.errors import ControlPlaneError
 from testhide.controlplane.jobs.model import Job, JobStatus, PoolPolicy
-from testhide.controlplane.store.base import Store
+from testhide.controlplane.jobs.store import QueueStore
 
 log = structlog.get_logger("testhide.scheduler")
 
@@ -147,7 +147,7 @@ class AgentSession:
 class Scheduler:
     def __init__(
         self,
-        store: Store,
+        store: QueueStore,
         prepare: Callable[[Job], Awaitable[AssignDetails]] | None = None,
         lease: timedelta = DEFAULT_LEASE,
     ) -> None:

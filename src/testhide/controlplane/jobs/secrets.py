@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 from testhide.controlplane.atrest import MasterKey, seal, unseal
 from testhide.controlplane.errors import InvalidArgument, NotFound
+from testhide.controlplane.jobs.store import SecretStore
 from testhide.controlplane.jobs.validation import SECRET_NAME_RE
-from testhide.controlplane.store.base import Store
 
 MAX_SECRET_BYTES = 64 * 1024
 
@@ -27,7 +27,7 @@ def validate_secret_name(name: str) -> str:
 
 
 class SecretVault:
-    def __init__(self, store: Store, master: MasterKey) -> None:
+    def __init__(self, store: SecretStore, master: MasterKey) -> None:
         self._store = store
         self._master = master
 

@@ -40,8 +40,8 @@ from testhide.controlplane.jobs.scheduler import (
     Scheduler,
 )
 from testhide.controlplane.jobs.secrets import SecretVault
+from testhide.controlplane.jobs.store import JobStore
 from testhide.controlplane.jobs.validation import validate_relative_path, validate_spec
-from testhide.controlplane.store.base import Store
 
 log = structlog.get_logger("testhide.jobs")
 
@@ -60,7 +60,7 @@ MAX_JOB_ARTIFACT_BYTES = 1024 * 1024 * 1024
 class JobService:
     def __init__(
         self,
-        store: Store,
+        store: JobStore,
         master: MasterKey,
         scheduler: Scheduler,
         logs: LogBook,
@@ -201,7 +201,7 @@ class JobService:
 
     # agents -------------------------------------------------------------------
     # Whatever an agent says about a job is taken only if it holds the job at the epoch
-    # it gives (Store.held_job; the store's report and log writes apply the same test in
+    # it gives (JobStore.held_job; the store's report and log writes apply the same test in
     # their own transaction). Anything else raises NotHeld: the one answer a job that
     # does not exist gets too, naming neither its holder nor its epoch.
     async def leased(self, identity: AgentIdentity, job_id: str, epoch: int) -> Job:

@@ -18,6 +18,7 @@ from testhide.common.identity import AgentIdentity, IdentityError
 from testhide.common.tls import fingerprint
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.ca.enrollment import certificate_lifetime
+from testhide.controlplane.ca.store import AgentStore
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.errors import (
     ControlPlaneError,
@@ -47,7 +48,6 @@ from testhide.controlplane.rpc.convert import (
     stream_from_pb,
 )
 from testhide.controlplane.rpc.status import code_for, mapped
-from testhide.controlplane.store.base import Store
 from testhide.protos.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2
 
 log = structlog.get_logger("testhide.agents")
@@ -115,7 +115,7 @@ def issuer_of(cert: x509.Certificate, trusted: tuple[x509.Certificate, ...]) -> 
 
 
 async def authenticate_agent(
-    context: grpc.aio.ServicerContext[Any, Any], store: Store, certs: CertificateState
+    context: grpc.aio.ServicerContext[Any, Any], store: AgentStore, certs: CertificateState
 ) -> VerifiedAgent:
     """Re-checked on every stream and RPC: the handshake alone is not enough,
     because a connection outlives the certificate (and the trust) it opened with."""
@@ -169,7 +169,7 @@ def encode(message: Outbound) -> agent_pb2.ControlMessage:
 class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     def __init__(
         self,
-        store: Store,
+        store: AgentStore,
         scheduler: Scheduler,
         jobs: JobService,
         certs: CertificateState,

@@ -1,0 +1,168 @@
+"""What the jobs package needs from storage, one small protocol per user:
+``QueueStore`` for the scheduler, ``JobStore`` for the job service,
+``LeaseStore`` for leases, ``LogStore`` for the log book, ``BlobStore`` for the
+blob vault and ``SecretStore`` for the secret vault. Each lists only the calls
+its user makes, so a unit test can fake it in a few lines; the backends in
+``store/`` implement them all (``store.base.Store`` is their union).
+
+Every query on tenant data takes the organisation, so an unscoped read cannot
+be written by accident."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from testhide.controlplane.jobs.model import BlobInfo, Job, JobStatus, LogStream, PoolPolicy, TestCase
+    from testhide.controlplane.store.base import StoredLogEntry
+
+
+class QueueStore(Protocol):
+    """The scheduler's view: queued jobs and their assignment."""
+
+    async def queued_pools(self) -> list[tuple[str, str]]:
+        """Every (org, pool) with queued jobs: the scheduler's start-up scan."""
+        ...
+
+    async def queued_jobs(self, org: str, pool: str, limit: int) -> list[Job]: ...
+    async def assign_job(
+        self, org: str, job_id: str, agent_id: str, now: datetime, lease_until: datetime
+    ) -> Job | None: ...
+    async def set_job_status(
+        self,
+        org: str,
+        job_id: str,
+        epoch: int | None,
+        status: JobStatus,
+        now: datetime,
+        reason: str = "",
+        exit_code: int | None = None,
+    ) -> Job: ...
+
+
+class BlobIndex(Protocol):
+    """Finding stored files (workspaces, artifacts) without reading them."""
+
+    async def get_blob(self, org: str, blob_id: str) -> tuple[BlobInfo, bytes] | None: ...
+    async def find_blob(
+        self, org: str, job_id: str, kind: str, path: str
+    ) -> tuple[BlobInfo, bytes] | None: ...
+    async def list_blobs(self, org: str, job_id: str, kind: str) -> list[BlobInfo]: ...
+
+
+class JobStore(BlobIndex, Protocol):
+    """The job service's view: what users and agents do with jobs."""
+
+    async def create_job(self, job: Job, data_key_wrapped: bytes) -> None: ...
+    async def get_job(self, org: str, job_id: str) -> Job | None: ...
+    async def list_jobs(self, org: str, limit: int, before_id: str | None) -> list[Job]: ...
+    async def jobs_of_agent(self, org: str, agent_id: str) -> list[Job]:
+        """The agent's assigned or running jobs."""
+        ...
+
+    async def pool_policy(self, org: str, pool: str) -> PoolPolicy: ...
+    async def set_job_status(
+        self,
+        org: str,
+        job_id: str,
+        epoch: int | None,
+        status: JobStatus,
+        now: datetime,
+        reason: str = "",
+        exit_code: int | None = None,
+    ) -> Job: ...
+
+    # what agents say about jobs: each is taken only from the job's holder at its epoch
+    async def held_job(self, org: str, job_id: str, agent_id: str, epoch: int) -> Job:
+        """The job, if ``agent_id`` holds it at ``epoch``: assigned to it then and not
+        taken back since (ended on its report, or canceled, it stays its holder's).
+        Otherwise NotHeld, the same for a job that does not exist. Every method
+        that takes an agent's word applies this same test in its own transaction."""
+        ...
+
+    async def report_job(
+        self,
+        org: str,
+        job_id: str,
+        agent_id: str,
+        epoch: int,
+        status: JobStatus,
+        now: datetime,
+        reason: str = "",
+        exit_code: int | None = None,
+        last_seq: int | None = None,
+    ) -> tuple[Job, bool]:
+        """The holding agent's report (RUNNING, or the result), checked and applied at once."""
+        ...
+
+    async def record_test_report(self, job_id: str, path: str, cases: list[TestCase], error: str) -> None: ...
+    async def test_results(self, org: str, job_id: str) -> tuple[list[TestCase], list[str]]: ...
+
+
+class LeaseStore(Protocol):
+    """Leases: extended by heartbeats, released when they lapse, lost jobs retried."""
+
+    async def extend_leases(self, org: str, agent_id: str, held: dict[str, int], until: datetime) -> int:
+        """Extend the leases of the live jobs in ``held`` that the agent holds at those epochs."""
+        ...
+
+    async def extend_all_leases(self, until: datetime) -> int: ...
+    async def release_job(
+        self, org: str, job_id: str, epoch: int, status: JobStatus, reason: str, now: datetime
+    ) -> Job:
+        """A held job back to QUEUED (not started) or LOST, with a new epoch."""
+        ...
+
+    async def expire_leases(self, now: datetime) -> list[tuple[Job, str]]:
+        """Release the jobs whose lease lapsed; each with the agent that held it."""
+        ...
+
+    async def retryable_jobs(self, limit: int) -> list[Job]: ...
+    async def create_retry(self, lost: Job, retry: Job, data_key_wrapped: bytes) -> Job | None: ...
+
+
+class LogStore(Protocol):
+    """Job logs, sealed with the job's data key."""
+
+    async def get_job_data_key(self, org: str, job_id: str) -> bytes: ...
+    async def held_job(self, org: str, job_id: str, agent_id: str, epoch: int) -> Job:
+        """See ``JobStore.held_job``."""
+        ...
+
+    async def append_log_batch(
+        self,
+        org: str,
+        job_id: str,
+        agent_id: str,
+        epoch: int,
+        seq: int,
+        entries: list[tuple[LogStream, bytes, int]],
+    ) -> int:
+        """The holding agent's log batch ``seq``, stored once."""
+        ...
+
+    async def read_log(self, org: str, job_id: str, from_offset: int, limit: int) -> list[StoredLogEntry]: ...
+
+
+class BlobStore(Protocol):
+    """Writing and reading the chunks of stored files."""
+
+    async def create_blob(
+        self, blob_id: str, org: str, kind: str, job_id: str | None, path: str, data_key: bytes, now: datetime
+    ) -> None: ...
+    async def add_blob_chunk(self, blob_id: str, index: int, sealed: bytes) -> None: ...
+    async def complete_blob(self, blob_id: str, size: int, sha256: str) -> None: ...
+    async def delete_blob(self, blob_id: str) -> None: ...
+    async def blob_chunk(self, blob_id: str, index: int) -> bytes | None: ...
+
+
+class SecretStore(Protocol):
+    """An organisation's secrets, each sealed with its own data key."""
+
+    async def put_secret(
+        self, org: str, name: str, data_key: bytes, sealed: bytes, now: datetime
+    ) -> None: ...
+    async def list_secrets(self, org: str) -> list[tuple[str, datetime]]: ...
+    async def delete_secret(self, org: str, name: str) -> datetime | None: ...
+    async def get_secrets(self, org: str, names: tuple[str, ...]) -> dict[str, tuple[bytes, bytes]]: ...
