@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from testhide.controlplane.atrest import MASTER_KEY_ENV, MasterKey, read_key_file
-from testhide.controlplane.cli_common import data_dir_option, run
+from testhide.controlplane.commands.common import data_dir_option, run
 from testhide.controlplane.errors import ConfigError
 from testhide.controlplane.operator import operator_context
 

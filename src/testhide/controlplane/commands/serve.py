@@ -1,0 +1,180 @@
+"""Creating a data dir and serving it: ``init`` and ``serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+from testhide.common.durations import Duration
+from testhide.controlplane.commands.common import data_dir_option
+from testhide.controlplane.commands.common import run as _run
+from testhide.controlplane.config import ControlPlaneConfig
+
+
+@click.command()
+@data_dir_option
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    help="DNS name or IP the listeners answer as (repeatable). Default: localhost, 127.0.0.1.",
+)
+@click.option("--trust-domain", default="testhide.local", show_default=True)
+@click.option(
+    "--import-ca",
+    nargs=2,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    metavar="CERT KEY",
+    help="Use an existing CA (PEM certificate and ECDSA key).",
+)
+@click.option("--dev", is_flag=True, help="Allow development certificates from certs-dev/.")
+def init(
+    data_dir: Path,
+    server_names: tuple[str, ...],
+    trust_domain: str,
+    import_ca: tuple[Path, Path] | None,
+    dev: bool,
+) -> None:
+    """Create the data dir: CA, server certificate, database, admin API key."""
+    from cryptography import x509
+
+    from testhide.controlplane.ca.authority import is_development_ca
+    from testhide.controlplane.datadir import initialise
+
+    imported = None
+    if import_ca:
+        imported = (import_ca[0].read_bytes(), import_ca[1].read_bytes())
+        if is_development_ca(x509.load_pem_x509_certificate(imported[0])) and not dev:
+            raise click.ClickException(
+                "that CA is development material from certs-dev/; pass --dev to use it"
+            )
+    admin_key = _run(
+        initialise(data_dir, list(server_names) or ["localhost", "127.0.0.1"], trust_domain, imported)
+    )
+    click.echo(f"initialised {data_dir}", err=True)
+    click.echo("admin API key (shown once; store it now):", err=True)
+    click.echo(admin_key)
+
+
+@click.command()
+@data_dir_option
+@click.option(
+    "--listen",
+    default="127.0.0.1:7443",
+    show_default=True,
+    envvar="TESTHIDE_LISTEN",
+    help="HOST:PORT of the API port.",
+)
+@click.option("--agent-listen", default=None, help="HOST:PORT of the mutual-TLS agent port [API port + 1].")
+@click.option("--agent-cert-ttl", type=Duration(), default="1h", show_default=True)
+@click.option(
+    "--job-lease",
+    type=Duration(),
+    default="60s",
+    show_default=True,
+    help="How long a job's agent may stay silent before the job is requeued or LOST.",
+)
+@click.option(
+    "--db-busy-timeout",
+    type=Duration(),
+    default="10s",
+    show_default=True,
+    help="How long a write waits for a database lock another process holds.",
+)
+@click.option(
+    "--address-failure-budget",
+    type=click.IntRange(1),
+    default=20,
+    show_default=True,
+    envvar="TESTHIDE_ADDRESS_FAILURE_BUDGET",
+    show_envvar=True,
+    help="Failed logins from one client address (all accounts) before exponential backoff.",
+)
+@click.option(
+    "--address-failure-window",
+    type=Duration(),
+    default="15m",
+    show_default=True,
+    envvar="TESTHIDE_ADDRESS_FAILURE_WINDOW",
+    show_envvar=True,
+    help="An address's failures are forgotten after this long without one.",
+)
+@click.option(
+    "--password-workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    envvar="TESTHIDE_PASSWORD_WORKERS",
+    show_envvar=True,
+    help="Threads that check passwords (bcrypt) [half the cores].",
+)
+@click.option(
+    "--password-queue",
+    type=click.IntRange(0, 10_000),
+    default=16,
+    show_default=True,
+    envvar="TESTHIDE_PASSWORD_QUEUE",
+    show_envvar=True,
+    help="Password logins that may wait for a thread; more get RESOURCE_EXHAUSTED at once.",
+)
+@click.option("--dev", is_flag=True, help="Accept development certificates. Never in production.")
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bound ports as JSON here once serving (for port 0).",
+)
+def serve(
+    data_dir: Path,
+    listen: str,
+    agent_listen: str | None,
+    agent_cert_ttl: Any,
+    job_lease: Any,
+    db_busy_timeout: Any,
+    address_failure_budget: int,
+    address_failure_window: timedelta,
+    password_workers: int | None,
+    password_queue: int,
+    dev: bool,
+    port_file: Path | None,
+) -> None:
+    """Serve the API and agent ports until SIGTERM or SIGINT."""
+    from testhide.controlplane.auth.limits import DEFAULT_ADDRESS_LOCKOUT
+    from testhide.controlplane.auth.passwords import default_workers
+    from testhide.controlplane.daemon import ControlPlane
+
+    address_lockout = replace(
+        DEFAULT_ADDRESS_LOCKOUT, failures=address_failure_budget, window=address_failure_window
+    )
+
+    async def run() -> None:
+        daemon = ControlPlane(
+            ControlPlaneConfig(
+                data_dir=data_dir,
+                listen=listen,
+                agent_listen=agent_listen,
+                agent_cert_ttl=agent_cert_ttl,
+                job_lease=job_lease,
+                db_busy_timeout=db_busy_timeout,
+                address_lockout=address_lockout,
+                password_workers=password_workers or default_workers(),
+                password_queue=password_queue,
+                dev=dev,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(daemon.shutdown()))
+        await daemon.start()
+        if port_file:
+            tmp = port_file.with_name(port_file.name + ".tmp")
+            tmp.write_text(json.dumps({"api_port": daemon.api_port, "agent_port": daemon.agent_port}))
+            tmp.replace(port_file)
+        await daemon.run()
+
+    _run(run())
