@@ -248,7 +248,9 @@ async def test_a_tampered_data_key_is_reported_and_keeps_the_old_key(
     job_id = await _fill(store, directory.master_key())
     with sqlite3.connect(directory.db_path) as conn:
         (wrapped,) = conn.execute("SELECT data_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        conn.execute("UPDATE jobs SET data_key = ? WHERE id = ?", (bytes(wrapped[:-1]) + b"\x00", job_id))
+        # Flip a bit: overwriting the last byte with a constant left the key intact one run in 256.
+        tampered = bytes(wrapped[:-1]) + bytes([wrapped[-1] ^ 0x01])
+        conn.execute("UPDATE jobs SET data_key = ? WHERE id = ?", (tampered, job_id))
     result = await masterkey.rotate(directory, store, directory.master_key())
     assert not result.dropped
     assert len(result.damaged) == 1
