@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -8,12 +7,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from testhide.agent.daemon import Agent
-from tests.harness import Cli, RunningControlPlane, control_plane, running_agent
+from tests.harness import Cli, RunningControlPlane, control_plane, running_agent, unavailable
 
 if TYPE_CHECKING:
     from docker import DockerClient
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +23,7 @@ def docker_client() -> DockerClient:
         client = docker.from_env()
         client.ping()
     except Exception as exc:
-        message = f"Docker engine not reachable: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"Docker engine not reachable: {exc}")
     from images.build import build
 
     build(client)

@@ -25,7 +25,7 @@ from testhide.agent.errors import JobSetupError
 from testhide.agent.runtime import gvisor, offer, seccomp
 from testhide.agent.runtime.base import ContainerSpec, OutputQueue
 from testhide.agent.runtime.docker import DockerRuntime
-from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, enrolled
+from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, enrolled, unavailable
 
 pytestmark = pytest.mark.docker
 
@@ -302,7 +302,7 @@ def runsc_without_seccomp(docker_client: DockerClient) -> Iterator[str]:
     under a name of this test run's own."""
     pid = _dockerd_pid()
     if pid is None or not os.access(DAEMON_JSON, os.W_OK):
-        pytest.skip("needs a local dockerd and a writable /etc/docker/daemon.json")
+        unavailable("needs a local dockerd and a writable /etc/docker/daemon.json")
     name = f"runsc-noseccomp-{os.getpid()}"
     runtimes = json.loads(DAEMON_JSON.read_text()).get("runtimes", {})
     _reload_dockerd(
