@@ -7,7 +7,7 @@
 The lock is resolved by uv for every platform and Python version the project supports (`--universal`), so
 one file serves Debian 12's Python 3.11.2 and newer ones alike; scripts/host-setup installs it with
 `pip install --require-hashes`. Its first line records a digest of what it was resolved from (the
-dependencies, the `test` extra and the build requirements of pyproject.toml); `--check` recomputes that
+dependencies, its extras (`test`, `psycopg`) and the build requirements of pyproject.toml); `--check` recomputes that
 digest and also checks that every declared requirement is pinned at a version it allows.
 """
 
@@ -30,7 +30,7 @@ DIGEST_LINE = re.compile(r"^# inputs sha256: ([0-9a-f]{64})$", re.MULTILINE)
 PIN_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)", re.MULTILINE)
 HEADER = """\
 # inputs sha256: {digest}
-# The hashed lock of pyproject.toml's dependencies, its `test` extra and its build requirements.
+# The hashed lock of pyproject.toml's dependencies, its extras and its build requirements.
 # Do not edit: regenerate with `python scripts/lock.py` (README: "Dependencies and the lock").
 """
 
@@ -41,7 +41,7 @@ def declared_requirements() -> list[str]:
     project = pyproject["project"]
     requirements = [
         *project["dependencies"],
-        *project.get("optional-dependencies", {}).get("test", []),
+        *(line for extra in project.get("optional-dependencies", {}).values() for line in extra),
         *pyproject["build-system"]["requires"],
     ]
     return sorted(str(Requirement(line)) for line in requirements)

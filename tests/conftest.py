@@ -8,6 +8,7 @@ import pytest
 
 from testhide.agent.daemon import Agent
 from tests.harness import Cli, RunningControlPlane, control_plane, running_agent, unavailable
+from tests.pg import fresh_database
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -28,6 +29,13 @@ def docker_client() -> DockerClient:
 
     build(client)
     return client
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database on the test cluster (dropped afterwards)."""
+    async with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""The SQLite backend implements every storage protocol (what a PostgreSQL
-backend must implement too): the small ones each package declares for itself,
-and ``Store``, their union plus the operator's calls. Checked twice: by mypy
-(the assignments below) and here, method by method, with the same parameters."""
+"""Both backends, SQLite and PostgreSQL, implement every storage protocol: the
+small ones each package declares for itself, and ``Store``, their union plus
+the operator's calls. Checked twice: by mypy (the assignments below) and here,
+method by method, with the same parameters. Structural only: no database is
+opened (the behaviour is tests/integration/test_store.py's)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from testhide.controlplane.jobs.store import (
     SecretStore,
 )
 from testhide.controlplane.store.base import Store
+from testhide.controlplane.store.postgres import PgStore
 from testhide.controlplane.store.sqlite import SqliteStore
 
 SMALL_PROTOCOLS: tuple[type, ...] = (
@@ -40,8 +42,11 @@ SMALL_PROTOCOLS: tuple[type, ...] = (
 )
 
 
-def _static_conformance(store: SqliteStore) -> list[object]:
-    """Never called: mypy --strict checks that SqliteStore satisfies each protocol."""
+BACKENDS: tuple[type, ...] = (SqliteStore, PgStore)
+
+
+def _static_conformance(store: SqliteStore | PgStore) -> list[object]:
+    """Never called: mypy --strict checks that each backend satisfies each protocol."""
     queue: QueueStore = store
     jobs: JobStore = store
     leases: LeaseStore = store
@@ -64,13 +69,15 @@ def _methods(protocol: type) -> dict[str, Callable[..., object]]:
     return found
 
 
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.__name__)
 @pytest.mark.parametrize("protocol", [*SMALL_PROTOCOLS, Store], ids=lambda p: p.__name__)
-def test_sqlite_store_implements_every_protocol_method(protocol: type) -> None:
+def test_each_backend_implements_every_protocol_method(protocol: type, backend: type) -> None:
     wanted = _methods(protocol)
     assert wanted, protocol
     for name, declared in sorted(wanted.items()):
-        implementation = getattr(SqliteStore, name, None)
+        implementation = getattr(backend, name, None)
         assert implementation is not None, name
+        assert inspect.iscoroutinefunction(implementation), name
         assert list(inspect.signature(implementation).parameters) == list(
             inspect.signature(declared).parameters
         ), name

@@ -1,0 +1,264 @@
+"""Organisations, pools, enrollment tokens and agents in the PostgreSQL store.
+Mixed into PgStore, which provides the transaction runner; PgJobData the job
+transitions an agent's revocation writes.
+
+Several control planes write at once under READ COMMITTED, so what SQLite's
+single writer made atomic takes a row lock here: an enrollment token is locked
+before it is checked and spent (two replicas redeeming it at the same moment:
+the second waits, then finds it used), an organisation before it is revoked
+(an API key or user being added to it meanwhile is revoked with it, or waits)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from testhide.controlplane.errors import NotFound, Unauthenticated
+from testhide.controlplane.jobs.model import JobStatus
+from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord
+from testhide.controlplane.store.pg_common import PgConnection, PgParts, Row
+
+
+class PgAgents(PgParts):
+    _add_transition: Callable[[PgConnection, str, JobStatus, datetime, str], Awaitable[None]]
+
+    # organisations and pools -------------------------------------------------
+    async def create_org(self, org: str, now: datetime) -> None:
+        await self._tx(lambda c: c.execute("INSERT INTO orgs (name, created_at) VALUES ($1, $2)", org, now))
+
+    async def create_pool(self, org: str, pool: str, now: datetime) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO pools (org, name, created_at) VALUES ($1, $2, $3)", org, pool, now
+            )
+        )
+
+    async def pool_exists(self, org: str, pool: str) -> bool:
+        return bool(await self._fetch("SELECT 1 FROM pools WHERE org = $1 AND name = $2", org, pool))
+
+    async def pool_cert_ttl(self, org: str, pool: str) -> timedelta | None:
+        rows = await self._fetch("SELECT agent_cert_ttl_s FROM pools WHERE org = $1 AND name = $2", org, pool)
+        if not rows or rows[0]["agent_cert_ttl_s"] is None:
+            return None
+        return timedelta(seconds=rows[0]["agent_cert_ttl_s"])
+
+    async def set_pool_cert_ttl(self, org: str, pool: str, ttl: timedelta | None) -> None:
+        seconds = int(ttl.total_seconds()) if ttl else None
+
+        async def run(c: PgConnection) -> None:
+            if (
+                await c.execute(
+                    "UPDATE pools SET agent_cert_ttl_s = $1 WHERE org = $2 AND name = $3", seconds, org, pool
+                )
+                != 1
+            ):
+                raise NotFound(f"pool {org}/{pool} not found")
+
+        await self._tx(run)
+
+    async def revoke_org(self, org: str, now: datetime) -> dict[str, int] | None:
+        """Revoke everything an organisation acts through, in one transaction. The
+        organisation's row is locked first: a key or user being added to it (its
+        foreign key share-locks that row) commits before, and is revoked, or waits."""
+
+        async def run(c: PgConnection) -> dict[str, int] | None:
+            if await c.fetchrow("SELECT 1 FROM orgs WHERE name = $1 FOR UPDATE", org) is None:
+                return None
+            counts = {}
+            for table in ("api_keys", "users", "refresh_tokens", "agents", "enrollment_tokens"):
+                counts[table] = await c.execute(
+                    # The table names are the constants above; the values travel as parameters.
+                    f"UPDATE {table} SET revoked_at = COALESCE(revoked_at, $1) WHERE org = $2",  # noqa: S608
+                    now,
+                    org,
+                )
+            return counts
+
+        return await self._tx(run)
+
+    async def list_orgs(self) -> list[str]:
+        return [r["name"] for r in await self._fetch("SELECT name FROM orgs ORDER BY name")]
+
+    # enrollment tokens and agents --------------------------------------------
+    async def create_enrollment_token(self, record: EnrollmentTokenRecord) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO enrollment_tokens (id, org, pool, secret_hash, created_at, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                record.id,
+                record.org,
+                record.pool,
+                record.secret_hash,
+                record.created_at,
+                record.expires_at,
+            )
+        )
+
+    async def consume_enrollment_token(
+        self, token_id: str, secret_hash: bytes, now: datetime
+    ) -> EnrollmentTokenRecord:
+        """Mark the token used, atomically; any reason for refusal is the same
+        error so a caller learns nothing about which tokens exist. The row is
+        locked before it is checked: a second redemption waits for the first
+        and then finds it used. A wrong secret changes nothing."""
+
+        async def run(c: PgConnection) -> EnrollmentTokenRecord:
+            row = await c.fetchrow("SELECT * FROM enrollment_tokens WHERE id = $1 FOR UPDATE", token_id)
+            if (
+                row is None
+                or not hmac.compare_digest(bytes(row["secret_hash"]), secret_hash)
+                or row["used_at"] is not None
+                or row["revoked_at"] is not None
+                or row["expires_at"] <= now
+            ):
+                raise Unauthenticated("the enrollment token is invalid, expired, revoked or already used")
+            await c.execute("UPDATE enrollment_tokens SET used_at = $1 WHERE id = $2", now, token_id)
+            return EnrollmentTokenRecord(
+                row["id"],
+                row["org"],
+                row["pool"],
+                bytes(row["secret_hash"]),
+                row["created_at"],
+                row["expires_at"],
+                now,
+            )
+
+        return await self._tx(run)
+
+    @staticmethod
+    def _token(r: Row) -> EnrollmentTokenRecord:
+        return EnrollmentTokenRecord(
+            r["id"],
+            r["org"],
+            r["pool"],
+            bytes(r["secret_hash"]),
+            r["created_at"],
+            r["expires_at"],
+            r["used_at"],
+            r["revoked_at"],
+        )
+
+    async def list_enrollment_tokens(self) -> list[EnrollmentTokenRecord]:
+        return [
+            self._token(r)
+            for r in await self._fetch("SELECT * FROM enrollment_tokens ORDER BY created_at, id")
+        ]
+
+    async def revoke_enrollment_token(self, token_id: str, now: datetime) -> EnrollmentTokenRecord | None:
+        async def run(c: PgConnection) -> EnrollmentTokenRecord | None:
+            await c.execute(
+                "UPDATE enrollment_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                now,
+                token_id,
+            )
+            row = await c.fetchrow("SELECT * FROM enrollment_tokens WHERE id = $1", token_id)
+            return self._token(row) if row else None
+
+        return await self._tx(run)
+
+    async def create_agent(self, record: AgentRecord) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT INTO agents"
+                " (id, org, pool, name, cert_serial, cert_not_after, enrolled_at, cert_issuer)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                record.id,
+                record.org,
+                record.pool,
+                record.name,
+                record.cert_serial,
+                record.cert_not_after,
+                record.enrolled_at,
+                record.cert_issuer,
+            )
+        )
+
+    @staticmethod
+    def _agent(r: Row) -> AgentRecord:
+        return AgentRecord(
+            r["id"],
+            r["org"],
+            r["pool"],
+            r["name"],
+            r["cert_serial"],
+            r["cert_not_after"],
+            r["enrolled_at"],
+            r["last_seen_at"],
+            r["revoked_at"],
+            r["cert_issuer"],
+            r["version"],
+        )
+
+    async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None:
+        rows = await self._fetch("SELECT * FROM agents WHERE org = $1 AND id = $2", org, agent_id)
+        return self._agent(rows[0]) if rows else None
+
+    async def list_agents(self) -> list[AgentRecord]:
+        return [
+            self._agent(r)
+            for r in await self._fetch("SELECT * FROM agents ORDER BY org, pool, enrolled_at, id")
+        ]
+
+    async def revoke_agent(self, agent_id: str, now: datetime) -> tuple[AgentRecord, list[str]] | None:
+        """The agent's unfinished jobs end as ERROR in one conditional update: a
+        job another replica releases meanwhile is that replica's (and not here)."""
+
+        async def run(c: PgConnection) -> tuple[AgentRecord, list[str]] | None:
+            row = await c.fetchrow(
+                "UPDATE agents SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 RETURNING *",
+                now,
+                agent_id,
+            )
+            if row is None:
+                return None
+            reason = f"agent {agent_id} was revoked"
+            ended = await c.fetch(
+                "UPDATE jobs SET status = $1, status_reason = $2, finished_at = $3"
+                " WHERE org = $4 AND agent_id = $5 AND status IN ($6, $7) RETURNING id",
+                JobStatus.ERROR.value,
+                reason,
+                now,
+                row["org"],
+                agent_id,
+                JobStatus.ASSIGNED.value,
+                JobStatus.RUNNING.value,
+            )
+            jobs = sorted(str(r["id"]) for r in ended)
+            for job_id in jobs:
+                await self._add_transition(c, job_id, JobStatus.ERROR, now, reason)
+            return self._agent(row), jobs
+
+        return await self._tx(run)
+
+    async def agents_revoked_since(self, since: datetime) -> list[AgentRecord]:
+        rows = await self._fetch(
+            "SELECT * FROM agents WHERE revoked_at IS NOT NULL AND revoked_at >= $1", since
+        )
+        return [self._agent(r) for r in rows]
+
+    async def touch_agent(self, org: str, agent_id: str, now: datetime, version: str | None = None) -> None:
+        """Last contact; with ``version``, also the version the agent announced in its hello.
+        Every heartbeat: one autocommit statement, no BEGIN and COMMIT around it."""
+        if version is None:
+            sql = "UPDATE agents SET last_seen_at = $1 WHERE org = $2 AND id = $3"
+            args: tuple[object, ...] = (now, org, agent_id)
+        else:
+            sql = "UPDATE agents SET last_seen_at = $1, version = $4 WHERE org = $2 AND id = $3"
+            args = (now, org, agent_id, version)
+        await self._read(lambda c: c.execute(sql, *args))
+
+    async def record_agent_certificate(
+        self, org: str, agent_id: str, serial: str, not_after: datetime, issuer: str
+    ) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "UPDATE agents SET cert_serial = $1, cert_not_after = $2, cert_issuer = $3"
+                " WHERE org = $4 AND id = $5",
+                serial,
+                not_after,
+                issuer,
+                org,
+                agent_id,
+            )
+        )
