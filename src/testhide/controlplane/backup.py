@@ -31,6 +31,7 @@ from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.datadir import DataDir, build_atomically
 from testhide.controlplane.errors import IntegrityError
+from testhide.controlplane.store.base import Store
 from testhide.controlplane.store.sqlite import SqliteStore
 
 DB_NAME = "testhide.db"
@@ -78,9 +79,7 @@ def _add_dirs(archive: tarfile.TarFile, names: list[str]) -> None:
         archive.addfile(info)
 
 
-async def create_backup(
-    directory: DataDir, master: MasterKey, store: SqliteStore, out: Path
-) -> BackupSummary:
+async def create_backup(directory: DataDir, master: MasterKey, store: Store, out: Path) -> BackupSummary:
     """Write an encrypted backup to ``out`` (0600, atomically)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     files = _data_dir_files(directory)

@@ -29,6 +29,7 @@ from testhide.controlplane.auth.tokens import AccessTokens, SigningKeys, issuer_
 from testhide.controlplane.ca.enrollment import Enrollment
 from testhide.controlplane.ca.rotation import rotate_server_certificate
 from testhide.controlplane.ca.trust import CertificateState
+from testhide.controlplane.cluster import Cluster, LocalCluster, PgCluster
 from testhide.controlplane.config import ControlPlaneConfig
 from testhide.controlplane.datadir import DataDir, TlsMaterial
 from testhide.controlplane.errors import BackgroundTaskFailed
@@ -45,7 +46,8 @@ from testhide.controlplane.rpc.auth import ApiAuthInterceptor
 from testhide.controlplane.rpc.auth_service import AuthServicer
 from testhide.controlplane.rpc.enrollment import EnrollmentServicer
 from testhide.controlplane.rpc.jobs import JobsServicer, SecretsServicer
-from testhide.controlplane.store.sqlite import SqliteStore
+from testhide.controlplane.store.base import Store
+from testhide.controlplane.store.postgres import PgStore
 
 log = structlog.get_logger("testhide.controlplane")
 
@@ -68,8 +70,9 @@ class ControlPlane:
         self._failure: BaseException | None = None
         self._stopping: asyncio.Future[None] | None = None
         self._servers: list[grpc.aio.Server] = []
-        self._store: SqliteStore | None = None
+        self._store: Store | None = None
         self.scheduler: Scheduler | None = None
+        self.cluster: Cluster | None = None
         self.certificates: CertificateState | None = None
         self.signing_keys: SigningKeys | None = None
         self.jobs: JobService | None = None
@@ -84,10 +87,11 @@ class ControlPlane:
         self._ring = RingAnnouncement(directory, master)
         self._ring.publish()
         self.certificates = certs = CertificateState(directory, master, self.config.dev)
-        self._store = store = await SqliteStore.open(directory.db_path, self.config.db_busy_timeout)
+        self._store = store = await directory.open_store(self.config.db_busy_timeout)
         auditor = Auditor(store, await directory.audit_key(master, store))
 
-        self.scheduler = scheduler = Scheduler(store, lease=self.config.job_lease)
+        self.cluster = cluster = PgCluster(store) if isinstance(store, PgStore) else LocalCluster()
+        self.scheduler = scheduler = Scheduler(store, lease=self.config.job_lease, cluster=cluster)
         secrets = SecretVault(store, master)
         logs = LogBook(store, master)
         leases = Leases(store, master, scheduler, logs, self.config.job_lease)
@@ -143,6 +147,12 @@ class ControlPlane:
         self._servers = [api_server, agent_server]
         for listener in self._servers:
             await listener.start()
+        if isinstance(cluster, PgCluster):
+            cluster.set_addresses(
+                f"{_host(self.config.listen)}:{self.api_port}",
+                f"{_host(self.config.resolved_agent_listen)}:{self.agent_port}",
+            )
+        self._supervise(cluster.run(_ClusterHandlers(scheduler, jobs)), "cluster")
         self._supervise(scheduler.run(), "scheduler")
         self._supervise(leases.run(), "leases")
         self._supervise(self._watch(directory, master), "watcher")
@@ -237,6 +247,8 @@ class ControlPlane:
             if self.password_checks is not None:
                 self.password_checks.close()
             try:
+                if self.cluster is not None:
+                    await self.cluster.close()
                 if self._store is not None:
                     await self._store.close()
             finally:
@@ -254,3 +266,23 @@ class ControlPlane:
             for session in self.scheduler.sessions():
                 session.close("UNAVAILABLE", "the control plane is shutting down; reconnect")
         await asyncio.gather(*stopping)
+
+
+def _host(listen: str) -> str:
+    return listen.rsplit(":", 1)[0]
+
+
+class _ClusterHandlers:
+    """What this replica does with what the others tell it."""
+
+    def __init__(self, scheduler: Scheduler, jobs: JobService) -> None:
+        self._scheduler, self._jobs = scheduler, jobs
+
+    def queued(self, org: str, pool: str) -> None:
+        self._scheduler.kick(org, pool)
+
+    async def cancel(self, org: str, job_id: str) -> None:
+        await self._jobs.cancel_held_elsewhere(org, job_id)
+
+    def resync(self) -> None:
+        self._scheduler.resync()

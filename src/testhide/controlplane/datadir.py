@@ -10,7 +10,8 @@ every other command. Private keys are stored sealed under the master key.
     DIR/server.key.sealed     its private key, sealed
     DIR/audit.key.sealed      the audit chain's MAC key, sealed
     DIR/signing/*.key.sealed  access-token signing keys, sealed
-    DIR/testhide.db           the SQLite store
+    DIR/testhide.db           the SQLite store (the default), or
+    DIR/database.url          0600: the PostgreSQL store's URL (TESTHIDE_DATABASE_URL overrides it)
     DIR/run/                  which key ids each running ``serve`` holds (for master-key rotation)
     DIR/.sealing.lock         taken by whoever writes or copies sealed files
 """
@@ -42,13 +43,15 @@ from testhide.controlplane.auth.principal import SCOPES
 from testhide.controlplane.auth.secrets import hash_secret, new_api_key
 from testhide.controlplane.ca.authority import CertificateAuthority, is_development_ca
 from testhide.controlplane.errors import ConfigError, DataDirError
-from testhide.controlplane.store.base import ApiKeyRecord
+from testhide.controlplane.store.base import ApiKeyRecord, Store
 from testhide.controlplane.store.sqlite import SqliteStore
 
 T = TypeVar("T")
 LAYOUT_VERSION = 1
 AUDIT_KEY = "audit.key.sealed"
 SERVER_CERT_LIFETIME = timedelta(days=90)
+DATABASE_URL_ENV = "TESTHIDE_DATABASE_URL"
+DATABASE_URL_FILE = "database.url"
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,36 @@ class DataDir:
     @property
     def state_path(self) -> Path:
         return self.path / "state.json"
+
+    @property
+    def uses_postgres(self) -> bool:
+        return bool(self.require_initialised().get("store") == "postgresql")
+
+    def database_url(self) -> str:
+        """The PostgreSQL store's URL: TESTHIDE_DATABASE_URL, else DIR/database.url."""
+        url = os.environ.get(DATABASE_URL_ENV, "").strip()
+        if url:
+            return url
+        try:
+            return (self.path / DATABASE_URL_FILE).read_text().strip()
+        except FileNotFoundError:
+            raise DataDirError(
+                f"data dir {self.path} uses PostgreSQL but has no {DATABASE_URL_FILE};"
+                f" set {DATABASE_URL_ENV} or write the URL there (mode 0600)"
+            ) from None
+
+    async def open_store(
+        self, busy_timeout: timedelta = timedelta(seconds=10), migrate: bool = True
+    ) -> Store:
+        """The data dir's store: SQLite in DIR/testhide.db, or the PostgreSQL
+        database ``init --database`` recorded. ``migrate``: bring the schema up
+        to date (``serve``); otherwise a PostgreSQL schema that is not current
+        is refused (operator commands never change it)."""
+        if self.uses_postgres:
+            from testhide.controlplane.store.postgres import PgStore
+
+            return await PgStore.open(self.database_url(), migrate=migrate)
+        return await SqliteStore.open(self.db_path, busy_timeout)
 
     def require_initialised(self) -> dict[str, Any]:
         if not self.path.is_dir():
@@ -131,7 +164,7 @@ class DataDir:
                     self.path / AUDIT_KEY, master.seal(key or os.urandom(32), AUDIT_KEY.encode()), 0o600
                 )
 
-    async def audit_key(self, master: MasterKey, store: SqliteStore) -> bytes:
+    async def audit_key(self, master: MasterKey, store: Store) -> bytes:
         """The audit chain's key; data dirs from before it was stored on its
         own get the key their chain was made with (derived from the master key)."""
         path = self.path / AUDIT_KEY
@@ -214,7 +247,25 @@ class DataDir:
         return tuple(os.stat(self.path / name).st_mtime_ns for name in ("state.json", "server.pem", "ca.pem"))
 
 
-async def _legacy_audit_key(master: MasterKey, store: SqliteStore) -> bytes | None:
+async def _empty_postgres_store(url: str) -> Store:
+    """The PostgreSQL store, migrated, refused if it already holds an install
+    (a replica gets a copy of the data dir instead)."""
+    from testhide.controlplane.store.postgres import PgStore
+
+    store = await PgStore.open(url)
+    try:
+        if await store.list_orgs():
+            raise DataDirError(
+                "that database already holds a testhide control plane; to add a replica, copy its data dir"
+                " (with master.key and database.url) instead of running init again"
+            )
+    except BaseException:
+        await store.close()
+        raise
+    return store
+
+
+async def _legacy_audit_key(master: MasterKey, store: Store) -> bytes | None:
     """The ring key whose derived audit key MACs the stored head; None for an
     empty log (a fresh random key will do)."""
     _, head = await store.read_audit()
@@ -233,13 +284,16 @@ async def initialise(
     server_names: list[str],
     trust_domain: str = "testhide.local",
     imported_ca: tuple[bytes, bytes] | None = None,
+    database_url: str | None = None,
 ) -> str:
-    """Create the data dir and return the admin API key (shown once)."""
+    """Create the data dir and return the admin API key (shown once).
+    ``database_url``: keep the store in that (empty) PostgreSQL database
+    instead of DIR/testhide.db; the data dir records the URL."""
     return await build_atomically(
         path,
         "init",
         "refusing to initialise it again",
-        lambda staging: _populate(staging, server_names, trust_domain, imported_ca),
+        lambda staging: _populate(staging, server_names, trust_domain, imported_ca, database_url),
     )
 
 
@@ -277,7 +331,11 @@ def _move_into_place(staging: Path, path: Path) -> None:
 
 
 async def _populate(
-    directory: DataDir, server_names: list[str], trust_domain: str, imported_ca: tuple[bytes, bytes] | None
+    directory: DataDir,
+    server_names: list[str],
+    trust_domain: str,
+    imported_ca: tuple[bytes, bytes] | None,
+    database_url: str | None,
 ) -> str:
     root = directory.path
     root.chmod(0o700)
@@ -298,7 +356,12 @@ async def _populate(
     directory.write_bundle([1])
     directory.issue_server_certificate(ca, server_names, master)
 
-    store = await SqliteStore.open(directory.db_path)
+    store: Store
+    if database_url:
+        store = await _empty_postgres_store(database_url)
+        atomic_write(root / DATABASE_URL_FILE, database_url.encode() + b"\n", 0o600)
+    else:
+        store = await SqliteStore.open(directory.db_path)
     try:
         now = datetime.now(UTC)
         await store.create_org("default", now)
@@ -316,6 +379,7 @@ async def _populate(
             "server_names": server_names,
             "created_at": datetime.now(UTC).isoformat(),
             "ca": {"active": 1, "trusted": [1]},
+            "store": "postgresql" if database_url else "sqlite",
         }
     )
     from testhide.controlplane.auth.tokens import rotate_signing_key

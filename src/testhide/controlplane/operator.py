@@ -12,14 +12,14 @@ from pathlib import Path
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.datadir import DataDir
-from testhide.controlplane.store.sqlite import SqliteStore
+from testhide.controlplane.store.base import Store
 
 
 @dataclass(frozen=True)
 class OperatorContext:
     directory: DataDir
     master: MasterKey
-    store: SqliteStore
+    store: Store
     auditor: Auditor
 
     @property
@@ -32,7 +32,7 @@ async def operator_context(data_dir: Path) -> AsyncIterator[OperatorContext]:
     directory = DataDir(data_dir)
     directory.require_initialised()
     master = directory.master_key()
-    store = await SqliteStore.open(directory.db_path)
+    store = await directory.open_store()
     try:
         yield OperatorContext(
             directory, master, store, Auditor(store, await directory.audit_key(master, store))

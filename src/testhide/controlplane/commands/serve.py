@@ -35,14 +35,35 @@ from testhide.controlplane.config import ControlPlaneConfig
     help="Use an existing CA (PEM certificate and ECDSA key).",
 )
 @click.option("--dev", is_flag=True, help="Allow development certificates from certs-dev/.")
+@click.option(
+    "--database",
+    "database_url",
+    metavar="URL",
+    envvar="TESTHIDE_DATABASE_URL",
+    show_envvar=True,
+    help="Keep the store in this empty PostgreSQL database (postgresql://USER:PASSWORD@HOST:PORT/DB)"
+    " instead of SQLite in the data dir; prefer the environment variable or --database-file for a"
+    " password.",
+)
+@click.option(
+    "--database-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read the PostgreSQL URL from this file.",
+)
 def init(
     data_dir: Path,
     server_names: tuple[str, ...],
     trust_domain: str,
     import_ca: tuple[Path, Path] | None,
     dev: bool,
+    database_url: str | None,
+    database_file: Path | None,
 ) -> None:
-    """Create the data dir: CA, server certificate, database, admin API key."""
+    """Create the data dir: CA, server certificate, database, admin API key.
+
+    With --database, the store lives in PostgreSQL and the data dir records its
+    URL (database.url, 0600): a copy of the data dir is all another machine needs
+    to serve as a replica."""
     from cryptography import x509
 
     from testhide.controlplane.ca.authority import is_development_ca
@@ -55,8 +76,18 @@ def init(
             raise click.ClickException(
                 "that CA is development material from certs-dev/; pass --dev to use it"
             )
+    if database_file is not None:
+        if database_url:
+            raise click.UsageError("give --database or --database-file, not both")
+        database_url = database_file.read_text().strip()
     admin_key = _run(
-        initialise(data_dir, list(server_names) or ["localhost", "127.0.0.1"], trust_domain, imported)
+        initialise(
+            data_dir,
+            list(server_names) or ["localhost", "127.0.0.1"],
+            trust_domain,
+            imported,
+            database_url or None,
+        )
     )
     click.echo(f"initialised {data_dir}", err=True)
     click.echo("admin API key (shown once; store it now):", err=True)

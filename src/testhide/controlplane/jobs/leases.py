@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from testhide.controlplane.atrest import MasterKey
+from testhide.controlplane.cluster import LEASE_SWEEP
 from testhide.controlplane.errors import StaleEpoch, StorageUnavailable
 from testhide.controlplane.jobs.logs import LogBook
 from testhide.controlplane.jobs.model import Job, JobStatus, new_job_id
@@ -75,7 +76,8 @@ class Leases:
             session.jobs.discard(job.id)
             session.send(Cancel(job.id, job.status_reason, abandon=True))
         self._logs.notify(job.id)
-        self._scheduler.kick(job.org, job.spec.pool)
+        if job.status == JobStatus.QUEUED:
+            self._scheduler.queued(job.org, job.spec.pool)
         log.warning(
             "job_released",
             job_id=job.id,
@@ -103,7 +105,7 @@ class Leases:
                 continue
             retries.append(retry)
             self._logs.notify(lost.id)  # its followers move on to the retry
-            self._scheduler.kick(retry.org, retry.spec.pool)
+            self._scheduler.queued(retry.org, retry.spec.pool)
             log.info(
                 "job_retried",
                 job_id=lost.id,
@@ -114,14 +116,20 @@ class Leases:
         return retries
 
     async def run(self) -> None:
+        """Sweeps while this replica holds the cluster's lease-sweep role (always,
+        on its own): exactly one replica releases and retries at a time."""
         granted = False
         while True:
             try:
-                if not granted:
-                    # However long the control plane was down, agents get a whole lease to come back.
+                if not self._scheduler.cluster.holds(LEASE_SWEEP):
+                    granted = False
+                elif not granted:
+                    # However long nobody swept (the control plane, or every replica, was down),
+                    # agents get a whole lease to come back.
                     await self._store.extend_all_leases(self._clock() + self.duration)
                     granted = True
-                await self.sweep()
+                if granted:
+                    await self.sweep()
             except StorageUnavailable as exc:  # nothing lapses while nothing can be written
                 log.warning("lease_sweep_deferred", error=str(exc))
             except Exception:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from testhide.common.identity import AgentIdentity
+from testhide.controlplane.cluster import Cluster, LocalCluster
 from testhide.controlplane.errors import ControlPlaneError
 from testhide.controlplane.jobs.model import Job, JobStatus, PoolPolicy
 from testhide.controlplane.jobs.store import QueueStore
@@ -150,10 +151,13 @@ class Scheduler:
         store: QueueStore,
         prepare: Callable[[Job], Awaitable[AssignDetails]] | None = None,
         lease: timedelta = DEFAULT_LEASE,
+        cluster: Cluster | None = None,
     ) -> None:
         self.prepare = prepare
-        self.lease = lease
         """Resolves secrets and policy for an assignment; a failure ends the job as ERROR."""
+        self.lease = lease
+        self.cluster: Cluster = cluster or LocalCluster()
+        """The other replicas on the same database (none on SQLite)."""
         self._store = store
         self._sessions: dict[str, AgentSession] = {}
         self._by_pool: dict[tuple[str, str], dict[str, AgentSession]] = {}
@@ -211,6 +215,17 @@ class Scheduler:
         """Something changed in (org, pool): a job queued, an agent freed up."""
         self._pending.add((org, pool))
         self._wake.set()
+
+    def queued(self, org: str, pool: str) -> None:
+        """Jobs were queued in (org, pool): here, and on the other replicas, whose
+        agents may be the idle ones."""
+        self.kick(org, pool)
+        self.cluster.announce_queued(org, pool)
+
+    def resync(self) -> None:
+        """Look at every pool this replica has agents for (announcements may have been missed)."""
+        for org, pool in list(self._by_pool):
+            self.kick(org, pool)
 
     async def run(self) -> None:
         for org, pool in await self._store.queued_pools():

@@ -15,7 +15,13 @@ import structlog
 
 from testhide.common.identity import AgentIdentity
 from testhide.controlplane.atrest import MasterKey
-from testhide.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, NotHeld
+from testhide.controlplane.errors import (
+    ControlPlaneError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotHeld,
+)
 from testhide.controlplane.jobs.blobs import BlobVault
 from testhide.controlplane.jobs.junit import MAX_REPORT_BYTES, JunitError, parse_junit
 from testhide.controlplane.jobs.leases import Leases
@@ -46,8 +52,8 @@ from testhide.controlplane.jobs.validation import validate_relative_path, valida
 log = structlog.get_logger("testhide.jobs")
 
 MAX_PAGE = 200
-# How long a follower waits before re-reading the store even without a wake-up
-# (another replica may have written).
+# How long a follower waits before re-reading the store even without a wake-up, when
+# this replica holds the job's agent (writes here wake followers).
 FOLLOW_RECHECK_S = 5.0
 POLICY_CACHE_S = 1.0
 
@@ -108,7 +114,7 @@ class JobService:
             )
             self._logs.notify(job_id)
             return job
-        self._scheduler.kick(org, spec.pool)
+        self._scheduler.queued(org, spec.pool)
         return job
 
     async def assignment_details(self, job: Job) -> AssignDetails:
@@ -163,6 +169,26 @@ class JobService:
         if job.status.terminal:
             raise FailedPrecondition(f"job {job_id} has already ended ({job.status.value})")
         session = self._scheduler.session_of(job.agent_id) if job.agent_id else None
+        if (
+            session is None
+            and job.status != JobStatus.QUEUED
+            and await self._scheduler.cluster.cancel_elsewhere(org, job_id, job.agent_id)
+        ):
+            return job  # the replica that holds the agent's stream tells it
+        return await self.cancel_here(org, job)
+
+    async def cancel_held_elsewhere(self, org: str, job_id: str) -> None:
+        """Another replica forwarded a cancel for a job whose agent we hold (or held)."""
+        try:
+            job = await self.get(org, job_id)
+            if not job.status.terminal:
+                await self.cancel_here(org, job)
+        except ControlPlaneError as exc:
+            log.warning("job_cancel_forwarded_failed", job_id=job_id, error=str(exc))
+
+    async def cancel_here(self, org: str, job: Job) -> Job:
+        job_id = job.id
+        session = self._scheduler.session_of(job.agent_id) if job.agent_id else None
         if job.status == JobStatus.QUEUED or session is None or job_id not in session.jobs:
             job = await self._store.set_job_status(
                 org, job_id, None, JobStatus.CANCELED, datetime.now(UTC), "canceled by user"
@@ -193,8 +219,15 @@ class JobService:
                     yield job
                     return
                 if offset >= job.log_size:
+                    session = self._scheduler.session_of(job.agent_id) if job.agent_id else None
+                    # A job whose agent another replica holds is written there: look again soon.
+                    recheck = (
+                        FOLLOW_RECHECK_S
+                        if session is not None and job_id in session.jobs
+                        else self._scheduler.cluster.follow_recheck_s
+                    )
                     try:
-                        async with asyncio.timeout(FOLLOW_RECHECK_S):
+                        async with asyncio.timeout(recheck):
                             await changed.wait()
                     except TimeoutError:
                         pass

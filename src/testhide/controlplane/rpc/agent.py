@@ -4,6 +4,7 @@ from the verified client certificate on every stream and RPC."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -228,9 +229,14 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         self._scheduler.attach(session)
         bound.info("agent_connected", max_jobs=session.max_jobs)
         try:
+            # Other replicas forward cancels for this agent's jobs here.
+            await self._scheduler.cluster.agent_attached(identity.org, identity.agent_id)
             await self._serve(session, context)
         finally:
             self._scheduler.detach(session)
+            if self._scheduler.session_of(identity.agent_id) is None:  # not replaced by a newer stream
+                with contextlib.suppress(ControlPlaneError):
+                    await self._scheduler.cluster.agent_detached(identity.agent_id)
             bound.info("agent_disconnected", reason=session.close_reason[1] if session.close_reason else "")
         if session.close_reason:
             code, message = session.close_reason
