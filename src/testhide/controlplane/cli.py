@@ -13,6 +13,7 @@ from testhide.controlplane.commands import (
     agents,
     audit,
     certificates,
+    migrate_store,
     pools,
     recovery,
     serve,
@@ -45,6 +46,7 @@ for command in (
     recovery.master_key,
     recovery.backup,
     recovery.restore,
+    migrate_store.migrate_store_command,
 ):
     main.add_command(command)
 
