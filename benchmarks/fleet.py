@@ -71,8 +71,15 @@ async def issue_agents(cp: RunningControlPlane, count: int, pool: str = "default
 
 
 def save_credentials(cp: RunningControlPlane, keys: AgentKeys, data_dir: Path) -> Path:
+    return write_credentials(keys, cp.api_target, cp.agent_target, cp.ca_pem, data_dir)
+
+
+def write_credentials(
+    keys: AgentKeys, api_target: str, agent_target: str, ca_pem: bytes, data_dir: Path
+) -> Path:
+    """An agent data dir for ``keys`` that talks to the replica at these addresses."""
     Credentials(
-        keys.agent_id, cp.api_target, cp.agent_target, keys.key_pem, keys.certificate_pem, cp.ca_pem
+        keys.agent_id, (api_target,), (agent_target,), keys.key_pem, keys.certificate_pem, ca_pem
     ).save(data_dir)
     return data_dir
 

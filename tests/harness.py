@@ -33,9 +33,8 @@ from testhide.agent.runtime.docker import LABEL
 from testhide.controlplane.ca.enrollment import create_token
 from testhide.controlplane.config import ControlPlaneConfig
 from testhide.controlplane.daemon import ControlPlane
-from testhide.controlplane.datadir import initialise
+from testhide.controlplane.datadir import DataDir, initialise
 from testhide.controlplane.jobs.model import Job, JobStatus, PoolPolicy, PullPolicy
-from testhide.controlplane.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -92,11 +91,14 @@ class RunningControlPlane:
 
 
 @asynccontextmanager
-async def control_plane(tmp: Path, **config: object) -> AsyncIterator[RunningControlPlane]:
+async def control_plane(
+    tmp: Path, *, database_url: str | None = None, **config: object
+) -> AsyncIterator[RunningControlPlane]:
+    """A control plane on a new data dir: SQLite, or PostgreSQL at ``database_url``."""
     data_dir = tmp / "controlplane"
-    admin_key = await initialise(data_dir, ["localhost", "127.0.0.1"])
+    admin_key = await initialise(data_dir, ["localhost", "127.0.0.1"], database_url=database_url)
     # Nothing here may reach a registry: the test pools never pull.
-    store = await SqliteStore.open(data_dir / "testhide.db")
+    store = await DataDir(data_dir).open_store()
     try:
         await store.set_pool_policy("default", "default", PoolPolicy(pull_policy=PullPolicy.NEVER))
     finally:
@@ -130,7 +132,7 @@ async def enrolled(
     await enroll(cp.api_target, await cp.enrollment_token(org, pool), data_dir, name)
     if agent_port is not None:
         credentials = Credentials.load(data_dir)
-        replace(credentials, agent_endpoint=f"127.0.0.1:{agent_port}").save(data_dir)
+        replace(credentials, agent_endpoints=(f"127.0.0.1:{agent_port}",)).save(data_dir)
     return data_dir
 
 

@@ -22,7 +22,7 @@ async def serve(directory: Path, config: dict[str, object]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    async with control_plane(directory, **config) as cp:
+    async with control_plane(directory, database_url=None, **config) as cp:
         info = {
             "api_port": cp.daemon.api_port,
             "agent_port": cp.daemon.agent_port,

@@ -162,8 +162,8 @@ async def test_an_agent_offline_past_expiry_is_told_to_enroll_again(
     _, expired_pem = agent_certificate(our_ca(cp), credentials.agent_id, now=two_hours_ago)
     Credentials(
         credentials.agent_id,
-        credentials.api_endpoint,
-        credentials.agent_endpoint,
+        credentials.api_endpoints,
+        credentials.agent_endpoints,
         credentials.key_pem,
         expired_pem,
         credentials.ca_pem,

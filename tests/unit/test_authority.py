@@ -20,6 +20,7 @@ from testhide.controlplane.ca.authority import (
     SERVER_BACKDATE,
     CertificateAuthority,
     is_development_ca,
+    server_name_sans,
 )
 from testhide.controlplane.errors import InvalidArgument
 
@@ -221,6 +222,31 @@ def test_is_development_ca() -> None:
         ).certificate_pem
     )
     leaf.verify_directly_issued_by(dev.certificate)
+
+
+def test_server_names_become_dns_and_ip_sans_and_anything_else_is_refused() -> None:
+    sans = server_name_sans(
+        ["cp1.example.org", "*.replicas.example.org", "[::1]", "10.0.0.2", "cp1.example.org"]
+    )
+    assert sans == [
+        x509.DNSName("cp1.example.org"),
+        x509.DNSName("*.replicas.example.org"),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+        x509.IPAddress(ipaddress.ip_address("10.0.0.2")),
+    ]
+    for bad in [
+        "cp.example.org:7443",
+        "https://cp.example.org",
+        "a..b",
+        "-a.example",
+        "*.org",
+        "é.example",
+        "",
+    ]:
+        with pytest.raises(InvalidArgument, match="neither an IP address nor a DNS name"):
+            server_name_sans([bad])
+    with pytest.raises(InvalidArgument, match="at least one name"):
+        server_name_sans([])
 
 
 def test_issue_server_chain_and_sans(ca: CertificateAuthority) -> None:

@@ -45,15 +45,31 @@ def main(log_format: str, log_level: str) -> None:
 
 
 @main.command()
-@click.option("--server", required=True, help="HOST:PORT of the control plane's API port.")
+@click.option(
+    "--server",
+    "servers",
+    required=True,
+    multiple=True,
+    help="HOST:PORT of the control plane's API port; repeat for each replica (tried in order).",
+)
 @click.option("--token", required=True, envvar="TESTHIDE_ENROLL_TOKEN", help="One-time enrollment token.")
 @data_dir_option
 @click.option("--name", default=socket.gethostname(), show_default=True)
-def enroll(server: str, token: str, data_dir: Path, name: str) -> None:
-    """Enroll this host with a one-time token; the private key stays here."""
+@click.option(
+    "--agent-server",
+    "agent_servers",
+    multiple=True,
+    help="HOST:PORT of a replica's agent port (repeatable). Default: each --server at the same"
+    " distance from its API port as the answering replica's agent port.",
+)
+def enroll(
+    servers: tuple[str, ...], token: str, data_dir: Path, name: str, agent_servers: tuple[str, ...]
+) -> None:
+    """Enroll this host with a one-time token; the private key stays here.
+    `run` connects to any of the servers, moving on when one goes away."""
     from testhide.agent.rpc.enroll import enroll as do_enroll
 
-    credentials = _run(do_enroll(server, token, data_dir, name))
+    credentials = _run(do_enroll(servers, token, data_dir, name, agent_servers))
     click.echo(
         f"enrolled as agent {credentials.agent_id}; "
         f"certificate valid until {credentials.certificate.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"

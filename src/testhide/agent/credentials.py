@@ -1,5 +1,7 @@
 """The agent's identity on disk: its private key (0600, never leaves the
-host), its current certificate, the CA bundle and where to connect."""
+host), its current certificate, the CA bundle and where to connect: the API
+endpoint of every control-plane replica it was enrolled with, and the agent
+endpoint of each (see `agent/endpoints.py`)."""
 
 from __future__ import annotations
 
@@ -30,13 +32,19 @@ def new_key_and_csr() -> tuple[bytes, bytes]:
 @dataclass(frozen=True)
 class Credentials:
     agent_id: str
-    api_endpoint: str
-    agent_endpoint: str
+    api_endpoints: tuple[str, ...]
+    """HOST:PORT of each replica's API port, in the operator's order."""
+    agent_endpoints: tuple[str, ...]
+    """HOST:PORT of each replica's agent port (mutual TLS); the stream goes to one of them."""
     key_pem: bytes
     certificate_pem: bytes
     ca_pem: bytes
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     """When this certificate arrived, by this host's clock."""
+
+    def __post_init__(self) -> None:
+        if not self.api_endpoints or not self.agent_endpoints:
+            raise ConfigError("the agent's credentials name no control plane endpoint")
 
     @property
     def lifetime(self) -> timedelta:
@@ -81,8 +89,12 @@ class Credentials:
         atomic_write(directory / "ca.pem", self.ca_pem, 0o644)
         meta = {
             "agent_id": self.agent_id,
-            "api_endpoint": self.api_endpoint,
-            "agent_endpoint": self.agent_endpoint,
+            "api_endpoints": list(self.api_endpoints),
+            "agent_endpoints": list(self.agent_endpoints),
+            # The first of each under the names of one endpoint, which agents before
+            # replicas read: such an agent can still run on these credentials.
+            "api_endpoint": self.api_endpoints[0],
+            "agent_endpoint": self.agent_endpoints[0],
             "certificate_received_at": self.received_at.isoformat(),
         }
         atomic_write(directory / "agent.json", json.dumps(meta, indent=2).encode() + b"\n", 0o644)
@@ -97,8 +109,8 @@ class Credentials:
             received = meta.get("certificate_received_at")
             return cls(
                 meta["agent_id"],
-                meta["api_endpoint"],
-                meta["agent_endpoint"],
+                _endpoints(meta, "api_endpoint"),
+                _endpoints(meta, "agent_endpoint"),
                 key_path.read_bytes(),
                 (directory / "agent.pem").read_bytes(),
                 (directory / "ca.pem").read_bytes(),
@@ -110,3 +122,11 @@ class Credentials:
             ) from exc
         except (KeyError, ValueError) as exc:
             raise ConfigError(f"{directory}/agent.json is damaged: {exc}") from exc
+
+
+def _endpoints(meta: dict[str, object], name: str) -> tuple[str, ...]:
+    """The list ``NAMEs``, or, in credentials written before replicas, the one ``NAME``."""
+    found = meta[f"{name}s"] if f"{name}s" in meta else [meta[name]]
+    if not isinstance(found, list) or not found or not all(isinstance(e, str) and e for e in found):
+        raise ValueError(f"{name}s must be a list of HOST:PORT")
+    return tuple(found)

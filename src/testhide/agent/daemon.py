@@ -1,5 +1,6 @@
-"""The agent daemon: keeps one session to the control plane open, reconnecting
-with capped, jittered exponential backoff, and runs the jobs it is given.
+"""The agent daemon: keeps one session to one control-plane replica open,
+reconnecting (to the next replica, see `agent/endpoints.py`) with capped,
+jittered exponential backoff, and runs the jobs it is given.
 
 SIGTERM drains: no new jobs, running ones get ``drain_timeout`` to finish (then
 are canceled), their results are delivered, then the agent exits. A second
@@ -14,16 +15,17 @@ from datetime import timedelta
 
 import grpc
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from testhide.agent.config import AgentConfig
 from testhide.agent.credentials import Credentials
+from testhide.agent.endpoints import Endpoints
 from testhide.agent.errors import RuntimeUnavailable
 from testhide.agent.executor import Executor
 from testhide.agent.model import Assignment
 from testhide.agent.outbox import Outbox
 from testhide.agent.rpc.link import ControlPlaneLink
-from testhide.agent.rpc.session import Session, SessionEvents, SessionLost
+from testhide.agent.rpc.session import CertificateRenewed, Session, SessionEvents, SessionLost
 from testhide.agent.runtime.base import ContainerRuntime
 from testhide.agent.spool import Spool
 
@@ -42,13 +44,15 @@ class Agent:
     def __init__(self, config: AgentConfig, runtime: ContainerRuntime) -> None:
         self.config = config
         self._credentials = Credentials.load(config.data_dir)
+        self.endpoints = Endpoints(self._credentials.agent_endpoints)
+        """The replicas' agent ports; the session and the transfers go to the one last reached."""
         self.outbox = Outbox(Spool(config.spool_dir), config.spool_max_bytes)
         self._runtime = runtime
         self._executor = Executor(
             config,
             runtime,
             self.outbox,
-            ControlPlaneLink(lambda: self._credentials),
+            ControlPlaneLink(lambda: self._credentials, self.endpoints),
             owner=self._credentials.agent_id,
             on_runtime_unavailable=self._runtime_unavailable,
         )
@@ -151,17 +155,19 @@ class Agent:
             self._update_credentials(replace(self._credentials, ca_pem=bundle_pem))
             log.info("trust_bundle_updated", certificates=bundle_pem.count(b"BEGIN CERTIFICATE"))
 
-    async def _one_session(self) -> None:
+    async def _one_session(self, endpoint: str) -> None:
         runtimes = await asyncio.to_thread(self._runtime.runtimes)  # checked once, then cached
         session = Session(
             self.config,
             self._credentials,
+            endpoint,
             self.outbox,
             SessionEvents(
                 assign=self._assign,
                 cancel=self._cancel,
                 renewed=self._update_credentials,
                 trust_bundle=self._trust_bundle,
+                connected=self.endpoints.reached,
             ),
             runtimes=runtimes,
             accepting=self.accepting,
@@ -200,29 +206,47 @@ class Agent:
 
     async def _connect_with_backoff(self) -> None:
         """Returns when an established session was lost: the next series of
-        attempts starts with a short wait again."""
+        attempts starts at once again, at the next replica (the same one
+        after a certificate renewal)."""
+        rotation = self.endpoints.attempts()
+        tried: list[str] = []
+
+        def moved_on(state: RetryCallState) -> None:
+            rotation.failed()
 
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             log.warning(
                 "controlplane_unreachable",
+                endpoint=tried[-1],
                 attempt=state.attempt_number,
+                next_endpoint=rotation.target,
                 retry_in_s=round(state.upcoming_sleep, 2),
                 error=error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error),
             )
 
         retrying = AsyncRetrying(
-            wait=wait_random_exponential(multiplier=0.5, max=self.config.max_backoff.total_seconds()),
+            wait=lambda state: rotation.wait_s(self.config.max_backoff.total_seconds()),
             retry=retry_if_exception_type(grpc.aio.AioRpcError),
+            after=moved_on,
             before_sleep=before_sleep,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._one_session()
+                    tried.append(rotation.target)
+                    await self._one_session(rotation.target)
+        except CertificateRenewed as exc:
+            log.info("controlplane_reconnecting", endpoint=tried[-1], reason=str(exc))
         except SessionLost as exc:
-            log.warning("controlplane_connection_lost", error=str(exc))
+            self.endpoints.left(tried[-1])
+            log.warning(
+                "controlplane_connection_lost",
+                endpoint=tried[-1],
+                next_endpoint=self.endpoints.preferred,
+                error=str(exc),
+            )
 
     async def _stop_jobs(self) -> None:
         for task in list(self._jobs.values()):

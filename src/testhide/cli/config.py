@@ -1,6 +1,6 @@
-"""The engineer's stored session: server, CA, and the current access and
-refresh tokens, in a 0600 file. The API key or password used to log in is
-never stored."""
+"""The engineer's stored session: the servers (replicas of one control
+plane, tried in order), CA, and the current access and refresh tokens, in a
+0600 file. The API key or password used to log in is never stored."""
 
 from __future__ import annotations
 
@@ -19,22 +19,34 @@ def config_dir() -> Path:
 
 @dataclass(frozen=True)
 class Login:
-    server: str
+    servers: tuple[str, ...]
+    """HOST:PORT of the control plane's API port, one per replica, in the order they are tried."""
     ca_pem: str | None
     access_token: str = ""
     access_expires_at: float = 0.0
     refresh_token: str = ""
 
+    def __post_init__(self) -> None:
+        if not self.servers or not all(isinstance(s, str) and s for s in self.servers):
+            raise ValueError("servers must be a non-empty list of HOST:PORT")
+
     @classmethod
     def load(cls) -> Login:
         path = config_dir() / "credentials.json"
         try:
-            return cls(**json.loads(path.read_text()))
+            stored = json.loads(path.read_text())
+            if not isinstance(stored, dict):
+                raise TypeError("not a JSON object")
+            if "server" in stored:  # saved before several servers: one
+                stored["servers"] = [stored.pop("server")]
+            if not isinstance(stored.get("servers"), list):
+                raise TypeError("servers is not a list")
+            return cls(**{**stored, "servers": tuple(stored["servers"])})
         except FileNotFoundError:
             raise NotLoggedIn(
                 "not logged in: run 'testhide login --server HOST:PORT --api-key KEY'"
             ) from None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:
             raise NotLoggedIn(f"{path} is damaged ({exc}); run 'testhide login' again") from exc
 
     def save(self) -> Path:

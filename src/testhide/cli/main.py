@@ -119,7 +119,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--server", required=True, help="HOST:PORT of the control plane's API port.")
+@click.option(
+    "--server",
+    "servers",
+    required=True,
+    multiple=True,
+    help="HOST:PORT of the control plane's API port; repeat for each replica (tried in order).",
+)
 @click.option("--api-key", envvar="TESTHIDE_API_KEY", help="An API key (or log in as a user with --user).")
 @click.option("--org", default="default", show_default=True, help="Organisation of --user.")
 @click.option("--user", help="Log in with a user name and password (prompted, or TESTHIDE_PASSWORD).")
@@ -128,9 +134,13 @@ def main() -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="CA certificate of the control plane (default: the system's trust store).",
 )
-def login(server: str, api_key: str | None, org: str, user: str | None, ca_file: Path | None) -> None:
+def login(
+    servers: tuple[str, ...], api_key: str | None, org: str, user: str | None, ca_file: Path | None
+) -> None:
     """Log in: the credential buys a session (a 10-minute access token, renewed
-    with a rotating refresh token); only the session is stored (mode 0600)."""
+    with a rotating refresh token); only the session is stored (mode 0600).
+    Every command tries the servers in order and passes over one that does not
+    connect."""
     from testhide.cli.wire import log_in
 
     if bool(api_key) == bool(user):
@@ -142,9 +152,10 @@ def login(server: str, api_key: str | None, org: str, user: str | None, ca_file:
     else:
         assert api_key is not None
         credential = ApiKeyLogin(api_key.strip())
-    session = _run(log_in(Login(server, ca_file.read_text() if ca_file else None), credential))
+    servers = tuple(dict.fromkeys(servers))
+    session = _run(log_in(Login(servers, ca_file.read_text() if ca_file else None), credential))
     path = session.save()
-    click.echo(f"logged in to {server}; session stored in {path}", err=True)
+    click.echo(f"logged in to {', '.join(servers)}; session stored in {path}", err=True)
 
 
 @main.command(context_settings={"allow_interspersed_args": False})

@@ -1,11 +1,13 @@
 """The CLI's wire layer: the one module of the command that speaks gRPC and
-the generated protobuf messages. It opens one channel to the control plane,
-keeps the session's access token fresh, converts messages to the CLI's
-model (`cli/model.py`) and back, and maps gRPC errors to the CLI's errors
-(`cli/errors.py`) in one place."""
+the generated protobuf messages. It opens a channel to one of the control
+plane's replicas (see `ControlPlaneClient` for which), keeps the session's
+access token fresh, converts messages to the CLI's model (`cli/model.py`) and
+back, and maps gRPC errors to the CLI's errors (`cli/errors.py`) in one
+place."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -53,6 +55,10 @@ _OPTIONS = [
 ]
 
 _HINTS = {grpc.StatusCode.UNAUTHENTICATED: "run 'testhide login' again"}
+
+# How long a server that is not the last one to try may take to connect before
+# the next one is tried. A refused port or a failed handshake fails at once.
+CONNECT_WITHIN_S = 10.0
 
 
 # Conversion -----------------------------------------------------------------------------------------------
@@ -183,40 +189,137 @@ def _failure(error: grpc.aio.AioRpcError, server: str, channel: grpc.aio.Channel
     return RpcFailed(code.name, details, _HINTS.get(code, ""))
 
 
+# Channels -------------------------------------------------------------------------------------------------
+
+
+def _new_channel(login: Login, server: str) -> grpc.aio.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=login.ca_pem.encode() if login.ca_pem else None
+    )
+    return grpc.aio.secure_channel(server, credentials, options=_OPTIONS)
+
+
+async def _connects(channel: grpc.aio.Channel, within_s: float) -> bool:
+    """Whether ``channel`` connects (TCP and TLS) before it fails or ``within_s``
+    passes. It sends no request: a server passed over has been sent nothing."""
+    try:
+        async with asyncio.timeout(within_s):
+            state = channel.get_state(try_to_connect=True)
+            while state != grpc.ChannelConnectivity.READY:
+                if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+                    return False
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+    except TimeoutError:
+        return False
+    return True
+
+
 # The client -----------------------------------------------------------------------------------------------
 
 
 class ControlPlaneClient:
-    """The Jobs and Secrets services on one channel, as the signed-in user.
-    ``connected`` turns true once the control plane has answered a call."""
+    """The Jobs and Secrets services as the signed-in user, on a channel to one
+    of the login's servers. ``connected`` turns true once the control plane
+    has answered a call.
 
-    def __init__(self, login: Login, channel: grpc.aio.Channel) -> None:
+    The first call goes to the first server, in the saved order, that
+    connects: one that does not is passed over before anything is sent to it
+    (the last one left is not probed: its own error is the call's). A call
+    that fails UNAVAILABLE is not sent again here, since it may have reached
+    the server (a job submitted twice is two jobs), but the channel is
+    dropped: the next call, such as a follower's reconnection, starts at the
+    next server."""
+
+    def __init__(self, login: Login) -> None:
         self._login = login
-        self._channel = channel
-        self._jobs = jobs_pb2_grpc.JobsStub(channel)
-        self._secrets = jobs_pb2_grpc.SecretsStub(channel)
+        self._channel: grpc.aio.Channel | None = None
+        self._server = login.servers[0]
+        self._passed_over: tuple[str, ...] = ()
+        """Servers that did not connect before ``_server`` did."""
+        self._start = 0
+        """Where in ``login.servers`` the next channel starts looking."""
         self.connected = False
 
     @property
     def server(self) -> str:
-        return self._login.server
+        """The server calls go to."""
+        return self._server
+
+    @property
+    def _tried(self) -> str:
+        return ", ".join((*self._passed_over, self._server))
+
+    async def _open(self) -> grpc.aio.Channel:
+        """The channel calls go on; a new one when there is none (yet, or any more)."""
+        if self._channel is not None:
+            return self._channel
+        servers = self._login.servers
+        order = [servers[(self._start + i) % len(servers)] for i in range(len(servers))]
+        passed_over: list[str] = []
+        for server in order[:-1]:
+            channel = _new_channel(self._login, server)
+            if await _connects(channel, CONNECT_WITHIN_S):
+                break
+            await channel.close()
+            passed_over.append(server)
+        else:
+            server = order[-1]
+            channel = _new_channel(self._login, server)
+        self._channel, self._server, self._passed_over = channel, server, tuple(passed_over)
+        return channel
+
+    async def _failed(self, error: grpc.aio.AioRpcError, channel: grpc.aio.Channel) -> RpcFailed:
+        """The CLI's error for ``error``; after UNAVAILABLE, the channel is dropped."""
+        failure = _failure(error, self._tried, channel)
+        if error.code() == grpc.StatusCode.UNAVAILABLE and self._channel is channel:
+            self._channel = None
+            self._start = (self._login.servers.index(self._server) + 1) % len(self._login.servers)
+            await channel.close()
+        return failure
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    @property
+    def _jobs(self) -> jobs_pb2_grpc.JobsAsyncStub:
+        assert self._channel is not None, "opened by _call or _bearer"
+        return jobs_pb2_grpc.JobsStub(self._channel)
+
+    @property
+    def _secrets(self) -> jobs_pb2_grpc.SecretsAsyncStub:
+        assert self._channel is not None, "opened by _call or _bearer"
+        return jobs_pb2_grpc.SecretsStub(self._channel)
 
     async def _call(self, rpc: Callable[[], Awaitable[T]]) -> T:
+        """Open the channel if need be, then make the call ``rpc`` (once)."""
+        channel = await self._open()
         try:
             answer = await rpc()
         except grpc.aio.AioRpcError as error:
-            raise _failure(error, self.server, self._channel) from error
+            raise await self._failed(error, channel) from error
         self.connected = True
         return answer
+
+    async def log_in(self, credential: ApiKeyLogin | PasswordLogin) -> Login:
+        """Trade a password or API key for a session; nothing is stored here."""
+        request = _login_request(credential)
+        pair = await self._call(lambda: self._auth.Login(request, timeout=30))
+        return _stored(pair, self._login)
+
+    @property
+    def _auth(self) -> auth_pb2_grpc.AuthAsyncStub:
+        assert self._channel is not None, "opened by _call"
+        return auth_pb2_grpc.AuthStub(self._channel)
 
     async def _bearer(self) -> tuple[tuple[str, str], ...]:
         """The session's access token, refreshed (and the rotated refresh token
         saved) when it is about to expire: a follower may reconnect hours later."""
         if self._login.access_expires_at - time.time() <= REFRESH_MARGIN_S:
             request = auth_pb2.RefreshRequest(refresh_token=self._login.refresh_token)
-            pair = await self._call(
-                lambda: auth_pb2_grpc.AuthStub(self._channel).Refresh(request, timeout=30)
-            )
+            pair = await self._call(lambda: self._auth.Refresh(request, timeout=30))
             self._login = _stored(pair, self._login)
             self._login.save()
         return (("authorization", f"Bearer {self._login.access_token}"),)
@@ -267,12 +370,14 @@ class ControlPlaneClient:
 
     async def download(self, job_id: str, path: str) -> AsyncIterator[bytes]:
         request = jobs_pb2.DownloadArtifactRequest(job_id=job_id, path=path)
-        call = self._jobs.DownloadArtifact(request, metadata=await self._bearer())
+        metadata = await self._bearer()
+        channel = await self._open()
+        call = self._jobs.DownloadArtifact(request, metadata=metadata)
         try:
             async for chunk in call:
                 yield chunk.data
         except grpc.aio.AioRpcError as error:
-            raise _failure(error, self.server, self._channel) from error
+            raise await self._failed(error, channel) from error
         finally:
             call.cancel()
 
@@ -287,7 +392,9 @@ class ControlPlaneClient:
         then the finished job. A stream that was open (the control plane sent
         its headers or a message) and breaks off raises `Disconnected`."""
         request = jobs_pb2.FollowLogsRequest(job_id=job_id, from_offset=offset, follow=follow)
-        call = self._jobs.FollowLogs(request, metadata=await self._bearer())
+        metadata = await self._bearer()
+        channel = await self._open()
+        call = self._jobs.FollowLogs(request, metadata=metadata)
         opened = False
         try:
             await call.initial_metadata()  # returns at once on a failed call, with none
@@ -300,9 +407,10 @@ class ControlPlaneClient:
                 else:
                     yield chunk_from_pb(response.chunk)
         except grpc.aio.AioRpcError as error:
+            failure = await self._failed(error, channel)
             if opened and error.code() == grpc.StatusCode.UNAVAILABLE:
                 raise Disconnected(self.server, error.details() or "") from error
-            raise _failure(error, self.server, self._channel) from error
+            raise failure from error
         finally:
             call.cancel()
 
@@ -329,26 +437,16 @@ class ControlPlaneClient:
 
 
 @asynccontextmanager
-async def _channel(login: Login) -> AsyncIterator[grpc.aio.Channel]:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=login.ca_pem.encode() if login.ca_pem else None
-    )
-    async with grpc.aio.secure_channel(login.server, credentials, options=_OPTIONS) as channel:
-        yield channel
-
-
-@asynccontextmanager
 async def connect(login: Login) -> AsyncIterator[ControlPlaneClient]:
-    async with _channel(login) as channel:
-        yield ControlPlaneClient(login, channel)
+    client = ControlPlaneClient(login)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 async def log_in(login: Login, credential: ApiKeyLogin | PasswordLogin) -> Login:
-    """Trade a password or API key for a session; nothing is stored here."""
-    request = _login_request(credential)
-    async with _channel(login) as channel:
-        try:
-            pair = await auth_pb2_grpc.AuthStub(channel).Login(request, timeout=30)
-        except grpc.aio.AioRpcError as error:
-            raise _failure(error, login.server, channel) from error
-    return _stored(pair, login)
+    """Trade a password or API key for a session at the first of the servers
+    that connects; nothing is stored here."""
+    async with connect(login) as client:
+        return await client.log_in(credential)

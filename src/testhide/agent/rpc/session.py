@@ -1,6 +1,7 @@
-"""One connection to the control plane: the Connect stream, heartbeats, and
-certificate renewal. Jobs outlive sessions; the outbox replays their reports
-on the next one."""
+"""One connection to one control-plane replica: the Connect stream,
+heartbeats, and certificate renewal (on that replica, which has just
+answered). Jobs outlive sessions; the outbox replays their reports on the
+next one, on whichever replica that is."""
 
 from __future__ import annotations
 
@@ -33,7 +34,11 @@ FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_D
 
 
 class SessionLost(Exception):
-    """The stream ended after it was established; reconnect at once."""
+    """The stream ended after it was established; reconnect at once, to the next replica."""
+
+
+class CertificateRenewed(SessionLost):
+    """The session ended to present a new certificate; reconnect at once, to the same replica."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class SessionEvents:
     """job id, reason, abandon (the job is no longer ours: report nothing more)."""
     renewed: Callable[[Credentials], None]
     trust_bundle: Callable[[bytes], None]
+    connected: Callable[[str], None] = lambda endpoint: None
+    """The replica at this agent endpoint accepted the stream."""
 
 
 class Session:
@@ -53,6 +60,7 @@ class Session:
         self,
         config: AgentConfig,
         credentials: Credentials,
+        endpoint: str,
         outbox: Outbox,
         events: SessionEvents,
         runtimes: list[str] | None = None,
@@ -66,6 +74,7 @@ class Session:
         self._heartbeat_s = config.heartbeat_interval.total_seconds()
         self._config = config
         self._credentials = credentials
+        self._endpoint = endpoint
         self._outbox = outbox
         self._events = events
         self._rng = rng or random.SystemRandom()
@@ -81,7 +90,7 @@ class Session:
                 "enroll this agent again with a new token"
             )
         async with secure_channel(
-            creds.agent_endpoint,
+            self._endpoint,
             creds.ca_pem,
             client_key_pem=creds.key_pem,
             client_cert_pem=creds.certificate_pem,
@@ -102,7 +111,8 @@ class Session:
             try:
                 self._heartbeat_s = self._heartbeat_interval(await self._await_acceptance(call))
                 self.established = True
-                log.info("agent_connected", endpoint=creds.agent_endpoint, agent_id=creds.agent_id)
+                log.info("agent_connected", endpoint=self._endpoint, agent_id=creds.agent_id)
+                self._events.connected(self._endpoint)
                 self._outbox.attach(lambda report: outgoing.put_nowait(report_to_pb(report)))
                 tasks = [
                     asyncio.create_task(self._read(call, outgoing), name="read"),
@@ -234,4 +244,4 @@ class Session:
             agent_id=renewed.agent_id,
             not_after=renewed.certificate.not_valid_after_utc.isoformat(),
         )
-        raise SessionLost("certificate renewed; reconnecting with it")
+        raise CertificateRenewed("certificate renewed; reconnecting with it")

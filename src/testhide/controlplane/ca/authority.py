@@ -4,6 +4,8 @@ server certificates for the control plane's listeners."""
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -23,6 +25,31 @@ BACKDATE = AGENT_CERT_BACKDATE
 # issued just now.
 SERVER_BACKDATE = timedelta(minutes=5)
 DEV_MARKER = "testhide development (insecure)"
+_DNS_LABEL = re.compile(r"\A(?!-)[a-z0-9-]{1,63}(?<!-)\Z", re.IGNORECASE)
+
+
+def server_name_sans(names: Sequence[str]) -> list[x509.GeneralName]:
+    """The server certificate's subject alternative names: every name the
+    operator gives, an IP address as an IP SAN (clients check an address
+    against those only), anything else as a DNS name."""
+    if not names:
+        raise InvalidArgument("a server certificate needs at least one name")
+    sans: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name.removeprefix("[").removesuffix("]"))))
+            continue
+        except ValueError:
+            pass
+        labels = name.split(".")
+        if labels[0] == "*" and len(labels) > 2:
+            labels = labels[1:]  # a wildcard only as the whole first label
+        if len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+            raise InvalidArgument(
+                f"server name {name!r} is neither an IP address nor a DNS name (give no port or scheme)"
+            )
+        sans.append(x509.DNSName(name))
+    return sans
 
 
 @dataclass(frozen=True)
@@ -149,13 +176,8 @@ class CertificateAuthority:
 
     def issue_server(self, names: list[str], lifetime: timedelta) -> tuple[bytes, bytes]:
         """A server certificate (PEM chain: leaf then CA) and its key (PEM)."""
+        sans = server_name_sans(names)
         key = generate_key()
-        sans: list[x509.GeneralName] = []
-        for name in names:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-            except ValueError:
-                sans.append(x509.DNSName(name))
         cert = (
             self._leaf(names[0], key.public_key(), lifetime, datetime.now(UTC), SERVER_BACKDATE)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)

@@ -13,6 +13,7 @@ agent has the new bundle (prepare -> activate) and a new certificate (activate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -43,11 +44,23 @@ def _save(directory: DataDir, ca: CaState) -> None:
         directory.write_state(state)
 
 
-def rotate_server_certificate(directory: DataDir, master: MasterKey) -> x509.Certificate:
+def rotate_server_certificate(
+    directory: DataDir, master: MasterKey, names: Sequence[str] = ()
+) -> x509.Certificate:
+    """A new server certificate carrying ``names`` (every DNS name and address
+    clients reach any replica by), which replace the names recorded at
+    ``init`` or the last rotation; without ``names``, for the recorded ones."""
     state = directory.require_initialised()
-    return directory.issue_server_certificate(
-        directory.load_ca(master, allow_development=True), list(state["server_names"]), master
+    chosen = list(dict.fromkeys(names)) if names else list(state["server_names"])
+    certificate = directory.issue_server_certificate(
+        directory.load_ca(master, allow_development=True), chosen, master
     )
+    if chosen != state["server_names"]:
+        with directory.sealing():
+            state = directory.require_initialised()
+            state["server_names"] = chosen
+            directory.write_state(state)
+    return certificate
 
 
 def prepare(directory: DataDir, master: MasterKey) -> int:

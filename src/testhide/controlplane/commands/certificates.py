@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import SubjectAlternativeName
 
 from testhide.common.tls import fingerprint
 from testhide.controlplane.commands.common import data_dir_option
@@ -22,24 +23,35 @@ def server_cert() -> None:
 
 @server_cert.command("rotate")
 @data_dir_option
-def server_cert_rotate(data_dir: Path) -> None:
+@click.option(
+    "--server-name",
+    "server_names",
+    multiple=True,
+    help="DNS name or IP the listeners answer as (repeatable: every replica's); replaces the names"
+    " given before. Default: the names given before.",
+)
+def server_cert_rotate(data_dir: Path, server_names: tuple[str, ...]) -> None:
     """Issue a new server certificate; a running control plane serves it to
     new connections within a second, open streams carry on."""
     from testhide.controlplane.ca.rotation import rotate_server_certificate
 
-    async def run() -> str:
+    async def run() -> tuple[str, list[str]]:
         async with operator_context(data_dir) as op:
-            cert = rotate_server_certificate(op.directory, op.master)
+            cert = rotate_server_certificate(op.directory, op.master, server_names)
             serial = format(cert.serial_number, "x")
+            sans = cert.extensions.get_extension_for_class(SubjectAlternativeName).value
+            names = [str(name.value) for name in sans]
             await op.auditor.record(
                 "server_certificate_rotated",
                 op.actor,
                 target=serial,
                 not_after=cert.not_valid_after_utc.isoformat(),
+                names=names,
             )
-            return serial
+            return serial, names
 
-    click.echo(f"new server certificate {_run(run())}", err=True)
+    serial, names = _run(run())
+    click.echo(f"new server certificate {serial} for {', '.join(names)}", err=True)
 
 
 @click.group()
