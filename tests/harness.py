@@ -308,13 +308,15 @@ class ControlPlaneProcess:
     """``testhide-controlplane serve`` as its own process, on fixed ports so that
     it can be killed and started again where agents expect it."""
 
-    def __init__(self, data_dir: Path, api_port: int, agent_port: int) -> None:
+    def __init__(self, data_dir: Path, api_port: int, agent_port: int, name: str = "controlplane") -> None:
+        """``name``: of its log and port files beside the data dir (replicas of one data dir)."""
         self.data_dir, self.api_port, self.agent_port = data_dir, api_port, agent_port
         self.process: asyncio.subprocess.Process | None = None
-        self.log_path = data_dir.parent / "controlplane.log"
+        self.log_path = data_dir.parent / f"{name}.log"
+        self._ports = data_dir.parent / ("ports.json" if name == "controlplane" else f"{name}.ports.json")
 
     async def start(self) -> None:
-        ports = self.data_dir.parent / "ports.json"
+        ports = self._ports
         ports.unlink(missing_ok=True)
         # Appended to across restarts; the child keeps its own copy of the descriptor.
         with await asyncio.to_thread(self.log_path.open, "ab") as log:

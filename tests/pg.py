@@ -4,15 +4,19 @@ test, dropped afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from tests.harness import unavailable
+from tests.harness import REPO, unavailable
 
 URL_ENV = "TESTHIDE_TEST_DATABASE_URL"
 
@@ -46,3 +50,50 @@ async def fresh_database() -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+class PrivateCluster:
+    """A PostgreSQL cluster of the test's own (``scripts/postgres`` with a
+    state dir of its own), for tests that stop and start the server."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.url = ""
+
+    async def _script(self, *args: str) -> str:
+        process = await asyncio.create_subprocess_exec(
+            str(REPO / "scripts" / "postgres"),
+            *args,
+            env={**os.environ, "TESTHIDE_STATE_DIR": str(self.state_dir)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        if process.returncode != 0:
+            unavailable(f"scripts/postgres {' '.join(args)} failed: {err.decode(errors='replace')[-500:]}")
+        return out.decode().strip()
+
+    async def start(self) -> None:
+        """Starts the server, or resumes it after ``pause`` (same port, same data)."""
+        await self._script("start")
+        self.url = await self._script("url")
+
+    async def pause(self) -> None:
+        """Stops the server (a fast shutdown: sessions are cut), keeping its data."""
+        await self._script("pause")
+
+    async def remove(self) -> None:
+        await self._script("stop")
+
+
+@asynccontextmanager
+async def private_cluster() -> AsyncIterator[PrivateCluster]:
+    if shutil.which("runuser") is None or os.geteuid() != 0:
+        unavailable("a private PostgreSQL cluster needs root (it runs as the postgres user)")
+    cluster = PrivateCluster(Path(tempfile.mkdtemp(prefix="testhide-pg-")))
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.remove()
+        shutil.rmtree(cluster.state_dir, ignore_errors=True)
