@@ -100,7 +100,9 @@ class LocalCluster:
 
 
 class ClusterStore(Protocol):
-    async def replica_alive(self, replica: str, now: datetime, api: str, agent: str) -> None: ...
+    async def replica_alive(
+        self, replica: str, now: datetime, api: str, agent: str, key_ids: tuple[str, ...] = ()
+    ) -> None: ...
     async def replica_gone(self, replica: str) -> None: ...
     async def prune_replicas(self, now: datetime) -> int: ...
     async def claim_role(self, role: str, holder: str, now: datetime, until: datetime) -> bool: ...
@@ -114,8 +116,16 @@ class ClusterStore(Protocol):
 class PgCluster:
     follow_recheck_s = 0.1
 
-    def __init__(self, store: ClusterStore, api: str = "", agent: str = "") -> None:
+    def __init__(
+        self,
+        store: ClusterStore,
+        api: str = "",
+        agent: str = "",
+        key_ids: Callable[[], tuple[str, ...]] = tuple,
+    ) -> None:
         self.replica_id = secrets.token_hex(6)
+        self._key_ids = key_ids
+        """The master keys this replica holds (current first): a master-key rotation waits for all."""
         self._store = store
         self._api, self._agent = api, agent
         self._roles: dict[str, datetime] = {}
@@ -184,7 +194,7 @@ class PgCluster:
         while True:
             now = datetime.now(UTC)
             try:
-                await self._store.replica_alive(self.replica_id, now, self._api, self._agent)
+                await self._store.replica_alive(self.replica_id, now, self._api, self._agent, self._key_ids())
                 if await self._store.claim_role(LEASE_SWEEP, self.replica_id, now, now + ROLE_LEASE):
                     if LEASE_SWEEP not in self._roles:
                         log.info("cluster_role_taken", role=LEASE_SWEEP, replica=self.replica_id)

@@ -22,7 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
-from testhide.controlplane.auth.limits import RateLimiter, SpikeDetector
+from testhide.controlplane.auth.limits import rate_limiter, spike_detector
 from testhide.controlplane.auth.passwords import PasswordChecks
 from testhide.controlplane.auth.sessions import Sessions
 from testhide.controlplane.auth.tokens import AccessTokens, SigningKeys, issuer_for
@@ -46,6 +46,7 @@ from testhide.controlplane.rpc.auth import ApiAuthInterceptor
 from testhide.controlplane.rpc.auth_service import AuthServicer
 from testhide.controlplane.rpc.enrollment import EnrollmentServicer
 from testhide.controlplane.rpc.jobs import JobsServicer, SecretsServicer
+from testhide.controlplane.shared import SharedFiles
 from testhide.controlplane.store.base import Store
 from testhide.controlplane.store.postgres import PgStore
 
@@ -77,6 +78,7 @@ class ControlPlane:
         self.signing_keys: SigningKeys | None = None
         self.jobs: JobService | None = None
         self._ring: RingAnnouncement | None = None
+        self._shared: SharedFiles | None = None
         self.password_checks: PasswordChecks | None = None
 
     async def start(self) -> None:
@@ -86,11 +88,17 @@ class ControlPlane:
         # Before anything is sealed: a master-key rotation waits on what we hold.
         self._ring = RingAnnouncement(directory, master)
         self._ring.publish()
-        self.certificates = certs = CertificateState(directory, master, self.config.dev)
         self._store = store = await directory.open_store(self.config.db_busy_timeout)
+        if isinstance(store, PgStore):
+            # A copy of the data dir on another machine may be behind a rotation made elsewhere.
+            self._shared = SharedFiles(directory, master, store)
+            await self._shared.start()
+        self.certificates = certs = CertificateState(directory, master, self.config.dev)
         auditor = Auditor(store, await directory.audit_key(master, store))
 
-        self.cluster = cluster = PgCluster(store) if isinstance(store, PgStore) else LocalCluster()
+        self.cluster = cluster = (
+            PgCluster(store, key_ids=lambda: master.key_ids) if isinstance(store, PgStore) else LocalCluster()
+        )
         self.scheduler = scheduler = Scheduler(store, lease=self.config.job_lease, cluster=cluster)
         secrets = SecretVault(store, master)
         logs = LogBook(store, master)
@@ -123,7 +131,7 @@ class ControlPlane:
             AccessTokens(keys, issuer_for(certs.current.active_ca.trust_domain)),
             auditor,
             self.config.lockout,
-            SpikeDetector(self.config.failure_spike_threshold),
+            spike_detector(store, self.config.failure_spike_threshold),  # shared by replicas on PostgreSQL
             reuse_grace=self.config.refresh_reuse_grace,
             address_lockout=self.config.address_lockout,
             passwords=self.password_checks,
@@ -137,8 +145,10 @@ class ControlPlane:
                 auth=AuthServicer(sessions, keys),
                 health=health,
             ),
-            ApiAuthInterceptor(
-                sessions, RateLimiter(rate_a, int(2 * rate_a)), RateLimiter(rate_p, int(2 * rate_p))
+            ApiAuthInterceptor(  # budgets shared by replicas on PostgreSQL
+                sessions,
+                rate_limiter(store, "address", rate_a, int(2 * rate_a)),
+                rate_limiter(store, "principal", rate_p, int(2 * rate_p)),
             ),
             self.config.max_request_bytes,
         )
@@ -187,12 +197,16 @@ class ControlPlane:
         while True:
             await asyncio.sleep(WATCH_INTERVAL.total_seconds())
             try:
+                if self._shared is not None:
+                    await self._shared.follow()  # rotated elsewhere: the reloads below pick it up
                 if master.reload():
                     assert self._ring is not None
                     self._ring.publish()
                     log.info("master_key_reloaded", key_ids=list(master.key_ids), current=master.current_id)
                 if certs.server_certificate_due():
                     cert = await asyncio.to_thread(rotate_server_certificate, directory, master)
+                    if self._shared is not None:
+                        await self._shared.publish()
                     log.info(
                         "server_certificate_rotated", serial=format(cert.serial_number, "x"), automatic=True
                     )

@@ -385,4 +385,14 @@ async def _populate(
     from testhide.controlplane.auth.tokens import rotate_signing_key
 
     rotate_signing_key(directory, master)
+    if database_url:
+        # Copies of this data dir (replicas on other machines) follow its files through the database.
+        from testhide.controlplane.shared import SharedFiles
+        from testhide.controlplane.store.postgres import PgStore
+
+        shared_store = await PgStore.open(database_url, pool_size=1)
+        try:
+            await SharedFiles(directory, master, shared_store).publish()
+        finally:
+            await shared_store.close()
     return admin_key

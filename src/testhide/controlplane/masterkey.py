@@ -31,16 +31,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from testhide.common.files import atomic_write, file_lock
 from testhide.controlplane.atrest import MASTER_KEY_ENV, MasterKey, sealed_by
+from testhide.controlplane.cluster import REPLICA_TIMEOUT
 from testhide.controlplane.datadir import DataDir
 from testhide.controlplane.errors import FailedPrecondition, IntegrityError
 from testhide.controlplane.jobs.secrets import secret_aad
 from testhide.controlplane.store.base import DATA_KEY_TABLES, Store, WrappedDataKey
+from testhide.controlplane.store.postgres import PgStore
 
 log = structlog.get_logger("testhide.masterkey")
 
@@ -106,18 +108,36 @@ def ring_holders(directory: DataDir) -> list[RingHolder]:
     return holders
 
 
+async def _lagging(directory: DataDir, store: Store | None, current_id: str) -> list[str]:
+    """The running serves that do not seal with ``current_id`` yet: those of this
+    data dir (its run/ announcements) and, on PostgreSQL, every live replica of it
+    on any machine (their heartbeats say which keys they hold)."""
+    lagging = [f"pid {h.pid}" for h in ring_holders(directory) if h.key_ids[:1] != (current_id,)]
+    if isinstance(store, PgStore):
+        since = datetime.now(UTC) - REPLICA_TIMEOUT
+        lagging += [
+            f"replica {replica} (pid {pid} on {host})"
+            for replica, host, pid, key_ids in await store.replica_key_ids(since)
+            if key_ids[:1] != (current_id,)
+        ]
+    return lagging
+
+
 async def wait_for_holders(
-    directory: DataDir, current_id: str, holder_timeout: timedelta = HOLDER_TIMEOUT
+    directory: DataDir,
+    current_id: str,
+    holder_timeout: timedelta = HOLDER_TIMEOUT,
+    store: Store | None = None,
 ) -> None:
     """Until every running serve seals with ``current_id``; past ``holder_timeout``, a
     FailedPrecondition that names the serves still on another key."""
     deadline = time.monotonic() + holder_timeout.total_seconds()
     while True:
-        lagging = [h for h in ring_holders(directory) if h.key_ids[:1] != (current_id,)]
+        lagging = await _lagging(directory, store, current_id)
         if not lagging:
             return
         if time.monotonic() > deadline:
-            pids = ", ".join(str(h.pid) for h in lagging)
+            pids = ", ".join(lagging)
             raise FailedPrecondition(
                 f"running serve process(es) {pids} still seal with another key than {current_id} after "
                 f"{holder_timeout.total_seconds():.0f}s; if the key comes from {MASTER_KEY_ENV}, restart "
@@ -240,7 +260,7 @@ async def rotate(
     with _exclusive(directory):
         ring = _begin(directory, master)
         progress(f"new master key {ring.current_id}; retiring {', '.join(ring.key_ids[1:])}")
-        await wait_for_holders(directory, ring.current_id, holder_timeout)
+        await wait_for_holders(directory, ring.current_id, holder_timeout, store)
         rewrapped = resealed = 0
         while True:
             rows, files = await rewrap_data_keys(store, ring), reseal_files(directory, ring)
@@ -250,7 +270,7 @@ async def rotate(
             if rows.changed or files.changed:
                 continue
             # A serve that started on the old ring and announced late has caught up by now.
-            await wait_for_holders(directory, ring.current_id, holder_timeout)
+            await wait_for_holders(directory, ring.current_id, holder_timeout, store)
             counts = await census(directory, store)
             if sum(n for kid, n in counts.items() if kid != ring.current_id) <= len(damaged):
                 break

@@ -12,7 +12,9 @@ from pathlib import Path
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.datadir import DataDir
+from testhide.controlplane.shared import SharedFiles
 from testhide.controlplane.store.base import Store
+from testhide.controlplane.store.postgres import PgStore
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,18 @@ async def operator_context(data_dir: Path) -> AsyncIterator[OperatorContext]:
     master = directory.master_key()
     store = await directory.open_store()
     try:
-        yield OperatorContext(
-            directory, master, store, Auditor(store, await directory.audit_key(master, store))
-        )
+        shared = SharedFiles(directory, master, store) if isinstance(store, PgStore) else None
+        if shared is not None:
+            await shared.start()  # this copy of the data dir may be behind a rotation made elsewhere
+        try:
+            yield OperatorContext(
+                directory, master, store, Auditor(store, await directory.audit_key(master, store))
+            )
+        finally:
+            if shared is not None:
+                # What the command rotated reaches the other copies; after a master-key rotation,
+                # every file again, sealed under the new key.
+                fresh = directory.master_key()
+                await shared.publish(everything=fresh.current_id != master.current_id, master=fresh)
     finally:
         await store.close()

@@ -25,6 +25,7 @@ import structlog
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.limits import (
     DEFAULT_ADDRESS_LOCKOUT,
+    FailureSpikes,
     LockoutPolicy,
     SpikeDetector,
     client_network,
@@ -62,7 +63,7 @@ class Sessions:
         tokens: AccessTokens,
         auditor: Auditor,
         lockout: LockoutPolicy = DEFAULT_LOCKOUT,
-        spikes: SpikeDetector | None = None,
+        spikes: FailureSpikes | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         reuse_grace: timedelta = REUSE_GRACE,
         address_lockout: LockoutPolicy = DEFAULT_ADDRESS_LOCKOUT,
@@ -261,8 +262,8 @@ class Sessions:
             # Successes never reset it: one valid account must not buy more guesses at others.
             window = self._address_lockout.window
             await self._store.record_address_failure(client_network(source_ip), self._clock(), window)
-        spiked = self._spikes.failure("ip", client_network(source_ip))
-        if record and self._spikes.failure("account", subject):
+        spiked = await self._spikes.observe("ip", client_network(source_ip))
+        if record and await self._spikes.observe("account", subject):
             spiked = True
         if spiked:
             await self._auditor.record("auth_failure_spike", "system", target=subject, source_ip=source_ip)

@@ -10,7 +10,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 
 import grpc
 
-from testhide.controlplane.auth.limits import RateLimiter
+from testhide.controlplane.auth.limits import Limiter
 from testhide.controlplane.auth.principal import Principal
 from testhide.controlplane.auth.sessions import Sessions
 from testhide.controlplane.errors import ControlPlaneError, PermissionDenied, RateLimited
@@ -83,9 +83,10 @@ def client_address(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
     """Every API-port call passes here: a per-address rate limit for all, and
     for all but the public methods an access token, its scope and a
-    per-principal rate limit. Methods missing from the table are refused."""
+    per-principal rate limit. Methods missing from the table are refused. The
+    limits are this process's or, with replicas, the database's (``auth/limits.py``)."""
 
-    def __init__(self, sessions: Sessions, per_address: RateLimiter, per_principal: RateLimiter) -> None:
+    def __init__(self, sessions: Sessions, per_address: Limiter, per_principal: Limiter) -> None:
         self._sessions = sessions
         self._per_address = per_address
         self._per_principal = per_principal
@@ -93,7 +94,7 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
     async def _admit(
         self, method: str, metadata: dict[str, str], context: grpc.aio.ServicerContext[Any, Any]
     ) -> Principal | None:
-        wait = self._per_address.take(client_address(context))
+        wait = await self._per_address.acquire(client_address(context))
         if wait:
             raise RateLimited("too many requests from this address", retry_after_s=wait)
         if method in PUBLIC:
@@ -103,7 +104,7 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
             raise PermissionDenied(f"method {method} is not open to API callers")
         principal = await self._sessions.authenticate(metadata.get("authorization"), context.peer())
         principal.require(scope)
-        wait = self._per_principal.take(f"{principal.kind}:{principal.id}")
+        wait = await self._per_principal.acquire(f"{principal.kind}:{principal.id}")
         if wait:
             raise RateLimited("too many requests for this credential", retry_after_s=wait)
         return principal

@@ -2,10 +2,13 @@
 replicas are alive (a heartbeat row each), which one holds a cluster-wide
 role such as the lease sweep (a lease row, renewed by its holder; not an
 advisory lock, which connection poolers break), which replica holds each
-agent's stream, and notifications (LISTEN/NOTIFY on one channel)."""
+agent's stream, notifications (LISTEN/NOTIFY on one channel), and the data
+dir's shared files (sealed under the master key; see controlplane/shared.py)."""
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -19,18 +22,65 @@ REPLICA_ROWS_KEPT = timedelta(days=1)
 class PgCluster(PgParts):
     _driver: PgDriver
 
-    async def replica_alive(self, replica: str, now: datetime, api: str, agent: str) -> None:
+    async def replica_alive(
+        self, replica: str, now: datetime, api: str, agent: str, key_ids: tuple[str, ...] = ()
+    ) -> None:
+        """The replica's heartbeat: its addresses and the master keys it holds (current first)."""
+
         async def run(c: PgConnection) -> None:
             await c.execute(
-                "INSERT INTO replicas (id, started_at, seen_at, api, agent) VALUES ($1, $2, $2, $3, $4)"
-                " ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+                "INSERT INTO replicas (id, started_at, seen_at, api, agent, key_ids, host, pid)"
+                " VALUES ($1, $2, $2, $3, $4, $5, $6, $7)"
+                " ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at, api = excluded.api,"
+                " agent = excluded.agent, key_ids = excluded.key_ids",
                 replica,
                 now,
                 api,
                 agent,
+                " ".join(key_ids),
+                socket.gethostname(),
+                os.getpid(),
             )
 
         await self._tx(run)
+
+    async def replica_key_ids(self, alive_since: datetime) -> list[tuple[str, str, int, tuple[str, ...]]]:
+        """(replica, host, pid, master key ids) of the live replicas."""
+        rows = await self._fetch(
+            "SELECT id, host, pid, key_ids FROM replicas WHERE seen_at >= $1 ORDER BY id", alive_since
+        )
+        return [(r["id"], r["host"], r["pid"], tuple(r["key_ids"].split())) for r in rows]
+
+    # the data dir's shared files --------------------------------------------------------
+    async def shared_version(self) -> int:
+        rows = await self._fetch("SELECT COALESCE(MAX(version), 0) AS v FROM shared_files")
+        return int(rows[0]["v"])
+
+    async def shared_files(self, since: int) -> list[tuple[str, str, bytes | None, int]]:
+        """(name, digest, sealed data or None when removed, version) changed after ``since``."""
+        rows = await self._fetch(
+            "SELECT name, digest, data, version FROM shared_files WHERE version > $1 ORDER BY version", since
+        )
+        return [(r["name"], r["digest"], r["data"], r["version"]) for r in rows]
+
+    async def put_shared_files(self, files: list[tuple[str, str, bytes | None]]) -> int:
+        """Writes (name, digest, sealed data or None to remove) in one transaction; the new version."""
+
+        async def run(c: PgConnection) -> int:
+            version = int(await c.fetchval("SELECT nextval('shared_files_version')"))
+            for name, digest, data in files:
+                await c.execute(
+                    "INSERT INTO shared_files (name, digest, data, version) VALUES ($1, $2, $3, $4)"
+                    " ON CONFLICT (name) DO UPDATE SET digest = excluded.digest, data = excluded.data,"
+                    " version = excluded.version",
+                    name,
+                    digest,
+                    data,
+                    version,
+                )
+            return version
+
+        return await self._tx(run)
 
     async def replica_gone(self, replica: str) -> None:
         """A replica that stops cleanly: its roles and agents are free at once."""

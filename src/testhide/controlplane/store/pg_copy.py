@@ -62,8 +62,9 @@ TABLES: tuple[str, ...] = (
 )
 """Every table of the SQLite schema, parents before children (foreign keys)."""
 
-POSTGRES_ONLY = ("replicas", "roles")
-"""Tables only PostgreSQL has (what replicas know of each other): nothing to copy, but must be empty."""
+POSTGRES_ONLY = ("replicas", "roles", "shared_files", "rate_buckets", "auth_spikes")
+"""Tables only PostgreSQL has (what replicas share and know of each other): nothing to copy, but
+must be empty."""
 
 BATCH_ROWS = 1000
 BATCH_BYTES = 4 * 1024 * 1024

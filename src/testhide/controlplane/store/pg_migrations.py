@@ -235,4 +235,46 @@ PG_MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE agents ADD COLUMN replica TEXT NOT NULL DEFAULT ''
         """,
     ),
+    (
+        3,
+        # Request budgets and failed-authentication spikes, shared by the replicas (pg_limits).
+        # rate_buckets is UNLOGGED (a take costs no WAL flush; after a crash every bucket starts
+        # full) and has no index but its key, so that a take is a HOT update.
+        """
+        CREATE UNLOGGED TABLE rate_buckets (
+            key TEXT PRIMARY KEY,
+            tokens DOUBLE PRECISION NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL,
+            denied BOOLEAN NOT NULL
+        ) WITH (fillfactor = 70);
+        CREATE TABLE auth_spikes (
+            subject TEXT PRIMARY KEY,
+            failures TIMESTAMPTZ[] NOT NULL,
+            alerted_at TIMESTAMPTZ,
+            alert TEXT NOT NULL,
+            last_at TIMESTAMPTZ NOT NULL
+        )
+        """,
+    ),
 ]
+
+# The data dir's shared files (certificates, sealed keys, state.json), so that a copy of the
+# data dir on another machine follows rotations made anywhere; and which master keys each
+# replica holds (master-key rotation waits for every live replica).
+PG_MIGRATIONS.append(
+    (
+        4,
+        """
+        CREATE SEQUENCE shared_files_version;
+        CREATE TABLE shared_files (
+            name TEXT PRIMARY KEY,
+            digest TEXT NOT NULL,
+            data BYTEA,
+            version BIGINT NOT NULL
+        );
+        ALTER TABLE replicas ADD COLUMN key_ids TEXT NOT NULL DEFAULT '';
+        ALTER TABLE replicas ADD COLUMN host TEXT NOT NULL DEFAULT '';
+        ALTER TABLE replicas ADD COLUMN pid INTEGER NOT NULL DEFAULT 0
+        """,
+    )
+)

@@ -6,9 +6,10 @@ transactions; the queries live in its parts, one module per area, as in the
 SQLite backend: ``pg_jobs`` (jobs, logs, results, blobs, secrets, pool
 policies), ``pg_leases``, ``pg_agents`` (organisations, pools, enrollment
 tokens, agents), ``pg_auth`` (API keys, users, sessions, failed logins,
-audit) and ``pg_cluster`` (what replicas know of each other). Logs,
-workspaces and artifacts are rows of encrypted chunks, so the replicas share
-nothing but the database."""
+audit), ``pg_cluster`` (what replicas know of each other and the data dir's
+shared files) and ``pg_limits`` (rate limits and failed-login spikes shared
+by the replicas). Logs, workspaces and artifacts are rows of encrypted
+chunks, so the replicas share nothing but the database."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from testhide.controlplane.store.pg_auth import PgAuth
 from testhide.controlplane.store.pg_cluster import PgCluster
 from testhide.controlplane.store.pg_jobs import PgJobData
 from testhide.controlplane.store.pg_leases import PgLeases
+from testhide.controlplane.store.pg_limits import PgLimits
 from testhide.controlplane.store.pg_migrations import PG_MIGRATIONS
 from testhide.controlplane.store.pgdriver import (
     PgConnection,
@@ -37,7 +39,7 @@ from testhide.controlplane.store.pgdriver import (
 T = TypeVar("T")
 
 
-class PgStore(PgJobData, PgLeases, PgAgents, PgAuth, PgCluster):
+class PgStore(PgJobData, PgLeases, PgAgents, PgAuth, PgCluster, PgLimits):
     def __init__(self, driver: PgDriver) -> None:
         self._driver = driver
 
