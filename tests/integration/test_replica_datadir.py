@@ -16,7 +16,7 @@ from cryptography import x509
 
 from testhide.controlplane.datadir import DataDir
 from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
-from tests.harness import REPO, RunningControlPlane, control_plane, eventually, operator, serving
+from tests.harness import REPO, RunningControlPlane, control_plane, eventually, free_port, operator, serving
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -117,3 +117,40 @@ async def test_master_key_rotation_waits_for_every_copy_and_reseals_what_they_sh
             assert code == 0, err_text
             rotated = serial_of(a.data_dir / "server.pem")
             await eventually(lambda: served_serial(b) == rotated, within=10, what="the copy to follow")
+
+
+async def test_init_on_postgres_records_the_url_privately_and_refuses_a_database_already_in_use(
+    tmp_path: Path, pg_url: str
+) -> None:
+    url_file = tmp_path / "database-url"
+    url_file.write_text(pg_url + "\n")
+    first = tmp_path / "first"
+    code, out, err = await operator("init", "--data-dir", str(first), "--database-file", str(url_file))
+    assert code == 0, err
+    assert out.startswith("thk_")  # the admin key, shown once
+    recorded = first / "database.url"
+    assert recorded.read_text().strip() == pg_url
+    assert recorded.stat().st_mode & 0o777 == 0o600
+    assert not (first / "testhide.db").exists()
+    assert DataDir(first).require_initialised()["store"] == "postgresql"
+
+    # A second install on the same database is refused, and leaves nothing behind.
+    second = tmp_path / "second"
+    code, _, err = await operator("init", "--data-dir", str(second), "--database-file", str(url_file))
+    assert code != 0
+    assert "already holds a testhide control plane" in err
+    assert "copy its data dir" in err
+    assert not second.exists()
+
+
+async def test_init_with_a_database_that_cannot_be_reached_says_so_and_leaves_nothing(tmp_path: Path) -> None:
+    closed = free_port()  # bound and released: nothing listens there
+    target = tmp_path / "cp"
+    code, _, err = await operator(
+        "init", "--data-dir", str(target), "--database", f"postgresql://u:secret@127.0.0.1:{closed}/db"
+    )
+    assert code != 0
+    assert "database is unavailable" in err
+    assert "secret" not in err
+    assert "Traceback" not in err
+    assert not target.exists()
