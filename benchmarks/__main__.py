@@ -1,8 +1,12 @@
 """The benchmark suite: all its figures, each with its baseline from the same
 run, written to ``results/latest.json`` and ``results/latest.md``.
 
-    python3 -m benchmarks            # the full suite (about 10 minutes on 2 cores)
+    python3 -m benchmarks            # the full suite (about 15 minutes on 2 cores)
     python3 -m benchmarks --smoke    # tiny sizes, seconds: run in CI so it cannot rot
+    python3 -m benchmarks --only replicas --out-dir /tmp/replicas   # some of them, results elsewhere
+
+``replicas`` starts a PostgreSQL cluster of its own (``scripts/postgres``, as
+root): nothing needs to be running beforehand.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import certs, connections, login_flood, logs, overhead, pickup, scheduler
+from benchmarks import certs, connections, login_flood, logs, overhead, pickup, replicas, scheduler
 from benchmarks.figures import Figure, machine, raise_fd_limit
 from benchmarks.notes import NOTES
 from testhide.common.logging import configure
@@ -32,6 +36,7 @@ SUITE: dict[str, Callable[[bool], Awaitable[Figure | list[Figure]]]] = {
     "connections": connections.measure,
     "certs": certs.measure,
     "login_flood": login_flood.measure,
+    "replicas": replicas.measure,
 }
 
 

@@ -21,6 +21,8 @@ import grpc
 from benchmarks.figures import Figure, cpu_seconds, median, percentile, raise_fd_limit
 from benchmarks.fleet import SPAWN, UNLIMITED, issue_agents, save_credentials
 from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus, new_job_id
+from testhide.controlplane.store.base import Store
+from testhide.controlplane.store.postgres import PgStore
 from testhide.controlplane.store.sqlite import SqliteStore
 from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.harness import JOB_IMAGE, RunningControlPlane, control_plane
@@ -50,15 +52,19 @@ def _run_agents(data_dirs: list[Path], stop: Any) -> None:
 
 
 async def _submit(
-    api_target: str, ca_pem: bytes, bearer: tuple[tuple[str, str], ...], count: int
+    api_targets: tuple[str, ...], ca_pem: bytes, bearer: tuple[tuple[str, str], ...], count: int
 ) -> list[tuple[str, float, float]]:
+    """``count`` jobs from ``SUBMITTERS`` concurrent callers, spread evenly over
+    the API targets (replicas)."""
     spec = jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"], pool="default")
     submitted: list[tuple[str, float, float]] = []
     remaining = iter(range(count))
-    async with grpc.aio.secure_channel(api_target, grpc.ssl_channel_credentials(ca_pem)) as channel:
-        jobs = jobs_pb2_grpc.JobsStub(channel)
+    credentials = grpc.ssl_channel_credentials(ca_pem)
+    channels = [grpc.aio.secure_channel(target, credentials) for target in api_targets]
+    try:
+        stubs = [jobs_pb2_grpc.JobsStub(channel) for channel in channels]
 
-        async def submitter() -> None:
+        async def submitter(jobs: jobs_pb2_grpc.JobsAsyncStub) -> None:
             for _ in remaining:
                 started = time.monotonic()
                 response = await jobs.Submit(
@@ -66,7 +72,10 @@ async def _submit(
                 )
                 submitted.append((response.job.id, started, time.monotonic()))
 
-        await asyncio.gather(*(submitter() for _ in range(SUBMITTERS)))
+        await asyncio.gather(*(submitter(stubs[i % len(stubs)]) for i in range(SUBMITTERS)))
+    finally:
+        for channel in channels:
+            await channel.close()
     return submitted
 
 
@@ -106,9 +115,14 @@ def _record_times(cp: RunningControlPlane) -> tuple[dict[str, float], dict[str, 
     return assigned, ended
 
 
-async def store_lifecycle_rate(directory: Path, count: int) -> float:
-    """Jobs per second through the store alone, one after another."""
-    store = await SqliteStore.open(directory / f"baseline-{time.monotonic_ns()}.db")
+async def store_lifecycle_rate(directory: Path, count: int, database_url: str | None = None) -> float:
+    """Jobs per second through the store alone, one after another: SQLite in
+    ``directory``, or PostgreSQL in the empty database at ``database_url``."""
+    store: Store = await (
+        PgStore.open(database_url)
+        if database_url
+        else SqliteStore.open(directory / f"baseline-{time.monotonic_ns()}.db")
+    )
     spec = JobSpec(image=JOB_IMAGE, command=("true",))
     try:
         await store.create_org("default", datetime.now(UTC))
@@ -164,7 +178,7 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
             submitter = SPAWN.Process(
                 target=_submit_process,
                 name="bench-submit",
-                args=((cp.api_target, cp.ca_pem, await cp.bearer(), count), start, out),
+                args=(((cp.api_target,), cp.ca_pem, await cp.bearer(), count), start, out),
             )
             submitter.start()
             await asyncio.sleep(1.0)  # let the submitter import and reach the start line

@@ -23,6 +23,13 @@ FIGURES = {
     "certificate_signing",
     "certificate_renewal",
     "login_flood_health_p99",
+    "replicas_throughput_sqlite",
+    "replicas_throughput_asyncpg",
+    "replicas_throughput_psycopg",
+    "replicas_throughput_two",
+    "replicas_notify_cost",
+    "replicas_pickup",
+    "replicas_streams_memory",
 }
 
 
@@ -62,6 +69,12 @@ async def test_whole_suite_smoke(tmp_path: Path) -> None:
         figures["controlplane_memory"]["details"]["streams_held"]
         == figures["controlplane_memory"]["details"]["streams"]
     )
+    two = figures["replicas_throughput_two"]["details"]
+    assert set(two["cpu_ms_per_job"]) == {"replica_a", "replica_b", "agents", "submitter", "postgresql"}
+    profiled = figures["replicas_throughput_asyncpg"]["details"]["profiled_run"]
+    assert profiled["profile_replica_a"]["cumulative"]
+    assert figures["replicas_pickup"]["details"]["cross_p99_ms"] > 0
+    assert figures["replicas_streams_memory"]["details"]["streams_per_replica"] == [20, 20]
     assert "| figure |" in (tmp_path / "latest.md").read_text()
 
 

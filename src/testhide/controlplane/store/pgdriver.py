@@ -168,6 +168,13 @@ class _AsyncpgConnection:
 _SERVER_SETTINGS = {"timezone": "UTC", "application_name": "testhide"}
 
 
+async def _keep_session(_: object) -> None:
+    """No reset query when a connection goes back to the pool: the store changes no
+    session state (settings come with the connection; transactions end themselves),
+    and the default (RESET ALL, UNLISTEN *, …) is a round trip per transaction
+    (15 transactions per job instead of 7.5 on the scheduler benchmark)."""
+
+
 class _AsyncpgDriver:
     name = "asyncpg"
 
@@ -184,6 +191,7 @@ class _AsyncpgDriver:
             server_settings=_SERVER_SETTINGS,
             timeout=10,
             command_timeout=60,
+            reset=_keep_session,
         )
         return cls(pool, dsn)
 
