@@ -8,7 +8,8 @@ The lock is resolved by uv for every platform and Python version the project sup
 one file serves Debian 12's Python 3.11.2 and newer ones alike; scripts/host-setup installs it with
 `pip install --require-hashes`. Its first line records a digest of what it was resolved from (the
 dependencies, its extras (`test`, `psycopg`) and the build requirements of pyproject.toml);
-`--check` recomputes that digest and also checks that every declared requirement is pinned at a version it allows.
+`--check` recomputes that digest and also checks that every declared requirement is pinned at a
+version it allows.
 """
 
 from __future__ import annotations
