@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from testhide.controlplane.auth import limits
@@ -62,6 +64,12 @@ class FakeShared:
         self._check()
         self.prunes += 1
         return 0
+
+
+@pytest.fixture(autouse=True)
+def fresh_logger(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A logger of its own: one cached before (another test configured logging) bypasses capture_logs.
+    monkeypatch.setattr(limits, "log", structlog.get_logger("testhide.auth"))
 
 
 def test_the_store_decides_which_kind() -> None:
