@@ -4,6 +4,8 @@ and loaded with ``docker import``.
 - testhide/busybox:1  FROM-scratch style: Debian's static busybox and its applets.
 - testhide/python:1   a minimal Debian (debootstrap) with python3 and pytest, for
                       real test suites; built only when asked (--python), ~50 s.
+- testhide/agent-base:1  the same with python3 and python3-venv, trimmed: the base of
+                      Dockerfile.agent (images/agent.py builds the agent image on it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import docker
 
 BUSYBOX_IMAGE = "testhide/busybox:1"
 PYTHON_IMAGE = "testhide/python:1"
+AGENT_BASE_IMAGE = "testhide/agent-base:1"
 _PASSWD = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
 _GROUP = b"root:x:0:\nnogroup:x:65534:\n"
 
@@ -95,13 +98,51 @@ def debian_mirror() -> str:
 
 
 def build_python(client: docker.DockerClient, force: bool = False) -> None:
+    _build_debian(client, PYTHON_IMAGE, ["python3", "python3-pytest"], force=force)
+
+
+def build_agent_base(client: docker.DockerClient, force: bool = False) -> None:
+    """The base of Dockerfile.agent: Debian 12 minbase with python3 and python3-venv, without apt's
+    package lists and cached .debs, documentation (copyright files kept), manuals and translations."""
+    _build_debian(client, AGENT_BASE_IMAGE, ["python3", "python3-venv"], force=force, trim=True)
+
+
+def _trim(root: str) -> None:
+    """What a daemon never reads; what is left of the agent base is 125 MB."""
+    from pathlib import Path
+
+    top = Path(root)
+    # apt's own directories stay, so `apt-get update` works in an image built on this one.
+    patterns = ("var/lib/apt/lists/*_*", "var/cache/apt/*.bin", "var/cache/apt/archives/*.deb")
+    doomed = [entry for pattern in patterns for entry in top.glob(pattern)]
+    doomed += [entry for name in ("man", "info", "locale") for entry in (top / "usr/share" / name).glob("*")]
+    # Not glob("*/*"): that would follow the doc directories that are symlinks to others.
+    documented = [package for package in (top / "usr/share/doc").iterdir() if not package.is_symlink()]
+    doomed += [
+        entry
+        for package in documented
+        if package.is_dir()
+        for entry in package.iterdir()
+        if entry.name != "copyright"
+    ]
+    for entry in doomed:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _build_debian(
+    client: docker.DockerClient, image: str, packages: list[str], force: bool, trim: bool = False
+) -> None:
+    """``debootstrap --variant=minbase`` of bookworm with ``packages``, imported as ``image``."""
     import subprocess
     import tempfile
 
     try:
-        client.images.get(PYTHON_IMAGE)
+        client.images.get(image)
         if not force:
-            print(f"{PYTHON_IMAGE} present")
+            print(f"{image} present")
             return
     except docker.errors.ImageNotFound:
         pass
@@ -112,7 +153,7 @@ def build_python(client: docker.DockerClient, force: bool = False) -> None:
             [
                 "debootstrap",
                 "--variant=minbase",
-                "--include=python3,python3-pytest",
+                f"--include={','.join(packages)}",
                 "bookworm",
                 root,
                 debian_mirror(),
@@ -120,17 +161,21 @@ def build_python(client: docker.DockerClient, force: bool = False) -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
-        assert tar.stdout is not None
-        repository, tag = PYTHON_IMAGE.split(":")
-        client.api.import_image(
-            src=tar.stdout,
-            repository=repository,
-            tag=tag,
-            changes=["ENV PATH=/usr/local/bin:/usr/bin:/bin", 'CMD ["/usr/bin/python3"]'],
-        )
-        tar.wait()
-    print(f"{PYTHON_IMAGE} built")
+        if trim:
+            _trim(root)
+        repository, tag = image.split(":")
+        # As a context manager, so that the pipe is closed (an open one is a ResourceWarning in pytest).
+        with subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE) as tar:
+            assert tar.stdout is not None
+            client.api.import_image(
+                src=tar.stdout,
+                repository=repository,
+                tag=tag,
+                changes=["ENV PATH=/usr/local/bin:/usr/bin:/bin", 'CMD ["/usr/bin/python3"]'],
+            )
+        if tar.returncode != 0:
+            raise SystemExit(f"tar of the {image} root filesystem exited {tar.returncode}")
+    print(f"{image} built")
 
 
 if __name__ == "__main__":
