@@ -12,6 +12,7 @@ on one database, and a database that cuts its connections."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import sqlite3
 from collections import Counter
@@ -29,6 +30,7 @@ import pytest
 
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import AuditChain, AuditEntry, AuditEvent, Auditor
+from testhide.controlplane.ca.store import AgentHello
 from testhide.controlplane.errors import (
     ConfigError,
     FailedPrecondition,
@@ -42,7 +44,13 @@ from testhide.controlplane.jobs.leases import Leases
 from testhide.controlplane.jobs.logs import LogBook
 from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus, LogStream, Resources
 from testhide.controlplane.jobs.scheduler import Scheduler
-from testhide.controlplane.store.base import ApiKeyRecord, EnrollmentTokenRecord, RefreshRecord, Store
+from testhide.controlplane.store.base import (
+    AgentRecord,
+    ApiKeyRecord,
+    EnrollmentTokenRecord,
+    RefreshRecord,
+    Store,
+)
 from testhide.controlplane.store.migrations import MIGRATIONS
 from testhide.controlplane.store.pg_migrations import PG_MIGRATIONS
 from testhide.controlplane.store.postgres import PgStore
@@ -1029,3 +1037,92 @@ async def test_pg_connections_cut_by_the_server_are_storage_unavailable_then_rep
         assert await store.list_orgs() == ["acme", "other"]
     finally:
         await store.close()
+
+
+# ------------------------------------------------------------------ enrollment and agents (the build host)
+
+
+def new_agent(agent_id: str = "a1", org: str = "acme") -> AgentRecord:
+    return AgentRecord(agent_id, org, "default", "build-1", "5e", NOW + timedelta(hours=1), NOW)
+
+
+@EVERY_DRIVER
+async def test_enroll_agent_spends_the_token_and_adds_the_agent_together(store: Store) -> None:
+    await store.create_enrollment_token(token())
+    looked_at = await store.enrollment_token("t1", b"h" * 32, NOW)
+    assert (looked_at.org, looked_at.pool, looked_at.used_at) == ("acme", "default", None)
+    assert [t.used_at for t in await store.list_enrollment_tokens()] == [None]  # looking spends nothing
+    spent = await store.enroll_agent("t1", b"h" * 32, NOW, new_agent())
+    assert spent.used_at == NOW
+    assert [a.id for a in await store.list_agents()] == ["a1"]
+    for again in (
+        store.enrollment_token("t1", b"h" * 32, NOW),
+        store.enroll_agent("t1", b"h" * 32, NOW, new_agent("a2")),
+    ):
+        with pytest.raises(Unauthenticated):
+            await again
+    assert [a.id for a in await store.list_agents()] == ["a1"]
+
+
+async def test_a_failed_enrollment_keeps_the_token_and_leaves_no_agent(store: Store) -> None:
+    await store.create_agent(new_agent("a1"))
+    await store.create_enrollment_token(token())
+    with pytest.raises(integrity_error(store)):  # the agent cannot be added (its id is taken)
+        await store.enroll_agent("t1", b"h" * 32, NOW, new_agent("a1"))
+    with pytest.raises(Unauthenticated):  # nor into another org than the token's
+        await store.enroll_agent("t1", b"h" * 32, NOW, new_agent("a2", org="other"))
+    with pytest.raises(Unauthenticated):  # nor with the wrong secret
+        await store.enroll_agent("t1", b"x" * 32, NOW, new_agent("a2"))
+    assert [t.used_at for t in await store.list_enrollment_tokens()] == [None]
+    assert [a.id for a in await store.list_agents()] == ["a1"]
+    await store.enroll_agent("t1", b"h" * 32, NOW, new_agent("a2"))
+    assert [a.id for a in await store.list_agents()] == ["a1", "a2"]
+
+
+async def test_agents_list_what_their_hello_offered_and_their_running_jobs(store: Store) -> None:
+    await store.create_agent(new_agent("agent-1"))
+    await store.create_agent(new_agent("agent-2"))
+    never = next(a for a in await store.list_agents() if a.id == "agent-2")
+    assert (never.labels, never.runtimes, never.max_jobs, never.last_seen_at, never.replica) == (
+        {},
+        (),
+        0,
+        None,
+        "",
+    )
+    hello = AgentHello.shown("1.2.3", {"arch": "amd64", "gpu\x1b[31m": "no"}, ["runsc", "runc"], 4)
+    await store.touch_agent("acme", "agent-1", NOW, hello)
+    await assigned(store, "j1")
+    await assigned(store, "j2")
+    await store.report_job("acme", "j2", "agent-1", 1, JobStatus.SUCCEEDED, NOW, exit_code=0, last_seq=0)
+    await store.touch_agent("acme", "agent-1", NOW + timedelta(seconds=20))  # a heartbeat keeps the offer
+    listed = {a.id: a for a in await store.list_agents()}
+    seen = listed["agent-1"]
+    assert (seen.version, seen.labels, seen.runtimes, seen.max_jobs) == (
+        "1.2.3",
+        {"arch": "amd64", "gpu[31m": "no"},  # an agent's words, without control characters
+        ("runc", "runsc"),
+        4,
+    )
+    assert (seen.running_jobs, listed["agent-2"].running_jobs) == (1, 0)
+    assert seen.last_seen_at == NOW + timedelta(seconds=20)
+    assert (await store.get_agent("acme", "agent-1")) is not None
+
+
+async def test_the_stream_holder_of_an_agent_is_marked_until_it_disconnects(store: Store) -> None:
+    """SQLite: the serve process marks the agent itself; PostgreSQL: the cluster's replica mark."""
+    await store.create_agent(new_agent())
+    hello = AgentHello.shown("1.2.3", {}, ["runc"], 1)
+    await store.touch_agent("acme", "a1", NOW, hello)
+    if isinstance(store, PgStore):
+        await store.set_agent_replica("acme", "a1", "r1")
+        holder = "r1"
+    else:
+        holder = f"pid:{os.getpid()}"
+    [agent] = await store.list_agents()
+    assert agent.replica == holder
+    await store.agent_disconnected("acme", "a1", NOW + timedelta(seconds=5))
+    if isinstance(store, PgStore):
+        await store.clear_agent_replica("a1", "r1")
+    [agent] = await store.list_agents()
+    assert (agent.replica, agent.last_seen_at) == ("", NOW + timedelta(seconds=5))

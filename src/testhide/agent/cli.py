@@ -16,6 +16,8 @@ from testhide import __version__
 from testhide.agent.errors import AgentError
 from testhide.common.durations import Duration
 from testhide.common.logging import configure
+from testhide.common.settings import Reloader, SettingsCommand, log_options
+from testhide.common.sizes import MiB, Size
 
 T = TypeVar("T")
 
@@ -37,8 +39,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 @click.group()
 @click.version_option(__version__, prog_name="testhide-agent", message="%(prog)s %(version)s")
-@click.option("--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True)
-@click.option("--log-level", default="info", show_default=True)
+@log_options("TESTHIDE_AGENT_")
 def main(log_format: str, log_level: str) -> None:
     """The testhide build agent."""
     configure(log_level, json_output=log_format == "json")
@@ -76,7 +77,7 @@ def enroll(
     )
 
 
-@main.command()
+@main.command(cls=SettingsCommand, envvar_prefix="TESTHIDE_AGENT_")
 @data_dir_option
 @click.option("--max-jobs", default=1, show_default=True, help="Jobs run at once.")
 @click.option(
@@ -92,11 +93,28 @@ def enroll(
 )
 @click.option(
     "--spool-max",
-    type=click.IntRange(min=4 * 1024 * 1024),
-    default=512 * 1024 * 1024,
+    type=Size(min=4 * MiB),
+    default="512MiB",
     show_default=True,
-    help="Bytes of job output kept on disk while the control plane is out of reach.",
+    help="Job output kept on disk while the control plane is out of reach.",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on /metrics and health on /healthz here [off]: plain HTTP on a"
+    " loopback address; on any other, TLS with --metrics-cert and --metrics-key (required there).",
+)
+@click.option(
+    "--metrics-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM certificate chain the metrics port serves TLS with, on any address (with --metrics-key).",
+)
+@click.option(
+    "--metrics-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Unencrypted PEM private key of --metrics-cert.",
+)
+@log_options("TESTHIDE_AGENT_")
 def run(
     data_dir: Path,
     max_jobs: int,
@@ -104,13 +122,24 @@ def run(
     labels: tuple[str, ...],
     drain_timeout: timedelta,
     spool_max: int,
+    metrics_listen: str | None,
+    metrics_cert: Path | None,
+    metrics_key: Path | None,
+    log_format: str,
+    log_level: str,
 ) -> None:
     """Connect to the control plane and run jobs. SIGTERM drains (no new jobs;
     running ones finish or are canceled after --drain-timeout; results are
-    delivered); a second SIGTERM or SIGINT stops at once."""
+    delivered); a second SIGTERM or SIGINT stops at once. SIGHUP reads the
+    config file again (the log level and format change at once; other settings
+    at the next start) and checks the credentials files."""
     from testhide.agent.config import AgentConfig
     from testhide.agent.daemon import Agent
     from testhide.agent.runtime.docker import DockerRuntime
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the handler below is in place
+    configure(log_level, json_output=log_format == "json")
+    reloader = Reloader(click.get_current_context())
 
     async def serve() -> None:
         offered = {}
@@ -127,6 +156,9 @@ def run(
                 labels=offered,
                 drain_timeout=drain_timeout,
                 spool_max_bytes=spool_max,
+                metrics_listen=metrics_listen,
+                metrics_cert=metrics_cert,
+                metrics_key=metrics_key,
             ),
             DockerRuntime(),
         )
@@ -139,12 +171,22 @@ def run(
             else:
                 draining.append(asyncio.create_task(agent.drain()))
 
+        def on_hangup() -> None:
+            with agent.notifier.reloading():  # RELOADING=1, then READY=1 (systemd)
+                reloader.reload()
+                agent.check_credentials()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         await agent.run()
 
     _run(serve())
 
+
+from testhide.agent.doctor import doctor  # noqa: E402  (the command lives beside its checks)
+
+main.add_command(doctor)
 
 if __name__ == "__main__":
     main()

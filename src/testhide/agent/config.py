@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from testhide.agent.errors import ConfigError
+from testhide.common.metrics_tls import check_metrics_options
 
 _USER_RE = re.compile(r"\A[0-9]+(:[0-9]+)?\Z")
 
@@ -46,6 +47,13 @@ class AgentConfig:
     """Log bytes kept on disk while the control plane is out of reach; past it, jobs' output waits."""
     drain_timeout: timedelta = timedelta(minutes=5)
     """On SIGTERM, how long running jobs may go on before they are canceled."""
+    metrics_listen: str | None = None
+    """HOST:PORT serving Prometheus metrics on /metrics and health on /healthz; off when None.
+    Plain HTTP on a loopback address; on any other, TLS with ``metrics_cert`` (required there)."""
+    metrics_cert: Path | None = None
+    """PEM certificate chain the metrics port serves TLS with, on any address (with ``metrics_key``)."""
+    metrics_key: Path | None = None
+    """PEM private key (unencrypted) of ``metrics_cert``."""
 
     @property
     def spool_dir(self) -> Path:
@@ -62,3 +70,10 @@ class AgentConfig:
             raise ConfigError("drain_timeout must not be negative")
         if not 1024 <= self.log_batch_bytes <= 2 * 1024 * 1024:
             raise ConfigError("log_batch_bytes must be between 1 KiB and 2 MiB")
+        try:
+            # The agent's own certificate names it to the control plane: no certificate to serve.
+            check_metrics_options(
+                self.metrics_listen, self.metrics_cert, self.metrics_key, own_certificate=False
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc

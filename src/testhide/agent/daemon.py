@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from dataclasses import replace
 from datetime import timedelta
 
@@ -20,14 +21,16 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from testhide.agent.config import AgentConfig
 from testhide.agent.credentials import Credentials
 from testhide.agent.endpoints import Endpoints
-from testhide.agent.errors import RuntimeUnavailable
+from testhide.agent.errors import ConfigError, RuntimeUnavailable
 from testhide.agent.executor import Executor
+from testhide.agent.metrics import AgentMetrics
 from testhide.agent.model import Assignment
 from testhide.agent.outbox import Outbox
 from testhide.agent.rpc.link import ControlPlaneLink
 from testhide.agent.rpc.session import CertificateRenewed, Session, SessionEvents, SessionLost
 from testhide.agent.runtime.base import ContainerRuntime
 from testhide.agent.spool import Spool
+from testhide.common.sdnotify import Notifier
 
 log = structlog.get_logger("testhide.agent")
 
@@ -67,6 +70,15 @@ class Agent:
         self.credentials_changed = asyncio.Condition()
         self._announcements: set[asyncio.Task[None]] = set()
         """Held until done: the event loop keeps only weak references to tasks."""
+        self.notifier = Notifier.from_environment()
+        """systemd's Type=notify: READY once running (connected or not), STOPPING, watchdog pings."""
+        self.metrics = AgentMetrics() if config.metrics_listen else None
+        """Prometheus metrics and /healthz on ``metrics_listen``, when set."""
+        self.metrics_port = 0
+        self.running = False
+        """``run()`` is connecting, connected or draining."""
+        self.connected = False
+        """A stream to a control plane is open."""
 
     @property
     def agent_id(self) -> str:
@@ -104,6 +116,8 @@ class Agent:
         return not self.draining.is_set() and not self.runtime_down
 
     def _runtime_unavailable(self) -> None:
+        if self.metrics is not None:
+            self.metrics.engine_error()
         if self.runtime_down:
             return
         self.runtime_down = True
@@ -140,7 +154,16 @@ class Agent:
         return self._credentials
 
     def _update_credentials(self, credentials: Credentials) -> None:
-        credentials.save(self.config.data_dir)
+        try:
+            credentials.save(self.config.data_dir)
+        except OSError as exc:  # a full disk: run on them; the next renewal saves again
+            log.warning(
+                "credentials_not_saved",
+                path=str(self.config.data_dir),
+                errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                error=exc.strerror or str(exc),
+                note="running on the new certificate in memory; free space before the agent restarts",
+            )
         self._credentials = credentials
         announcement = asyncio.ensure_future(self._announce_credentials())
         self._announcements.add(announcement)
@@ -149,6 +172,33 @@ class Agent:
     async def _announce_credentials(self) -> None:
         async with self.credentials_changed:
             self.credentials_changed.notify_all()
+
+    def check_credentials(self) -> None:
+        """SIGHUP: read the credentials files again. A later certificate of this
+        agent is used from the next connection on; anything else is reported
+        and the credentials in memory stay."""
+        try:
+            found = Credentials.load(self.config.data_dir)
+            expires = found.certificate.not_valid_after_utc
+        except (ConfigError, ValueError, OSError) as exc:
+            log.error("credentials_unreadable", error=str(exc), note="running on the credentials in memory")
+            return
+        if found.agent_id != self.agent_id:
+            log.error(
+                "credentials_of_another_agent",
+                found=found.agent_id,
+                running_as=self.agent_id,
+                note="restart the agent to run as the other one",
+            )
+            return
+        newer = expires > self._credentials.certificate.not_valid_after_utc
+        if newer:
+            self._credentials = found
+            announcement = asyncio.ensure_future(self._announce_credentials())
+            self._announcements.add(announcement)
+            announcement.add_done_callback(self._announcements.discard)
+        expires_at = self._credentials.expires_at
+        log.info("credentials_checked", agent_id=self.agent_id, expires_at=expires_at, newer=newer)
 
     def _trust_bundle(self, bundle_pem: bytes) -> None:
         if bundle_pem != self._credentials.ca_pem:
@@ -165,17 +215,41 @@ class Agent:
             SessionEvents(
                 assign=self._assign,
                 cancel=self._cancel,
-                renewed=self._update_credentials,
+                renewed=self._renewed,
                 trust_bundle=self._trust_bundle,
-                connected=self.endpoints.reached,
+                connected=self._connected,
             ),
             runtimes=runtimes,
             accepting=self.accepting,
             accepting_changed=self.accepting_changed,
         )
-        await session.run()
+        try:
+            await session.run()
+        finally:
+            self.connected = False
+
+    def _renewed(self, credentials: Credentials) -> None:
+        if self.metrics is not None:
+            self.metrics.certificate_renewed()
+        self._update_credentials(credentials)
+
+    def _connected(self, endpoint: str) -> None:
+        self.connected = True
+        self.endpoints.reached(endpoint)
+        self.notifier.status(f"connected to {endpoint}")
 
     async def run(self) -> None:
+        listener = await self.metrics.listen(self) if self.metrics is not None else None
+        self.metrics_port = listener.port if listener is not None else 0
+        self.running = True
+        try:
+            await self._run()
+        finally:
+            self.running = False
+            if listener is not None:
+                await listener.stop()
+
+    async def _run(self) -> None:
         try:
             removed = await self._runtime.remove_leftovers(self.agent_id)
         except RuntimeUnavailable:
@@ -190,6 +264,9 @@ class Agent:
         # Which runtimes enforce seccomp, checked before the first hello (they are probed once).
         log.info("runtimes_offered", runtimes=await asyncio.to_thread(self._runtime.runtimes))
         stopper = asyncio.create_task(self._stopping.wait())
+        watchdog = asyncio.create_task(self.notifier.keep_watchdog(), name="watchdog")
+        # Ready while still trying: a build host boots whether or not the control plane answers.
+        self.notifier.ready(f"connecting to {self.endpoints.preferred}")
         try:
             while not self._stopping.is_set():
                 runner = asyncio.create_task(self._connect_with_backoff())
@@ -202,6 +279,7 @@ class Agent:
                 runner.result()  # CredentialsError ends the agent
         finally:
             stopper.cancel()
+            watchdog.cancel()
             await self._stop_jobs()
 
     async def _connect_with_backoff(self) -> None:
@@ -224,6 +302,7 @@ class Agent:
                 retry_in_s=round(state.upcoming_sleep, 2),
                 error=error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error),
             )
+            self.notifier.status(f"control plane unreachable; retrying {rotation.target}")
 
         retrying = AsyncRetrying(
             wait=lambda state: rotation.wait_s(self.config.max_backoff.total_seconds()),
@@ -255,6 +334,7 @@ class Agent:
 
     def shutdown(self) -> None:
         """Stop now: running jobs are stopped unreported (they turn LOST when their lease lapses)."""
+        self.notifier.stopping()
         self._stopping.set()
 
     async def drain(self) -> None:
@@ -265,6 +345,7 @@ class Agent:
         self.draining.set()
         self.accepting_changed.set()
         running = list(self._jobs.values())
+        self.notifier.stopping(f"draining, jobs running: {len(running)}")
         log.info("agent_draining", jobs=len(running), timeout_s=self.config.drain_timeout.total_seconds())
         if running:
             _, late = await asyncio.wait(running, timeout=self.config.drain_timeout.total_seconds())

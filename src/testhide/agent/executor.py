@@ -131,6 +131,8 @@ class Executor:
             return
         self._outbox.started(job.job_id)
         forwarder = asyncio.create_task(self._forward(job, output))
+        # Output that can no longer be shipped must not keep the container running: stop it.
+        forwarder.add_done_callback(lambda task: self._output_ended(job.job_id, task))
         try:
             try:
                 outcome, exit_code, reason = await self._supervise(job, container, stop)
@@ -141,7 +143,14 @@ class Executor:
             except Exception as exc:  # a job must end with a result, whatever broke
                 bound.exception("job_supervision_failed")
                 outcome, exit_code, reason = Outcome.ERROR, -1, f"the agent lost track of the job: {exc!r}"
-            await forwarder
+            try:
+                # Waits while the job's output can go nowhere (control plane away, disk full):
+                # the container is stopped already, its result follows its log.
+                await forwarder
+            except Exception as exc:
+                bound.error("job_output_failed", error=repr(exc))
+                outcome, exit_code = Outcome.ERROR, -1
+                reason = f"the agent could not keep the job's output: {exc!r}"
             if job.job_id not in self._abandoned and outcome != Outcome.ERROR:
                 await self._collect(job, container)
             self._outbox.finish(job.job_id, outcome, exit_code, reason)
@@ -160,6 +169,10 @@ class Executor:
             self._abandoned.discard(job.job_id)
             with suppress(RuntimeUnavailable):  # what stays behind is removed once the engine is back
                 await asyncio.shield(container.remove())
+
+    def _output_ended(self, job_id: str, forwarder: asyncio.Task[None]) -> None:
+        if not forwarder.cancelled() and forwarder.exception() is not None:
+            self.cancel(job_id, "the agent could not keep the job's output")
 
     async def _supervise(
         self, job: Assignment, container: RunningContainer, stop: asyncio.Event

@@ -6,21 +6,35 @@ Flow control: at most ``window_bytes`` of log batches are in flight (sent,
 not yet acknowledged; kept in memory for a replay). Batches that cannot go out
 at once wait in the disk spool; when that holds ``max_spool_bytes``,
 ``log()`` waits, which stops the job's output being read: the job slows down,
-its output is not dropped."""
+its output is not dropped.
+
+A full disk is the same, one step later: what the spool's disk refuses is held
+in memory, up to ``window_bytes`` more, and then ``log()`` waits, trying the
+disk again every ``disk_retry_s``; acknowledgements after a reconnect drain
+memory and disk as usual. So the job resumes when space returns or when the
+control plane is back, whichever comes first, and cancel and timeout stop
+its container meanwhile (the executor does not wait on the log for that)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
+
+import structlog
 
 from testhide.agent.model import JobRefused, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
 from testhide.agent.spool import Spool
+
+log = structlog.get_logger("testhide.agent.outbox")
 
 Send = Callable[[Report], None]
 
 DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
 DEFAULT_SPOOL_BYTES = 512 * 1024 * 1024
+DISK_RETRY_S = 1.0
+"""While the spool's disk refuses writes, how often a waiting job's output tries it again."""
 
 
 def batch_size(batch: LogBatch) -> int:
@@ -44,8 +58,10 @@ class Outbox:
         spool: Spool,
         max_spool_bytes: int = DEFAULT_SPOOL_BYTES,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
+        disk_retry_s: float = DISK_RETRY_S,
     ) -> None:
         self._spool = spool
+        self._disk_retry_s = disk_retry_s
         self._max_spool = max_spool_bytes
         self._window = window_bytes
         self._jobs: dict[str, _JobReports] = {}
@@ -116,24 +132,50 @@ class Outbox:
             self._send(reports.started)
 
     async def log(self, job_id: str, entries: list[tuple[LogStream, bytes]]) -> None:
+        """Send the batch, or spool it behind what waits; while neither can take
+        it, wait (the job's output is read more slowly, never dropped)."""
         size = sum(len(data) for _, data in entries)
-        while (
-            job_id in self._jobs
-            and not self._sendable(job_id, size)
-            and self._spool.size
-            and self._spool.size + size > self._max_spool
-        ):
-            self._space.clear()
-            await self._space.wait()
         reports = self._jobs.get(job_id)
-        if reports is None:
-            return  # dropped: the control plane no longer gives us this job
-        batch = LogBatch(job_id, reports.epoch, reports.next_seq, tuple(entries))
-        reports.next_seq += 1
-        if self._send is not None and self._sendable(job_id, size):
-            self._send_batch(reports, batch, self._send)
-        else:
-            self._spool.put(batch)
+        warned = False
+        while reports is not None and self._jobs.get(job_id) is reports:
+            # The sequence number is taken only once the batch is out or kept: none is skipped.
+            batch = LogBatch(job_id, reports.epoch, reports.next_seq, tuple(entries))
+            if self._send is not None and self._sendable(job_id, size):
+                reports.next_seq += 1
+                self._send_batch(reports, batch, self._send)
+                return
+            if not self._spool_full(size) and self._spool.put(batch, may_hold=self._may_hold(size)):
+                reports.next_seq += 1
+                return
+            if not warned and self._spool.failing is not None:
+                warned = True
+                log.warning(
+                    "job_output_waiting",
+                    job_id=job_id,
+                    held_bytes=self._spool.held,
+                    note="the spool's disk refuses writes and memory holds what it may: the job's"
+                    " output is read more slowly until space returns or the control plane is back",
+                )
+            await self._room()
+        # Dropped meanwhile: the control plane no longer gives us this job.
+
+    def _spool_full(self, size: int) -> bool:
+        return bool(self._spool.size) and self._spool.size + size > self._max_spool
+
+    def _may_hold(self, size: int) -> bool:
+        """Memory takes what the disk refuses, up to the in-flight bound."""
+        return self._spool.held == 0 or self._spool.held + size <= self._window
+
+    async def _room(self) -> None:
+        """Until acknowledgements or a new connection make room; while the disk
+        refuses writes, at most ``disk_retry_s``, then it is tried again."""
+        self._space.clear()
+        if self._spool.failing is None:
+            await self._space.wait()
+            return
+        with suppress(TimeoutError):
+            async with asyncio.timeout(self._disk_retry_s):
+                await self._space.wait()
 
     def _sendable(self, job_id: str, size: int) -> bool:
         """Straight out, or behind what already waits?"""
@@ -202,3 +244,8 @@ class Outbox:
     def unacked_bytes(self) -> int:
         """Log bytes not yet acknowledged: in flight plus spooled."""
         return self._inflight_bytes + self._spool.size
+
+    @property
+    def spooled_bytes(self) -> int:
+        """Log bytes waiting in the spool (on disk, or held while the disk refuses writes)."""
+        return self._spool.size

@@ -33,12 +33,12 @@ from testhide.cli.output import (
     timestamp,
 )
 from testhide.common.durations import Duration, format_duration, parse_duration
+from testhide.common.sizes import Size
 
 # gRPC and the generated messages (cli/wire.py) are imported by the commands
 # that talk to the control plane, not for `testhide --help` or a usage error.
 
 T = TypeVar("T")
-_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -55,13 +55,6 @@ def _echo_lines(lines: list[str], err: bool = False) -> None:
 
 def _notice(line: str) -> None:
     click.echo(line, err=True)
-
-
-def parse_memory(text: str) -> int:
-    text = text.strip().lower().removesuffix("b").removesuffix("i")
-    if text and text[-1] in _UNITS:
-        return int(float(text[:-1]) * _UNITS[text[-1]])
-    return int(text)
 
 
 @contextmanager
@@ -165,7 +158,7 @@ def login(
 @click.option("--timeout", default="1h", show_default=True, help="e.g. 90s, 10m, 1h.")
 @click.option("--workdir", default="/workspace", show_default=True)
 @click.option("--cpus", type=float, default=None)
-@click.option("--memory", default=None, help="e.g. 512m, 2g.")
+@click.option("--memory", type=Size(), default=None, help="Memory limit, e.g. 512MiB, 2GiB.")
 @click.option("--pids", type=int, default=None, help="Maximum number of processes.")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Run only on agents offering these.")
 @click.option("--secret", "secrets", multiple=True, metavar="NAME", help="Organisation secret as env var.")
@@ -175,7 +168,9 @@ def login(
 )
 @click.option("--junit", "junit_globs", multiple=True, metavar="GLOB", help="JUnit XML reports to parse.")
 @click.option("--no-workspace", is_flag=True, help="Do not upload the current directory.")
-@click.option("--workspace-cap", default="256m", show_default=True, help="Refuse larger workspaces.")
+@click.option(
+    "--workspace-cap", type=Size(), default="256MiB", show_default=True, help="Refuse larger workspaces."
+)
 @click.option(
     "--retries",
     type=click.IntRange(0, 10),
@@ -193,7 +188,7 @@ def run(
     timeout: str,
     workdir: str,
     cpus: float | None,
-    memory: str | None,
+    memory: int | None,
     pids: int | None,
     labels: tuple[str, ...],
     secrets: tuple[str, ...],
@@ -201,7 +196,7 @@ def run(
     artifact_globs: tuple[str, ...],
     junit_globs: tuple[str, ...],
     no_workspace: bool,
-    workspace_cap: str,
+    workspace_cap: int,
     retries: int,
     detach: bool,
     reconnect_window: timedelta,
@@ -219,7 +214,7 @@ def run(
             env=dict(_pair("--env", e) for e in env),
             labels=dict(_pair("--label", x) for x in labels),
             cpus=cpus or 0.0,
-            memory_bytes=parse_memory(memory) if memory else 0,
+            memory_bytes=memory or 0,
             pids=pids or 0,
             secrets=secrets,
             runtime=runtime or "",
@@ -227,14 +222,13 @@ def run(
             junit_globs=junit_globs,
             retries=retries,
         )
-        cap = parse_memory(workspace_cap)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     login_data = Login.load()
     from testhide.cli.wire import connect
     from testhide.cli.workspace import pack  # pathspec: only when a workspace is sent
 
-    archive = None if no_workspace else pack(Path.cwd(), cap)
+    archive = None if no_workspace else pack(Path.cwd(), workspace_cap)
 
     async def go() -> int:
         async with connect(login_data) as api:

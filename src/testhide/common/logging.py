@@ -1,4 +1,8 @@
-"""structlog set-up shared by the daemons: key=value or JSON, secrets redacted."""
+"""structlog set-up shared by the daemons: key=value or JSON, secrets redacted.
+
+The level and the format can change while a daemon runs (SIGHUP): loggers are
+cached on first use with the processors of their time, so the level filter and
+the renderer are processors that read the current choice at every event."""
 
 from __future__ import annotations
 
@@ -37,19 +41,56 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
+LEVELS = ("debug", "info", "warning", "error", "critical")
+"""The levels ``--log-level`` takes."""
+
+_LEVEL_OF_METHOD = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+
+class _Output:
+    """What ``configure`` chose last; read by the processors below at every event."""
+
+    level = logging.INFO
+    renderer: Any = structlog.dev.ConsoleRenderer(colors=False)
+
+
+def _below_level(_: Any, method_name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _LEVEL_OF_METHOD.get(method_name, logging.CRITICAL) < _Output.level:
+        raise structlog.DropEvent
+    return event
+
+
+def _render(logger: Any, method_name: str, event: MutableMapping[str, Any]) -> Any:
+    return _Output.renderer(logger, method_name, event)
+
+
 def configure(level: str = "info", json_output: bool = False) -> None:
-    renderer: Any = (
+    """Log at ``level`` (one of LEVELS) and above to stderr; call again to change either."""
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}: use one of {', '.join(LEVELS)}")
+    _Output.level = logging.getLevelNamesMapping()[level.upper()]
+    _Output.renderer = (
         structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[
+            _below_level,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact,
-            renderer,
+            _render,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )

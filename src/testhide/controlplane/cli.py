@@ -8,11 +8,13 @@ import click
 
 from testhide import __version__
 from testhide.common.logging import configure
+from testhide.common.settings import log_options
 from testhide.controlplane.commands import (
     access,
     agents,
     audit,
     certificates,
+    doctor,
     migrate_store,
     pools,
     recovery,
@@ -23,10 +25,12 @@ from testhide.controlplane.commands import (
 
 @click.group()
 @click.version_option(__version__, prog_name="testhide-controlplane", message="%(prog)s %(version)s")
-@click.option("--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True)
-@click.option("--log-level", default="info", show_default=True)
+@log_options("TESTHIDE_")
 def main(log_format: str, log_level: str) -> None:
-    """Run and administer a testhide control plane."""
+    """Run and administer a testhide control plane.
+
+    serve takes its settings from a TOML file (--config), TESTHIDE_* variables
+    and flags (see serve --help)."""
     configure(log_level, json_output=log_format == "json")
 
 
@@ -47,6 +51,7 @@ for command in (
     recovery.backup,
     recovery.restore,
     migrate_store.migrate_store_command,
+    doctor.doctor,
 ):
     main.add_command(command)
 

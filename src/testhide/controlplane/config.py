@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from testhide.common.metrics_tls import check_metrics_options
 from testhide.common.tls import split_target
 from testhide.controlplane.auth.limits import DEFAULT_ADDRESS_LOCKOUT, LockoutPolicy
 from testhide.controlplane.auth.passwords import default_workers
@@ -58,11 +59,21 @@ class ControlPlaneConfig:
     request fails with UNAVAILABLE (nothing changed; clients retry)."""
     failure_spike_threshold: int = 20
     """Failed authentications from one address or against one account, per minute, that raise an alert."""
+    metrics_listen: str | None = None
+    """HOST:PORT serving Prometheus metrics on /metrics; off when None. Plain HTTP on a loopback
+    address; on any other, TLS with ``metrics_cert``, or else the server certificate."""
+    metrics_cert: Path | None = None
+    """PEM certificate chain the metrics port serves TLS with, on any address (with ``metrics_key``)."""
+    metrics_key: Path | None = None
+    """PEM private key (unencrypted) of ``metrics_cert``."""
 
     def __post_init__(self) -> None:
         try:
             split_target(self.listen)
             split_target(self.resolved_agent_listen)
+            check_metrics_options(
+                self.metrics_listen, self.metrics_cert, self.metrics_key, own_certificate=True
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         if not MIN_AGENT_CERT_TTL <= self.agent_cert_ttl <= MAX_AGENT_CERT_TTL:

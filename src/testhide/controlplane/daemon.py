@@ -11,15 +11,16 @@ serving on without a scheduler."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio
 
+from testhide.common.metrics_http import MetricsListener
+from testhide.common.sdnotify import Notifier
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.limits import rate_limiter, spike_detector
@@ -40,11 +41,13 @@ from testhide.controlplane.jobs.scheduler import Scheduler, TrustBundle
 from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.service import JobService
 from testhide.controlplane.masterkey import RingAnnouncement
+from testhide.controlplane.metrics import ControlPlaneMetrics
 from testhide.controlplane.rpc import server
 from testhide.controlplane.rpc.agent import AgentControlServicer
 from testhide.controlplane.rpc.auth import ApiAuthInterceptor
 from testhide.controlplane.rpc.auth_service import AuthServicer
 from testhide.controlplane.rpc.enrollment import EnrollmentServicer
+from testhide.controlplane.rpc.health import StoreHealth
 from testhide.controlplane.rpc.jobs import JobsServicer, SecretsServicer
 from testhide.controlplane.shared import SharedFiles
 from testhide.controlplane.store.base import Store
@@ -80,6 +83,14 @@ class ControlPlane:
         self._ring: RingAnnouncement | None = None
         self._shared: SharedFiles | None = None
         self.password_checks: PasswordChecks | None = None
+        self.metrics = ControlPlaneMetrics() if config.metrics_listen else None
+        """Prometheus metrics on ``metrics_listen``, when set."""
+        self.metrics_port = 0
+        self._metrics_listener: MetricsListener | None = None
+        self.health: StoreHealth | None = None
+        self.notifier = Notifier.from_environment()
+        """systemd's Type=notify: READY once serving, STOPPING, watchdog pings; a no-op outside systemd."""
+        self._look_now = asyncio.Event()
 
     async def start(self) -> None:
         directory = DataDir(self.config.data_dir)
@@ -89,6 +100,8 @@ class ControlPlane:
         self._ring = RingAnnouncement(directory, master)
         self._ring.publish()
         self._store = store = await directory.open_store(self.config.db_busy_timeout)
+        if self.metrics is not None:
+            self.metrics.time_store(store)
         if isinstance(store, PgStore):
             # A copy of the data dir on another machine may be behind a rotation made elsewhere.
             self._shared = SharedFiles(directory, master, store)
@@ -99,14 +112,16 @@ class ControlPlane:
         self.cluster = cluster = (
             PgCluster(store, key_ids=lambda: master.key_ids) if isinstance(store, PgStore) else LocalCluster()
         )
-        self.scheduler = scheduler = Scheduler(store, lease=self.config.job_lease, cluster=cluster)
+        self.scheduler = scheduler = Scheduler(
+            store, lease=self.config.job_lease, cluster=cluster, metrics=self.metrics
+        )
         secrets = SecretVault(store, master)
         logs = LogBook(store, master)
         leases = Leases(store, master, scheduler, logs, self.config.job_lease)
         self.jobs = jobs = JobService(
-            store, master, scheduler, logs, BlobVault(store, master), secrets, leases
+            store, master, scheduler, logs, BlobVault(store, master), secrets, leases, metrics=self.metrics
         )
-        health = health_aio.HealthServicer()
+        self.health = health = StoreHealth(store)
         ttl = self.config.agent_cert_ttl
         if ttl < timedelta(minutes=5):
             log.warning(
@@ -116,12 +131,17 @@ class ControlPlane:
             )
 
         agent_server = server.agent_server(
-            AgentControlServicer(store, scheduler, jobs, certs, ttl, auditor, leases.heartbeat_interval),
-            health,
+            AgentControlServicer(
+                store, scheduler, jobs, certs, ttl, auditor, leases.heartbeat_interval, metrics=self.metrics
+            ),
+            await health.servicer(server.AGENT_SERVICES),
             ttl,
         )
-        self.agent_port = agent_server.add_secure_port(
-            self.config.resolved_agent_listen, certs.credentials(client_auth=True)
+        self.agent_port = server.bind(
+            agent_server,
+            self.config.resolved_agent_listen,
+            certs.credentials(client_auth=True),
+            server.AGENT_PORT,
         )
 
         self.signing_keys = keys = SigningKeys(directory, master)
@@ -143,17 +163,23 @@ class ControlPlane:
                 secrets=SecretsServicer(secrets, auditor),
                 enrollment=EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port),
                 auth=AuthServicer(sessions, keys),
-                health=health,
+                health=await health.servicer(server.API_SERVICES),
             ),
             ApiAuthInterceptor(  # budgets shared by replicas on PostgreSQL
                 sessions,
                 rate_limiter(store, "address", rate_a, int(2 * rate_a)),
                 rate_limiter(store, "principal", rate_p, int(2 * rate_p)),
+                metrics=self.metrics,
             ),
             self.config.max_request_bytes,
         )
-        self.api_port = api_server.add_secure_port(self.config.listen, certs.credentials(client_auth=False))
+        self.api_port = server.bind(
+            api_server, self.config.listen, certs.credentials(client_auth=False), server.API_PORT
+        )
 
+        if self.metrics is not None:
+            self._metrics_listener = await self.metrics.listen(self.config, scheduler, store, certs)
+            self.metrics_port = self._metrics_listener.port
         self._servers = [api_server, agent_server]
         for listener in self._servers:
             await listener.start()
@@ -166,13 +192,16 @@ class ControlPlane:
         self._supervise(scheduler.run(), "scheduler")
         self._supervise(leases.run(), "leases")
         self._supervise(self._watch(directory, master), "watcher")
-        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._supervise(self.notifier.keep_watchdog(), "watchdog")
+        await health.probe()  # every health name answers from the first call on
+        self._supervise(health.run(), "health")
         log.info(
             "controlplane_started",
             api_port=self.api_port,
             agent_port=self.agent_port,
             data_dir=str(self.config.data_dir),
         )
+        self.notifier.ready(f"serving: API port {self.api_port}, agent port {self.agent_port}")
 
     def _supervise(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -195,7 +224,9 @@ class ControlPlane:
         certs, store, scheduler = self.certificates, self._store, self.scheduler
         revoked_since = datetime.now(UTC)
         while True:
-            await asyncio.sleep(WATCH_INTERVAL.total_seconds())
+            with contextlib.suppress(TimeoutError):  # reload() cuts the wait short
+                await asyncio.wait_for(self._look_now.wait(), WATCH_INTERVAL.total_seconds())
+            self._look_now.clear()
             try:
                 if self._shared is not None:
                     await self._shared.follow()  # rotated elsewhere: the reloads below pick it up
@@ -225,6 +256,10 @@ class ControlPlane:
             except Exception:
                 log.exception("watch_failed")
 
+    def reload(self) -> None:
+        """SIGHUP: look for rotated certificates, keys and revocations now, not at the next tick."""
+        self._look_now.set()
+
     def _apply_trust(self, old: TlsMaterial, new: TlsMaterial) -> None:
         assert self.scheduler is not None
         if old.bundle_pem != new.bundle_pem:
@@ -251,6 +286,7 @@ class ControlPlane:
             await self._stopped.wait()
             return
         self._shutdown_started = True
+        self.notifier.stopping()
         try:
             await self._stop_serving()
         finally:
@@ -258,6 +294,8 @@ class ControlPlane:
                 task.cancel()
             # A task that failed has its exception recorded already; never re-raise it here.
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._metrics_listener is not None:
+                await self._metrics_listener.stop()
             if self.password_checks is not None:
                 self.password_checks.close()
             try:
@@ -273,6 +311,8 @@ class ControlPlane:
 
     async def _stop_serving(self) -> None:
         grace = self.config.shutdown_grace.total_seconds()
+        if self.health is not None:
+            await self.health.shutting_down()  # health checks send new work elsewhere first
         # Agents' streams never end on their own: close them with a status that
         # makes agents reconnect (to the next instance) and replay what is unacknowledged.
         stopping = [asyncio.create_task(listener.stop(grace)) for listener in self._servers]

@@ -120,8 +120,10 @@ class DataDir:
 
     def require_initialised(self) -> dict[str, Any]:
         if not self.path.is_dir():
+            _refuse_pseudo_filesystem(self.path)  # init would not help
             raise DataDirError(f"data dir {self.path} does not exist; run 'testhide-controlplane init' first")
         if not self.state_path.is_file():
+            _refuse_pseudo_filesystem(self.path)
             raise DataDirError(
                 f"data dir {self.path} is not initialised; run 'testhide-controlplane init' first"
             )
@@ -314,10 +316,35 @@ async def build_atomically(
 
 
 def _new_staging(path: Path, purpose: str, refusal: str) -> Path:
+    _refuse_pseudo_filesystem(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise DataDirError(f"{path} already exists and is not empty; {refusal}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.{purpose}-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.{purpose}-", dir=path.parent))
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise DataDirError(
+            f"cannot create the data dir {path} ({where}{exc.strerror or exc}); choose a directory"
+            " on a local disk that this user can create, with --data-dir"
+        ) from exc
+
+
+# Kernel pseudo-filesystems: they show the system's state and cannot hold a private directory.
+PSEUDO_FILESYSTEMS = (Path("/proc"), Path("/sys"))
+
+
+def _refuse_pseudo_filesystem(path: Path) -> None:
+    try:
+        resolved = path.resolve()  # /proc/self/... is a link to /proc/PID/...
+    except (OSError, RuntimeError):  # a loop of links: the absolute path still says where
+        resolved = path.absolute()
+    for root in PSEUDO_FILESYSTEMS:
+        if resolved.is_relative_to(root) or path.absolute().is_relative_to(root):
+            raise DataDirError(
+                f"data dir {path} is under {root}, a kernel pseudo-filesystem that cannot hold a private"
+                " directory; choose a directory on a local disk (such as /var/lib/testhide) with --data-dir"
+            )
 
 
 def _move_into_place(staging: Path, path: Path) -> None:

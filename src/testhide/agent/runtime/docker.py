@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import struct
 import tarfile
 import threading
@@ -177,6 +178,35 @@ class DockerContainer:
                 await engine(self._client.api.remove_volume, self._volume, True)
 
 
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+
+def unreachable_engine(exc: BaseException) -> str:
+    """One line naming what was tried (``DOCKER_HOST``, or docker-py's default
+    socket) and why it failed, deepest cause first."""
+    given = os.environ.get("DOCKER_HOST", "")
+    return (
+        f"cannot reach the Docker engine at {given or DEFAULT_DOCKER_HOST} ({_root_cause(exc)}): "
+        f"is dockerd running? DOCKER_HOST={given or '(not set)'}"
+    )
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The OSError underneath requests' and urllib3's wrappers (they keep it in
+    ``args`` as well as in the chain), else the exception's own words."""
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        item = pending.pop(0)
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.strerror:
+            return item.strerror
+        pending += [*item.args, item.__cause__, item.__context__]
+    return str(exc)
+
+
 class DockerRuntime:
     def __init__(self, client: docker.DockerClient | None = None, probe_image: str = PROBE_IMAGE) -> None:
         """``probe_image`` (sh, grep and unshare, present on the host) runs the
@@ -184,7 +214,7 @@ class DockerRuntime:
         try:
             self._client = client or docker.from_env()
         except docker.errors.DockerException as exc:
-            raise ConfigError(f"cannot reach the Docker engine: {exc}") from exc
+            raise ConfigError(unreachable_engine(exc)) from exc
         self._ready_init_images: set[str] = set()
         self._probe_image = probe_image
         self._runtimes: list[str] | None = None

@@ -14,7 +14,7 @@ from testhide.common.identity import AgentIdentity
 from testhide.common.tls import fingerprint
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.secrets import hash_secret, new_enrollment_token, parse_enrollment_token
-from testhide.controlplane.ca.authority import agent_public_key
+from testhide.controlplane.ca.authority import CertificateAuthority, IssuedCertificate, agent_public_key
 from testhide.controlplane.ca.store import CertificatePolicyStore, EnrollmentStore
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.errors import InvalidArgument, Unauthenticated
@@ -66,6 +66,9 @@ class Enrollment:
         self._auditor = auditor
 
     async def enroll(self, token: str, csr_pem: bytes, name: str, source_ip: str = "") -> Enrolled:
+        """The token is spent together with the agent's record, in one transaction,
+        and only after the certificate is issued: if anything fails before that
+        commits, the token stays usable and no agent is left behind."""
         if not AGENT_NAME_RE.match(name):
             raise InvalidArgument("agent name must be 1-63 letters, digits, '.', '_' or '-'")
         # Everything the request alone can fail on is checked before the token is spent.
@@ -77,9 +80,10 @@ class Enrollment:
             token_id = parsed.token_id
             if parsed.ca_fingerprint != fingerprint(ca.certificate_pem):
                 raise Unauthenticated("the enrollment token was issued for another CA or control plane")
-            record = await self._store.consume_enrollment_token(
-                parsed.token_id, hash_secret(parsed.secret), datetime.now(UTC)
-            )
+            secret_hash = hash_secret(parsed.secret)
+            record = await self._store.enrollment_token(token_id, secret_hash, datetime.now(UTC))
+            agent, issued = await self._issue(ca, record, csr_pem, name)
+            record = await self._store.enroll_agent(token_id, secret_hash, agent.enrolled_at, agent)
         except Unauthenticated as exc:
             log.warning("enrollment_token_refused", token_id=token_id, reason=str(exc), source_ip=source_ip)
             await self._auditor.record(
@@ -90,42 +94,39 @@ class Enrollment:
                 reason=str(exc),
             )
             raise
-        agent_id = "a" + secrets.token_hex(8)
-        identity = AgentIdentity(ca.trust_domain, record.org, record.pool, agent_id)
-        lifetime = await certificate_lifetime(self._store, record.org, record.pool, self._ttl)
-        issued = ca.issue_agent(csr_pem, identity, lifetime)
-        now = datetime.now(UTC)
-        serial = format(issued.serial, "x")
-        await self._store.create_agent(
-            AgentRecord(
-                agent_id,
-                record.org,
-                record.pool,
-                name,
-                serial,
-                issued.not_after,
-                now,
-                cert_issuer=fingerprint(ca.certificate_pem),
-            )
-        )
-        log.info(
-            "agent_enrolled",
-            agent_id=agent_id,
-            org=record.org,
-            pool=record.pool,
-            name=name,
-            serial=serial,
-            not_after=issued.not_after.isoformat(),
-        )
+        details = {
+            "pool": record.pool,
+            "name": name,
+            "serial": agent.cert_serial,
+            "not_after": issued.not_after.isoformat(),
+        }
+        log.info("agent_enrolled", agent_id=agent.id, org=record.org, **details)
         await self._auditor.record(
             "agent_enrolled",
             f"token:{record.id}",
             org=record.org,
-            target=agent_id,
+            target=agent.id,
             source_ip=source_ip,
-            pool=record.pool,
-            name=name,
-            serial=serial,
-            not_after=issued.not_after.isoformat(),
+            **details,
         )
-        return Enrolled(agent_id, issued.certificate_pem, self._certs.current.bundle_pem)
+        return Enrolled(agent.id, issued.certificate_pem, self._certs.current.bundle_pem)
+
+    async def _issue(
+        self, ca: CertificateAuthority, token: EnrollmentTokenRecord, csr_pem: bytes, name: str
+    ) -> tuple[AgentRecord, IssuedCertificate]:
+        """A new agent of the token's org and pool, and its first certificate (not stored yet)."""
+        agent_id = "a" + secrets.token_hex(8)
+        identity = AgentIdentity(ca.trust_domain, token.org, token.pool, agent_id)
+        lifetime = await certificate_lifetime(self._store, token.org, token.pool, self._ttl)
+        issued = ca.issue_agent(csr_pem, identity, lifetime)
+        agent = AgentRecord(
+            agent_id,
+            token.org,
+            token.pool,
+            name,
+            format(issued.serial, "x"),
+            issued.not_after,
+            datetime.now(UTC),
+            cert_issuer=fingerprint(ca.certificate_pem),
+        )
+        return agent, issued

@@ -6,11 +6,37 @@ union)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord
+
+
+def _printable(text: str, limit: int) -> str:
+    """For an operator's terminal: no control characters, bounded."""
+    return "".join(c for c in text[:limit] if c.isprintable())
+
+
+@dataclass(frozen=True)
+class AgentHello:
+    """What an agent announced when its stream opened, kept for ``agents list``."""
+
+    version: str
+    labels: dict[str, str]
+    runtimes: tuple[str, ...]
+    max_jobs: int
+
+    @classmethod
+    def shown(cls, version: str, labels: dict[str, str], runtimes: list[str], max_jobs: int) -> AgentHello:
+        """Bounded and printable: an agent's words, for display only."""
+        return cls(
+            _printable(version, 64),
+            {_printable(k, 128): _printable(v, 256) for k, v in list(labels.items())[:64]},
+            tuple(sorted(_printable(r, 64) for r in runtimes[:16])),
+            max_jobs,
+        )
 
 
 class CertificatePolicyStore(Protocol):
@@ -27,6 +53,21 @@ class EnrollmentStore(CertificatePolicyStore, Protocol):
     async def consume_enrollment_token(
         self, token_id: str, secret_hash: bytes, now: datetime
     ) -> EnrollmentTokenRecord: ...
+    async def enrollment_token(
+        self, token_id: str, secret_hash: bytes, now: datetime
+    ) -> EnrollmentTokenRecord:
+        """The token, if it can enroll an agent at ``now``; changes nothing. Unauthenticated
+        otherwise, the same for every reason."""
+        ...
+
+    async def enroll_agent(
+        self, token_id: str, secret_hash: bytes, now: datetime, agent: AgentRecord
+    ) -> EnrollmentTokenRecord:
+        """Spend the token and add ``agent`` (of the token's org and pool) in one
+        transaction: both or neither. Unauthenticated, and nothing changed, if the
+        token cannot enroll an agent at ``now`` (another enrollment spent it meanwhile)."""
+        ...
+
     async def create_agent(self, record: AgentRecord) -> None: ...
 
 
@@ -35,8 +76,15 @@ class AgentStore(CertificatePolicyStore, Protocol):
 
     async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None: ...
     async def touch_agent(
-        self, org: str, agent_id: str, now: datetime, version: str | None = None
-    ) -> None: ...
+        self, org: str, agent_id: str, now: datetime, hello: AgentHello | None = None
+    ) -> None:
+        """Last contact (a heartbeat); with ``hello``, a stream that opened, and what the agent offers."""
+        ...
+
+    async def agent_disconnected(self, org: str, agent_id: str, now: datetime) -> None:
+        """Its stream ended (and no newer one of it is held here): last contact, and no longer connected."""
+        ...
+
     async def record_agent_certificate(
         self, org: str, agent_id: str, serial: str, not_after: datetime, issuer: str
     ) -> None: ...

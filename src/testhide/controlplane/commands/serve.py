@@ -13,6 +13,9 @@ from typing import Any
 import click
 
 from testhide.common.durations import Duration
+from testhide.common.logging import configure
+from testhide.common.settings import Reloader, SettingsCommand, log_options
+from testhide.common.sizes import KiB, MiB, Size
 from testhide.controlplane.commands.common import data_dir_option
 from testhide.controlplane.commands.common import run as _run
 from testhide.controlplane.config import ControlPlaneConfig
@@ -94,7 +97,7 @@ def init(
     click.echo(admin_key)
 
 
-@click.command()
+@click.command(cls=SettingsCommand, envvar_prefix="TESTHIDE_")
 @data_dir_option
 @click.option(
     "--listen",
@@ -160,6 +163,30 @@ def init(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the bound ports as JSON here once serving (for port 0).",
 )
+@click.option(
+    "--max-request-size",
+    type=Size(min=KiB, max=64 * MiB),
+    default="4MiB",
+    show_default=True,
+    help="Largest request accepted on the API port.",
+)
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on /metrics here [off]: plain HTTP on a loopback address, TLS on"
+    " any other (with --metrics-cert, or else the server certificate).",
+)
+@click.option(
+    "--metrics-cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PEM certificate chain the metrics port serves TLS with, on any address (with --metrics-key).",
+)
+@click.option(
+    "--metrics-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Unencrypted PEM private key of --metrics-cert.",
+)
+@log_options("TESTHIDE_")
 def serve(
     data_dir: Path,
     listen: str,
@@ -173,12 +200,23 @@ def serve(
     password_queue: int,
     dev: bool,
     port_file: Path | None,
+    max_request_size: int,
+    metrics_listen: str | None,
+    metrics_cert: Path | None,
+    metrics_key: Path | None,
+    log_format: str,
+    log_level: str,
 ) -> None:
-    """Serve the API and agent ports until SIGTERM or SIGINT."""
+    """Serve the API and agent ports until SIGTERM or SIGINT. SIGHUP reads the
+    config file again (the log level and format change at once; other settings
+    at the next start) and looks for rotated certificates at once."""
     from testhide.controlplane.auth.limits import DEFAULT_ADDRESS_LOCKOUT
     from testhide.controlplane.auth.passwords import default_workers
     from testhide.controlplane.daemon import ControlPlane
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the handler below is in place
+    configure(log_level, json_output=log_format == "json")
+    reloader = Reloader(click.get_current_context())
     address_lockout = replace(
         DEFAULT_ADDRESS_LOCKOUT, failures=address_failure_budget, window=address_failure_window
     )
@@ -196,15 +234,31 @@ def serve(
                 password_workers=password_workers or default_workers(),
                 password_queue=password_queue,
                 dev=dev,
+                max_request_bytes=max_request_size,
+                metrics_listen=metrics_listen,
+                metrics_cert=metrics_cert,
+                metrics_key=metrics_key,
             )
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(daemon.shutdown()))
+
+        def on_hangup() -> None:
+            with daemon.notifier.reloading():  # RELOADING=1, then READY=1 (systemd)
+                reloader.reload()
+                daemon.reload()
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         await daemon.start()
         if port_file:
             tmp = port_file.with_name(port_file.name + ".tmp")
-            tmp.write_text(json.dumps({"api_port": daemon.api_port, "agent_port": daemon.agent_port}))
+            ports = {
+                "api_port": daemon.api_port,
+                "agent_port": daemon.agent_port,
+                "metrics_port": daemon.metrics_port,  # 0: no metrics port
+            }
+            tmp.write_text(json.dumps(ports))
             tmp.replace(port_file)
         await daemon.run()
 

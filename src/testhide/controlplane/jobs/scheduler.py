@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -17,6 +18,9 @@ from testhide.controlplane.cluster import Cluster, LocalCluster
 from testhide.controlplane.errors import ControlPlaneError
 from testhide.controlplane.jobs.model import Job, JobStatus, PoolPolicy
 from testhide.controlplane.jobs.store import QueueStore
+
+if TYPE_CHECKING:
+    from testhide.controlplane.metrics import ControlPlaneMetrics
 
 log = structlog.get_logger("testhide.scheduler")
 
@@ -152,6 +156,7 @@ class Scheduler:
         prepare: Callable[[Job], Awaitable[AssignDetails]] | None = None,
         lease: timedelta = DEFAULT_LEASE,
         cluster: Cluster | None = None,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self.prepare = prepare
         """Resolves secrets and policy for an assignment; a failure ends the job as ERROR."""
@@ -166,6 +171,7 @@ class Scheduler:
         self._attached = asyncio.Condition()
         self._announcements: set[asyncio.Task[None]] = set()
         """Held until done: the event loop keeps only weak references to tasks."""
+        self._metrics = metrics
 
     def session_of(self, agent_id: str) -> AgentSession | None:
         return self._sessions.get(agent_id)
@@ -285,6 +291,8 @@ class Scheduler:
         session.jobs.add(job.id)
         session.send(Assign(assigned, details))
         log.info("job_assigned", job_id=job.id, agent_id=session.identity.agent_id, epoch=assigned.epoch)
+        if self._metrics is not None:
+            self._metrics.job_assigned(assigned, now)
         return True
 
     def explain_queued(self, job: Job) -> str:

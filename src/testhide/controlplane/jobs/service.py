@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -49,6 +50,9 @@ from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.store import JobStore
 from testhide.controlplane.jobs.validation import validate_relative_path, validate_spec
 
+if TYPE_CHECKING:
+    from testhide.controlplane.metrics import ControlPlaneMetrics
+
 log = structlog.get_logger("testhide.jobs")
 
 MAX_PAGE = 200
@@ -73,8 +77,10 @@ class JobService:
         blobs: BlobVault,
         secrets: SecretVault,
         leases: Leases,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._leases = leases
         self._policies: dict[tuple[str, str], tuple[float, PoolPolicy]] = {}
         self._master = master
@@ -324,7 +330,7 @@ class JobService:
             await self._leases.release(job, JobStatus.QUEUED, f"agent refused it ({reason[:200]}); requeued")
 
     async def on_started(self, session: AgentSession, job_id: str, epoch: int) -> None:
-        _, changed = await self._store.report_job(
+        job, changed = await self._store.report_job(
             session.identity.org,
             job_id,
             session.identity.agent_id,
@@ -334,6 +340,8 @@ class JobService:
         )
         if changed:
             log.info("job_started", job_id=job_id, agent_id=session.identity.agent_id)
+            if self._metrics is not None:
+                self._metrics.job_started(job)
 
     async def on_log_batch(
         self,
@@ -346,6 +354,8 @@ class JobService:
         identity = session.identity
         stored = await self._logs.append(identity.org, identity.agent_id, job_id, epoch, seq, entries)
         session.send(LogAck(job_id, stored))
+        if self._metrics is not None:
+            self._metrics.log_received(identity.org, identity.pool, sum(len(data) for _, data in entries))
 
     async def on_result(
         self,
@@ -357,7 +367,7 @@ class JobService:
         exit_code: int | None,
         reason: str,
     ) -> None:
-        _, changed = await self._store.report_job(
+        job, changed = await self._store.report_job(
             session.identity.org,
             job_id,
             session.identity.agent_id,
@@ -370,6 +380,8 @@ class JobService:
         )
         if changed:
             log.info("job_finished", job_id=job_id, status=status.value, exit_code=exit_code)
+            if self._metrics is not None:
+                self._metrics.job_finished(job)
         session.jobs.discard(job_id)
         session.send(ResultAck(job_id))
         self._logs.notify(job_id)

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -19,7 +19,7 @@ from testhide.common.identity import AgentIdentity, IdentityError
 from testhide.common.tls import fingerprint
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.ca.enrollment import certificate_lifetime
-from testhide.controlplane.ca.store import AgentStore
+from testhide.controlplane.ca.store import AgentHello, AgentStore
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.errors import (
     ControlPlaneError,
@@ -50,6 +50,9 @@ from testhide.controlplane.rpc.convert import (
 )
 from testhide.controlplane.rpc.status import code_for, mapped
 from testhide.protos.v1 import agent_pb2, agent_pb2_grpc, jobs_pb2
+
+if TYPE_CHECKING:
+    from testhide.controlplane.metrics import ControlPlaneMetrics
 
 log = structlog.get_logger("testhide.agents")
 
@@ -177,14 +180,26 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         cert_ttl: timedelta,
         auditor: Auditor,
         heartbeat_interval: timedelta,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self._heartbeat_ms = str(int(heartbeat_interval.total_seconds() * 1000))
+        self._metrics = metrics
         self._store = store
         self._scheduler = scheduler
         self._jobs = jobs
         self._certs = certs
         self._cert_ttl = cert_ttl
         self._auditor = auditor
+        self._detaching: set[asyncio.Future[None]] = set()
+        """Held until done: the event loop keeps only weak references to tasks."""
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> VerifiedAgent:
+        try:
+            return await authenticate_agent(context, self._store, self._certs)
+        except (Unauthenticated, PermissionDenied):
+            if self._metrics is not None:
+                self._metrics.agent_refused()
+            raise
 
     # grpc.aio also serves a stream as a coroutine that reads and writes through its context, which
     # mypy-protobuf's stub (iterators only) cannot express.
@@ -194,7 +209,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
     ) -> None:
         try:
-            agent = await authenticate_agent(context, self._store, self._certs)
+            agent = await self._authenticate(context)
         except ControlPlaneError as exc:
             await context.abort(code_for(exc), str(exc))
         await context.send_initial_metadata(
@@ -221,7 +236,8 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         del agent, first, hello
         bound = log.bind(agent_id=identity.agent_id, org=identity.org, pool=identity.pool)
         try:
-            await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC), version)
+            offer = AgentHello.shown(version, session.labels, list(session.runtimes), session.max_jobs)
+            await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC), offer)
             await self._jobs.on_hello(session, running)
         except ControlPlaneError as exc:
             await context.abort(code_for(exc), str(exc))
@@ -235,12 +251,24 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         finally:
             self._scheduler.detach(session)
             if self._scheduler.session_of(identity.agent_id) is None:  # not replaced by a newer stream
-                with contextlib.suppress(ControlPlaneError):
-                    await self._scheduler.cluster.agent_detached(identity.agent_id)
+                # grpc cancels this handler once the call has ended, maybe while these writes are
+                # under way: they finish all the same (a stale mark would show it connected).
+                detached = asyncio.ensure_future(self._stream_ended(identity))
+                self._detaching.add(detached)
+                detached.add_done_callback(self._detaching.discard)
+                await asyncio.shield(detached)
             bound.info("agent_disconnected", reason=session.close_reason[1] if session.close_reason else "")
         if session.close_reason:
             code, message = session.close_reason
             await context.abort(grpc.StatusCode[code], message)
+
+    async def _stream_ended(self, identity: AgentIdentity) -> None:
+        """The agent's last stream here ended: other replicas stop forwarding its
+        cancels here, and ``agents list`` shows it disconnected."""
+        with contextlib.suppress(ControlPlaneError):
+            await self._scheduler.cluster.agent_detached(identity.agent_id)
+        with contextlib.suppress(ControlPlaneError):
+            await self._store.agent_disconnected(identity.org, identity.agent_id, datetime.now(UTC))
 
     async def _serve(
         self,
@@ -366,7 +394,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     ) -> agent_pb2.RenewResponse:
         """A new certificate for the same identity and a new key, authorised by
         the current, still valid certificate."""
-        agent = await authenticate_agent(context, self._store, self._certs)
+        agent = await self._authenticate(context)
         identity = agent.identity
         material = self._certs.current
         lifetime = await certificate_lifetime(self._store, identity.org, identity.pool, self._cert_ttl)
@@ -390,6 +418,8 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             serial=serial,
             not_after=issued.not_after.isoformat(),
         )
+        if self._metrics is not None:
+            self._metrics.certificate_renewed()
         return agent_pb2.RenewResponse(
             certificate_pem=issued.certificate_pem, ca_bundle_pem=material.bundle_pem
         )
@@ -400,7 +430,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         request: agent_pb2.JobLease,
         context: grpc.aio.ServicerContext[agent_pb2.JobLease, jobs_pb2.DataChunk],
     ) -> AsyncIterator[jobs_pb2.DataChunk]:
-        agent = await authenticate_agent(context, self._store, self._certs)
+        agent = await self._authenticate(context)
         check_lease(request.job_id, request.epoch)
         async for chunk in self._jobs.workspace_for(agent.identity, request.job_id, request.epoch):
             yield jobs_pb2.DataChunk(data=chunk)
@@ -411,7 +441,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         request_iterator: AsyncIterator[agent_pb2.ArtifactUpload],
         context: grpc.aio.ServicerContext[agent_pb2.ArtifactUpload, agent_pb2.ArtifactStored],
     ) -> agent_pb2.ArtifactStored:
-        agent = await authenticate_agent(context, self._store, self._certs)
+        agent = await self._authenticate(context)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("an artifact upload starts with its header")

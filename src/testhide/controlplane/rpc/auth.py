@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import grpc
 
@@ -15,6 +15,9 @@ from testhide.controlplane.auth.principal import Principal
 from testhide.controlplane.auth.sessions import Sessions
 from testhide.controlplane.errors import ControlPlaneError, PermissionDenied, RateLimited
 from testhide.controlplane.rpc.status import abort_with
+
+if TYPE_CHECKING:
+    from testhide.controlplane.metrics import ControlPlaneMetrics
 
 PUBLIC = frozenset(
     {
@@ -25,6 +28,8 @@ PUBLIC = frozenset(
         "/testhide.v1.Auth/GetSigningKeys",
         "/grpc.health.v1.Health/Check",
         "/grpc.health.v1.Health/Watch",
+        # The schema of the API (what grpcurl needs), public like the protos it comes from.
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
     }
 )
 SCOPE_OF_METHOD = {
@@ -86,8 +91,15 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
     per-principal rate limit. Methods missing from the table are refused. The
     limits are this process's or, with replicas, the database's (``auth/limits.py``)."""
 
-    def __init__(self, sessions: Sessions, per_address: Limiter, per_principal: Limiter) -> None:
+    def __init__(
+        self,
+        sessions: Sessions,
+        per_address: Limiter,
+        per_principal: Limiter,
+        metrics: ControlPlaneMetrics | None = None,
+    ) -> None:
         self._sessions = sessions
+        self._metrics = metrics
         self._per_address = per_address
         self._per_principal = per_principal
 
@@ -122,9 +134,16 @@ class ApiAuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
         inner = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
-        admit = self._admit
+        admit, metrics = self._admit, self._metrics
+
+        def ended(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            assert metrics is not None
+            metrics.api_call_ended(method, context.code())
 
         async def admitted(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            if metrics is not None:  # every call's status as it ends: refusals, rate limits
+                # grpc's stub wants its own (nominal) callback class for this plain callable.
+                context.add_done_callback(ended)  # type: ignore[arg-type]
             try:
                 principal = await admit(method, metadata, context)
             except ControlPlaneError as exc:

@@ -8,7 +8,7 @@ accident."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -109,6 +109,15 @@ class AgentRecord:
     """sha256 fingerprint of the CA that signed the current certificate."""
     version: str = ""
     """The testhide version the agent announced in its last hello ('' before its first)."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """What its last hello offered: labels, container runtimes and jobs at once (0 before its first)."""
+    runtimes: tuple[str, ...] = ()
+    max_jobs: int = 0
+    replica: str = ""
+    """The control plane process holding its stream, '' when none: a replica id on
+    PostgreSQL, ``pid:N`` of the serve on SQLite. Live only while that process is."""
+    running_jobs: int = 0
+    """Its ASSIGNED and RUNNING jobs (filled in by ``list_agents`` only)."""
 
 
 @dataclass(frozen=True)

@@ -250,3 +250,17 @@ MIGRATIONS.append(
         """,
     )
 )
+
+# What each agent announced in its last hello (labels, runtimes, capacity), for `agents list`,
+# and which serve process holds its stream ('pid:N', '' when none): PostgreSQL's agents.replica.
+MIGRATIONS.append(
+    (
+        8,
+        """
+        ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+        ALTER TABLE agents ADD COLUMN runtimes TEXT NOT NULL DEFAULT '';
+        ALTER TABLE agents ADD COLUMN max_jobs INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE agents ADD COLUMN replica TEXT NOT NULL DEFAULT '';
+        """,
+    )
+)

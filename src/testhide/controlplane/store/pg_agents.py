@@ -11,13 +11,19 @@ the second waits, then finds it used), an organisation before it is revoked
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
+from testhide.controlplane.ca.store import AgentHello
 from testhide.controlplane.errors import NotFound, Unauthenticated
 from testhide.controlplane.jobs.model import JobStatus
 from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord
 from testhide.controlplane.store.pg_common import PgConnection, PgParts, Row
+
+_FIND_ENROLLMENT = "SELECT * FROM enrollment_tokens WHERE id = $1"
+_FIND_ENROLLMENT_LOCKED = _FIND_ENROLLMENT + " FOR UPDATE"
 
 
 class PgAgents(PgParts):
@@ -95,34 +101,55 @@ class PgAgents(PgParts):
             )
         )
 
+    @staticmethod
+    async def _usable_token(
+        c: PgConnection, token_id: str, secret_hash: bytes, now: datetime, lock: bool
+    ) -> EnrollmentTokenRecord:
+        """The token if it can enroll an agent at ``now``; any reason for refusal is
+        the same error, so a caller learns nothing about which tokens exist. With
+        ``lock`` the row is locked before it is checked: a second redemption waits
+        for the first and then finds it used."""
+        sql = _FIND_ENROLLMENT_LOCKED if lock else _FIND_ENROLLMENT
+        row = await c.fetchrow(sql, token_id)
+        if (
+            row is None
+            or not hmac.compare_digest(bytes(row["secret_hash"]), secret_hash)
+            or row["used_at"] is not None
+            or row["revoked_at"] is not None
+            or row["expires_at"] <= now
+        ):
+            raise Unauthenticated("the enrollment token is invalid, expired, revoked or already used")
+        return PgAgents._token(row)
+
     async def consume_enrollment_token(
         self, token_id: str, secret_hash: bytes, now: datetime
     ) -> EnrollmentTokenRecord:
-        """Mark the token used, atomically; any reason for refusal is the same
-        error so a caller learns nothing about which tokens exist. The row is
-        locked before it is checked: a second redemption waits for the first
-        and then finds it used. A wrong secret changes nothing."""
+        """Mark the token used, atomically. A wrong secret changes nothing."""
 
         async def run(c: PgConnection) -> EnrollmentTokenRecord:
-            row = await c.fetchrow("SELECT * FROM enrollment_tokens WHERE id = $1 FOR UPDATE", token_id)
-            if (
-                row is None
-                or not hmac.compare_digest(bytes(row["secret_hash"]), secret_hash)
-                or row["used_at"] is not None
-                or row["revoked_at"] is not None
-                or row["expires_at"] <= now
-            ):
+            record = await self._usable_token(c, token_id, secret_hash, now, lock=True)
+            await c.execute("UPDATE enrollment_tokens SET used_at = $1 WHERE id = $2", now, token_id)
+            return replace(record, used_at=now)
+
+        return await self._tx(run)
+
+    async def enrollment_token(
+        self, token_id: str, secret_hash: bytes, now: datetime
+    ) -> EnrollmentTokenRecord:
+        return await self._read(lambda c: self._usable_token(c, token_id, secret_hash, now, lock=False))
+
+    async def enroll_agent(
+        self, token_id: str, secret_hash: bytes, now: datetime, agent: AgentRecord
+    ) -> EnrollmentTokenRecord:
+        """The token spent and the agent added, or neither (a failed insert rolls the spending back)."""
+
+        async def run(c: PgConnection) -> EnrollmentTokenRecord:
+            record = await self._usable_token(c, token_id, secret_hash, now, lock=True)
+            if (record.org, record.pool) != (agent.org, agent.pool):
                 raise Unauthenticated("the enrollment token is invalid, expired, revoked or already used")
             await c.execute("UPDATE enrollment_tokens SET used_at = $1 WHERE id = $2", now, token_id)
-            return EnrollmentTokenRecord(
-                row["id"],
-                row["org"],
-                row["pool"],
-                bytes(row["secret_hash"]),
-                row["created_at"],
-                row["expires_at"],
-                now,
-            )
+            await self._insert_agent(c, agent)
+            return replace(record, used_at=now)
 
         return await self._tx(run)
 
@@ -158,24 +185,26 @@ class PgAgents(PgParts):
         return await self._tx(run)
 
     async def create_agent(self, record: AgentRecord) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "INSERT INTO agents"
-                " (id, org, pool, name, cert_serial, cert_not_after, enrolled_at, cert_issuer)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                record.id,
-                record.org,
-                record.pool,
-                record.name,
-                record.cert_serial,
-                record.cert_not_after,
-                record.enrolled_at,
-                record.cert_issuer,
-            )
+        await self._tx(lambda c: self._insert_agent(c, record))
+
+    @staticmethod
+    async def _insert_agent(c: PgConnection, record: AgentRecord) -> None:
+        await c.execute(
+            "INSERT INTO agents"
+            " (id, org, pool, name, cert_serial, cert_not_after, enrolled_at, cert_issuer)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            record.id,
+            record.org,
+            record.pool,
+            record.name,
+            record.cert_serial,
+            record.cert_not_after,
+            record.enrolled_at,
+            record.cert_issuer,
         )
 
     @staticmethod
-    def _agent(r: Row) -> AgentRecord:
+    def _agent(r: Row, running_jobs: int = 0) -> AgentRecord:
         return AgentRecord(
             r["id"],
             r["org"],
@@ -188,6 +217,11 @@ class PgAgents(PgParts):
             r["revoked_at"],
             r["cert_issuer"],
             r["version"],
+            json.loads(r["labels"]),
+            tuple(r["runtimes"].split()),
+            r["max_jobs"],
+            r["replica"],
+            running_jobs,
         )
 
     async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None:
@@ -195,10 +229,14 @@ class PgAgents(PgParts):
         return self._agent(rows[0]) if rows else None
 
     async def list_agents(self) -> list[AgentRecord]:
-        return [
-            self._agent(r)
-            for r in await self._fetch("SELECT * FROM agents ORDER BY org, pool, enrolled_at, id")
-        ]
+        rows = await self._fetch(
+            "SELECT a.*, (SELECT count(*) FROM jobs j WHERE j.org = a.org AND j.agent_id = a.id"
+            " AND j.status IN ($1, $2)) AS running_jobs"
+            " FROM agents a ORDER BY a.org, a.pool, a.enrolled_at, a.id",
+            JobStatus.ASSIGNED.value,
+            JobStatus.RUNNING.value,
+        )
+        return [self._agent(r, r["running_jobs"]) for r in rows]
 
     async def revoke_agent(self, agent_id: str, now: datetime) -> tuple[AgentRecord, list[str]] | None:
         """The agent's unfinished jobs end as ERROR in one conditional update: a
@@ -237,16 +275,37 @@ class PgAgents(PgParts):
         )
         return [self._agent(r) for r in rows]
 
-    async def touch_agent(self, org: str, agent_id: str, now: datetime, version: str | None = None) -> None:
-        """Last contact; with ``version``, also the version the agent announced in its hello.
-        Every heartbeat: one autocommit statement, no BEGIN and COMMIT around it."""
-        if version is None:
+    async def touch_agent(
+        self, org: str, agent_id: str, now: datetime, hello: AgentHello | None = None
+    ) -> None:
+        """Last contact; with ``hello``, also what the agent announced. Which replica
+        holds the stream is the cluster's mark (``set_agent_replica``). Every
+        heartbeat: one autocommit statement, no BEGIN and COMMIT around it."""
+        if hello is None:
             sql = "UPDATE agents SET last_seen_at = $1 WHERE org = $2 AND id = $3"
             args: tuple[object, ...] = (now, org, agent_id)
         else:
-            sql = "UPDATE agents SET last_seen_at = $1, version = $4 WHERE org = $2 AND id = $3"
-            args = (now, org, agent_id, version)
+            sql = (
+                "UPDATE agents SET last_seen_at = $1, version = $4, labels = $5, runtimes = $6, max_jobs = $7"
+                " WHERE org = $2 AND id = $3"
+            )
+            args = (
+                now,
+                org,
+                agent_id,
+                hello.version,
+                json.dumps(hello.labels, sort_keys=True),
+                " ".join(hello.runtimes),
+                hello.max_jobs,
+            )
         await self._read(lambda c: c.execute(sql, *args))
+
+    async def agent_disconnected(self, org: str, agent_id: str, now: datetime) -> None:
+        await self._read(
+            lambda c: c.execute(
+                "UPDATE agents SET last_seen_at = $1 WHERE org = $2 AND id = $3", now, org, agent_id
+            )
+        )
 
     async def record_agent_certificate(
         self, org: str, agent_id: str, serial: str, not_after: datetime, issuer: str

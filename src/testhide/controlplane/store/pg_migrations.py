@@ -278,3 +278,16 @@ PG_MIGRATIONS.append(
         """,
     )
 )
+
+# What each agent announced in its last hello (labels, runtimes, capacity), for `agents list`;
+# as SQLite's migration 8 (whose agents.replica PostgreSQL has had since version 2).
+PG_MIGRATIONS.append(
+    (
+        5,
+        """
+        ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+        ALTER TABLE agents ADD COLUMN runtimes TEXT NOT NULL DEFAULT '';
+        ALTER TABLE agents ADD COLUMN max_jobs INTEGER NOT NULL DEFAULT 0
+        """,
+    )
+)

@@ -5,14 +5,23 @@ the job transitions an agent's revocation writes."""
 from __future__ import annotations
 
 import hmac
+import json
+import os
 import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
+from testhide.controlplane.ca.store import AgentHello
 from testhide.controlplane.errors import NotFound, Unauthenticated
 from testhide.controlplane.jobs.model import JobStatus
 from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord
 from testhide.controlplane.store.sqlite_common import SqliteParts, _dt, _ts
+
+
+def _stream_holder() -> str:
+    """agents.replica of the streams this process holds: one serve is SQLite's only replica."""
+    return f"pid:{os.getpid()}"
 
 
 class SqliteAgents(SqliteParts):
@@ -94,32 +103,52 @@ class SqliteAgents(SqliteParts):
             )
         )
 
+    @staticmethod
+    def _usable_token(
+        c: sqlite3.Connection, token_id: str, secret_hash: bytes, now: datetime
+    ) -> EnrollmentTokenRecord:
+        """The token if it can enroll an agent at ``now``; any reason for refusal
+        is the same error, so a caller learns nothing about which tokens exist."""
+        row = c.execute("SELECT * FROM enrollment_tokens WHERE id = ?", (token_id,)).fetchone()
+        if (
+            row is None
+            or not hmac.compare_digest(row["secret_hash"], secret_hash)
+            or row["used_at"] is not None
+            or row["revoked_at"] is not None
+            or (_dt(row["expires_at"]) or now) <= now
+        ):
+            raise Unauthenticated("the enrollment token is invalid, expired, revoked or already used")
+        return SqliteAgents._token(row)
+
     async def consume_enrollment_token(
         self, token_id: str, secret_hash: bytes, now: datetime
     ) -> EnrollmentTokenRecord:
-        """Mark the token used, atomically; any reason for refusal is the same
-        error so a caller learns nothing about which tokens exist."""
+        """Mark the token used, atomically."""
 
         def run(c: sqlite3.Connection) -> EnrollmentTokenRecord:
-            row = c.execute("SELECT * FROM enrollment_tokens WHERE id = ?", (token_id,)).fetchone()
-            if (
-                row is None
-                or not hmac.compare_digest(row["secret_hash"], secret_hash)
-                or row["used_at"] is not None
-                or row["revoked_at"] is not None
-                or (_dt(row["expires_at"]) or now) <= now
-            ):
+            record = self._usable_token(c, token_id, secret_hash, now)
+            c.execute("UPDATE enrollment_tokens SET used_at = ? WHERE id = ?", (_ts(now), token_id))
+            return replace(record, used_at=now)
+
+        return await self._tx(run)
+
+    async def enrollment_token(
+        self, token_id: str, secret_hash: bytes, now: datetime
+    ) -> EnrollmentTokenRecord:
+        return await self._tx(lambda c: self._usable_token(c, token_id, secret_hash, now), write=False)
+
+    async def enroll_agent(
+        self, token_id: str, secret_hash: bytes, now: datetime, agent: AgentRecord
+    ) -> EnrollmentTokenRecord:
+        """The token spent and the agent added, or neither (a failed insert rolls the spending back)."""
+
+        def run(c: sqlite3.Connection) -> EnrollmentTokenRecord:
+            record = self._usable_token(c, token_id, secret_hash, now)
+            if (record.org, record.pool) != (agent.org, agent.pool):
                 raise Unauthenticated("the enrollment token is invalid, expired, revoked or already used")
             c.execute("UPDATE enrollment_tokens SET used_at = ? WHERE id = ?", (_ts(now), token_id))
-            return EnrollmentTokenRecord(
-                row["id"],
-                row["org"],
-                row["pool"],
-                row["secret_hash"],
-                _dt(row["created_at"]) or now,
-                _dt(row["expires_at"]) or now,
-                now,
-            )
+            self._insert_agent(c, agent)
+            return replace(record, used_at=now)
 
         return await self._tx(run)
 
@@ -153,26 +182,28 @@ class SqliteAgents(SqliteParts):
         return await self._tx(run)
 
     async def create_agent(self, record: AgentRecord) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "INSERT INTO agents"
-                " (id, org, pool, name, cert_serial, cert_not_after, enrolled_at, cert_issuer)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.org,
-                    record.pool,
-                    record.name,
-                    record.cert_serial,
-                    _ts(record.cert_not_after),
-                    _ts(record.enrolled_at),
-                    record.cert_issuer,
-                ),
-            )
+        await self._tx(lambda c: self._insert_agent(c, record))
+
+    @staticmethod
+    def _insert_agent(c: sqlite3.Connection, record: AgentRecord) -> None:
+        c.execute(
+            "INSERT INTO agents"
+            " (id, org, pool, name, cert_serial, cert_not_after, enrolled_at, cert_issuer)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.org,
+                record.pool,
+                record.name,
+                record.cert_serial,
+                _ts(record.cert_not_after),
+                _ts(record.enrolled_at),
+                record.cert_issuer,
+            ),
         )
 
     @staticmethod
-    def _agent(r: sqlite3.Row) -> AgentRecord:
+    def _agent(r: sqlite3.Row, running_jobs: int = 0) -> AgentRecord:
         return AgentRecord(
             r["id"],
             r["org"],
@@ -185,6 +216,11 @@ class SqliteAgents(SqliteParts):
             _dt(r["revoked_at"]),
             r["cert_issuer"],
             r["version"],
+            json.loads(r["labels"]),
+            tuple(r["runtimes"].split()),
+            r["max_jobs"],
+            r["replica"],
+            running_jobs,
         )
 
     async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None:
@@ -192,9 +228,12 @@ class SqliteAgents(SqliteParts):
         return self._agent(rows[0]) if rows else None
 
     async def list_agents(self) -> list[AgentRecord]:
-        return [
-            self._agent(r) for r in await self._query("SELECT * FROM agents ORDER BY org, pool, enrolled_at")
-        ]
+        rows = await self._query(
+            "SELECT a.*, (SELECT count(*) FROM jobs j WHERE j.org = a.org AND j.agent_id = a.id"
+            " AND j.status IN (?, ?)) AS running_jobs FROM agents a ORDER BY a.org, a.pool, a.enrolled_at",
+            (JobStatus.ASSIGNED.value, JobStatus.RUNNING.value),
+        )
+        return [self._agent(r, r["running_jobs"]) for r in rows]
 
     async def revoke_agent(self, agent_id: str, now: datetime) -> tuple[AgentRecord, list[str]] | None:
         def run(c: sqlite3.Connection) -> tuple[AgentRecord, list[str]] | None:
@@ -228,16 +267,38 @@ class SqliteAgents(SqliteParts):
         )
         return [self._agent(r) for r in rows]
 
-    async def touch_agent(self, org: str, agent_id: str, now: datetime, version: str | None = None) -> None:
-        """Last contact; with ``version``, also the version the agent announced in its hello."""
-        args: tuple[str | None, ...]
-        if version is None:
-            sql = "UPDATE agents SET last_seen_at = ? WHERE org = ? AND id = ?"
-            args = (_ts(now), org, agent_id)
+    async def touch_agent(
+        self, org: str, agent_id: str, now: datetime, hello: AgentHello | None = None
+    ) -> None:
+        """Last contact, and this serve holds the agent's stream (every heartbeat says
+        so again: a reconnect racing the old stream's end heals within one)."""
+        if hello is None:
+            sql = "UPDATE agents SET last_seen_at = ?, replica = ? WHERE org = ? AND id = ?"
+            args: tuple[object, ...] = (_ts(now), _stream_holder(), org, agent_id)
         else:
-            sql = "UPDATE agents SET last_seen_at = ?, version = ? WHERE org = ? AND id = ?"
-            args = (_ts(now), version, org, agent_id)
+            sql = (
+                "UPDATE agents SET last_seen_at = ?, replica = ?, version = ?, labels = ?, runtimes = ?,"
+                " max_jobs = ? WHERE org = ? AND id = ?"
+            )
+            args = (
+                _ts(now),
+                _stream_holder(),
+                hello.version,
+                json.dumps(hello.labels, sort_keys=True),
+                " ".join(hello.runtimes),
+                hello.max_jobs,
+                org,
+                agent_id,
+            )
         await self._tx(lambda c: c.execute(sql, args))
+
+    async def agent_disconnected(self, org: str, agent_id: str, now: datetime) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "UPDATE agents SET last_seen_at = ?, replica = '' WHERE org = ? AND id = ? AND replica = ?",
+                (_ts(now), org, agent_id, _stream_holder()),
+            )
+        )
 
     async def record_agent_certificate(
         self, org: str, agent_id: str, serial: str, not_after: datetime, issuer: str
