@@ -239,6 +239,7 @@ class Agent:
         self.notifier.status(f"connected to {endpoint}")
 
     async def run(self) -> None:
+        """Until ``shutdown()``, with the metrics port (if any) open throughout."""
         listener = await self.metrics.listen(self) if self.metrics is not None else None
         self.metrics_port = listener.port if listener is not None else 0
         self.running = True

@@ -206,12 +206,14 @@ class ControlPlaneMetrics:
 
     async def _collect(self, scheduler: Scheduler, store: object, certs: CertificateState) -> list[Metric]:
         now = datetime.now(UTC)
-        families = _agent_families(scheduler, now) + _certificate_families(certs, now)
+        families = _certificate_families(certs, now)
         try:
             families += await self._job_families(store, now)
         except Exception as exc:  # the database away: the rest is still worth serving
             log.warning("metrics_job_counts_failed", error=str(exc))
-        return families
+        # A pool with jobs and no agent here shows 0 connected, rather than nothing.
+        with_jobs = {(org, pool) for org, pool, _, _ in self._counts}
+        return families + _agent_families(scheduler, now, with_jobs)
 
     async def _job_families(self, store: object, now: datetime) -> list[Metric]:
         async with self._counting:  # concurrent scrapes share one query
@@ -245,7 +247,7 @@ class ControlPlaneMetrics:
         return [jobs, depth, age]
 
 
-def _agent_families(scheduler: Scheduler, now: datetime) -> list[Metric]:
+def _agent_families(scheduler: Scheduler, now: datetime, pools: set[tuple[str, str]]) -> list[Metric]:
     connected: Tally[tuple[str, str]] = Tally()
     soonest: dict[tuple[str, str], datetime] = {}
     for session in scheduler.sessions():
@@ -264,8 +266,9 @@ def _agent_families(scheduler: Scheduler, now: datetime) -> list[Metric]:
         " (agents renew at half their certificate's lifetime).",
         labels=["org", "pool"],
     )
-    for pool in sorted(connected):
+    for pool in sorted(pools | connected.keys()):
         agents.add_metric(list(pool), connected[pool])
+    for pool in sorted(soonest):
         expiry.add_metric(list(pool), (soonest[pool] - now).total_seconds())
     return [agents, expiry]
 
