@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from testhide.common.identity import AgentIdentity
 from testhide.controlplane.errors import InvalidArgument
+from testhide.controlplane.jobs import scheduler as scheduler_module
 from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus, PoolPolicy
 from testhide.controlplane.jobs.scheduler import AgentSession, Assign, AssignDetails, Outbound, Scheduler
 from tests.unit.fakes import MemoryJobs
@@ -166,3 +169,26 @@ async def test_a_newer_stream_of_the_same_agent_replaces_the_older(scheduler: Sc
     assert scheduler.session_of("a1") is newer
     scheduler.detach(older)  # the old stream ending later does not remove the new one
     assert scheduler.session_of("a1") is newer
+
+
+async def test_each_dispatch_round_leaves_a_debug_line_an_operator_can_read(
+    store: MemoryJobs, scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A logger of its own: one cached before (another test configured logging) bypasses capture_logs.
+    monkeypatch.setattr(scheduler_module, "log", structlog.get_logger("testhide.scheduler"))
+    queue(store, "j1", {"gpu": "yes"})
+    queue(store, "j2")
+    plain = agent("plain")
+    with capture_logs() as events:
+        scheduler.attach(plain)
+        await received(plain)
+        await until(lambda: any(e["event"] == "dispatch_round" for e in events))
+    rounds = [e for e in events if e["event"] == "dispatch_round"]
+    assert rounds[0]["log_level"] == "debug"
+    assert {k: rounds[0][k] for k in ("org", "pool", "queued_seen", "assigned", "passed_over")} == {
+        "org": "acme",
+        "pool": "default",
+        "queued_seen": 2,
+        "assigned": 1,
+        "passed_over": 1,
+    }

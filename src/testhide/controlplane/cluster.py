@@ -175,6 +175,7 @@ class PgCluster:
             log.warning("cluster_message_unreadable", payload=payload[:100])
             return
         if kind == "queued" and sender != self.replica_id:
+            log.debug("cluster_queued_heard", org=org, pool=subject, replica=sender)
             handlers.queued(org, subject)
         elif kind == "cancel" and sender == self.replica_id:  # addressed to us
             task = asyncio.ensure_future(handlers.cancel(org, subject))

@@ -57,7 +57,10 @@ class Leases:
 
     async def extend(self, session: AgentSession, held: dict[str, int]) -> None:
         identity = session.identity
-        await self._store.extend_leases(identity.org, identity.agent_id, held, self._clock() + self.duration)
+        until = self._clock() + self.duration
+        extended = await self._store.extend_leases(identity.org, identity.agent_id, held, until)
+        if extended < len(held):  # the others were released, or are held by someone else now
+            log.debug("leases_not_extended", agent_id=identity.agent_id, held=len(held), extended=extended)
 
     async def release(self, job: Job, status: JobStatus, reason: str) -> Job | None:
         """Take a held job back (QUEUED or LOST); None if it had already moved on."""
@@ -88,7 +91,10 @@ class Leases:
 
     async def sweep(self) -> None:
         """Release lapsed leases, then queue the retries LOST jobs asked for."""
-        for job, holder in await self._store.expire_leases(self._clock()):
+        expired = await self._store.expire_leases(self._clock())
+        if expired:
+            log.debug("leases_expired", jobs=len(expired))
+        for job, holder in expired:
             self._released(job, previous_agent=holder)
         await self.retry_lost()
 

@@ -262,20 +262,37 @@ class Scheduler:
             reverse=True,
         )
         if not idle:
+            log.debug(
+                "dispatch_no_idle_agent", org=org, pool=pool, connected=len(self._pool_sessions(org, pool))
+            )
             return
         # Look past the head of the queue: a job no idle agent can take must not block the others.
         window = min(MAX_WINDOW, max(64, 4 * sum(s.free_slots for s in idle)))
-        for job in await self._store.queued_jobs(org, pool, window):
+        queued = await self._store.queued_jobs(org, pool, window)
+        assigned = unmatched = 0
+        for job in queued:
             if not idle:
                 break
             index = next((i for i, s in enumerate(idle) if s.can_run(job)), None)
             if index is None:
+                unmatched += 1  # no idle agent offers its labels or runtime: `jobs show` says why
                 continue
             session = idle.pop(index)
-            if await self._assign(org, job, session) and session.free_slots > 0:
-                idle.append(session)
+            if await self._assign(org, job, session):
+                assigned += 1
+                if session.free_slots > 0:
+                    idle.append(session)
             elif session.free_slots > 0:
                 idle.insert(index, session)
+        log.debug(
+            "dispatch_round",
+            org=org,
+            pool=pool,
+            idle_agents=len(idle) + assigned,
+            queued_seen=len(queued),
+            assigned=assigned,
+            passed_over=unmatched,
+        )
 
     async def _assign(self, org: str, job: Job, session: AgentSession) -> bool:
         try:
