@@ -57,16 +57,21 @@ async def serve_json_lines(tmp_path: Path, verbosity: str | None) -> list[str]:
         stderr=asyncio.subprocess.STDOUT,
     )
     assert process.stdout is not None
-    started = b""
-    while b"controlplane_started" not in started:  # written once both ports serve
-        line = await asyncio.wait_for(process.stdout.readline(), 60)
-        assert line, f"serve ended before it started: {started!r}"
-        started += line
-    bound = json.loads(ports.read_text())
-    for port in (bound["api_port"], bound["agent_port"]):
-        await asyncio.to_thread(refused_handshake, port)
-    process.send_signal(signal.SIGTERM)
-    rest, _ = await asyncio.wait_for(process.communicate(), 60)
+    try:
+        started = b""
+        while b"controlplane_started" not in started:  # written once both ports serve
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            assert line, f"serve ended before it started: {started!r}"
+            started += line
+        bound = json.loads(ports.read_text())
+        for port in (bound["api_port"], bound["agent_port"]):
+            await asyncio.to_thread(refused_handshake, port)
+        process.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
     assert process.returncode == 0
     return [line for line in (started + rest).decode().splitlines() if line.strip()]
 
