@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import structlog
 
 from testhide.agent.daemon import Agent
 from tests.harness import Cli, RunningControlPlane, control_plane, running_agent, unavailable
@@ -12,6 +13,21 @@ from tests.pg import fresh_database
 
 if TYPE_CHECKING:
     from docker import DockerClient
+
+
+@pytest.fixture(autouse=True, scope="session")
+def loggers_never_cached() -> Iterator[None]:
+    """The daemons cache each module's logger on first use (cheaper per line). In one test process
+    that would let a logger cached after one test configured logging escape a later test's
+    ``capture_logs``, depending on test order; here every logger stays lazy."""
+    original = structlog.configure
+
+    def configure(**settings: Any) -> None:
+        original(**{**settings, "cache_logger_on_first_use": False})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(structlog, "configure", configure)
+        yield
 
 
 @pytest.fixture(scope="session")
