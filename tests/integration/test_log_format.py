@@ -33,8 +33,6 @@ async def serve_json_lines(tmp_path: Path, verbosity: str | None) -> list[str]:
     if not data_dir.exists():
         await initialise(data_dir, ["localhost", "127.0.0.1"])
     api_port = free_port()
-    ports = tmp_path / "ports.json"
-    ports.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
     if verbosity is not None:
         env["GRPC_VERBOSITY"] = verbosity
@@ -47,8 +45,6 @@ async def serve_json_lines(tmp_path: Path, verbosity: str | None) -> list[str]:
         str(data_dir),
         "--listen",
         f"127.0.0.1:{api_port}",
-        "--port-file",
-        str(ports),
         "--log-format",
         "json",
         cwd=REPO,
@@ -58,12 +54,12 @@ async def serve_json_lines(tmp_path: Path, verbosity: str | None) -> list[str]:
     )
     assert process.stdout is not None
     try:
-        started = b""
-        while b"controlplane_started" not in started:  # written once both ports serve
+        started, line = b"", b""
+        while b"controlplane_started" not in line:  # logged once both ports serve, with their numbers
             line = await asyncio.wait_for(process.stdout.readline(), 60)
             assert line, f"serve ended before it started: {started!r}"
             started += line
-        bound = json.loads(ports.read_text())
+        bound = json.loads(line)
         for port in (bound["api_port"], bound["agent_port"]):
             await asyncio.to_thread(refused_handshake, port)
         process.send_signal(signal.SIGTERM)
