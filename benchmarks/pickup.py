@@ -24,15 +24,12 @@ GOAL_MS = 20.0
 WARMUP = 5
 
 
-async def _probe(
-    api_target: str,
-    agent_target: str,
-    ca_pem: bytes,
-    bearer: tuple[tuple[str, str], ...],
-    keys: AgentKeys,
-    count: int,
-) -> dict[str, list[float]]:
-    agent_channel, call = await open_stream(agent_target, ca_pem, keys)
+def idle_agent(
+    call: Any,
+) -> tuple[asyncio.Queue[tuple[str, float]], asyncio.Queue[str], asyncio.Task[None]]:
+    """A simulated agent on ``call`` that finishes each job at once: when each
+    assignment arrived (job id, monotonic time), each result acknowledged, and
+    the task reading the stream."""
     arrivals: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
     acks: asyncio.Queue[str] = asyncio.Queue()
 
@@ -46,7 +43,19 @@ async def _probe(
             elif kind == "result_ack":
                 acks.put_nowait(message.result_ack.job_id)
 
-    reader = asyncio.create_task(agent())
+    return arrivals, acks, asyncio.create_task(agent())
+
+
+async def _probe(
+    api_target: str,
+    agent_target: str,
+    ca_pem: bytes,
+    bearer: tuple[tuple[str, str], ...],
+    keys: AgentKeys,
+    count: int,
+) -> dict[str, list[float]]:
+    agent_channel, call = await open_stream(agent_target, ca_pem, keys)
+    arrivals, acks, reader = idle_agent(call)
     spec = jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"], pool="default")
     pickups, round_trips = [], []
     async with grpc.aio.secure_channel(api_target, grpc.ssl_channel_credentials(ca_pem)) as channel:

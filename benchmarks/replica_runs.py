@@ -22,11 +22,11 @@ from benchmarks.figures import cpu_seconds, median, percentile
 from benchmarks.fleet import (
     SPAWN,
     AgentKeys,
-    finished_messages,
     issue_agents,
     open_stream,
     write_credentials,
 )
+from benchmarks.pickup import idle_agent
 from benchmarks.replica_process import Progress, Replica, new_database, postgres_cpu_seconds, replica
 from benchmarks.scheduler import _run_agents, _submit_process, store_lifecycle_rate
 from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
@@ -261,20 +261,7 @@ async def _pickup_probe(
     """Pickup times (s) of jobs submitted through each named API target, turn
     about, to one idle agent (as ``pickup._probe``; one process, one clock)."""
     agent_channel, call = await open_stream(agent_target, ca_pem, keys)
-    arrivals: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
-    acks: asyncio.Queue[str] = asyncio.Queue()
-
-    async def agent() -> None:
-        async for message in call:
-            kind = message.WhichOneof("body")
-            if kind == "assign":
-                arrivals.put_nowait((message.assign.job_id, time.monotonic()))
-                for reply in finished_messages(message.assign.job_id, message.assign.epoch):
-                    await call.write(reply)
-            elif kind == "result_ack":
-                acks.put_nowait(message.result_ack.job_id)
-
-    reader = asyncio.create_task(agent())
+    arrivals, acks, reader = idle_agent(call)
     spec = jobs_pb2.JobSpec(image=JOB_IMAGE, command=["true"], pool="default")
     credentials = grpc.ssl_channel_credentials(ca_pem)
     channels = {name: grpc.aio.secure_channel(target, credentials) for name, target in through.items()}
