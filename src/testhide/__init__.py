@@ -11,4 +11,4 @@ import os
 
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
