@@ -107,7 +107,14 @@ def init(
     help="HOST:PORT of the API port.",
 )
 @click.option("--agent-listen", default=None, help="HOST:PORT of the mutual-TLS agent port [API port + 1].")
-@click.option("--agent-cert-ttl", type=Duration(), default="1h", show_default=True)
+@click.option(
+    "--agent-cert-ttl",
+    type=Duration(),
+    default="1h",
+    show_default=True,
+    help="Lifetime of the certificates agents get at enrollment and renewal (at most 24h);"
+    " they renew at half of it.",
+)
 @click.option(
     "--job-lease",
     type=Duration(),
