@@ -127,12 +127,29 @@ async def test_an_agent_port_another_program_holds_is_refused(data_dir: Path) ->
     assert "is in use (another serve?); stop it or choose another with --agent-listen" in line, line
 
 
-@pytest.mark.parametrize("port", ["the agent port", "the API port"])
-async def test_an_address_that_is_not_this_hosts_is_refused(data_dir: Path, port: str) -> None:
-    agent = () if port == "the agent port" else ("--agent-listen", "127.0.0.1:0")
-    line = await serve(data_dir, "--listen", f"{NOT_THIS_HOST}:7443", *agent)
-    address = f"{NOT_THIS_HOST}:7444" if port == "the agent port" else f"{NOT_THIS_HOST}:7443"
+@pytest.mark.parametrize(
+    ("flags", "address", "port"),
+    [
+        # The agent port is derived from --listen (port + 1) and bound first, yet --listen is named.
+        (("--listen", f"{NOT_THIS_HOST}:7443"), f"{NOT_THIS_HOST}:7443", "the API port"),
+        (
+            ("--listen", f"{NOT_THIS_HOST}:7443", "--agent-listen", "127.0.0.1:0"),
+            f"{NOT_THIS_HOST}:7443",
+            "the API port",
+        ),
+        (
+            ("--listen", "127.0.0.1:0", "--agent-listen", f"{NOT_THIS_HOST}:7444"),
+            f"{NOT_THIS_HOST}:7444",
+            "the agent port",
+        ),
+    ],
+)
+async def test_an_address_that_is_not_this_hosts_is_refused(
+    data_dir: Path, flags: tuple[str, ...], address: str, port: str
+) -> None:
+    line = await serve(data_dir, *flags)
     assert f"cannot listen on {address} ({port}): {NOT_THIS_HOST} is not an address of this host" in line
+    assert ("--agent-listen" in line) == (port == "the agent port"), line
 
 
 @pytest.mark.parametrize("command", ["init", "serve"])

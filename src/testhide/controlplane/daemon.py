@@ -137,6 +137,9 @@ class ControlPlane:
             await health.servicer(server.AGENT_SERVICES),
             ttl,
         )
+        # The agent port is bound first (enrollment answers with it), but the API port is the one an
+        # operator names: a host that is not this one's is reported against --listen.
+        server.check_bindable(self.config.listen, server.API_PORT)
         self.agent_port = server.bind(
             agent_server,
             self.config.resolved_agent_listen,

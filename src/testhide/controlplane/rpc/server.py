@@ -141,6 +141,13 @@ def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredenti
     raise ConfigError(f"cannot listen on {address} ({port.name}): {why}")
 
 
+def check_bindable(address: str, port: Port) -> None:
+    """Refuse ``address`` now if it cannot be bound, in ``bind``'s words."""
+    why = unbindable(address, port)
+    if why is not None:
+        raise ConfigError(f"cannot listen on {address} ({port.name}): {why}")
+
+
 def unbindable(address: str, port: Port) -> str | None:
     """Why a TCP listener cannot bind ``address`` and what to do, or None if it can: each
     address it resolves to is bound for a moment (with SO_REUSEADDR, as gRPC binds) and let go."""
