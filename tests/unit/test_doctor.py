@@ -195,10 +195,11 @@ def test_server_and_ca_certificates_warn_within_30_days_and_fail_expired() -> No
     assert "--server-name" in missing.fix
 
 
-def test_schema_older_warns_newer_fails() -> None:
+def test_schema_older_or_newer_fails() -> None:
     assert cp_doctor.schema_finding("db", {1, 2, 3}, {1, 2, 3}).status is cp_doctor.Status.OK
     older = cp_doctor.schema_finding("db", {1, 2}, {1, 2, 3})
-    assert older.status is cp_doctor.Status.WARN
+    assert older.status is cp_doctor.Status.FAIL  # every command but serve and migrate refuses it
+    assert "testhide-controlplane migrate" in older.fix
     assert "lacks versions [3]" in older.finding
     newer = cp_doctor.schema_finding("db", {1, 2, 3, 4}, {1, 2, 3})
     assert newer.status is cp_doctor.Status.FAIL

@@ -12,6 +12,7 @@ ControlPlaneError
 ├── FailedPrecondition       the object is not in a state that allows this
 │   └── StaleEpoch           a fenced update found the job already at another epoch
 ├── IntegrityError           stored data failed authentication (tampering, wrong key)
+│   └── DatabaseDamaged      the SQLite file is not a database, or is damaged: restore a backup
 ├── StorageUnavailable       the database is locked by another process, or the disk is full
 └── BackgroundTaskFailed     a supervised task of the daemon died; the daemon stopped because of it
 """
@@ -75,12 +76,33 @@ class IntegrityError(ControlPlaneError):
     pass
 
 
+class DatabaseDamaged(IntegrityError):
+    """SQLite's "file is not a database" or "database disk image is malformed":
+    nothing the program can repair; the operator restores the newest backup."""
+
+
 class StorageUnavailable(ControlPlaneError):
     """Transient: nothing was changed; the same request succeeds once the condition clears."""
 
 
 class BackgroundTaskFailed(ControlPlaneError):
     """The scheduler, the lease keeper or the watcher ended; its cause is chained (``__cause__``)."""
+
+
+def newer_schema(database: str, found: int, known: int) -> ConfigError:
+    """A database a newer release migrated: this one would misread it (both stores say so alike)."""
+    return ConfigError(
+        f"{database} was migrated by a newer testhide (schema {found}, this one knows {known}):"
+        " run that version, or restore a backup made before the upgrade"
+    )
+
+
+def behind_schema(found: int, known: int) -> FailedPrecondition:
+    """A database an older release left: only ``serve`` and ``migrate`` bring it up to date."""
+    return FailedPrecondition(
+        f"the database schema is at version {found}, this testhide needs {known}:"
+        " run `testhide-controlplane migrate` (it writes a backup first), or start serve"
+    )
 
 
 def quoted(value: str | bytes, limit: int = 64) -> str:

@@ -30,11 +30,16 @@ class OperatorContext:
 
 
 @asynccontextmanager
-async def operator_context(data_dir: Path) -> AsyncIterator[OperatorContext]:
-    directory = DataDir(data_dir)
+async def operator_context(
+    data_dir: Path, master_key: str | None = None, *, require_current: bool = True
+) -> AsyncIterator[OperatorContext]:
+    """``master_key``: ``--master-key`` (``file:PATH`` or a ``pkcs11:`` URI), if given.
+    The store is never migrated here, and refused when its schema is behind unless
+    ``require_current`` is false (the ``migrate`` command)."""
+    directory = DataDir(data_dir, master_key)
     directory.require_initialised()
     master = directory.master_key()
-    store = await directory.open_store()
+    store = await directory.open_store(migrate=False, require_current=require_current)
     try:
         shared = SharedFiles(directory, master, store) if isinstance(store, PgStore) else None
         if shared is not None:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from testhide.controlplane.errors import ConfigError, FailedPrecondition
+from testhide.controlplane.errors import FailedPrecondition, behind_schema, newer_schema
 from testhide.controlplane.store.base import WrappedDataKey
 from testhide.controlplane.store.pg_agents import PgAgents
 from testhide.controlplane.store.pg_auth import PgAuth
@@ -38,6 +38,10 @@ from testhide.controlplane.store.pgdriver import (
 
 T = TypeVar("T")
 
+BeforeMigrating = Callable[[int, list[int]], Awaitable[None]]
+"""Called with the schema version found and the versions about to be applied (the
+pre-migration backup), only when some are missing."""
+
 
 class PgStore(PgJobData, PgLeases, PgAgents, PgAuth, PgCluster, PgLimits):
     def __init__(self, driver: PgDriver) -> None:
@@ -48,34 +52,43 @@ class PgStore(PgJobData, PgLeases, PgAgents, PgAuth, PgCluster, PgLimits):
         return self._driver.name
 
     @classmethod
-    async def open(cls, url: str, *, pool_size: int = 10, migrate: bool = True) -> PgStore:
+    async def open(
+        cls, url: str, *, pool_size: int = 10, migrate: bool = True, require_current: bool = True
+    ) -> PgStore:
         """Connects (``url``: ``postgresql://…``, ``?driver=psycopg`` to use psycopg 3)
-        and brings the schema up to date unless ``migrate`` is false."""
+        and brings the schema up to date unless ``migrate`` is false; then a schema
+        that is behind is refused unless ``require_current`` is false too."""
         driver = await connect(url, min_size=1, max_size=pool_size)
         store = cls(driver)
         try:
             if migrate:
                 await store.migrate()
             else:
-                await store.check_schema()
+                await store.check_schema(require_current)
         except BaseException:
             await driver.close()
             raise
         return store
 
-    async def migrate(self) -> list[int]:
+    async def migrate(self, before_applying: BeforeMigrating | None = None) -> list[int]:
         """Applies the missing schema versions in one transaction; returns them.
-        The table lock serialises replicas that start together (no advisory
-        lock: connection poolers in transaction mode break those)."""
+        ``before_applying`` runs first, only when some are missing (the
+        pre-migration backup). The table lock serialises replicas that start
+        together (no advisory lock: connection poolers in transaction mode break
+        those); it is one that pg_dump's reads pass, so the first replica backs up
+        and migrates while the others wait, then find nothing to do."""
 
         async def run(c: PgConnection) -> list[int]:
             await c.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations"
                 " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
             )
-            await c.execute("LOCK TABLE schema_migrations IN ACCESS EXCLUSIVE MODE")
+            await c.execute("LOCK TABLE schema_migrations IN SHARE ROW EXCLUSIVE MODE")
             applied = {r["version"] for r in await c.fetch("SELECT version FROM schema_migrations")}
             _refuse_newer(applied)
+            pending = [v for v, _ in PG_MIGRATIONS if v not in applied]
+            if pending and before_applying is not None:
+                await before_applying(max(applied, default=0), pending)
             done = []
             for version, script in PG_MIGRATIONS:
                 if version in applied:
@@ -95,19 +108,17 @@ class PgStore(PgJobData, PgLeases, PgAgents, PgAuth, PgCluster, PgLimits):
                 return await self._tx(run)
             raise
 
-    async def check_schema(self) -> None:
-        """Refuses a database this version does not know (newer, or never initialised)."""
+    async def check_schema(self, require_current: bool = True) -> None:
+        """Refuses a database this version does not know (newer, or never
+        initialised), and one that is behind unless ``require_current`` is false."""
         exists = await self._read(lambda c: c.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"))
         if not exists:
             raise FailedPrecondition("the database has no testhide schema; run `testhide-controlplane init`")
         rows = await self._fetch("SELECT version FROM schema_migrations")
         applied = {r["version"] for r in rows}
         _refuse_newer(applied)
-        missing = [v for v, _ in PG_MIGRATIONS if v not in applied]
-        if missing:
-            raise FailedPrecondition(
-                f"the database schema lacks versions {missing}; start `serve` to migrate it"
-            )
+        if require_current and any(v not in applied for v, _ in PG_MIGRATIONS):
+            raise behind_schema(max(applied, default=0), max(v for v, _ in PG_MIGRATIONS))
 
     async def _tx(self, fn: Callable[[PgConnection], Awaitable[T]]) -> T:
         return await in_transaction(self._driver, fn)
@@ -171,10 +182,7 @@ class PgStore(PgJobData, PgLeases, PgAgents, PgAuth, PgCluster, PgLimits):
 def _refuse_newer(applied: set[int]) -> None:
     known = max(v for v, _ in PG_MIGRATIONS)
     if applied and max(applied) > known:
-        raise ConfigError(
-            f"the database was migrated by a newer testhide (schema {max(applied)}, this one knows {known});"
-            " upgrade this control plane"
-        )
+        raise newer_schema("the database", max(applied), known)
 
 
 _DATA_KEY_OWNER = {"jobs": ("id",), "blobs": ("id",), "secrets": ("org", "name")}
