@@ -7,7 +7,7 @@
 The lock is resolved by uv for every platform and Python version the project supports (`--universal`), so
 one file serves Debian 12's Python 3.11.2 and newer ones alike; scripts/host-setup installs it with
 `pip install --require-hashes`. Its first line records a digest of what it was resolved from (the
-dependencies, its extras (`test`, `psycopg`) and the build requirements of pyproject.toml);
+dependencies, its extras (`test`, `psycopg`, `pkcs11`) and the build requirements of pyproject.toml);
 `--check` recomputes that digest and also checks that every declared requirement is pinned at a
 version it allows.
 """

@@ -13,7 +13,9 @@ key of the ring may open them (the original key is kept until they are gone).
 
 The master key is a key ring: the current key seals, every key opens what it
 sealed. It is a file of base64 keys, one a line, current first (or the same,
-comma-separated, in ``TESTHIDE_MASTER_KEY``).
+comma-separated, in ``TESTHIDE_MASTER_KEY``), or a file that holds the ring
+wrapped by a key inside a hardware security module (``hsm``): a ``RingFile``
+says how its file is read and written.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import hashlib
 import hmac
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from testhide.common.files import atomic_write
 from testhide.controlplane.errors import ConfigError, IntegrityError
 
 MASTER_KEY_ENV = "TESTHIDE_MASTER_KEY"
@@ -82,13 +87,51 @@ def _decode_ring(text: str, origin: str) -> list[bytes]:
     return keys
 
 
+class RingFile(Protocol):
+    """Where a key ring is kept, and how it is read and written."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def kind(self) -> str:
+        """``file`` (the keys themselves) or ``pkcs11`` (wrapped by a key in an HSM)."""
+        ...
+
+    def describe(self) -> str: ...
+
+    def read(self) -> tuple[bytes, ...]: ...
+
+    def write(self, keys: Sequence[bytes]) -> None: ...
+
+
+class PlainRingFile:
+    """The ring as base64 lines in a 0600 file (``DIR/master.key``)."""
+
+    kind = "file"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def describe(self) -> str:
+        return str(self.path)
+
+    def read(self) -> tuple[bytes, ...]:
+        return tuple(_decode_ring(read_key_file(self.path), str(self.path)))
+
+    def write(self, keys: Sequence[bytes]) -> None:
+        atomic_write(self.path, "".join(base64.b64encode(k).decode() + "\n" for k in keys).encode(), 0o600)
+
+
 class MasterKey:
     """The key ring that wraps every data key. Read from a 0600 file in the
-    data dir or, when the operator keeps it elsewhere, from
-    ``TESTHIDE_MASTER_KEY``. A ring read from a file follows that file:
-    ``reload()`` picks up a rotation made by another process."""
+    data dir, from a file wrapped by an HSM or, when the operator keeps it
+    elsewhere, from ``TESTHIDE_MASTER_KEY``. A ring read from a file follows
+    that file: ``reload()`` picks up a rotation made by another process."""
 
-    def __init__(self, key: bytes, *older: bytes, source: Path | None = None) -> None:
+    def __init__(
+        self, key: bytes, *older: bytes, source: Path | None = None, ring_file: RingFile | None = None
+    ) -> None:
         ring = []
         for k in (key, *older):
             if len(k) != 32:
@@ -97,7 +140,7 @@ class MasterKey:
         if len({kid for kid, _ in ring}) != len(ring):
             raise ConfigError("the master key ring holds the same key twice")
         self._ring: tuple[tuple[str, bytes], ...] = tuple(ring)
-        self._source = source
+        self._file = ring_file if ring_file is not None or source is None else PlainRingFile(source)
         self._stamp = self._source_stamp()
 
     @classmethod
@@ -113,12 +156,28 @@ class MasterKey:
         env_value = os.environ.get(MASTER_KEY_ENV)
         if env_value:
             return cls.from_env_value(env_value)
-        return cls.from_env_value(read_key_file(path), source=path)
+        return cls.from_ring_file(PlainRingFile(path))
+
+    @classmethod
+    def from_ring_file(cls, ring_file: RingFile) -> MasterKey:
+        return cls(*ring_file.read(), ring_file=ring_file)
 
     @property
     def source(self) -> Path | None:
         """The file the ring follows; None when it came from the environment."""
-        return self._source
+        return self._file.path if self._file is not None else None
+
+    @property
+    def ring_file(self) -> RingFile | None:
+        return self._file
+
+    @property
+    def kind(self) -> str:
+        """Where the ring is kept: ``file``, ``pkcs11`` (wrapped in an HSM) or ``environment``."""
+        return self._file.kind if self._file is not None else "environment"
+
+    def describe(self) -> str:
+        return self._file.describe() if self._file is not None else MASTER_KEY_ENV
 
     @property
     def current_id(self) -> str:
@@ -134,11 +193,18 @@ class MasterKey:
     def with_new_current(self) -> MasterKey:
         """The ring with a fresh key in front (not saved)."""
         return MasterKey(
-            AESGCM.generate_key(bit_length=256), *(k for _, k in self._ring), source=self._source
+            AESGCM.generate_key(bit_length=256), *(k for _, k in self._ring), ring_file=self._file
         )
 
     def only_current(self) -> MasterKey:
-        return MasterKey(self._ring[0][1], source=self._source)
+        return MasterKey(self._ring[0][1], ring_file=self._file)
+
+    def persist(self) -> None:
+        """Write this ring over the file it follows (atomically)."""
+        if self._file is None:
+            raise ConfigError(f"the master key comes from {MASTER_KEY_ENV}: there is no file to write")
+        self._file.write([k for _, k in self._ring])
+        self._stamp = self._source_stamp()
 
     def save(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -146,17 +212,17 @@ class MasterKey:
             handle.write(self.serialise())
 
     def _source_stamp(self) -> tuple[int, int] | None:
-        if self._source is None:
-            return None
-        st = os.stat(self._source)
+        if self._file is None or not self._file.path.exists():
+            return None  # not written yet (a ring being created)
+        st = os.stat(self._file.path)
         return st.st_mtime_ns, st.st_ino
 
     def reload(self) -> bool:
         """Re-read the key file if it changed; True if the ring did."""
-        if self._source is None or self._source_stamp() == self._stamp:
+        if self._file is None or self._source_stamp() == self._stamp:
             return False
         stamp = self._source_stamp()
-        fresh = MasterKey.from_env_value(read_key_file(self._source), source=self._source)
+        fresh = MasterKey.from_ring_file(self._file)
         changed = fresh.key_ids != self.key_ids
         self._ring, self._stamp = fresh._ring, stamp
         return changed

@@ -1,5 +1,7 @@
 """The backup file format: a stream of AES-256-GCM chunks under a fresh data
-key, wrapped by the master key. The master key itself is never inside.
+key, wrapped by the master key. The master key itself is never inside; a ring
+that an HSM wraps is, as the HSM wrapped it (``key_ring`` in the header, the
+content of ``keyring.pkcs11``): it opens only inside that HSM.
 
     b"THBACKUP1\\n" || u32 header length || header (JSON) || records
     record = u32 length || nonce (12 bytes) || ciphertext+tag
@@ -44,19 +46,21 @@ class BackupHeader:
     master_key_id: str
     """The master key that wrapped this backup's data key: needed to restore."""
     wrapped_key: bytes
+    key_ring: dict[str, Any] | None = None
+    """The ring as an HSM wrapped it (``hsm.WrappedRing``), for rings kept in one; None otherwise."""
 
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "format": 1,
-                "backup_id": self.backup_id,
-                "created_at": self.created_at.isoformat(),
-                "master_key_id": self.master_key_id,
-                "wrapped_key": base64.b64encode(self.wrapped_key).decode(),
-                "note": "encrypted; the master key is not in this file and is needed to restore",
-            },
-            sort_keys=True,
-        ).encode()
+        fields: dict[str, Any] = {
+            "format": 1,
+            "backup_id": self.backup_id,
+            "created_at": self.created_at.isoformat(),
+            "master_key_id": self.master_key_id,
+            "wrapped_key": base64.b64encode(self.wrapped_key).decode(),
+            "note": "encrypted; the master key is not in this file and is needed to restore",
+        }
+        if self.key_ring is not None:
+            fields["key_ring"] = self.key_ring
+        return json.dumps(fields, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> BackupHeader:
@@ -69,9 +73,16 @@ class BackupHeader:
                 datetime.fromisoformat(data["created_at"]),
                 str(data["master_key_id"]),
                 base64.b64decode(data["wrapped_key"], validate=True),
+                _key_ring(data.get("key_ring")),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise IntegrityError("the backup header is damaged") from exc
+
+
+def _key_ring(value: Any) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise TypeError("key_ring must be an object")
+    return value
 
 
 def _aad(header: bytes, index: int, last: bool) -> bytes:
@@ -85,10 +96,10 @@ class Writable(Protocol):
 class BackupWriter:
     """A write-only file object that encrypts what it is given into ``out``."""
 
-    def __init__(self, out: Writable, master: MasterKey) -> None:
+    def __init__(self, out: Writable, master: MasterKey, key_ring: dict[str, Any] | None = None) -> None:
         backup_id = secrets.token_hex(8)
         data_key, wrapped = master.new_data_key(b"backup:" + backup_id.encode())
-        self.header = BackupHeader(backup_id, datetime.now(UTC), master.current_id, wrapped)
+        self.header = BackupHeader(backup_id, datetime.now(UTC), master.current_id, wrapped, key_ring)
         self._raw_header = self.header.encode()
         self._aead, self._out = AESGCM(data_key), out
         self._pending = bytearray()

@@ -1,6 +1,7 @@
 """Master-key rotation, online: a running ``serve`` keeps working throughout.
 
-    1. add     a new key goes in front of the ring in ``DIR/master.key``
+    1. add     a new key goes in front of the ring in ``DIR/master.key`` (or in
+               ``DIR/keyring.pkcs11``, the ring the HSM wraps again)
     2. wait    until every running serve holds the new ring (each says which
                key ids it holds in ``DIR/run/``; its watcher reloads the file
                within a second), so nothing new is sealed by an old key
@@ -242,7 +243,7 @@ def _begin(directory: DataDir, master: MasterKey) -> MasterKey:
     if master.source is None:
         raise FailedPrecondition(ENV_HELP)
     ring = master.with_new_current()
-    atomic_write(master.source, ring.serialise().encode(), 0o600)
+    ring.persist()
     log.info("master_key_added", key_id=ring.current_id, retiring=list(ring.key_ids[1:]))
     return ring
 
@@ -276,8 +277,7 @@ async def rotate(
                 break
         dropped = ring.source is not None and (not damaged or force)
         if dropped:
-            assert ring.source is not None
-            atomic_write(ring.source, ring.only_current().serialise().encode(), 0o600)
+            ring.only_current().persist()
     log.info(
         "master_key_rotated",
         key_id=ring.current_id,
