@@ -166,13 +166,19 @@ async def wait_until(condition: asyncio.Condition, predicate: Callable[[], bool]
         await asyncio.wait_for(condition.wait_for(predicate), within)
 
 
-async def operator(*args: str, within: float = 60, stdin: bytes | None = None) -> tuple[int, str, str]:
-    """``testhide-controlplane`` in a subprocess, as an operator runs it, with
-    ``stdin`` as its input; it must finish ``within`` seconds."""
+def program_command(module: str, program: Path | None) -> list[str]:
+    """How a subprocess runs one of the three programs: this checkout's ``module``,
+    or ``program``, the executable another release installed (the upgrade test)."""
+    return [sys.executable, "-m", module] if program is None else [str(program)]
+
+
+async def operator(
+    *args: str, within: float = 60, stdin: bytes | None = None, program: Path | None = None
+) -> tuple[int, str, str]:
+    """``testhide-controlplane`` (or ``program``) in a subprocess, as an operator
+    runs it, with ``stdin`` as its input; it must finish ``within`` seconds."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "testhide.controlplane.cli",
+        *program_command("testhide.controlplane.cli", program),
         *args,
         cwd=REPO,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
@@ -191,11 +197,14 @@ class CliResult:
 
 
 class Cli:
-    """The ``testhide`` command in a subprocess, with its own config dir, run
-    from ``cwd`` (an empty directory unless a test gives it a workspace)."""
+    """The ``testhide`` command (or ``program``) in a subprocess, with its own config
+    dir, run from ``cwd`` (an empty directory unless a test gives it a workspace)."""
 
-    def __init__(self, config_home: Path, cwd: Path | None = None) -> None:
-        self.env = {**os.environ, "XDG_CONFIG_HOME": str(config_home), "PYTHONPATH": str(REPO)}
+    def __init__(self, config_home: Path, cwd: Path | None = None, program: Path | None = None) -> None:
+        self.program = program
+        self.env = {**os.environ, "XDG_CONFIG_HOME": str(config_home)}
+        if program is None:
+            self.env["PYTHONPATH"] = str(REPO)
         self.cwd = cwd or config_home.parent / "empty-workspace"
         self.cwd.mkdir(parents=True, exist_ok=True)
 
@@ -203,9 +212,7 @@ class Cli:
         self, *args: str, stdin: bytes | None = None, cwd: Path | None = None
     ) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "testhide.cli.main",
+            *program_command("testhide.cli.main", self.program),
             *args,
             env=self.env,
             cwd=cwd or self.cwd,
@@ -308,9 +315,18 @@ class ControlPlaneProcess:
     """``testhide-controlplane serve`` as its own process, on fixed ports so that
     it can be killed and started again where agents expect it."""
 
-    def __init__(self, data_dir: Path, api_port: int, agent_port: int, name: str = "controlplane") -> None:
-        """``name``: of its log and port files beside the data dir (replicas of one data dir)."""
+    def __init__(
+        self,
+        data_dir: Path,
+        api_port: int,
+        agent_port: int,
+        name: str = "controlplane",
+        program: Path | None = None,
+    ) -> None:
+        """``name``: of its log and port files beside the data dir (replicas of one data dir);
+        ``program``: another release's ``testhide-controlplane`` instead of this checkout's."""
         self.data_dir, self.api_port, self.agent_port = data_dir, api_port, agent_port
+        self.program = program
         self.process: asyncio.subprocess.Process | None = None
         self.log_path = data_dir.parent / f"{name}.log"
         self._ports = data_dir.parent / ("ports.json" if name == "controlplane" else f"{name}.ports.json")
@@ -321,9 +337,7 @@ class ControlPlaneProcess:
         # Appended to across restarts; the child keeps its own copy of the descriptor.
         with await asyncio.to_thread(self.log_path.open, "ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "testhide.controlplane.cli",
+                *program_command("testhide.controlplane.cli", self.program),
                 "serve",
                 "--data-dir",
                 str(self.data_dir),
