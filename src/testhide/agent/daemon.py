@@ -16,6 +16,8 @@ from datetime import timedelta
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from testhide.agent.config import AgentConfig
@@ -31,6 +33,7 @@ from testhide.agent.rpc.session import CertificateRenewed, Session, SessionEvent
 from testhide.agent.runtime.base import ContainerRuntime
 from testhide.agent.spool import Spool
 from testhide.common.sdnotify import Notifier
+from testhide.common.tls import fingerprint
 
 log = structlog.get_logger("testhide.agent")
 
@@ -79,6 +82,8 @@ class Agent:
         """``run()`` is connecting, connected or draining."""
         self.connected = False
         """A stream to a control plane is open."""
+        self._ended: tuple[str, str] | None = None
+        """Why the last connection attempt or stream ended (gRPC status code, details), for the log."""
 
     @property
     def agent_id(self) -> str:
@@ -201,9 +206,16 @@ class Agent:
         log.info("credentials_checked", agent_id=self.agent_id, expires_at=expires_at, newer=newer)
 
     def _trust_bundle(self, bundle_pem: bytes) -> None:
-        if bundle_pem != self._credentials.ca_pem:
-            self._update_credentials(replace(self._credentials, ca_pem=bundle_pem))
-            log.info("trust_bundle_updated", certificates=bundle_pem.count(b"BEGIN CERTIFICATE"))
+        """Sent on every connection; saved when it differs (a CA rotated in or out)."""
+        if bundle_pem == self._credentials.ca_pem:
+            log.debug("trust_bundle_unchanged", certificates=bundle_pem.count(b"BEGIN CERTIFICATE"))
+            return
+        self._update_credentials(replace(self._credentials, ca_pem=bundle_pem))
+        log.info(
+            "trust_bundle_updated",
+            certificates=bundle_pem.count(b"BEGIN CERTIFICATE"),
+            fingerprints=bundle_fingerprints(bundle_pem),
+        )
 
     async def _one_session(self, endpoint: str) -> None:
         runtimes = await asyncio.to_thread(self._runtime.runtimes)  # checked once, then cached
@@ -292,16 +304,20 @@ class Agent:
 
         def moved_on(state: RetryCallState) -> None:
             rotation.failed()
+            self._ended = ended_by(state.outcome.exception() if state.outcome else None)
+            if rotation.target != tried[-1]:
+                self._failover(tried[-1], rotation.target)
 
         def before_sleep(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
+            code, error = self._ended or ("", "")
             log.warning(
                 "controlplane_unreachable",
                 endpoint=tried[-1],
                 attempt=state.attempt_number,
                 next_endpoint=rotation.target,
                 retry_in_s=round(state.upcoming_sleep, 2),
-                error=error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error),
+                code=code,
+                error=error,
             )
             self.notifier.status(f"control plane unreachable; retrying {rotation.target}")
 
@@ -316,17 +332,34 @@ class Agent:
             async for attempt in retrying:
                 with attempt:
                     tried.append(rotation.target)
+                    code, error = self._ended or ("", "")
+                    log.debug(
+                        "controlplane_connecting",
+                        endpoint=tried[-1],
+                        attempt=len(tried),
+                        previous_code=code,
+                        previous_error=error,
+                    )
                     await self._one_session(rotation.target)
         except CertificateRenewed as exc:
+            self._ended = (exc.code, str(exc))
             log.info("controlplane_reconnecting", endpoint=tried[-1], reason=str(exc))
         except SessionLost as exc:
+            self._ended = (exc.code, str(exc))
             self.endpoints.left(tried[-1])
             log.warning(
                 "controlplane_connection_lost",
                 endpoint=tried[-1],
                 next_endpoint=self.endpoints.preferred,
+                code=exc.code,
                 error=str(exc),
             )
+            if self.endpoints.preferred != tried[-1]:
+                self._failover(tried[-1], self.endpoints.preferred)
+
+    def _failover(self, left: str, next_endpoint: str) -> None:
+        code, error = self._ended or ("", "")
+        log.debug("controlplane_failover", endpoint=left, next_endpoint=next_endpoint, code=code, error=error)
 
     async def _stop_jobs(self) -> None:
         for task in list(self._jobs.values()):
@@ -360,3 +393,19 @@ class Agent:
         except TimeoutError:
             log.warning("agent_drain_undelivered", jobs=list(self.outbox.running()))
         self.shutdown()
+
+
+def ended_by(error: BaseException | None) -> tuple[str, str]:
+    """Why a connection attempt failed, for the log: the gRPC status code and its details."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code().name, error.details() or ""
+    return type(error).__name__, str(error)
+
+
+def bundle_fingerprints(bundle_pem: bytes) -> list[str]:
+    """The bundle's CA certificates by SHA-256 fingerprint, the form the control plane records issuers in."""
+    try:
+        certificates = x509.load_pem_x509_certificates(bundle_pem)
+    except ValueError:
+        return []
+    return [fingerprint(c.public_bytes(Encoding.DER)) for c in certificates]

@@ -77,29 +77,46 @@ class Outbox:
         """A new connection: replay everything unacknowledged, in order, then
         send new reports straight away."""
         self._send = send
+        started = resent = 0
         for reports in self._jobs.values():
             reports.result_sent = False
             if reports.started:
                 send(reports.started)
+                started += 1
             for seq in sorted(reports.inflight):
                 send(reports.inflight[seq])
-        self._pump()
+            resent += len(reports.inflight)
+        from_spool, results = self._pump()
+        log.debug(
+            "outbox_replayed",
+            jobs=len(self._jobs),
+            started=started,
+            batches_resent=resent,
+            batches_from_spool=from_spool,
+            results=results,
+            spooled_bytes=self._spool.size,
+        )
 
     def detach(self) -> None:
         self._send = None
 
-    def _pump(self) -> None:
-        """Send spooled batches while the window allows, then results that are due."""
+    def _pump(self) -> tuple[int, int]:
+        """Send spooled batches while the window allows, then results that are due;
+        how many of each went out."""
         send = self._send
         if send is None:
-            return
+            return 0, 0
+        batches = results = 0
         for job_id, reports in list(self._jobs.items()):
             while self._spool.pending(job_id) and self._fits(self._spool.next_size(job_id)):
                 self._send_batch(reports, self._spool.take(job_id), send)
+                batches += 1
             if reports.result and not reports.result_sent and not self._spool.pending(job_id):
                 reports.result_sent = True
                 send(reports.result)
+                results += 1
         self._space.set()
+        return batches, results
 
     def _send_batch(self, reports: _JobReports, batch: LogBatch, send: Send) -> None:
         reports.inflight[batch.seq] = batch

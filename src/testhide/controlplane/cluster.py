@@ -208,6 +208,9 @@ class PgCluster:
                     await self._store.prune_replicas(now)
             except StorageUnavailable as exc:
                 log.warning("cluster_heartbeat_deferred", error=str(exc))
+                if LEASE_SWEEP in self._roles and not self.holds(LEASE_SWEEP):
+                    del self._roles[LEASE_SWEEP]  # lapsed unrenewed: another replica may hold it now
+                    log.info("cluster_role_lost", role=LEASE_SWEEP, replica=self.replica_id, reason=str(exc))
             await asyncio.sleep(HEARTBEAT.total_seconds())
 
     async def _publish(self) -> None:
@@ -226,13 +229,21 @@ class PgCluster:
 
     async def _listen(self, handlers: Handlers) -> None:
         delay = 0.1
+        attempt = 0
+
+        def listening() -> None:
+            log.info("cluster_listening", replica=self.replica_id, attempt=attempt, reconnected=attempt > 1)
+            handlers.resync()
+
         while True:
+            attempt += 1
+            log.debug("cluster_listen_connecting", replica=self.replica_id, attempt=attempt)
             try:
-                await self._store.listen(self._heard, handlers.resync)
+                await self._store.listen(self._heard, listening)
                 delay = 0.1
-                log.warning("cluster_listener_lost")
+                log.warning("cluster_listener_lost", retry_in_s=delay)
             except StorageUnavailable as exc:
-                log.warning("cluster_listener_unavailable", error=str(exc))
+                log.warning("cluster_listener_unavailable", error=str(exc), retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +36,11 @@ FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_D
 
 class SessionLost(Exception):
     """The stream ended after it was established; reconnect at once, to the next replica."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        """The gRPC status code that ended the stream, if one did."""
 
 
 class CertificateRenewed(SessionLost):
@@ -128,7 +134,7 @@ class Session:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 error = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
                 if error is None:
-                    raise SessionLost("the control plane closed the stream")
+                    raise SessionLost("the control plane closed the stream", code="OK")
                 raise error
             except grpc.aio.AioRpcError as error:
                 if error.code() in FATAL:
@@ -136,7 +142,9 @@ class Session:
                         f"the control plane refused this agent: {error.details()}"
                     ) from error
                 if self.established:
-                    raise SessionLost(f"connection lost: {error.code().name} {error.details()}") from error
+                    raise SessionLost(
+                        f"connection lost: {error.code().name} {error.details()}", code=error.code().name
+                    ) from error
                 raise
             finally:
                 self._outbox.detach()
@@ -231,17 +239,45 @@ class Session:
         """At half-life with jitter: a new key, a new certificate, then end this
         session so the next connection presents it. Jobs run on; the outbox
         replays whatever this connection had not acknowledged."""
-        at = self._credentials.renewal_at(self._rng.uniform(-0.1, 0.1))
-        await asyncio.sleep(max(0.0, (at - datetime.now(UTC)).total_seconds()))
+        jitter = self._rng.uniform(-0.1, 0.1)
+        at = self._credentials.renewal_at(jitter)
+        serial = format(self._credentials.certificate.serial_number, "x")
+        delay_s = max(0.0, (at - datetime.now(UTC)).total_seconds())
+        log.debug(
+            "agent_certificate_renewal_scheduled",
+            endpoint=self._endpoint,
+            serial=serial,
+            at=at.isoformat(),
+            in_s=round(delay_s, 1),
+            jitter=round(jitter, 3),
+        )
+        await asyncio.sleep(delay_s)
+        log.debug("agent_certificate_renewal_started", endpoint=self._endpoint, serial=serial)
+        started = time.monotonic()
         key_pem, csr_pem = new_key_and_csr()
-        response = await stub.Renew(agent_pb2.RenewRequest(csr_pem=csr_pem), timeout=30)
+        try:
+            response = await stub.Renew(agent_pb2.RenewRequest(csr_pem=csr_pem), timeout=30)
+        except grpc.aio.AioRpcError as error:
+            log.warning(
+                "agent_certificate_renewal_failed",
+                endpoint=self._endpoint,
+                serial=serial,
+                code=error.code().name,
+                error=error.details(),
+            )
+            raise
         renewed = self._credentials.with_certificate(
             key_pem, response.certificate_pem, response.ca_bundle_pem or None
         )
         self._events.renewed(renewed)
+        certificate = renewed.certificate
         log.info(
             "agent_certificate_renewed",
             agent_id=renewed.agent_id,
-            not_after=renewed.certificate.not_valid_after_utc.isoformat(),
+            endpoint=self._endpoint,
+            old_serial=serial,
+            serial=format(certificate.serial_number, "x"),
+            not_after=certificate.not_valid_after_utc.isoformat(),
+            took_s=round(time.monotonic() - started, 3),
         )
         raise CertificateRenewed("certificate renewed; reconnecting with it")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -196,9 +197,10 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> VerifiedAgent:
         try:
             return await authenticate_agent(context, self._store, self._certs)
-        except (Unauthenticated, PermissionDenied):
+        except (Unauthenticated, PermissionDenied) as exc:
             if self._metrics is not None:
                 self._metrics.agent_refused()
+            log.warning("agent_refused", reason=str(exc), peer=context.peer())
             raise
 
     # grpc.aio also serves a stream as a coroutine that reads and writes through its context, which
@@ -234,7 +236,13 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         # This frame lives as long as the stream: keep what the session needs, not the
         # parsed certificate and hello (a few KiB each, times ten thousand streams).
         del agent, first, hello
-        bound = log.bind(agent_id=identity.agent_id, org=identity.org, pool=identity.pool)
+        bound = log.bind(
+            agent_id=identity.agent_id,
+            org=identity.org,
+            pool=identity.pool,
+            serial=format(session.cert_serial, "x"),
+            peer=context.peer(),
+        )
         try:
             offer = AgentHello.shown(version, session.labels, list(session.runtimes), session.max_jobs)
             await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC), offer)
@@ -243,13 +251,24 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             await context.abort(code_for(exc), str(exc))
         session.send(TrustBundle(self._certs.current.bundle_pem))
         self._scheduler.attach(session)
-        bound.info("agent_connected", max_jobs=session.max_jobs)
+        bound.info(
+            "agent_connected",
+            max_jobs=session.max_jobs,
+            version=version,
+            running_jobs=len(running),
+            not_after=session.cert_not_after.isoformat(),
+        )
+        opened = time.monotonic()
         try:
             # Other replicas forward cancels for this agent's jobs here.
             await self._scheduler.cluster.agent_attached(identity.org, identity.agent_id)
             await self._serve(session, context)
         finally:
             self._scheduler.detach(session)
+            # Logged first: the cancellation below may end this handler before anything after it.
+            code, reason = session.close_reason or ("", self._why_ended(session))
+            connected_s = round(time.monotonic() - opened, 1)
+            bound.info("agent_disconnected", code=code, reason=reason, connected_s=connected_s)
             if self._scheduler.session_of(identity.agent_id) is None:  # not replaced by a newer stream
                 # grpc cancels this handler once the call has ended, maybe while these writes are
                 # under way: they finish all the same (a stale mark would show it connected).
@@ -257,10 +276,15 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                 self._detaching.add(detached)
                 detached.add_done_callback(self._detaching.discard)
                 await asyncio.shield(detached)
-            bound.info("agent_disconnected", reason=session.close_reason[1] if session.close_reason else "")
         if session.close_reason:
             code, message = session.close_reason
             await context.abort(grpc.StatusCode[code], message)
+
+    def _why_ended(self, session: AgentSession) -> str:
+        """For the log, when the control plane gave no status of its own."""
+        if self._scheduler.session_of(session.identity.agent_id) not in (None, session):
+            return "replaced by a newer stream of the same agent"
+        return "the stream ended: the agent closed it or the connection broke"
 
     async def _stream_ended(self, identity: AgentIdentity) -> None:
         """The agent's last stream here ended: other replicas stop forwarding its
@@ -283,12 +307,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         assert reading is not None
         # An open stream must not outlive the certificate it was opened with.
         remaining = (session.cert_not_after - datetime.now(UTC)).total_seconds()
-        expiry = asyncio.get_running_loop().call_later(
-            max(0.0, remaining),
-            session.close,
-            "UNAUTHENTICATED",
-            "the agent certificate has expired; reconnect with a renewed one",
-        )
+        expiry = asyncio.get_running_loop().call_later(max(0.0, remaining), self._expired, session)
         writer = asyncio.create_task(self._write(session, context))
         writer.add_done_callback(lambda task: self._writer_done(session, task))
         session.interrupt = reading.cancel
@@ -303,6 +322,16 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             session.interrupt = None
             expiry.cancel()
             writer.cancel()
+
+    @staticmethod
+    def _expired(session: AgentSession) -> None:
+        session.close("UNAUTHENTICATED", "the agent certificate has expired; reconnect with a renewed one")
+        log.info(
+            "agent_session_closed",
+            agent_id=session.identity.agent_id,
+            reason="certificate_expired",
+            serial=format(session.cert_serial, "x"),
+        )
 
     @staticmethod
     def _writer_done(session: AgentSession, task: asyncio.Task[None]) -> None:
@@ -406,8 +435,11 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         log.info(
             "agent_certificate_renewed",
             agent_id=identity.agent_id,
+            org=identity.org,
+            old_serial=format(agent.certificate.serial_number, "x"),
             serial=serial,
             not_after=issued.not_after.isoformat(),
+            peer=context.peer(),
         )
         await self._auditor.record(
             "agent_certificate_renewed",
