@@ -4,7 +4,9 @@ A backup is a tar stream of the data dir, encrypted with ``backupfile``: the
 database as one SQLite online-backup snapshot, and every other file of the
 data dir (certificates, sealed keys, state) copied under the sealing lock so
 that no rotation is half in it. The master key is never inside: restoring
-needs it, given the usual way.
+needs it, given the usual way. A ring that an HSM wraps travels in the
+backup's header as the HSM wrapped it (``DIR/keyring.pkcs11``): restoring
+needs that HSM key, which unwraps it inside the HSM.
 
 Restore builds the data dir in a sibling staging directory, authenticates the
 whole backup before unpacking anything, checks the result opens, and only
@@ -20,23 +22,32 @@ import os
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from testhide.common.files import atomic_file
 from testhide.common.safetar import UnsafeMember, extract_all
-from testhide.controlplane import backupfile
+from testhide.controlplane import backupfile, hsm
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.datadir import DataDir, build_atomically
-from testhide.controlplane.errors import IntegrityError
+from testhide.controlplane.errors import ConfigError, FailedPrecondition, IntegrityError
 from testhide.controlplane.store.base import Store
 from testhide.controlplane.store.sqlite import SqliteStore
 
 DB_NAME = "testhide.db"
-_EXCLUDED = {"master.key", DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", f"{DB_NAME}-journal"}
-_EXCLUDED_DIRS = {"run"}
+# keyring.pkcs11 travels in the header instead, where a restore finds it before anything is decrypted.
+_EXCLUDED = {
+    "master.key",
+    hsm.KEYRING_FILE,
+    DB_NAME,
+    f"{DB_NAME}-wal",
+    f"{DB_NAME}-shm",
+    f"{DB_NAME}-journal",
+}
+# run/: what this process holds; backups/: where backups go by default (a backup never holds another).
+_EXCLUDED_DIRS = {"run", "backups"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,8 @@ class BackupSummary:
     size: int
     sha256: str
     files: int
+    wrapped_by: str | None = None
+    """The HSM key that wraps the key ring in the backup's header; None: the ring is not in it."""
 
 
 def _data_dir_files(directory: DataDir) -> dict[str, bytes]:
@@ -82,13 +95,51 @@ def _add_dirs(archive: tarfile.TarFile, names: list[str]) -> None:
 async def create_backup(directory: DataDir, master: MasterKey, store: Store, out: Path) -> BackupSummary:
     """Write an encrypted backup to ``out`` (0600, atomically)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    before = await _wrapped_ring(master)
     files = _data_dir_files(directory)
     with tempfile.TemporaryDirectory(prefix=".backup-", dir=directory.path) as scratch:
         snapshot = Path(scratch) / DB_NAME
         await store.snapshot(snapshot)
-        header, sha256 = await asyncio.to_thread(_write_backup, out, master, files, snapshot)
+        after = await _wrapped_ring(master)
+        key_ring: dict[str, Any] | None = None
+        if before is not None and after is not None:
+            if not set(before[1].key_ids) <= set(after[1].key_ids):
+                raise FailedPrecondition(
+                    "a master-key rotation retired a key while this backup was taken; run backup again"
+                )
+            key_ring, master = after[0].as_json(), after[1]
+        header, sha256 = await asyncio.to_thread(_write_backup, out, master, files, snapshot, key_ring)
     size = (await asyncio.to_thread(out.stat)).st_size
-    return BackupSummary(header.backup_id, header.master_key_id, size, sha256, len(files) + 1)
+    wrapped_by = after[0].uri.describe() if after is not None else None
+    return BackupSummary(header.backup_id, header.master_key_id, size, sha256, len(files) + 1, wrapped_by)
+
+
+async def _wrapped_ring(master: MasterKey) -> tuple[hsm.WrappedRing, MasterKey] | None:
+    """For a ring an HSM wraps, the wrapped ring as its file has it now and the ring it
+    opens to. Taken before and after the copy: the ring in the header must open
+    everything the copy holds, whatever a rotation did meanwhile."""
+    ring_file = master.ring_file
+    if not isinstance(ring_file, hsm.Pkcs11RingFile):
+        return None
+    return await asyncio.to_thread(ring_file.snapshot)
+
+
+async def take_backup(
+    directory: DataDir, master: MasterKey, store: Store, auditor: Auditor, out: Path, actor: str
+) -> BackupSummary:
+    """``create_backup``, then its ``backup_created`` audit entry: the same for the
+    ``backup`` command and the backups ``serve`` takes on a schedule."""
+    summary = await create_backup(directory, master, store, out)
+    await auditor.record(
+        "backup_created",
+        actor,
+        target=summary.backup_id,
+        out=str(out),
+        size=summary.size,
+        sha256=summary.sha256,
+        master_key_id=summary.master_key_id,
+    )
+    return summary
 
 
 class _Hashing:
@@ -103,11 +154,11 @@ class _Hashing:
 
 
 def _write_backup(
-    out: Path, master: MasterKey, files: dict[str, bytes], snapshot: Path
+    out: Path, master: MasterKey, files: dict[str, bytes], snapshot: Path, key_ring: dict[str, Any] | None
 ) -> tuple[backupfile.BackupHeader, str]:
     with atomic_file(out, 0o600) as handle:
         hashing = _Hashing(handle)
-        writer = backupfile.BackupWriter(hashing, master)
+        writer = backupfile.BackupWriter(hashing, master, key_ring)
         with tarfile.open(fileobj=writer, mode="w|") as archive:  # type: ignore[call-overload]
             _add_dirs(archive, list(files))
             for name, data in files.items():
@@ -122,14 +173,22 @@ class RestoreSummary:
     backup_id: str
     created_at: str
     audit_entries: int
+    wrapped_by: str | None = None
+    """The HSM key that wraps the restored data dir's key ring (keyring.pkcs11); None: no HSM."""
 
 
 async def restore(
-    source: Path, path: Path, master: MasterKey, master_key_text: str | None, actor: str
+    source: Path,
+    path: Path,
+    master: MasterKey | hsm.Pkcs11Uri | None,
+    master_key_text: str | None,
+    actor: str,
 ) -> RestoreSummary:
     """Restore ``source`` into ``path`` (absent or empty). ``master_key_text``
     is written as the new data dir's master.key; None when the key comes from
-    the environment."""
+    the environment. ``master`` a URI (or None): the ring in the backup's header,
+    unwrapped by that HSM key (None: the one the backup names), becomes the new
+    data dir's keyring.pkcs11."""
     return await build_atomically(
         path,
         "restore",
@@ -147,6 +206,11 @@ def _unpack(source: Path, master: MasterKey, directory: DataDir) -> backupfile.B
         open(os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dest,
     ):
         header = backupfile.decrypt(src, master, dest)
+    if not tarfile.is_tarfile(plain):
+        raise IntegrityError(
+            "the backup holds no data dir: a pre-migration backup of PostgreSQL (*.pgdump.thb) is a pg_dump"
+            " archive; write it out with `testhide-controlplane decrypt-backup` and give it to pg_restore"
+        )
     with tarfile.open(plain, mode="r:") as archive:
         names = archive.getnames()
         if DB_NAME not in names or "state.json" not in names:
@@ -163,15 +227,22 @@ def _unpack(source: Path, master: MasterKey, directory: DataDir) -> backupfile.B
 
 
 async def _restore_into(
-    directory: DataDir, source: Path, master: MasterKey, master_key_text: str | None, actor: str
+    directory: DataDir,
+    source: Path,
+    master: MasterKey | hsm.Pkcs11Uri | None,
+    master_key_text: str | None,
+    actor: str,
 ) -> RestoreSummary:
+    if not isinstance(master, MasterKey):
+        master = await asyncio.to_thread(_install_key_ring, source, master, directory)
     header = await asyncio.to_thread(_unpack, source, master, directory)
     if master_key_text is not None:
         fd = os.open(directory.master_key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(master_key_text)
     directory.require_initialised()
-    store = await SqliteStore.open(directory.db_path)
+    # As it was backed up: an older schema stays so (serve or migrate bring it up to date, after a backup).
+    store = await SqliteStore.open(directory.db_path, migrate=False, create=False, require_current=False)
     try:
         problems = await store.integrity_problems()
         if problems:
@@ -190,4 +261,23 @@ async def _restore_into(
     finally:
         await store.close()
     directory.tls_material(master, allow_development=True)  # the sealed keys open with this master key
-    return RestoreSummary(header.backup_id, header.created_at.isoformat(), len(entries) + 1)
+    ring_file = master.ring_file
+    wrapped_by = ring_file.uri().describe() if isinstance(ring_file, hsm.Pkcs11RingFile) else None
+    return RestoreSummary(header.backup_id, header.created_at.isoformat(), len(entries) + 1, wrapped_by)
+
+
+def _install_key_ring(source: Path, uri: hsm.Pkcs11Uri | None, directory: DataDir) -> MasterKey:
+    """The ring in the backup's header, opened by the HSM, as the new data dir's keyring.pkcs11."""
+    with open(source, "rb") as src:
+        header, _ = backupfile.read_header(src)
+    if header.key_ring is None:
+        if uri is None:
+            raise ConfigError(
+                "give the master key the backup was made under: --master-key-file, or TESTHIDE_MASTER_KEY"
+            )
+        raise ConfigError(
+            "this backup's master key ring is not wrapped by an HSM: restore it with --master-key-file"
+            " or TESTHIDE_MASTER_KEY"
+        )
+    wrapped = hsm.WrappedRing.decode(header.key_ring, "the key ring in the backup's header")
+    return hsm.install_ring(directory.keyring_path, wrapped if uri is None else replace(wrapped, uri=uri))

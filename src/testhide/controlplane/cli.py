@@ -15,6 +15,7 @@ from testhide.controlplane.commands import (
     audit,
     certificates,
     doctor,
+    migrate,
     migrate_store,
     pools,
     recovery,
@@ -50,6 +51,8 @@ for command in (
     recovery.master_key,
     recovery.backup,
     recovery.restore,
+    migrate.migrate,
+    migrate.decrypt_backup,
     migrate_store.migrate_store_command,
     doctor.doctor,
 ):

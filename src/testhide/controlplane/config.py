@@ -15,6 +15,8 @@ from testhide.controlplane.errors import ConfigError
 
 MIN_AGENT_CERT_TTL = timedelta(seconds=10)
 MAX_AGENT_CERT_TTL = timedelta(hours=24)
+MIN_BACKUP_INTERVAL = timedelta(seconds=1)
+BACKUPS_SUBDIR = "backups"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,19 @@ class ControlPlaneConfig:
     """PEM certificate chain the metrics port serves TLS with, on any address (with ``metrics_key``)."""
     metrics_key: Path | None = None
     """PEM private key (unencrypted) of ``metrics_cert``."""
+    master_key: str | None = None
+    """Where the master key ring is, when not where the data dir says: ``file:PATH`` (a ring file)
+    or a ``pkcs11:`` URI (the HSM key that wraps DIR/keyring.pkcs11, e.g. another module path)."""
+    backup_every: timedelta | None = None
+    """How often to write an encrypted backup, as ``testhide-controlplane backup`` does, into
+    ``backup_dir``; off when None. At least 1s (a day is usual; seconds are for tests).
+    SQLite data dirs only: a PostgreSQL one is refused at start (back it up with pg_dump)."""
+    backup_dir: Path | None = None
+    """Where scheduled backups go (created 0700); None: DATA_DIR/backups. Outside the data
+    dir, or that very directory, which backups leave out: a backup never holds another."""
+    backup_keep: int = 14
+    """Scheduled backups kept: after each one, older ones of its naming are deleted; other
+    files in ``backup_dir`` (pre-migration backups, an operator's own) are never touched."""
 
     def __post_init__(self) -> None:
         try:
@@ -89,6 +104,23 @@ class ControlPlaneConfig:
                 raise ConfigError("a failure budget needs at least 1 failure, a window and a first delay")
         if not 1 <= self.password_workers <= 64 or not 0 <= self.password_queue <= 10_000:
             raise ConfigError("password workers must be 1-64 and the password queue 0-10000")
+        self._check_backups()
+
+    def _check_backups(self) -> None:
+        if self.backup_every is not None and self.backup_every < MIN_BACKUP_INTERVAL:
+            raise ConfigError("the backup interval must be at least 1s")
+        if self.backup_keep < 1:
+            raise ConfigError("at least 1 scheduled backup must be kept")
+        data_dir, backups = self.data_dir.resolve(), self.resolved_backup_dir.resolve()
+        if backups != data_dir / BACKUPS_SUBDIR and backups.is_relative_to(data_dir):
+            raise ConfigError(
+                f"the backup dir {self.resolved_backup_dir} is inside the data dir: each backup would"
+                f" hold the earlier ones; use {self.data_dir / BACKUPS_SUBDIR} or a directory outside it"
+            )
+
+    @property
+    def resolved_backup_dir(self) -> Path:
+        return self.backup_dir if self.backup_dir is not None else self.data_dir / BACKUPS_SUBDIR
 
     @property
     def resolved_agent_listen(self) -> str:

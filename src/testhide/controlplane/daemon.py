@@ -27,6 +27,7 @@ from testhide.controlplane.auth.limits import rate_limiter, spike_detector
 from testhide.controlplane.auth.passwords import PasswordChecks
 from testhide.controlplane.auth.sessions import Sessions
 from testhide.controlplane.auth.tokens import AccessTokens, SigningKeys, issuer_for
+from testhide.controlplane.backup_schedule import backup_schedule, check_data_dir
 from testhide.controlplane.ca.enrollment import Enrollment
 from testhide.controlplane.ca.rotation import rotate_server_certificate
 from testhide.controlplane.ca.trust import CertificateState
@@ -41,7 +42,7 @@ from testhide.controlplane.jobs.scheduler import Scheduler, TrustBundle
 from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.service import JobService
 from testhide.controlplane.masterkey import RingAnnouncement
-from testhide.controlplane.metrics import ControlPlaneMetrics
+from testhide.controlplane.metrics import ControlPlaneMetrics, time_store_calls
 from testhide.controlplane.rpc import server
 from testhide.controlplane.rpc.agent import AgentControlServicer
 from testhide.controlplane.rpc.auth import ApiAuthInterceptor
@@ -93,15 +94,19 @@ class ControlPlane:
         self._look_now = asyncio.Event()
 
     async def start(self) -> None:
-        directory = DataDir(self.config.data_dir)
+        directory = DataDir(self.config.data_dir, self.config.master_key)
         directory.require_initialised()
+        if self.config.backup_every is not None:
+            check_data_dir(directory)  # PostgreSQL: refused before anything opens
         master = directory.master_key()
         # Before anything is sealed: a master-key rotation waits on what we hold.
         self._ring = RingAnnouncement(directory, master)
         self._ring.publish()
-        self._store = store = await directory.open_store(self.config.db_busy_timeout)
-        if self.metrics is not None:
-            self.metrics.time_store(store)
+        self._store = store = await directory.open_store(
+            self.config.db_busy_timeout, migrate=False, require_current=False
+        )
+        await _migrate_schema(directory, master, store)
+        time_store_calls(store, self.metrics)  # slow calls are logged, metrics or not
         if isinstance(store, PgStore):
             # A copy of the data dir on another machine may be behind a rotation made elsewhere.
             self._shared = SharedFiles(directory, master, store)
@@ -198,6 +203,9 @@ class ControlPlane:
         self._supervise(self.notifier.keep_watchdog(), "watchdog")
         await health.probe()  # every health name answers from the first call on
         self._supervise(health.run(), "health")
+        if self.config.backup_every is not None:  # a failed backup is logged and retried, never fatal
+            backups = backup_schedule(self.config, directory, master, store, auditor, self.metrics)
+            self._supervise(backups.run(), "backups")
         log.info(
             "controlplane_started",
             api_port=self.api_port,
@@ -323,6 +331,21 @@ class ControlPlane:
             for session in self.scheduler.sessions():
                 session.close("UNAVAILABLE", "the control plane is shutting down; reconnect")
         await asyncio.gather(*stopping)
+
+
+async def _migrate_schema(directory: DataDir, master: MasterKey, store: Store) -> None:
+    """Pending schema versions are applied here and by ``migrate`` alone, each
+    time after a backup into DATA_DIR/backups (``commands/migrate.py``)."""
+    from testhide.controlplane.commands.migrate import default_backup_dir, migrate_schema
+
+    migration = await migrate_schema(directory, master, store, default_backup_dir(directory), "system")
+    if migration is not None:
+        log.info(
+            "schema_migrated",
+            from_version=migration.from_version,
+            to_version=migration.to_version,
+            backup=str(migration.backup),
+        )
 
 
 def _host(listen: str) -> str:

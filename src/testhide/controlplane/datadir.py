@@ -3,6 +3,7 @@ every other command. Private keys are stored sealed under the master key.
 
     DIR/state.json            layout version, trust domain, server names, CA generations
     DIR/master.key            0600 key ring (current key first), unless TESTHIDE_MASTER_KEY supplies it
+    DIR/keyring.pkcs11        0600 instead of master.key: the ring wrapped by a key in an HSM (hsm.py)
     DIR/ca.pem                the trust bundle: every trusted CA (public; give it to clients)
     DIR/cas/ca-N.pem          CA generation N
     DIR/cas/ca-N.key.sealed   its private key, AES-256-GCM under the master key
@@ -37,7 +38,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from testhide.common.files import atomic_write, file_lock
 from testhide.common.tls import fingerprint
-from testhide.controlplane.atrest import MASTER_KEY_ENV, MasterKey
+from testhide.controlplane import hsm
+from testhide.controlplane.atrest import MASTER_KEY_ENV, MasterKey, PlainRingFile
 from testhide.controlplane.auth.audit import AuditChain, legacy_audit_key
 from testhide.controlplane.auth.principal import SCOPES
 from testhide.controlplane.auth.secrets import hash_secret, new_api_key
@@ -79,6 +81,8 @@ class TlsMaterial:
 @dataclass(frozen=True)
 class DataDir:
     path: Path
+    master_key_option: str | None = None
+    """``--master-key``: ``file:PATH`` or a ``pkcs11:`` URI; None: what the data dir has."""
 
     @property
     def db_path(self) -> Path:
@@ -106,17 +110,24 @@ class DataDir:
             ) from None
 
     async def open_store(
-        self, busy_timeout: timedelta = timedelta(seconds=10), migrate: bool = True
+        self,
+        busy_timeout: timedelta = timedelta(seconds=10),
+        migrate: bool = False,
+        require_current: bool = True,
     ) -> Store:
-        """The data dir's store: SQLite in DIR/testhide.db, or the PostgreSQL
-        database ``init --database`` recorded. ``migrate``: bring the schema up
-        to date (``serve``); otherwise a PostgreSQL schema that is not current
-        is refused (operator commands never change it)."""
+        """The data dir's store: SQLite in DIR/testhide.db (never created here: a
+        missing, empty or damaged file is refused), or the PostgreSQL database
+        ``init --database`` recorded. ``migrate``: bring the schema up to date
+        (nothing but ``serve`` and ``migrate`` do, after a backup); otherwise a
+        schema that is not current is refused, unless ``require_current`` is
+        false. A schema newer than this program's is always refused."""
         if self.uses_postgres:
             from testhide.controlplane.store.postgres import PgStore
 
-            return await PgStore.open(self.database_url(), migrate=migrate)
-        return await SqliteStore.open(self.db_path, busy_timeout)
+            return await PgStore.open(self.database_url(), migrate=migrate, require_current=require_current)
+        return await SqliteStore.open(
+            self.db_path, busy_timeout, migrate=migrate, create=False, require_current=require_current
+        )
 
     def require_initialised(self) -> dict[str, Any]:
         if not self.path.is_dir():
@@ -141,8 +152,29 @@ class DataDir:
     def master_key_path(self) -> Path:
         return self.path / "master.key"
 
+    @property
+    def keyring_path(self) -> Path:
+        return self.path / hsm.KEYRING_FILE
+
     def master_key(self) -> MasterKey:
-        return MasterKey.load(self.master_key_path)
+        """The key ring, from (first that applies) ``--master-key``, the HSM-wrapped
+        DIR/keyring.pkcs11, TESTHIDE_MASTER_KEY, DIR/master.key. Every command opens it here."""
+        choice = hsm.master_key_choice(self.master_key_option)
+        if isinstance(choice, Path):
+            return MasterKey.from_ring_file(PlainRingFile(choice))
+        if choice is None and not self.keyring_path.exists():
+            return MasterKey.load(self.master_key_path)
+        if choice is None and os.environ.get(MASTER_KEY_ENV):
+            raise ConfigError(
+                f"data dir {self.path} keeps its master key ring in an HSM ({hsm.KEYRING_FILE}), yet"
+                f" {MASTER_KEY_ENV} is set too: unset it"
+            )
+        if not self.keyring_path.exists() and self.master_key_path.exists():
+            raise ConfigError(
+                f"data dir {self.path} keeps its master key in {self.master_key_path.name}, not in an HSM"
+                f" (it has no {hsm.KEYRING_FILE}): leave out --master-key"
+            )
+        return MasterKey.from_ring_file(hsm.Pkcs11RingFile(self.keyring_path, choice))
 
     @contextmanager
     def sealing(self) -> Iterator[None]:
@@ -287,16 +319,31 @@ async def initialise(
     trust_domain: str = "testhide.local",
     imported_ca: tuple[bytes, bytes] | None = None,
     database_url: str | None = None,
+    master_key: str | None = None,
 ) -> str:
     """Create the data dir and return the admin API key (shown once).
     ``database_url``: keep the store in that (empty) PostgreSQL database
-    instead of DIR/testhide.db; the data dir records the URL."""
+    instead of DIR/testhide.db; the data dir records the URL. ``master_key``:
+    a ``pkcs11:`` URI, to keep the master key ring wrapped by that HSM key."""
+    uri = _init_master_key_uri(master_key)
     return await build_atomically(
         path,
         "init",
         "refusing to initialise it again",
-        lambda staging: _populate(staging, server_names, trust_domain, imported_ca, database_url),
+        lambda staging: _populate(staging, server_names, trust_domain, imported_ca, database_url, uri),
     )
+
+
+def _init_master_key_uri(option: str | None) -> hsm.Pkcs11Uri | None:
+    choice = hsm.master_key_choice(option)
+    if isinstance(choice, Path):
+        raise ConfigError(
+            f"init makes its own master key (DIR/master.key, or {MASTER_KEY_ENV}); --master-key takes a"
+            " pkcs11: URI here"
+        )
+    if choice is not None and os.environ.get(MASTER_KEY_ENV):
+        raise ConfigError(f"give the master key by --master-key pkcs11:... or by {MASTER_KEY_ENV}, not both")
+    return choice
 
 
 async def build_atomically(
@@ -363,11 +410,14 @@ async def _populate(
     trust_domain: str,
     imported_ca: tuple[bytes, bytes] | None,
     database_url: str | None,
+    uri: hsm.Pkcs11Uri | None = None,
 ) -> str:
     root = directory.path
     root.chmod(0o700)
     master = MasterKey.from_env_value(os.environ[MASTER_KEY_ENV]) if os.environ.get(MASTER_KEY_ENV) else None
-    if master is None:
+    if uri is not None:
+        master = await asyncio.to_thread(hsm.create_ring, directory.keyring_path, uri)
+    elif master is None:
         master = MasterKey.generate()
         master.save(root / "master.key")
     if imported_ca:
@@ -388,7 +438,7 @@ async def _populate(
         store = await _empty_postgres_store(database_url)
         atomic_write(root / DATABASE_URL_FILE, database_url.encode() + b"\n", 0o600)
     else:
-        store = await SqliteStore.open(directory.db_path)
+        store = await SqliteStore.open(directory.db_path, create=True)  # the only place one is made
     try:
         now = datetime.now(UTC)
         await store.create_org("default", now)

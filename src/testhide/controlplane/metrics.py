@@ -10,7 +10,8 @@ taken where it cannot drift:
 - histograms observed as jobs move (pickup, queue wait, duration) and around
   every call of the store's interface, on SQLite and PostgreSQL alike;
 - counters of events: log bytes received, renewals, enrollments,
-  authentication failures, rate-limited calls.
+  authentication failures, rate-limited calls;
+- the scheduled backups' outcome (``BackupMetrics``), only where backups are scheduled.
 
 Labels are bounded: org and pool (operators create them), a store call's name,
 an API method (only methods the server serves reach the interceptor that
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import structlog
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -55,6 +56,12 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 ENROLL_METHOD = "/testhide.v1.Enrollment/Enroll"
+SLOW_STORE_CALL_S = 0.25
+"""A store call that takes longer is logged as ``store_call_slow`` (a warning)."""
+SLOW_STORE_CALL_REPEAT_S = 60.0
+"""At most one such warning per call name in this long; the next counts the slow calls left out."""
+LONG_STORE_CALLS = frozenset({"listen", "snapshot"})
+"""Never slow: LISTEN lasts as long as its connection, a snapshot copies the whole database."""
 
 # The same SQL on both backends; the jobs_queue index (org, pool, status, id) covers the first.
 _JOB_COUNTS = "SELECT org, pool, status, COUNT(*) AS jobs FROM jobs GROUP BY org, pool, status"
@@ -170,14 +177,13 @@ class ControlPlaneMetrics:
             self._enrollments.labels("enrolled" if enrolled else "refused").inc()
 
     def time_store(self, store: object) -> None:
-        """Time every call of the store's interface, whichever the backend: each public
-        coroutine method is shadowed, on this instance only, by a timed one."""
-        for name in dir(type(store)):
-            if name.startswith("_") or isinstance(getattr(type(store), name, None), property):
-                continue
-            method = getattr(store, name)
-            if inspect.iscoroutinefunction(method):
-                setattr(store, name, _timed(method, self._store_calls, name))
+        """See ``time_store_calls``."""
+        time_store_calls(store, self)
+
+    def backup_metrics(self) -> BackupMetrics:
+        """The scheduled backups' figures, registered now: a control plane without
+        ``--backup-every`` has none, so an alert on their age cannot fire there."""
+        return BackupMetrics(self.registry)
 
     # the port ---------------------------------------------------------------------------
     async def listen(
@@ -247,6 +253,39 @@ class ControlPlaneMetrics:
         return [jobs, depth, age]
 
 
+class BackupMetrics:
+    """What ``serve --backup-every`` did: when the last backup succeeded, how long it
+    took and how large it was, and how many attempts failed."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._last_success = Gauge(
+            "testhide_backup_last_success_timestamp_seconds",
+            "When the last scheduled backup was written (Unix time; 0: none yet since serve started).",
+            registry=registry,
+        )
+        self._failures = Counter(
+            "testhide_backup_failures",
+            "Scheduled backups that failed (each is logged as backup_failed with its reason, and retried).",
+            registry=registry,
+        )
+        self._duration = Gauge(
+            "testhide_backup_duration_seconds",
+            "How long the last successful scheduled backup took.",
+            registry=registry,
+        )
+        self._size = Gauge(
+            "testhide_backup_size_bytes", "Size of the last successful scheduled backup.", registry=registry
+        )
+
+    def succeeded(self, finished_at: datetime, seconds: float, size: int) -> None:
+        self._last_success.set(finished_at.timestamp())
+        self._duration.set(seconds)
+        self._size.set(size)
+
+    def failed(self) -> None:
+        self._failures.inc()
+
+
 def _agent_families(scheduler: Scheduler, now: datetime, pools: set[tuple[str, str]]) -> list[Metric]:
     connected: Tally[tuple[str, str]] = Tally()
     soonest: dict[tuple[str, str], datetime] = {}
@@ -303,18 +342,67 @@ async def _rows(store: object, sql: str) -> list[Any]:
     raise TypeError(f"no job counts from a {type(store).__name__}")
 
 
-def _timed(call: Callable[..., Awaitable[T]], histogram: Histogram, name: str) -> Callable[..., Awaitable[T]]:
+def time_store_calls(store: object, metrics: ControlPlaneMetrics | None = None) -> None:
+    """Time every call of the store's interface, whichever the backend: each public
+    coroutine method is shadowed, on this instance only, by a timed one. A slow call
+    is logged, metrics or not; with ``metrics``, every call is observed too."""
+    histogram = metrics._store_calls if metrics is not None else None
+    for name in dir(type(store)):
+        if name.startswith("_") or isinstance(getattr(type(store), name, None), property):
+            continue
+        method = getattr(store, name)
+        if inspect.iscoroutinefunction(method):
+            setattr(store, name, _timed(method, histogram, name))
+
+
+class _SlowCalls:
+    """One call name's slow calls: the first is logged, then at most one every
+    ``SLOW_STORE_CALL_REPEAT_S`` (a database that is slow for everyone would otherwise
+    write a line per call)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._logged_at = -math.inf
+        self._unlogged = 0
+
+    def seen(self, took_s: float, failed: bool) -> None:
+        now = time.monotonic()
+        if now - self._logged_at < SLOW_STORE_CALL_REPEAT_S:
+            self._unlogged += 1
+            return
+        log.warning(
+            "store_call_slow",
+            call=self._name,
+            took_s=round(took_s, 3),
+            threshold_s=SLOW_STORE_CALL_S,
+            failed=failed,
+            unlogged_since_last=self._unlogged,
+        )
+        self._logged_at, self._unlogged = now, 0
+
+
+def _timed(
+    call: Callable[..., Awaitable[T]], histogram: Histogram | None, name: str
+) -> Callable[..., Awaitable[T]]:
     observe: Callable[[float], None] | None = None
+    slow = None if name in LONG_STORE_CALLS else _SlowCalls(name)
 
     async def timed(*args: Any, **kwargs: Any) -> T:
         nonlocal observe
         started = time.perf_counter()
+        failed = True
         try:
-            return await call(*args, **kwargs)
+            result = await call(*args, **kwargs)
+            failed = False
+            return result
         finally:
-            if observe is None:  # a series only for calls that happen
-                observe = histogram.labels(name).observe
-            observe(time.perf_counter() - started)
+            took_s = time.perf_counter() - started
+            if histogram is not None:
+                if observe is None:  # a series only for calls that happen
+                    observe = histogram.labels(name).observe
+                observe(took_s)
+            if slow is not None and took_s > SLOW_STORE_CALL_S:
+                slow.seen(took_s, failed)
 
     return timed
 

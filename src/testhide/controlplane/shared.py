@@ -33,12 +33,18 @@ from testhide.common.files import atomic_write
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.datadir import DATABASE_URL_FILE, DataDir
 from testhide.controlplane.errors import IntegrityError
+from testhide.controlplane.hsm import KEYRING_FILE
 
 log = structlog.get_logger("testhide.shared")
 
-LOCAL_ONLY = frozenset({"master.key", DATABASE_URL_FILE, "testhide.db", "testhide.db-wal", "testhide.db-shm"})
-"""Never shared: the local secret, where the database is, and a SQLite file left from before."""
-LOCAL_DIRS = frozenset({"run"})
+LOCAL_ONLY = frozenset(
+    {"master.key", KEYRING_FILE, DATABASE_URL_FILE, "testhide.db", "testhide.db-wal", "testhide.db-shm"}
+)
+"""Never shared: the local secret (or the ring an HSM wraps: its URI names this machine's module
+and PIN file), where the database is, and a SQLite file left from before."""
+LOCAL_DIRS = frozenset({"run", "backups"})
+"""Never shared: what this copy's serves hold (run/), and the backups taken here (backups/: a
+pre-migration pg_dump of the database must not go into the database)."""
 
 
 class SharedFilesStore(Protocol):

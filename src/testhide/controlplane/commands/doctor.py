@@ -42,6 +42,7 @@ from testhide.controlplane.ca.authority import is_development_ca, server_name_sa
 from testhide.controlplane.commands.common import data_dir_option
 from testhide.controlplane.datadir import DATABASE_URL_ENV, DATABASE_URL_FILE, DataDir
 from testhide.controlplane.errors import ControlPlaneError
+from testhide.controlplane.hsm import KEYRING_FILE, PIN_ENV
 from testhide.controlplane.store.migrations import MIGRATIONS
 
 if TYPE_CHECKING:
@@ -55,7 +56,8 @@ DISK_FAIL_BYTES = 256 * 1024**2
 """One workspace at its default cap."""
 DISK_WARN_BYTES = 2 * 1024**3
 NETWORK_TIMEOUT_S = 5.0
-SECRET_FILES = ("master.key", DATABASE_URL_FILE)
+RESTORE_FIX = "restore the newest backup: testhide-controlplane restore --from BACKUP --data-dir NEWDIR"
+SECRET_FILES = ("master.key", KEYRING_FILE, DATABASE_URL_FILE)
 # Where to reach a listener bound to every address.
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
 
@@ -179,9 +181,9 @@ def files_finding(directory: DataDir) -> Finding:
 
 def master_key_finding(directory: DataDir) -> tuple[Finding, MasterKey | None]:
     name = "master key"
+    in_hsm = directory.keyring_path.exists()
     from_env = bool(os.environ.get(MASTER_KEY_ENV))
-    source = MASTER_KEY_ENV if from_env else str(directory.master_key_path)
-    if not from_env and not directory.master_key_path.exists():
+    if not in_hsm and not from_env and not directory.master_key_path.exists():
         return fail(
             name,
             f"{directory.master_key_path} is missing and {MASTER_KEY_ENV} is not set: nothing sealed opens",
@@ -190,7 +192,14 @@ def master_key_finding(directory: DataDir) -> tuple[Finding, MasterKey | None]:
     try:
         master = directory.master_key()
     except ControlPlaneError as exc:
-        return fail(name, str(exc), f"chmod 600 {directory.master_key_path}"), None
+        fix = (
+            f"make the HSM that {KEYRING_FILE}'s URI names reachable: its module, token, key label and PIN"
+            f" (pin-source, or {PIN_ENV})"
+            if in_hsm
+            else f"chmod 600 {directory.master_key_path}"
+        )
+        return fail(name, str(exc), fix), None
+    source = master.describe()
     sealed = directory.sealed_files()
     refused = []
     for relative in sealed:
@@ -222,9 +231,12 @@ def sqlite_finding(db_path: Path) -> Finding:
     """Quick integrity check and schema version, on a connection that writes nothing."""
     name = "store"
     if not db_path.is_file():
-        return fail(name, f"{db_path} is missing", "restore the data dir from a backup")
+        return fail(name, f"{db_path} is missing", RESTORE_FIX)
+    if db_path.stat().st_size == 0:
+        return fail(name, f"{db_path} is empty (0 bytes)", RESTORE_FIX)
     try:
-        conn = sqlite3.connect(db_path, timeout=NETWORK_TIMEOUT_S)
+        # mode=rw: a file that vanished meanwhile is not created.
+        conn = sqlite3.connect(f"{db_path.absolute().as_uri()}?mode=rw", uri=True, timeout=NETWORK_TIMEOUT_S)
         try:
             conn.execute("PRAGMA query_only=ON")
             verdict = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
@@ -232,7 +244,7 @@ def sqlite_finding(db_path: Path) -> Finding:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        return fail(name, f"SQLite {db_path}: {exc}", "restore the data dir from a backup")
+        return fail(name, f"SQLite {db_path}: {exc}", RESTORE_FIX)
     if verdict != ["ok"]:
         return fail(
             name,
@@ -248,14 +260,15 @@ def schema_finding(described: str, applied: set[int], known: set[int]) -> Findin
         return fail(
             name,
             f"{described}; schema {max(applied)} comes from a newer testhide (this one knows {max(known)})",
-            "upgrade this control plane",
+            "run that version (upgrade this control plane), or restore a backup made before the upgrade",
         )
     missing = sorted(known - applied)
     if missing:
-        return warn(
+        return fail(
             name,
-            f"{described}; schema lacks versions {missing}",
-            "start serve: it brings the schema up to date (the doctor never migrates)",
+            f"{described}; schema {max(applied, default=0)} is behind (lacks versions {missing});"
+            " every command but serve and migrate refuses it",
+            "testhide-controlplane migrate (it writes a backup first), or start serve",
         )
     return ok(name, f"{described}, schema {max(known)} (current)")
 

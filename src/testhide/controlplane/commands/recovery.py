@@ -9,8 +9,9 @@ from pathlib import Path
 
 import click
 
+from testhide.controlplane import hsm
 from testhide.controlplane.atrest import MASTER_KEY_ENV, MasterKey, read_key_file
-from testhide.controlplane.commands.common import data_dir_option, run
+from testhide.controlplane.commands.common import data_dir_option, master_key_option, run
 from testhide.controlplane.errors import ConfigError
 from testhide.controlplane.operator import operator_context
 
@@ -22,6 +23,7 @@ def master_key() -> None:
 
 @master_key.command("rotate")
 @data_dir_option
+@master_key_option
 @click.option(
     "--force",
     is_flag=True,
@@ -35,7 +37,7 @@ def master_key() -> None:
     show_default=True,
     help="Seconds to wait for running serve processes to pick up the new key.",
 )
-def master_key_rotate(data_dir: Path, force: bool, wait_s: float) -> None:
+def master_key_rotate(data_dir: Path, master_key: str | None, force: bool, wait_s: float) -> None:
     """Re-wrap every data key and re-seal every private key under a new master
     key, while serve keeps running. Safe to run again after a crash: it resumes."""
     from datetime import timedelta
@@ -43,7 +45,7 @@ def master_key_rotate(data_dir: Path, force: bool, wait_s: float) -> None:
     from testhide.controlplane import masterkey
 
     async def run_rotation() -> masterkey.RotationResult:
-        async with operator_context(data_dir) as op:
+        async with operator_context(data_dir, master_key) as op:
             result = await masterkey.rotate(
                 op.directory,
                 op.store,
@@ -61,7 +63,7 @@ def master_key_rotate(data_dir: Path, force: bool, wait_s: float) -> None:
                 resealed_files=result.resealed_files,
                 damaged=list(result.damaged),
                 dropped=result.dropped,
-                source="file" if op.master.source else "environment",
+                source=op.master.kind,
             )
             return result
 
@@ -91,14 +93,15 @@ def master_key_rotate(data_dir: Path, force: bool, wait_s: float) -> None:
 
 @master_key.command("status")
 @data_dir_option
-def master_key_status(data_dir: Path) -> None:
+@master_key_option
+def master_key_status(data_dir: Path, master_key: str | None) -> None:
     """The ring's key ids, what each seals, and which keys running serves hold."""
     from testhide.controlplane import masterkey
 
     async def run_status() -> list[str]:
-        async with operator_context(data_dir) as op:
+        async with operator_context(data_dir, master_key) as op:
             counts = await masterkey.census(op.directory, op.store)
-            source = str(op.master.source) if op.master.source else MASTER_KEY_ENV
+            source = op.master.describe()
             lines = [f"ring from {source}: {', '.join(op.master.key_ids)} (current {op.master.current_id})"]
             lines += [f"sealed by {kid}: {n}" for kid, n in sorted(counts.items())]
             return lines + masterkey.holders_summary(op.directory)
@@ -121,24 +124,15 @@ def master_key_generate() -> None:
     required=True,
     help="The backup file to write (0600; replaced atomically).",
 )
-def backup(data_dir: Path, out: Path) -> None:
+@master_key_option
+def backup(data_dir: Path, out: Path, master_key: str | None) -> None:
     """Write an encrypted, consistent backup of the data dir while serve runs.
     The master key is not in it: keep it elsewhere, restoring needs it."""
-    from testhide.controlplane.backup import BackupSummary, create_backup
+    from testhide.controlplane.backup import BackupSummary, take_backup
 
     async def run_backup() -> BackupSummary:
-        async with operator_context(data_dir) as op:
-            summary = await create_backup(op.directory, op.master, op.store, out)
-            await op.auditor.record(
-                "backup_created",
-                op.actor,
-                target=summary.backup_id,
-                out=str(out),
-                size=summary.size,
-                sha256=summary.sha256,
-                master_key_id=summary.master_key_id,
-            )
-            return summary
+        async with operator_context(data_dir, master_key) as op:
+            return await take_backup(op.directory, op.master, op.store, op.auditor, out, op.actor)
 
     summary = run(run_backup())
     click.echo(
@@ -146,6 +140,13 @@ def backup(data_dir: Path, out: Path) -> None:
         f"sha256 {summary.sha256})",
         err=True,
     )
+    if summary.wrapped_by is not None:
+        click.echo(
+            f"The key ring is in this backup only as wrapped by the HSM ({summary.wrapped_by}): restoring"
+            " it needs that HSM key and its PIN.",
+            err=True,
+        )
+        return
     click.echo(
         f"The master key is NOT in this backup. Restoring it needs master key {summary.master_key_id}: "
         f"keep a copy of {data_dir / 'master.key'} (or {MASTER_KEY_ENV}) somewhere other than the backup.",
@@ -167,25 +168,45 @@ def backup(data_dir: Path, out: Path) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help=f"The master key (ring) file, copied 0600 into the new data dir [default: {MASTER_KEY_ENV}].",
 )
-def restore(source: Path, data_dir: Path, master_key_file: Path | None) -> None:
+@click.option(
+    "--master-key",
+    metavar="pkcs11:URI|file:PATH",
+    envvar="TESTHIDE_MASTER_KEY_URI",
+    show_envvar=True,
+    help="For a backup of a data dir whose ring an HSM wraps: the HSM key, which unwraps the ring the"
+    " backup holds; the new data dir keeps it as keyring.pkcs11 [the key the backup names]."
+    " file:PATH is --master-key-file.",
+)
+def restore(source: Path, data_dir: Path, master_key_file: Path | None, master_key: str | None) -> None:
     """Restore a backup into a new (absent or empty) data dir. A tampered or
     truncated backup is refused and leaves nothing behind."""
     from testhide.controlplane.backup import restore as restore_backup
 
-    master, text = _restore_key(master_key_file)
+    master, text = _restore_key(master_key_file, master_key)
     summary = run(restore_backup(source, data_dir, master, text, f"operator:{getpass.getuser()}"))
     click.echo(
         f"restored backup {summary.backup_id} (taken {summary.created_at}) into {data_dir}; "
         f"audit log intact ({summary.audit_entries} entries)",
         err=True,
     )
-    if text is None:
+    if summary.wrapped_by is not None:
+        click.echo(f"its key ring is wrapped by the HSM: {summary.wrapped_by}", err=True)
+    elif text is None:
         click.echo(f"the data dir has no master.key: serve it with the same {MASTER_KEY_ENV}", err=True)
 
 
-def _restore_key(master_key_file: Path | None) -> tuple[MasterKey, str | None]:
-    """The ring to restore with, and the key file's text to copy (None: environment)."""
+def _restore_key(
+    master_key_file: Path | None, master_key: str | None
+) -> tuple[MasterKey | hsm.Pkcs11Uri | None, str | None]:
+    """The ring to restore with (an HSM key, or None: the one the backup names), and the
+    key file's text to copy (None: environment or HSM)."""
     try:
+        choice = hsm.master_key_choice(master_key)
+        if choice is not None and master_key_file is not None:
+            raise click.UsageError("give --master-key or --master-key-file, not both")
+        if isinstance(choice, hsm.Pkcs11Uri):
+            return choice, None
+        master_key_file = choice or master_key_file
         if master_key_file is not None:
             text = read_key_file(master_key_file)
             return MasterKey.from_env_value(text, source=master_key_file), text
@@ -193,4 +214,4 @@ def _restore_key(master_key_file: Path | None) -> tuple[MasterKey, str | None]:
             return MasterKey.from_env_value(os.environ[MASTER_KEY_ENV]), None
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    raise click.ClickException(f"give the master key with --master-key-file or {MASTER_KEY_ENV}")
+    return None, None  # the backup's own HSM-wrapped ring, if it holds one

@@ -16,7 +16,7 @@ from testhide.common.durations import Duration
 from testhide.common.logging import configure
 from testhide.common.settings import Reloader, SettingsCommand, log_options
 from testhide.common.sizes import KiB, MiB, Size
-from testhide.controlplane.commands.common import data_dir_option
+from testhide.controlplane.commands.common import data_dir_option, master_key_option
 from testhide.controlplane.commands.common import run as _run
 from testhide.controlplane.config import ControlPlaneConfig
 
@@ -53,6 +53,14 @@ from testhide.controlplane.config import ControlPlaneConfig
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Read the PostgreSQL URL from this file.",
 )
+@click.option(
+    "--master-key",
+    metavar="pkcs11:URI",
+    help="Keep the master key ring wrapped by this HSM key (created in the token if absent) in"
+    " DATA_DIR/keyring.pkcs11 instead of DATA_DIR/master.key, e.g. pkcs11:token=testhide;object=master"
+    "?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/testhide/pin (or the PIN in"
+    " TESTHIDE_PKCS11_PIN).",
+)
 def init(
     data_dir: Path,
     server_names: tuple[str, ...],
@@ -61,6 +69,7 @@ def init(
     dev: bool,
     database_url: str | None,
     database_file: Path | None,
+    master_key: str | None,
 ) -> None:
     """Create the data dir: CA, server certificate, database, admin API key.
 
@@ -90,6 +99,7 @@ def init(
             trust_domain,
             imported,
             database_url or None,
+            master_key,
         )
     )
     click.echo(f"initialised {data_dir}", err=True)
@@ -177,6 +187,7 @@ def init(
     show_default=True,
     help="Largest request accepted on the API port.",
 )
+@master_key_option
 @click.option(
     "--metrics-listen",
     metavar="HOST:PORT",
@@ -193,6 +204,26 @@ def init(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Unencrypted PEM private key of --metrics-cert.",
 )
+@click.option(
+    "--backup-every",
+    type=Duration(),
+    default=None,
+    help="Write an encrypted backup, as the backup command does, this often (e.g. 24h) into"
+    " --backup-dir [off]. SQLite data dirs only.",
+)
+@click.option(
+    "--backup-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where --backup-every writes testhide-YYYYmmddTHHMMSSZ.thb files (created 0700) [DATA_DIR/backups].",
+)
+@click.option(
+    "--backup-keep",
+    type=click.IntRange(1),
+    default=14,
+    show_default=True,
+    help="Scheduled backups kept; older ones are deleted, never any other file in --backup-dir.",
+)
 @log_options("TESTHIDE_")
 def serve(
     data_dir: Path,
@@ -208,9 +239,13 @@ def serve(
     dev: bool,
     port_file: Path | None,
     max_request_size: int,
+    master_key: str | None,
     metrics_listen: str | None,
     metrics_cert: Path | None,
     metrics_key: Path | None,
+    backup_every: timedelta | None,
+    backup_dir: Path | None,
+    backup_keep: int,
     log_format: str,
     log_level: str,
 ) -> None:
@@ -242,9 +277,13 @@ def serve(
                 password_queue=password_queue,
                 dev=dev,
                 max_request_bytes=max_request_size,
+                master_key=master_key,
                 metrics_listen=metrics_listen,
                 metrics_cert=metrics_cert,
                 metrics_key=metrics_key,
+                backup_every=backup_every,
+                backup_dir=backup_dir,
+                backup_keep=backup_keep,
             )
         )
         loop = asyncio.get_running_loop()
