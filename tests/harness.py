@@ -148,11 +148,18 @@ async def running_agent(
     **config: object,
 ) -> AsyncIterator[Agent]:
     data_dir = await enrolled(cp, tmp, name, org, pool, agent_port)
+    async with agent_running(data_dir, runtime, **config) as agent:
+        assert cp.daemon.scheduler is not None
+        await asyncio.wait_for(cp.daemon.scheduler.wait_for_agent(agent.agent_id), 30)
+        yield agent
+
+
+@asynccontextmanager
+async def agent_running(data_dir: Path, runtime: ContainerRuntime, **config: object) -> AsyncIterator[Agent]:
+    """An agent on an enrolled data dir, whatever control plane it reaches (or none)."""
     agent = Agent(AgentConfig(data_dir=data_dir, **config), runtime)  # type: ignore[arg-type]
     task = asyncio.create_task(agent.run())
     try:
-        assert cp.daemon.scheduler is not None
-        await asyncio.wait_for(cp.daemon.scheduler.wait_for_agent(agent.agent_id), 30)
         yield agent
     finally:
         agent.shutdown()

@@ -9,28 +9,23 @@ listener coming back. Real control planes and agents in this process
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterator, MutableMapping
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
-from cryptography import x509
 from structlog.testing import capture_logs
 
-from testhide.agent.config import AgentConfig
 from testhide.agent.credentials import Credentials
-from testhide.agent.daemon import Agent
 from testhide.agent.runtime.fake import FakeRuntime
 from testhide.controlplane import metrics as metrics_module
-from testhide.controlplane.store.base import AgentRecord
-from testhide.protos.v1 import agent_pb2, agent_pb2_grpc
 from tests.harness import (
     RunningControlPlane,
+    agent_running,
     control_plane,
     enrolled,
     eventually,
@@ -40,6 +35,7 @@ from tests.harness import (
     wait_until,
 )
 from tests.integration.test_agent_channel import FIRST, SECOND, WITHIN, Puppet, read_log, submit
+from tests.integration.test_identity import stream_until_expiry
 from tests.integration.test_transport import agent_certificate, connect_with, our_ca
 
 Event = MutableMapping[str, Any]
@@ -59,18 +55,6 @@ async def until_logged(events: list[Event], event: str, **fields: object) -> Eve
 
 def serial_of(credentials: Credentials) -> str:
     return format(credentials.certificate.serial_number, "x")
-
-
-@asynccontextmanager
-async def agent_running(data_dir: Path, runtime: FakeRuntime, **config: object) -> AsyncIterator[Agent]:
-    """An agent on its own, whatever control plane it reaches."""
-    agent = Agent(AgentConfig(data_dir=data_dir, **config), runtime)  # type: ignore[arg-type]
-    task = asyncio.create_task(agent.run())
-    try:
-        yield agent
-    finally:
-        agent.shutdown()
-        await asyncio.wait_for(task, 60)
 
 
 @pytest.fixture
@@ -225,23 +209,7 @@ async def test_a_refused_agent_and_an_expired_stream_are_logged(
     assert refused["peer"].startswith("ipv4:127.0.0.1:")
 
     agent_id = "a00000000000000e2"
-    key_pem, cert_pem = agent_certificate(ca, agent_id, lifetime=timedelta(seconds=3))
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    assert cp.daemon._store is not None
-    await cp.daemon._store.create_agent(
-        AgentRecord(agent_id, "default", "default", "short", "x", cert.not_valid_after_utc, datetime.now(UTC))
-    )
-    credentials = grpc.ssl_channel_credentials(cp.ca_pem, private_key=key_pem, certificate_chain=cert_pem)
-    async with grpc.aio.secure_channel(cp.agent_target, credentials) as channel:
-        call = agent_pb2_grpc.AgentControlStub(channel).Connect()
-        await call.write(agent_pb2.AgentMessage(hello=agent_pb2.Hello(max_jobs=1)))
-
-        async def read_until_refused() -> None:
-            while True:
-                await asyncio.wait_for(call.read(), WITHIN)
-
-        with pytest.raises(grpc.aio.AioRpcError):
-            await read_until_refused()
+    cert, _ = await stream_until_expiry(cp, agent_id)
     serial = format(cert.serial_number, "x")
     cut = await until_logged(events, "agent_session_closed", agent_id=agent_id)
     assert (cut["reason"], cut["serial"]) == ("certificate_expired", serial)

@@ -128,10 +128,12 @@ async def test_revocation_cuts_off_an_agent_mid_job(
     assert "agent_revoked" in [e["action"] for e in await audit_actions(cp.data_dir)]
 
 
-async def test_an_open_stream_ends_when_its_certificate_expires(cp: RunningControlPlane) -> None:
-    ca = our_ca(cp)
-    agent_id = "a00000000000000e1"
-    key_pem, cert_pem = agent_certificate(ca, agent_id, lifetime=timedelta(seconds=3))
+async def stream_until_expiry(
+    cp: RunningControlPlane, agent_id: str
+) -> tuple[x509.Certificate, grpc.aio.AioRpcError]:
+    """An agent with a 3-second certificate opens its stream and reads until the
+    control plane ends it: its certificate and the error the stream ended with."""
+    key_pem, cert_pem = agent_certificate(our_ca(cp), agent_id, lifetime=timedelta(seconds=3))
     cert = x509.load_pem_x509_certificate(cert_pem)
     assert cp.daemon._store is not None
     await cp.daemon._store.create_agent(
@@ -148,8 +150,13 @@ async def test_an_open_stream_ends_when_its_certificate_expires(cp: RunningContr
 
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await read_until_refused()
-    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "expired" in (error.value.details() or "")
+    return cert, error.value
+
+
+async def test_an_open_stream_ends_when_its_certificate_expires(cp: RunningControlPlane) -> None:
+    cert, error = await stream_until_expiry(cp, "a00000000000000e1")
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in (error.details() or "")
     assert datetime.now(UTC) >= cert.not_valid_after_utc
 
 

@@ -11,8 +11,7 @@ import asyncio
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, closing
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,9 +20,7 @@ import asyncpg
 import pytest
 from docker import DockerClient
 
-from testhide.agent.config import AgentConfig
 from testhide.agent.daemon import Agent
-from testhide.agent.runtime.base import ContainerRuntime
 from testhide.agent.runtime.fake import FakeRuntime
 from testhide.controlplane.commands.migrate_store import migrate_store
 from testhide.controlplane.datadir import DATABASE_URL_ENV, DataDir, initialise
@@ -33,6 +30,7 @@ from tests.harness import (
     Cli,
     CliResult,
     RunningControlPlane,
+    agent_running,
     control_plane,
     enrolled,
     free_port,
@@ -51,18 +49,6 @@ JOB = (
 def fixed_ports() -> dict[str, str]:
     """The same addresses before and after, where the CLI and the agent expect them."""
     return {"listen": f"127.0.0.1:{free_port()}", "agent_listen": f"127.0.0.1:{free_port()}"}
-
-
-@asynccontextmanager
-async def agent_running(agent_dir: Path, runtime: ContainerRuntime) -> AsyncIterator[Agent]:
-    """An enrolled agent that outlives the control planes it talks to."""
-    agent = Agent(AgentConfig(data_dir=agent_dir, stop_grace=timedelta(seconds=1)), runtime)
-    task = asyncio.create_task(agent.run())
-    try:
-        yield agent
-    finally:
-        agent.shutdown()
-        await asyncio.wait_for(task, 60)
 
 
 async def connected(cp: RunningControlPlane, agent: Agent, within: float = 60) -> None:
@@ -140,7 +126,9 @@ async def test_what_the_cli_shows_is_the_same_after_moving_to_postgresql(
     async with control_plane(tmp_path, **ports) as cp:  # SQLite, test pools never pull
         data_dir, admin_key = cp.data_dir, cp.admin_key
         agent_dir = await enrolled(cp, tmp_path)
-    async with agent_running(agent_dir, DockerRuntime(docker_client)) as agent:
+    async with agent_running(
+        agent_dir, DockerRuntime(docker_client), stop_grace=timedelta(seconds=1)
+    ) as agent:
         async with serving(data_dir, admin_key, **ports) as on_sqlite:
             await connected(on_sqlite, agent)
             assert (await cli.login(on_sqlite)).returncode == 0
@@ -263,7 +251,7 @@ async def test_sessions_users_secrets_and_agents_keep_working_after_the_move(
 
     async with (
         serving(data_dir, admin_key, **ports) as on_postgres,
-        agent_running(agent_dir, FakeRuntime()) as agent,
+        agent_running(agent_dir, FakeRuntime(), stop_grace=timedelta(seconds=1)) as agent,
     ):
         await connected(on_postgres, agent)
         assert await cli("secrets", "list") == secrets_before  # the session from before

@@ -294,6 +294,19 @@ async def test_serve_backs_up_then_migrates_a_schema_behind(behind: Path) -> Non
     assert list((behind / "backups").iterdir()) == [backup]
 
 
+async def test_serve_writes_its_pre_migration_backup_into_its_backup_dir(
+    behind: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    offsite = tmp_path / "offsite"
+    monkeypatch.setenv("TESTHIDE_BACKUP_DIR", str(offsite))  # serve's --backup-dir, as its unit would set it
+    served = ControlPlaneProcess(behind, free_port(), free_port())
+    await served.start()
+    assert await served.terminate() == 0
+    (backup,) = offsite.iterdir()
+    assert backup.name.startswith(f"pre-migrate-schema-{PREVIOUS}-to-{KNOWN}-"), backup.name
+    assert not (behind / "backups").exists()
+
+
 # ------------------------------------------------------------------ PostgreSQL: pg_dump first
 
 

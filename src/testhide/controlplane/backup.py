@@ -31,7 +31,7 @@ from testhide.common.safetar import UnsafeMember, extract_all
 from testhide.controlplane import backupfile, hsm
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
-from testhide.controlplane.datadir import DataDir, build_atomically
+from testhide.controlplane.datadir import BACKUPS_DIR, DataDir, build_atomically
 from testhide.controlplane.errors import ConfigError, FailedPrecondition, IntegrityError
 from testhide.controlplane.store.base import Store
 from testhide.controlplane.store.sqlite import SqliteStore
@@ -47,7 +47,7 @@ _EXCLUDED = {
     f"{DB_NAME}-journal",
 }
 # run/: what this process holds; backups/: where backups go by default (a backup never holds another).
-_EXCLUDED_DIRS = {"run", "backups"}
+_EXCLUDED_DIRS = {"run", BACKUPS_DIR}
 
 
 @dataclass(frozen=True)

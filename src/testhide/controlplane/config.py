@@ -11,12 +11,12 @@ from testhide.common.metrics_tls import check_metrics_options
 from testhide.common.tls import split_target
 from testhide.controlplane.auth.limits import DEFAULT_ADDRESS_LOCKOUT, LockoutPolicy
 from testhide.controlplane.auth.passwords import default_workers
+from testhide.controlplane.datadir import BACKUPS_DIR
 from testhide.controlplane.errors import ConfigError
 
 MIN_AGENT_CERT_TTL = timedelta(seconds=10)
 MAX_AGENT_CERT_TTL = timedelta(hours=24)
 MIN_BACKUP_INTERVAL = timedelta(seconds=1)
-BACKUPS_SUBDIR = "backups"
 
 
 @dataclass(frozen=True)
@@ -112,15 +112,15 @@ class ControlPlaneConfig:
         if self.backup_keep < 1:
             raise ConfigError("at least 1 scheduled backup must be kept")
         data_dir, backups = self.data_dir.resolve(), self.resolved_backup_dir.resolve()
-        if backups != data_dir / BACKUPS_SUBDIR and backups.is_relative_to(data_dir):
+        if backups != data_dir / BACKUPS_DIR and backups.is_relative_to(data_dir):
             raise ConfigError(
                 f"the backup dir {self.resolved_backup_dir} is inside the data dir: each backup would"
-                f" hold the earlier ones; use {self.data_dir / BACKUPS_SUBDIR} or a directory outside it"
+                f" hold the earlier ones; use {self.data_dir / BACKUPS_DIR} or a directory outside it"
             )
 
     @property
     def resolved_backup_dir(self) -> Path:
-        return self.backup_dir if self.backup_dir is not None else self.data_dir / BACKUPS_SUBDIR
+        return self.backup_dir if self.backup_dir is not None else self.data_dir / BACKUPS_DIR
 
     @property
     def resolved_agent_listen(self) -> str:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -105,7 +106,7 @@ class ControlPlane:
         self._store = store = await directory.open_store(
             self.config.db_busy_timeout, migrate=False, require_current=False
         )
-        await _migrate_schema(directory, master, store)
+        await _migrate_schema(directory, master, store, self.config.resolved_backup_dir)
         time_store_calls(store, self.metrics)  # slow calls are logged, metrics or not
         if isinstance(store, PgStore):
             # A copy of the data dir on another machine may be behind a rotation made elsewhere.
@@ -333,12 +334,12 @@ class ControlPlane:
         await asyncio.gather(*stopping)
 
 
-async def _migrate_schema(directory: DataDir, master: MasterKey, store: Store) -> None:
+async def _migrate_schema(directory: DataDir, master: MasterKey, store: Store, backup_dir: Path) -> None:
     """Pending schema versions are applied here and by ``migrate`` alone, each
-    time after a backup into DATA_DIR/backups (``commands/migrate.py``)."""
-    from testhide.controlplane.commands.migrate import default_backup_dir, migrate_schema
+    time after a backup into ``backup_dir`` (``--backup-dir``; ``commands/migrate.py``)."""
+    from testhide.controlplane.commands.migrate import migrate_schema
 
-    migration = await migrate_schema(directory, master, store, default_backup_dir(directory), "system")
+    migration = await migrate_schema(directory, master, store, backup_dir, "system")
     if migration is not None:
         log.info(
             "schema_migrated",

@@ -13,6 +13,7 @@ every other command. Private keys are stored sealed under the master key.
     DIR/signing/*.key.sealed  access-token signing keys, sealed
     DIR/testhide.db           the SQLite store (the default), or
     DIR/database.url          0600: the PostgreSQL store's URL (TESTHIDE_DATABASE_URL overrides it)
+    DIR/backups/              0700 backups written by serve (schedule, before a migration) and migrate
     DIR/run/                  which key ids each running ``serve`` holds (for master-key rotation)
     DIR/.sealing.lock         taken by whoever writes or copies sealed files
 """
@@ -54,6 +55,10 @@ AUDIT_KEY = "audit.key.sealed"
 SERVER_CERT_LIFETIME = timedelta(days=90)
 DATABASE_URL_ENV = "TESTHIDE_DATABASE_URL"
 DATABASE_URL_FILE = "database.url"
+
+
+BACKUPS_DIR = "backups"
+"""DIR/backups: never inside a backup, never shared between replicas."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,10 @@ class DataDir:
     @property
     def master_key_path(self) -> Path:
         return self.path / "master.key"
+
+    @property
+    def backups_path(self) -> Path:
+        return self.path / BACKUPS_DIR
 
     @property
     def keyring_path(self) -> Path:

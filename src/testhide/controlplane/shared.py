@@ -31,7 +31,7 @@ import structlog
 
 from testhide.common.files import atomic_write
 from testhide.controlplane.atrest import MasterKey
-from testhide.controlplane.datadir import DATABASE_URL_FILE, DataDir
+from testhide.controlplane.datadir import BACKUPS_DIR, DATABASE_URL_FILE, DataDir
 from testhide.controlplane.errors import IntegrityError
 from testhide.controlplane.hsm import KEYRING_FILE
 
@@ -42,7 +42,7 @@ LOCAL_ONLY = frozenset(
 )
 """Never shared: the local secret (or the ring an HSM wraps: its URI names this machine's module
 and PIN file), where the database is, and a SQLite file left from before."""
-LOCAL_DIRS = frozenset({"run", "backups"})
+LOCAL_DIRS = frozenset({"run", BACKUPS_DIR})
 """Never shared: what this copy's serves hold (run/), and the backups taken here (backups/: a
 pre-migration pg_dump of the database must not go into the database)."""
 

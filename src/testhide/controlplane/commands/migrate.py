@@ -4,7 +4,7 @@ backup first; and ``decrypt-backup``, to take such a backup out again.
 Only ``serve`` (as it starts) and ``migrate`` change the schema; every other
 command opens the store as it is and refuses one that is behind. Both write a
 backup before they apply anything, and only when something is pending, into
-BACKUP_DIR (DATA_DIR/backups unless given, created 0700):
+BACKUP_DIR (DATA_DIR/backups unless given, created 0700; serve: its --backup-dir):
 
 - SQLite: ``pre-migrate-schema-7-to-8-20300102T030405Z.thb``, the same
   encrypted backup ``backup`` writes; ``restore`` takes it back, old schema
@@ -51,8 +51,6 @@ from testhide.controlplane.store.pgdriver import split_url
 from testhide.controlplane.store.postgres import PgStore
 from testhide.controlplane.store.sqlite import SqliteStore
 
-BACKUP_DIR = "backups"
-"""Where pre-migration backups go, under the data dir, unless ``--backup-dir`` says."""
 PG_DUMP_FALLBACK = "/usr/lib/postgresql/*/bin/pg_dump"
 """Debian's versioned client tools, for a host without the pg_dump wrapper on PATH."""
 
@@ -64,10 +62,6 @@ class SchemaMigration:
     applied: tuple[int, ...]
     backup: Path
     """The backup written before anything was applied."""
-
-
-def default_backup_dir(directory: DataDir) -> Path:
-    return directory.path / BACKUP_DIR
 
 
 def backup_name(found: int, target: int, now: datetime, postgres: bool) -> str:
@@ -217,7 +211,7 @@ def migrate(data_dir: Path, backup_dir: Path | None) -> None:
 
     async def run_migration() -> tuple[SchemaMigration | None, int]:
         async with operator_context(data_dir, require_current=False) as op:
-            target = backup_dir or default_backup_dir(op.directory)
+            target = backup_dir or op.directory.backups_path
             migration = await migrate_schema(op.directory, op.master, op.store, target, op.actor)
             return migration, known_version(op.store)
 

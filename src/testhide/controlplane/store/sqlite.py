@@ -48,11 +48,16 @@ BeforeMigrating = Callable[[int, list[int]], Awaitable[None]]
 pre-migration backup), only when some are missing."""
 
 
+def _code(exc: sqlite3.DatabaseError) -> int:
+    """SQLite's primary result code of ``exc`` (0 when it carries none)."""
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
 def storage_error(exc: sqlite3.DatabaseError) -> Exception:
     """Conditions an operator can clear, as a clear transient error; anything
     else as it is (a damaged file found after opening too: serve logs it with its
     traceback, and the operator's commands say it in one line, ``commands/common``)."""
-    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    code = _code(exc)
     if code in (_BUSY, _LOCKED):
         return StorageUnavailable(
             "the control plane's database is locked by another process; nothing was changed, try again"
@@ -70,7 +75,7 @@ def storage_error(exc: sqlite3.DatabaseError) -> Exception:
 
 def is_damage(exc: sqlite3.DatabaseError) -> bool:
     """SQLite's "file is not a database" or "database disk image is malformed"."""
-    return ((getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF) in (_CORRUPT, _NOTADB)
+    return _code(exc) in (_CORRUPT, _NOTADB)
 
 
 class SqliteStore(SqliteJobData, SqliteLeases, SqliteAgents, SqliteAuth):
@@ -154,7 +159,7 @@ class SqliteStore(SqliteJobData, SqliteLeases, SqliteAgents, SqliteAuth):
 
     def _open_error(self, exc: sqlite3.DatabaseError) -> Exception:
         """What opening ``exc`` means for the operator, naming the file."""
-        code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+        code = _code(exc)
         if is_damage(exc):
             return DatabaseDamaged(f"the database {self._path} is damaged ({exc}); {RESTORE_HINT}")
         if code in (_BUSY, _LOCKED, _FULL, _IOERR):
