@@ -5,6 +5,7 @@ AgentError
 ├── EnrollmentError        enrollment refused or the server failed the pin
 ├── CredentialsError       the certificate expired or was revoked: enroll again
 ├── JobSetupError          a job could not be started (image missing, Docker refused)
+│   └── CommandNotRunnable the image has no such command, or it cannot be executed
 └── RuntimeUnavailable     the container engine does not answer (restarting, stopped)
 """
 
@@ -27,6 +28,11 @@ class CredentialsError(AgentError):
 
 class JobSetupError(AgentError):
     pass
+
+
+class CommandNotRunnable(JobSetupError):
+    """Its message is the job's whole reason (``runtime/oci.py``): the job ends with
+    it alone, and no log line repeats it."""
 
 
 class RuntimeUnavailable(AgentError):

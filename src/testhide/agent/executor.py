@@ -13,10 +13,10 @@ from fnmatch import fnmatchcase
 import structlog
 
 from testhide.agent.config import AgentConfig
-from testhide.agent.errors import JobSetupError, RuntimeUnavailable
+from testhide.agent.errors import CommandNotRunnable, JobSetupError, RuntimeUnavailable
 from testhide.agent.jobfiles import collect, repack_workspace
 from testhide.agent.masking import SecretMasker
-from testhide.agent.model import Assignment, LogStream, Outcome
+from testhide.agent.model import Assignment, Isolation, LogStream, Outcome
 from testhide.agent.outbox import Outbox
 from testhide.agent.rpc.link import ControlPlaneLink
 from testhide.agent.runtime.base import ContainerRuntime, ContainerSpec, OutputQueue, RunningContainer
@@ -100,8 +100,9 @@ class Executor:
         """A host configured for a stronger runtime (gVisor) runs every job under it."""
         return self._config.runtime if self._config.runtime != "runc" else (job.runtime or "runc")
 
-    async def _fail(self, job: Assignment, reason: str) -> None:
-        await self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {reason}\n".encode())])
+    async def _fail(self, job: Assignment, reason: str, logged: bool = True) -> None:
+        if logged:
+            await self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {reason}\n".encode())])
         self._outbox.finish(job.job_id, Outcome.ERROR, -1, reason)
 
     async def run(self, job: Assignment) -> None:
@@ -126,10 +127,12 @@ class Executor:
             (bound.warning if isinstance(exc, JobSetupError) else bound.exception)(
                 "job_setup_failed", error=reason
             )
-            await self._fail(job, reason)
+            # A command the image cannot run is the reason alone: every client shows the
+            # reason, and the same words in the log would be printed twice by `testhide run`.
+            await self._fail(job, reason, logged=not isinstance(exc, CommandNotRunnable))
             self._stop_requests.pop(job.job_id, None)
             return
-        self._outbox.started(job.job_id)
+        self._outbox.started(job.job_id, await self._isolation(container, bound))
         forwarder = asyncio.create_task(self._forward(job, output))
         # Output that can no longer be shipped must not keep the container running: stop it.
         forwarder.add_done_callback(lambda task: self._output_ended(job.job_id, task))
@@ -169,6 +172,16 @@ class Executor:
             self._abandoned.discard(job.job_id)
             with suppress(RuntimeUnavailable):  # what stays behind is removed once the engine is back
                 await asyncio.shield(container.remove())
+
+    @staticmethod
+    async def _isolation(container: RunningContainer, bound: structlog.BoundLogger) -> Isolation | None:
+        """Read back after the start (the container's network namespace exists only
+        then); a failure to read it leaves the job running, without the facts."""
+        try:
+            return await container.isolation()
+        except Exception as exc:
+            bound.warning("container_isolation_unread", error=repr(exc))
+            return None
 
     def _output_ended(self, job_id: str, forwarder: asyncio.Task[None]) -> None:
         if not forwarder.cancelled() and forwarder.exception() is not None:

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from testhide.common.isolation import Isolation as Isolation  # the shared facts, re-exported
+
 
 class LogStream(enum.IntEnum):
     STDOUT = 1
@@ -53,6 +55,7 @@ class LogBatch:
 class JobStarted:
     job_id: str
     epoch: int
+    isolation: Isolation | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from testhide.agent.model import JobRefused, JobResult, JobStarted, LogBatch, LogStream, Outcome, Report
+from testhide.agent.model import (
+    Isolation,
+    JobRefused,
+    JobResult,
+    JobStarted,
+    LogBatch,
+    LogStream,
+    Outcome,
+    Report,
+)
 from testhide.agent.spool import Spool
 
 log = structlog.get_logger("testhide.agent.outbox")
@@ -140,11 +149,11 @@ class Outbox:
         """Jobs whose result is not yet acknowledged, with their epochs."""
         return {job_id: r.epoch for job_id, r in self._jobs.items()}
 
-    def started(self, job_id: str) -> None:
+    def started(self, job_id: str, isolation: Isolation | None = None) -> None:
         reports = self._jobs.get(job_id)
         if reports is None:
             return
-        reports.started = JobStarted(job_id, reports.epoch)
+        reports.started = JobStarted(job_id, reports.epoch, isolation)
         if self._send is not None:
             self._send(reports.started)
 

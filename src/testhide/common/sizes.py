@@ -74,14 +74,28 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
+def describe_size(size: int) -> str:
+    """For people: ``10 bytes``, ``256 MiB``, ``1.5 GiB``; never rounded to 0."""
+    if size < KiB:
+        return f"{size} byte{'' if size == 1 else 's'}"
+    for name, unit in _NAMES:
+        if size >= unit:
+            exact = size % unit == 0
+            return f"{size // unit} {name}" if exact else f"{size / unit:.1f} {name}"
+    raise AssertionError("unreachable: size >= KiB")
+
+
 class Size(click.ParamType[int, str | int]):
     """A click option type for the forms above, within optional bounds. An int
-    (from a TOML file, or a default) is a number of bytes."""
+    (from a TOML file, or a default) is a number of bytes.
+
+    ``unitless_min``: text without a unit below this many bytes is refused, for
+    an option where ``10`` is surely not meant as 10 bytes (``--workspace-cap 10``)."""
 
     name = "size"
 
-    def __init__(self, min: int = 0, max: int = MAX_SIZE) -> None:
-        self.min, self.max = min, max
+    def __init__(self, min: int = 0, max: int = MAX_SIZE, unitless_min: int = 0) -> None:
+        self.min, self.max, self.unitless_min = min, max, unitless_min
 
     def convert(self, value: str | int, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, bool) or not isinstance(value, int | str):
@@ -90,6 +104,13 @@ class Size(click.ParamType[int, str | int]):
             size = parse_size(value) if isinstance(value, str) else value
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        if isinstance(value, str) and value.strip().isdigit() and size < self.unitless_min:
+            self.fail(
+                f"{value.strip()!r} without a unit is {describe_size(size)}; write the unit, "
+                f"e.g. {value.strip()}MiB or {value.strip()}GiB (or {value.strip()}B for bytes)",
+                param,
+                ctx,
+            )
         if size < self.min:
             self.fail(f"{format_size(size)} is below the least allowed, {format_size(self.min)}", param, ctx)
         if size > self.max:

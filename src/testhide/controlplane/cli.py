@@ -15,6 +15,7 @@ from testhide.controlplane.commands import (
     audit,
     certificates,
     doctor,
+    mfa,
     migrate,
     migrate_store,
     pools,
@@ -57,6 +58,7 @@ for command in (
     doctor.doctor,
 ):
     main.add_command(command)
+access.users.add_command(mfa.users_reset_mfa)
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from testhide.common.sdnotify import Notifier
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.limits import rate_limiter, spike_detector
+from testhide.controlplane.auth.mfa import SecondFactors
 from testhide.controlplane.auth.passwords import PasswordChecks
 from testhide.controlplane.auth.sessions import Sessions
 from testhide.controlplane.auth.tokens import AccessTokens, SigningKeys, issuer_for
@@ -44,13 +46,18 @@ from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.service import JobService
 from testhide.controlplane.masterkey import RingAnnouncement
 from testhide.controlplane.metrics import ControlPlaneMetrics, time_store_calls
+from testhide.controlplane.operations.agents import stream_holders
 from testhide.controlplane.rpc import server
+from testhide.controlplane.rpc.admin import AdminServicer
+from testhide.controlplane.rpc.admin_agents import org_pools
+from testhide.controlplane.rpc.admin_context import AdminContext
 from testhide.controlplane.rpc.agent import AgentControlServicer
 from testhide.controlplane.rpc.auth import ApiAuthInterceptor
 from testhide.controlplane.rpc.auth_service import AuthServicer
 from testhide.controlplane.rpc.enrollment import EnrollmentServicer
 from testhide.controlplane.rpc.health import StoreHealth
 from testhide.controlplane.rpc.jobs import JobsServicer, SecretsServicer
+from testhide.controlplane.rpc.session import SessionServicer
 from testhide.controlplane.shared import SharedFiles
 from testhide.controlplane.store.base import Store
 from testhide.controlplane.store.postgres import PgStore
@@ -155,24 +162,36 @@ class ControlPlane:
 
         self.signing_keys = keys = SigningKeys(directory, master)
         self.password_checks = PasswordChecks(self.config.password_workers, self.config.password_queue)
+        access_tokens = AccessTokens(keys, issuer_for(certs.current.active_ca.trust_domain))
         sessions = Sessions(
             store,
-            AccessTokens(keys, issuer_for(certs.current.active_ca.trust_domain)),
+            access_tokens,
             auditor,
             self.config.lockout,
             spike_detector(store, self.config.failure_spike_threshold),  # shared by replicas on PostgreSQL
             reuse_grace=self.config.refresh_reuse_grace,
             address_lockout=self.config.address_lockout,
             passwords=self.password_checks,
+            factors=SecondFactors(store, master),
         )
         rate_a, rate_p = self.config.rate_per_address, self.config.rate_per_principal
+        admin = AdminContext(
+            store,
+            auditor,
+            scheduler=scheduler,
+            certificates=certs,
+            stream_holders=lambda: stream_holders(store, {f"pid:{os.getpid()}"}),
+            passwords=self.password_checks,
+        )
         api_server = server.api_server(
             server.ApiServicers(
-                jobs=JobsServicer(jobs),
+                jobs=JobsServicer(jobs, pools=lambda org: org_pools(admin, org)),
                 secrets=SecretsServicer(secrets, auditor),
                 enrollment=EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port),
                 auth=AuthServicer(sessions, keys),
+                session=SessionServicer(access_tokens, store),
                 health=await health.servicer(server.API_SERVICES),
+                admin=AdminServicer(admin),
             ),
             ApiAuthInterceptor(  # budgets shared by replicas on PostgreSQL
                 sessions,
@@ -264,6 +283,9 @@ class ControlPlane:
                     if session is not None and session.identity.org == agent.org:
                         session.close("PERMISSION_DENIED", "this agent has been revoked")
                         log.info("agent_session_closed", agent_id=agent.id, reason="revoked")
+                # Resumed by an operator's command in another process: dispatch what waited.
+                for org, pool in await store.pools_resumed_since(revoked_since - WATCH_INTERVAL):
+                    scheduler.kick(org, pool)
                 revoked_since = checked_at
             except Exception:
                 log.exception("watch_failed")

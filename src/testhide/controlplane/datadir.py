@@ -46,7 +46,7 @@ from testhide.controlplane.auth.principal import SCOPES
 from testhide.controlplane.auth.secrets import hash_secret, new_api_key
 from testhide.controlplane.ca.authority import CertificateAuthority, is_development_ca
 from testhide.controlplane.errors import ConfigError, DataDirError
-from testhide.controlplane.store.base import ApiKeyRecord, Store
+from testhide.controlplane.store.base import DEFAULT_ADMIN_KEY_MAX_LIFETIME, ApiKeyRecord, Store
 from testhide.controlplane.store.sqlite import SqliteStore
 
 T = TypeVar("T")
@@ -453,8 +453,17 @@ async def _populate(
         await store.create_org("default", now)
         await store.create_pool("default", "default", now)
         admin_key, parsed = new_api_key()
+        # It holds the admin scopes, so it lives no longer than a new organisation's policy allows.
         await store.create_api_key(
-            ApiKeyRecord(parsed.key_id, "default", "admin", hash_secret(parsed.secret), SCOPES, now)
+            ApiKeyRecord(
+                parsed.key_id,
+                "default",
+                "admin",
+                hash_secret(parsed.secret),
+                SCOPES,
+                now,
+                expires_at=now + DEFAULT_ADMIN_KEY_MAX_LIFETIME,
+            )
         )
     finally:
         await store.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import timedelta
 
 from testhide.agent.model import (
     Assignment,
+    Isolation,
     JobRefused,
     JobResult,
     JobStarted,
@@ -48,10 +50,17 @@ def assignment_from_pb(message: agent_pb2.AssignJob) -> Assignment:
     )
 
 
+def isolation_to_pb(isolation: Isolation) -> jobs_pb2.Isolation:
+    return jobs_pb2.Isolation(**asdict(isolation))
+
+
 def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
     match report:
-        case JobStarted(job_id, epoch):
-            return agent_pb2.AgentMessage(started=agent_pb2.JobStarted(job_id=job_id, epoch=epoch))
+        case JobStarted(job_id, epoch, isolation):
+            started = agent_pb2.JobStarted(job_id=job_id, epoch=epoch)
+            if isolation is not None:
+                started.isolation.CopyFrom(isolation_to_pb(isolation))
+            return agent_pb2.AgentMessage(started=started)
         case LogBatch(job_id, epoch, seq, entries):
             return agent_pb2.AgentMessage(
                 log_batch=agent_pb2.LogBatch(

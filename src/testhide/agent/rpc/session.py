@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ class Session:
                 version=__version__,
                 labels=self._config.labels,
                 runtimes=self._runtimes,
+                host=socket.gethostname(),
                 running_jobs=[
                     agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()
                 ],

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
-from testhide.agent.model import LogStream
+from testhide.agent.model import Isolation, LogStream
 
 OutputItem = tuple[LogStream, bytes] | None
 """An output chunk as the container wrote it; None once both streams closed."""
@@ -103,6 +103,11 @@ class RunningContainer(Protocol):
 
     async def workspace_archive(self, dest: BinaryIO) -> None:
         """Write a tar of /workspace (after the job) to ``dest``."""
+        ...
+
+    async def isolation(self) -> Isolation | None:
+        """What the engine applied to the started container, read back from it
+        (``isolation.py``); None if it could not be read."""
         ...
 
 

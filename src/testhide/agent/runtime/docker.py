@@ -30,11 +30,13 @@ from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 from docker.utils.socket import read as socket_read
 
-from testhide.agent.errors import ConfigError, JobSetupError, RuntimeUnavailable
-from testhide.agent.model import LogStream
+from testhide.agent.errors import CommandNotRunnable, ConfigError, JobSetupError, RuntimeUnavailable
+from testhide.agent.model import Isolation, LogStream
 from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
 from testhide.agent.runtime.gvisor import GO_PANIC_EXIT, SandboxPanicWatch, failure_reason
 from testhide.agent.runtime.hardening import container_options
+from testhide.agent.runtime.isolation import read_isolation
+from testhide.agent.runtime.oci import command_refusal
 from testhide.agent.runtime.offer import PROBE_IMAGE, Registration, offered_runtimes, registrations
 
 log = structlog.get_logger("testhide.agent.docker")
@@ -166,6 +168,13 @@ class DockerContainer:
             await engine(copy)
         except docker.errors.DockerException as exc:
             raise JobSetupError(f"could not read the job's workspace: {exc}") from exc
+
+    async def isolation(self) -> Isolation | None:
+        try:
+            return await engine(read_isolation, self._client.api, self._container.id)
+        except (RuntimeUnavailable, docker.errors.DockerException, ValueError, TypeError) as exc:
+            log.warning("container_isolation_unread", container=self._container.short_id, error=str(exc))
+            return None
 
     async def remove(self) -> None:
         if self._removed:
@@ -397,7 +406,11 @@ class DockerRuntime:
             await engine(container.start)
         except docker.errors.DockerException as exc:
             await running.remove()
-            explanation = getattr(exc, "explanation", None) or exc
+            explanation = str(getattr(exc, "explanation", None) or exc)
+            refusal = command_refusal(explanation, spec.command, spec.image)
+            if refusal is not None:
+                log.warning("job_command_refused", job_id=spec.job_id, error=explanation)
+                raise CommandNotRunnable(refusal) from exc
             raise JobSetupError(f"Docker could not start the job container: {explanation}") from exc
         log.info("container_started", job_id=spec.job_id, container=container.short_id, image=spec.image)
         return running

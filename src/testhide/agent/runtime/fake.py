@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from testhide.agent.errors import JobSetupError
-from testhide.agent.model import LogStream
+from testhide.agent.model import Isolation, LogStream
 from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
 
 
@@ -23,6 +23,7 @@ class Script:
     runtime_failure: str = ""
     setup_error: str | None = None
     workspace_archive: bytes = b""
+    isolation: Isolation | None = None
 
 
 class FakeContainer:
@@ -54,6 +55,9 @@ class FakeContainer:
 
     async def workspace_archive(self, dest: BinaryIO) -> None:
         dest.write(self._script.workspace_archive)
+
+    async def isolation(self) -> Isolation | None:
+        return self._script.isolation
 
 
 class FakeRuntime:

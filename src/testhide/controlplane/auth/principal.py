@@ -15,6 +15,11 @@ class Principal:
     id: str
     org: str
     scopes: frozenset[str]
+    amr: tuple[str, ...] = ()
+    """How its session was authenticated, as RFC 8176 values (the access token's
+    ``amr``): ``pwd`` a password; with ``mfa`` and ``otp`` a TOTP code, with
+    ``mfa`` and ``kba`` a recovery code. Empty for an API key, a bearer secret
+    that no RFC 8176 value describes."""
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes:

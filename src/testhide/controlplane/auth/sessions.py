@@ -10,7 +10,12 @@ their families; access tokens check their family on every call.
 Guessing is slowed three ways, with the same answers whether or not an account
 exists: failures per account (``lockout``), failures per client address over
 all accounts (``address_lockout``: spraying one password over many accounts, or
-trying many API keys), and a bounded pool for bcrypt (``PasswordChecks``)."""
+trying many API keys), and a bounded pool for bcrypt (``PasswordChecks``).
+
+A user with a TOTP factor, and every user who holds an admin scope, gives a
+code with the password (``auth/mfa.py``); the password is checked first, and a
+wrong code counts as a failed login. The session's tokens record the way it
+was opened (``amr``), refreshes included."""
 
 from __future__ import annotations
 
@@ -30,13 +35,21 @@ from testhide.controlplane.auth.limits import (
     SpikeDetector,
     client_network,
 )
+from testhide.controlplane.auth.mfa import (
+    ADMIN_SCOPES,
+    AMR_RECOVERY_CODE,
+    Enrollment,
+    SecondFactors,
+    WrongCode,
+    password_only,
+)
 from testhide.controlplane.auth.passwords import PasswordChecks
 from testhide.controlplane.auth.principal import Principal
 from testhide.controlplane.auth.secrets import hash_secret, parse_api_key, same_hash
 from testhide.controlplane.auth.store import CredentialStore
 from testhide.controlplane.auth.tokens import AccessTokens
-from testhide.controlplane.errors import RateLimited, Unauthenticated
-from testhide.controlplane.store.base import RefreshRecord
+from testhide.controlplane.errors import FailedPrecondition, RateLimited, Unauthenticated
+from testhide.controlplane.store.base import RefreshRecord, UserRecord
 
 log = structlog.get_logger("testhide.auth")
 
@@ -68,7 +81,10 @@ class Sessions:
         reuse_grace: timedelta = REUSE_GRACE,
         address_lockout: LockoutPolicy = DEFAULT_ADDRESS_LOCKOUT,
         passwords: PasswordChecks | None = None,
+        factors: SecondFactors | None = None,
     ) -> None:
+        self._factors = factors
+        """None: no user has a second factor, so none who holds an admin scope may log in."""
         self._reuse_grace = reuse_grace
         self._address_lockout = address_lockout
         self._passwords = passwords if passwords is not None else PasswordChecks()
@@ -104,8 +120,31 @@ class Sessions:
         principal = Principal("api_key", record.id, record.org, frozenset(record.scopes))
         return await self._opened(subject, principal, source_ip)
 
-    async def login_password(self, org: str, user: str, password: str, source_ip: str) -> TokenPair:
+    async def login_password(
+        self, org: str, user: str, password: str, source_ip: str, totp_code: str = "", recovery_code: str = ""
+    ) -> TokenPair:
         subject = f"user:{org}/{user}"
+        record = await self._password_user(subject, org, user, password, source_ip)
+        try:
+            amr = (
+                await self._factors.for_login(record, totp_code, recovery_code)
+                if self._factors is not None
+                else password_only(record)
+            )
+        except WrongCode:
+            await self._failed(subject, source_ip, login=True)
+            raise
+        if amr == AMR_RECOVERY_CODE:
+            await self._auditor.record(
+                "mfa_recovery_code_used", f"user:{record.id}", org=org, target=user, source_ip=source_ip
+            )
+        principal = Principal("user", record.id, record.org, frozenset(record.scopes), amr)
+        return await self._opened(subject, principal, source_ip)
+
+    async def _password_user(
+        self, subject: str, org: str, user: str, password: str, source_ip: str
+    ) -> UserRecord:
+        """The user, once the password checks out; a failed login otherwise."""
         self._passwords.require_room()  # a flood is refused before it costs store lookups
         await self._check_address(source_ip)
         await self._check_lockout(subject)
@@ -118,8 +157,44 @@ class Sessions:
         ):
             await self._failed(subject, source_ip, login=True)
             raise Unauthenticated(INVALID)
-        principal = Principal("user", record.id, record.org, frozenset(record.scopes))
-        return await self._opened(subject, principal, source_ip)
+        return record
+
+    # second factors ---------------------------------------------------------------
+    async def enroll_mfa(
+        self, org: str, user: str, password: str, totp_code: str, source_ip: str
+    ) -> Enrollment:
+        """A new pending TOTP factor; replacing a confirmed one takes a current code of it."""
+        subject = f"user:{org}/{user}"
+        record = await self._password_user(subject, org, user, password, source_ip)
+        factors = self._require_factors()
+        current = await factors.confirmed(record)
+        if current is not None:
+            if not totp_code:
+                raise Unauthenticated(f"user {user} has a second factor: replacing it takes a current code")
+            if not await factors.accept_totp(current, totp_code):
+                await self._failed(subject, source_ip, login=True)
+                raise WrongCode()
+        enrollment = await factors.enroll(record)
+        await self._auditor.record(
+            "mfa_enrolled", f"user:{record.id}", org=org, target=user, source_ip=source_ip
+        )
+        return enrollment
+
+    async def confirm_mfa(self, org: str, user: str, password: str, totp_code: str, source_ip: str) -> None:
+        subject = f"user:{org}/{user}"
+        record = await self._password_user(subject, org, user, password, source_ip)
+        if not await self._require_factors().confirm(record, totp_code):
+            await self._failed(subject, source_ip, login=True)
+            raise WrongCode()
+        await self._store.clear_auth_failures(subject)
+        await self._auditor.record(
+            "mfa_confirmed", f"user:{record.id}", org=org, target=user, source_ip=source_ip
+        )
+
+    def _require_factors(self) -> SecondFactors:
+        if self._factors is None:
+            raise FailedPrecondition("second factors are not available on this control plane")
+        return self._factors
 
     async def _opened(self, subject: str, principal: Principal, source_ip: str) -> TokenPair:
         await self._store.clear_auth_failures(subject)
@@ -147,6 +222,7 @@ class Sessions:
                 hash_secret(secret),
                 now,
                 family_expires,
+                amr=principal.amr,
             )
         )
         access, expires = self._tokens.issue(principal, family, now)
@@ -195,7 +271,11 @@ class Sessions:
         user = await self._store.get_user(record.org, record.principal_id)
         if user is None or user.revoked_at:
             raise Unauthenticated("the user behind this session was removed")
-        return Principal("user", user.id, user.org, frozenset(user.scopes))
+        if ADMIN_SCOPES & set(user.scopes) and "mfa" not in record.amr:
+            raise Unauthenticated(
+                "this session was opened without a second factor, which an admin scope requires; log in again"
+            )
+        return Principal("user", user.id, user.org, frozenset(user.scopes), record.amr)
 
     async def logout(self, text: str) -> None:
         match = _REFRESH_RE.match(text.strip())

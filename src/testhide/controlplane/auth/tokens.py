@@ -139,6 +139,8 @@ class AccessTokens:
             "iat": int(now.timestamp()),
             "exp": int(expires.timestamp()),
         }
+        if principal.amr:
+            claims["amr"] = list(principal.amr)
         token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid, "typ": ACCESS_JWT_TYPE})
         return token, expires
 
@@ -189,8 +191,15 @@ class AccessTokens:
         kind, _, principal_id = str(claims["sub"]).partition(":")
         if not principal_id or "org" not in claims or "sid" not in claims:
             raise Unauthenticated("access token lacks its subject, organisation or session")
+        amr = claims.get("amr", [])
+        if not isinstance(amr, list) or not all(isinstance(v, str) for v in amr):
+            raise Unauthenticated("access token has a malformed amr claim")
         principal = Principal(
-            kind, principal_id, str(claims["org"]), frozenset(str(claims.get("scope", "")).split())
+            kind,
+            principal_id,
+            str(claims["org"]),
+            frozenset(str(claims.get("scope", "")).split()),
+            tuple(amr),
         )
         expires = datetime.fromtimestamp(claims["exp"], UTC)
         return AccessClaims(principal, str(claims["sid"]), expires), str(header["kid"])

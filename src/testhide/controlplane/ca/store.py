@@ -27,15 +27,20 @@ class AgentHello:
     labels: dict[str, str]
     runtimes: tuple[str, ...]
     max_jobs: int
+    host: str = ""
+    """The host name it gave (for `jobs show`); not an identity."""
 
     @classmethod
-    def shown(cls, version: str, labels: dict[str, str], runtimes: list[str], max_jobs: int) -> AgentHello:
+    def shown(
+        cls, version: str, labels: dict[str, str], runtimes: list[str], max_jobs: int, host: str = ""
+    ) -> AgentHello:
         """Bounded and printable: an agent's words, for display only."""
         return cls(
             _printable(version, 64),
             {_printable(k, 128): _printable(v, 256) for k, v in list(labels.items())[:64]},
             tuple(sorted(_printable(r, 64) for r in runtimes[:16])),
             max_jobs,
+            _printable(host, 253),
         )
 
 

@@ -1,25 +1,48 @@
-"""Who may call the API: ``orgs``, ``users``, ``api-keys`` and ``signing-keys``."""
+"""Who may call the API: ``orgs``, ``users``, ``api-keys`` and ``signing-keys``. Each command
+calls the operation the Admin service calls too (`operations/access.py`), as the operator:
+the scopes it grants are not limited to any credential's."""
 
 from __future__ import annotations
 
-import re
-import secrets
 import sys
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from testhide.common.durations import Duration
+from testhide.common.durations import Duration, parse_duration
 from testhide.controlplane.auth.principal import SCOPES
 from testhide.controlplane.commands.common import data_dir_option, org_option, print_rows
 from testhide.controlplane.commands.common import run as _run
-from testhide.controlplane.errors import NotFound
-from testhide.controlplane.operator import OperatorContext, operator_context
+from testhide.controlplane.operations import Actor
+from testhide.controlplane.operations import access as ops
+from testhide.controlplane.operator import operator_context
 
-DEFAULT_SCOPES = ("jobs:read", "jobs:write")
-USER_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+T = TypeVar("T")
+
+
+def _as_operator(data_dir: Path, operation: Callable[[Actor], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with operator_context(data_dir) as op:
+            return await operation(Actor(op.store, op.auditor, op.actor))
+
+    return _run(run())
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    """As every ``--json`` of the three programs writes a time."""
+    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _lifetime(text: str) -> timedelta | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc}, or none", param_hint="--admin-key-max-lifetime") from None
 
 
 @click.group()
@@ -32,18 +55,13 @@ def orgs() -> None:
 @click.argument("org")
 def orgs_create(data_dir: Path, org: str) -> None:
     """Create ORG with a pool named default."""
-    from testhide.controlplane.jobs.validation import validate_name
-
-    async def run() -> None:
-        async with operator_context(data_dir) as op:
-            validate_name("org", org)
-            now = datetime.now(UTC)
-            await op.store.create_org(org, now)
-            await op.store.create_pool(org, "default", now)
-            await op.auditor.record("org_created", op.actor, org=org, target=org)
-
-    _run(run())
-    click.echo(f"organisation {org} created (with pool default)", err=True)
+    created = _as_operator(data_dir, lambda actor: ops.create_org(actor, org))
+    limit = created.admin_key_max_lifetime
+    click.echo(
+        f"organisation {org} created (with pool default; API keys with an admin scope live at most"
+        f" {ops.lifetime_text(limit) if limit else 'forever'})",
+        err=True,
+    )
 
 
 @orgs.command("revoke")
@@ -52,28 +70,55 @@ def orgs_create(data_dir: Path, org: str) -> None:
 def orgs_revoke(data_dir: Path, org: str) -> None:
     """Cut an organisation off: its API keys, users, sessions, agents and
     enrollment tokens are revoked; its data stays for export."""
-
-    async def run() -> dict[str, int]:
-        async with operator_context(data_dir) as op:
-            counts = await op.store.revoke_org(org, datetime.now(UTC))
-            if counts is None:
-                raise NotFound(f"no organisation {org}")
-            await op.auditor.record("org_revoked", op.actor, org=org, target=org, revoked=counts)
-            return counts
-
-    counts = _run(run())
+    counts = _as_operator(data_dir, lambda actor: ops.revoke_org(actor, org))
     click.echo(f"organisation {org} revoked: " + ", ".join(f"{n} {t}" for t, n in counts.items()), err=True)
 
 
 @orgs.command("list")
 @data_dir_option
-def orgs_list(data_dir: Path) -> None:
-    async def run() -> list[str]:
-        async with operator_context(data_dir) as op:
-            return await op.store.list_orgs()
+@click.option("--json", "as_json", is_flag=True, help="Name, times and policy of each.")
+def orgs_list(data_dir: Path, as_json: bool) -> None:
+    """Organisation names, one a line (with --json, each one's times and policy)."""
+    found = _as_operator(data_dir, ops.list_orgs)
+    if not as_json:
+        for org in found:
+            click.echo(org.name)
+        return
+    print_rows(
+        [
+            {
+                "name": o.name,
+                "created_at": rfc3339(o.created_at),
+                "revoked_at": rfc3339(o.revoked_at),
+                "state": "revoked" if o.revoked_at else "active",
+                "admin_key_max_lifetime_s": int(o.admin_key_max_lifetime.total_seconds())
+                if o.admin_key_max_lifetime
+                else None,
+            }
+            for o in found
+        ],
+        True,
+        [],
+    )
 
-    for org in _run(run()):
-        click.echo(org)
+
+@orgs.command("set")
+@data_dir_option
+@click.argument("org")
+@click.option(
+    "--admin-key-max-lifetime",
+    "lifetime",
+    required=True,
+    metavar="DURATION|none",
+    help="The longest an API key with agents:admin or org:admin may live (new orgs: 90d); none: no limit."
+    " Existing keys are not touched.",
+)
+def orgs_set(data_dir: Path, org: str, lifetime: str) -> None:
+    """Set ORG's policy."""
+    limit = _lifetime(lifetime)
+    _as_operator(data_dir, lambda actor: ops.set_admin_key_max_lifetime(actor, org, limit))
+    shown = ops.lifetime_text(limit) if limit else "no limit"
+    click.echo(f"organisation {org}: API keys with an admin scope may live {shown}", err=True)
 
 
 scopes_option = click.option(
@@ -97,36 +142,14 @@ def users() -> None:
 @scopes_option
 def users_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]) -> None:
     """Create a user; the password is read from stdin (or prompted)."""
-    from testhide.controlplane.auth.passwords import check_complexity, hash_password
-    from testhide.controlplane.store.base import UserRecord
-
-    if not USER_NAME_RE.match(name):
-        raise click.BadParameter("1-64 letters, digits, '.', '_', '@' or '-'", param_hint="NAME")
+    if not ops.NAME_RE.match(name):
+        raise click.BadParameter(ops.NAME_RULE, param_hint="NAME")
     password = (
         click.prompt("password", hide_input=True, confirmation_prompt=True, err=True)
         if sys.stdin.isatty()
         else sys.stdin.readline().rstrip("\n")
     )
-
-    async def run() -> None:
-        check_complexity(password, name)
-        async with operator_context(data_dir) as op:
-            await _require_org(op, org)
-            await op.store.create_user(
-                UserRecord(
-                    "u" + secrets.token_hex(8),
-                    org,
-                    name,
-                    hash_password(password),
-                    scopes or DEFAULT_SCOPES,
-                    datetime.now(UTC),
-                )
-            )
-            await op.auditor.record(
-                "user_created", op.actor, org=org, target=name, scopes=list(scopes or DEFAULT_SCOPES)
-            )
-
-    _run(run())
+    _as_operator(data_dir, lambda actor: ops.create_user(actor, org, name, scopes, password, None))
     click.echo(f"user {org}/{name} created", err=True)
 
 
@@ -135,19 +158,19 @@ def users_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]) -
 @org_option
 @click.option("--json", "as_json", is_flag=True)
 def users_list(data_dir: Path, org: str, as_json: bool) -> None:
-    async def run() -> list[dict[str, Any]]:
-        async with operator_context(data_dir) as op:
-            return [
-                {
-                    "id": u.id,
-                    "name": u.name,
-                    "scopes": " ".join(u.scopes),
-                    "state": "revoked" if u.revoked_at else "active",
-                }
-                for u in await op.store.list_users(org)
-            ]
-
-    print_rows(_run(run()), as_json, ["id", "name", "scopes", "state"])
+    rows: list[dict[str, Any]] = [
+        {
+            "name": u.name,
+            "org": org,
+            "scopes": list(u.scopes) if as_json else " ".join(u.scopes),
+            "state": ops.user_state(u),
+            "mfa": mfa if as_json else "yes" if mfa else "no",
+            "created_at": rfc3339(u.created_at),
+            "revoked_at": rfc3339(u.revoked_at),
+        }
+        for u, mfa in _as_operator(data_dir, lambda actor: ops.list_users(actor, org))
+    ]
+    print_rows(rows, as_json, ["name", "scopes", "state", "mfa"])
 
 
 @users.command("revoke")
@@ -156,20 +179,8 @@ def users_list(data_dir: Path, org: str, as_json: bool) -> None:
 @click.argument("name")
 def users_revoke(data_dir: Path, org: str, name: str) -> None:
     """Remove a user's access and end their sessions."""
-
-    async def run() -> None:
-        async with operator_context(data_dir) as op:
-            if await op.store.revoke_user(org, name, datetime.now(UTC)) is None:
-                raise NotFound(f"no user {org}/{name}")
-            await op.auditor.record("user_revoked", op.actor, org=org, target=name)
-
-    _run(run())
+    _as_operator(data_dir, lambda actor: ops.revoke_user(actor, org, name))
     click.echo(f"user {org}/{name} revoked; their sessions are over", err=True)
-
-
-async def _require_org(op: OperatorContext, org: str) -> None:
-    if org not in await op.store.list_orgs():
-        raise NotFound(f"no organisation {org!r}; create it first: testhide-controlplane orgs create {org}")
 
 
 @click.group("api-keys")
@@ -182,41 +193,22 @@ def api_keys() -> None:
 @org_option
 @click.option("--name", required=True, help="What the key is for (e.g. the service account).")
 @scopes_option
-@click.option("--expires-in", type=Duration(), default=None, help="Optional lifetime, e.g. 90d.")
-def api_keys_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...], expires_in: Any) -> None:
+@click.option(
+    "--expires-in",
+    type=Duration(),
+    default=None,
+    help="Lifetime, e.g. 30d; required with agents:admin or org:admin (at most the organisation's limit,"
+    " 90d unless the operator set another).",
+)
+def api_keys_create(
+    data_dir: Path, org: str, name: str, scopes: tuple[str, ...], expires_in: timedelta | None
+) -> None:
     """Print a new key, last on its own line: it is shown this once."""
-    from testhide.controlplane.auth.secrets import hash_secret, new_api_key
-    from testhide.controlplane.store.base import ApiKeyRecord
-
-    async def run() -> str:
-        async with operator_context(data_dir) as op:
-            await _require_org(op, org)
-            text, parsed = new_api_key()
-            now = datetime.now(UTC)
-            await op.store.create_api_key(
-                ApiKeyRecord(
-                    parsed.key_id,
-                    org,
-                    name,
-                    hash_secret(parsed.secret),
-                    scopes or DEFAULT_SCOPES,
-                    now,
-                    owner=f"service-account:{name}",
-                    expires_at=now + expires_in if expires_in else None,
-                )
-            )
-            await op.auditor.record(
-                "api_key_created",
-                op.actor,
-                org=org,
-                target=parsed.key_id,
-                name=name,
-                scopes=list(scopes or DEFAULT_SCOPES),
-            )
-            return text
-
-    key = _run(run())
-    click.echo(f"API key for {org}/{name} (shown once):", err=True)
+    key, record = _as_operator(
+        data_dir, lambda actor: ops.create_api_key(actor, org, name, scopes, expires_in, None)
+    )
+    until = f", expires {rfc3339(record.expires_at)}" if record.expires_at else ""
+    click.echo(f"API key for {org}/{name} (shown once{until}):", err=True)
     click.echo(key)
 
 
@@ -226,28 +218,23 @@ def api_keys_create(data_dir: Path, org: str, name: str, scopes: tuple[str, ...]
 @click.option("--json", "as_json", is_flag=True)
 def api_keys_list(data_dir: Path, org: str, as_json: bool) -> None:
     """Keys by prefix, with scopes, expiry and last use; never the secret."""
-
-    async def run() -> list[dict[str, Any]]:
-        async with operator_context(data_dir) as op:
-            now = datetime.now(UTC)
-            return [
-                {
-                    "prefix": f"thk_{k.id}",
-                    "id": k.id,
-                    "name": k.name,
-                    "scopes": " ".join(k.scopes),
-                    "expires_at": k.expires_at.isoformat() if k.expires_at else None,
-                    "last_used_at": k.last_used_at.isoformat() if k.last_used_at else None,
-                    "state": "revoked"
-                    if k.revoked_at
-                    else "expired"
-                    if k.expires_at and k.expires_at <= now
-                    else "active",
-                }
-                for k in await op.store.list_api_keys(org)
-            ]
-
-    print_rows(_run(run()), as_json, ["prefix", "name", "scopes", "state", "expires_at", "last_used_at"])
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = [
+        {
+            "id": k.id,
+            "prefix": f"thk_{k.id}",
+            "org": org,
+            "name": k.name,
+            "scopes": list(k.scopes) if as_json else " ".join(k.scopes),
+            "state": ops.api_key_state(k, now),
+            "created_at": rfc3339(k.created_at),
+            "expires_at": rfc3339(k.expires_at),
+            "revoked_at": rfc3339(k.revoked_at),
+            "last_used_at": rfc3339(k.last_used_at),
+        }
+        for k in _as_operator(data_dir, lambda actor: ops.list_api_keys(actor, org))
+    ]
+    print_rows(rows, as_json, ["prefix", "name", "scopes", "state", "expires_at", "last_used_at"])
 
 
 @api_keys.command("revoke")
@@ -256,16 +243,8 @@ def api_keys_list(data_dir: Path, org: str, as_json: bool) -> None:
 @click.argument("key_id")
 def api_keys_revoke(data_dir: Path, org: str, key_id: str) -> None:
     """Revoke one key (by id or thk_ prefix) and end the sessions it opened."""
-    key_id = key_id.removeprefix("thk_").split("_")[0]
-
-    async def run() -> None:
-        async with operator_context(data_dir) as op:
-            if await op.store.revoke_api_key(org, key_id, datetime.now(UTC)) is None:
-                raise NotFound(f"no API key {key_id} in {org}")
-            await op.auditor.record("api_key_revoked", op.actor, org=org, target=key_id)
-
-    _run(run())
-    click.echo(f"API key {key_id} revoked; its sessions are over", err=True)
+    revoked = _as_operator(data_dir, lambda actor: ops.revoke_api_key(actor, org, key_id))
+    click.echo(f"API key {revoked.id} revoked; its sessions are over", err=True)
 
 
 @click.group("signing-keys")

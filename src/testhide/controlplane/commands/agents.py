@@ -1,4 +1,4 @@
-"""``agents``: list and revoke enrolled agents."""
+"""``agents``: list and revoke enrolled agents (`operations/agents.py`)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-import structlog
 
-from testhide.controlplane.cluster import REPLICA_TIMEOUT
 from testhide.controlplane.commands.common import data_dir_option, print_rows
 from testhide.controlplane.commands.common import run as _run
-from testhide.controlplane.errors import NotFound
 from testhide.controlplane.masterkey import ring_holders
+from testhide.controlplane.operations import Actor
+from testhide.controlplane.operations import agents as ops
 from testhide.controlplane.operator import OperatorContext, operator_context
-from testhide.controlplane.store.base import AgentRecord
-from testhide.controlplane.store.postgres import PgStore
-
-log = structlog.get_logger("testhide.operator")
 
 
 @click.group()
@@ -37,9 +32,7 @@ def agents_list(data_dir: Path, as_json: bool) -> None:
 
     async def run() -> list[dict[str, Any]]:
         async with operator_context(data_dir) as op:
-            holders = await _stream_holders(op)
-            now = datetime.now(UTC)
-            return [_agent_row(a, now, a.replica in holders) for a in await op.store.list_agents()]
+            return [_agent_row(v) for v in await ops.list_agents(op.store, None, await stream_holders(op))]
 
     columns = [
         "id",
@@ -62,31 +55,43 @@ def agents_list(data_dir: Path, as_json: bool) -> None:
     print_rows([_shown(row) for row in rows], False, columns)
 
 
-async def _stream_holders(op: OperatorContext) -> set[str]:
+async def stream_holders(op: OperatorContext) -> set[str]:
     """The control plane processes alive now, as agents.replica names them: the live
     replicas on PostgreSQL; on SQLite, the serve processes running on this data dir."""
-    if isinstance(op.store, PgStore):
-        since = datetime.now(UTC) - REPLICA_TIMEOUT
-        return {replica for replica, _, _ in await op.store.live_replicas(since)}
-    return {f"pid:{holder.pid}" for holder in ring_holders(op.directory)}
+    return await ops.stream_holders(op.store, {f"pid:{h.pid}" for h in ring_holders(op.directory)})
 
 
-def _agent_row(a: AgentRecord, now: datetime, connected: bool) -> dict[str, Any]:
+def operator_actor(op: OperatorContext) -> Actor:
+    """The operator at this shell, as the audit log names them (``operator:LOGIN``)."""
+    return Actor(op.store, op.auditor, op.actor)
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    """A time as every --json shows it: RFC 3339, UTC, microseconds, Z."""
+    return None if value is None else value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _agent_row(view: ops.AgentView) -> dict[str, Any]:
+    a = view.record
     return {
         "id": a.id,
         "name": a.name,
-        "org": a.org,
         "pool": a.pool,
-        "state": "revoked" if a.revoked_at else "expired" if a.cert_not_after <= now else "active",
-        "connected": connected,
-        "last_seen_at": a.last_seen_at.isoformat() if a.last_seen_at else None,
-        "running_jobs": a.running_jobs,
-        "max_jobs": a.max_jobs or None,
+        "host": a.host,
+        "version": a.version or None,
         "labels": a.labels,
         "runtimes": list(a.runtimes),
-        "version": a.version or None,
+        "max_jobs": a.max_jobs or None,
+        "running_jobs": a.running_jobs,
+        # The operator's word for a usable certificate; `connected` says the rest.
+        "state": view.state if view.state in ("revoked", "expired") else "active",
+        "enrolled_at": rfc3339(a.enrolled_at),
+        "last_seen_at": rfc3339(a.last_seen_at),
+        "cert_expires_at": rfc3339(a.cert_not_after),
+        "revoked_at": rfc3339(a.revoked_at),
+        "org": a.org,
         "cert_serial": a.cert_serial,
-        "cert_not_after": a.cert_not_after.isoformat(),
+        "connected": view.connected,
     }
 
 
@@ -111,14 +116,7 @@ def agents_revoke(data_dir: Path, agent_id: str) -> None:
 
     async def run() -> list[str]:
         async with operator_context(data_dir) as op:
-            revoked = await op.store.revoke_agent(agent_id, datetime.now(UTC))
-            if revoked is None:
-                raise NotFound(f"no agent {agent_id}")
-            agent, jobs = revoked
-            log.info("agent_revoked", agent_id=agent_id, org=agent.org, jobs_ended=jobs)
-            await op.auditor.record(
-                "agent_revoked", op.actor, org=agent.org, target=agent_id, jobs_ended=jobs
-            )
+            _, jobs = await ops.revoke_agent(operator_actor(op), None, agent_id)
             return jobs
 
     jobs = _run(run())

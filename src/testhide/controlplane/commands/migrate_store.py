@@ -95,7 +95,10 @@ class Migration:
     seconds: float
 
     def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "rows": sum(self.tables.values())}
+        """The `--json` summary: the duration as ``duration_s``, as every `--json` names one."""
+        document = asdict(self)
+        document["duration_s"] = document.pop("seconds")
+        return {**document, "rows": sum(self.tables.values())}
 
 
 def refuse_unless_idle_sqlite(directory: DataDir) -> None:

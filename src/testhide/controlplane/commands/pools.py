@@ -1,20 +1,21 @@
-"""``pools``: pools of agents and their policy."""
+"""``pools``: pools of agents, their policy, pausing them (`operations/agents.py`)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+import json
 from pathlib import Path
 from typing import Any
 
 import click
 
 from testhide.common.durations import Duration, format_duration
-from testhide.controlplane.commands.common import data_dir_option, org_option
+from testhide.controlplane.commands.agents import operator_actor, rfc3339, stream_holders
+from testhide.controlplane.commands.common import data_dir_option, org_option, print_rows
 from testhide.controlplane.commands.common import run as _run
-from testhide.controlplane.errors import InvalidArgument
 from testhide.controlplane.jobs.model import PoolPolicy, PullPolicy
+from testhide.controlplane.operations import agents as ops
 from testhide.controlplane.operator import operator_context
+from testhide.controlplane.store.postgres import PgStore
 
 
 @click.group()
@@ -30,21 +31,9 @@ def pools() -> None:
     "--agent-cert-ttl", type=Duration(), default=None, help="Shorter agent certificates for this pool."
 )
 def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> None:
-    from testhide.controlplane.jobs.validation import validate_name
-
     async def run() -> None:
         async with operator_context(data_dir) as op:
-            validate_name("pool", pool)
-            await op.store.create_pool(org, pool, datetime.now(UTC))
-            if agent_cert_ttl:
-                await op.store.set_pool_cert_ttl(org, pool, _pool_ttl(agent_cert_ttl))
-            await op.auditor.record(
-                "pool_created",
-                op.actor,
-                org=org,
-                target=pool,
-                agent_cert_ttl_s=agent_cert_ttl.total_seconds() if agent_cert_ttl else None,
-            )
+            await ops.create_pool(operator_actor(op), org, pool, agent_cert_ttl)
 
     _run(run())
     click.echo(f"pool {org}/{pool} created", err=True)
@@ -68,7 +57,7 @@ def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> No
 @click.option("--pull-policy", type=click.Choice([p.value for p in PullPolicy]), default=None)
 @click.option(
     "--runtime",
-    type=click.Choice(["runc", "runsc", "job"]),
+    type=click.Choice(list(ops.RUNTIMES)),
     default=None,
     help="Enforce a runtime for every job of the pool ('job' lets each job choose).",
 )
@@ -83,30 +72,11 @@ def pools_set(
     runtime: str | None,
 ) -> None:
     """Change a pool's policy: certificate lifetime, allowed images, pull policy, runtime."""
+    change = ops.PolicyChange(agent_cert_ttl, allowed_images, any_image, pull_policy, runtime)
 
     async def run() -> PoolPolicy:
         async with operator_context(data_dir) as op:
-            if agent_cert_ttl:
-                await op.store.set_pool_cert_ttl(org, pool, _pool_ttl(agent_cert_ttl))
-            policy = await op.store.pool_policy(org, pool)
-            policy = replace(
-                policy,
-                allowed_images=() if any_image else (allowed_images or policy.allowed_images),
-                pull_policy=PullPolicy(pull_policy) if pull_policy else policy.pull_policy,
-                runtime=policy.runtime if runtime is None else ("" if runtime == "job" else runtime),
-            )
-            await op.store.set_pool_policy(org, pool, policy)
-            await op.auditor.record(
-                "pool_updated",
-                op.actor,
-                org=org,
-                target=pool,
-                agent_cert_ttl_s=agent_cert_ttl.total_seconds() if agent_cert_ttl else None,
-                allowed_images=list(policy.allowed_images),
-                pull_policy=policy.pull_policy.value,
-                runtime=policy.runtime,
-            )
-            return policy
+            return await ops.set_pool_policy(operator_actor(op), org, pool, change)
 
     policy = _run(run())
     click.echo(
@@ -117,9 +87,78 @@ def pools_set(
     )
 
 
-def _pool_ttl(ttl: timedelta) -> timedelta:
-    from testhide.controlplane.config import MAX_AGENT_CERT_TTL, MIN_AGENT_CERT_TTL
+@pools.command("pause")
+@data_dir_option
+@org_option
+@click.argument("pool")
+def pools_pause(data_dir: Path, org: str, pool: str) -> None:
+    """Dispatch nothing new in POOL: its running jobs finish, its agents stay connected,
+    its queued jobs wait (saying why) until it is resumed."""
 
-    if not MIN_AGENT_CERT_TTL <= ttl <= MAX_AGENT_CERT_TTL:
-        raise InvalidArgument("agent certificate lifetime must be between 10s and 24h")
-    return ttl
+    async def run() -> None:
+        async with operator_context(data_dir) as op:
+            await ops.pause_pool(operator_actor(op), org, pool)
+
+    _run(run())
+    click.echo(f"pool {org}/{pool} paused: nothing new is dispatched until `pools resume`", err=True)
+
+
+@pools.command("resume")
+@data_dir_option
+@org_option
+@click.argument("pool")
+def pools_resume(data_dir: Path, org: str, pool: str) -> None:
+    """Dispatch POOL's queued jobs again."""
+
+    async def run() -> None:
+        async with operator_context(data_dir) as op:
+            await ops.resume_pool(operator_actor(op), org, pool)
+            if isinstance(op.store, PgStore):  # the replicas dispatch at once (a serve on SQLite: within 1 s)
+                await op.store.notify([json.dumps(["queued", "operator", org, pool])])
+
+    _run(run())
+    click.echo(f"pool {org}/{pool} resumed", err=True)
+
+
+@pools.command("list")
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True)
+def pools_list(data_dir: Path, as_json: bool) -> None:
+    """Every organisation's pools: policy, whether paused, agents and jobs in each."""
+
+    async def run() -> list[dict[str, Any]]:
+        async with operator_context(data_dir) as op:
+            return [
+                {"org": v.record.org, **pool_json(v)}
+                for v in await ops.list_pools(op.store, None, await stream_holders(op))
+            ]
+
+    rows = _run(run())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    shown = [
+        {**r, "paused": "yes" if r["paused"] else "no", "images": ",".join(r["allowed_images"])} for r in rows
+    ]
+    columns = ["org", "name", "paused", "images", "pull_policy", "runtime", "agents_connected", "jobs_queued"]
+    print_rows(
+        [{k: str(v) if isinstance(v, int) else v for k, v in r.items()} for r in shown], False, columns
+    )
+
+
+def pool_json(view: ops.PoolView) -> dict[str, Any]:
+    """A pool as every --json shows it (`testhide pools list` too, from the API)."""
+    pool, policy = view.record, view.record.policy
+    return {
+        "name": pool.name,
+        "paused": policy.paused,
+        "allowed_images": list(policy.allowed_images),
+        "pull_policy": policy.pull_policy.value,
+        "runtime": policy.runtime,
+        "agent_cert_ttl_s": pool.agent_cert_ttl.total_seconds() if pool.agent_cert_ttl else None,
+        "agents_enrolled": pool.agents_enrolled,
+        "agents_connected": view.agents_connected,
+        "jobs_queued": pool.jobs_queued,
+        "jobs_running": pool.jobs_running,
+        "created_at": rfc3339(pool.created_at),
+    }

@@ -103,7 +103,16 @@ def init(
         )
     )
     click.echo(f"initialised {data_dir}", err=True)
-    click.echo("admin API key (shown once; store it now):", err=True)
+    from testhide.controlplane.store.base import DEFAULT_ADMIN_KEY_MAX_LIFETIME
+
+    days = DEFAULT_ADMIN_KEY_MAX_LIFETIME.days
+    click.echo(
+        f"admin API key (shown once; store it now). It expires in {days} days, as the organisation's"
+        " policy for keys with admin scopes requires: before then, create the keys you need"
+        " (testhide admin api-keys create) or a new one (testhide-controlplane api-keys create"
+        f" --scope org:admin --expires-in {days}d):",
+        err=True,
+    )
     click.echo(admin_key)
 
 

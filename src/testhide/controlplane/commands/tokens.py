@@ -1,4 +1,4 @@
-"""``enroll-token``: one-time agent enrollment tokens."""
+"""``enroll-token``: one-time agent enrollment tokens (`operations/agents.py`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 import click
 
 from testhide.common.durations import Duration, format_duration
+from testhide.controlplane.commands.agents import operator_actor, rfc3339
 from testhide.controlplane.commands.common import data_dir_option, org_option, print_rows
 from testhide.controlplane.commands.common import run as _run
-from testhide.controlplane.errors import NotFound
+from testhide.controlplane.operations import agents as ops
 from testhide.controlplane.operator import operator_context
 
 
@@ -27,25 +28,11 @@ def enroll_token() -> None:
 @click.option("--ttl", type=Duration(), default="10m", show_default=True)
 def enroll_token_create(data_dir: Path, org: str, pool: str, ttl: Any) -> None:
     """Print a one-time token that enrolls one agent into ORG/POOL."""
-    from testhide.controlplane.ca.enrollment import create_token
 
     async def run() -> str:
         async with operator_context(data_dir) as op:
-            token = await create_token(
-                op.store,
-                op.directory.load_ca(op.master, allow_development=True).certificate_pem,
-                org,
-                pool,
-                ttl,
-            )
-            await op.auditor.record(
-                "enrollment_token_created",
-                op.actor,
-                org=org,
-                target=token.split(".")[1],
-                pool=pool,
-                ttl_s=ttl.total_seconds(),
-            )
+            ca_pem = op.directory.load_ca(op.master, allow_development=True).certificate_pem
+            token, _ = await ops.create_enrollment_token(operator_actor(op), org, pool, ttl, ca_pem)
             return token
 
     token = _run(run())
@@ -57,7 +44,7 @@ def enroll_token_create(data_dir: Path, org: str, pool: str, ttl: Any) -> None:
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True)
 def enroll_token_list(data_dir: Path, as_json: bool) -> None:
-    """Tokens with their state; never their secrets."""
+    """Tokens with their state (valid, used, expired, revoked); never their secrets."""
 
     async def run() -> list[dict[str, Any]]:
         async with operator_context(data_dir) as op:
@@ -67,17 +54,13 @@ def enroll_token_list(data_dir: Path, as_json: bool) -> None:
                     "id": t.id,
                     "org": t.org,
                     "pool": t.pool,
-                    "created_at": t.created_at.isoformat(),
-                    "expires_at": t.expires_at.isoformat(),
-                    "state": "revoked"
-                    if t.revoked_at
-                    else "used"
-                    if t.used_at
-                    else "expired"
-                    if t.expires_at <= now
-                    else "usable",
+                    "state": ops.token_state(t, now),
+                    "created_at": rfc3339(t.created_at),
+                    "expires_at": rfc3339(t.expires_at),
+                    "used_at": rfc3339(t.used_at),
+                    "revoked_at": rfc3339(t.revoked_at),
                 }
-                for t in await op.store.list_enrollment_tokens()
+                for t in await ops.list_enrollment_tokens(op.store, None)
             ]
 
     print_rows(_run(run()), as_json, ["id", "org", "pool", "state", "expires_at"])
@@ -91,10 +74,7 @@ def enroll_token_revoke(data_dir: Path, token_id: str) -> None:
 
     async def run() -> None:
         async with operator_context(data_dir) as op:
-            record = await op.store.revoke_enrollment_token(token_id, datetime.now(UTC))
-            if record is None:
-                raise NotFound(f"no enrollment token {token_id}")
-            await op.auditor.record("enrollment_token_revoked", op.actor, org=record.org, target=token_id)
+            await ops.revoke_enrollment_token(operator_actor(op), None, token_id)
 
     _run(run())
     click.echo(f"enrollment token {token_id} revoked", err=True)

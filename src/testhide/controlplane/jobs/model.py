@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from testhide.common.isolation import Isolation as Isolation  # the shared facts, re-exported
+
 
 def new_job_id() -> str:
     """Sortable by creation time, unguessable."""
@@ -89,6 +91,9 @@ class PoolPolicy:
     pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
     runtime: str = ""
     """Enforced runtime (e.g. runsc); empty lets each job choose."""
+    paused: bool = False
+    """An administrator paused the pool: nothing new is dispatched (running jobs finish).
+    Read with the policy; written only by pausing and resuming (``set_pool_paused``)."""
 
 
 class TestStatus(enum.StrEnum):
@@ -124,10 +129,32 @@ class BlobInfo:
 
 
 @dataclass(frozen=True)
+class SecretInfo:
+    """A secret as listed: never its value."""
+
+    name: str
+    updated_at: datetime
+    last_used_at: datetime | None = None
+    """When the control plane last handed it to an agent for a job, and which job."""
+    last_used_by_job: str = ""
+
+
+@dataclass(frozen=True)
 class Transition:
     status: JobStatus
     at: datetime
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class JobAgent:
+    """The agent a job was assigned to, as the agents table knows it now."""
+
+    id: str
+    name: str
+    host: str
+    version: str
+    pool: str
 
 
 @dataclass(frozen=True)
@@ -153,10 +180,35 @@ class Job:
     """The job that retries this one, once it was LOST."""
     lease_expires_at: datetime | None = None
     """While ASSIGNED or RUNNING: when the job counts as abandoned unless its agent extends this."""
+    isolation: Isolation | None = None
+    """Set once the job's container was created and its agent read it back."""
+    agent: JobAgent | None = None
+    """Filled in by the job service for what users see (not stored with the job)."""
 
     @property
     def retryable(self) -> bool:
         return self.status == JobStatus.LOST and self.attempt <= self.spec.retries and not self.retried_as
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a listing shows: those that match every criterion given
+    (an empty one matches all)."""
+
+    statuses: frozenset[JobStatus] = frozenset()
+    """Any of these."""
+    labels: tuple[tuple[str, str], ...] = ()
+    """Every one of these (KEY, VALUE) pairs of the job's spec labels."""
+    pool: str = ""
+    since: datetime | None = None
+    """Created at or after this (timezone-aware)."""
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """While following: the job, whose status or status reason just changed."""
+
+    job: Job
 
 
 @dataclass(frozen=True)

@@ -312,8 +312,13 @@ class Scheduler:
             self._metrics.job_assigned(assigned, now)
         return True
 
-    def explain_queued(self, job: Job) -> str:
-        """Why a queued job has not started yet, in words for its owner."""
+    def explain_queued(self, job: Job, paused: bool = False) -> str:
+        """Why a queued job has not started yet, in words for its owner; ``paused``: its pool is."""
+        if paused:
+            return (
+                f"waiting: pool {job.spec.pool!r} is paused by an administrator; "
+                "nothing new is dispatched until it is resumed"
+            )
         sessions = self._pool_sessions(job.org, job.spec.pool)
         if not sessions:
             return f"waiting: no agent of pool {job.spec.pool!r} is connected"

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from testhide.controlplane.atrest import MasterKey, seal, unseal
 from testhide.controlplane.errors import InvalidArgument, NotFound
+from testhide.controlplane.jobs.model import SecretInfo
 from testhide.controlplane.jobs.store import SecretStore
 from testhide.controlplane.jobs.validation import SECRET_NAME_RE
 
@@ -46,7 +47,7 @@ class SecretVault:
         await self._store.put_secret(org, name, wrapped, seal(data_key, value, secret_aad(org, name)), now)
         return now
 
-    async def list(self, org: str) -> list[tuple[str, datetime]]:
+    async def list(self, org: str) -> list[SecretInfo]:
         return await self._store.list_secrets(org)
 
     async def delete(self, org: str, name: str) -> datetime:
@@ -60,12 +61,15 @@ class SecretVault:
         found = await self._store.get_secrets(org, names)
         return [n for n in names if n not in found]
 
-    async def resolve(self, org: str, names: tuple[str, ...]) -> dict[str, str]:
-        """Plaintext values for an assignment; a deleted secret fails the job."""
+    async def resolve(self, org: str, names: tuple[str, ...], job_id: str = "") -> dict[str, str]:
+        """Plaintext values for an assignment; a deleted secret fails the job. With
+        ``job_id``, each is recorded as last used by that job, now (what `ListSecrets` shows)."""
         found = await self._store.get_secrets(org, names)
         missing = [n for n in names if n not in found]
         if missing:
             raise NotFound(f"secrets not found: {', '.join(missing)}")
+        if job_id and names:
+            await self._store.record_secret_use(org, names, job_id, datetime.now(UTC))
         values = {}
         for name, (wrapped, sealed) in found.items():
             data_key = self._master.unwrap_data_key(wrapped, aad=secret_aad(org, name))

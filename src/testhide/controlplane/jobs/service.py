@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -29,9 +30,12 @@ from testhide.controlplane.jobs.leases import Leases
 from testhide.controlplane.jobs.logs import LogBook
 from testhide.controlplane.jobs.model import (
     BlobInfo,
+    Isolation,
     Job,
+    JobFilter,
     JobSpec,
     JobStatus,
+    JobUpdate,
     LogChunk,
     LogStream,
     PoolPolicy,
@@ -55,10 +59,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("testhide.jobs")
 
-MAX_PAGE = 200
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
 # How long a follower waits before re-reading the store even without a wake-up, when
 # this replica holds the job's agent (writes here wake followers).
 FOLLOW_RECHECK_S = 5.0
+# How often a follower that is told about changes looks again at a job that waits.
+WAITING_RECHECK_S = 1.0
 POLICY_CACHE_S = 1.0
 
 
@@ -126,7 +133,7 @@ class JobService:
     async def assignment_details(self, job: Job) -> AssignDetails:
         policy = await self._pool_policy(job.org, job.spec.pool)
         runtime = policy.runtime or job.spec.runtime or "runc"
-        return AssignDetails(await self._secrets.resolve(job.org, job.spec.secrets), policy, runtime)
+        return AssignDetails(await self._secrets.resolve(job.org, job.spec.secrets, job.id), policy, runtime)
 
     async def _pool_policy(self, org: str, pool: str) -> PoolPolicy:
         """Cached for a second: dispatching a thousand jobs asks a thousand times,
@@ -138,11 +145,21 @@ class JobService:
         return cached[1]
 
     async def get(self, org: str, job_id: str) -> Job:
+        """The job as its owner sees it: with its agent, and why it waits if it does."""
+        return (await self.with_agents(org, [await self._current(org, job_id)]))[0]
+
+    async def with_agents(self, org: str, jobs: builtins.list[Job]) -> builtins.list[Job]:
+        """``jobs`` with their agents' names, hosts and versions: one query for all."""
+        agents = await self._store.job_agents(org, {j.agent_id for j in jobs if j.agent_id})
+        return [replace(j, agent=agents[j.agent_id]) if j.agent_id in agents else j for j in jobs]
+
+    async def _current(self, org: str, job_id: str) -> Job:
         job = await self._store.get_job(org, job_id)
         if job is None:
             raise NotFound(f"job {job_id} not found")
         if job.status == JobStatus.QUEUED:
-            job = replace(job, status_reason=self._scheduler.explain_queued(job))
+            paused = (await self._store.pool_policy(org, job.spec.pool)).paused  # not cached: resumed is news
+            job = replace(job, status_reason=self._scheduler.explain_queued(job, paused))
         return job
 
     async def upload_workspace(self, org: str, chunks: AsyncIterator[bytes]) -> BlobInfo:
@@ -163,11 +180,18 @@ class JobService:
     async def test_results(self, org: str, job_id: str) -> tuple[list[TestCase], list[str]]:
         return await self._store.test_results(org, job_id)
 
-    async def list(self, org: str, page_size: int, page_token: str) -> tuple[list[Job], str]:
-        size = min(max(page_size or 50, 1), MAX_PAGE)
-        jobs = await self._store.list_jobs(org, size + 1, page_token or None)
+    async def list(
+        self, org: str, page_size: int, page_token: str, where: JobFilter | None = None
+    ) -> tuple[list[Job], str]:
+        """A page of the organisation's jobs that match ``where``, newest first, and
+        the token of the next page ("" after the last). The token is the last job's
+        id: the next page, asked for with the same filter, starts after it."""
+        if not 0 <= page_size <= MAX_PAGE:
+            raise InvalidArgument(f"page_size must be between 0 and {MAX_PAGE}, not {page_size}")
+        size = page_size or DEFAULT_PAGE
+        jobs = await self._store.list_jobs(org, size + 1, page_token or None, where)
         more = len(jobs) > size
-        jobs = jobs[:size]
+        jobs = await self.with_agents(org, jobs[:size])
         return jobs, (jobs[-1].id if more else "")
 
     async def cancel(self, org: str, job_id: str) -> Job:
@@ -208,13 +232,27 @@ class JobService:
     async def follow(self, org: str, job_id: str, offset: int, follow: bool) -> AsyncIterator[LogChunk | Job]:
         """Log chunks from ``offset``; with ``follow``, until the job has ended
         and all its log was sent, then the final job."""
+        async with aclosing(self.follow_with_updates(org, job_id, offset, follow, updates=False)) as items:
+            async for item in items:
+                if not isinstance(item, JobUpdate):
+                    yield item
+
+    async def follow_with_updates(
+        self, org: str, job_id: str, offset: int, follow: bool, updates: bool = True
+    ) -> AsyncGenerator[LogChunk | Job | JobUpdate, None]:
+        """``follow``, and with ``updates`` (when following) the job whenever its
+        status or status reason changed, the first at once."""
         if offset < 0:
             raise InvalidArgument("from_offset must not be negative")
-        await self.get(org, job_id)  # first: a job that does not exist gets no watch
+        await self._current(org, job_id)  # first: a job that does not exist gets no watch
+        shown: tuple[JobStatus, str] | None = None
         with self._logs.watch(job_id) as watch:  # removed however the follower leaves
             while True:
                 changed = watch.changed()
-                job = await self.get(org, job_id)
+                job = await self._current(org, job_id)
+                if updates and follow and (job.status, job.status_reason) != shown:
+                    shown = (job.status, job.status_reason)
+                    yield JobUpdate((await self.with_agents(org, [job]))[0])
                 async for chunk in self._logs.read(org, job_id, offset):
                     offset = chunk.offset + len(chunk.data)
                     yield chunk
@@ -222,21 +260,25 @@ class JobService:
                     return
                 # A LOST job about to be retried ends for its followers once they can see the retry.
                 if job.status.terminal and offset >= job.log_size and not job.retryable:
-                    yield job
+                    yield (await self.with_agents(org, [job]))[0]
                     return
                 if offset >= job.log_size:
-                    session = self._scheduler.session_of(job.agent_id) if job.agent_id else None
-                    # A job whose agent another replica holds is written there: look again soon.
-                    recheck = (
-                        FOLLOW_RECHECK_S
-                        if session is not None and job_id in session.jobs
-                        else self._scheduler.cluster.follow_recheck_s
-                    )
                     try:
-                        async with asyncio.timeout(recheck):
+                        async with asyncio.timeout(self._follow_recheck_s(job, updates)):
                             await changed.wait()
                     except TimeoutError:
                         pass
+
+    def _follow_recheck_s(self, job: Job, updates: bool) -> float:
+        """How long a follower waits before reading the job again without a wake-up."""
+        if updates and job.status in (JobStatus.QUEUED, JobStatus.ASSIGNED):
+            # Why a job waits changes with agents coming and going, which wakes no follower.
+            return WAITING_RECHECK_S
+        session = self._scheduler.session_of(job.agent_id) if job.agent_id else None
+        # A job whose agent another replica holds is written there: look again soon.
+        if session is not None and job.id in session.jobs:
+            return FOLLOW_RECHECK_S
+        return self._scheduler.cluster.follow_recheck_s
 
     # agents -------------------------------------------------------------------
     # Whatever an agent says about a job is taken only if it holds the job at the epoch
@@ -329,19 +371,22 @@ class JobService:
         if job.status == JobStatus.ASSIGNED:
             await self._leases.release(job, JobStatus.QUEUED, f"agent refused it ({reason[:200]}); requeued")
 
-    async def on_started(self, session: AgentSession, job_id: str, epoch: int) -> None:
+    async def on_started(
+        self, session: AgentSession, job_id: str, epoch: int, isolation: Isolation | None = None
+    ) -> None:
+        """RUNNING, with what the agent read back from the job's container (stored first,
+        so whoever sees the job running sees how it is isolated)."""
+        identity = session.identity
+        if isolation is not None:
+            await self._store.record_isolation(identity.org, job_id, identity.agent_id, epoch, isolation)
         job, changed = await self._store.report_job(
-            session.identity.org,
-            job_id,
-            session.identity.agent_id,
-            epoch,
-            JobStatus.RUNNING,
-            datetime.now(UTC),
+            identity.org, job_id, identity.agent_id, epoch, JobStatus.RUNNING, datetime.now(UTC)
         )
         if changed:
-            log.info("job_started", job_id=job_id, agent_id=session.identity.agent_id)
+            log.info("job_started", job_id=job_id, agent_id=identity.agent_id)
             if self._metrics is not None:
                 self._metrics.job_started(job)
+            self._logs.notify(job_id)
 
     async def on_log_batch(
         self,

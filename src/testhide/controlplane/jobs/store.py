@@ -14,7 +14,18 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from testhide.controlplane.jobs.model import BlobInfo, Job, JobStatus, LogStream, PoolPolicy, TestCase
+    from testhide.controlplane.jobs.model import (
+        BlobInfo,
+        Isolation,
+        Job,
+        JobAgent,
+        JobFilter,
+        JobStatus,
+        LogStream,
+        PoolPolicy,
+        SecretInfo,
+        TestCase,
+    )
     from testhide.controlplane.store.base import StoredLogEntry
 
 
@@ -56,7 +67,12 @@ class JobStore(BlobIndex, Protocol):
 
     async def create_job(self, job: Job, data_key_wrapped: bytes) -> None: ...
     async def get_job(self, org: str, job_id: str) -> Job | None: ...
-    async def list_jobs(self, org: str, limit: int, before_id: str | None) -> list[Job]: ...
+    async def list_jobs(
+        self, org: str, limit: int, before_id: str | None, where: JobFilter | None = None
+    ) -> list[Job]:
+        """Newest first: up to ``limit`` of the jobs before ``before_id`` that match ``where``."""
+        ...
+
     async def jobs_of_agent(self, org: str, agent_id: str) -> list[Job]:
         """The agent's assigned or running jobs."""
         ...
@@ -94,6 +110,16 @@ class JobStore(BlobIndex, Protocol):
         last_seq: int | None = None,
     ) -> tuple[Job, bool]:
         """The holding agent's report (RUNNING, or the result), checked and applied at once."""
+        ...
+
+    async def record_isolation(
+        self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation
+    ) -> None:
+        """What the holding agent read back from the job's container (NotHeld otherwise)."""
+        ...
+
+    async def job_agents(self, org: str, agent_ids: set[str]) -> dict[str, JobAgent]:
+        """The agents of the organisation with these ids, in one query (for job views)."""
         ...
 
     async def record_test_report(self, job_id: str, path: str, cases: list[TestCase], error: str) -> None: ...
@@ -163,6 +189,9 @@ class SecretStore(Protocol):
     async def put_secret(
         self, org: str, name: str, data_key: bytes, sealed: bytes, now: datetime
     ) -> None: ...
-    async def list_secrets(self, org: str) -> list[tuple[str, datetime]]: ...
+    async def list_secrets(self, org: str) -> list[SecretInfo]: ...
     async def delete_secret(self, org: str, name: str) -> datetime | None: ...
     async def get_secrets(self, org: str, names: tuple[str, ...]) -> dict[str, tuple[bytes, bytes]]: ...
+    async def record_secret_use(self, org: str, names: tuple[str, ...], job_id: str, now: datetime) -> None:
+        """``names`` were handed to an agent for ``job_id`` at ``now``."""
+        ...

@@ -46,6 +46,7 @@ from testhide.controlplane.rpc.convert import (
     check_agent_message,
     check_artifact_header,
     check_lease,
+    isolation_from_pb,
     spec_to_pb,
     stream_from_pb,
 )
@@ -224,6 +225,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         hello = first.hello
         running = {r.job_id: r.epoch for r in hello.running_jobs}
         version = announced_version(hello.version)
+        host = hello.host
         session = AgentSession(
             identity,
             agent.certificate.serial_number,
@@ -244,7 +246,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             peer=context.peer(),
         )
         try:
-            offer = AgentHello.shown(version, session.labels, list(session.runtimes), session.max_jobs)
+            offer = AgentHello.shown(version, session.labels, list(session.runtimes), session.max_jobs, host)
             await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC), offer)
             await self._jobs.on_hello(session, running)
         except ControlPlaneError as exc:
@@ -382,7 +384,9 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                 case "accepted":
                     pass  # the assignment reached the agent; RUNNING comes with "started"
                 case "started":
-                    await self._jobs.on_started(session, message.started.job_id, message.started.epoch)
+                    s = message.started
+                    isolation = isolation_from_pb(s.isolation) if s.HasField("isolation") else None
+                    await self._jobs.on_started(session, s.job_id, s.epoch, isolation)
                 case "log_batch":
                     b = message.log_batch
                     entries = [(stream_from_pb(e.stream), e.data) for e in b.entries]

@@ -1,4 +1,5 @@
-"""The Auth service: logins, refreshes, logout, and the public signing keys."""
+"""The Auth service: logins, refreshes, logout, the public signing keys, and
+enrolling a user's TOTP second factor."""
 
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ def _pair(pair: TokenPair) -> auth_pb2.TokenPair:
     )
 
 
+def _password(p: auth_pb2.PasswordLogin) -> auth_pb2.PasswordLogin:
+    if len(p.org) > 63 or len(p.user) > 128 or len(p.password) > 1024:
+        raise InvalidArgument("org, user or password too long")
+    return p
+
+
+def _check_codes(*codes: str) -> None:
+    if any(len(code) > 64 for code in codes):
+        raise InvalidArgument("a second-factor code is at most 64 characters")
+
+
 class AuthServicer(auth_pb2_grpc.AuthServicer):
     def __init__(self, sessions: Sessions, keys: SigningKeys) -> None:
         self._sessions = sessions
@@ -39,11 +51,42 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
             case "api_key":
                 return _pair(await self._sessions.login_api_key(request.api_key, context.peer()))
             case "password":
-                p = request.password
-                if len(p.org) > 63 or len(p.user) > 128 or len(p.password) > 1024:
-                    raise InvalidArgument("org, user or password too long")
-                return _pair(await self._sessions.login_password(p.org, p.user, p.password, context.peer()))
+                p = _password(request.password)
+                _check_codes(request.totp_code, request.recovery_code)
+                return _pair(
+                    await self._sessions.login_password(
+                        p.org, p.user, p.password, context.peer(), request.totp_code, request.recovery_code
+                    )
+                )
         raise InvalidArgument("log in with an api_key or a password")
+
+    @mapped
+    async def EnrollMfa(
+        self,
+        request: auth_pb2.EnrollMfaRequest,
+        context: grpc.aio.ServicerContext[auth_pb2.EnrollMfaRequest, auth_pb2.EnrollMfaResponse],
+    ) -> auth_pb2.EnrollMfaResponse:
+        p = _password(request.password)
+        _check_codes(request.totp_code)
+        enrollment = await self._sessions.enroll_mfa(
+            p.org, p.user, p.password, request.totp_code, context.peer()
+        )
+        return auth_pb2.EnrollMfaResponse(
+            otpauth_uri=enrollment.otpauth_uri,
+            secret=enrollment.secret,
+            recovery_codes=list(enrollment.recovery_codes),
+        )
+
+    @mapped
+    async def ConfirmMfa(
+        self,
+        request: auth_pb2.ConfirmMfaRequest,
+        context: grpc.aio.ServicerContext[auth_pb2.ConfirmMfaRequest, auth_pb2.ConfirmMfaResponse],
+    ) -> auth_pb2.ConfirmMfaResponse:
+        p = _password(request.password)
+        _check_codes(request.totp_code)
+        await self._sessions.confirm_mfa(p.org, p.user, p.password, request.totp_code, context.peer())
+        return auth_pb2.ConfirmMfaResponse()
 
     @mapped
     async def Refresh(

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import math
+from collections.abc import Iterable
+from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from testhide.controlplane.errors import InvalidArgument, NotFound, quoted
 from testhide.controlplane.jobs.model import (
+    Isolation,
     Job,
+    JobFilter,
     JobSpec,
     JobStatus,
     LogChunk,
@@ -18,14 +24,20 @@ from testhide.controlplane.jobs.model import (
     TestCase,
     TestStatus,
 )
+from testhide.controlplane.jobs.service import MAX_PAGE
 from testhide.controlplane.jobs.validation import (
     JOB_ID_RE,
     MAX_TIMEOUT,
     in_range,
     validate_job_id,
+    validate_labels,
+    validate_name,
     validate_relative_path,
 )
 from testhide.protos.v1 import agent_pb2, jobs_pb2
+
+if TYPE_CHECKING:
+    from testhide.controlplane.operations.agents import PoolView
 
 _STATUS_TO_PB = {status: jobs_pb2.JobStatus.Value(f"JOB_STATUS_{status.value}") for status in JobStatus}
 _STREAM_TO_PB = {stream: jobs_pb2.LogStream.Value(f"LOG_STREAM_{stream.name}") for stream in LogStream}
@@ -125,7 +137,50 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
     )
     if job.exit_code is not None:
         pb.exit_code = job.exit_code
+    if job.agent is not None:
+        a = job.agent
+        pb.agent.CopyFrom(
+            jobs_pb2.JobAgent(id=a.id, name=a.name, host=a.host, version=a.version, pool=a.pool)
+        )
+    if job.isolation is not None:
+        pb.isolation.CopyFrom(isolation_to_pb(job.isolation))
     return pb
+
+
+def isolation_to_pb(i: Isolation) -> jobs_pb2.Isolation:
+    return jobs_pb2.Isolation(**asdict(i))
+
+
+def _shown(text: str, limit: int = 256) -> str:
+    """An agent's word, for display only: printable and bounded."""
+    return "".join(c for c in text[:limit] if c.isprintable())
+
+
+def _shown_list(values: Iterable[str], limit: int = 64) -> tuple[str, ...]:
+    return tuple(_shown(v) for v in list(values)[:limit])
+
+
+def isolation_from_pb(i: jobs_pb2.Isolation) -> Isolation:
+    """What an agent says it read back: bounded and printable, for display.
+    A number that cannot be a limit (negative, not finite) is kept as 0: unknown."""
+    cpus = i.cpus if math.isfinite(i.cpus) and i.cpus >= 0 else 0.0
+    return Isolation(
+        runtime=_shown(i.runtime, 64),
+        network_mode=_shown(i.network_mode, 128),
+        interfaces=_shown_list(i.interfaces),
+        user=_shown(i.user, 128),
+        cap_add=_shown_list(i.cap_add),
+        cap_drop=_shown_list(i.cap_drop),
+        no_new_privileges=i.no_new_privileges,
+        seccomp=_shown(i.seccomp, 128),
+        read_only_root=i.read_only_root,
+        pids_limit=max(0, i.pids_limit),
+        memory_bytes=max(0, i.memory_bytes),
+        cpus=cpus,
+        image_id=_shown(i.image_id, 128),
+        image_digest=_shown(i.image_digest, 128),
+        mounts=_shown_list(i.mounts),
+    )
 
 
 def chunk_to_pb(chunk: LogChunk) -> jobs_pb2.LogChunk:
@@ -151,12 +206,36 @@ def artifact_path_from_pb(value: str) -> str:
     return validate_relative_path("path", value)
 
 
-def page_from_pb(request: jobs_pb2.ListJobsRequest) -> tuple[int, str]:
-    """A page size (0 for the default; larger ones are capped) and the id of the last job seen."""
-    in_range("page_size", request.page_size, 0, 2**31 - 1)
+def page_from_pb(request: jobs_pb2.ListJobsRequest) -> tuple[int, str, JobFilter]:
+    """A page size (0 for the default), the id of the last job seen, and the
+    filter: every field checked before it reaches a query."""
+    in_range("page_size", request.page_size, 0, MAX_PAGE)
     if request.page_token:
         validate_job_id("page_token", request.page_token)
-    return request.page_size, request.page_token
+    statuses = frozenset(_status_from_pb(value) for value in request.statuses)
+    labels = validate_labels(dict(request.labels))
+    pool = validate_name("pool", request.pool) if request.pool else ""
+    since = since_from_pb(request.since) if request.HasField("since") else None
+    where = JobFilter(statuses=statuses, labels=tuple(sorted(labels.items())), pool=pool, since=since)
+    return request.page_size, request.page_token, where
+
+
+_STATUS_FROM_PB: dict[int, JobStatus] = {number: status for status, number in _STATUS_TO_PB.items()}
+# What a Timestamp may hold (years 1 to 9999), as protobuf's own JSON mapping allows.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def _status_from_pb(value: int) -> JobStatus:
+    status = _STATUS_FROM_PB.get(value)
+    if status is None:
+        raise InvalidArgument(f"statuses: unknown job status {value}")
+    return status
+
+
+def since_from_pb(value: Timestamp) -> datetime:
+    if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos < 10**9):
+        raise InvalidArgument("since must be a time between the years 1 and 9999")
+    return value.ToDatetime(tzinfo=UTC)
 
 
 # What an agent sends is checked before any lookup: ids of the right form, epochs from 1
@@ -220,3 +299,22 @@ def timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+def pool_to_pb(view: PoolView) -> jobs_pb2.Pool:
+    pool, policy = view.record, view.record.policy
+    pb = jobs_pb2.Pool(
+        name=pool.name,
+        paused=policy.paused,
+        allowed_images=list(policy.allowed_images),
+        pull_policy=policy.pull_policy.value,
+        runtime=policy.runtime,
+        agents_enrolled=pool.agents_enrolled,
+        agents_connected=view.agents_connected,
+        jobs_queued=pool.jobs_queued,
+        jobs_running=pool.jobs_running,
+        created_at=timestamp(pool.created_at),
+    )
+    if pool.agent_cert_ttl is not None:
+        pb.agent_cert_ttl.FromTimedelta(pool.agent_cert_ttl)
+    return pb

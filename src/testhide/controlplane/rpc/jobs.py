@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
 from testhide.controlplane.auth.audit import Auditor
-from testhide.controlplane.jobs.model import Job
+from testhide.controlplane.errors import FailedPrecondition
+from testhide.controlplane.jobs.model import Job, JobUpdate, SecretInfo
 from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.service import JobService
 from testhide.controlplane.jobs.validation import in_range
@@ -18,6 +20,7 @@ from testhide.controlplane.rpc.convert import (
     job_id_from_pb,
     job_to_pb,
     page_from_pb,
+    pool_to_pb,
     spec_from_pb,
     test_results_to_pb,
     timestamp,
@@ -25,10 +28,29 @@ from testhide.controlplane.rpc.convert import (
 from testhide.controlplane.rpc.status import mapped
 from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 
+if TYPE_CHECKING:
+    from testhide.controlplane.operations.agents import PoolView
+
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
-    def __init__(self, jobs: JobService) -> None:
+    def __init__(
+        self, jobs: JobService, pools: Callable[[str], Awaitable[list[PoolView]]] | None = None
+    ) -> None:
         self._jobs = jobs
+        self._pools = pools
+        """An organisation's pools with their state (`ListPools`)."""
+
+    @mapped
+    async def ListPools(
+        self,
+        request: jobs_pb2.ListPoolsRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.ListPoolsRequest, jobs_pb2.ListPoolsResponse],
+    ) -> jobs_pb2.ListPoolsResponse:
+        if self._pools is None:
+            raise FailedPrecondition("this control plane does not list pools")
+        return jobs_pb2.ListPoolsResponse(
+            pools=[pool_to_pb(p) for p in await self._pools(current_principal().org)]
+        )
 
     @mapped
     async def Submit(
@@ -76,8 +98,11 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         # Headers at once: a follower knows its stream is open even while the job
         # prints nothing, and so tells a broken stream from a failed reconnect.
         await context.send_initial_metadata(())
-        async for item in self._jobs.follow(org, request.job_id, request.from_offset, request.follow):
-            if isinstance(item, Job):
+        items = self._jobs.follow_with_updates(org, request.job_id, request.from_offset, request.follow)
+        async for item in items:
+            if isinstance(item, JobUpdate):
+                yield jobs_pb2.FollowLogsResponse(update=job_to_pb(item.job))
+            elif isinstance(item, Job):
                 yield jobs_pb2.FollowLogsResponse(finished=job_to_pb(item))
             else:
                 yield jobs_pb2.FollowLogsResponse(chunk=chunk_to_pb(item))
@@ -126,6 +151,16 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         return test_results_to_pb(*await self._jobs.test_results(current_principal().org, job_id))
 
 
+def secret_to_pb(secret: SecretInfo) -> jobs_pb2.Secret:
+    """Name and times; the value never leaves the vault but for an agent's assignment."""
+    message = jobs_pb2.Secret(
+        name=secret.name, updated_at=timestamp(secret.updated_at), last_used_by_job=secret.last_used_by_job
+    )
+    if secret.last_used_at is not None:
+        message.last_used_at.CopyFrom(timestamp(secret.last_used_at))
+    return message
+
+
 class SecretsServicer(jobs_pb2_grpc.SecretsServicer):
     def __init__(self, vault: SecretVault, auditor: Auditor) -> None:
         self._vault = vault
@@ -155,9 +190,7 @@ class SecretsServicer(jobs_pb2_grpc.SecretsServicer):
         context: grpc.aio.ServicerContext[jobs_pb2.ListSecretsRequest, jobs_pb2.ListSecretsResponse],
     ) -> jobs_pb2.ListSecretsResponse:
         found = await self._vault.list(current_principal().org)
-        return jobs_pb2.ListSecretsResponse(
-            secrets=[jobs_pb2.Secret(name=n, updated_at=timestamp(at)) for n, at in found]
-        )
+        return jobs_pb2.ListSecretsResponse(secrets=[secret_to_pb(s) for s in found])
 
     @mapped
     async def Delete(

@@ -29,13 +29,17 @@ from grpc_reflection.v1alpha import reflection  # type: ignore[import-untyped]  
 
 from testhide.common.tls import CHANNEL_OPTIONS, MAX_MESSAGE_BYTES, split_target
 from testhide.controlplane.errors import ConfigError
+from testhide.controlplane.rpc.admin import AdminServicer
 from testhide.controlplane.rpc.agent import AgentControlServicer
 from testhide.controlplane.rpc.auth import ApiAuthInterceptor
 from testhide.controlplane.rpc.auth_service import AuthServicer
 from testhide.controlplane.rpc.enrollment import EnrollmentServicer
 from testhide.controlplane.rpc.guard import guarded
 from testhide.controlplane.rpc.jobs import JobsServicer, SecretsServicer
+from testhide.controlplane.rpc.session import SessionServicer
 from testhide.protos.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     agent_pb2,
     agent_pb2_grpc,
     auth_pb2,
@@ -53,6 +57,8 @@ API_SERVICES = (
     jobs_pb2.DESCRIPTOR.services_by_name["Secrets"].full_name,
     enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name,
     auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    auth_pb2.DESCRIPTOR.services_by_name["Session"].full_name,
 )
 REFLECTION_SERVICE: str = reflection.SERVICE_NAME
 
@@ -97,7 +103,9 @@ class ApiServicers:
     secrets: SecretsServicer
     enrollment: EnrollmentServicer
     auth: AuthServicer
+    session: SessionServicer
     health: health_aio.HealthServicer
+    admin: AdminServicer | None = None
 
 
 def api_server(
@@ -116,7 +124,10 @@ def api_server(
     jobs_pb2_grpc.add_SecretsServicer_to_server(servicers.secrets, server)
     enrollment_pb2_grpc.add_EnrollmentServicer_to_server(servicers.enrollment, server)
     auth_pb2_grpc.add_AuthServicer_to_server(servicers.auth, server)
+    auth_pb2_grpc.add_SessionServicer_to_server(servicers.session, server)
     health_pb2_grpc.add_HealthServicer_to_server(servicers.health, server)
+    if servicers.admin is not None:
+        admin_pb2_grpc.add_AdminServicer_to_server(servicers.admin, server)
     # The schema it reveals is the public one; the auth interceptor lists it as public.
     reflection.enable_server_reflection((*API_SERVICES, HEALTH_SERVICE, REFLECTION_SERVICE), server)
     return server

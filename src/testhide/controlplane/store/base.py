@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
-from testhide.controlplane.auth.store import AuditStore, CredentialStore
+from testhide.controlplane.auth.store import AuditStore, CredentialStore, SecondFactorStore
 from testhide.controlplane.ca.store import AgentStore, EnrollmentStore
 from testhide.controlplane.jobs.model import LogStream, PoolPolicy
 from testhide.controlplane.jobs.store import (
@@ -29,8 +29,8 @@ from testhide.controlplane.jobs.store import (
 @dataclass(frozen=True)
 class WrappedDataKey:
     """A data key as stored, wrapped by the master key, with what names its
-    owner (and so its associated data): the job or blob id, or org and name
-    of a secret."""
+    owner (and so its associated data): the job, blob or second factor's id,
+    or org and name of a secret."""
 
     table: str
     rowid: int
@@ -38,7 +38,19 @@ class WrappedDataKey:
     wrapped: bytes
 
 
-DATA_KEY_TABLES = ("jobs", "blobs", "secrets")
+DATA_KEY_TABLES = ("jobs", "blobs", "secrets", "mfa_factors")
+
+DEFAULT_ADMIN_KEY_MAX_LIFETIME = timedelta(days=90)
+"""What a new organisation allows an API key with an admin scope (the schema's column default)."""
+
+
+@dataclass(frozen=True)
+class OrgRecord:
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+    admin_key_max_lifetime: timedelta | None = DEFAULT_ADMIN_KEY_MAX_LIFETIME
+    """The longest an API key holding ``agents:admin`` or ``org:admin`` may live; None: no limit."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,25 @@ class RefreshRecord:
     family_expires_at: datetime
     used_at: datetime | None = None
     revoked_at: datetime | None = None
+    amr: tuple[str, ...] = ()
+    """How the session was authenticated (RFC 8176 values), kept by every refresh."""
+
+
+@dataclass(frozen=True)
+class MfaFactorRecord:
+    """A user's TOTP second factor: its secret sealed under its own data key
+    (``auth/mfa.py``), pending until ``confirmed_at``."""
+
+    id: str
+    org: str
+    user_id: str
+    data_key: bytes
+    """Wrapped by the master key, bound to ``id``."""
+    sealed_secret: bytes
+    created_at: datetime
+    confirmed_at: datetime | None = None
+    last_step: int | None = None
+    """The last TOTP time step accepted: a code of this step or an earlier one is refused."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +149,25 @@ class AgentRecord:
     PostgreSQL, ``pid:N`` of the serve on SQLite. Live only while that process is."""
     running_jobs: int = 0
     """Its ASSIGNED and RUNNING jobs (filled in by ``list_agents`` only)."""
+    host: str = ""
+    """The host name its last hello gave ('' before its first)."""
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """A pool with its policy (and whether it is paused) and what is in it now."""
+
+    org: str
+    name: str
+    policy: PoolPolicy
+    agent_cert_ttl: timedelta | None
+    """None: the control plane's default lifetime applies."""
+    created_at: datetime
+    agents_enrolled: int
+    """Its agents that are not revoked."""
+    jobs_queued: int
+    jobs_running: int
+    """Its ASSIGNED and RUNNING jobs."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +187,7 @@ class Store(
     BlobStore,
     SecretStore,
     CredentialStore,
+    SecondFactorStore,
     AuditStore,
     EnrollmentStore,
     AgentStore,
@@ -153,8 +204,24 @@ class Store(
     async def create_pool(self, org: str, pool: str, now: datetime) -> None: ...
     async def set_pool_cert_ttl(self, org: str, pool: str, ttl: timedelta | None) -> None: ...
     async def set_pool_policy(self, org: str, pool: str, policy: PoolPolicy) -> None: ...
+    async def list_pools(self, org: str | None = None) -> list[PoolRecord]:
+        """The pools of ``org`` (of every organisation: None), by org and name."""
+        ...
+
+    async def set_pool_paused(self, org: str, pool: str, paused: bool, now: datetime) -> None:
+        """Pause or resume; NotFound if there is no such pool."""
+        ...
+
+    async def pools_resumed_since(self, since: datetime) -> list[tuple[str, str]]:
+        """(org, pool) of the pools resumed at or after ``since``: a serve dispatches their
+        queued jobs again when the operator's command resumed them from another process."""
+        ...
+
     async def revoke_org(self, org: str, now: datetime) -> dict[str, int] | None: ...
     async def list_orgs(self) -> list[str]: ...
+    async def list_org_records(self) -> list[OrgRecord]: ...
+    async def get_org(self, org: str) -> OrgRecord | None: ...
+    async def set_admin_key_max_lifetime(self, org: str, lifetime: timedelta | None) -> OrgRecord | None: ...
 
     # API keys and users
     async def create_api_key(self, record: ApiKeyRecord) -> None: ...
@@ -165,13 +232,13 @@ class Store(
     async def revoke_user(self, org: str, name: str, now: datetime) -> UserRecord | None: ...
 
     # enrollment tokens and agents, the operator's view (across organisations)
-    async def list_enrollment_tokens(self) -> list[EnrollmentTokenRecord]:
-        """Operator view, across organisations."""
+    async def list_enrollment_tokens(self, org: str | None = None) -> list[EnrollmentTokenRecord]:
+        """Those of ``org``; across organisations (the operator's view) with None."""
         ...
 
     async def revoke_enrollment_token(self, token_id: str, now: datetime) -> EnrollmentTokenRecord | None: ...
-    async def list_agents(self) -> list[AgentRecord]:
-        """Operator view, across organisations."""
+    async def list_agents(self, org: str | None = None) -> list[AgentRecord]:
+        """Those of ``org``; across organisations (the operator's view) with None."""
         ...
 
     async def revoke_agent(self, agent_id: str, now: datetime) -> tuple[AgentRecord, list[str]] | None:

@@ -264,3 +264,73 @@ MIGRATIONS.append(
         """,
     )
 )
+
+# Pausing a pool (Admin API and `pools pause`): a paused pool dispatches nothing new; when it was
+# last resumed, so that a serve learns of a resumption made by an operator's command in another process.
+MIGRATIONS.append(
+    (
+        9,
+        """
+        ALTER TABLE pools ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE pools ADD COLUMN resumed_at TEXT;
+        """,
+    )
+)
+
+# Access administration: when a job last received each secret (and which job); per organisation,
+# the longest lifetime an API key with an admin scope may have (seconds, default 90 days, NULL: no
+# limit), and when the organisation was revoked.
+MIGRATIONS.append(
+    (
+        10,
+        """
+        ALTER TABLE secrets ADD COLUMN last_used_at TEXT;
+        ALTER TABLE secrets ADD COLUMN last_used_by_job TEXT NOT NULL DEFAULT '';
+        ALTER TABLE orgs ADD COLUMN admin_key_max_lifetime_s INTEGER DEFAULT 7776000;
+        ALTER TABLE orgs ADD COLUMN revoked_at TEXT;
+        """,
+    )
+)
+
+# Users' TOTP second factors (auth/mfa.py): each factor's secret sealed under its own data key
+# (re-wrapped by master-key rotation like the others), pending until confirmed (confirmed_at), the
+# last time step accepted (a code is accepted once), and its one-use recovery codes, hashed. And
+# how each session was authenticated (RFC 8176 amr values, space-separated), kept across refreshes.
+MIGRATIONS.append(
+    (
+        11,
+        """
+        CREATE TABLE mfa_factors (
+            id TEXT PRIMARY KEY,
+            org TEXT NOT NULL,
+            user_id TEXT NOT NULL REFERENCES users(id),
+            data_key BLOB NOT NULL,
+            secret BLOB NOT NULL,
+            created_at TEXT NOT NULL,
+            confirmed_at TEXT,
+            last_step INTEGER
+        );
+        CREATE UNIQUE INDEX mfa_factors_one_of_each_per_user
+            ON mfa_factors (org, user_id, (confirmed_at IS NULL));
+        CREATE TABLE mfa_recovery_codes (
+            factor_id TEXT NOT NULL REFERENCES mfa_factors(id),
+            code_hash BLOB NOT NULL,
+            used_at TEXT,
+            PRIMARY KEY (factor_id, code_hash)
+        );
+        ALTER TABLE refresh_tokens ADD COLUMN amr TEXT NOT NULL DEFAULT '';
+        """,
+    )
+)
+
+# What the agent read back from a job's container (JSON of jobs.model.Isolation; NULL until it
+# started), and the host name each agent announced in its last hello, for `jobs show`.
+MIGRATIONS.append(
+    (
+        12,
+        """
+        ALTER TABLE jobs ADD COLUMN isolation TEXT;
+        ALTER TABLE agents ADD COLUMN host TEXT NOT NULL DEFAULT '';
+        """,
+    )
+)

@@ -18,8 +18,8 @@ from datetime import datetime, timedelta
 
 from testhide.controlplane.ca.store import AgentHello
 from testhide.controlplane.errors import NotFound, Unauthenticated
-from testhide.controlplane.jobs.model import JobStatus
-from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord
+from testhide.controlplane.jobs.model import JobAgent, JobStatus, PoolPolicy, PullPolicy
+from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord, PoolRecord
 from testhide.controlplane.store.pg_common import PgConnection, PgParts, Row
 
 _FIND_ENROLLMENT = "SELECT * FROM enrollment_tokens WHERE id = $1"
@@ -63,6 +63,59 @@ class PgAgents(PgParts):
 
         await self._tx(run)
 
+    async def list_pools(self, org: str | None = None) -> list[PoolRecord]:
+        rows = await self._fetch(
+            "SELECT p.*,"
+            " (SELECT count(*) FROM agents a WHERE a.org = p.org AND a.pool = p.name"
+            "  AND a.revoked_at IS NULL) AS agents_enrolled,"
+            " (SELECT count(*) FROM jobs j WHERE j.org = p.org AND j.pool = p.name"
+            "  AND j.status = $1) AS jobs_queued,"
+            " (SELECT count(*) FROM jobs j WHERE j.org = p.org AND j.pool = p.name"
+            "  AND j.status IN ($2, $3)) AS jobs_running"
+            " FROM pools p WHERE $4::text IS NULL OR p.org = $4 ORDER BY p.org, p.name",
+            JobStatus.QUEUED.value,
+            JobStatus.ASSIGNED.value,
+            JobStatus.RUNNING.value,
+            org,
+        )
+        return [
+            PoolRecord(
+                r["org"],
+                r["name"],
+                PoolPolicy(
+                    tuple(json.loads(r["allowed_images"])),
+                    PullPolicy(r["pull_policy"]),
+                    r["runtime"],
+                    bool(r["paused"]),
+                ),
+                None if r["agent_cert_ttl_s"] is None else timedelta(seconds=r["agent_cert_ttl_s"]),
+                r["created_at"],
+                r["agents_enrolled"],
+                r["jobs_queued"],
+                r["jobs_running"],
+            )
+            for r in rows
+        ]
+
+    async def set_pool_paused(self, org: str, pool: str, paused: bool, now: datetime) -> None:
+        async def run(c: PgConnection) -> None:
+            changed = await c.execute(
+                "UPDATE pools SET paused = $1,"
+                " resumed_at = CASE WHEN $1 = 1 THEN resumed_at ELSE $2 END WHERE org = $3 AND name = $4",
+                int(paused),
+                now,
+                org,
+                pool,
+            )
+            if changed != 1:
+                raise NotFound(f"pool {org}/{pool} not found")
+
+        await self._tx(run)
+
+    async def pools_resumed_since(self, since: datetime) -> list[tuple[str, str]]:
+        rows = await self._fetch("SELECT org, name FROM pools WHERE paused = 0 AND resumed_at >= $1", since)
+        return [(r["org"], r["name"]) for r in rows]
+
     async def revoke_org(self, org: str, now: datetime) -> dict[str, int] | None:
         """Revoke everything an organisation acts through, in one transaction. The
         organisation's row is locked first: a key or user being added to it (its
@@ -79,6 +132,7 @@ class PgAgents(PgParts):
                     now,
                     org,
                 )
+            await c.execute("UPDATE orgs SET revoked_at = COALESCE(revoked_at, $1) WHERE name = $2", now, org)
             return counts
 
         return await self._tx(run)
@@ -166,11 +220,11 @@ class PgAgents(PgParts):
             r["revoked_at"],
         )
 
-    async def list_enrollment_tokens(self) -> list[EnrollmentTokenRecord]:
-        return [
-            self._token(r)
-            for r in await self._fetch("SELECT * FROM enrollment_tokens ORDER BY created_at, id")
-        ]
+    async def list_enrollment_tokens(self, org: str | None = None) -> list[EnrollmentTokenRecord]:
+        rows = await self._fetch(
+            "SELECT * FROM enrollment_tokens WHERE $1::text IS NULL OR org = $1 ORDER BY created_at, id", org
+        )
+        return [self._token(r) for r in rows]
 
     async def revoke_enrollment_token(self, token_id: str, now: datetime) -> EnrollmentTokenRecord | None:
         async def run(c: PgConnection) -> EnrollmentTokenRecord | None:
@@ -222,19 +276,21 @@ class PgAgents(PgParts):
             r["max_jobs"],
             r["replica"],
             running_jobs,
+            host=r["host"],
         )
 
     async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None:
         rows = await self._fetch("SELECT * FROM agents WHERE org = $1 AND id = $2", org, agent_id)
         return self._agent(rows[0]) if rows else None
 
-    async def list_agents(self) -> list[AgentRecord]:
+    async def list_agents(self, org: str | None = None) -> list[AgentRecord]:
         rows = await self._fetch(
             "SELECT a.*, (SELECT count(*) FROM jobs j WHERE j.org = a.org AND j.agent_id = a.id"
             " AND j.status IN ($1, $2)) AS running_jobs"
-            " FROM agents a ORDER BY a.org, a.pool, a.enrolled_at, a.id",
+            " FROM agents a WHERE $3::text IS NULL OR a.org = $3 ORDER BY a.org, a.pool, a.enrolled_at, a.id",
             JobStatus.ASSIGNED.value,
             JobStatus.RUNNING.value,
+            org,
         )
         return [self._agent(r, r["running_jobs"]) for r in rows]
 
@@ -286,8 +342,8 @@ class PgAgents(PgParts):
             args: tuple[object, ...] = (now, org, agent_id)
         else:
             sql = (
-                "UPDATE agents SET last_seen_at = $1, version = $4, labels = $5, runtimes = $6, max_jobs = $7"
-                " WHERE org = $2 AND id = $3"
+                "UPDATE agents SET last_seen_at = $1, version = $4, labels = $5, runtimes = $6,"
+                " max_jobs = $7, host = $8 WHERE org = $2 AND id = $3"
             )
             args = (
                 now,
@@ -297,8 +353,19 @@ class PgAgents(PgParts):
                 json.dumps(hello.labels, sort_keys=True),
                 " ".join(hello.runtimes),
                 hello.max_jobs,
+                hello.host,
             )
         await self._read(lambda c: c.execute(sql, *args))
+
+    async def job_agents(self, org: str, agent_ids: set[str]) -> dict[str, JobAgent]:
+        if not agent_ids:
+            return {}
+        rows = await self._fetch(
+            "SELECT id, name, host, version, pool FROM agents WHERE org = $1 AND id = ANY($2::text[])",
+            org,
+            sorted(agent_ids),
+        )
+        return {r["id"]: JobAgent(r["id"], r["name"], r["host"], r["version"], r["pool"]) for r in rows}
 
     async def agent_disconnected(self, org: str, agent_id: str, now: datetime) -> None:
         await self._read(

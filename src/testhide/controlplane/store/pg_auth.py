@@ -16,11 +16,38 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from testhide.controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
-from testhide.controlplane.store.base import ApiKeyRecord, RefreshRecord, UserRecord
+from testhide.controlplane.store.base import ApiKeyRecord, OrgRecord, RefreshRecord, UserRecord
 from testhide.controlplane.store.pg_common import PgConnection, PgParts, Row
 
 
 class PgAuth(PgParts):
+    # organisations and their access policy ---------------------------------------------
+    @staticmethod
+    def _org(r: Row) -> OrgRecord:
+        seconds = r["admin_key_max_lifetime_s"]
+        return OrgRecord(
+            r["name"],
+            r["created_at"],
+            r["revoked_at"],
+            None if seconds is None else timedelta(seconds=seconds),
+        )
+
+    async def list_org_records(self) -> list[OrgRecord]:
+        return [self._org(r) for r in await self._fetch('SELECT * FROM orgs ORDER BY name COLLATE "C"')]
+
+    async def get_org(self, org: str) -> OrgRecord | None:
+        rows = await self._fetch("SELECT * FROM orgs WHERE name = $1", org)
+        return self._org(rows[0]) if rows else None
+
+    async def set_admin_key_max_lifetime(self, org: str, lifetime: timedelta | None) -> OrgRecord | None:
+        seconds = None if lifetime is None else int(lifetime.total_seconds())
+        row = await self._tx(
+            lambda c: c.fetchrow(
+                "UPDATE orgs SET admin_key_max_lifetime_s = $1 WHERE name = $2 RETURNING *", seconds, org
+            )
+        )
+        return None if row is None else self._org(row)
+
     # API keys ------------------------------------------------------------------
     async def create_api_key(self, record: ApiKeyRecord) -> None:
         await self._tx(
@@ -172,14 +199,15 @@ class PgAuth(PgParts):
             r["family_expires_at"],
             r["used_at"],
             r["revoked_at"],
+            tuple(r["amr"].split()),
         )
 
     async def create_refresh_token(self, record: RefreshRecord) -> None:
         await self._tx(
             lambda c: c.execute(
                 "INSERT INTO refresh_tokens (id, family, org, principal_kind, principal_id, scopes,"
-                " secret_hash, created_at, family_expires_at, used_at, revoked_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL)",
+                " secret_hash, created_at, family_expires_at, used_at, revoked_at, amr)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, $10)",
                 record.id,
                 record.family,
                 record.org,
@@ -189,6 +217,7 @@ class PgAuth(PgParts):
                 record.secret_hash,
                 record.created_at,
                 record.family_expires_at,
+                " ".join(record.amr),
             )
         )
 

@@ -7,14 +7,29 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from testhide.controlplane.store.pgdriver import PgConnection, Row
-from testhide.controlplane.store.sqlite_common import _spec_from_json, _spec_to_json
+from testhide.controlplane.store.sqlite_common import (
+    _isolation_from_json,
+    _isolation_to_json,
+    _spec_from_json,
+    _spec_to_json,
+)
 
 T = TypeVar("T")
 
-__all__ = ["PgConnection", "PgParts", "Row", "spec_from_json", "spec_to_json"]
+__all__ = [
+    "PgConnection",
+    "PgParts",
+    "Row",
+    "isolation_from_json",
+    "isolation_to_json",
+    "spec_from_json",
+    "spec_to_json",
+]
 
 spec_to_json = _spec_to_json
 spec_from_json = _spec_from_json
+isolation_to_json = _isolation_to_json
+isolation_from_json = _isolation_from_json
 
 
 class PgParts:

@@ -47,6 +47,8 @@ TABLES: tuple[str, ...] = (
     "agents",
     "users",
     "refresh_tokens",
+    "mfa_factors",
+    "mfa_recovery_codes",
     "jobs",
     "job_transitions",
     "log_entries",

@@ -20,17 +20,28 @@ from typing import TypeVar
 from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
     BlobInfo,
+    Isolation,
     Job,
+    JobFilter,
     JobStatus,
     LogStream,
     PoolPolicy,
     PullPolicy,
+    SecretInfo,
     TestCase,
     TestStatus,
     Transition,
 )
 from testhide.controlplane.store.base import StoredLogEntry
-from testhide.controlplane.store.pg_common import PgConnection, PgParts, Row, spec_from_json, spec_to_json
+from testhide.controlplane.store.pg_common import (
+    PgConnection,
+    PgParts,
+    Row,
+    isolation_from_json,
+    isolation_to_json,
+    spec_from_json,
+    spec_to_json,
+)
 
 T = TypeVar("T")
 
@@ -61,11 +72,35 @@ def _job_of(r: Row, transitions: tuple[Transition, ...] = ()) -> Job:
         retry_of=r["retry_of"],
         retried_as=r["retried_as"],
         lease_expires_at=r["lease_expires_at"],
+        isolation=isolation_from_json(r["isolation"]),
     )
 
 
 def _transition(t: Row) -> Transition:
     return Transition(JobStatus(t["status"]), t["at"], t["reason"])
+
+
+def _filter_sql(where: JobFilter, args: list[object]) -> str:
+    """``where`` as SQL conditions (each starting " AND "), appending their
+    arguments to ``args``: only placeholders reach the SQL text. Labels live in
+    the spec's JSON (a text column): the spec's labels must contain all those
+    asked for, given as one JSON object."""
+
+    def bind(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    sql = ""
+    if where.statuses:
+        sql += f" AND status = ANY({bind(sorted(s.value for s in where.statuses))}::text[])"
+    if where.labels:
+        labels = json.dumps(dict(where.labels))
+        sql += f" AND (spec::jsonb -> 'labels') @> {bind(labels)}::text::jsonb"
+    if where.pool:
+        sql += f" AND pool = {bind(where.pool)}"
+    if where.since is not None:
+        sql += f" AND created_at >= {bind(where.since)}"
+    return sql
 
 
 class PgJobData(PgParts):
@@ -152,26 +187,30 @@ class PgJobData(PgParts):
             raise NotFound(f"job {job_id} not found")
         return bytes(rows[0]["data_key"])
 
-    async def list_jobs(self, org: str, limit: int, before_id: str | None) -> list[Job]:
+    async def list_jobs(
+        self, org: str, limit: int, before_id: str | None, where: JobFilter | None = None
+    ) -> list[Job]:
+        args: list[object] = [org]
+        conditions = "org = $1"
+        if before_id is not None:
+            args.append(before_id)
+            conditions += f" AND id < ${len(args)}"
+        conditions += _filter_sql(where or JobFilter(), args)
+        args.append(limit)
+        # Only placeholders are interpolated: the values travel as arguments.
+        sql = f"SELECT * FROM jobs WHERE {conditions} ORDER BY id DESC LIMIT ${len(args)}"  # noqa: S608
+
         async def run(c: PgConnection) -> list[Job]:
-            if before_id is None:
-                rows = await c.fetch(
-                    "SELECT * FROM jobs WHERE org = $1 ORDER BY id DESC LIMIT $2", org, limit
-                )
-            else:
-                rows = await c.fetch(
-                    "SELECT * FROM jobs WHERE org = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
-                    org,
-                    before_id,
-                    limit,
-                )
-            return await self._jobs(c, rows)
+            return await self._jobs(c, await c.fetch(sql, *args))
 
         return await self._snapshot(run)
 
     async def queued_jobs(self, org: str, pool: str, limit: int) -> list[Job]:
         rows = await self._fetch(
-            "SELECT * FROM jobs WHERE org = $1 AND pool = $2 AND status = $3 ORDER BY id LIMIT $4",
+            "SELECT * FROM jobs WHERE org = $1 AND pool = $2 AND status = $3"
+            # a paused pool's queued jobs wait: the dispatcher does not see them
+            " AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.org = jobs.org AND p.name = jobs.pool"
+            " AND p.paused <> 0) ORDER BY id LIMIT $4",
             org,
             pool,
             JobStatus.QUEUED.value,
@@ -181,7 +220,10 @@ class PgJobData(PgParts):
 
     async def queued_pools(self) -> list[tuple[str, str]]:
         rows = await self._fetch(
-            "SELECT DISTINCT org, pool FROM jobs WHERE status = $1", JobStatus.QUEUED.value
+            "SELECT DISTINCT org, pool FROM jobs WHERE status = $1"
+            " AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.org = jobs.org AND p.name = jobs.pool"
+            " AND p.paused <> 0)",
+            JobStatus.QUEUED.value,
         )
         return [(r["org"], r["pool"]) for r in rows]
 
@@ -330,6 +372,17 @@ class PgJobData(PgParts):
 
         return await self._tx(run)
 
+    async def record_isolation(
+        self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation
+    ) -> None:
+        async def run(c: PgConnection) -> None:
+            await self._held_row(c, org, job_id, agent_id, epoch)
+            await c.execute(
+                "UPDATE jobs SET isolation = $1 WHERE id = $2", isolation_to_json(isolation), job_id
+            )
+
+        await self._tx(run)
+
     async def append_log_batch(
         self,
         org: str,
@@ -395,12 +448,19 @@ class PgJobData(PgParts):
     # pool policy -----------------------------------------------------------------
     async def pool_policy(self, org: str, pool: str) -> PoolPolicy:
         rows = await self._fetch(
-            "SELECT allowed_images, pull_policy, runtime FROM pools WHERE org = $1 AND name = $2", org, pool
+            "SELECT allowed_images, pull_policy, runtime, paused FROM pools WHERE org = $1 AND name = $2",
+            org,
+            pool,
         )
         if not rows:
             raise NotFound(f"pool {org}/{pool} not found")
         r = rows[0]
-        return PoolPolicy(tuple(json.loads(r["allowed_images"])), PullPolicy(r["pull_policy"]), r["runtime"])
+        return PoolPolicy(
+            tuple(json.loads(r["allowed_images"])),
+            PullPolicy(r["pull_policy"]),
+            r["runtime"],
+            bool(r["paused"]),
+        )
 
     async def set_pool_policy(self, org: str, pool: str, policy: PoolPolicy) -> None:
         async def run(c: PgConnection) -> None:
@@ -523,11 +583,27 @@ class PgJobData(PgParts):
             )
         )
 
-    async def list_secrets(self, org: str) -> list[tuple[str, datetime]]:
+    async def list_secrets(self, org: str) -> list[SecretInfo]:
         rows = await self._fetch(
-            'SELECT name, updated_at FROM secrets WHERE org = $1 ORDER BY name COLLATE "C"', org
+            "SELECT name, updated_at, last_used_at, last_used_by_job FROM secrets WHERE org = $1"
+            ' ORDER BY name COLLATE "C"',
+            org,
         )
-        return [(r["name"], r["updated_at"]) for r in rows]
+        return [
+            SecretInfo(r["name"], r["updated_at"], r["last_used_at"], r["last_used_by_job"]) for r in rows
+        ]
+
+    async def record_secret_use(self, org: str, names: tuple[str, ...], job_id: str, now: datetime) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "UPDATE secrets SET last_used_at = $1, last_used_by_job = $2"
+                " WHERE org = $3 AND name = ANY($4::text[])",
+                now,
+                job_id,
+                org,
+                list(names),
+            )
+        )
 
     async def delete_secret(self, org: str, name: str) -> datetime | None:
         row = await self._tx(

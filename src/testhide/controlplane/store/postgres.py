@@ -25,6 +25,7 @@ from testhide.controlplane.store.pg_cluster import PgCluster
 from testhide.controlplane.store.pg_jobs import PgJobData
 from testhide.controlplane.store.pg_leases import PgLeases
 from testhide.controlplane.store.pg_limits import PgLimits
+from testhide.controlplane.store.pg_mfa import PgMfa
 from testhide.controlplane.store.pg_migrations import PG_MIGRATIONS
 from testhide.controlplane.store.pgdriver import (
     PgConnection,
@@ -43,7 +44,7 @@ BeforeMigrating = Callable[[int, list[int]], Awaitable[None]]
 pre-migration backup), only when some are missing."""
 
 
-class PgStore(PgJobData, PgLeases, PgAgents, PgAuth, PgCluster, PgLimits):
+class PgStore(PgJobData, PgLeases, PgAgents, PgAuth, PgMfa, PgCluster, PgLimits):
     def __init__(self, driver: PgDriver) -> None:
         self._driver = driver
 
@@ -185,4 +186,4 @@ def _refuse_newer(applied: set[int]) -> None:
         raise newer_schema("the database", max(applied), known)
 
 
-_DATA_KEY_OWNER = {"jobs": ("id",), "blobs": ("id",), "secrets": ("org", "name")}
+_DATA_KEY_OWNER = {"jobs": ("id",), "blobs": ("id",), "secrets": ("org", "name"), "mfa_factors": ("id",)}

@@ -35,6 +35,7 @@ from testhide.controlplane.store.sqlite_agents import SqliteAgents
 from testhide.controlplane.store.sqlite_auth import SqliteAuth
 from testhide.controlplane.store.sqlite_jobs import SqliteJobData
 from testhide.controlplane.store.sqlite_leases import SqliteLeases
+from testhide.controlplane.store.sqlite_mfa import SqliteMfa
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ def is_damage(exc: sqlite3.DatabaseError) -> bool:
     return _code(exc) in (_CORRUPT, _NOTADB)
 
 
-class SqliteStore(SqliteJobData, SqliteLeases, SqliteAgents, SqliteAuth):
+class SqliteStore(SqliteJobData, SqliteLeases, SqliteAgents, SqliteAuth, SqliteMfa):
     def __init__(self, path: Path, busy_timeout: timedelta = timedelta(seconds=10)) -> None:
         self._path = path
         self._busy_timeout_ms = int(busy_timeout.total_seconds() * 1000)
@@ -309,4 +310,4 @@ def _pending(applied: set[int]) -> list[int]:
     return [version for version, _ in MIGRATIONS if version not in applied]
 
 
-_DATA_KEY_OWNER = {"jobs": ("id",), "blobs": ("id",), "secrets": ("org", "name")}
+_DATA_KEY_OWNER = {"jobs": ("id",), "blobs": ("id",), "secrets": ("org", "name"), "mfa_factors": ("id",)}

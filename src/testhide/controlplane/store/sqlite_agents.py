@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 
 from testhide.controlplane.ca.store import AgentHello
 from testhide.controlplane.errors import NotFound, Unauthenticated
-from testhide.controlplane.jobs.model import JobStatus
-from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord
+from testhide.controlplane.jobs.model import JobAgent, JobStatus, PoolPolicy, PullPolicy
+from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord, PoolRecord
 from testhide.controlplane.store.sqlite_common import SqliteParts, _dt, _ts
 
 
@@ -63,6 +63,55 @@ class SqliteAgents(SqliteParts):
 
         await self._tx(run)
 
+    async def list_pools(self, org: str | None = None) -> list[PoolRecord]:
+        rows = await self._query(
+            "SELECT p.*,"
+            " (SELECT count(*) FROM agents a WHERE a.org = p.org AND a.pool = p.name"
+            "  AND a.revoked_at IS NULL) AS agents_enrolled,"
+            " (SELECT count(*) FROM jobs j WHERE j.org = p.org AND j.pool = p.name"
+            "  AND j.status = ?) AS jobs_queued,"
+            " (SELECT count(*) FROM jobs j WHERE j.org = p.org AND j.pool = p.name"
+            "  AND j.status IN (?, ?)) AS jobs_running"
+            " FROM pools p WHERE ? IS NULL OR p.org = ? ORDER BY p.org, p.name",
+            (JobStatus.QUEUED.value, JobStatus.ASSIGNED.value, JobStatus.RUNNING.value, org, org),
+        )
+        return [
+            PoolRecord(
+                r["org"],
+                r["name"],
+                PoolPolicy(
+                    tuple(json.loads(r["allowed_images"])),
+                    PullPolicy(r["pull_policy"]),
+                    r["runtime"],
+                    bool(r["paused"]),
+                ),
+                None if r["agent_cert_ttl_s"] is None else timedelta(seconds=r["agent_cert_ttl_s"]),
+                _dt(r["created_at"]) or datetime.min,
+                r["agents_enrolled"],
+                r["jobs_queued"],
+                r["jobs_running"],
+            )
+            for r in rows
+        ]
+
+    async def set_pool_paused(self, org: str, pool: str, paused: bool, now: datetime) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            changed = c.execute(
+                "UPDATE pools SET paused = ?,"
+                " resumed_at = CASE WHEN ? THEN resumed_at ELSE ? END WHERE org = ? AND name = ?",
+                (int(paused), int(paused), _ts(now), org, pool),
+            ).rowcount
+            if changed != 1:
+                raise NotFound(f"pool {org}/{pool} not found")
+
+        await self._tx(run)
+
+    async def pools_resumed_since(self, since: datetime) -> list[tuple[str, str]]:
+        rows = await self._query(
+            "SELECT org, name FROM pools WHERE paused = 0 AND resumed_at >= ?", (_ts(since),)
+        )
+        return [(r["org"], r["name"]) for r in rows]
+
     async def revoke_org(self, org: str, now: datetime) -> dict[str, int] | None:
         """Revoke everything an organisation acts through, in one transaction."""
 
@@ -78,6 +127,7 @@ class SqliteAgents(SqliteParts):
                 ).rowcount
                 for table in ("api_keys", "users", "refresh_tokens", "agents", "enrollment_tokens")
             }
+            c.execute("UPDATE orgs SET revoked_at = COALESCE(revoked_at, ?) WHERE name = ?", (at, org))
             return counts
 
         return await self._tx(run)
@@ -165,10 +215,11 @@ class SqliteAgents(SqliteParts):
             _dt(r["revoked_at"]),
         )
 
-    async def list_enrollment_tokens(self) -> list[EnrollmentTokenRecord]:
-        return [
-            self._token(r) for r in await self._query("SELECT * FROM enrollment_tokens ORDER BY created_at")
-        ]
+    async def list_enrollment_tokens(self, org: str | None = None) -> list[EnrollmentTokenRecord]:
+        rows = await self._query(
+            "SELECT * FROM enrollment_tokens WHERE ? IS NULL OR org = ? ORDER BY created_at", (org, org)
+        )
+        return [self._token(r) for r in rows]
 
     async def revoke_enrollment_token(self, token_id: str, now: datetime) -> EnrollmentTokenRecord | None:
         def run(c: sqlite3.Connection) -> EnrollmentTokenRecord | None:
@@ -221,17 +272,19 @@ class SqliteAgents(SqliteParts):
             r["max_jobs"],
             r["replica"],
             running_jobs,
+            host=r["host"],
         )
 
     async def get_agent(self, org: str, agent_id: str) -> AgentRecord | None:
         rows = await self._query("SELECT * FROM agents WHERE org = ? AND id = ?", (org, agent_id))
         return self._agent(rows[0]) if rows else None
 
-    async def list_agents(self) -> list[AgentRecord]:
+    async def list_agents(self, org: str | None = None) -> list[AgentRecord]:
         rows = await self._query(
             "SELECT a.*, (SELECT count(*) FROM jobs j WHERE j.org = a.org AND j.agent_id = a.id"
-            " AND j.status IN (?, ?)) AS running_jobs FROM agents a ORDER BY a.org, a.pool, a.enrolled_at",
-            (JobStatus.ASSIGNED.value, JobStatus.RUNNING.value),
+            " AND j.status IN (?, ?)) AS running_jobs FROM agents a WHERE ? IS NULL OR a.org = ?"
+            " ORDER BY a.org, a.pool, a.enrolled_at",
+            (JobStatus.ASSIGNED.value, JobStatus.RUNNING.value, org, org),
         )
         return [self._agent(r, r["running_jobs"]) for r in rows]
 
@@ -278,7 +331,7 @@ class SqliteAgents(SqliteParts):
         else:
             sql = (
                 "UPDATE agents SET last_seen_at = ?, replica = ?, version = ?, labels = ?, runtimes = ?,"
-                " max_jobs = ? WHERE org = ? AND id = ?"
+                " max_jobs = ?, host = ? WHERE org = ? AND id = ?"
             )
             args = (
                 _ts(now),
@@ -287,10 +340,21 @@ class SqliteAgents(SqliteParts):
                 json.dumps(hello.labels, sort_keys=True),
                 " ".join(hello.runtimes),
                 hello.max_jobs,
+                hello.host,
                 org,
                 agent_id,
             )
         await self._tx(lambda c: c.execute(sql, args))
+
+    async def job_agents(self, org: str, agent_ids: set[str]) -> dict[str, JobAgent]:
+        if not agent_ids:
+            return {}
+        marks = ", ".join("?" * len(agent_ids))
+        rows = await self._query(
+            f"SELECT id, name, host, version, pool FROM agents WHERE org = ? AND id IN ({marks})",  # noqa: S608
+            (org, *sorted(agent_ids)),
+        )
+        return {r["id"]: JobAgent(r["id"], r["name"], r["host"], r["version"], r["pool"]) for r in rows}
 
     async def agent_disconnected(self, org: str, agent_id: str, now: datetime) -> None:
         await self._tx(

@@ -9,11 +9,39 @@ import sqlite3
 from datetime import datetime, timedelta
 
 from testhide.controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
-from testhide.controlplane.store.base import ApiKeyRecord, RefreshRecord, UserRecord
+from testhide.controlplane.store.base import ApiKeyRecord, OrgRecord, RefreshRecord, UserRecord
 from testhide.controlplane.store.sqlite_common import SqliteParts, _dt, _ts
 
 
 class SqliteAuth(SqliteParts):
+    # organisations and their access policy ---------------------------------------------
+    @staticmethod
+    def _org(r: sqlite3.Row) -> OrgRecord:
+        seconds = r["admin_key_max_lifetime_s"]
+        return OrgRecord(
+            r["name"],
+            _dt(r["created_at"]) or datetime.min,
+            _dt(r["revoked_at"]),
+            None if seconds is None else timedelta(seconds=seconds),
+        )
+
+    async def list_org_records(self) -> list[OrgRecord]:
+        return [self._org(r) for r in await self._query("SELECT * FROM orgs ORDER BY name")]
+
+    async def get_org(self, org: str) -> OrgRecord | None:
+        rows = await self._query("SELECT * FROM orgs WHERE name = ?", (org,))
+        return self._org(rows[0]) if rows else None
+
+    async def set_admin_key_max_lifetime(self, org: str, lifetime: timedelta | None) -> OrgRecord | None:
+        seconds = None if lifetime is None else int(lifetime.total_seconds())
+
+        def run(c: sqlite3.Connection) -> OrgRecord | None:
+            c.execute("UPDATE orgs SET admin_key_max_lifetime_s = ? WHERE name = ?", (seconds, org))
+            row = c.execute("SELECT * FROM orgs WHERE name = ?", (org,)).fetchone()
+            return self._org(row) if row else None
+
+        return await self._tx(run)
+
     # API keys ------------------------------------------------------------------
     async def create_api_key(self, record: ApiKeyRecord) -> None:
         await self._tx(
@@ -161,12 +189,15 @@ class SqliteAuth(SqliteParts):
             _dt(r["family_expires_at"]) or datetime.min,
             _dt(r["used_at"]),
             _dt(r["revoked_at"]),
+            tuple(r["amr"].split()),
         )
 
     async def create_refresh_token(self, record: RefreshRecord) -> None:
         await self._tx(
             lambda c: c.execute(
-                "INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO refresh_tokens (id, family, org, principal_kind, principal_id, scopes,"
+                " secret_hash, created_at, family_expires_at, used_at, revoked_at, amr)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.family,
@@ -179,6 +210,7 @@ class SqliteAuth(SqliteParts):
                     _ts(record.family_expires_at),
                     None,
                     None,
+                    " ".join(record.amr),
                 ),
             )
         )

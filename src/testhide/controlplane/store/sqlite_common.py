@@ -1,15 +1,15 @@
-"""What the SQLite backend's parts share: timestamps and job specs as text."""
+"""What the SQLite backend's parts share: timestamps, job specs and isolation as text."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from testhide.controlplane.jobs.model import JobSpec, Resources
+from testhide.controlplane.jobs.model import Isolation, JobSpec, Resources
 
 T = TypeVar("T")
 
@@ -49,3 +49,21 @@ def _spec_from_json(text: str) -> JobSpec:
         data[key] = tuple(data.get(key, ()))
     data["resources"] = Resources(**data["resources"])
     return JobSpec(**data)
+
+
+_ISOLATION_FIELDS = {f.name: f for f in fields(Isolation)}
+
+
+def _isolation_to_json(isolation: Isolation | None) -> str | None:
+    return None if isolation is None else json.dumps(asdict(isolation), sort_keys=True)
+
+
+def _isolation_from_json(text: str | None) -> Isolation | None:
+    """Keys this version does not know are left out, so a newer agent's facts still read."""
+    if not text:
+        return None
+    data = {k: v for k, v in json.loads(text).items() if k in _ISOLATION_FIELDS}
+    for key, value in data.items():
+        if isinstance(value, list):
+            data[key] = tuple(value)
+    return Isolation(**data)

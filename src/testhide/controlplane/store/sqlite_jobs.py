@@ -5,24 +5,59 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime
+from datetime import UTC, datetime
 
 from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
     BlobInfo,
+    Isolation,
     Job,
+    JobFilter,
     JobStatus,
     LogStream,
     PoolPolicy,
     PullPolicy,
+    SecretInfo,
     TestCase,
     TestStatus,
     Transition,
 )
 from testhide.controlplane.store.base import StoredLogEntry
-from testhide.controlplane.store.sqlite_common import SqliteParts, _dt, _spec_from_json, _spec_to_json, _ts
+from testhide.controlplane.store.sqlite_common import (
+    SqliteParts,
+    _dt,
+    _isolation_from_json,
+    _isolation_to_json,
+    _spec_from_json,
+    _spec_to_json,
+    _ts,
+)
 
 _TAKEN_BACK = (JobStatus.QUEUED.value, JobStatus.LOST.value)
+
+
+def _filter_sql(where: JobFilter) -> tuple[str, list[object]]:
+    """``where`` as SQL conditions (each starting " AND ") and their arguments: only
+    placeholders reach the SQL text. Labels live in the spec's JSON; json_each
+    reads them as keys and values, so a key needs no quoting into a JSON path.
+    Times are stored as UTC ISO 8601 text, which sorts as the times do."""
+    conditions: list[str] = []
+    args: list[object] = []
+    if where.statuses:
+        conditions.append("status IN (SELECT value FROM json_each(?))")
+        args.append(json.dumps(sorted(s.value for s in where.statuses)))
+    for key, value in where.labels:
+        conditions.append(
+            "EXISTS (SELECT 1 FROM json_each(jobs.spec, '$.labels') WHERE key = ? AND value = ?)"
+        )
+        args += [key, value]
+    if where.pool:
+        conditions.append("pool = ?")
+        args.append(where.pool)
+    if where.since is not None:
+        conditions.append("created_at >= ?")
+        args.append(_ts(where.since.astimezone(UTC)))
+    return "".join(f" AND {c}" for c in conditions), args
 
 
 class SqliteJobData(SqliteParts):
@@ -56,6 +91,7 @@ class SqliteJobData(SqliteParts):
             retry_of=r["retry_of"],
             retried_as=r["retried_as"],
             lease_expires_at=_dt(r["lease_expires_at"]),
+            isolation=_isolation_from_json(r["isolation"]),
         )
 
     @staticmethod
@@ -104,11 +140,15 @@ class SqliteJobData(SqliteParts):
             raise NotFound(f"job {job_id} not found")
         return bytes(rows[0]["data_key"])
 
-    async def list_jobs(self, org: str, limit: int, before_id: str | None) -> list[Job]:
+    async def list_jobs(
+        self, org: str, limit: int, before_id: str | None, where: JobFilter | None = None
+    ) -> list[Job]:
+        conditions, args = _filter_sql(where or JobFilter())
+
         def run(c: sqlite3.Connection) -> list[Job]:
             rows = c.execute(
-                "SELECT * FROM jobs WHERE org = ? AND id < ? ORDER BY id DESC LIMIT ?",
-                (org, before_id or "\U0010ffff", limit),
+                f"SELECT * FROM jobs WHERE org = ? AND id < ?{conditions} ORDER BY id DESC LIMIT ?",  # noqa: S608
+                (org, before_id or "\U0010ffff", *args, limit),
             ).fetchall()
             return [self._job(c, r) for r in rows]
 
@@ -117,7 +157,10 @@ class SqliteJobData(SqliteParts):
     async def queued_jobs(self, org: str, pool: str, limit: int) -> list[Job]:
         def run(c: sqlite3.Connection) -> list[Job]:
             rows = c.execute(
-                "SELECT * FROM jobs WHERE org = ? AND pool = ? AND status = ? ORDER BY id LIMIT ?",
+                "SELECT * FROM jobs WHERE org = ? AND pool = ? AND status = ?"
+                # a paused pool's queued jobs wait: the dispatcher does not see them
+                " AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.org = jobs.org AND p.name = jobs.pool"
+                " AND p.paused <> 0) ORDER BY id LIMIT ?",
                 (org, pool, JobStatus.QUEUED.value, limit),
             ).fetchall()
             return [self._job(c, r, with_transitions=False) for r in rows]  # the dispatcher's hot path
@@ -126,7 +169,10 @@ class SqliteJobData(SqliteParts):
 
     async def queued_pools(self) -> list[tuple[str, str]]:
         rows = await self._query(
-            "SELECT DISTINCT org, pool FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)
+            "SELECT DISTINCT org, pool FROM jobs WHERE status = ?"
+            " AND NOT EXISTS (SELECT 1 FROM pools p WHERE p.org = jobs.org AND p.name = jobs.pool"
+            " AND p.paused <> 0)",
+            (JobStatus.QUEUED.value,),
         )
         return [(r["org"], r["pool"]) for r in rows]
 
@@ -262,6 +308,15 @@ class SqliteJobData(SqliteParts):
         result: tuple[Job, bool] = await self._tx(run)
         return result
 
+    async def record_isolation(
+        self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation
+    ) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            self._held_row(c, org, job_id, agent_id, epoch)
+            c.execute("UPDATE jobs SET isolation = ? WHERE id = ?", (_isolation_to_json(isolation), job_id))
+
+        await self._tx(run)
+
     async def append_log_batch(
         self,
         org: str,
@@ -312,12 +367,18 @@ class SqliteJobData(SqliteParts):
     # pool policy -----------------------------------------------------------------
     async def pool_policy(self, org: str, pool: str) -> PoolPolicy:
         rows = await self._query(
-            "SELECT allowed_images, pull_policy, runtime FROM pools WHERE org = ? AND name = ?", (org, pool)
+            "SELECT allowed_images, pull_policy, runtime, paused FROM pools WHERE org = ? AND name = ?",
+            (org, pool),
         )
         if not rows:
             raise NotFound(f"pool {org}/{pool} not found")
         r = rows[0]
-        return PoolPolicy(tuple(json.loads(r["allowed_images"])), PullPolicy(r["pull_policy"]), r["runtime"])
+        return PoolPolicy(
+            tuple(json.loads(r["allowed_images"])),
+            PullPolicy(r["pull_policy"]),
+            r["runtime"],
+            bool(r["paused"]),
+        )
 
     async def set_pool_policy(self, org: str, pool: str, policy: PoolPolicy) -> None:
         def run(c: sqlite3.Connection) -> None:
@@ -415,15 +476,26 @@ class SqliteJobData(SqliteParts):
     async def put_secret(self, org: str, name: str, data_key: bytes, sealed: bytes, now: datetime) -> None:
         await self._tx(
             lambda c: c.execute(
-                "INSERT INTO secrets VALUES (?, ?, ?, ?, ?) ON CONFLICT (org, name) DO UPDATE SET"
+                "INSERT INTO secrets (org, name, data_key, value, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (org, name) DO UPDATE SET"
                 " data_key = excluded.data_key, value = excluded.value, updated_at = excluded.updated_at",
                 (org, name, data_key, sealed, _ts(now)),
             )
         )
 
-    async def list_secrets(self, org: str) -> list[tuple[str, datetime]]:
-        rows = await self._query("SELECT name, updated_at FROM secrets WHERE org = ? ORDER BY name", (org,))
-        return [(r["name"], _dt(r["updated_at"]) or datetime.min) for r in rows]
+    async def list_secrets(self, org: str) -> list[SecretInfo]:
+        rows = await self._query(
+            "SELECT name, updated_at, last_used_at, last_used_by_job FROM secrets WHERE org = ?"
+            " ORDER BY name",
+            (org,),
+        )
+        return [SecretInfo(r[0], _dt(r[1]) or datetime.min, _dt(r[2]), r[3]) for r in rows]
+
+    async def record_secret_use(self, org: str, names: tuple[str, ...], job_id: str, now: datetime) -> None:
+        marks = ", ".join("?" * len(names))
+        # Only "?" placeholders are interpolated: the names travel as parameters.
+        sql = f"UPDATE secrets SET last_used_at = ?, last_used_by_job = ? WHERE org = ? AND name IN ({marks})"  # noqa: S608
+        await self._tx(lambda c: c.execute(sql, (_ts(now), job_id, org, *names)))
 
     async def delete_secret(self, org: str, name: str) -> datetime | None:
         def run(c: sqlite3.Connection) -> datetime | None:

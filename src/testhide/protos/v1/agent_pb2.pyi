@@ -228,8 +228,11 @@ class Hello(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     RUNTIMES_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
     max_jobs: _builtins.int
     version: _builtins.str
+    host: _builtins.str
+    """The build host's name (for `jobs show`), not an identity: that is the certificate."""
     @_builtins.property
     def running_jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunningJob]: ...
     @_builtins.property
@@ -246,10 +249,11 @@ class Hello(_message.Message):
         version: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         runtimes: _abc.Iterable[_builtins.str] | None = ...,
+        host: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "max_jobs", b"max_jobs", "running_jobs", b"running_jobs", "runtimes", b"runtimes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "labels", b"labels", "max_jobs", b"max_jobs", "running_jobs", b"running_jobs", "runtimes", b"runtimes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -335,17 +339,23 @@ class JobStarted(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
+    @_builtins.property
+    def isolation(self) -> _jobs_pb2.Isolation:
+        """Read back from the created container before it starts."""
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        isolation: _jobs_pb2.Isolation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["isolation", b"isolation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "isolation", b"isolation", "job_id", b"job_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,29 +22,44 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtesthide/protos/v1/auth.proto\x12\x0btesthide.v1\"<\n\rPasswordLogin\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"_\n\x0cLoginRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12.\n\x08password\x18\x02 \x01(\x0b\x32\x1a.testhide.v1.PasswordLoginH\x00\x42\x0c\n\ncredential\"s\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65ss_expires_in_s\x18\x02 \x01(\x03\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x1c\n\x14refresh_expires_in_s\x18\x04 \x01(\x03\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x10\n\x0eLogoutResponse\"\x17\n\x15GetSigningKeysRequest\" \n\x0bSigningKeys\x12\x11\n\tjwks_json\x18\x01 \x01(\t2\x96\x02\n\x04\x41uth\x12:\n\x05Login\x12\x19.testhide.v1.LoginRequest\x1a\x16.testhide.v1.TokenPair\x12>\n\x07Refresh\x12\x1b.testhide.v1.RefreshRequest\x1a\x16.testhide.v1.TokenPair\x12\x42\n\x06Logout\x12\x1b.testhide.v1.RefreshRequest\x1a\x1b.testhide.v1.LogoutResponse\x12N\n\x0eGetSigningKeys\x12\".testhide.v1.GetSigningKeysRequest\x1a\x18.testhide.v1.SigningKeysb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtesthide/protos/v1/auth.proto\x12\x0btesthide.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"<\n\rPasswordLogin\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\"\x89\x01\n\x0cLoginRequest\x12\x11\n\x07\x61pi_key\x18\x01 \x01(\tH\x00\x12.\n\x08password\x18\x02 \x01(\x0b\x32\x1a.testhide.v1.PasswordLoginH\x00\x12\x11\n\ttotp_code\x18\x03 \x01(\t\x12\x15\n\rrecovery_code\x18\x04 \x01(\tB\x0c\n\ncredential\"s\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65ss_expires_in_s\x18\x02 \x01(\x03\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x1c\n\x14refresh_expires_in_s\x18\x04 \x01(\x03\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x10\n\x0eLogoutResponse\"\x17\n\x15GetSigningKeysRequest\" \n\x0bSigningKeys\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"S\n\x10\x45nrollMfaRequest\x12,\n\x08password\x18\x01 \x01(\x0b\x32\x1a.testhide.v1.PasswordLogin\x12\x11\n\ttotp_code\x18\x02 \x01(\t\"P\n\x11\x45nrollMfaResponse\x12\x13\n\x0botpauth_uri\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\x16\n\x0erecovery_codes\x18\x03 \x03(\t\"T\n\x11\x43onfirmMfaRequest\x12,\n\x08password\x18\x01 \x01(\x0b\x32\x1a.testhide.v1.PasswordLogin\x12\x11\n\ttotp_code\x18\x02 \x01(\t\"\x14\n\x12\x43onfirmMfaResponse\"\x0f\n\rWhoAmIRequest\"\xb7\x01\n\x0eWhoAmIResponse\x12\x0b\n\x03org\x18\x01 \x01(\t\x12\x16\n\x0eprincipal_kind\x18\x02 \x01(\t\x12\x14\n\x0cprincipal_id\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x35\n\x11\x61\x63\x63\x65ss_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03\x61mr\x18\x06 \x03(\t\x12\x16\n\x0eserver_version\x18\x07 \x01(\t2\xb1\x03\n\x04\x41uth\x12:\n\x05Login\x12\x19.testhide.v1.LoginRequest\x1a\x16.testhide.v1.TokenPair\x12>\n\x07Refresh\x12\x1b.testhide.v1.RefreshRequest\x1a\x16.testhide.v1.TokenPair\x12\x42\n\x06Logout\x12\x1b.testhide.v1.RefreshRequest\x1a\x1b.testhide.v1.LogoutResponse\x12N\n\x0eGetSigningKeys\x12\".testhide.v1.GetSigningKeysRequest\x1a\x18.testhide.v1.SigningKeys\x12J\n\tEnrollMfa\x12\x1d.testhide.v1.EnrollMfaRequest\x1a\x1e.testhide.v1.EnrollMfaResponse\x12M\n\nConfirmMfa\x12\x1e.testhide.v1.ConfirmMfaRequest\x1a\x1f.testhide.v1.ConfirmMfaResponse2L\n\x07Session\x12\x41\n\x06WhoAmI\x12\x1a.testhide.v1.WhoAmIRequest\x1a\x1b.testhide.v1.WhoAmIResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'testhide.protos.v1.auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PASSWORDLOGIN']._serialized_start=46
-  _globals['_PASSWORDLOGIN']._serialized_end=106
-  _globals['_LOGINREQUEST']._serialized_start=108
-  _globals['_LOGINREQUEST']._serialized_end=203
-  _globals['_TOKENPAIR']._serialized_start=205
-  _globals['_TOKENPAIR']._serialized_end=320
-  _globals['_REFRESHREQUEST']._serialized_start=322
-  _globals['_REFRESHREQUEST']._serialized_end=361
-  _globals['_LOGOUTRESPONSE']._serialized_start=363
-  _globals['_LOGOUTRESPONSE']._serialized_end=379
-  _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=381
-  _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=404
-  _globals['_SIGNINGKEYS']._serialized_start=406
-  _globals['_SIGNINGKEYS']._serialized_end=438
-  _globals['_AUTH']._serialized_start=441
-  _globals['_AUTH']._serialized_end=719
+  _globals['_PASSWORDLOGIN']._serialized_start=79
+  _globals['_PASSWORDLOGIN']._serialized_end=139
+  _globals['_LOGINREQUEST']._serialized_start=142
+  _globals['_LOGINREQUEST']._serialized_end=279
+  _globals['_TOKENPAIR']._serialized_start=281
+  _globals['_TOKENPAIR']._serialized_end=396
+  _globals['_REFRESHREQUEST']._serialized_start=398
+  _globals['_REFRESHREQUEST']._serialized_end=437
+  _globals['_LOGOUTRESPONSE']._serialized_start=439
+  _globals['_LOGOUTRESPONSE']._serialized_end=455
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_start=457
+  _globals['_GETSIGNINGKEYSREQUEST']._serialized_end=480
+  _globals['_SIGNINGKEYS']._serialized_start=482
+  _globals['_SIGNINGKEYS']._serialized_end=514
+  _globals['_ENROLLMFAREQUEST']._serialized_start=516
+  _globals['_ENROLLMFAREQUEST']._serialized_end=599
+  _globals['_ENROLLMFARESPONSE']._serialized_start=601
+  _globals['_ENROLLMFARESPONSE']._serialized_end=681
+  _globals['_CONFIRMMFAREQUEST']._serialized_start=683
+  _globals['_CONFIRMMFAREQUEST']._serialized_end=767
+  _globals['_CONFIRMMFARESPONSE']._serialized_start=769
+  _globals['_CONFIRMMFARESPONSE']._serialized_end=789
+  _globals['_WHOAMIREQUEST']._serialized_start=791
+  _globals['_WHOAMIREQUEST']._serialized_end=806
+  _globals['_WHOAMIRESPONSE']._serialized_start=809
+  _globals['_WHOAMIRESPONSE']._serialized_end=992
+  _globals['_AUTH']._serialized_start=995
+  _globals['_AUTH']._serialized_end=1428
+  _globals['_SESSION']._serialized_start=1430
+  _globals['_SESSION']._serialized_end=1506
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -47,7 +50,15 @@ class LoginRequest(_message.Message):
 
     API_KEY_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
+    TOTP_CODE_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODE_FIELD_NUMBER: _builtins.int
     api_key: _builtins.str
+    totp_code: _builtins.str
+    """The second factor of a password login: a current TOTP code, or one of the
+    unused recovery codes. Required for a user with a confirmed factor and for
+    a user who holds an admin scope.
+    """
+    recovery_code: _builtins.str
     @_builtins.property
     def password(self) -> Global___PasswordLogin: ...
     def __init__(
@@ -55,10 +66,12 @@ class LoginRequest(_message.Message):
         *,
         api_key: _builtins.str = ...,
         password: Global___PasswordLogin | None = ...,
+        totp_code: _builtins.str = ...,
+        recovery_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "credential", b"credential", "password", b"password"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "credential", b"credential", "password", b"password"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "credential", b"credential", "password", b"password", "recovery_code", b"recovery_code", "totp_code", b"totp_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_credential: _TypeAlias = _typing.Literal["api_key", "password"]  # noqa: Y015
     _WhichOneofArgType_credential: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
@@ -161,3 +174,154 @@ class SigningKeys(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SigningKeys: _TypeAlias = SigningKeys  # noqa: Y015
+
+@_typing.final
+class EnrollMfaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    TOTP_CODE_FIELD_NUMBER: _builtins.int
+    totp_code: _builtins.str
+    """Required when the user already has a confirmed factor."""
+    @_builtins.property
+    def password(self) -> Global___PasswordLogin: ...
+    def __init__(
+        self,
+        *,
+        password: Global___PasswordLogin | None = ...,
+        totp_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["password", b"password"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "totp_code", b"totp_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollMfaRequest: _TypeAlias = EnrollMfaRequest  # noqa: Y015
+
+@_typing.final
+class EnrollMfaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OTPAUTH_URI_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODES_FIELD_NUMBER: _builtins.int
+    otpauth_uri: _builtins.str
+    """otpauth://totp/... for an authenticator app."""
+    secret: _builtins.str
+    """The base32 secret inside the URI, for typing in by hand."""
+    @_builtins.property
+    def recovery_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        otpauth_uri: _builtins.str = ...,
+        secret: _builtins.str = ...,
+        recovery_codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["otpauth_uri", b"otpauth_uri", "recovery_codes", b"recovery_codes", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollMfaResponse: _TypeAlias = EnrollMfaResponse  # noqa: Y015
+
+@_typing.final
+class ConfirmMfaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    TOTP_CODE_FIELD_NUMBER: _builtins.int
+    totp_code: _builtins.str
+    @_builtins.property
+    def password(self) -> Global___PasswordLogin: ...
+    def __init__(
+        self,
+        *,
+        password: Global___PasswordLogin | None = ...,
+        totp_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["password", b"password"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "totp_code", b"totp_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmMfaRequest: _TypeAlias = ConfirmMfaRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmMfaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmMfaResponse: _TypeAlias = ConfirmMfaResponse  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class WhoAmIResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORG_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_KIND_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_ID_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    ACCESS_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AMR_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    org: _builtins.str
+    principal_kind: _builtins.str
+    """"user" or "api_key"."""
+    principal_id: _builtins.str
+    """The user's name or the API key's id."""
+    server_version: _builtins.str
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def access_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the access token presented expires."""
+
+    @_builtins.property
+    def amr(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """How the session was authenticated (RFC 8176 values: "pwd", "otp", "kba" for a recovery code)."""
+
+    def __init__(
+        self,
+        *,
+        org: _builtins.str = ...,
+        principal_kind: _builtins.str = ...,
+        principal_id: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        access_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        amr: _abc.Iterable[_builtins.str] | None = ...,
+        server_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["access_expires_at", b"access_expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_expires_at", b"access_expires_at", "amr", b"amr", "org", b"org", "principal_id", b"principal_id", "principal_kind", b"principal_kind", "scopes", b"scopes", "server_version", b"server_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIResponse: _TypeAlias = WhoAmIResponse  # noqa: Y015

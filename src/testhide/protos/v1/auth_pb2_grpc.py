@@ -55,6 +55,16 @@ class AuthStub:
                 request_serializer=testhide_dot_protos_dot_v1_dot_auth__pb2.GetSigningKeysRequest.SerializeToString,
                 response_deserializer=testhide_dot_protos_dot_v1_dot_auth__pb2.SigningKeys.FromString,
                 _registered_method=True)
+        self.EnrollMfa = channel.unary_unary(
+                '/testhide.v1.Auth/EnrollMfa',
+                request_serializer=testhide_dot_protos_dot_v1_dot_auth__pb2.EnrollMfaRequest.SerializeToString,
+                response_deserializer=testhide_dot_protos_dot_v1_dot_auth__pb2.EnrollMfaResponse.FromString,
+                _registered_method=True)
+        self.ConfirmMfa = channel.unary_unary(
+                '/testhide.v1.Auth/ConfirmMfa',
+                request_serializer=testhide_dot_protos_dot_v1_dot_auth__pb2.ConfirmMfaRequest.SerializeToString,
+                response_deserializer=testhide_dot_protos_dot_v1_dot_auth__pb2.ConfirmMfaResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServicer:
@@ -89,6 +99,22 @@ class AuthServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollMfa(self, request, context):
+        """A user's TOTP second factor (RFC 6238), authenticated by the user's password
+        (and, to replace an active factor, its current code): Enroll returns a new
+        secret and ten one-use recovery codes, which take effect once Confirm is
+        given a valid code for the new secret. Failures count toward lockout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmMfa(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +137,16 @@ def add_AuthServicer_to_server(servicer, server):
                     servicer.GetSigningKeys,
                     request_deserializer=testhide_dot_protos_dot_v1_dot_auth__pb2.GetSigningKeysRequest.FromString,
                     response_serializer=testhide_dot_protos_dot_v1_dot_auth__pb2.SigningKeys.SerializeToString,
+            ),
+            'EnrollMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollMfa,
+                    request_deserializer=testhide_dot_protos_dot_v1_dot_auth__pb2.EnrollMfaRequest.FromString,
+                    response_serializer=testhide_dot_protos_dot_v1_dot_auth__pb2.EnrollMfaResponse.SerializeToString,
+            ),
+            'ConfirmMfa': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmMfa,
+                    request_deserializer=testhide_dot_protos_dot_v1_dot_auth__pb2.ConfirmMfaRequest.FromString,
+                    response_serializer=testhide_dot_protos_dot_v1_dot_auth__pb2.ConfirmMfaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +258,135 @@ class Auth:
             '/testhide.v1.Auth/GetSigningKeys',
             testhide_dot_protos_dot_v1_dot_auth__pb2.GetSigningKeysRequest.SerializeToString,
             testhide_dot_protos_dot_v1_dot_auth__pb2.SigningKeys.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Auth/EnrollMfa',
+            testhide_dot_protos_dot_v1_dot_auth__pb2.EnrollMfaRequest.SerializeToString,
+            testhide_dot_protos_dot_v1_dot_auth__pb2.EnrollMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmMfa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Auth/ConfirmMfa',
+            testhide_dot_protos_dot_v1_dot_auth__pb2.ConfirmMfaRequest.SerializeToString,
+            testhide_dot_protos_dot_v1_dot_auth__pb2.ConfirmMfaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class SessionStub:
+    """Any valid access token, whatever its scopes (API port, bearer credentials).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WhoAmI = channel.unary_unary(
+                '/testhide.v1.Session/WhoAmI',
+                request_serializer=testhide_dot_protos_dot_v1_dot_auth__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=testhide_dot_protos_dot_v1_dot_auth__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
+
+
+class SessionServicer:
+    """Any valid access token, whatever its scopes (API port, bearer credentials).
+    """
+
+    def WhoAmI(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SessionServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=testhide_dot_protos_dot_v1_dot_auth__pb2.WhoAmIRequest.FromString,
+                    response_serializer=testhide_dot_protos_dot_v1_dot_auth__pb2.WhoAmIResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'testhide.v1.Session', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('testhide.v1.Session', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Session:
+    """Any valid access token, whatever its scopes (API port, bearer credentials).
+    """
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Session/WhoAmI',
+            testhide_dot_protos_dot_v1_dot_auth__pb2.WhoAmIRequest.SerializeToString,
+            testhide_dot_protos_dot_v1_dot_auth__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,13 @@ class AuthStub:
     Logout: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RefreshRequest, _auth_pb2.LogoutResponse]
     GetSigningKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetSigningKeysRequest, _auth_pb2.SigningKeys]
     """The public signing keys, as a JWKS document, so other services can verify tokens."""
+    EnrollMfa: _grpc.UnaryUnaryMultiCallable[_auth_pb2.EnrollMfaRequest, _auth_pb2.EnrollMfaResponse]
+    """A user's TOTP second factor (RFC 6238), authenticated by the user's password
+    (and, to replace an active factor, its current code): Enroll returns a new
+    secret and ten one-use recovery codes, which take effect once Confirm is
+    given a valid code for the new secret. Failures count toward lockout.
+    """
+    ConfirmMfa: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ConfirmMfaRequest, _auth_pb2.ConfirmMfaResponse]
 
 @_typing.type_check_only
 class AuthAsyncStub(AuthStub):
@@ -57,6 +64,13 @@ class AuthAsyncStub(AuthStub):
     Logout: _aio.UnaryUnaryMultiCallable[_auth_pb2.RefreshRequest, _auth_pb2.LogoutResponse]  # type: ignore[assignment]
     GetSigningKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetSigningKeysRequest, _auth_pb2.SigningKeys]  # type: ignore[assignment]
     """The public signing keys, as a JWKS document, so other services can verify tokens."""
+    EnrollMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.EnrollMfaRequest, _auth_pb2.EnrollMfaResponse]  # type: ignore[assignment]
+    """A user's TOTP second factor (RFC 6238), authenticated by the user's password
+    (and, to replace an active factor, its current code): Enroll returns a new
+    secret and ten one-use recovery codes, which take effect once Confirm is
+    given a valid code for the new secret. Failures count toward lockout.
+    """
+    ConfirmMfa: _aio.UnaryUnaryMultiCallable[_auth_pb2.ConfirmMfaRequest, _auth_pb2.ConfirmMfaResponse]  # type: ignore[assignment]
 
 class AuthServicer(metaclass=_abc_1.ABCMeta):
     """Served on the API port without a bearer token: these RPCs are how one is got."""
@@ -94,4 +108,51 @@ class AuthServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_pb2.SigningKeys, _abc.Awaitable[_auth_pb2.SigningKeys]]:
         """The public signing keys, as a JWKS document, so other services can verify tokens."""
 
+    @_abc_1.abstractmethod
+    def EnrollMfa(
+        self,
+        request: _auth_pb2.EnrollMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.EnrollMfaResponse, _abc.Awaitable[_auth_pb2.EnrollMfaResponse]]:
+        """A user's TOTP second factor (RFC 6238), authenticated by the user's password
+        (and, to replace an active factor, its current code): Enroll returns a new
+        secret and ten one-use recovery codes, which take effect once Confirm is
+        given a valid code for the new secret. Failures count toward lockout.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmMfa(
+        self,
+        request: _auth_pb2.ConfirmMfaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ConfirmMfaResponse, _abc.Awaitable[_auth_pb2.ConfirmMfaResponse]]: ...
+
 def add_AuthServicer_to_server(servicer: AuthServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class SessionStub:
+    """Any valid access token, whatever its scopes (API port, bearer credentials)."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SessionAsyncStub: ...
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_auth_pb2.WhoAmIRequest, _auth_pb2.WhoAmIResponse]
+
+@_typing.type_check_only
+class SessionAsyncStub(SessionStub):
+    """Any valid access token, whatever its scopes (API port, bearer credentials)."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_auth_pb2.WhoAmIRequest, _auth_pb2.WhoAmIResponse]  # type: ignore[assignment]
+
+class SessionServicer(metaclass=_abc_1.ABCMeta):
+    """Any valid access token, whatever its scopes (API port, bearer credentials)."""
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _auth_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.WhoAmIResponse, _abc.Awaitable[_auth_pb2.WhoAmIResponse]]: ...
+
+def add_SessionServicer_to_server(servicer: SessionServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

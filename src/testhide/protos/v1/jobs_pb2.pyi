@@ -256,6 +256,113 @@ class StatusTransition(_message.Message):
 Global___StatusTransition: _TypeAlias = StatusTransition  # noqa: Y015
 
 @_typing.final
+class Isolation(_message.Message):
+    """What Docker actually applied to the job's container, read back by the agent from the
+    live container right after creating it (not what was asked for).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    NETWORK_MODE_FIELD_NUMBER: _builtins.int
+    INTERFACES_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    CAP_ADD_FIELD_NUMBER: _builtins.int
+    CAP_DROP_FIELD_NUMBER: _builtins.int
+    NO_NEW_PRIVILEGES_FIELD_NUMBER: _builtins.int
+    SECCOMP_FIELD_NUMBER: _builtins.int
+    READ_ONLY_ROOT_FIELD_NUMBER: _builtins.int
+    PIDS_LIMIT_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    CPUS_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    IMAGE_DIGEST_FIELD_NUMBER: _builtins.int
+    MOUNTS_FIELD_NUMBER: _builtins.int
+    runtime: _builtins.str
+    network_mode: _builtins.str
+    user: _builtins.str
+    no_new_privileges: _builtins.bool
+    seccomp: _builtins.str
+    """"default" for Docker's default profile, "unconfined", or the profile's name."""
+    read_only_root: _builtins.bool
+    pids_limit: _builtins.int
+    memory_bytes: _builtins.int
+    cpus: _builtins.float
+    image_id: _builtins.str
+    image_digest: _builtins.str
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Network interfaces inside the container (only "lo" when the promise holds)."""
+
+    @_builtins.property
+    def cap_add(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def cap_drop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def mounts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"TARGET (ro)" or "TARGET (rw)", one per mount; tmpfs mounts as "TARGET (tmpfs)"."""
+
+    def __init__(
+        self,
+        *,
+        runtime: _builtins.str = ...,
+        network_mode: _builtins.str = ...,
+        interfaces: _abc.Iterable[_builtins.str] | None = ...,
+        user: _builtins.str = ...,
+        cap_add: _abc.Iterable[_builtins.str] | None = ...,
+        cap_drop: _abc.Iterable[_builtins.str] | None = ...,
+        no_new_privileges: _builtins.bool = ...,
+        seccomp: _builtins.str = ...,
+        read_only_root: _builtins.bool = ...,
+        pids_limit: _builtins.int = ...,
+        memory_bytes: _builtins.int = ...,
+        cpus: _builtins.float = ...,
+        image_id: _builtins.str = ...,
+        image_digest: _builtins.str = ...,
+        mounts: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap_add", b"cap_add", "cap_drop", b"cap_drop", "cpus", b"cpus", "image_digest", b"image_digest", "image_id", b"image_id", "interfaces", b"interfaces", "memory_bytes", b"memory_bytes", "mounts", b"mounts", "network_mode", b"network_mode", "no_new_privileges", b"no_new_privileges", "pids_limit", b"pids_limit", "read_only_root", b"read_only_root", "runtime", b"runtime", "seccomp", b"seccomp", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Isolation: _TypeAlias = Isolation  # noqa: Y015
+
+@_typing.final
+class JobAgent(_message.Message):
+    """The agent a job was assigned to, as it was known when the job was read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    host: _builtins.str
+    version: _builtins.str
+    pool: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        host: _builtins.str = ...,
+        version: _builtins.str = ...,
+        pool: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "id", b"id", "name", b"name", "pool", b"pool", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobAgent: _TypeAlias = JobAgent  # noqa: Y015
+
+@_typing.final
 class Job(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -274,6 +381,8 @@ class Job(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     RETRY_OF_FIELD_NUMBER: _builtins.int
     RETRIED_AS_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     org: _builtins.str
     status: Global___JobStatus.ValueType
@@ -297,6 +406,14 @@ class Job(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatusTransition]: ...
+    @_builtins.property
+    def agent(self) -> Global___JobAgent:
+        """Set once an agent took the job."""
+
+    @_builtins.property
+    def isolation(self) -> Global___Isolation:
+        """Set once the job's container was created."""
+
     def __init__(
         self,
         *,
@@ -315,10 +432,12 @@ class Job(_message.Message):
         attempt: _builtins.int = ...,
         retry_of: _builtins.str = ...,
         retried_as: _builtins.str = ...,
+        agent: Global___JobAgent | None = ...,
+        isolation: Global___Isolation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "created_at", b"created_at", "exit_code", b"exit_code", "finished_at", b"finished_at", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "created_at", b"created_at", "exit_code", b"exit_code", "finished_at", b"finished_at", "isolation", b"isolation", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent_id", b"agent_id", "attempt", b"attempt", "created_at", b"created_at", "exit_code", b"exit_code", "finished_at", b"finished_at", "id", b"id", "log_size", b"log_size", "org", b"org", "retried_as", b"retried_as", "retry_of", b"retry_of", "spec", b"spec", "started_at", b"started_at", "status", b"status", "status_reason", b"status_reason", "transitions", b"transitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "agent_id", b"agent_id", "attempt", b"attempt", "created_at", b"created_at", "exit_code", b"exit_code", "finished_at", b"finished_at", "id", b"id", "isolation", b"isolation", "log_size", b"log_size", "org", b"org", "retried_as", b"retried_as", "retry_of", b"retry_of", "spec", b"spec", "started_at", b"started_at", "status", b"status", "status_reason", b"status_reason", "transitions", b"transitions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -389,19 +508,59 @@ Global___GetJobRequest: _TypeAlias = GetJobRequest  # noqa: Y015
 class ListJobsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """1 to 500; 0 means 50."""
     page_token: _builtins.str
+    pool: _builtins.str
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___JobStatus.ValueType]:
+        """Filters, all of which a job must match: any of these statuses; every one of
+        these labels (KEY=VALUE of the spec); this pool; created at or after since.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        statuses: _abc.Iterable[Global___JobStatus.ValueType] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        pool: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "pool", b"pool", "since", b"since", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -505,21 +664,29 @@ class FollowLogsResponse(_message.Message):
 
     CHUNK_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def chunk(self) -> Global___LogChunk: ...
     @_builtins.property
     def finished(self) -> Global___Job: ...
+    @_builtins.property
+    def update(self) -> Global___Job:
+        """While following: the job whenever its status or status reason changed
+        (first sent at once), so a client can say why a job waits.
+        """
+
     def __init__(
         self,
         *,
         chunk: Global___LogChunk | None = ...,
         finished: Global___Job | None = ...,
+        update: Global___Job | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finished", b"finished", "item", b"item"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finished", b"finished", "item", b"item", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finished", b"finished", "item", b"item"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "finished", b"finished", "item", b"item", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["chunk", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["chunk", "finished", "update"]  # noqa: Y015
     _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
@@ -758,18 +925,27 @@ class Secret(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    LAST_USED_AT_FIELD_NUMBER: _builtins.int
+    LAST_USED_BY_JOB_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    last_used_by_job: _builtins.str
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_used_at(self) -> _timestamp_pb2.Timestamp:
+        """When a job last received it, and which job; unset if never."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        last_used_at: _timestamp_pb2.Timestamp | None = ...,
+        last_used_by_job: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_used_at", b"last_used_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_used_at", b"last_used_at", "last_used_by_job", b"last_used_by_job", "name", b"name", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -828,3 +1004,97 @@ class DeleteSecretRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteSecretRequest: _TypeAlias = DeleteSecretRequest  # noqa: Y015
+
+@_typing.final
+class ListPoolsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoolsRequest: _TypeAlias = ListPoolsRequest  # noqa: Y015
+
+@_typing.final
+class Pool(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    ALLOWED_IMAGES_FIELD_NUMBER: _builtins.int
+    PULL_POLICY_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    AGENT_CERT_TTL_FIELD_NUMBER: _builtins.int
+    AGENTS_ENROLLED_FIELD_NUMBER: _builtins.int
+    AGENTS_CONNECTED_FIELD_NUMBER: _builtins.int
+    JOBS_QUEUED_FIELD_NUMBER: _builtins.int
+    JOBS_RUNNING_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    paused: _builtins.bool
+    """A paused pool dispatches nothing new; its running jobs finish, its agents stay connected."""
+    pull_policy: _builtins.str
+    """"never", "if-not-present" or "always"."""
+    runtime: _builtins.str
+    """"runc" or "runsc" when the pool enforces one; empty when each job chooses."""
+    agents_enrolled: _builtins.int
+    agents_connected: _builtins.int
+    jobs_queued: _builtins.int
+    jobs_running: _builtins.int
+    @_builtins.property
+    def allowed_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """fnmatch patterns; empty means any image."""
+
+    @_builtins.property
+    def agent_cert_ttl(self) -> _duration_pb2.Duration:
+        """Unset when the control plane's default applies."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        paused: _builtins.bool = ...,
+        allowed_images: _abc.Iterable[_builtins.str] | None = ...,
+        pull_policy: _builtins.str = ...,
+        runtime: _builtins.str = ...,
+        agent_cert_ttl: _duration_pb2.Duration | None = ...,
+        agents_enrolled: _builtins.int = ...,
+        agents_connected: _builtins.int = ...,
+        jobs_queued: _builtins.int = ...,
+        jobs_running: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_cert_ttl", b"agent_cert_ttl", "created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_cert_ttl", b"agent_cert_ttl", "agents_connected", b"agents_connected", "agents_enrolled", b"agents_enrolled", "allowed_images", b"allowed_images", "created_at", b"created_at", "jobs_queued", b"jobs_queued", "jobs_running", b"jobs_running", "name", b"name", "paused", b"paused", "pull_policy", b"pull_policy", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Pool: _TypeAlias = Pool  # noqa: Y015
+
+@_typing.final
+class ListPoolsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOLS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pool]: ...
+    def __init__(
+        self,
+        *,
+        pools: _abc.Iterable[Global___Pool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pools", b"pools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPoolsResponse: _TypeAlias = ListPoolsResponse  # noqa: Y015

@@ -80,6 +80,11 @@ class JobsStub:
                 request_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
                 response_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.TestResults.FromString,
                 _registered_method=True)
+        self.ListPools = channel.unary_unary(
+                '/testhide.v1.Jobs/ListPools',
+                request_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsRequest.SerializeToString,
+                response_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -143,6 +148,13 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPools(self, request, context):
+        """The organisation's pools with their policy and state (what `testhide pools list` shows).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +202,11 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.GetTestResults,
                     request_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.JobRef.FromString,
                     response_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.TestResults.SerializeToString,
+            ),
+            'ListPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPools,
+                    request_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsRequest.FromString,
+                    response_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +453,33 @@ class Jobs:
             '/testhide.v1.Jobs/GetTestResults',
             testhide_dot_protos_dot_v1_dot_jobs__pb2.JobRef.SerializeToString,
             testhide_dot_protos_dot_v1_dot_jobs__pb2.TestResults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Jobs/ListPools',
+            testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsRequest.SerializeToString,
+            testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,8 @@ class JobsStub:
     ListArtifacts: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.JobRef, _jobs_pb2.ListArtifactsResponse]
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_jobs_pb2.DownloadArtifactRequest, _jobs_pb2.DataChunk]
     GetTestResults: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.JobRef, _jobs_pb2.TestResults]
+    ListPools: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListPoolsRequest, _jobs_pb2.ListPoolsResponse]
+    """The organisation's pools with their policy and state (what `testhide pools list` shows)."""
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -65,6 +67,8 @@ class JobsAsyncStub(JobsStub):
     ListArtifacts: _aio.UnaryUnaryMultiCallable[_jobs_pb2.JobRef, _jobs_pb2.ListArtifactsResponse]  # type: ignore[assignment]
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_jobs_pb2.DownloadArtifactRequest, _jobs_pb2.DataChunk]  # type: ignore[assignment]
     GetTestResults: _aio.UnaryUnaryMultiCallable[_jobs_pb2.JobRef, _jobs_pb2.TestResults]  # type: ignore[assignment]
+    ListPools: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListPoolsRequest, _jobs_pb2.ListPoolsResponse]  # type: ignore[assignment]
+    """The organisation's pools with their policy and state (what `testhide pools list` shows)."""
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
     """Engineers' API (API port, bearer credentials)."""
@@ -135,6 +139,14 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         request: _jobs_pb2.JobRef,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.TestResults, _abc.Awaitable[_jobs_pb2.TestResults]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPools(
+        self,
+        request: _jobs_pb2.ListPoolsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.ListPoolsResponse, _abc.Awaitable[_jobs_pb2.ListPoolsResponse]]:
+        """The organisation's pools with their policy and state (what `testhide pools list` shows)."""
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
