@@ -8,14 +8,37 @@ CliError                   testhide itself failed; not the job
 └── RpcFailed              the control plane refused or failed a call (its status code is kept)
     └── ConnectionFailed   no answer from the control plane (UNAVAILABLE at the transport)
         ├── Unreachable    a call or stream could not be opened
+        │   └── Misconnected   it answered, but not as the API port does: an untrusted
+        │                      certificate, or the agent port (`cli/diagnose.py`)
         └── Disconnected   a stream that was open broke off; followers reconnect
 """
 
 from __future__ import annotations
 
+import os
+import traceback
+
 import click
 
 from testhide.cli.exitcodes import TOOL_FAILED
+
+_debugging = False
+
+
+def debugging(on: bool) -> None:
+    """``--debug``: gRPC's C core logs again (``testhide/__init__.py`` silences it
+    unless GRPC_VERBOSITY says otherwise; it is read when gRPC starts, which is
+    after the options are parsed), and `explain` shows tracebacks."""
+    global _debugging
+    _debugging = on
+    if on and os.environ.get("GRPC_VERBOSITY", "NONE").upper() == "NONE":
+        os.environ["GRPC_VERBOSITY"] = "INFO"
+
+
+def explain(error: BaseException) -> None:
+    """With ``--debug``, the traceback behind a one-line error, on stderr before it."""
+    if _debugging and (error.__cause__ or error.__context__):
+        click.echo("".join(traceback.format_exception(error)).rstrip(), err=True)
 
 
 class CliError(click.ClickException):
@@ -57,6 +80,15 @@ class ConnectionFailed(RpcFailed):
 
 class Unreachable(ConnectionFailed):
     pass
+
+
+class Misconnected(Unreachable):
+    """A connection that failed for a reason found and named: the one line says what to do."""
+
+    def __init__(self, server: str, line: str) -> None:
+        CliError.__init__(self, line)  # the line alone: no status code, no generic hint
+        self.code, self.details, self.server = "UNAVAILABLE", line, server
+        self.reason = self.summary = line
 
 
 class Disconnected(ConnectionFailed):

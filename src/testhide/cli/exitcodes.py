@@ -34,6 +34,9 @@ TESTS_FAILED = 1
 # failed: ... error finding executable "cmd" in PATH [/bin]: no such file or
 # directory`. `docker run` maps the same words to 126 and 127.
 _RUNTIME_FAILED = re.compile(r"OCI runtime \w+ failed: (?P<why>.*)")
+# What an agent says instead since it words the refusal itself (agent/runtime/oci.py).
+_NOT_FOUND = re.compile(r"\Acommand '.*' not found in image ")
+_CANNOT_EXECUTE = re.compile(r"\Acommand '.*' cannot be executed in image ")
 
 
 def of_job(job: Job) -> int:
@@ -44,6 +47,10 @@ def of_job(job: Job) -> int:
         return TIMED_OUT
     if job.status == JobStatus.CANCELED:
         return CANCELED
+    if job.status == JobStatus.ERROR and _NOT_FOUND.match(job.status_reason):
+        return NOT_FOUND
+    if job.status == JobStatus.ERROR and _CANNOT_EXECUTE.match(job.status_reason):
+        return CANNOT_EXECUTE
     if job.status == JobStatus.ERROR and (failed := _RUNTIME_FAILED.search(job.status_reason)):
         why = failed["why"]
         if "executable file not found" in why or "no such file or directory" in why:

@@ -25,7 +25,7 @@ from typing import BinaryIO, Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from testhide.cli.errors import ConnectionFailed, Disconnected, RpcFailed, Unreachable
-from testhide.cli.model import Job, JobStatus, LogChunk, LogStream
+from testhide.cli.model import Job, JobStatus, JobUpdate, LogChunk, LogStream
 from testhide.common.durations import format_duration
 
 DEFAULT_WINDOW = timedelta(minutes=5)
@@ -42,7 +42,7 @@ class LogSource(Protocol):
     @property
     def server(self) -> str: ...
 
-    def follow(self, job_id: str, offset: int, follow: bool) -> AsyncIterator[LogChunk | Job]: ...
+    def follow(self, job_id: str, offset: int, follow: bool) -> AsyncIterator[LogChunk | Job | JobUpdate]: ...
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,11 @@ async def stream_log(
     err: BinaryIO,
     reconnect: Reconnect = DEFAULT_RECONNECT,
     notify: Callable[[str], None] = lambda line: None,
+    on_update: Callable[[Job], None] = lambda job: None,
 ) -> Job | None:
     """Write the log to out (stdout) and err (the rest) as it arrives. With
-    ``follow``, returns the finished job."""
+    ``follow``, returns the finished job, and passes the job to ``on_update``
+    whenever its status or status reason changed."""
     offset = 0
     outage = _Outage(reconnect, source, notify)
     retrying = AsyncRetrying(
@@ -128,6 +130,9 @@ async def stream_log(
             with attempt:
                 async for item in source.follow(job_id, offset, follow):
                     outage.moved()
+                    if isinstance(item, JobUpdate):
+                        on_update(item.job)
+                        continue
                     if isinstance(item, Job):
                         return item
                     target = out if item.stream == LogStream.STDOUT else err
@@ -151,10 +156,11 @@ async def follow_attempts(
     err: BinaryIO,
     reconnect: Reconnect = DEFAULT_RECONNECT,
     notify: Callable[[str], None] = lambda line: None,
+    on_update: Callable[[Job], None] = lambda job: None,
 ) -> Job:
     """Follow a job to its end and, when it was LOST and retried, its retries."""
     while True:
-        finished = await stream_log(source, job_id, True, out, err, reconnect, notify)
+        finished = await stream_log(source, job_id, True, out, err, reconnect, notify, on_update)
         assert finished is not None
         if finished.status != JobStatus.LOST or not finished.retried_as:
             return finished
@@ -163,3 +169,30 @@ async def follow_attempts(
             f"(attempt {finished.attempt + 1} of {finished.retries + 1})"
         )
         job_id = finished.retried_as
+
+
+class WaitNotices:
+    """What `run` says about its job besides the log: why it waits, again each time
+    the reason changes (never twice the same), and once where it runs."""
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
+        self._notify = notify
+        self._said: tuple[str, JobStatus, str] | None = None
+        self._running: set[str] = set()
+        self.job_id = ""
+        """The attempt followed now (a retry has an id of its own)."""
+
+    def update(self, job: Job) -> None:
+        self.job_id = job.id
+        if job.status in (JobStatus.QUEUED, JobStatus.ASSIGNED):
+            said = (job.id, job.status, job.status_reason)
+            if job.status_reason and said != self._said:
+                self._said = said
+                self._notify(f"job {job.id} {job.status.value.lower()}: {job.status_reason}")
+        elif job.status == JobStatus.RUNNING and job.id not in self._running:
+            self._running.add(job.id)
+            agent = job.agent
+            where = (
+                f"{agent.name} ({agent.host or 'unknown host'})" if agent else (job.agent_id or "an agent")
+            )
+            self._notify(f"job {job.id} running on {where}")

@@ -15,10 +15,25 @@ one convention for every `--json`:
 from __future__ import annotations
 
 import json
+import shlex
 from datetime import UTC, datetime
 from typing import Any
 
-from testhide.cli.model import Job, TestResults, TestStatus
+from testhide.cli.model import (
+    AgentInfo,
+    ApiKeyInfo,
+    Artifact,
+    EnrollmentTokenInfo,
+    Isolation,
+    Job,
+    JobAgent,
+    JobSpec,
+    PoolInfo,
+    Secret,
+    TestResults,
+    TestStatus,
+    UserInfo,
+)
 
 
 def timestamp(value: datetime | None) -> str | None:
@@ -28,6 +43,7 @@ def timestamp(value: datetime | None) -> str | None:
 
 
 def job_json(job: Job) -> dict[str, Any]:
+    """A job, whole: the top-level image/command/pool/agent_id stay for list views and scripts."""
     return {
         "id": job.id,
         "status": job.status.value,
@@ -38,15 +54,73 @@ def job_json(job: Job) -> dict[str, Any]:
         "pool": job.pool,
         "agent_id": job.agent_id,
         "attempt": job.attempt,
+        "retries": job.retries,
         "retry_of": job.retry_of,
         "retried_as": job.retried_as,
         "created_at": timestamp(job.created_at),
         "started_at": timestamp(job.started_at),
         "finished_at": timestamp(job.finished_at),
         "log_size": job.log_size,
+        "spec": _spec_json(job.spec),
+        "agent": _agent_json(job.agent),
+        "isolation": _isolation_json(job.isolation),
         "transitions": [
             {"status": t.status.value, "at": timestamp(t.at), "reason": t.reason} for t in job.transitions
         ],
+    }
+
+
+def _spec_json(spec: JobSpec) -> dict[str, Any]:
+    return {
+        "image": spec.image,
+        "command": list(spec.command),
+        "env": dict(spec.env),
+        "pool": spec.pool,
+        "workdir": spec.workdir,
+        "timeout_s": spec.timeout_s,
+        "labels": dict(spec.labels),
+        "secrets": list(spec.secrets),
+        "runtime": spec.runtime,
+        "cpus": spec.cpus,
+        "memory_bytes": spec.memory_bytes,
+        "pids": spec.pids,
+        "artifact_globs": list(spec.artifact_globs),
+        "junit_globs": list(spec.junit_globs),
+        "workspace_id": spec.workspace_id,
+    }
+
+
+def _agent_json(agent: JobAgent | None) -> dict[str, Any] | None:
+    if agent is None:
+        return None
+    return {
+        "id": agent.id,
+        "name": agent.name,
+        "host": agent.host,
+        "version": agent.version,
+        "pool": agent.pool,
+    }
+
+
+def _isolation_json(i: Isolation | None) -> dict[str, Any] | None:
+    if i is None:
+        return None
+    return {
+        "runtime": i.runtime,
+        "network_mode": i.network_mode,
+        "interfaces": list(i.interfaces),
+        "user": i.user,
+        "cap_add": list(i.cap_add),
+        "cap_drop": list(i.cap_drop),
+        "no_new_privileges": i.no_new_privileges,
+        "seccomp": i.seccomp,
+        "read_only_root": i.read_only_root,
+        "pids_limit": i.pids_limit,
+        "memory_bytes": i.memory_bytes,
+        "cpus": i.cpus,
+        "image_id": i.image_id,
+        "image_digest": i.image_digest,
+        "mounts": list(i.mounts),
     }
 
 
@@ -88,25 +162,82 @@ def jobs_table(jobs: list[Job]) -> list[str]:
 
 
 def job_details(job: Job) -> list[str]:
-    shown = job_json(job)
-    lines = []
-    for key in (
-        "id",
-        "status",
-        "exit_code",
-        "status_reason",
-        "image",
-        "command",
-        "pool",
-        "agent_id",
-        "created_at",
-        "started_at",
-        "finished_at",
-    ):
-        value = shown[key]
-        lines.append(f"{key + ':':<15} {value if value not in (None, '') else '-'}")
-    lines.extend(f"  {t['at']}  {t['status']:<10} {t['reason']}" for t in shown["transitions"])
+    """`jobs show`: the job, its spec, its agent, its attempts, how it was isolated,
+    and how it got where it is."""
+    spec = job.spec
+    env = " ".join(f"{k}={v}" for k, v in spec.env.items())
+    rows = [
+        ("id", job.id),
+        ("status", job.status.value),
+        ("exit code", job.exit_code),
+        ("reason", job.status_reason),
+        ("image", spec.image or job.image),
+        ("command", shlex.join(spec.command or job.command)),
+        ("pool", spec.pool or job.pool),
+        ("workdir", spec.workdir),
+        ("env", env),
+        ("labels", " ".join(f"{k}={v}" for k, v in spec.labels.items())),
+        ("secrets", " ".join(spec.secrets)),
+        ("runtime", spec.runtime or "(pool default)"),
+        ("limits", f"{spec.cpus:g} CPUs, {spec.memory_bytes} bytes memory, {spec.pids} pids"),
+        ("timeout", f"{spec.timeout_s:g}s"),
+        ("artifacts", " ".join(spec.artifact_globs)),
+        ("junit", " ".join(spec.junit_globs)),
+        ("workspace", spec.workspace_id),
+        ("agent", _agent_line(job)),
+        ("attempt", _attempt_line(job)),
+        ("created", timestamp(job.created_at)),
+        ("started", timestamp(job.started_at)),
+        ("finished", timestamp(job.finished_at)),
+    ]
+    lines = [_row(name, value) for name, value in rows]
+    lines += ["isolation:"] + [f"  {line}" for line in _isolation_lines(job.isolation)]
+    lines.append("transitions:")
+    lines.extend(f"  {timestamp(t.at)}  {t.status.value:<10} {t.reason}".rstrip() for t in job.transitions)
+    if job.status_reason:
+        lines.append(f"now {job.status.value}: {job.status_reason}")
     return lines
+
+
+def _row(name: str, value: object) -> str:
+    return f"{name + ':':<11} {value if value not in (None, '') else '-'}"
+
+
+def _agent_line(job: Job) -> str:
+    agent = job.agent
+    if agent is None:
+        return job.agent_id or ""
+    version = agent.version or "?"
+    return f"{agent.name} on {agent.host or '?'} (testhide {version}, id {agent.id}, pool {agent.pool})"
+
+
+def _attempt_line(job: Job) -> str:
+    line = f"{job.attempt} of {job.retries + 1}"
+    if job.retry_of:
+        line += f", retries {job.retry_of}"
+    if job.retried_as:
+        line += f", retried as {job.retried_as}"
+    return line
+
+
+def _isolation_lines(i: Isolation | None) -> list[str]:
+    if i is None:
+        return ["- (the container has not been created yet)"]
+    interfaces = ", ".join(i.interfaces) or "(not observed)"
+    return [
+        f"runtime {i.runtime}, network {i.network_mode} (interfaces: {interfaces})",
+        f"user: {i.user or '(image default)'}",
+        f"capabilities: drop {', '.join(i.cap_drop) or '-'}; add {', '.join(i.cap_add) or '-'}",
+        f"no new privileges: {_yes(i.no_new_privileges)}, seccomp: {i.seccomp or '-'}, "
+        f"read-only root: {_yes(i.read_only_root)}",
+        f"limits: {i.cpus:g} CPUs, {i.memory_bytes} bytes memory, {i.pids_limit} pids",
+        f"image: {i.image_id}" + (f" ({i.image_digest})" if i.image_digest else ""),
+        f"mounts: {', '.join(i.mounts) or '-'}",
+    ]
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "NO"
 
 
 def results_summary(results: TestResults) -> list[str]:
@@ -121,3 +252,153 @@ def results_summary(results: TestResults) -> list[str]:
             lines.append(f"  {case.status.value} {where}: {first_line}")
     lines.extend(f"  report refused: {path}" for path in results.rejected_reports)
     return lines
+
+
+def secret_json(secret: Secret) -> dict[str, Any]:
+    return {
+        "name": secret.name,
+        "updated_at": timestamp(secret.updated_at),
+        "last_used_at": timestamp(secret.last_used_at),
+        "last_used_by_job": secret.last_used_by_job,
+    }
+
+
+def secrets_table(secrets: list[Secret]) -> list[str]:
+    lines = [f"{'NAME':<40} {'UPDATED':<27} {'LAST USED':<27} BY JOB"]
+    for s in secrets:
+        updated, used = timestamp(s.updated_at) or "-", timestamp(s.last_used_at) or "-"
+        lines.append(f"{s.name:<40} {updated:<27} {used:<27} {s.last_used_by_job or '-'}")
+    return lines
+
+
+def artifact_json(artifact: Artifact) -> dict[str, Any]:
+    return {"path": artifact.path, "size": artifact.size, "sha256": artifact.sha256}
+
+
+def artifact_line(artifact: Artifact) -> str:
+    return f"{artifact.path}  {artifact.size} bytes  sha256:{artifact.sha256}"
+
+
+def api_key_json(key: ApiKeyInfo) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "scopes": list(key.scopes),
+        "state": key.state,
+        "created_at": timestamp(key.created_at),
+        "expires_at": timestamp(key.expires_at),
+        "revoked_at": timestamp(key.revoked_at),
+    }
+
+
+def api_keys_table(keys: list[ApiKeyInfo]) -> list[str]:
+    lines = [f"{'ID':<16}  {'NAME':<24} {'STATE':<8} {'EXPIRES':<27} SCOPES"]
+    for k in keys:
+        expires = timestamp(k.expires_at) or "never"
+        lines.append(f"{k.id:<16}  {k.name:<24} {k.state:<8} {expires:<27} {' '.join(k.scopes)}")
+    return lines
+
+
+def user_json(user: UserInfo) -> dict[str, Any]:
+    return {
+        "name": user.name,
+        "scopes": list(user.scopes),
+        "state": user.state,
+        "mfa": user.mfa,
+        "created_at": timestamp(user.created_at),
+        "revoked_at": timestamp(user.revoked_at),
+    }
+
+
+def users_table(users: list[UserInfo]) -> list[str]:
+    lines = [f"{'NAME':<32} {'STATE':<8} {'MFA':<4} SCOPES"]
+    for u in users:
+        lines.append(f"{u.name:<32} {u.state:<8} {'yes' if u.mfa else 'no':<4} {' '.join(u.scopes)}")
+    return lines
+
+
+def enrollment_token_json(token: EnrollmentTokenInfo) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "pool": token.pool,
+        "state": token.state,
+        "created_at": timestamp(token.created_at),
+        "expires_at": timestamp(token.expires_at),
+        "used_at": timestamp(token.used_at),
+        "revoked_at": timestamp(token.revoked_at),
+    }
+
+
+def enrollment_tokens_table(tokens: list[EnrollmentTokenInfo]) -> list[str]:
+    lines = [f"{'ID':<16}  {'POOL':<24} {'STATE':<8} EXPIRES"]
+    for t in tokens:
+        lines.append(f"{t.id:<16}  {t.pool:<24} {t.state:<8} {timestamp(t.expires_at) or '-'}")
+    return lines
+
+
+def enrolled_agent_json(agent: AgentInfo) -> dict[str, Any]:
+    return {
+        "id": agent.id,
+        "name": agent.name,
+        "pool": agent.pool,
+        "host": agent.host,
+        "version": agent.version,
+        "labels": agent.labels,
+        "runtimes": list(agent.runtimes),
+        "max_jobs": agent.max_jobs or None,
+        "running_jobs": agent.running_jobs,
+        "state": agent.state,
+        "enrolled_at": timestamp(agent.enrolled_at),
+        "last_seen_at": timestamp(agent.last_seen_at),
+        "cert_expires_at": timestamp(agent.cert_not_after),
+        "revoked_at": timestamp(agent.revoked_at),
+    }
+
+
+def enrolled_agents_table(agents: list[AgentInfo]) -> list[str]:
+    lines = [f"{'ID':<18} {'NAME':<20} {'POOL':<16} {'STATE':<12} {'JOBS':>4}  {'LAST_SEEN_AT':<27} VERSION"]
+    for a in agents:
+        jobs = f"{a.running_jobs}/{a.max_jobs}" if a.max_jobs else str(a.running_jobs)
+        seen = timestamp(a.last_seen_at) or "never"
+        lines.append(
+            f"{a.id:<18} {a.name:<20} {a.pool:<16} {a.state:<12} {jobs:>4}  {seen:<27} {a.version or '-'}"
+        )
+    return lines
+
+
+def pool_json(pool: PoolInfo) -> dict[str, Any]:
+    return {
+        "name": pool.name,
+        "paused": pool.paused,
+        "allowed_images": list(pool.allowed_images),
+        "pull_policy": pool.pull_policy,
+        "runtime": pool.runtime,
+        "agent_cert_ttl_s": pool.agent_cert_ttl_s,
+        "agents_enrolled": pool.agents_enrolled,
+        "agents_connected": pool.agents_connected,
+        "jobs_queued": pool.jobs_queued,
+        "jobs_running": pool.jobs_running,
+        "created_at": timestamp(pool.created_at),
+    }
+
+
+def pools_table(pools: list[PoolInfo]) -> list[str]:
+    lines = [f"{'NAME':<24} {'PAUSED':<6} {'AGENTS':>9} {'QUEUED':>6} {'RUNNING':>7}  {'RUNTIME':<7} IMAGES"]
+    for p in pools:
+        agents = f"{p.agents_connected}/{p.agents_enrolled}"
+        images, paused = ",".join(p.allowed_images) or "any", "yes" if p.paused else "no"
+        lines.append(
+            f"{p.name:<24} {paused:<6} {agents:>9} {p.jobs_queued:>6} {p.jobs_running:>7}  "
+            f"{p.runtime or 'job':<7} {images}"
+        )
+    return lines
+
+
+def pool_summary(pool: PoolInfo) -> str:
+    """One line for a notice: the pool after a change."""
+    return (
+        f"pool {pool.name}{' (paused)' if pool.paused else ''}:"
+        f" images {', '.join(pool.allowed_images) or 'any'}, pull {pool.pull_policy},"
+        f" runtime {pool.runtime or 'chosen by each job'}"
+        + (f", agent certificates live {pool.agent_cert_ttl_s:g}s" if pool.agent_cert_ttl_s else "")
+    )

@@ -12,31 +12,45 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from testhide.cli.config import Login
+from testhide.cli.diagnose import diagnosed
 from testhide.cli.errors import Disconnected, RpcFailed, Unreachable
 from testhide.cli.model import (
+    AgentInfo,
+    ApiKeyInfo,
     ApiKeyLogin,
     Artifact,
+    EnrollmentTokenInfo,
+    Identity,
     Job,
+    JobQuery,
     JobRequest,
     JobStatus,
+    JobUpdate,
     LogChunk,
     LogStream,
+    MfaEnrollment,
     PasswordLogin,
+    PoolChange,
+    PoolInfo,
     Secret,
     TestCase,
     TestResults,
     TestStatus,
     Transition,
+    UserInfo,
 )
+from testhide.cli.wire_admin_agents import enrolled_agent_from_pb, pool_from_pb, token_from_pb
+from testhide.cli.wire_admin_org import api_key_from_pb, user_from_pb
+from testhide.cli.wire_job import agent_from_pb, isolation_from_pb, job_spec_from_pb
 from testhide.common.tls import CHANNEL_OPTIONS
-from testhide.protos.v1 import auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from testhide.protos.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -103,6 +117,9 @@ def job_from_pb(job: jobs_pb2.Job) -> Job:
         retries=job.spec.retries,
         retry_of=job.retry_of or None,
         retried_as=job.retried_as or None,
+        spec=job_spec_from_pb(job.spec),
+        agent=agent_from_pb(job.agent) if job.HasField("agent") else None,
+        isolation=isolation_from_pb(job.isolation) if job.HasField("isolation") else None,
     )
 
 
@@ -155,7 +172,25 @@ def results_from_pb(results: jobs_pb2.TestResults) -> TestResults:
 
 
 def _secret_from_pb(secret: jobs_pb2.Secret) -> Secret:
-    return Secret(secret.name, _time(secret, "updated_at"))
+    return Secret(
+        secret.name,
+        _time(secret, "updated_at"),
+        last_used_at=_time(secret, "last_used_at"),
+        last_used_by_job=secret.last_used_by_job or None,
+    )
+
+
+def list_request_pb(query: JobQuery, page_size: int, page_token: str) -> jobs_pb2.ListJobsRequest:
+    request = jobs_pb2.ListJobsRequest(
+        page_size=page_size,
+        page_token=page_token,
+        statuses=[jobs_pb2.JobStatus.Value(f"JOB_STATUS_{s.value}") for s in query.statuses],
+        labels=query.labels,
+        pool=query.pool,
+    )
+    if query.since is not None:
+        request.since.FromDatetime(query.since)
+    return request
 
 
 def _login_request(credential: ApiKeyLogin | PasswordLogin) -> auth_pb2.LoginRequest:
@@ -164,8 +199,14 @@ def _login_request(credential: ApiKeyLogin | PasswordLogin) -> auth_pb2.LoginReq
     return auth_pb2.LoginRequest(
         password=auth_pb2.PasswordLogin(
             org=credential.org, user=credential.user, password=credential.password
-        )
+        ),
+        totp_code=credential.totp_code,
+        recovery_code=credential.recovery_code,
     )
+
+
+def _password_pb(credential: PasswordLogin) -> auth_pb2.PasswordLogin:
+    return auth_pb2.PasswordLogin(org=credential.org, user=credential.user, password=credential.password)
 
 
 def _stored(pair: auth_pb2.TokenPair, login: Login) -> Login:
@@ -174,6 +215,7 @@ def _stored(pair: auth_pb2.TokenPair, login: Login) -> Login:
         access_token=pair.access_token,
         refresh_token=pair.refresh_token,
         access_expires_at=time.time() + pair.access_expires_in_s,
+        refresh_expires_at=time.time() + pair.refresh_expires_in_s,
     )
 
 
@@ -272,6 +314,8 @@ class ControlPlaneClient:
     async def _failed(self, error: grpc.aio.AioRpcError, channel: grpc.aio.Channel) -> RpcFailed:
         """The CLI's error for ``error``; after UNAVAILABLE, the channel is dropped."""
         failure = _failure(error, self._tried, channel)
+        if isinstance(failure, Unreachable):
+            failure = await diagnosed(failure, self._server, self._login.ca_pem)
         if error.code() == grpc.StatusCode.UNAVAILABLE and self._channel is channel:
             self._channel = None
             self._start = (self._login.servers.index(self._server) + 1) % len(self._login.servers)
@@ -309,6 +353,19 @@ class ControlPlaneClient:
         pair = await self._call(lambda: self._auth.Login(request, timeout=30))
         return _stored(pair, self._login)
 
+    async def enroll_mfa(self, credential: PasswordLogin) -> MfaEnrollment:
+        """A new pending TOTP factor (``credential.totp_code``: the current factor's, to replace it)."""
+        request = auth_pb2.EnrollMfaRequest(password=_password_pb(credential), totp_code=credential.totp_code)
+        response = await self._call(lambda: self._auth.EnrollMfa(request, timeout=30))
+        return MfaEnrollment(response.otpauth_uri, response.secret, tuple(response.recovery_codes))
+
+    async def confirm_mfa(self, credential: PasswordLogin) -> None:
+        """Make the pending factor the user's, with a code from it (``credential.totp_code``)."""
+        request = auth_pb2.ConfirmMfaRequest(
+            password=_password_pb(credential), totp_code=credential.totp_code
+        )
+        await self._call(lambda: self._auth.ConfirmMfa(request, timeout=30))
+
     @property
     def _auth(self) -> auth_pb2_grpc.AuthAsyncStub:
         assert self._channel is not None, "opened by _call"
@@ -324,6 +381,37 @@ class ControlPlaneClient:
             self._login.save()
         return (("authorization", f"Bearer {self._login.access_token}"),)
 
+    # session
+    async def who_am_i(self) -> Identity:
+        metadata = await self._bearer()
+        request = auth_pb2.WhoAmIRequest()
+        answer = await self._call(lambda: self._session.WhoAmI(request, metadata=metadata, timeout=30))
+        return Identity(
+            org=answer.org,
+            principal_kind=answer.principal_kind,
+            principal_id=answer.principal_id,
+            scopes=tuple(answer.scopes),
+            access_expires_at=_time(answer, "access_expires_at"),
+            amr=tuple(answer.amr),
+            server_version=answer.server_version,
+        )
+
+    async def log_out(self) -> None:
+        """End the session on the server: its refresh token's whole family is revoked."""
+        request = auth_pb2.RefreshRequest(refresh_token=self._login.refresh_token)
+        await self._call(lambda: self._auth.Logout(request, timeout=30))
+
+    async def recent_job_ids(self, limit: int) -> list[tuple[str, str]]:
+        metadata = await self._bearer()
+        request = jobs_pb2.ListJobsRequest(page_size=limit)
+        response = await self._call(lambda: self._jobs.List(request, metadata=metadata, timeout=2))
+        return [(job.id, _job_status(job.status).value) for job in response.jobs]
+
+    @property
+    def _session(self) -> auth_pb2_grpc.SessionAsyncStub:
+        assert self._channel is not None, "opened by _call or _bearer"
+        return auth_pb2_grpc.SessionStub(self._channel)
+
     # jobs
     async def submit(self, request: JobRequest) -> Job:
         message = jobs_pb2.SubmitJobRequest(spec=spec_to_pb(request))
@@ -336,11 +424,13 @@ class ControlPlaneClient:
         request = jobs_pb2.GetJobRequest(job_id=job_id)
         return job_from_pb(await self._call(lambda: self._jobs.Get(request, metadata=metadata, timeout=30)))
 
-    async def list_jobs(self, limit: int) -> list[Job]:
+    async def list_jobs(self, query: JobQuery, limit: int, page_token: str = "") -> tuple[list[Job], str]:
+        """A page of up to ``limit`` jobs matching ``query``, newest first, and the
+        next page's token ("" after the last page)."""
         metadata = await self._bearer()
-        request = jobs_pb2.ListJobsRequest(page_size=limit)
+        request = list_request_pb(query, limit, page_token)
         response = await self._call(lambda: self._jobs.List(request, metadata=metadata, timeout=30))
-        return [job_from_pb(job) for job in response.jobs]
+        return [job_from_pb(job) for job in response.jobs], response.next_page_token
 
     async def cancel(self, job_id: str) -> Job:
         metadata = await self._bearer()
@@ -387,9 +477,12 @@ class ControlPlaneClient:
         response = await self._call(lambda: self._jobs.GetTestResults(request, metadata=metadata, timeout=30))
         return results_from_pb(response)
 
-    async def follow(self, job_id: str, offset: int, follow: bool) -> AsyncIterator[LogChunk | Job]:
+    async def follow(
+        self, job_id: str, offset: int, follow: bool
+    ) -> AsyncIterator[LogChunk | Job | JobUpdate]:
         """The log from ``offset``; with ``follow``, until the job has ended,
-        then the finished job. A stream that was open (the control plane sent
+        then the finished job, and the job whenever its status or reason
+        changed (`JobUpdate`). A stream that was open (the control plane sent
         its headers or a message) and breaks off raises `Disconnected`."""
         request = jobs_pb2.FollowLogsRequest(job_id=job_id, from_offset=offset, follow=follow)
         metadata = await self._bearer()
@@ -404,7 +497,9 @@ class ControlPlaneClient:
                 opened = self.connected = True
                 if response.HasField("finished"):
                     yield job_from_pb(response.finished)
-                else:
+                elif response.HasField("update"):
+                    yield JobUpdate(job_from_pb(response.update))
+                elif response.HasField("chunk"):
                     yield chunk_from_pb(response.chunk)
         except grpc.aio.AioRpcError as error:
             failure = await self._failed(error, channel)
@@ -435,6 +530,147 @@ class ControlPlaneClient:
             await self._call(lambda: self._secrets.Delete(request, metadata=metadata, timeout=30))
         )
 
+    # administration of the organisation: API keys, users, secrets (org:admin; cli/admin_org.py)
+    @property
+    def _admin(self) -> admin_pb2_grpc.AdminAsyncStub:
+        assert self._channel is not None, "opened by _call or _bearer"
+        return admin_pb2_grpc.AdminStub(self._channel)
+
+    async def create_api_key(
+        self, name: str, scopes: tuple[str, ...], expires_in: timedelta | None
+    ) -> tuple[str, ApiKeyInfo]:
+        """The key (shown once) and what is stored of it."""
+        request = admin_pb2.CreateApiKeyRequest(name=name, scopes=list(scopes))
+        if expires_in is not None:
+            request.expires_in.FromTimedelta(expires_in)
+        metadata = await self._bearer()
+        response = await self._call(lambda: self._admin.CreateApiKey(request, metadata=metadata, timeout=30))
+        return response.api_key, api_key_from_pb(response.info)
+
+    async def api_keys(self) -> list[ApiKeyInfo]:
+        metadata = await self._bearer()
+        request = admin_pb2.ListApiKeysRequest()
+        response = await self._call(lambda: self._admin.ListApiKeys(request, metadata=metadata, timeout=30))
+        return [api_key_from_pb(k) for k in response.keys]
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyInfo:
+        metadata = await self._bearer()
+        request = admin_pb2.RevokeApiKeyRequest(key_id=key_id)
+        return api_key_from_pb(
+            await self._call(lambda: self._admin.RevokeApiKey(request, metadata=metadata, timeout=30))
+        )
+
+    async def create_user(self, name: str, scopes: tuple[str, ...], password: str) -> UserInfo:
+        metadata = await self._bearer()
+        request = admin_pb2.CreateUserRequest(name=name, scopes=list(scopes), password=password)
+        return user_from_pb(
+            await self._call(lambda: self._admin.CreateUser(request, metadata=metadata, timeout=30))
+        )
+
+    async def users(self) -> list[UserInfo]:
+        metadata = await self._bearer()
+        request = admin_pb2.ListUsersRequest()
+        response = await self._call(lambda: self._admin.ListUsers(request, metadata=metadata, timeout=30))
+        return [user_from_pb(u) for u in response.users]
+
+    async def revoke_user(self, name: str) -> UserInfo:
+        metadata = await self._bearer()
+        request = admin_pb2.RevokeUserRequest(name=name)
+        return user_from_pb(
+            await self._call(lambda: self._admin.RevokeUser(request, metadata=metadata, timeout=30))
+        )
+
+    async def admin_secrets(self) -> list[Secret]:
+        """With each one's last use (as `secrets`, under the org:admin scope)."""
+        metadata = await self._bearer()
+        request = jobs_pb2.ListSecretsRequest()
+        response = await self._call(lambda: self._admin.ListSecrets(request, metadata=metadata, timeout=30))
+        return [_secret_from_pb(s) for s in response.secrets]
+
+    # enrollment tokens, agents, pools (agents:admin; cli/admin.py); pools (jobs:read)
+    async def create_enrollment_token(self, pool: str, ttl: timedelta) -> tuple[str, EnrollmentTokenInfo]:
+        """The token (shown once) and what is stored of it."""
+        request = admin_pb2.CreateEnrollmentTokenRequest(pool=pool)
+        request.ttl.FromTimedelta(ttl)
+        metadata = await self._bearer()
+        response = await self._call(
+            lambda: self._admin.CreateEnrollmentToken(request, metadata=metadata, timeout=30)
+        )
+        return response.token, token_from_pb(response.info)
+
+    async def enrollment_tokens(self) -> list[EnrollmentTokenInfo]:
+        metadata = await self._bearer()
+        request = admin_pb2.ListEnrollmentTokensRequest()
+        response = await self._call(
+            lambda: self._admin.ListEnrollmentTokens(request, metadata=metadata, timeout=30)
+        )
+        return [token_from_pb(t) for t in response.tokens]
+
+    async def revoke_enrollment_token(self, token_id: str) -> EnrollmentTokenInfo:
+        metadata = await self._bearer()
+        request = admin_pb2.RevokeEnrollmentTokenRequest(token_id=token_id)
+        return token_from_pb(
+            await self._call(
+                lambda: self._admin.RevokeEnrollmentToken(request, metadata=metadata, timeout=30)
+            )
+        )
+
+    async def agents(self) -> list[AgentInfo]:
+        metadata = await self._bearer()
+        request = admin_pb2.ListAgentsRequest()
+        response = await self._call(lambda: self._admin.ListAgents(request, metadata=metadata, timeout=30))
+        return [enrolled_agent_from_pb(a) for a in response.agents]
+
+    async def revoke_agent(self, agent_id: str) -> tuple[AgentInfo, list[str]]:
+        """The agent, and the jobs that were running on it (now ERROR)."""
+        metadata = await self._bearer()
+        request = admin_pb2.RevokeAgentRequest(agent_id=agent_id)
+        response = await self._call(lambda: self._admin.RevokeAgent(request, metadata=metadata, timeout=30))
+        return enrolled_agent_from_pb(response.agent), list(response.jobs_ended)
+
+    async def create_pool(self, pool: str, agent_cert_ttl: timedelta | None) -> PoolInfo:
+        request = admin_pb2.CreatePoolRequest(pool=pool)
+        if agent_cert_ttl is not None:
+            request.agent_cert_ttl.FromTimedelta(agent_cert_ttl)
+        metadata = await self._bearer()
+        return pool_from_pb(
+            await self._call(lambda: self._admin.CreatePool(request, metadata=metadata, timeout=30))
+        )
+
+    async def set_pool_policy(self, pool: str, change: PoolChange) -> PoolInfo:
+        request = admin_pb2.SetPoolPolicyRequest(
+            pool=pool,
+            allowed_images=list(change.allowed_images),
+            pull_policy=change.pull_policy or "",
+            runtime=change.runtime or "",
+        )
+        if change.any_image:
+            request.any_image = True
+        if change.agent_cert_ttl is not None:
+            request.agent_cert_ttl.FromTimedelta(change.agent_cert_ttl)
+        metadata = await self._bearer()
+        return pool_from_pb(
+            await self._call(lambda: self._admin.SetPoolPolicy(request, metadata=metadata, timeout=30))
+        )
+
+    async def pause_pool(self, pool: str, paused: bool) -> PoolInfo:
+        """Pause (``paused``) or resume the pool."""
+        metadata = await self._bearer()
+        request = admin_pb2.PoolRef(pool=pool)
+        return pool_from_pb(
+            await self._call(
+                lambda: (self._admin.PausePool if paused else self._admin.ResumePool)(
+                    request, metadata=metadata, timeout=30
+                )
+            )
+        )
+
+    async def pools(self) -> list[PoolInfo]:
+        metadata = await self._bearer()
+        request = jobs_pb2.ListPoolsRequest()
+        response = await self._call(lambda: self._jobs.ListPools(request, metadata=metadata, timeout=30))
+        return [pool_from_pb(p) for p in response.pools]
+
 
 @asynccontextmanager
 async def connect(login: Login) -> AsyncIterator[ControlPlaneClient]:
@@ -443,6 +679,18 @@ async def connect(login: Login) -> AsyncIterator[ControlPlaneClient]:
         yield client
     finally:
         await client.close()
+
+
+async def log_out(login: Login) -> None:
+    """End ``login``'s session on the control plane (its refresh token's family is revoked)."""
+    async with connect(login) as client:
+        await client.log_out()
+
+
+async def recent_job_ids(login: Login, limit: int) -> list[tuple[str, str]]:
+    """The ids of the organisation's newest jobs with their status, for shell completion."""
+    async with connect(login) as client:
+        return await client.recent_job_ids(limit)
 
 
 async def log_in(login: Login, credential: ApiKeyLogin | PasswordLogin) -> Login:

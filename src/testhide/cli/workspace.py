@@ -14,6 +14,7 @@ from typing import IO
 import pathspec
 
 from testhide.cli.errors import WorkspaceTooLarge
+from testhide.common.sizes import describe_size
 
 DEFAULT_CAP = 256 * 1024 * 1024
 IGNORE_FILE = ".testhideignore"
@@ -57,7 +58,7 @@ def pack(root: Path, cap: int = DEFAULT_CAP) -> IO[bytes]:
     )
     if total > cap:
         raise WorkspaceTooLarge(
-            f"the workspace holds {total / 2**20:.1f} MiB, above the {cap / 2**20:.0f} MiB cap; "
+            f"the workspace holds {describe_size(total)}, above the {describe_size(cap)} cap; "
             f"exclude files with {IGNORE_FILE} (or .gitignore), or pass --no-workspace"
         )
     spool = tempfile.TemporaryFile()  # noqa: SIM115  # the caller closes it after the upload

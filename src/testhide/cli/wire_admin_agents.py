@@ -1,0 +1,64 @@
+"""The Admin service's ``agents:admin`` messages, and `Jobs.ListPools`'s pools, in the CLI's
+model (used by `cli/wire.py`): enrollment tokens, agents and pools as `testhide admin` and
+`testhide pools list` show them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from testhide.cli.model import AgentInfo, EnrollmentTokenInfo, PoolInfo
+from testhide.protos.v1 import admin_pb2, jobs_pb2
+
+
+def _time(message: Any, name: str) -> datetime | None:
+    return getattr(message, name).ToDatetime(tzinfo=UTC) if message.HasField(name) else None
+
+
+def token_from_pb(token: admin_pb2.EnrollmentToken) -> EnrollmentTokenInfo:
+    return EnrollmentTokenInfo(
+        id=token.id,
+        pool=token.pool,
+        created_at=_time(token, "created_at"),
+        expires_at=_time(token, "expires_at"),
+        used_at=_time(token, "used_at"),
+        revoked_at=_time(token, "revoked_at"),
+        state=token.state,
+    )
+
+
+def enrolled_agent_from_pb(agent: admin_pb2.Agent) -> AgentInfo:
+    return AgentInfo(
+        id=agent.id,
+        name=agent.name,
+        pool=agent.pool,
+        host=agent.host,
+        version=agent.version,
+        labels=dict(agent.labels),
+        runtimes=tuple(agent.runtimes),
+        max_jobs=agent.max_jobs,
+        running_jobs=agent.running_jobs,
+        state=agent.state,
+        enrolled_at=_time(agent, "enrolled_at"),
+        last_seen_at=_time(agent, "last_seen_at"),
+        cert_not_after=_time(agent, "cert_not_after"),
+        revoked_at=_time(agent, "revoked_at"),
+    )
+
+
+def pool_from_pb(pool: jobs_pb2.Pool) -> PoolInfo:
+    return PoolInfo(
+        name=pool.name,
+        paused=pool.paused,
+        allowed_images=tuple(pool.allowed_images),
+        pull_policy=pool.pull_policy,
+        runtime=pool.runtime,
+        agent_cert_ttl_s=pool.agent_cert_ttl.ToTimedelta().total_seconds()
+        if pool.HasField("agent_cert_ttl")
+        else None,
+        agents_enrolled=pool.agents_enrolled,
+        agents_connected=pool.agents_connected,
+        jobs_queued=pool.jobs_queued,
+        jobs_running=pool.jobs_running,
+        created_at=_time(pool, "created_at"),
+    )
