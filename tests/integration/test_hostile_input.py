@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from testhide.agent.credentials import Credentials
 from testhide.common.tls import secure_channel
 from testhide.controlplane.errors import NotFound
-from testhide.controlplane.rpc.auth import PUBLIC, SCOPE_OF_METHOD
+from testhide.controlplane.rpc.auth import AUTHENTICATED_ONLY, PUBLIC, SCOPE_OF_METHOD
 from testhide.controlplane.rpc.guard import DECODE_FAILED, guarded
 from testhide.protos.v1 import agent_pb2, jobs_pb2, jobs_pb2_grpc
 from tests.harness import RunningControlPlane, control_plane, enrolled
@@ -98,7 +98,7 @@ def short(outcome: Outcome) -> bool:
 def closed(rpc: Rpc) -> bool:
     """An API-port method in neither of the auth interceptor's tables: refused before
     anything else, fail-closed (grpc's Health/List, today)."""
-    return rpc.port == API and rpc.path not in PUBLIC and rpc.path not in SCOPE_OF_METHOD
+    return rpc.port == API and not {rpc.path} & (PUBLIC | SCOPE_OF_METHOD.keys() | AUTHENTICATED_ONLY)
 
 
 def decode_refusal(rpc: Rpc) -> tuple[grpc.StatusCode, str]:

@@ -363,7 +363,7 @@ async def test_a_write_to_sqlite_during_the_copy_undoes_it(tmp_path: Path, pg_ur
     def meanwhile(table: str, copied: int, total: int) -> None:
         if table == "pools":  # as if `orgs create` ran now, from another shell
             with closing(sqlite3.connect(data_dir / "testhide.db")) as db, db:
-                db.execute("INSERT INTO orgs VALUES ('late', '2030-01-01T00:00:00+00:00')")
+                db.execute("INSERT INTO orgs (name, created_at) VALUES ('late', '2030-01-01T00:00:00+00:00')")
 
     with pytest.raises(FailedPrecondition, match="was written to during the copy"):
         await migrate_store(DataDir(data_dir), pg_url, "operator:test", meanwhile)

@@ -14,6 +14,7 @@ import signal
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,28 @@ async def operated_view(data_dir: Path, program: Path | None) -> Operated:
     )
 
 
+# Fields of `agents list --json` renamed since the release, when every --json got one schema.
+RENAMED = {"cert_not_after": "cert_expires_at"}
+
+
+def _moment(value: Any) -> Any:
+    """A time as the same moment whichever RFC 3339 form shows it (+00:00 before, Z now)."""
+    if isinstance(value, str) and len(value) >= 20 and value[10:11] == "T":
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    return value
+
+
 def assert_kept(old: dict[str, Any], new: dict[str, Any], what: str) -> None:
-    """Every field the release showed is shown, unchanged (this checkout may show more)."""
-    changed = {k: (v, new.get(k, "(gone)")) for k, v in old.items() if new.get(k, "(gone)") != v}
+    """Every field the release showed is shown, unchanged (this checkout may show more; a
+    renamed field under its new name, a time in the format every --json uses now)."""
+    changed = {
+        k: (v, new.get(RENAMED.get(k, k), "(gone)"))
+        for k, v in old.items()
+        if _moment(new.get(RENAMED.get(k, k), "(gone)")) != _moment(v)
+    }
     assert not changed, f"{what}, field: (before, after): {changed}"
 
 

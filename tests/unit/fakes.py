@@ -14,7 +14,18 @@ from datetime import datetime, timedelta
 from testhide.controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
 from testhide.controlplane.auth.store import AuditStore, CredentialStore
 from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
-from testhide.controlplane.jobs.model import BlobInfo, Job, JobStatus, LogStream, PoolPolicy, TestCase
+from testhide.controlplane.jobs.model import (
+    BlobInfo,
+    Isolation,
+    Job,
+    JobAgent,
+    JobFilter,
+    JobStatus,
+    LogStream,
+    PoolPolicy,
+    SecretInfo,
+    TestCase,
+)
 from testhide.controlplane.jobs.store import (
     BlobStore,
     JobStore,
@@ -118,8 +129,20 @@ class MemoryJobs:
         job = self.jobs.get(job_id)
         return job if job is not None and job.org == org else None
 
-    async def list_jobs(self, org: str, limit: int, before_id: str | None) -> list[Job]:
-        mine = [j for j in self.jobs.values() if j.org == org and j.id < (before_id or "\U0010ffff")]
+    async def list_jobs(
+        self, org: str, limit: int, before_id: str | None, where: JobFilter | None = None
+    ) -> list[Job]:
+        where = where or JobFilter()
+        mine = [
+            j
+            for j in self.jobs.values()
+            if j.org == org
+            and j.id < (before_id or "\U0010ffff")
+            and (not where.statuses or j.status in where.statuses)
+            and all(j.spec.labels.get(k) == v for k, v in where.labels)
+            and (not where.pool or j.spec.pool == where.pool)
+            and (where.since is None or j.created_at >= where.since)
+        ]
         return sorted(mine, key=lambda j: j.id, reverse=True)[:limit]
 
     async def jobs_of_agent(self, org: str, agent_id: str) -> list[Job]:
@@ -168,6 +191,15 @@ class MemoryJobs:
             return job, False
         return self._apply(job, status, now, reason, exit_code), True
 
+    async def record_isolation(
+        self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation
+    ) -> None:
+        job = await self.held_job(org, job_id, agent_id, epoch)
+        self.jobs[job_id] = replace(job, isolation=isolation)
+
+    async def job_agents(self, org: str, agent_ids: set[str]) -> dict[str, JobAgent]:
+        return {a: JobAgent(a, f"agent-{a}", "", "", "default") for a in agent_ids}
+
     async def record_test_report(self, job_id: str, path: str, cases: list[TestCase], error: str) -> None:
         self.reports.setdefault(job_id, []).append((path, cases, error))
 
@@ -195,12 +227,17 @@ class MemorySecrets:
 
     def __init__(self) -> None:
         self.secrets: dict[tuple[str, str], tuple[bytes, bytes, datetime]] = {}
+        self.used: dict[tuple[str, str], tuple[datetime, str]] = {}
 
     async def put_secret(self, org: str, name: str, data_key: bytes, sealed: bytes, now: datetime) -> None:
         self.secrets[(org, name)] = (data_key, sealed, now)
 
-    async def list_secrets(self, org: str) -> list[tuple[str, datetime]]:
-        return sorted((name, at) for (o, name), (_, _, at) in self.secrets.items() if o == org)
+    async def list_secrets(self, org: str) -> list[SecretInfo]:
+        found = sorted((name, at) for (o, name), (_, _, at) in self.secrets.items() if o == org)
+        return [SecretInfo(name, at, *self.used.get((org, name), (None, ""))) for name, at in found]
+
+    async def record_secret_use(self, org: str, names: tuple[str, ...], job_id: str, now: datetime) -> None:
+        self.used.update({(org, n): (now, job_id) for n in names if (org, n) in self.secrets})
 
     async def delete_secret(self, org: str, name: str) -> datetime | None:
         found = self.secrets.pop((org, name), None)

@@ -119,3 +119,50 @@ def test_dumps_is_one_document_that_round_trips() -> None:
     shown = job_json(job_from_pb(finished_job()))
     assert json.loads(dumps([shown])) == [shown]
     assert all(TIME.match(t["at"]) for t in shown["transitions"])
+
+
+def test_a_job_in_json_has_its_spec_agent_and_isolation_in_a_fixed_order() -> None:
+    job = finished_job()
+    job.spec.env["B"] = "2"
+    job.spec.env["A"] = "1"
+    job.spec.secrets.append("TOKEN")
+    job.spec.timeout.FromTimedelta(timedelta(minutes=5))
+    job.agent.CopyFrom(
+        jobs_pb2.JobAgent(id="a1", name="box-1", host="build-7", version="1.0", pool="default")
+    )
+    job.isolation.CopyFrom(
+        jobs_pb2.Isolation(runtime="runc", network_mode="none", interfaces=["lo"], cap_drop=["ALL"], cpus=1.5)
+    )
+    shown = job_json(job_from_pb(job))
+    assert list(shown) == [
+        "id", "status", "exit_code", "status_reason", "image", "command", "pool", "agent_id", "attempt",
+        "retries", "retry_of", "retried_as", "created_at", "started_at", "finished_at", "log_size", "spec",
+        "agent", "isolation", "transitions",
+    ]  # fmt: skip
+    assert list(shown["spec"]) == [
+        "image", "command", "env", "pool", "workdir", "timeout_s", "labels", "secrets", "runtime", "cpus",
+        "memory_bytes", "pids", "artifact_globs", "junit_globs", "workspace_id",
+    ]  # fmt: skip
+    assert shown["spec"]["env"] == {"A": "1", "B": "2"}
+    assert (shown["spec"]["secrets"], shown["spec"]["timeout_s"]) == (["TOKEN"], 300.0)
+    assert shown["agent"] == {
+        "id": "a1",
+        "name": "box-1",
+        "host": "build-7",
+        "version": "1.0",
+        "pool": "default",
+    }
+    assert list(shown["isolation"]) == [
+        "runtime", "network_mode", "interfaces", "user", "cap_add", "cap_drop", "no_new_privileges",
+        "seccomp", "read_only_root", "pids_limit", "memory_bytes", "cpus", "image_id", "image_digest",
+        "mounts",
+    ]  # fmt: skip
+    assert (shown["isolation"]["interfaces"], shown["isolation"]["cap_add"]) == (["lo"], [])
+    # Every key but the job's own env and labels (its data, named as the job names them).
+    assert all(SNAKE.match(k) for k in keys({**shown, "spec": list(shown["spec"])}))
+    assert json.loads(dumps(shown)) == shown
+
+
+def test_a_job_not_yet_assigned_has_null_agent_and_isolation() -> None:
+    shown = job_json(job_from_pb(jobs_pb2.Job(id="j2", status=jobs_pb2.JOB_STATUS_QUEUED)))
+    assert (shown["agent"], shown["isolation"]) == (None, None)

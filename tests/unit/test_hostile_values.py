@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from testhide.controlplane.errors import InvalidArgument, quoted
-from testhide.controlplane.jobs.model import JobSpec, Resources
+from testhide.controlplane.jobs.model import JobFilter, JobSpec, Resources
 from testhide.controlplane.jobs.validation import (
     MAX_LABELS,
     validate_job_id,
@@ -134,7 +134,7 @@ def test_a_negative_page_size_is_refused(page_size: int) -> None:
 
 
 def test_a_page_token_must_be_a_job_id() -> None:
-    assert page_from_pb(jobs_pb2.ListJobsRequest(page_size=10)) == (10, "")
+    assert page_from_pb(jobs_pb2.ListJobsRequest(page_size=10)) == (10, "", JobFilter())
     with pytest.raises(InvalidArgument, match="page_token"):
         page_from_pb(jobs_pb2.ListJobsRequest(page_token="x" * 100))
 

@@ -1,0 +1,388 @@
+"""One example document for every `--json` output of the three programs
+(`testhide`, `testhide-agent`, `testhide-controlplane`): the one set the
+README's "JSON output" tables are rendered from (``python -m tests.json_schema``)
+and real outputs are checked against (``tests.json_schema.assert_matches_example``).
+
+An example shows every field with a value of its type, never ``null``: the paths
+that may be ``null`` are listed in ``nullable``. A path names a field from the
+document's root, joined with ``.``; ``[]`` stands for the elements of an array
+(``[].exit_code`` in a list of jobs, ``transitions[].at`` in one job). Objects
+whose keys are data, not field names (a job's ``env`` and ``labels``), are
+listed in ``maps``: only their values' type is checked. Arrays have at least
+one element, so that the elements' shape is documented too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Example:
+    document: Any
+    nullable: frozenset[str] = frozenset()
+    maps: frozenset[str] = frozenset()
+    note: str = ""
+    """One line for the README, if the output needs one."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """What a field means, where its name does not say it (for the README)."""
+    like: str = ""
+    """For an array of another output's objects: that output (the README says so, briefly)."""
+
+
+def _under(prefix: str, paths: set[str]) -> frozenset[str]:
+    return frozenset(f"{prefix}{p}" if p.startswith("[]") else f"{prefix}.{p}" for p in paths)
+
+
+T0 = "2030-01-02T03:04:05.000000Z"
+T1 = "2030-01-02T03:04:06.250000Z"
+T2 = "2030-01-02T03:04:09.500000Z"
+JOB_ID = "j0190a3b4c5d6e7f8a9b0c1d2"
+AGENT_ID = "a1b2c3d4e5f6a7b8"
+
+JOB: dict[str, Any] = {
+    "id": JOB_ID,
+    "status": "FAILED",
+    "exit_code": 1,
+    "status_reason": "exit code 1",
+    "image": "testhide/python:1",
+    "command": ["python3", "-m", "pytest"],
+    "pool": "default",
+    "agent_id": AGENT_ID,
+    "attempt": 1,
+    "retries": 0,
+    "retry_of": "j0190a3b4c5d6e7f8a9b0c1d1",
+    "retried_as": "j0190a3b4c5d6e7f8a9b0c1d3",
+    "created_at": T0,
+    "started_at": T1,
+    "finished_at": T2,
+    "log_size": 2048,
+    "spec": {
+        "image": "testhide/python:1",
+        "command": ["python3", "-m", "pytest"],
+        "env": {"CI": "true"},
+        "pool": "default",
+        "workdir": "/workspace",
+        "timeout_s": 3600,
+        "labels": {"arch": "amd64"},
+        "secrets": ["DEPLOY_TOKEN"],
+        "runtime": "runc",
+        "cpus": 2.0,
+        "memory_bytes": 2147483648,
+        "pids": 2048,
+        "artifact_globs": ["dist/**"],
+        "junit_globs": ["reports/*.xml"],
+        "workspace_id": "b0123456789abcdef01234567",
+    },
+    "agent": {
+        "id": AGENT_ID,
+        "name": "build-1",
+        "host": "build-1.example",
+        "version": "1.4.0",
+        "pool": "default",
+    },
+    "isolation": {
+        "runtime": "runc",
+        "network_mode": "none",
+        "interfaces": ["lo"],
+        "user": "65534:65534",
+        "cap_add": ["NET_BIND_SERVICE"],
+        "cap_drop": ["ALL"],
+        "no_new_privileges": True,
+        "seccomp": "default",
+        "read_only_root": True,
+        "pids_limit": 2048,
+        "memory_bytes": 2147483648,
+        "cpus": 2.0,
+        "image_id": "sha256:5f4e3d2c1b0a",
+        "image_digest": "testhide/python@sha256:0a1b2c3d4e5f",
+        "mounts": ["/workspace (rw)", "/tmp (tmpfs)"],
+    },
+    "transitions": [{"status": "QUEUED", "at": T0, "reason": "waiting for an agent"}],
+}
+_JOB_NULLABLE = {
+    "exit_code",
+    "agent_id",
+    "retry_of",
+    "retried_as",
+    "started_at",
+    "finished_at",
+    "agent",
+    "isolation",
+    "spec.workspace_id",
+    "spec.runtime",
+    "isolation.image_digest",
+}
+_JOB_MAPS = {"spec.env", "spec.labels"}
+_JOB_FIELDS = {
+    "status_reason": 'why the job is in its status ("" when nothing to say)',
+    "attempt": "1, or 2… for a retry of a LOST job (`retry_of` names the job it retries)",
+    "log_size": "bytes of log stored",
+    "spec": "what was asked for; `timeout_s` in seconds",
+    "agent": "the agent that took the job, as known when it was read",
+    "isolation": "what Docker applied to the job's container, read back from the live container",
+}
+
+POOL: dict[str, Any] = {
+    "name": "default",
+    "paused": False,
+    "allowed_images": ["testhide/*"],
+    "pull_policy": "if-not-present",
+    "runtime": "runsc",
+    "agent_cert_ttl_s": 604800,
+    "agents_enrolled": 3,
+    "agents_connected": 2,
+    "jobs_queued": 4,
+    "jobs_running": 2,
+    "created_at": T0,
+}
+_POOL_NULLABLE = {"[].runtime", "[].agent_cert_ttl_s"}
+
+SECRET: dict[str, Any] = {
+    "name": "DEPLOY_TOKEN",
+    "updated_at": T0,
+    "last_used_at": T2,
+    "last_used_by_job": JOB_ID,
+}
+_SECRET_NULLABLE = {"[].last_used_at", "[].last_used_by_job"}
+
+DOCTOR: dict[str, Any] = {
+    "ok": False,
+    "checks": [
+        {
+            "status": "FAIL",
+            "check": "docker",
+            "finding": "cannot reach Docker at unix:///var/run/docker.sock",
+            "fix": "start dockerd, or set DOCKER_HOST",
+        }
+    ],
+}
+
+AGENT_ADMIN: dict[str, Any] = {
+    "id": AGENT_ID,
+    "name": "build-1",
+    "pool": "default",
+    "host": "build-1.example",
+    "version": "1.4.0",
+    "labels": {"arch": "amd64"},
+    "runtimes": ["runc", "runsc"],
+    "max_jobs": 2,
+    "running_jobs": 1,
+    "state": "connected",
+    "enrolled_at": T0,
+    "last_seen_at": T2,
+    "cert_expires_at": "2030-01-09T03:04:05.000000Z",
+    "revoked_at": T2,
+}
+
+EXAMPLES: dict[str, Example] = {
+    # testhide: the engineer's command
+    "testhide jobs show": Example(JOB, frozenset(_JOB_NULLABLE), frozenset(_JOB_MAPS), fields=_JOB_FIELDS),
+    "testhide jobs list": Example(
+        [JOB],
+        _under("[]", _JOB_NULLABLE),
+        _under("[]", _JOB_MAPS),
+        note="newest first; with `--all`, the jobs of every page",
+        like="testhide jobs show",
+    ),
+    "testhide tests": Example(
+        {
+            "total": 3,
+            "passed": 1,
+            "failed": 1,
+            "errors": 0,
+            "skipped": 1,
+            "cases": [
+                {
+                    "suite": "s",
+                    "classname": "tests.test_app",
+                    "name": "test_login",
+                    "duration_s": 0.25,
+                    "status": "FAILED",
+                    "message": "AssertionError: boom",
+                }
+            ],
+            "rejected_reports": ["reports/broken.xml"],
+        },
+        fields={"rejected_reports": "reports that could not be parsed, by path"},
+    ),
+    "testhide secrets list": Example([SECRET], frozenset(_SECRET_NULLABLE)),
+    "testhide artifacts --list": Example(
+        [{"path": "dist/app.tar.gz", "size": 1048576, "sha256": "9f86d081884c7d659a2feaa0c55ad015"}],
+        note="also printed after a download with `--json`",
+    ),
+    "testhide pools list": Example([POOL], frozenset(_POOL_NULLABLE)),
+    "testhide whoami": Example(
+        {
+            "profile": "default",
+            "server": "ci.example:7443",
+            "servers": ["ci.example:7443", "ci2.example:7443"],
+            "server_version": "1.4.0",
+            "org": "default",
+            "principal_kind": "user",
+            "principal_id": "ada",
+            "scopes": ["jobs:write"],
+            "amr": ["pwd", "otp"],
+            "access_expires_at": T2,
+            "session_expires_at": "2030-01-03T03:04:05.000000Z",
+        },
+        frozenset({"access_expires_at", "session_expires_at"}),
+        fields={
+            "principal_kind": '"user" or "api_key"',
+            "amr": "how the session was authenticated (RFC 8176)",
+        },
+    ),
+    "testhide profiles": Example(
+        [
+            {
+                "name": "default",
+                "active": True,
+                "servers": ["ci.example:7443"],
+                "session_expires_at": T2,
+                "error": "the stored session cannot be read",
+            }
+        ],
+        frozenset({"[].session_expires_at", "[].error"}),
+    ),
+    "testhide mfa enroll": Example(
+        {
+            "otpauth_uri": "otpauth://totp/testhide:default%2Fada?secret=JBSWY3DPEHPK3PXP&issuer=testhide",
+            "secret": "JBSWY3DPEHPK3PXP",
+            "recovery_codes": ["k3vq-7hxm-2p9d"],
+        }
+    ),
+    # testhide admin: the organisation's administration over the API
+    "testhide admin enroll-token list": Example(
+        [
+            {
+                "id": "t1a2b3c4",
+                "pool": "default",
+                "state": "valid",
+                "created_at": T0,
+                "expires_at": T2,
+                "used_at": T1,
+                "revoked_at": T2,
+            }
+        ],
+        frozenset({"[].used_at", "[].revoked_at"}),
+    ),
+    "testhide admin agents list": Example(
+        [AGENT_ADMIN],
+        frozenset({"[].last_seen_at", "[].revoked_at", "[].max_jobs"}),
+        frozenset({"[].labels"}),
+    ),
+    "testhide admin api-keys list": Example(
+        [
+            {
+                "id": "k1a2b3c4",
+                "name": "ci",
+                "scopes": ["jobs:write"],
+                "state": "active",
+                "created_at": T0,
+                "expires_at": T2,
+                "revoked_at": T2,
+            }
+        ],
+        frozenset({"[].expires_at", "[].revoked_at"}),
+    ),
+    "testhide admin users list": Example(
+        [
+            {
+                "name": "ada",
+                "scopes": ["jobs:write"],
+                "mfa": True,
+                "state": "active",
+                "created_at": T0,
+                "revoked_at": T2,
+            }
+        ],
+        frozenset({"[].revoked_at"}),
+    ),
+    "testhide admin secrets list": Example(
+        [SECRET], frozenset(_SECRET_NULLABLE), like="testhide secrets list"
+    ),
+    "testhide admin pools list": Example([POOL], frozenset(_POOL_NULLABLE), like="testhide pools list"),
+    # testhide-agent
+    "testhide-agent doctor": Example(DOCTOR, fields={"status": '"OK", "WARN" or "FAIL"'}),
+    # testhide-controlplane: the operator's command on the data dir
+    "testhide-controlplane doctor": Example(DOCTOR, fields={"status": '"OK", "WARN" or "FAIL"'}),
+    "testhide-controlplane pools list": Example([{"org": "default", **POOL}], frozenset(_POOL_NULLABLE)),
+    "testhide-controlplane orgs list": Example(
+        [
+            {
+                "name": "default",
+                "state": "active",
+                "created_at": T0,
+                "revoked_at": T2,
+                "admin_key_max_lifetime_s": 7776000,
+            }
+        ],
+        frozenset({"[].revoked_at", "[].admin_key_max_lifetime_s"}),
+        fields={
+            "admin_key_max_lifetime_s": "the longest an API key with an admin scope may live; null: no limit"
+        },
+    ),
+    "testhide-controlplane agents list": Example(
+        [{**AGENT_ADMIN, "org": "default", "connected": True, "cert_serial": "5f1c0a"}],
+        frozenset({"[].last_seen_at", "[].revoked_at", "[].max_jobs"}),
+        frozenset({"[].labels"}),
+    ),
+    "testhide-controlplane enroll-token list": Example(
+        [
+            {
+                "id": "t1a2b3c4",
+                "org": "default",
+                "pool": "default",
+                "state": "valid",
+                "created_at": T0,
+                "expires_at": T2,
+                "used_at": T1,
+                "revoked_at": T2,
+            }
+        ],
+        frozenset({"[].used_at", "[].revoked_at"}),
+    ),
+    "testhide-controlplane users list": Example(
+        [
+            {
+                "name": "ada",
+                "org": "default",
+                "scopes": ["jobs:write"],
+                "mfa": True,
+                "state": "active",
+                "created_at": T0,
+                "revoked_at": T2,
+            }
+        ],
+        frozenset({"[].revoked_at"}),
+    ),
+    "testhide-controlplane api-keys list": Example(
+        [
+            {
+                "id": "k1a2b3c4",
+                "prefix": "thk_k1a2b3c4",
+                "org": "default",
+                "name": "ci",
+                "scopes": ["jobs:write"],
+                "state": "active",
+                "created_at": T0,
+                "expires_at": T2,
+                "revoked_at": T2,
+                "last_used_at": T1,
+            }
+        ],
+        frozenset({"[].expires_at", "[].revoked_at", "[].last_used_at"}),
+    ),
+    "testhide-controlplane migrate-store": Example(
+        {
+            "data_dir": "/var/lib/testhide",
+            "target": {"host": "db.example", "port": 5432, "database": "testhide"},
+            "tables": {"jobs": 120},
+            "audit_entries": 57,
+            "duration_s": 4.2,
+            "rows": 5310,
+        },
+        maps=frozenset({"tables"}),
+        fields={"tables": "rows copied, by table"},
+    ),
+}
