@@ -84,7 +84,7 @@ async def test_logout_ends_the_session_on_the_control_plane_and_here(
     again = await cli("whoami")
     assert again.returncode == 125
     assert again.stderr.decode().strip().splitlines() == [
-        "Error: not logged in: run 'testhide login --server HOST:PORT --api-key KEY'"
+        "Error: not logged in: run 'testhide login --server HOST:PORT --api-key-stdin (or --user NAME)'"
     ]
 
 

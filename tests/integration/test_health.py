@@ -125,15 +125,16 @@ async def reflection_call(channel: grpc.aio.Channel, request: Any) -> Any:
         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
     )
-    call = info(timeout=30)
+    # The request goes as an iterator, written by gRPC itself: the server may end the call
+    # before the request is written, and a write of our own then fails with a core error of
+    # the client's (INTERNAL, now and then) instead of what the server said.
+    call = info(iter([request]), timeout=30)
     try:
-        await call.write(request)
-        await call.done_writing()
         response = await call.read()
-    except grpc.aio.AioRpcError:
-        # The server may end the call before the request is written; the write then fails on the
-        # client's side with a core error of its own. What the server said is the call's status.
-        raise Refused(await call.code()) from None
+    except grpc.aio.AioRpcError as error:
+        raise Refused(error.code()) from None
+    if response is grpc.aio.EOF:
+        raise Refused(await call.code())
     assert response is not grpc.aio.EOF
     return response
 

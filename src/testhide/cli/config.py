@@ -82,7 +82,7 @@ def read_ca_file(path: Path) -> str:
 
 def _login_hint(profile: str) -> str:
     option = "" if profile == DEFAULT_PROFILE else f" --profile {profile}"
-    return f"testhide{option} login --server HOST:PORT --api-key KEY"
+    return f"testhide{option} login --server HOST:PORT --api-key-stdin (or --user NAME)"
 
 
 @dataclass(frozen=True)
