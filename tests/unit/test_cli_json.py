@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from testhide.cli.output import dumps, job_json, results_json
-from testhide.cli.wire import job_from_pb, results_from_pb
+from testhide.cli.wire_convert import job_from_pb, results_from_pb
 from testhide.protos.v1 import jobs_pb2
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")

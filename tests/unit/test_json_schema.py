@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from testhide.cli.model import Artifact, Secret
 from testhide.cli.output import artifact_json, job_json, results_json, secret_json
-from testhide.cli.wire import job_from_pb, results_from_pb
+from testhide.cli.wire_convert import job_from_pb, results_from_pb
 from testhide.protos.v1 import jobs_pb2
 from tests.json_examples import EXAMPLES, Example
 from tests.json_schema import (

@@ -11,12 +11,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import TypeVar
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from testhide.cli.config import Login
 from testhide.cli.diagnose import diagnosed
@@ -31,24 +29,31 @@ from testhide.cli.model import (
     Job,
     JobQuery,
     JobRequest,
-    JobStatus,
     JobUpdate,
     LogChunk,
-    LogStream,
     MfaEnrollment,
     PasswordLogin,
     PoolChange,
     PoolInfo,
     Secret,
-    TestCase,
     TestResults,
-    TestStatus,
-    Transition,
     UserInfo,
 )
 from testhide.cli.wire_admin_agents import enrolled_agent_from_pb, pool_from_pb, token_from_pb
 from testhide.cli.wire_admin_org import api_key_from_pb, user_from_pb
-from testhide.cli.wire_job import agent_from_pb, isolation_from_pb, job_spec_from_pb
+from testhide.cli.wire_convert import (
+    chunk_from_pb,
+    job_from_pb,
+    job_status_from_pb,
+    list_request_pb,
+    login_request,
+    password_pb,
+    results_from_pb,
+    secret_from_pb,
+    spec_to_pb,
+    stored_login,
+    time_of,
+)
 from testhide.common.tls import CHANNEL_OPTIONS
 from testhide.protos.v1 import admin_pb2, admin_pb2_grpc, auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
@@ -73,150 +78,6 @@ _HINTS = {grpc.StatusCode.UNAUTHENTICATED: "run 'testhide login' again"}
 # How long a server that is not the last one to try may take to connect before
 # the next one is tried. A refused port or a failed handshake fails at once.
 CONNECT_WITHIN_S = 10.0
-
-
-# Conversion -----------------------------------------------------------------------------------------------
-
-
-def _name(value: V, names: Callable[[V], str], prefix: str) -> str:
-    try:
-        return names(value).removeprefix(prefix)
-    except ValueError:  # a newer server's value
-        return "UNSPECIFIED"
-
-
-def _job_status(value: jobs_pb2.JobStatus.ValueType) -> JobStatus:
-    return JobStatus(_name(value, jobs_pb2.JobStatus.Name, "JOB_STATUS_"))
-
-
-def _time(message: Any, name: str) -> datetime | None:
-    if not message.HasField(name):
-        return None
-    stamp: Timestamp = getattr(message, name)
-    return stamp.ToDatetime(tzinfo=UTC)
-
-
-def job_from_pb(job: jobs_pb2.Job) -> Job:
-    return Job(
-        id=job.id,
-        status=_job_status(job.status),
-        exit_code=job.exit_code if job.HasField("exit_code") else None,
-        status_reason=job.status_reason,
-        image=job.spec.image,
-        command=tuple(job.spec.command),
-        pool=job.spec.pool,
-        agent_id=job.agent_id or None,
-        created_at=_time(job, "created_at"),
-        started_at=_time(job, "started_at"),
-        finished_at=_time(job, "finished_at"),
-        log_size=job.log_size,
-        transitions=tuple(
-            Transition(_job_status(t.status), t.at.ToDatetime(tzinfo=UTC), t.reason) for t in job.transitions
-        ),
-        attempt=job.attempt,
-        retries=job.spec.retries,
-        retry_of=job.retry_of or None,
-        retried_as=job.retried_as or None,
-        spec=job_spec_from_pb(job.spec),
-        agent=agent_from_pb(job.agent) if job.HasField("agent") else None,
-        isolation=isolation_from_pb(job.isolation) if job.HasField("isolation") else None,
-    )
-
-
-def spec_to_pb(request: JobRequest) -> jobs_pb2.JobSpec:
-    spec = jobs_pb2.JobSpec(
-        image=request.image,
-        command=list(request.command),
-        pool=request.pool,
-        workdir=request.workdir,
-        env=request.env,
-        labels=request.labels,
-        resources=jobs_pb2.Resources(cpus=request.cpus, memory_bytes=request.memory_bytes, pids=request.pids),
-        secrets=list(request.secrets),
-        runtime=request.runtime,
-        artifact_globs=list(request.artifact_globs),
-        junit_globs=list(request.junit_globs),
-        retries=request.retries,
-        workspace_id=request.workspace_id,
-    )
-    spec.timeout.FromTimedelta(request.timeout)
-    return spec
-
-
-def chunk_from_pb(chunk: jobs_pb2.LogChunk) -> LogChunk:
-    return LogChunk(
-        chunk.offset, LogStream(_name(chunk.stream, jobs_pb2.LogStream.Name, "LOG_STREAM_")), chunk.data
-    )
-
-
-def results_from_pb(results: jobs_pb2.TestResults) -> TestResults:
-    return TestResults(
-        total=results.total,
-        passed=results.passed,
-        failed=results.failed,
-        errors=results.errors,
-        skipped=results.skipped,
-        cases=tuple(
-            TestCase(
-                suite=c.suite,
-                classname=c.classname,
-                name=c.name,
-                duration_s=c.duration_s,
-                status=TestStatus(_name(c.status, jobs_pb2.TestStatus.Name, "TEST_STATUS_")),
-                message=c.message,
-            )
-            for c in results.cases
-        ),
-        rejected_reports=tuple(results.rejected_reports),
-    )
-
-
-def _secret_from_pb(secret: jobs_pb2.Secret) -> Secret:
-    return Secret(
-        secret.name,
-        _time(secret, "updated_at"),
-        last_used_at=_time(secret, "last_used_at"),
-        last_used_by_job=secret.last_used_by_job or None,
-    )
-
-
-def list_request_pb(query: JobQuery, page_size: int, page_token: str) -> jobs_pb2.ListJobsRequest:
-    request = jobs_pb2.ListJobsRequest(
-        page_size=page_size,
-        page_token=page_token,
-        statuses=[jobs_pb2.JobStatus.Value(f"JOB_STATUS_{s.value}") for s in query.statuses],
-        labels=query.labels,
-        pool=query.pool,
-    )
-    if query.since is not None:
-        request.since.FromDatetime(query.since)
-    return request
-
-
-def _login_request(credential: ApiKeyLogin | PasswordLogin) -> auth_pb2.LoginRequest:
-    if isinstance(credential, ApiKeyLogin):
-        return auth_pb2.LoginRequest(api_key=credential.api_key)
-    return auth_pb2.LoginRequest(
-        password=auth_pb2.PasswordLogin(
-            org=credential.org, user=credential.user, password=credential.password
-        ),
-        totp_code=credential.totp_code,
-        recovery_code=credential.recovery_code,
-    )
-
-
-def _password_pb(credential: PasswordLogin) -> auth_pb2.PasswordLogin:
-    return auth_pb2.PasswordLogin(org=credential.org, user=credential.user, password=credential.password)
-
-
-def _stored(pair: auth_pb2.TokenPair, login: Login) -> Login:
-    return replace(
-        login,
-        access_token=pair.access_token,
-        refresh_token=pair.refresh_token,
-        access_expires_at=time.time() + pair.access_expires_in_s,
-        refresh_expires_at=time.time() + pair.refresh_expires_in_s,
-    )
 
 
 # Errors ---------------------------------------------------------------------------------------------------
@@ -349,21 +210,19 @@ class ControlPlaneClient:
 
     async def log_in(self, credential: ApiKeyLogin | PasswordLogin) -> Login:
         """Trade a password or API key for a session; nothing is stored here."""
-        request = _login_request(credential)
+        request = login_request(credential)
         pair = await self._call(lambda: self._auth.Login(request, timeout=30))
-        return _stored(pair, self._login)
+        return stored_login(pair, self._login)
 
     async def enroll_mfa(self, credential: PasswordLogin) -> MfaEnrollment:
         """A new pending TOTP factor (``credential.totp_code``: the current factor's, to replace it)."""
-        request = auth_pb2.EnrollMfaRequest(password=_password_pb(credential), totp_code=credential.totp_code)
+        request = auth_pb2.EnrollMfaRequest(password=password_pb(credential), totp_code=credential.totp_code)
         response = await self._call(lambda: self._auth.EnrollMfa(request, timeout=30))
         return MfaEnrollment(response.otpauth_uri, response.secret, tuple(response.recovery_codes))
 
     async def confirm_mfa(self, credential: PasswordLogin) -> None:
         """Make the pending factor the user's, with a code from it (``credential.totp_code``)."""
-        request = auth_pb2.ConfirmMfaRequest(
-            password=_password_pb(credential), totp_code=credential.totp_code
-        )
+        request = auth_pb2.ConfirmMfaRequest(password=password_pb(credential), totp_code=credential.totp_code)
         await self._call(lambda: self._auth.ConfirmMfa(request, timeout=30))
 
     @property
@@ -377,7 +236,7 @@ class ControlPlaneClient:
         if self._login.access_expires_at - time.time() <= REFRESH_MARGIN_S:
             request = auth_pb2.RefreshRequest(refresh_token=self._login.refresh_token)
             pair = await self._call(lambda: self._auth.Refresh(request, timeout=30))
-            self._login = _stored(pair, self._login)
+            self._login = stored_login(pair, self._login)
             self._login.save()
         return (("authorization", f"Bearer {self._login.access_token}"),)
 
@@ -391,7 +250,7 @@ class ControlPlaneClient:
             principal_kind=answer.principal_kind,
             principal_id=answer.principal_id,
             scopes=tuple(answer.scopes),
-            access_expires_at=_time(answer, "access_expires_at"),
+            access_expires_at=time_of(answer, "access_expires_at"),
             amr=tuple(answer.amr),
             server_version=answer.server_version,
         )
@@ -405,7 +264,7 @@ class ControlPlaneClient:
         metadata = await self._bearer()
         request = jobs_pb2.ListJobsRequest(page_size=limit)
         response = await self._call(lambda: self._jobs.List(request, metadata=metadata, timeout=2))
-        return [(job.id, _job_status(job.status).value) for job in response.jobs]
+        return [(job.id, job_status_from_pb(job.status).value) for job in response.jobs]
 
     @property
     def _session(self) -> auth_pb2_grpc.SessionAsyncStub:
@@ -513,7 +372,7 @@ class ControlPlaneClient:
     async def set_secret(self, name: str, value: bytes) -> Secret:
         metadata = await self._bearer()
         request = jobs_pb2.SetSecretRequest(name=name, value=value)
-        return _secret_from_pb(
+        return secret_from_pb(
             await self._call(lambda: self._secrets.Set(request, metadata=metadata, timeout=30))
         )
 
@@ -521,12 +380,12 @@ class ControlPlaneClient:
         metadata = await self._bearer()
         request = jobs_pb2.ListSecretsRequest()
         response = await self._call(lambda: self._secrets.List(request, metadata=metadata, timeout=30))
-        return [_secret_from_pb(s) for s in response.secrets]
+        return [secret_from_pb(s) for s in response.secrets]
 
     async def delete_secret(self, name: str) -> Secret:
         metadata = await self._bearer()
         request = jobs_pb2.DeleteSecretRequest(name=name)
-        return _secret_from_pb(
+        return secret_from_pb(
             await self._call(lambda: self._secrets.Delete(request, metadata=metadata, timeout=30))
         )
 
@@ -585,7 +444,7 @@ class ControlPlaneClient:
         metadata = await self._bearer()
         request = jobs_pb2.ListSecretsRequest()
         response = await self._call(lambda: self._admin.ListSecrets(request, metadata=metadata, timeout=30))
-        return [_secret_from_pb(s) for s in response.secrets]
+        return [secret_from_pb(s) for s in response.secrets]
 
     # enrollment tokens, agents, pools (agents:admin; cli/admin.py); pools (jobs:read)
     async def create_enrollment_token(self, pool: str, ttl: timedelta) -> tuple[str, EnrollmentTokenInfo]:

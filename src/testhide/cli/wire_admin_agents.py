@@ -4,25 +4,19 @@ model (used by `cli/wire.py`): enrollment tokens, agents and pools as `testhide 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
 from testhide.cli.model import AgentInfo, EnrollmentTokenInfo, PoolInfo
+from testhide.cli.wire_convert import time_of
 from testhide.protos.v1 import admin_pb2, jobs_pb2
-
-
-def _time(message: Any, name: str) -> datetime | None:
-    return getattr(message, name).ToDatetime(tzinfo=UTC) if message.HasField(name) else None
 
 
 def token_from_pb(token: admin_pb2.EnrollmentToken) -> EnrollmentTokenInfo:
     return EnrollmentTokenInfo(
         id=token.id,
         pool=token.pool,
-        created_at=_time(token, "created_at"),
-        expires_at=_time(token, "expires_at"),
-        used_at=_time(token, "used_at"),
-        revoked_at=_time(token, "revoked_at"),
+        created_at=time_of(token, "created_at"),
+        expires_at=time_of(token, "expires_at"),
+        used_at=time_of(token, "used_at"),
+        revoked_at=time_of(token, "revoked_at"),
         state=token.state,
     )
 
@@ -39,10 +33,10 @@ def enrolled_agent_from_pb(agent: admin_pb2.Agent) -> AgentInfo:
         max_jobs=agent.max_jobs,
         running_jobs=agent.running_jobs,
         state=agent.state,
-        enrolled_at=_time(agent, "enrolled_at"),
-        last_seen_at=_time(agent, "last_seen_at"),
-        cert_not_after=_time(agent, "cert_not_after"),
-        revoked_at=_time(agent, "revoked_at"),
+        enrolled_at=time_of(agent, "enrolled_at"),
+        last_seen_at=time_of(agent, "last_seen_at"),
+        cert_not_after=time_of(agent, "cert_not_after"),
+        revoked_at=time_of(agent, "revoked_at"),
     )
 
 
@@ -60,5 +54,5 @@ def pool_from_pb(pool: jobs_pb2.Pool) -> PoolInfo:
         agents_connected=pool.agents_connected,
         jobs_queued=pool.jobs_queued,
         jobs_running=pool.jobs_running,
-        created_at=_time(pool, "created_at"),
+        created_at=time_of(pool, "created_at"),
     )

@@ -3,15 +3,9 @@ API keys and users as `testhide admin` shows them."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
 from testhide.cli.model import ApiKeyInfo, UserInfo
+from testhide.cli.wire_convert import time_of
 from testhide.protos.v1 import admin_pb2
-
-
-def _time(message: Any, name: str) -> datetime | None:
-    return getattr(message, name).ToDatetime(tzinfo=UTC) if message.HasField(name) else None
 
 
 def api_key_from_pb(key: admin_pb2.ApiKey) -> ApiKeyInfo:
@@ -19,9 +13,9 @@ def api_key_from_pb(key: admin_pb2.ApiKey) -> ApiKeyInfo:
         id=key.id,
         name=key.name,
         scopes=tuple(key.scopes),
-        created_at=_time(key, "created_at"),
-        expires_at=_time(key, "expires_at"),
-        revoked_at=_time(key, "revoked_at"),
+        created_at=time_of(key, "created_at"),
+        expires_at=time_of(key, "expires_at"),
+        revoked_at=time_of(key, "revoked_at"),
         state=key.state,
     )
 
@@ -30,8 +24,8 @@ def user_from_pb(user: admin_pb2.User) -> UserInfo:
     return UserInfo(
         name=user.name,
         scopes=tuple(user.scopes),
-        created_at=_time(user, "created_at"),
-        revoked_at=_time(user, "revoked_at"),
+        created_at=time_of(user, "created_at"),
+        revoked_at=time_of(user, "revoked_at"),
         mfa=user.mfa,
         state=user.state,
     )
