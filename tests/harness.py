@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -88,6 +88,19 @@ class RunningControlPlane:
     ) -> str:
         assert self.daemon._store is not None
         return await create_token(self.daemon._store, self.ca_pem, org, pool, ttl)
+
+    async def api_key(self, org: str, *scopes: str) -> tuple[str, str]:
+        """A new API key of ``org`` with ``scopes``, straight into the store: (the key, its id)."""
+        from testhide.controlplane.auth.secrets import hash_secret, new_api_key
+        from testhide.controlplane.store.base import ApiKeyRecord
+
+        assert self.daemon._store is not None
+        key, parsed = new_api_key()
+        record = ApiKeyRecord(
+            parsed.key_id, org, f"k-{parsed.key_id}", hash_secret(parsed.secret), scopes, datetime.now(UTC)
+        )
+        await self.daemon._store.create_api_key(record)
+        return key, parsed.key_id
 
 
 @asynccontextmanager

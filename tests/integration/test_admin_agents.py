@@ -21,9 +21,7 @@ from testhide.agent.errors import CredentialsError
 from testhide.agent.rpc.enroll import enroll
 from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
 from testhide.agent.runtime.fake import FakeContainer, FakeRuntime, Script
-from testhide.controlplane.auth.secrets import hash_secret, new_api_key
 from testhide.controlplane.jobs.model import JobSpec, JobStatus
-from testhide.controlplane.store.base import ApiKeyRecord
 from testhide.protos.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 from tests.harness import (
     JOB_IMAGE,
@@ -79,18 +77,6 @@ class Api:
         return refused.value
 
 
-async def api_key(cp: RunningControlPlane, org: str, *scopes: str) -> tuple[str, str]:
-    """A new API key of ``org`` with ``scopes``: (the key, its id)."""
-    store = cp.daemon._store
-    assert store is not None
-    key, parsed = new_api_key()
-    record = ApiKeyRecord(
-        parsed.key_id, org, f"k-{parsed.key_id}", hash_secret(parsed.secret), scopes, datetime.now(UTC)
-    )
-    await store.create_api_key(record)
-    return key, parsed.key_id
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 async def cp(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RunningControlPlane]:
     """On SQLite, and on PostgreSQL (a fresh database of the test cluster)."""
@@ -127,14 +113,14 @@ async def new_org(cp: RunningControlPlane, org: str, *pools: str) -> None:
 async def test_every_agents_admin_method_needs_the_agents_admin_scope(
     cp: RunningControlPlane, connect: Callable[[str], Awaitable[Api]]
 ) -> None:
-    engineer = await connect((await api_key(cp, "default", "jobs:read", "jobs:write", "secrets:write"))[0])
+    engineer = await connect((await cp.api_key("default", "jobs:read", "jobs:write", "secrets:write"))[0])
     for method, request in ADMIN_METHODS:
         refused = await engineer.refused(method, request)
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED, method
         assert refused.details() == "this credential lacks the 'agents:admin' scope", method
     # Listing pools is the engineers' (jobs:read), not an administrator's alone.
     assert [p.name for p in (await engineer("ListPools", jobs_pb2.ListPoolsRequest())).pools] == ["default"]
-    admin_only = await connect((await api_key(cp, "default", "agents:admin"))[0])
+    admin_only = await connect((await cp.api_key("default", "agents:admin"))[0])
     refused = await admin_only.refused("ListPools", jobs_pb2.ListPoolsRequest())
     assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
     assert not [e for e in await audit(cp) if e.action.startswith(("pool_", "enrollment_token_"))]
@@ -143,7 +129,7 @@ async def test_every_agents_admin_method_needs_the_agents_admin_scope(
 async def test_tokens_and_pools_are_administered_and_audited_with_the_caller(
     cp: RunningControlPlane, connect: Callable[[str], Awaitable[Api]], tmp_path: Path
 ) -> None:
-    key, key_id = await api_key(cp, "default", "agents:admin")
+    key, key_id = await cp.api_key("default", "agents:admin")
     admin = await connect(key)
     pool = await admin(
         "CreatePool", admin_pb2.CreatePoolRequest(pool="gpu", agent_cert_ttl=Duration(seconds=120))
@@ -224,7 +210,7 @@ async def test_another_organisations_tokens_agents_and_pools_are_not_found(
     cp: RunningControlPlane, connect: Callable[[str], Awaitable[Api]], tmp_path: Path
 ) -> None:
     await new_org(cp, "acme", "secret-pool")
-    acme = await connect((await api_key(cp, "acme", "agents:admin", "jobs:read"))[0])
+    acme = await connect((await cp.api_key("acme", "agents:admin", "jobs:read"))[0])
     theirs = await acme("CreateEnrollmentToken", admin_pb2.CreateEnrollmentTokenRequest(pool="secret-pool"))
     enrolled = await enroll(
         cp.api_target,
@@ -234,7 +220,7 @@ async def test_another_organisations_tokens_agents_and_pools_are_not_found(
         tmp_path / "acme-agent",
         "acme-1",
     )
-    ours = await connect((await api_key(cp, "default", "agents:admin", "jobs:read"))[0])
+    ours = await connect((await cp.api_key("default", "agents:admin", "jobs:read"))[0])
 
     absent = await ours.refused("RevokeAgent", admin_pb2.RevokeAgentRequest(agent_id="a0000000000000000"))
     other = await ours.refused("RevokeAgent", admin_pb2.RevokeAgentRequest(agent_id=enrolled.agent_id))
@@ -293,7 +279,7 @@ async def test_a_paused_pool_finishes_what_runs_dispatches_nothing_new_and_resum
     cp: RunningControlPlane, connect: Callable[[str], Awaitable[Api]], tmp_path: Path
 ) -> None:
     runtime = HeldRuntime()
-    admin = await connect((await api_key(cp, "default", "agents:admin", "jobs:read"))[0])
+    admin = await connect((await cp.api_key("default", "agents:admin", "jobs:read"))[0])
     async with running_agent(cp, tmp_path, runtime, max_jobs=2) as agent:
         running = await submit(cp)
         await eventually(lambda: in_status(cp, running.id, JobStatus.RUNNING), 30, "the first job to run")
@@ -328,7 +314,7 @@ async def test_a_paused_pool_finishes_what_runs_dispatches_nothing_new_and_resum
 async def test_revoking_an_agent_over_the_api_cuts_its_open_stream_and_ends_its_job(
     cp: RunningControlPlane, connect: Callable[[str], Awaitable[Api]], tmp_path: Path
 ) -> None:
-    admin = await connect((await api_key(cp, "default", "agents:admin"))[0])
+    admin = await connect((await cp.api_key("default", "agents:admin"))[0])
     agent = Agent(AgentConfig(data_dir=await enrolled(cp, tmp_path)), HeldRuntime())
     running = asyncio.create_task(agent.run())
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +22,12 @@ from testhide.agent.errors import CredentialsError
 from testhide.agent.rpc.enroll import enroll
 from testhide.agent.runtime.docker import DockerRuntime
 from testhide.controlplane.auth.principal import SCOPES
-from testhide.controlplane.auth.secrets import hash_secret, new_api_key
-from testhide.controlplane.store.base import ApiKeyRecord
 from tests.harness import JOB_IMAGE, Cli, CliResult, RunningControlPlane, eventually
 from tests.json_schema import assert_matches_example
 
 pytestmark = pytest.mark.docker
 
 PAUSED = "waiting: pool 'ci' is paused by an administrator; nothing new is dispatched until it is resumed"
-
-
-async def api_key(cp: RunningControlPlane, *scopes: str) -> str:
-    assert cp.daemon._store is not None
-    key, parsed = new_api_key()
-    now = datetime.now(UTC)
-    await cp.daemon._store.create_api_key(
-        ApiKeyRecord(parsed.key_id, "default", "k", hash_secret(parsed.secret), scopes, now)
-    )
-    return key
 
 
 async def logged_in(cp: RunningControlPlane, home: Path, key: str) -> Cli:
@@ -66,7 +54,7 @@ async def shown(cli: Cli, *args: str) -> Any:
 async def test_an_administrator_runs_a_pool_of_agents_from_another_machine(
     cp: RunningControlPlane, tmp_path: Path, docker_client: DockerClient
 ) -> None:
-    admin = await logged_in(cp, tmp_path / "admin-laptop", await api_key(cp, *SCOPES))
+    admin = await logged_in(cp, tmp_path / "admin-laptop", (await cp.api_key("default", *SCOPES))[0])
     await ok(admin, "admin", "pools", "create", "ci", "--agent-cert-ttl", "1h")
     await ok(admin, "admin", "pools", "set", "ci", "--pull-policy", "never")
     bot_key = await ok(
