@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from testhide.cli.errors import RpcFailed
 from testhide.cli.follow import WaitNotices
-from testhide.cli.interrupt import Interrupts, detached_notice
+from testhide.cli.interrupt import Interrupts
 from testhide.cli.model import Job, JobAgent, JobStatus
 
 
@@ -131,7 +131,11 @@ async def test_a_second_ctrl_c_detaches_and_the_cancel_still_goes_out() -> None:
     await interrupts.settle()
     assert arrived.is_set()
     assert interrupts.detached
-    assert said == ["testhide: canceling job j1 (press Ctrl-C again to detach)", detached_notice("j1")]
+    assert said == [
+        "testhide: canceling job j1 (press Ctrl-C again to detach)",
+        "testhide: detached; job j1 is being canceled (it stops within the agent's grace period): "
+        "follow with 'testhide logs -f j1'",
+    ]
 
 
 async def test_detach_at_once_cancels_nothing() -> None:

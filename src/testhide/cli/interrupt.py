@@ -1,8 +1,9 @@
 """Ctrl-C on `testhide run`, as `docker run` treats it with its signal proxy:
 the first press asks the control plane to cancel the job and keeps following
 it, so the command still ends with the job (and exits 130 once it is
-CANCELED); a second press detaches, leaving the job to run and saying how to
-follow or cancel it. With ``--detach-on-interrupt`` the first press detaches.
+CANCELED); a second press detaches, saying that the job is being canceled and how
+to follow it. With ``--detach-on-interrupt`` the first press detaches, and the job
+runs on (the notice says how to follow or cancel it).
 
 SIGINT is taken with the event loop's own signal handling, not as
 KeyboardInterrupt: that exception can land anywhere (inside a gRPC call, a
@@ -21,7 +22,12 @@ from testhide.cli.errors import CliError
 CANCEL_WITHIN_S = 10.0
 
 
-def detached_notice(job_id: str) -> str:
+def detached_notice(job_id: str, canceling: bool = False) -> str:
+    if canceling:
+        return (
+            f"testhide: detached; job {job_id} is being canceled (it stops within the agent's grace "
+            f"period): follow with 'testhide logs -f {job_id}'"
+        )
     return (
         f"testhide: detached; job {job_id} continues: follow with 'testhide logs -f {job_id}', "
         f"cancel with 'testhide cancel {job_id}'"
@@ -77,7 +83,7 @@ class Interrupts:
         self._presses += 1
         job_id = self._job_id()
         if self._detach_at_once or self._presses > 1:
-            self._notify(detached_notice(job_id))
+            self._notify(detached_notice(job_id, canceling=self._canceling is not None))
             self.detached = True
             if self._follower is not None:
                 self._follower.cancel()
