@@ -43,6 +43,16 @@ async def add_user(cp: RunningControlPlane, password_hash: bytes, name: str, *sc
     )
 
 
+async def previous_step_code(totp: pyotp.TOTP) -> str:
+    """The code of the time step before now, which the control plane accepts (one step
+    either side) only while its clock is in the same step as ours: close to the end of
+    a step, first wait for the next one to begin, so that the call has 20 s to arrive."""
+    left = 30 - time.time() % 30
+    if left < 10:
+        await asyncio.sleep(left)
+    return totp.at(time.time() - 30)
+
+
 def credential(user: str, password: str = PASSWORD) -> auth_pb2.PasswordLogin:
     return auth_pb2.PasswordLogin(org="default", user=user, password=password)
 
@@ -65,7 +75,7 @@ async def enrolled(cp: RunningControlPlane, user: str) -> tuple[pyotp.TOTP, list
     enrollment = await call(cp, "EnrollMfa", auth_pb2.EnrollMfaRequest(password=credential(user)))
     assert isinstance(enrollment, auth_pb2.EnrollMfaResponse), enrollment
     totp = pyotp.TOTP(enrollment.secret)
-    confirm = auth_pb2.ConfirmMfaRequest(password=credential(user), totp_code=totp.at(time.time() - 30))
+    confirm = auth_pb2.ConfirmMfaRequest(password=credential(user), totp_code=await previous_step_code(totp))
     assert isinstance(await call(cp, "ConfirmMfa", confirm), auth_pb2.ConfirmMfaResponse)
     return totp, list(enrollment.recovery_codes)
 
@@ -98,7 +108,7 @@ async def enroll_through_the_cli(cli: Cli, where: tuple[str, ...]) -> tuple[pyot
         lines.append(line.rstrip("\n"))
     secret = next(line.removeprefix("secret: ") for line in lines if line.startswith("secret: "))
     totp = pyotp.TOTP(secret)
-    process.stdin.write(f"{totp.at(time.time() - 30)}\n".encode())
+    process.stdin.write(f"{await previous_step_code(totp)}\n".encode())
     await process.stdin.drain()
     process.stdin.close()
     _, err = await asyncio.wait_for(process.communicate(), 60)
