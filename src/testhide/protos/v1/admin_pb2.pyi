@@ -382,6 +382,8 @@ class SetPoolPolicyRequest(_message.Message):
     PULL_POLICY_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     AGENT_CERT_TTL_FIELD_NUMBER: _builtins.int
+    EGRESS_ALLOW_FIELD_NUMBER: _builtins.int
+    NO_EGRESS_FIELD_NUMBER: _builtins.int
     pool: _builtins.str
     any_image: _builtins.bool
     """Each field set replaces the pool's; an unset one keeps it."""
@@ -389,10 +391,18 @@ class SetPoolPolicyRequest(_message.Message):
     """"never", "if-not-present" or "always"; empty keeps it."""
     runtime: _builtins.str
     """"runc", "runsc", "job" (each job chooses); empty keeps it."""
+    no_egress: _builtins.bool
+    """Clears the pool's egress list (the fetch step is refused again)."""
     @_builtins.property
     def allowed_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def agent_cert_ttl(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def egress_allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """HOST or HOST:PORT the fetch step may reach through the egress proxy (port 80
+        and 443 when none is given); a non-empty list replaces the pool's.
+        """
+
     def __init__(
         self,
         *,
@@ -402,14 +412,21 @@ class SetPoolPolicyRequest(_message.Message):
         pull_policy: _builtins.str = ...,
         runtime: _builtins.str = ...,
         agent_cert_ttl: _duration_pb2.Duration | None = ...,
+        egress_allow: _abc.Iterable[_builtins.str] | None = ...,
+        no_egress: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_any_image", b"_any_image", "agent_cert_ttl", b"agent_cert_ttl", "any_image", b"any_image"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_any_image", b"_any_image", "_no_egress", b"_no_egress", "agent_cert_ttl", b"agent_cert_ttl", "any_image", b"any_image", "no_egress", b"no_egress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_any_image", b"_any_image", "agent_cert_ttl", b"agent_cert_ttl", "allowed_images", b"allowed_images", "any_image", b"any_image", "pool", b"pool", "pull_policy", b"pull_policy", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_any_image", b"_any_image", "_no_egress", b"_no_egress", "agent_cert_ttl", b"agent_cert_ttl", "allowed_images", b"allowed_images", "any_image", b"any_image", "egress_allow", b"egress_allow", "no_egress", b"no_egress", "pool", b"pool", "pull_policy", b"pull_policy", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__any_image: _TypeAlias = _typing.Literal["any_image"]  # noqa: Y015
     _WhichOneofArgType__any_image: _TypeAlias = _typing.Literal["_any_image", b"_any_image"]  # noqa: Y015
+    _WhichOneofReturnType__no_egress: _TypeAlias = _typing.Literal["no_egress"]  # noqa: Y015
+    _WhichOneofArgType__no_egress: _TypeAlias = _typing.Literal["_no_egress", b"_no_egress"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__any_image) -> _WhichOneofReturnType__any_image | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__no_egress) -> _WhichOneofReturnType__no_egress | None: ...
 
 Global___SetPoolPolicyRequest: _TypeAlias = SetPoolPolicyRequest  # noqa: Y015
 

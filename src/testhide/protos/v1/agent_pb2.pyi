@@ -29,12 +29,16 @@ class _ArtifactKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifact
     ARTIFACT_KIND_UNSPECIFIED: _ArtifactKind.ValueType  # 0
     ARTIFACT_KIND_FILE: _ArtifactKind.ValueType  # 1
     ARTIFACT_KIND_JUNIT: _ArtifactKind.ValueType  # 2
+    ARTIFACT_KIND_SERVICE_LOG: _ArtifactKind.ValueType  # 3
+    """A service's output (its path: services/NAME.log), for `testhide logs JOB --service NAME`."""
 
 class ArtifactKind(_ArtifactKind, metaclass=_ArtifactKindEnumTypeWrapper): ...
 
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind.ValueType  # 0
 ARTIFACT_KIND_FILE: ArtifactKind.ValueType  # 1
 ARTIFACT_KIND_JUNIT: ArtifactKind.ValueType  # 2
+ARTIFACT_KIND_SERVICE_LOG: ArtifactKind.ValueType  # 3
+"""A service's output (its path: services/NAME.log), for `testhide logs JOB --service NAME`."""
 Global___ArtifactKind: _TypeAlias = ArtifactKind  # noqa: Y015
 
 class _JobOutcome:
@@ -334,6 +338,34 @@ class JobAccepted(_message.Message):
 Global___JobAccepted: _TypeAlias = JobAccepted  # noqa: Y015
 
 @_typing.final
+class JobFetched(_message.Message):
+    """The fetch step ended (or its cache was restored): sent before the job step starts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    FETCH_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    epoch: _builtins.int
+    @_builtins.property
+    def fetch(self) -> _jobs_pb2.FetchStep: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        fetch: _jobs_pb2.FetchStep | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fetch", b"fetch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "fetch", b"fetch", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobFetched: _TypeAlias = JobFetched  # noqa: Y015
+
+@_typing.final
 class JobStarted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -464,6 +496,7 @@ class AgentMessage(_message.Message):
     LOG_BATCH_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
+    FETCHED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -478,6 +511,8 @@ class AgentMessage(_message.Message):
     def result(self) -> Global___JobResult: ...
     @_builtins.property
     def refused(self) -> Global___JobRefused: ...
+    @_builtins.property
+    def fetched(self) -> Global___JobFetched: ...
     def __init__(
         self,
         *,
@@ -488,12 +523,13 @@ class AgentMessage(_message.Message):
         log_batch: Global___LogBatch | None = ...,
         result: Global___JobResult | None = ...,
         refused: Global___JobRefused | None = ...,
+        fetched: Global___JobFetched | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "accepted", "started", "log_batch", "result", "refused"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "accepted", "started", "log_batch", "result", "refused", "fetched"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -523,6 +559,26 @@ class AssignJob(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FetchSecretEnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
@@ -530,6 +586,8 @@ class AssignJob(_message.Message):
     PULL_POLICY_FIELD_NUMBER: _builtins.int
     ALLOWED_IMAGES_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
+    EGRESS_ALLOW_FIELD_NUMBER: _builtins.int
+    FETCH_SECRET_ENV_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     pull_policy: Global___PullPolicy.ValueType
@@ -545,6 +603,16 @@ class AssignJob(_message.Message):
     def allowed_images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """fnmatch patterns of images the pool allows; empty allows any."""
 
+    @_builtins.property
+    def egress_allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """HOST or HOST:PORT the pool lets the fetch step reach through the egress proxy
+        (port 443 and 80 when none is given); empty: the fetch step is refused.
+        """
+
+    @_builtins.property
+    def fetch_secret_env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Values of the secrets spec.fetch_secrets names, for the fetch step only."""
+
     def __init__(
         self,
         *,
@@ -555,10 +623,12 @@ class AssignJob(_message.Message):
         pull_policy: Global___PullPolicy.ValueType = ...,
         allowed_images: _abc.Iterable[_builtins.str] | None = ...,
         runtime: _builtins.str = ...,
+        egress_allow: _abc.Iterable[_builtins.str] | None = ...,
+        fetch_secret_env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_images", b"allowed_images", "epoch", b"epoch", "job_id", b"job_id", "pull_policy", b"pull_policy", "runtime", b"runtime", "secret_env", b"secret_env", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_images", b"allowed_images", "egress_allow", b"egress_allow", "epoch", b"epoch", "fetch_secret_env", b"fetch_secret_env", "job_id", b"job_id", "pull_policy", b"pull_policy", "runtime", b"runtime", "secret_env", b"secret_env", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

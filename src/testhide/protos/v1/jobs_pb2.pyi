@@ -177,6 +177,10 @@ class JobSpec(_message.Message):
     JUNIT_GLOBS_FIELD_NUMBER: _builtins.int
     WORKSPACE_ID_FIELD_NUMBER: _builtins.int
     RETRIES_FIELD_NUMBER: _builtins.int
+    FETCH_FIELD_NUMBER: _builtins.int
+    FETCH_SECRETS_FIELD_NUMBER: _builtins.int
+    CACHE_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     pool: _builtins.str
     workdir: _builtins.str
@@ -185,6 +189,15 @@ class JobSpec(_message.Message):
     workspace_id: _builtins.str
     retries: _builtins.int
     """Further attempts if the job is LOST (its agent vanished mid-run); 0 to 10."""
+    fetch: _builtins.str
+    """A shell command (run with sh -c) that runs first, in its own container from the
+    job's image: the workspace read-only, /cache writable, and no route anywhere but
+    an HTTP(S) proxy that allows only the pool's egress list. Empty: no fetch step.
+    """
+    cache: _builtins.str
+    """Names /cache: an agent that has this key for the org and pool restores it and
+    skips the fetch step; otherwise the fetch step fills it and it is kept.
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -203,6 +216,16 @@ class JobSpec(_message.Message):
     def artifact_globs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def junit_globs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def fetch_secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of organisation secrets the fetch step receives (the job's own `secrets`
+        are not given to it).
+        """
+
+    @_builtins.property
+    def services(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceSpec]:
+        """Service containers beside the job, in its own network namespace (only lo)."""
+
     def __init__(
         self,
         *,
@@ -220,14 +243,163 @@ class JobSpec(_message.Message):
         junit_globs: _abc.Iterable[_builtins.str] | None = ...,
         workspace_id: _builtins.str = ...,
         retries: _builtins.int = ...,
+        fetch: _builtins.str = ...,
+        fetch_secrets: _abc.Iterable[_builtins.str] | None = ...,
+        cache: _builtins.str = ...,
+        services: _abc.Iterable[Global___ServiceSpec] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_globs", b"artifact_globs", "command", b"command", "env", b"env", "image", b"image", "junit_globs", b"junit_globs", "labels", b"labels", "pool", b"pool", "resources", b"resources", "retries", b"retries", "runtime", b"runtime", "secrets", b"secrets", "timeout", b"timeout", "workdir", b"workdir", "workspace_id", b"workspace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_globs", b"artifact_globs", "cache", b"cache", "command", b"command", "env", b"env", "fetch", b"fetch", "fetch_secrets", b"fetch_secrets", "image", b"image", "junit_globs", b"junit_globs", "labels", b"labels", "pool", b"pool", "resources", b"resources", "retries", b"retries", "runtime", b"runtime", "secrets", b"secrets", "services", b"services", "timeout", b"timeout", "workdir", b"workdir", "workspace_id", b"workspace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class ServiceSpec(_message.Message):
+    """A service beside the job (a database, a cache server): the job reaches it at
+    127.0.0.1:PORT; nothing outside the job does. Hardened like the job.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    TMPFS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Lower-case letters, digits and '-', starting with a letter; at most 31."""
+    image: _builtins.str
+    @_builtins.property
+    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty: the image's own command."""
+
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def tmpfs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Absolute paths given a writable tmpfs (the root stays read-only)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        image: _builtins.str = ...,
+        command: _abc.Iterable[_builtins.str] | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tmpfs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "env", b"env", "image", b"image", "name", b"name", "tmpfs", b"tmpfs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceSpec: _TypeAlias = ServiceSpec  # noqa: Y015
+
+@_typing.final
+class EgressRequest(_message.Message):
+    """One request the fetch step's egress proxy saw."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    BYTES_SENT_FIELD_NUMBER: _builtins.int
+    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """"GET", "CONNECT" (HTTPS, tunnelled, never intercepted), ..."""
+    host: _builtins.str
+    port: _builtins.int
+    allowed: _builtins.bool
+    http_status: _builtins.int
+    """What the proxy answered (200, 403, ...); 0 when it answered nothing."""
+    bytes_sent: _builtins.int
+    """Bytes from the fetch step to the proxy, and from the proxy to the fetch step."""
+    bytes_received: _builtins.int
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        method: _builtins.str = ...,
+        host: _builtins.str = ...,
+        port: _builtins.int = ...,
+        allowed: _builtins.bool = ...,
+        http_status: _builtins.int = ...,
+        bytes_sent: _builtins.int = ...,
+        bytes_received: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "at", b"at", "bytes_received", b"bytes_received", "bytes_sent", b"bytes_sent", "host", b"host", "http_status", b"http_status", "method", b"method", "port", b"port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EgressRequest: _TypeAlias = EgressRequest  # noqa: Y015
+
+@_typing.final
+class FetchStep(_message.Message):
+    """What the fetch step did, reported by the agent before the job step starts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CACHE_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    cache: _builtins.str
+    """"hit" (restored, the fetch step skipped), "miss" (fetched, then kept), or
+    "none" (the job names no cache).
+    """
+    exit_code: _builtins.int
+    """The fetch command's exit code; 0 on a cache hit."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressRequest]: ...
+    def __init__(
+        self,
+        *,
+        cache: _builtins.str = ...,
+        exit_code: _builtins.int = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        requests: _abc.Iterable[Global___EgressRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "duration", b"duration", "exit_code", b"exit_code", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FetchStep: _TypeAlias = FetchStep  # noqa: Y015
 
 @_typing.final
 class StatusTransition(_message.Message):
@@ -383,6 +555,7 @@ class Job(_message.Message):
     RETRIED_AS_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
+    FETCH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     org: _builtins.str
     status: Global___JobStatus.ValueType
@@ -414,6 +587,10 @@ class Job(_message.Message):
     def isolation(self) -> Global___Isolation:
         """Set once the job's container was created."""
 
+    @_builtins.property
+    def fetch(self) -> Global___FetchStep:
+        """Set once the fetch step ended (or its cache was restored)."""
+
     def __init__(
         self,
         *,
@@ -434,10 +611,11 @@ class Job(_message.Message):
         retried_as: _builtins.str = ...,
         agent: Global___JobAgent | None = ...,
         isolation: Global___Isolation | None = ...,
+        fetch: Global___FetchStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "created_at", b"created_at", "exit_code", b"exit_code", "finished_at", b"finished_at", "isolation", b"isolation", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "created_at", b"created_at", "exit_code", b"exit_code", "fetch", b"fetch", "finished_at", b"finished_at", "isolation", b"isolation", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "agent_id", b"agent_id", "attempt", b"attempt", "created_at", b"created_at", "exit_code", b"exit_code", "finished_at", b"finished_at", "id", b"id", "isolation", b"isolation", "log_size", b"log_size", "org", b"org", "retried_as", b"retried_as", "retry_of", b"retry_of", "spec", b"spec", "started_at", b"started_at", "status", b"status", "status_reason", b"status_reason", "transitions", b"transitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "agent_id", b"agent_id", "attempt", b"attempt", "created_at", b"created_at", "exit_code", b"exit_code", "fetch", b"fetch", "finished_at", b"finished_at", "id", b"id", "isolation", b"isolation", "log_size", b"log_size", "org", b"org", "retried_as", b"retried_as", "retry_of", b"retry_of", "spec", b"spec", "started_at", b"started_at", "status", b"status", "status_reason", b"status_reason", "transitions", b"transitions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -1035,6 +1213,7 @@ class Pool(_message.Message):
     JOBS_QUEUED_FIELD_NUMBER: _builtins.int
     JOBS_RUNNING_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    EGRESS_ALLOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     paused: _builtins.bool
     """A paused pool dispatches nothing new; its running jobs finish, its agents stay connected."""
@@ -1056,6 +1235,10 @@ class Pool(_message.Message):
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def egress_allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """HOST or HOST:PORT the fetch step may reach through the egress proxy; empty: none."""
+
     def __init__(
         self,
         *,
@@ -1070,10 +1253,11 @@ class Pool(_message.Message):
         jobs_queued: _builtins.int = ...,
         jobs_running: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        egress_allow: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent_cert_ttl", b"agent_cert_ttl", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_cert_ttl", b"agent_cert_ttl", "agents_connected", b"agents_connected", "agents_enrolled", b"agents_enrolled", "allowed_images", b"allowed_images", "created_at", b"created_at", "jobs_queued", b"jobs_queued", "jobs_running", b"jobs_running", "name", b"name", "paused", b"paused", "pull_policy", b"pull_policy", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_cert_ttl", b"agent_cert_ttl", "agents_connected", b"agents_connected", "agents_enrolled", b"agents_enrolled", "allowed_images", b"allowed_images", "created_at", b"created_at", "egress_allow", b"egress_allow", "jobs_queued", b"jobs_queued", "jobs_running", b"jobs_running", "name", b"name", "paused", b"paused", "pull_policy", b"pull_policy", "runtime", b"runtime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
