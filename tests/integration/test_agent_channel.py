@@ -159,6 +159,11 @@ def job_messages(kind: str, job_id: str, epoch: int, last_seq: int = 1) -> list[
             return [log_batch(job_id, epoch, seq, b"forged line\n") for seq in (1, 2, 3, 4)]
         case "started":
             return [agent_pb2.AgentMessage(started=agent_pb2.JobStarted(job_id=job_id, epoch=epoch))]
+        case "fetched":
+            fetch = jobs_pb2.FetchStep(cache="miss", exit_code=0)
+            return [
+                agent_pb2.AgentMessage(fetched=agent_pb2.JobFetched(job_id=job_id, epoch=epoch, fetch=fetch))
+            ]
         case "result":
             result = agent_pb2.JobResult(
                 job_id=job_id,
@@ -176,7 +181,7 @@ def job_messages(kind: str, job_id: str, epoch: int, last_seq: int = 1) -> list[
     raise AssertionError(kind)
 
 
-STREAM_KINDS = ["log_batch", "started", "result", "refused", "heartbeat"]
+STREAM_KINDS = ["log_batch", "started", "fetched", "result", "refused", "heartbeat"]
 ALL_KINDS = [*STREAM_KINDS, "hello", "workspace_fetch", "artifact_upload"]
 
 
@@ -221,6 +226,7 @@ async def state(cp: RunningControlPlane, job_id: str) -> tuple[object, ...]:
         found.status_reason,
         len(found.transitions),
         artifacts,
+        found.fetch,
     )
 
 
@@ -332,7 +338,7 @@ async def test_a_stale_epoch_is_refused_without_revealing_the_current_epoch(tmp_
             assert lost.epoch > held
             before = await state(cp, job_id)
             for epoch in (held, lost.epoch, held + 100):
-                for kind in ("log_batch", "started", "result", "refused", "workspace_fetch"):
+                for kind in ("log_batch", "started", "fetched", "result", "refused", "workspace_fetch"):
                     stale = await answer(agent, kind, job_id, epoch)
                     assert stale == await answer(agent, kind, new_job_id(), epoch), (kind, epoch)
                     assert no_number_in(stale), (kind, epoch, stale)

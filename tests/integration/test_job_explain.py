@@ -49,6 +49,7 @@ JOB_KEYS = [
     "spec",
     "agent",
     "isolation",
+    "fetch",
     "transitions",
 ]
 SPEC_KEYS = [
@@ -67,6 +68,10 @@ SPEC_KEYS = [
     "artifact_globs",
     "junit_globs",
     "workspace_id",
+    "fetch",
+    "fetch_secrets",
+    "cache",
+    "services",
 ]
 AGENT_KEYS = ["id", "name", "host", "version", "pool"]
 ISOLATION_KEYS = [
@@ -194,7 +199,7 @@ async def test_a_queued_job_has_no_agent_and_no_isolation_yet(cp: RunningControl
     job_id = (await cli("run", "-d", "--image", JOB_IMAGE, "--", "true")).stdout.decode().strip()
     job = await shown(cli, job_id)
     assert list(job) == JOB_KEYS
-    assert (job["status"], job["agent"], job["isolation"]) == ("QUEUED", None, None)
+    assert (job["status"], job["agent"], job["isolation"], job["fetch"]) == ("QUEUED", None, None, None)
     assert "no agent of pool 'default' is connected" in job["status_reason"]
     listed = json.loads((await cli("jobs", "list", "--json")).stdout)
     assert [list(j) for j in listed] == [JOB_KEYS]

@@ -84,6 +84,7 @@ async def test_an_operator_pauses_and_resumes_a_pool_that_a_running_serve_dispat
             "jobs_queued": 1,
             "jobs_running": 0,
             "created_at": listed["created_at"],
+            "egress_allow": [],
         }
         await operated(cp, "pools", "resume", "default")
         # The serve learns of it from the database (PostgreSQL: a notification; SQLite: its watcher).

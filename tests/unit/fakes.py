@@ -16,6 +16,7 @@ from testhide.controlplane.auth.store import AuditStore, CredentialStore
 from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
     BlobInfo,
+    FetchStep,
     Isolation,
     Job,
     JobAgent,
@@ -196,6 +197,10 @@ class MemoryJobs:
     ) -> None:
         job = await self.held_job(org, job_id, agent_id, epoch)
         self.jobs[job_id] = replace(job, isolation=isolation)
+
+    async def record_fetch(self, org: str, job_id: str, agent_id: str, epoch: int, fetch: FetchStep) -> None:
+        job = await self.held_job(org, job_id, agent_id, epoch)
+        self.jobs[job_id] = replace(job, fetch=fetch)
 
     async def job_agents(self, org: str, agent_ids: set[str]) -> dict[str, JobAgent]:
         return {a: JobAgent(a, f"agent-{a}", "", "", "default") for a in agent_ids}

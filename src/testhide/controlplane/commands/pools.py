@@ -12,6 +12,8 @@ from testhide.common.durations import Duration, format_duration
 from testhide.controlplane.commands.agents import operator_actor, rfc3339, stream_holders
 from testhide.controlplane.commands.common import data_dir_option, org_option, print_rows
 from testhide.controlplane.commands.common import run as _run
+from testhide.controlplane.errors import InvalidArgument
+from testhide.controlplane.jobs.egress import egress_list
 from testhide.controlplane.jobs.model import PoolPolicy, PullPolicy
 from testhide.controlplane.operations import agents as ops
 from testhide.controlplane.operator import operator_context
@@ -61,6 +63,16 @@ def pools_create(data_dir: Path, org: str, pool: str, agent_cert_ttl: Any) -> No
     default=None,
     help="Enforce a runtime for every job of the pool ('job' lets each job choose).",
 )
+@click.option(
+    "--egress-allow",
+    "egress_allow",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    callback=lambda _context, _option, entries: _egress_entries(entries),
+    help="A host the fetch step may reach through the egress proxy, port 80 and 443 unless given; "
+    "'.example.org' also allows its subdomains (repeatable; replaces the list).",
+)
+@click.option("--no-egress", is_flag=True, help="Clear the egress list: jobs with a fetch step are refused.")
 def pools_set(
     data_dir: Path,
     org: str,
@@ -70,9 +82,16 @@ def pools_set(
     any_image: bool,
     pull_policy: str | None,
     runtime: str | None,
+    egress_allow: tuple[str, ...],
+    no_egress: bool,
 ) -> None:
-    """Change a pool's policy: certificate lifetime, allowed images, pull policy, runtime."""
-    change = ops.PolicyChange(agent_cert_ttl, allowed_images, any_image, pull_policy, runtime)
+    """Change a pool's policy: certificate lifetime, allowed images, pull policy, runtime,
+    the hosts its jobs' fetch steps may reach."""
+    if egress_allow and no_egress:
+        raise click.UsageError("give --egress-allow or --no-egress, not both")
+    change = ops.PolicyChange(
+        agent_cert_ttl, allowed_images, any_image, pull_policy, runtime, egress_allow, no_egress
+    )
 
     async def run() -> PoolPolicy:
         async with operator_context(data_dir) as op:
@@ -81,10 +100,19 @@ def pools_set(
     policy = _run(run())
     click.echo(
         f"pool {org}/{pool}: images {', '.join(policy.allowed_images) or 'any'}, "
-        f"pull {policy.pull_policy.value}, runtime {policy.runtime or 'chosen by each job'}"
+        f"pull {policy.pull_policy.value}, runtime {policy.runtime or 'chosen by each job'}, "
+        f"egress {', '.join(policy.egress_allow) or 'none'}"
         + (f", agent certificates live {format_duration(agent_cert_ttl)}" if agent_cert_ttl else ""),
         err=True,
     )
+
+
+def _egress_entries(entries: tuple[str, ...]) -> tuple[str, ...]:
+    """Checked as the control plane checks them, as a usage error naming the entry."""
+    try:
+        return egress_list(entries)
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc), param_hint="'--egress-allow'") from exc
 
 
 @pools.command("pause")
@@ -138,9 +166,16 @@ def pools_list(data_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     shown = [
-        {**r, "paused": "yes" if r["paused"] else "no", "images": ",".join(r["allowed_images"])} for r in rows
+        {
+            **r,
+            "paused": "yes" if r["paused"] else "no",
+            "images": ",".join(r["allowed_images"]),
+            "egress": ",".join(r["egress_allow"]),
+        }
+        for r in rows
     ]
-    columns = ["org", "name", "paused", "images", "pull_policy", "runtime", "agents_connected", "jobs_queued"]
+    columns = ["org", "name", "paused", "images", "egress", "pull_policy", "runtime"]
+    columns += ["agents_connected", "jobs_queued"]
     print_rows(
         [{k: str(v) if isinstance(v, int) else v for k, v in r.items()} for r in shown], False, columns
     )
@@ -161,4 +196,5 @@ def pool_json(view: ops.PoolView) -> dict[str, Any]:
         "jobs_queued": pool.jobs_queued,
         "jobs_running": pool.jobs_running,
         "created_at": rfc3339(pool.created_at),
+        "egress_allow": list(policy.egress_allow),
     }

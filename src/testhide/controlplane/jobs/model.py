@@ -58,6 +58,19 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class ServiceSpec:
+    """A container beside the job, in the job's network namespace (only lo)."""
+
+    name: str
+    image: str
+    command: tuple[str, ...] = ()
+    """Empty: the image's own command."""
+    env: dict[str, str] = field(default_factory=dict)
+    tmpfs: tuple[str, ...] = ()
+    """Absolute paths given a writable tmpfs (the root stays read-only)."""
+
+
+@dataclass(frozen=True)
 class JobSpec:
     image: str
     command: tuple[str, ...]
@@ -74,6 +87,13 @@ class JobSpec:
     workspace_id: str = ""
     retries: int = 0
     """Further attempts if the job is LOST (its agent vanished mid-run)."""
+    fetch: str = ""
+    """A shell command run first, whose only route out is the pool's egress proxy; empty: none."""
+    fetch_secrets: tuple[str, ...] = ()
+    """Secrets the fetch step gets (the job's own ``secrets`` are not given to it)."""
+    cache: str = ""
+    """Names /cache, kept per org, pool and key on the agent's host; a hit skips the fetch step."""
+    services: tuple[ServiceSpec, ...] = ()
 
 
 class PullPolicy(enum.StrEnum):
@@ -94,6 +114,9 @@ class PoolPolicy:
     paused: bool = False
     """An administrator paused the pool: nothing new is dispatched (running jobs finish).
     Read with the policy; written only by pausing and resuming (``set_pool_paused``)."""
+    egress_allow: tuple[str, ...] = ()
+    """HOST or HOST:PORT the fetch step may reach through the egress proxy; empty: no
+    fetch step may run in the pool."""
 
 
 class TestStatus(enum.StrEnum):
@@ -147,6 +170,38 @@ class Transition:
 
 
 @dataclass(frozen=True)
+class EgressRequest:
+    """One request the fetch step's egress proxy saw, as the agent reported it."""
+
+    at: datetime
+    method: str
+    host: str
+    port: int
+    allowed: bool
+    http_status: int
+    """What the proxy answered (200, 403, ...); 0 when it answered nothing."""
+    bytes_sent: int
+    """From the fetch step to the proxy."""
+    bytes_received: int
+    """From the proxy to the fetch step."""
+
+
+@dataclass(frozen=True)
+class FetchStep:
+    """What the fetch step did, reported by the agent before the job step starts."""
+
+    cache: str
+    """``hit`` (restored, the fetch step skipped), ``miss`` (fetched, then kept) or ``none``."""
+    exit_code: int
+    duration_s: float
+    requests: tuple[EgressRequest, ...] = ()
+    """The first ``MAX_FETCH_REQUESTS`` the proxy saw; later ones are not kept."""
+
+
+MAX_FETCH_REQUESTS = 1000
+
+
+@dataclass(frozen=True)
 class JobAgent:
     """The agent a job was assigned to, as the agents table knows it now."""
 
@@ -182,6 +237,8 @@ class Job:
     """While ASSIGNED or RUNNING: when the job counts as abandoned unless its agent extends this."""
     isolation: Isolation | None = None
     """Set once the job's container was created and its agent read it back."""
+    fetch: FetchStep | None = None
+    """Set once the fetch step ended (or its cache was restored)."""
     agent: JobAgent | None = None
     """Filled in by the job service for what users see (not stored with the job)."""
 

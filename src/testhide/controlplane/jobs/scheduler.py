@@ -37,6 +37,8 @@ class AssignDetails:
     secret_env: dict[str, str]
     policy: PoolPolicy
     runtime: str
+    fetch_secret_env: dict[str, str] = field(default_factory=dict)
+    """The values of the secrets the job's fetch step names (for the fetch step only)."""
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,13 @@ from testhide.controlplane.errors import (
     NotHeld,
 )
 from testhide.controlplane.jobs.blobs import BlobVault
+from testhide.controlplane.jobs.egress import require_egress
 from testhide.controlplane.jobs.junit import MAX_REPORT_BYTES, JunitError, parse_junit
 from testhide.controlplane.jobs.leases import Leases
 from testhide.controlplane.jobs.logs import LogBook
 from testhide.controlplane.jobs.model import (
     BlobInfo,
+    FetchStep,
     Isolation,
     Job,
     JobFilter,
@@ -70,8 +72,24 @@ POLICY_CACHE_S = 1.0
 
 
 MAX_WORKSPACE_BYTES = 256 * 1024 * 1024
+SERVICE_LOG = "service_log"
+"""The blob kind of a service's output: stored and limited as the job's files are."""
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
 MAX_JOB_ARTIFACT_BYTES = 1024 * 1024 * 1024
+
+
+def disallowed_image(spec: JobSpec, policy: PoolPolicy) -> str:
+    """Why the pool does not run the job's image or one of its services' ("" if it does)."""
+    if not policy.allowed_images:
+        return ""
+    allowed = f"(allowed: {', '.join(policy.allowed_images)})"
+    if not any(fnmatchcase(spec.image, p) for p in policy.allowed_images):
+        return f"image {spec.image!r} is not allowed in pool {spec.pool!r} {allowed}"
+    for service in spec.services:
+        if not any(fnmatchcase(service.image, p) for p in policy.allowed_images):
+            image = f"image {service.image!r}"
+            return f"service {service.name}: {image} is not allowed in pool {spec.pool!r} {allowed}"
+    return ""
 
 
 class JobService:
@@ -108,20 +126,19 @@ class JobService:
             found = await self._store.get_blob(org, spec.workspace_id)
             if found is None or found[0].kind != "workspace":
                 raise InvalidArgument(f"workspace {spec.workspace_id} not found; upload it first")
-        missing = await self._secrets.missing(org, spec.secrets)
+        missing = await self._secrets.missing(org, tuple(dict.fromkeys(spec.secrets + spec.fetch_secrets)))
         if missing:
             raise InvalidArgument(f"secrets not found in this organisation: {', '.join(missing)}")
+        if spec.fetch:
+            require_egress(spec.pool, policy.egress_allow)
         job_id = new_job_id()
         _, wrapped = self._master.new_data_key(aad=job_id.encode())
         job = Job(id=job_id, org=org, spec=spec, status=JobStatus.QUEUED, created_at=datetime.now(UTC))
         await self._store.create_job(job, wrapped)
         log.info("job_submitted", job_id=job_id, org=org, pool=spec.pool, image=spec.image)
-        if policy.allowed_images and not any(fnmatchcase(spec.image, p) for p in policy.allowed_images):
+        reason = disallowed_image(spec, policy)
+        if reason:
             # Refused before anything runs, yet recorded: the engineer sees the job and why.
-            reason = (
-                f"image {spec.image!r} is not allowed in pool {spec.pool!r} "
-                f"(allowed: {', '.join(policy.allowed_images)})"
-            )
             job = await self._store.set_job_status(
                 org, job_id, None, JobStatus.ERROR, datetime.now(UTC), reason
             )
@@ -133,7 +150,19 @@ class JobService:
     async def assignment_details(self, job: Job) -> AssignDetails:
         policy = await self._pool_policy(job.org, job.spec.pool)
         runtime = policy.runtime or job.spec.runtime or "runc"
-        return AssignDetails(await self._secrets.resolve(job.org, job.spec.secrets, job.id), policy, runtime)
+        spec = job.spec
+        if spec.fetch:  # the list was cleared since the job was queued: it ends, saying why
+            require_egress(spec.pool, policy.egress_allow)
+        # One look-up (and one last-use record) for the job's secrets and its fetch step's.
+        values = await self._secrets.resolve(
+            job.org, tuple(dict.fromkeys(spec.secrets + spec.fetch_secrets)), job.id
+        )
+        return AssignDetails(
+            {n: values[n] for n in spec.secrets},
+            policy,
+            runtime,
+            fetch_secret_env={n: values[n] for n in spec.fetch_secrets},
+        )
 
     async def _pool_policy(self, org: str, pool: str) -> PoolPolicy:
         """Cached for a second: dispatching a thousand jobs asks a thousand times,
@@ -166,12 +195,21 @@ class JobService:
         return await self._blobs.write(org, "workspace", None, "", chunks, MAX_WORKSPACE_BYTES)
 
     async def artifacts(self, org: str, job_id: str) -> list[BlobInfo]:
+        """The job's files and its services' logs (``BlobInfo.kind`` tells them apart)."""
         await self.get(org, job_id)
-        return await self._store.list_blobs(org, job_id, "artifact")
+        return await self._artifacts(org, job_id)
+
+    async def _artifacts(self, org: str, job_id: str) -> list[BlobInfo]:
+        files = await self._store.list_blobs(org, job_id, "artifact")
+        return files + await self._store.list_blobs(org, job_id, SERVICE_LOG)
 
     async def artifact(self, org: str, job_id: str, path: str) -> AsyncIterator[bytes]:
         await self.get(org, job_id)
-        found = await self._store.find_blob(org, job_id, "artifact", path)
+        # services/NAME.log is the service's log, even if the job also kept a file of that name.
+        kinds = (SERVICE_LOG, "artifact") if path.startswith("services/") else ("artifact",)
+        found = None
+        for kind in kinds:
+            found = found or await self._store.find_blob(org, job_id, kind, path)
         if found is None:
             raise NotFound(f"job {job_id} has no artifact {path!r}")
         async for chunk in self._blobs.read(*found):
@@ -313,7 +351,9 @@ class JobService:
         if job.status.terminal:
             raise FailedPrecondition(f"job {job_id} has already ended")
         validate_relative_path("artifact path", path)
-        stored = sum(b.size for b in await self._store.list_blobs(job.org, job_id, "artifact"))
+        if kind == SERVICE_LOG and path not in {f"services/{s.name}.log" for s in job.spec.services}:
+            raise InvalidArgument(f"a service log's path is services/NAME.log for a service of job {job_id}")
+        stored = sum(b.size for b in await self._artifacts(job.org, job_id))
         limit = min(MAX_ARTIFACT_BYTES, MAX_JOB_ARTIFACT_BYTES - stored)
         report = bytearray()
 
@@ -387,6 +427,20 @@ class JobService:
             if self._metrics is not None:
                 self._metrics.job_started(job)
             self._logs.notify(job_id)
+
+    async def on_fetched(self, session: AgentSession, job_id: str, epoch: int, fetch: FetchStep) -> None:
+        """What the job's fetch step did (or that its cache was restored), from its holder only."""
+        identity = session.identity
+        await self._store.record_fetch(identity.org, job_id, identity.agent_id, epoch, fetch)
+        log.info(
+            "job_fetched",
+            job_id=job_id,
+            cache=fetch.cache,
+            exit_code=fetch.exit_code,
+            requests=len(fetch.requests),
+            refused=sum(1 for r in fetch.requests if not r.allowed),
+        )
+        self._logs.notify(job_id)
 
     async def on_log_batch(
         self,

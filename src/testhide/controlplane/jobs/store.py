@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from testhide.controlplane.jobs.model import (
         BlobInfo,
+        FetchStep,
         Isolation,
         Job,
         JobAgent,
@@ -116,6 +117,10 @@ class JobStore(BlobIndex, Protocol):
         self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation
     ) -> None:
         """What the holding agent read back from the job's container (NotHeld otherwise)."""
+        ...
+
+    async def record_fetch(self, org: str, job_id: str, agent_id: str, epoch: int, fetch: FetchStep) -> None:
+        """What the holding agent's fetch step did (NotHeld otherwise)."""
         ...
 
     async def job_agents(self, org: str, agent_ids: set[str]) -> dict[str, JobAgent]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
 from datetime import timedelta
 
 from testhide.common.identity import NAME_RE
 from testhide.controlplane.errors import InvalidArgument, quoted
-from testhide.controlplane.jobs.model import JobSpec, Resources
+from testhide.controlplane.jobs.model import JobSpec, Resources, ServiceSpec
 
 # The grammar of github.com/distribution/reference, with an optional digest.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -44,6 +45,14 @@ MAX_LABEL_VALUE_BYTES = 256
 # Docker's smallest CPU limit; below it nano_cpus rounds to 0, which Docker reads as "no limit".
 MIN_CPUS = 0.01
 LIMITS = Resources(cpus=64, memory_bytes=256 * 1024**3, pids=65536)
+MAX_FETCH_BYTES = 8 * 1024
+CACHE_KEY_RE = re.compile(r"\A[A-Za-z0-9._-]{1,128}\Z", re.ASCII)
+MAX_SERVICES = 8
+SERVICE_NAME_RE = re.compile(r"\A[a-z][a-z0-9-]{0,30}\Z", re.ASCII)
+MAX_TMPFS = 8
+_TMPFS_RE = re.compile(r"\A(?:/[A-Za-z0-9._@+-]+)+\Z", re.ASCII)
+# Where a tmpfs would hide what the kernel or the runtime put there.
+_KERNEL_DIRS = ("/proc", "/sys", "/dev")
 # Epochs, sequence numbers, offsets and sizes: far beyond any real one, yet a few more
 # increments still fit the store's signed 64-bit integers.
 MAX_COUNTER = 2**62
@@ -73,19 +82,8 @@ def validate_spec(spec: JobSpec) -> JobSpec:
         raise InvalidArgument(f"image {quoted(spec.image)} is not a valid image reference")
     if not spec.command or not spec.command[0]:
         raise InvalidArgument("command must not be empty")
-    if len(spec.command) > MAX_ARGS or sum(len(a.encode()) for a in spec.command) > MAX_COMMAND_BYTES:
-        raise InvalidArgument(
-            f"command is too long (at most {MAX_ARGS} arguments, {MAX_COMMAND_BYTES} bytes)"
-        )
-    if any("\x00" in a for a in spec.command):
-        raise InvalidArgument("command arguments must not contain NUL bytes")
-    if len(spec.env) > MAX_ENV:
-        raise InvalidArgument(f"at most {MAX_ENV} environment variables")
-    for name, value in spec.env.items():
-        if not ENV_NAME_RE.match(name):
-            raise InvalidArgument(f"environment variable name {quoted(name)} is invalid")
-        if len(value.encode()) > MAX_ENV_VALUE or "\x00" in value:
-            raise InvalidArgument(f"environment variable {name} is too long or contains NUL")
+    _validate_command("command", spec.command)
+    _validate_env("", spec.env)
     validate_name("pool", spec.pool)
     if not timedelta(seconds=1) <= spec.timeout <= MAX_TIMEOUT:
         raise InvalidArgument("timeout must be between 1s and 24h")
@@ -117,7 +115,95 @@ def validate_spec(spec: JobSpec) -> JobSpec:
             validate_relative_path(f"{kind} glob", glob)
     if spec.workspace_id and not WORKSPACE_ID_RE.match(spec.workspace_id):
         raise InvalidArgument("workspace_id is malformed")
+    _validate_fetch(spec)
+    _validate_services(spec.services)
     return spec
+
+
+def _validate_command(field: str, command: tuple[str, ...]) -> None:
+    if len(command) > MAX_ARGS or sum(len(a.encode()) for a in command) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(
+            f"{field} is too long (at most {MAX_ARGS} arguments, {MAX_COMMAND_BYTES} bytes)"
+        )
+    if any("\x00" in a for a in command):
+        raise InvalidArgument(f"{field} arguments must not contain NUL bytes")
+
+
+def _validate_env(within: str, env: dict[str, str]) -> None:
+    """``within``: the service whose environment it is ("" for the job's)."""
+    if len(env) > MAX_ENV:
+        raise InvalidArgument(f"{within}at most {MAX_ENV} environment variables")
+    for name, value in env.items():
+        if not ENV_NAME_RE.match(name):
+            raise InvalidArgument(f"{within}environment variable name {quoted(name)} is invalid")
+        if len(value.encode()) > MAX_ENV_VALUE or "\x00" in value:
+            raise InvalidArgument(f"{within}environment variable {name} is too long or contains NUL")
+
+
+def _validate_fetch(spec: JobSpec) -> None:
+    if len(spec.fetch.encode()) > MAX_FETCH_BYTES or "\x00" in spec.fetch:
+        raise InvalidArgument(f"fetch must be at most {MAX_FETCH_BYTES} bytes, without NUL")
+    if len(spec.fetch_secrets) > MAX_ENV or len(set(spec.fetch_secrets)) != len(spec.fetch_secrets):
+        raise InvalidArgument(f"fetch_secrets must be distinct and at most {MAX_ENV}")
+    for name in spec.fetch_secrets:
+        if not SECRET_NAME_RE.match(name):
+            raise InvalidArgument(f"fetch secret name {quoted(name)} is invalid")
+        if name in spec.env:
+            raise InvalidArgument(f"{name} is both an environment variable and a fetch secret")
+    if spec.fetch_secrets and not spec.fetch:
+        raise InvalidArgument("fetch_secrets needs fetch: only the fetch step is given them")
+    if spec.cache and not CACHE_KEY_RE.match(spec.cache):
+        raise InvalidArgument(
+            f"cache key {quoted(spec.cache)} must be 1-128 of letters, digits, '.', '_' or '-'"
+        )
+    if spec.cache.startswith("job."):
+        # The agent names a job's own /cache (no --cache) job.JOB_ID.
+        raise InvalidArgument(
+            f"cache key {quoted(spec.cache)} must not start with 'job.': those are the agent's"
+        )
+    if spec.cache and not spec.fetch:
+        raise InvalidArgument("--cache needs --fetch: the fetch step is what fills the cache")
+
+
+def _validate_services(services: tuple[ServiceSpec, ...]) -> None:
+    if len(services) > MAX_SERVICES:
+        raise InvalidArgument(f"at most {MAX_SERVICES} services, not {len(services)}")
+    seen: set[str] = set()
+    for service in services:
+        name = service.name
+        if not SERVICE_NAME_RE.match(name):
+            raise InvalidArgument(
+                f"service name {quoted(name)} must be 1-31 lowercase letters, digits or '-', "
+                "starting with a letter"
+            )
+        if name in seen:
+            raise InvalidArgument(f"service {name} is named twice")
+        seen.add(name)
+        image = service.image
+        if not image:
+            raise InvalidArgument(f"service {name}: an image is required")
+        if len(image) > MAX_IMAGE or not IMAGE_RE.match(image):
+            raise InvalidArgument(f"service {name}: image {quoted(image)} is not a valid image reference")
+        _validate_command(f"service {name}: command", service.command)
+        _validate_env(f"service {name}: ", service.env)
+        _validate_tmpfs(name, service.tmpfs)
+
+
+def _validate_tmpfs(service: str, paths: tuple[str, ...]) -> None:
+    if len(paths) > MAX_TMPFS or len(set(paths)) != len(paths):
+        raise InvalidArgument(f"service {service}: at most {MAX_TMPFS} tmpfs paths, each once")
+    for path in paths:
+        if path == "/":
+            raise InvalidArgument(f"service {service}: tmpfs must not be / (the root stays read-only)")
+        if len(path) > 1024 or not _TMPFS_RE.match(path) or posixpath.normpath(path) != path:
+            raise InvalidArgument(
+                f"service {service}: tmpfs {quoted(path)} must be an absolute path without '.' or '..' "
+                "(letters, digits, '.', '_', '@', '+', '-')"
+            )
+        if any(path == d or path.startswith(f"{d}/") for d in _KERNEL_DIRS):
+            raise InvalidArgument(
+                f"service {service}: tmpfs {quoted(path)} must not be under /proc, /sys or /dev"
+            )
 
 
 def validate_labels(labels: dict[str, str]) -> dict[str, str]:

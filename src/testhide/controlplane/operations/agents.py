@@ -22,6 +22,7 @@ from testhide.controlplane.ca.enrollment import create_token
 from testhide.controlplane.cluster import REPLICA_TIMEOUT
 from testhide.controlplane.config import MAX_AGENT_CERT_TTL, MIN_AGENT_CERT_TTL
 from testhide.controlplane.errors import FailedPrecondition, InvalidArgument, NotFound, quoted
+from testhide.controlplane.jobs.egress import egress_list
 from testhide.controlplane.jobs.model import PoolPolicy, PullPolicy
 from testhide.controlplane.jobs.validation import validate_name
 from testhide.controlplane.operations import Actor
@@ -62,6 +63,10 @@ class PolicyChange:
     pull_policy: str | None = None
     runtime: str | None = None
     """``runc``, ``runsc``, or ``job``: each job chooses."""
+    egress_allow: tuple[str, ...] = ()
+    """HOST or HOST:PORT the fetch step may reach; a non-empty list replaces the pool's."""
+    no_egress: bool = False
+    """Clear the pool's egress list (its jobs' fetch steps are refused again)."""
 
 
 async def stream_holders(store: Store, serve_processes: set[str]) -> set[str]:
@@ -220,6 +225,7 @@ async def set_pool_policy(actor: Actor, org: str, pool: str, change: PolicyChang
         allowed_images=list(policy.allowed_images),
         pull_policy=policy.pull_policy.value,
         runtime=policy.runtime,
+        egress_allow=list(policy.egress_allow),
     )
     return policy
 
@@ -238,9 +244,13 @@ def _changed(policy: PoolPolicy, change: PolicyChange) -> PoolPolicy:
         )
     if change.runtime is not None and change.runtime not in RUNTIMES:
         raise InvalidArgument(f"runtime {quoted(change.runtime)} is not runc, runsc or job")
+    if change.no_egress and change.egress_allow:
+        raise InvalidArgument("allow egress hosts or clear the egress list, not both")
+    egress = egress_list(change.egress_allow)
     return replace(
         policy,
         allowed_images=() if change.any_image else (change.allowed_images or policy.allowed_images),
+        egress_allow=() if change.no_egress else (egress or policy.egress_allow),
         pull_policy=PullPolicy(change.pull_policy) if change.pull_policy else policy.pull_policy,
         runtime=policy.runtime
         if change.runtime is None

@@ -155,6 +155,8 @@ class AgentsAdmin(AdminBase):
             any_image=request.HasField("any_image") and request.any_image,
             pull_policy=request.pull_policy or None,
             runtime=request.runtime or None,
+            egress_allow=tuple(request.egress_allow),
+            no_egress=request.HasField("no_egress") and request.no_egress,
         )
         org = current_principal().org
         await ops.set_pool_policy(actor(self._admin, context), org, request.pool, change)

@@ -41,11 +41,12 @@ from testhide.controlplane.jobs.scheduler import (
     Scheduler,
     TrustBundle,
 )
-from testhide.controlplane.jobs.service import JobService
+from testhide.controlplane.jobs.service import SERVICE_LOG, JobService
 from testhide.controlplane.rpc.convert import (
     check_agent_message,
     check_artifact_header,
     check_lease,
+    fetch_from_pb,
     isolation_from_pb,
     spec_to_pb,
     stream_from_pb,
@@ -73,7 +74,11 @@ _PULL = {
     PullPolicy.IF_NOT_PRESENT: agent_pb2.PULL_POLICY_IF_NOT_PRESENT,
     PullPolicy.ALWAYS: agent_pb2.PULL_POLICY_ALWAYS,
 }
-_KIND = {agent_pb2.ARTIFACT_KIND_FILE: "artifact", agent_pb2.ARTIFACT_KIND_JUNIT: "junit"}
+_KIND = {
+    agent_pb2.ARTIFACT_KIND_FILE: "artifact",
+    agent_pb2.ARTIFACT_KIND_JUNIT: "junit",
+    agent_pb2.ARTIFACT_KIND_SERVICE_LOG: SERVICE_LOG,
+}
 _WITH_EXIT_CODE = (
     agent_pb2.JOB_OUTCOME_EXITED,
     agent_pb2.JOB_OUTCOME_TIMED_OUT,
@@ -157,6 +162,8 @@ def encode(message: Outbound) -> agent_pb2.ControlMessage:
                     pull_policy=_PULL[details.policy.pull_policy],
                     allowed_images=list(details.policy.allowed_images),
                     runtime=details.runtime,
+                    egress_allow=list(details.policy.egress_allow),
+                    fetch_secret_env=details.fetch_secret_env,
                 )
             )
         case Cancel(job_id, reason, abandon):
@@ -383,6 +390,9 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                     await self._jobs.on_refused(session, refusal.job_id, refusal.epoch, refusal.reason)
                 case "accepted":
                     pass  # the assignment reached the agent; RUNNING comes with "started"
+                case "fetched":
+                    f = message.fetched
+                    await self._jobs.on_fetched(session, f.job_id, f.epoch, fetch_from_pb(f.fetch))
                 case "started":
                     s = message.started
                     isolation = isolation_from_pb(s.isolation) if s.HasField("isolation") else None

@@ -13,6 +13,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from testhide.controlplane.errors import InvalidArgument, NotFound, quoted
 from testhide.controlplane.jobs.model import (
+    MAX_FETCH_REQUESTS,
+    EgressRequest,
+    FetchStep,
     Isolation,
     Job,
     JobFilter,
@@ -21,6 +24,7 @@ from testhide.controlplane.jobs.model import (
     LogChunk,
     LogStream,
     Resources,
+    ServiceSpec,
     TestCase,
     TestStatus,
 )
@@ -88,6 +92,13 @@ def spec_from_pb(spec: jobs_pb2.JobSpec) -> JobSpec:
             junit_globs=tuple(spec.junit_globs),
             workspace_id=spec.workspace_id,
             retries=spec.retries,
+            fetch=spec.fetch,
+            fetch_secrets=tuple(spec.fetch_secrets),
+            cache=spec.cache,
+            services=tuple(
+                ServiceSpec(s.name, s.image, tuple(s.command), dict(s.env), tuple(s.tmpfs))
+                for s in spec.services
+            ),
         )
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgument(f"invalid job spec: {quoted(str(exc))}") from exc
@@ -107,6 +118,15 @@ def spec_to_pb(spec: JobSpec) -> jobs_pb2.JobSpec:
         junit_globs=list(spec.junit_globs),
         workspace_id=spec.workspace_id,
         retries=spec.retries,
+        fetch=spec.fetch,
+        fetch_secrets=list(spec.fetch_secrets),
+        cache=spec.cache,
+        services=[
+            jobs_pb2.ServiceSpec(
+                name=s.name, image=s.image, command=list(s.command), env=s.env, tmpfs=list(s.tmpfs)
+            )
+            for s in spec.services
+        ],
         resources=jobs_pb2.Resources(
             cpus=spec.resources.cpus, memory_bytes=spec.resources.memory_bytes, pids=spec.resources.pids
         ),
@@ -144,7 +164,61 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
         )
     if job.isolation is not None:
         pb.isolation.CopyFrom(isolation_to_pb(job.isolation))
+    if job.fetch is not None:
+        pb.fetch.CopyFrom(fetch_to_pb(job.fetch))
     return pb
+
+
+def fetch_to_pb(fetch: FetchStep) -> jobs_pb2.FetchStep:
+    pb = jobs_pb2.FetchStep(
+        cache=fetch.cache,
+        exit_code=fetch.exit_code,
+        requests=[
+            jobs_pb2.EgressRequest(
+                at=_ts(r.at),
+                method=r.method,
+                host=r.host,
+                port=r.port,
+                allowed=r.allowed,
+                http_status=r.http_status,
+                bytes_sent=r.bytes_sent,
+                bytes_received=r.bytes_received,
+            )
+            for r in fetch.requests
+        ],
+    )
+    pb.duration.FromTimedelta(timedelta(seconds=fetch.duration_s))
+    return pb
+
+
+_FETCH_CACHE = ("hit", "miss", "none")
+
+
+def fetch_from_pb(f: jobs_pb2.FetchStep) -> FetchStep:
+    """What an agent says its fetch step did: words bounded and printable, numbers in
+    their ranges, the first ``MAX_FETCH_REQUESTS`` requests (the rest are not kept)."""
+    if f.cache not in _FETCH_CACHE:
+        raise InvalidArgument(f"fetched.fetch.cache must be hit, miss or none, not {quoted(f.cache)}")
+    seconds = f.duration.seconds + f.duration.nanos / 1e9
+    return FetchStep(
+        cache=f.cache,
+        exit_code=f.exit_code,
+        duration_s=min(max(0.0, seconds), MAX_TIMEOUT.total_seconds()),
+        requests=tuple(_egress_request_from_pb(r) for r in f.requests[:MAX_FETCH_REQUESTS]),
+    )
+
+
+def _egress_request_from_pb(r: jobs_pb2.EgressRequest) -> EgressRequest:
+    return EgressRequest(
+        at=since_from_pb(r.at, "fetched.fetch.requests.at"),
+        method=_shown(r.method, 32),
+        host=_shown(r.host, 255),
+        port=r.port if 0 <= r.port <= 65535 else 0,
+        allowed=r.allowed,
+        http_status=r.http_status if 0 <= r.http_status <= 999 else 0,
+        bytes_sent=max(0, r.bytes_sent),
+        bytes_received=max(0, r.bytes_received),
+    )
 
 
 def isolation_to_pb(i: Isolation) -> jobs_pb2.Isolation:
@@ -232,15 +306,15 @@ def _status_from_pb(value: int) -> JobStatus:
     return status
 
 
-def since_from_pb(value: Timestamp) -> datetime:
+def since_from_pb(value: Timestamp, field: str = "since") -> datetime:
     if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos < 10**9):
-        raise InvalidArgument("since must be a time between the years 1 and 9999")
+        raise InvalidArgument(f"{field} must be a time between the years 1 and 9999")
     return value.ToDatetime(tzinfo=UTC)
 
 
 # What an agent sends is checked before any lookup: ids of the right form, epochs from 1
 # (a job's first assignment), sequence numbers from 1, sizes and counts from 0.
-_HELD_JOB_KINDS = ("accepted", "started", "refused", "log_batch", "result")
+_HELD_JOB_KINDS = ("accepted", "fetched", "started", "refused", "log_batch", "result")
 
 
 def check_lease(job_id: str, epoch: int, within: str = "") -> None:
@@ -307,6 +381,7 @@ def pool_to_pb(view: PoolView) -> jobs_pb2.Pool:
         name=pool.name,
         paused=policy.paused,
         allowed_images=list(policy.allowed_images),
+        egress_allow=list(policy.egress_allow),
         pull_policy=policy.pull_policy.value,
         runtime=policy.runtime,
         agents_enrolled=pool.agents_enrolled,

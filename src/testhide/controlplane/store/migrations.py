@@ -334,3 +334,16 @@ MIGRATIONS.append(
         """,
     )
 )
+
+# Pools' egress lists (JSON list of HOST or HOST:PORT the fetch step may reach through the egress
+# proxy; empty: no fetch step runs), and what a job's fetch step did (JSON of jobs.model.FetchStep;
+# NULL until its agent reported it; not named "fetch", a reserved word of PostgreSQL's).
+MIGRATIONS.append(
+    (
+        13,
+        """
+        ALTER TABLE pools ADD COLUMN egress_allow TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE jobs ADD COLUMN fetch_step TEXT;
+        """,
+    )
+)

@@ -87,6 +87,7 @@ class PgAgents(PgParts):
                     PullPolicy(r["pull_policy"]),
                     r["runtime"],
                     bool(r["paused"]),
+                    tuple(json.loads(r["egress_allow"])),
                 ),
                 None if r["agent_cert_ttl_s"] is None else timedelta(seconds=r["agent_cert_ttl_s"]),
                 r["created_at"],

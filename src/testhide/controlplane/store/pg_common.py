@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from testhide.controlplane.store.pgdriver import PgConnection, Row
 from testhide.controlplane.store.sqlite_common import (
+    _fetch_from_json,
+    _fetch_to_json,
     _isolation_from_json,
     _isolation_to_json,
     _spec_from_json,
@@ -20,6 +22,8 @@ __all__ = [
     "PgConnection",
     "PgParts",
     "Row",
+    "fetch_from_json",
+    "fetch_to_json",
     "isolation_from_json",
     "isolation_to_json",
     "spec_from_json",
@@ -30,6 +34,8 @@ spec_to_json = _spec_to_json
 spec_from_json = _spec_from_json
 isolation_to_json = _isolation_to_json
 isolation_from_json = _isolation_from_json
+fetch_to_json = _fetch_to_json
+fetch_from_json = _fetch_from_json
 
 
 class PgParts:

@@ -20,6 +20,7 @@ from typing import TypeVar
 from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
     BlobInfo,
+    FetchStep,
     Isolation,
     Job,
     JobFilter,
@@ -37,6 +38,8 @@ from testhide.controlplane.store.pg_common import (
     PgConnection,
     PgParts,
     Row,
+    fetch_from_json,
+    fetch_to_json,
     isolation_from_json,
     isolation_to_json,
     spec_from_json,
@@ -73,6 +76,7 @@ def _job_of(r: Row, transitions: tuple[Transition, ...] = ()) -> Job:
         retried_as=r["retried_as"],
         lease_expires_at=r["lease_expires_at"],
         isolation=isolation_from_json(r["isolation"]),
+        fetch=fetch_from_json(r["fetch_step"]),
     )
 
 
@@ -383,6 +387,13 @@ class PgJobData(PgParts):
 
         await self._tx(run)
 
+    async def record_fetch(self, org: str, job_id: str, agent_id: str, epoch: int, fetch: FetchStep) -> None:
+        async def run(c: PgConnection) -> None:
+            await self._held_row(c, org, job_id, agent_id, epoch)
+            await c.execute("UPDATE jobs SET fetch_step = $1 WHERE id = $2", fetch_to_json(fetch), job_id)
+
+        await self._tx(run)
+
     async def append_log_batch(
         self,
         org: str,
@@ -448,7 +459,8 @@ class PgJobData(PgParts):
     # pool policy -----------------------------------------------------------------
     async def pool_policy(self, org: str, pool: str) -> PoolPolicy:
         rows = await self._fetch(
-            "SELECT allowed_images, pull_policy, runtime, paused FROM pools WHERE org = $1 AND name = $2",
+            "SELECT allowed_images, pull_policy, runtime, paused, egress_allow FROM pools"
+            " WHERE org = $1 AND name = $2",
             org,
             pool,
         )
@@ -460,16 +472,18 @@ class PgJobData(PgParts):
             PullPolicy(r["pull_policy"]),
             r["runtime"],
             bool(r["paused"]),
+            tuple(json.loads(r["egress_allow"])),
         )
 
     async def set_pool_policy(self, org: str, pool: str, policy: PoolPolicy) -> None:
         async def run(c: PgConnection) -> None:
             changed = await c.execute(
-                "UPDATE pools SET allowed_images = $1, pull_policy = $2, runtime = $3"
-                " WHERE org = $4 AND name = $5",
+                "UPDATE pools SET allowed_images = $1, pull_policy = $2, runtime = $3, egress_allow = $4"
+                " WHERE org = $5 AND name = $6",
                 json.dumps(list(policy.allowed_images)),
                 policy.pull_policy.value,
                 policy.runtime,
+                json.dumps(list(policy.egress_allow)),
                 org,
                 pool,
             )

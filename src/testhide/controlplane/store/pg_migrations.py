@@ -358,3 +358,14 @@ PG_MIGRATIONS.append(
         """,
     )
 )
+
+# As SQLite's migration 13: pools' egress lists, and what a job's fetch step did.
+PG_MIGRATIONS.append(
+    (
+        13,
+        """
+        ALTER TABLE pools ADD COLUMN egress_allow TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE jobs ADD COLUMN fetch_step TEXT
+        """,
+    )
+)

@@ -84,6 +84,7 @@ class SqliteAgents(SqliteParts):
                     PullPolicy(r["pull_policy"]),
                     r["runtime"],
                     bool(r["paused"]),
+                    tuple(json.loads(r["egress_allow"])),
                 ),
                 None if r["agent_cert_ttl_s"] is None else timedelta(seconds=r["agent_cert_ttl_s"]),
                 _dt(r["created_at"]) or datetime.min,

@@ -1,4 +1,4 @@
-"""What the SQLite backend's parts share: timestamps, job specs and isolation as text."""
+"""What the SQLite backend's parts share: timestamps, job specs, isolation and fetch steps as text."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from dataclasses import asdict, fields
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from testhide.controlplane.jobs.model import Isolation, JobSpec, Resources
+from testhide.controlplane.jobs.model import (
+    EgressRequest,
+    FetchStep,
+    Isolation,
+    JobSpec,
+    Resources,
+    ServiceSpec,
+)
 
 T = TypeVar("T")
 
@@ -38,16 +45,28 @@ def _spec_to_json(spec: JobSpec) -> str:
     return json.dumps(data, sort_keys=True)
 
 
+_SPEC_LISTS = ("command", "secrets", "artifact_globs", "junit_globs", "fetch_secrets")
+
+
 def _spec_to_json_lists(spec: JobSpec) -> dict[str, object]:
-    return {k: list(getattr(spec, k)) for k in ("command", "secrets", "artifact_globs", "junit_globs")}
+    lists: dict[str, object] = {k: list(getattr(spec, k)) for k in _SPEC_LISTS}
+    lists["services"] = [
+        {**asdict(s), "command": list(s.command), "tmpfs": list(s.tmpfs)} for s in spec.services
+    ]
+    return lists
 
 
 def _spec_from_json(text: str) -> JobSpec:
+    """A spec stored by any version: fields added since take their defaults."""
     data = json.loads(text)
     data["timeout"] = timedelta(seconds=data["timeout"])
-    for key in ("command", "secrets", "artifact_globs", "junit_globs"):
+    for key in _SPEC_LISTS:
         data[key] = tuple(data.get(key, ()))
     data["resources"] = Resources(**data["resources"])
+    data["services"] = tuple(
+        ServiceSpec(s["name"], s["image"], tuple(s["command"]), dict(s["env"]), tuple(s["tmpfs"]))
+        for s in data.get("services", ())
+    )
     return JobSpec(**data)
 
 
@@ -67,3 +86,19 @@ def _isolation_from_json(text: str | None) -> Isolation | None:
         if isinstance(value, list):
             data[key] = tuple(value)
     return Isolation(**data)
+
+
+def _fetch_to_json(fetch: FetchStep) -> str:
+    data = asdict(fetch)
+    data["requests"] = [{**asdict(r), "at": r.at.isoformat()} for r in fetch.requests]
+    return json.dumps(data, sort_keys=True)
+
+
+def _fetch_from_json(text: str | None) -> FetchStep | None:
+    if not text:
+        return None
+    data = json.loads(text)
+    requests = tuple(
+        EgressRequest(**{**r, "at": datetime.fromisoformat(r["at"])}) for r in data.pop("requests", ())
+    )
+    return FetchStep(**data, requests=requests)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
     BlobInfo,
+    FetchStep,
     Isolation,
     Job,
     JobFilter,
@@ -26,6 +27,8 @@ from testhide.controlplane.store.base import StoredLogEntry
 from testhide.controlplane.store.sqlite_common import (
     SqliteParts,
     _dt,
+    _fetch_from_json,
+    _fetch_to_json,
     _isolation_from_json,
     _isolation_to_json,
     _spec_from_json,
@@ -92,6 +95,7 @@ class SqliteJobData(SqliteParts):
             retried_as=r["retried_as"],
             lease_expires_at=_dt(r["lease_expires_at"]),
             isolation=_isolation_from_json(r["isolation"]),
+            fetch=_fetch_from_json(r["fetch_step"]),
         )
 
     @staticmethod
@@ -317,6 +321,13 @@ class SqliteJobData(SqliteParts):
 
         await self._tx(run)
 
+    async def record_fetch(self, org: str, job_id: str, agent_id: str, epoch: int, fetch: FetchStep) -> None:
+        def run(c: sqlite3.Connection) -> None:
+            self._held_row(c, org, job_id, agent_id, epoch)
+            c.execute("UPDATE jobs SET fetch_step = ? WHERE id = ?", (_fetch_to_json(fetch), job_id))
+
+        await self._tx(run)
+
     async def append_log_batch(
         self,
         org: str,
@@ -367,7 +378,8 @@ class SqliteJobData(SqliteParts):
     # pool policy -----------------------------------------------------------------
     async def pool_policy(self, org: str, pool: str) -> PoolPolicy:
         rows = await self._query(
-            "SELECT allowed_images, pull_policy, runtime, paused FROM pools WHERE org = ? AND name = ?",
+            "SELECT allowed_images, pull_policy, runtime, paused, egress_allow FROM pools"
+            " WHERE org = ? AND name = ?",
             (org, pool),
         )
         if not rows:
@@ -378,18 +390,20 @@ class SqliteJobData(SqliteParts):
             PullPolicy(r["pull_policy"]),
             r["runtime"],
             bool(r["paused"]),
+            tuple(json.loads(r["egress_allow"])),
         )
 
     async def set_pool_policy(self, org: str, pool: str, policy: PoolPolicy) -> None:
         def run(c: sqlite3.Connection) -> None:
             if (
                 c.execute(
-                    "UPDATE pools SET allowed_images = ?, pull_policy = ?, runtime = ?"
+                    "UPDATE pools SET allowed_images = ?, pull_policy = ?, runtime = ?, egress_allow = ?"
                     " WHERE org = ? AND name = ?",
                     (
                         json.dumps(list(policy.allowed_images)),
                         policy.pull_policy.value,
                         policy.runtime,
+                        json.dumps(list(policy.egress_allow)),
                         org,
                         pool,
                     ),
