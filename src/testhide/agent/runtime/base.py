@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
-from testhide.agent.model import Isolation, LogStream
+from testhide.agent.model import Isolation, LogStream, ServiceSpec
 
 OutputItem = tuple[LogStream, bytes] | None
 """An output chunk as the container wrote it; None once both streams closed."""
@@ -59,6 +60,15 @@ class OutputQueue:
 
 
 @dataclass(frozen=True)
+class VolumeMount:
+    """A named volume of the engine's (a cache) mounted into a container."""
+
+    volume: str
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     job_id: str
     image: str
@@ -77,6 +87,19 @@ class ContainerSpec:
     workspace_volume: bool = True
     """False when nothing goes into /workspace and nothing is collected from it:
     a tmpfs then serves, bounded by the job's memory."""
+    workspace_name: str | None = None
+    """A workspace made before (``ContainerRuntime.make_workspace``) to mount
+    instead of making one; ``workspace_tar`` is then already in it."""
+    workspace_read_only: bool = False
+    """Mount that workspace read-only (the fetch step). A read-write mount takes
+    the workspace over: it is removed with that container."""
+    network: str = "none"
+    """"none"; "container:ID" to join another container's namespace (the job's
+    services); or the name of a network (the fetch step's, with its proxy)."""
+    volumes: tuple[VolumeMount, ...] = ()
+    """Further volumes, such as the job's /cache."""
+    name: str = ""
+    """The container's name; ``testhide-JOB`` when empty (the job step's)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,29 @@ class RunningContainer(Protocol):
         ...
 
 
+class RunningServices(Protocol):
+    """A job's services, running in the namespace its container joins."""
+
+    network_mode: str
+    """``container:ID`` for the job's container."""
+    job_runtime: str
+    """The runtime the job's container must run under to share their loopback:
+    the job's own, or under gVisor the registration with the kernel's network."""
+    names: tuple[str, ...]
+
+    async def exited(self) -> tuple[str, int]:
+        """Until the first service exits: its name and exit code."""
+        ...
+
+    def output(self, name: str) -> bytes:
+        """What that service wrote so far (capped)."""
+        ...
+
+    async def remove(self) -> None:
+        """Stop and remove every service; safe to call twice."""
+        ...
+
+
 class ContainerRuntime(Protocol):
     async def ensure_image(self, image: str, pull_policy: str) -> None:
         """Make the image present on this host as the policy allows (pulled on
@@ -125,6 +171,28 @@ class ContainerRuntime(Protocol):
 
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> RunningContainer:
         """Create and start a hardened container whose output goes to ``output``."""
+        ...
+
+    async def make_workspace(self, spec: ContainerSpec) -> str:
+        """Make the job's workspace (``spec.workspace_tar`` in it, owned by the job
+        user) before any container of the job exists: two containers share it, the
+        fetch step's read-only and then the job's read-write. Returns its name."""
+        ...
+
+    async def remove_workspace(self, name: str) -> None:
+        """Remove a workspace no container took over (the job ended before its job step)."""
+        ...
+
+    async def networked_runtime(self, runtime: str) -> str:
+        """The registration a container of ``runtime`` reaches a network under (the
+        fetch step's proxy): ``runtime`` itself, but under gVisor, whose sandboxes
+        have only their own loopback here, the registration that uses the kernel's
+        network stack of its namespace; JobSetupError when there is none."""
+        ...
+
+    async def start_services(self, spec: ContainerSpec, services: Sequence[ServiceSpec]) -> RunningServices:
+        """Start the job's services, hardened and limited like the job (``spec``),
+        in a namespace with only ``lo`` that the job's container then joins."""
         ...
 
     async def remove_leftovers(self, owner: str, keep: frozenset[str] = frozenset()) -> int:

@@ -19,7 +19,7 @@ import os
 import struct
 import tarfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO, TypeVar
 
 import docker
@@ -31,8 +31,8 @@ from docker.types import LogConfig, Mount
 from docker.utils.socket import read as socket_read
 
 from testhide.agent.errors import CommandNotRunnable, ConfigError, JobSetupError, RuntimeUnavailable
-from testhide.agent.model import Isolation, LogStream
-from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
+from testhide.agent.model import Isolation, LogStream, ServiceSpec
+from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue, RunningServices
 from testhide.agent.runtime.gvisor import GO_PANIC_EXIT, SandboxPanicWatch, failure_reason
 from testhide.agent.runtime.hardening import container_options
 from testhide.agent.runtime.isolation import read_isolation
@@ -307,13 +307,76 @@ class DockerRuntime:
             raise JobSetupError(f"Docker refused to set up the job: {explanation}") from exc
 
     def _workspace_volume(self, spec: ContainerSpec, labels: dict[str, str]) -> str:
+        """A fresh volume owned by the job user, holding ``spec.workspace_tar``: the
+        container that only ever exists to make it takes the tar (a container created,
+        never started, takes ``put_archive``), so every mount of it may be read-only."""
         volume = self._client.volumes.create(name=f"testhide-ws-{spec.job_id}", labels=labels).name
         mount = Mount("/workspace", volume, type="volume")
         helper = self._client.containers.create(
             self._ensure_init_image(spec.user), ["/none"], network_mode="none", mounts=[mount], labels=labels
         )
-        helper.remove(force=True)
+        try:
+            if spec.workspace_tar:
+                helper.put_archive("/workspace", spec.workspace_tar)
+        except docker.errors.DockerException:
+            with contextlib.suppress(docker.errors.DockerException):
+                self._client.api.remove_volume(volume, force=True)
+            raise
+        finally:
+            helper.remove(force=True)
         return volume
+
+    async def remove_workspace(self, name: str) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            await engine(self._client.api.remove_volume, name, True)
+
+    async def networked_runtime(self, runtime: str) -> str:
+        # Here, not at the top: services.py builds on this module's engine() and Demuxer.
+        from testhide.agent.runtime.services import shared_loopback_runtime
+
+        if not (await engine(self._registration, runtime)).is_gvisor:
+            return runtime
+        try:
+            networked, _ = await engine(shared_loopback_runtime, self._client, self._probe_image)
+        except JobSetupError as exc:
+            raise JobSetupError(
+                "the fetch step needs a network, which gVisor registered with --network=none never gives:"
+                " register runsc once more with --network=host (see the README's 'Dependencies and"
+                " services'), or run this job under runc"
+            ) from exc
+        return networked
+
+    async def start_services(self, spec: ContainerSpec, services: Sequence[ServiceSpec]) -> RunningServices:
+        # Here, not at the top: services.py builds on this module's engine() and Demuxer.
+        from testhide.agent.runtime.services import ServiceGroup
+
+        registration = await engine(self._registration, spec.runtime)
+        return await ServiceGroup.start(
+            self._client,
+            spec.job_id,
+            spec.owner,
+            services,
+            runtime=spec.runtime,
+            is_gvisor=registration.is_gvisor,
+            user=spec.user,
+            pids=spec.pids,
+            memory_bytes=spec.memory_bytes,
+            cpus=spec.cpus,
+            holder_image=self._probe_image,
+        )
+
+    @property
+    def client(self) -> docker.DockerClient:
+        """For what jobs use beside containers (the egress proxy, caches)."""
+        return self._client
+
+    async def make_workspace(self, spec: ContainerSpec) -> str:
+        labels = {LABEL: spec.job_id, OWNER_LABEL: spec.owner}
+        try:
+            return await engine(self._workspace_volume, spec, labels)
+        except docker.errors.DockerException as exc:
+            explanation = getattr(exc, "explanation", None) or exc
+            raise JobSetupError(f"Docker refused to set up the job's workspace: {explanation}") from exc
 
     def _create_unchecked(self, spec: ContainerSpec) -> tuple[Container, str | None]:
         registration = self._registration(spec.runtime)
@@ -321,11 +384,25 @@ class DockerRuntime:
         # The job container's own /tmp, a tmpfs inside it: no file on this host.
         tmpfs = {"/tmp": "rw,nosuid,nodev,size=64m"}  # noqa: S108
         volume: str | None = None
-        mounts: list[Mount] = []
-        if spec.workspace_volume:
+        # no_copy: the job image must not copy its own /workspace (or /cache)
+        # ownership over a volume prepared for the job user.
+        mounts = [
+            Mount(v.target, v.volume, type="volume", read_only=v.read_only, no_copy=True)
+            for v in spec.volumes
+        ]
+        if spec.workspace_name is not None:
+            mounts.append(
+                Mount(
+                    "/workspace",
+                    spec.workspace_name,
+                    type="volume",
+                    read_only=spec.workspace_read_only,
+                    no_copy=True,
+                )
+            )
+            volume = None if spec.workspace_read_only else spec.workspace_name
+        elif spec.workspace_volume:
             volume = self._workspace_volume(spec, labels)
-            # no_copy: the job image must not copy its own /workspace
-            # ownership over the volume the helper prepared.
             mounts.append(Mount("/workspace", volume, type="volume", no_copy=True))
         else:
             # Nothing goes in or comes out: a tmpfs owned by the job user, bounded
@@ -334,24 +411,24 @@ class DockerRuntime:
             tmpfs["/workspace"] = (
                 f"rw,exec,nosuid,nodev,size={spec.memory_bytes},uid={uid},gid={gid or uid},mode=0700"
             )
+        options = container_options(
+            spec.runtime, registration.is_gvisor, spec.pids, spec.memory_bytes, spec.cpus, spec.user
+        )
+        options["network_mode"] = spec.network
         container: Container | None = None
         try:
             container = self._client.containers.create(
                 spec.image,
                 list(spec.command),
-                name=f"testhide-{spec.job_id}",
+                name=spec.name or f"testhide-{spec.job_id}",
                 labels=labels,
                 environment=spec.env,
                 working_dir=spec.workdir,
                 tmpfs=tmpfs,
                 mounts=mounts,
                 log_config=LogConfig(type=LogConfig.types.NONE),
-                **container_options(
-                    spec.runtime, registration.is_gvisor, spec.pids, spec.memory_bytes, spec.cpus, spec.user
-                ),
+                **options,
             )
-            if spec.workspace_tar:
-                container.put_archive("/workspace", spec.workspace_tar)
         except docker.errors.DockerException:
             with contextlib.suppress(docker.errors.DockerException):
                 if container is not None:
@@ -372,10 +449,16 @@ class DockerRuntime:
             for container in containers:
                 with contextlib.suppress(docker.errors.NotFound):
                     container.remove(force=True)
-            for volume in self._client.volumes.list(filters=selector):
+            # Only what belongs to a job: the agent's caches (no job label) stay.
+            for volume in self._client.volumes.list(filters={"label": [f"{OWNER_LABEL}={owner}", LABEL]}):
                 if (volume.attrs.get("Labels") or {}).get(LABEL) not in keep:
                     with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                         volume.remove(force=True)
+            # The fetch steps' networks, free once their proxies (containers above) are gone.
+            for network in self._client.networks.list(filters={"label": [f"{OWNER_LABEL}={owner}", LABEL]}):
+                if (network.attrs.get("Labels") or {}).get(LABEL) not in keep:
+                    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                        network.remove()
             return len(containers)
 
         if not owner:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from testhide.agent.errors import JobSetupError
-from testhide.agent.model import Isolation, LogStream
-from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue
+from testhide.agent.model import Isolation, LogStream, ServiceSpec
+from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue, RunningServices
 
 
 @dataclass
@@ -60,12 +61,39 @@ class FakeContainer:
         return self._script.isolation
 
 
+class FakeServices:
+    """Services that run until ``exit`` says one of them ended."""
+
+    def __init__(self, output: dict[str, bytes] | None = None) -> None:
+        self.network_mode = "container:holder"
+        self.job_runtime = "runc"
+        self.names: tuple[str, ...] = ()
+        self._output = output or {}
+        self._exited: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        self.removed = False
+
+    def exit(self, name: str, code: int) -> None:
+        self._exited.set_result((name, code))
+
+    async def exited(self) -> tuple[str, int]:
+        return await asyncio.shield(self._exited)
+
+    def output(self, name: str) -> bytes:
+        return self._output.get(name, b"")
+
+    async def remove(self) -> None:
+        self.removed = True
+
+
 class FakeRuntime:
     def __init__(self) -> None:
         self.scripts: dict[str, Script] = {}
         self.started: dict[str, FakeContainer] = {}
         self.specs: dict[str, ContainerSpec] = {}
         self.missing_images: set[str] = set()
+        self.services: FakeServices | None = None
+        """Set to run services: what ``start_services`` hands out."""
+        self.removed_workspaces: list[str] = []
 
     async def ensure_image(self, image: str, pull_policy: str) -> None:
         if image in self.missing_images and pull_policy == "never":
@@ -80,10 +108,27 @@ class FakeRuntime:
     async def ping(self) -> bool:
         return True
 
+    async def make_workspace(self, spec: ContainerSpec) -> str:
+        return f"testhide-ws-{spec.job_id}"
+
+    async def remove_workspace(self, name: str) -> None:
+        self.removed_workspaces.append(name)
+
+    async def networked_runtime(self, runtime: str) -> str:
+        return runtime
+
+    async def start_services(self, spec: ContainerSpec, services: Sequence[ServiceSpec]) -> RunningServices:
+        if self.services is None:
+            raise JobSetupError("this container runtime runs no services")
+        self.services.names = tuple(service.name for service in services)
+        return self.services
+
     async def start(self, spec: ContainerSpec, output: OutputQueue) -> FakeContainer:
-        script = self.scripts.get(spec.job_id, Script())
+        """Scripts and containers by the container's name if it has one (a fetch step), else by job id."""
+        key = spec.name or spec.job_id
+        script = self.scripts.get(key, Script())
         if script.setup_error:
             raise JobSetupError(script.setup_error)
-        self.specs[spec.job_id] = spec
-        container = self.started[spec.job_id] = FakeContainer(script, output)
+        self.specs[key] = spec
+        container = self.started[key] = FakeContainer(script, output)
         return container

@@ -17,13 +17,22 @@ from testhide.agent.runtime import gvisor, seccomp
 
 
 def container_options(
-    runtime: str, is_gvisor: bool, pids: int, memory_bytes: int, cpus: float, user: str
+    runtime: str,
+    is_gvisor: bool,
+    pids: int,
+    memory_bytes: int,
+    cpus: float,
+    user: str,
+    *,
+    network_mode: str = "none",
 ) -> dict[str, Any]:
-    """Keyword arguments for docker-py's ``containers.create``."""
+    """Keyword arguments for docker-py's ``containers.create``. ``network_mode``
+    stays "none" unless the caller made another namespace for the container,
+    such as its services' (``services.py``: "container:<holder>", only ``lo``)."""
     options: dict[str, Any] = {
         "runtime": runtime,
         "user": user,
-        "network_mode": "none",
+        "network_mode": network_mode,
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true", seccomp.security_opt(is_gvisor)],
         "read_only": True,
