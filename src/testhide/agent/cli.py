@@ -99,6 +99,19 @@ def enroll(
     help="Job output kept on disk while the control plane is out of reach.",
 )
 @click.option(
+    "--cache-max",
+    type=Size(min=1),
+    default="10GiB",
+    show_default=True,
+    help="Jobs' caches (--cache KEY) kept on this host in all; the least recently used go first.",
+)
+@click.option(
+    "--egress-network",
+    default="bridge",
+    show_default=True,
+    help="Docker network the jobs' egress proxies (the fetch step's only way out) reach the outside through.",
+)
+@click.option(
     "--metrics-listen",
     metavar="HOST:PORT",
     help="Serve Prometheus metrics on /metrics and health on /healthz here [off]: plain HTTP on a"
@@ -122,6 +135,8 @@ def run(
     labels: tuple[str, ...],
     drain_timeout: timedelta,
     spool_max: int,
+    cache_max: int,
+    egress_network: str,
     metrics_listen: str | None,
     metrics_cert: Path | None,
     metrics_key: Path | None,
@@ -156,6 +171,8 @@ def run(
                 labels=offered,
                 drain_timeout=drain_timeout,
                 spool_max_bytes=spool_max,
+                cache_max_bytes=cache_max,
+                egress_network=egress_network,
                 metrics_listen=metrics_listen,
                 metrics_cert=metrics_cert,
                 metrics_key=metrics_key,
@@ -187,6 +204,10 @@ def run(
 from testhide.agent.doctor import doctor  # noqa: E402  (the command lives beside its checks)
 
 main.add_command(doctor)
+
+from testhide.agent.cache_commands import caches  # noqa: E402
+
+main.add_command(caches)
 
 if __name__ == "__main__":
     main()

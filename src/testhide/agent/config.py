@@ -54,10 +54,20 @@ class AgentConfig:
     """PEM certificate chain the metrics port serves TLS with, on any address (with ``metrics_key``)."""
     metrics_key: Path | None = None
     """PEM private key (unencrypted) of ``metrics_cert``."""
+    cache_max_bytes: int = 10 * 1024**3
+    """The jobs' caches (``--cache KEY``) kept on this host, in all; past it the least
+    recently used go, and a single cache larger than this is not kept."""
+    egress_network: str = "bridge"
+    """The Docker network the egress proxy reaches the outside through (the fetch step's only way out)."""
 
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def caches_index(self) -> Path:
+        """Which Docker volume holds each cache, its size and last use (``agent/caches.py``)."""
+        return self.data_dir / "caches.json"
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_jobs <= 64:
@@ -70,6 +80,10 @@ class AgentConfig:
             raise ConfigError("drain_timeout must not be negative")
         if not 1024 <= self.log_batch_bytes <= 2 * 1024 * 1024:
             raise ConfigError("log_batch_bytes must be between 1 KiB and 2 MiB")
+        if self.cache_max_bytes <= 0:
+            raise ConfigError("cache_max_bytes must be positive")
+        if not self.egress_network.strip():
+            raise ConfigError("egress_network must name a Docker network")
         try:
             # The agent's own certificate names it to the control plane: no certificate to serve.
             check_metrics_options(

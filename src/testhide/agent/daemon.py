@@ -20,8 +20,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from testhide.agent.caches import Caches
 from testhide.agent.config import AgentConfig
 from testhide.agent.credentials import Credentials
+from testhide.agent.egress import EgressProxies
 from testhide.agent.endpoints import Endpoints
 from testhide.agent.errors import ConfigError, RuntimeUnavailable
 from testhide.agent.executor import Executor
@@ -31,7 +33,10 @@ from testhide.agent.outbox import Outbox
 from testhide.agent.rpc.link import ControlPlaneLink
 from testhide.agent.rpc.session import CertificateRenewed, Session, SessionEvents, SessionLost
 from testhide.agent.runtime.base import ContainerRuntime
+from testhide.agent.runtime.docker import DockerRuntime
 from testhide.agent.spool import Spool
+from testhide.agent.steps import JobFacilities
+from testhide.common.identity import AgentIdentity
 from testhide.common.sdnotify import Notifier
 from testhide.common.tls import fingerprint
 
@@ -61,6 +66,7 @@ class Agent:
             ControlPlaneLink(lambda: self._credentials, self.endpoints),
             owner=self._credentials.agent_id,
             on_runtime_unavailable=self._runtime_unavailable,
+            facilities=self._job_facilities(runtime),
         )
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
@@ -84,6 +90,27 @@ class Agent:
         """A stream to a control plane is open."""
         self._ended: tuple[str, str] | None = None
         """Why the last connection attempt or stream ended (gRPC status code, details), for the log."""
+
+    def _job_facilities(self, runtime: ContainerRuntime) -> JobFacilities | None:
+        """The fetch step's egress proxies and the caches: Docker's only."""
+        if not isinstance(runtime, DockerRuntime):
+            return None
+        owner = self._credentials.agent_id
+        return JobFacilities(
+            EgressProxies(runtime.client, self.config.egress_network, owner),
+            Caches(
+                runtime.client,
+                self.config.caches_index,
+                self.config.cache_max_bytes,
+                owner,
+                self.config.job_user,
+            ),
+            self._org_and_pool,
+        )
+
+    def _org_and_pool(self) -> tuple[str, str]:
+        identity = AgentIdentity.from_certificate(self._credentials.certificate)
+        return identity.org, identity.pool
 
     @property
     def agent_id(self) -> str:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
+from dataclasses import replace
 from fnmatch import fnmatchcase
 
 import structlog
@@ -19,7 +20,22 @@ from testhide.agent.masking import SecretMasker
 from testhide.agent.model import Assignment, Isolation, LogStream, Outcome
 from testhide.agent.outbox import Outbox
 from testhide.agent.rpc.link import ControlPlaneLink
-from testhide.agent.runtime.base import ContainerRuntime, ContainerSpec, OutputQueue, RunningContainer
+from testhide.agent.runtime.base import (
+    ContainerRuntime,
+    ContainerSpec,
+    OutputQueue,
+    RunningContainer,
+    RunningServices,
+)
+from testhide.agent.steps import (
+    BeforeJob,
+    JobFacilities,
+    StepEnded,
+    check_fetch,
+    clean_up,
+    run_fetch_step,
+    system_line,
+)
 
 log = structlog.get_logger("testhide.agent.executor")
 
@@ -37,8 +53,10 @@ class Executor:
         link: ControlPlaneLink | None = None,
         owner: str = "",
         on_runtime_unavailable: Callable[[], None] = lambda: None,
+        facilities: JobFacilities | None = None,
     ) -> None:
         self._config = config
+        self._facilities = facilities
         self._on_runtime_unavailable = on_runtime_unavailable
         self._owner = owner
         self._runtime = runtime
@@ -46,6 +64,7 @@ class Executor:
         self._link = link
         self._stop_requests: dict[str, asyncio.Event] = {}
         self._stop_reasons: dict[str, str] = {}
+        self._deadlines: dict[str, float] = {}
         self._abandoned: set[str] = set()
 
     def cancel(self, job_id: str, reason: str, abandon: bool = False) -> bool:
@@ -65,11 +84,14 @@ class Executor:
 
     async def _prepare(self, job: Assignment) -> ContainerSpec:
         """Everything that can refuse the job before it runs."""
-        if job.allowed_images and not any(fnmatchcase(job.image, p) for p in job.allowed_images):
-            raise JobSetupError(
-                f"image {job.image!r} is not allowed in this pool (allowed: {', '.join(job.allowed_images)})"
-            )
-        await self._runtime.ensure_image(job.image, job.pull_policy)
+        for image in (job.image, *(service.image for service in job.services)):
+            if job.allowed_images and not any(fnmatchcase(image, p) for p in job.allowed_images):
+                raise JobSetupError(
+                    f"image {image!r} is not allowed in this pool (allowed: {', '.join(job.allowed_images)})"
+                )
+            await self._runtime.ensure_image(image, job.pull_policy)
+        if job.fetch:
+            check_fetch(job, self._facilities)
         workspace = None
         if job.has_workspace:
             if self._link is None:
@@ -93,7 +115,7 @@ class Executor:
             runtime=self._runtime_for(job),
             workspace_tar=workspace,
             owner=self._owner,
-            workspace_volume=bool(job.has_workspace or job.artifact_globs or job.junit_globs),
+            workspace_volume=bool(job.has_workspace or job.artifact_globs or job.junit_globs or job.fetch),
         )
 
     def _runtime_for(self, job: Assignment) -> str:
@@ -107,11 +129,78 @@ class Executor:
 
     async def run(self, job: Assignment) -> None:
         self._outbox.open(job.job_id, job.epoch)
-        stop = self._stop_requests[job.job_id] = asyncio.Event()
+        self._stop_requests[job.job_id] = asyncio.Event()
+        # The fetch step and the job step share the job's timeout.
+        self._deadlines[job.job_id] = asyncio.get_running_loop().time() + job.timeout.total_seconds()
+        before = BeforeJob()
+        try:
+            await self._run(job, before)
+        finally:
+            self._deadlines.pop(job.job_id, None)
+            with suppress(RuntimeUnavailable):  # what stays behind is removed once the engine is back
+                await clean_up(before, self._facilities, self._runtime.remove_workspace)
+
+    async def _before_job_step(
+        self, job: Assignment, spec: ContainerSpec, before: BeforeJob
+    ) -> ContainerSpec:
+        """The fetch step and the services: the job step's spec. ``StepEnded`` if the job ends here."""
+        if job.fetch:
+            assert self._facilities is not None  # check_fetch refused the job otherwise
+            # RUNNING from here: the fetch step is part of the job (its container's facts come later).
+            self._outbox.started(job.job_id, None)
+            before.workspace = await self._runtime.make_workspace(spec)
+            spec = await run_fetch_step(
+                job,
+                spec,
+                before,
+                self._facilities,
+                lambda s, o: self._run_step(job, s, o),
+                self._note(job),
+                self._runtime.networked_runtime,
+                lambda report: self._outbox.fetched(job.job_id, report),
+            )
+        if job.services:
+            before.services = await self._runtime.start_services(spec, job.services)
+            spec = replace(spec, network=before.services.network_mode, runtime=before.services.job_runtime)
+        return spec
+
+    def _note(self, job: Assignment) -> Callable[[str], Awaitable[None]]:
+        async def note(text: str) -> None:
+            await self._outbox.log(job.job_id, system_line(text))
+
+        return note
+
+    async def _run_step(
+        self, job: Assignment, spec: ContainerSpec, output: OutputQueue
+    ) -> tuple[Outcome, int, str]:
+        """A container before the job's own (the fetch step): run to its end, output forwarded."""
+        stop = self._stop_requests[job.job_id]
+        container = await self._runtime.start(spec, output)
+        forwarder = asyncio.create_task(self._forward(job, output, job.fetch_secret_env.values()))
+        try:
+            result = await self._supervise(job, container, stop)
+            await forwarder
+            return result
+        finally:
+            forwarder.cancel()
+            output.close()
+            with suppress(RuntimeUnavailable):
+                await asyncio.shield(container.remove())
+
+    async def _run(self, job: Assignment, before: BeforeJob) -> None:
+        stop = self._stop_requests[job.job_id]
         output = OutputQueue()
         bound = log.bind(job_id=job.job_id, epoch=job.epoch)
         try:
-            container = await self._runtime.start(await self._prepare(job), output)
+            spec = await self._before_job_step(job, await self._prepare(job), before)
+            container = await self._runtime.start(spec, output)
+            if spec.workspace_name is not None:
+                before.workspace = None  # the job step's container took it over
+        except StepEnded as ended:
+            bound.info("job_finished", outcome=ended.outcome.name, exit_code=ended.exit_code, step="fetch")
+            self._outbox.finish(job.job_id, ended.outcome, ended.exit_code, ended.reason)
+            self._stop_requests.pop(job.job_id, None)
+            return
         except RuntimeUnavailable as exc:
             # Not the job's fault: back to the queue, and no new jobs until the engine answers.
             bound.warning("job_refused", error=str(exc))
@@ -138,7 +227,7 @@ class Executor:
         forwarder.add_done_callback(lambda task: self._output_ended(job.job_id, task))
         try:
             try:
-                outcome, exit_code, reason = await self._supervise(job, container, stop)
+                outcome, exit_code, reason = await self._supervise(job, container, stop, before.services)
             except RuntimeUnavailable as exc:
                 self._on_runtime_unavailable()
                 outcome, exit_code = Outcome.ERROR, -1
@@ -156,6 +245,8 @@ class Executor:
                 reason = f"the agent could not keep the job's output: {exc!r}"
             if job.job_id not in self._abandoned and outcome != Outcome.ERROR:
                 await self._collect(job, container)
+            if job.job_id not in self._abandoned and before.services is not None:
+                await self._upload_service_output(job, before.services)
             self._outbox.finish(job.job_id, outcome, exit_code, reason)
             bound.info("job_finished", outcome=outcome.name, exit_code=exit_code)
         except BaseException:
@@ -188,31 +279,45 @@ class Executor:
             self.cancel(job_id, "the agent could not keep the job's output")
 
     async def _supervise(
-        self, job: Assignment, container: RunningContainer, stop: asyncio.Event
+        self,
+        job: Assignment,
+        container: RunningContainer,
+        stop: asyncio.Event,
+        services: RunningServices | None = None,
     ) -> tuple[Outcome, int, str]:
-        """Until the job exits, times out or is canceled: (outcome, exit code, reason)."""
-        outcome, reason = Outcome.EXITED, ""
+        """Until the container exits, the job's time is up, it is canceled, or one of
+        its services exits: (outcome, exit code, reason)."""
+        outcome, reason, service_exit = Outcome.EXITED, "", False
+        loop = asyncio.get_running_loop()
         waiting = asyncio.create_task(container.wait())
         stopping = asyncio.create_task(stop.wait())
+        never: asyncio.Future[tuple[str, int]] = loop.create_future()
+        watching = asyncio.ensure_future(services.exited() if services else never)
         try:
+            timeout = max(0.0, self._deadlines.get(job.job_id, loop.time()) - loop.time())
             done, _ = await asyncio.wait(
-                {waiting, stopping}, timeout=job.timeout.total_seconds(), return_when=asyncio.FIRST_COMPLETED
+                {waiting, stopping, watching}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             if waiting not in done:
                 if stopping in done:
                     outcome, reason = Outcome.CANCELED, self._stop_reasons.get(job.job_id, "canceled")
+                elif watching in done:
+                    name, code = watching.result()
+                    service_exit, reason = True, f"service {name} exited early with exit code {code}"
                 else:
                     outcome, reason = Outcome.TIMED_OUT, f"timed out after {job.timeout}"
                 await container.stop(self._config.stop_grace.total_seconds())
             exit_info = await waiting
         finally:
-            stopping.cancel()
-            waiting.cancel()
+            for task in (stopping, waiting, watching, never):
+                task.cancel()
         if exit_info.runtime_failure and outcome == Outcome.EXITED:
             # Not the job's exit: the sandbox around it died (the job's own output ends early).
             return Outcome.ERROR, -1, exit_info.runtime_failure
         if exit_info.oom_killed:
             reason = reason or "killed: out of memory"
+        if service_exit:  # the job was stopped for it: it fails, whatever it exited with
+            return outcome, exit_info.exit_code or 1, reason
         return outcome, exit_info.exit_code, reason
 
     async def _collect(self, job: Assignment, container: RunningContainer) -> None:
@@ -242,11 +347,26 @@ class Executor:
                 job.job_id, [(LogStream.SYSTEM, f"testhide: artifacts not collected: {exc}\n".encode())]
             )
 
-    async def _forward(self, job: Assignment, output: OutputQueue) -> None:
+    async def _upload_service_output(self, job: Assignment, services: RunningServices) -> None:
+        """Each service's output, for ``testhide logs JOB --service NAME``."""
+        if self._link is None:
+            return
+        masker_values = list(job.secret_env.values())
+        for name in services.names:
+            masker = SecretMasker(masker_values)
+            data = masker.feed(services.output(name)) + masker.flush()
+            try:
+                await self._link.upload(job.job_id, job.epoch, f"services/{name}.log", "service_log", data)
+            except Exception as exc:
+                log.warning("service_output_not_uploaded", job_id=job.job_id, service=name, error=str(exc))
+                await self._outbox.log(job.job_id, system_line(f"output of service {name} not kept: {exc}"))
+
+    async def _forward(self, job: Assignment, output: OutputQueue, more_secrets: Iterable[str] = ()) -> None:
         """Mask secrets, cap the log, and batch: send at ``log_batch_bytes`` or
         ``log_batch_interval`` after the batch's first byte, whichever first."""
         loop = asyncio.get_running_loop()
-        maskers = {stream: SecretMasker(list(job.secret_env.values())) for stream in LogStream}
+        secrets = [*job.secret_env.values(), *more_secrets]
+        maskers = {stream: SecretMasker(secrets) for stream in LogStream}
         cap, sent, truncated = self._config.log_cap_bytes, 0, False
         batch: list[tuple[LogStream, list[bytes]]] = []  # runs of one stream, joined at flush
         size, deadline = 0, 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from testhide.common.isolation import Isolation as Isolation  # the shared facts, re-exported
 
@@ -41,6 +41,61 @@ class Assignment:
     artifact_globs: tuple[str, ...] = ()
     junit_globs: tuple[str, ...] = ()
     has_workspace: bool = False
+    fetch: str = ""
+    """The fetch step's shell command; empty: no fetch step."""
+    fetch_secret_env: dict[str, str] = field(default_factory=dict, repr=False)
+    """The secrets the fetch step gets (the job's own are not given to it)."""
+    cache: str = ""
+    """The cache key of /cache; empty: a /cache for this job alone."""
+    egress_allow: tuple[str, ...] = ()
+    """HOST or HOST:PORT the pool lets the fetch step reach through the egress proxy."""
+    services: tuple[ServiceSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A service beside the job, in its network namespace (only ``lo``)."""
+
+    name: str
+    image: str
+    command: tuple[str, ...] = ()
+    """Empty: the image's own."""
+    env: dict[str, str] = field(default_factory=dict)
+    tmpfs: tuple[str, ...] = ()
+    """Absolute paths given a writable tmpfs; the root stays read-only."""
+
+
+@dataclass(frozen=True)
+class EgressRecord:
+    """One request the fetch step's egress proxy saw."""
+
+    at: datetime
+    method: str
+    host: str
+    port: int
+    allowed: bool
+    http_status: int
+    """0 when the proxy answered nothing."""
+    bytes_sent: int
+    """From the fetch step to the proxy."""
+    bytes_received: int
+    """From the proxy to the fetch step."""
+
+
+@dataclass(frozen=True)
+class FetchReport:
+    cache: str
+    """"hit" (restored, the fetch step skipped), "miss" (fetched, then kept) or "none"."""
+    exit_code: int
+    duration: timedelta
+    requests: tuple[EgressRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobFetched:
+    job_id: str
+    epoch: int
+    fetch: FetchReport
 
 
 @dataclass(frozen=True)
@@ -77,4 +132,4 @@ class JobRefused:
     reason: str
 
 
-Report = JobStarted | LogBatch | JobResult | JobRefused
+Report = JobStarted | JobFetched | LogBatch | JobResult | JobRefused

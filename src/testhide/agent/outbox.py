@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from testhide.agent.model import (
+    FetchReport,
     Isolation,
+    JobFetched,
     JobRefused,
     JobResult,
     JobStarted,
@@ -54,6 +56,8 @@ def batch_size(batch: LogBatch) -> int:
 class _JobReports:
     epoch: int
     started: JobStarted | None = None
+    fetched: JobFetched | None = None
+    """Sent again on every new connection while the job is ours (storing it twice changes nothing)."""
     next_seq: int = 1
     inflight: dict[int, LogBatch] = field(default_factory=dict)
     result: JobResult | None = None
@@ -92,6 +96,8 @@ class Outbox:
             if reports.started:
                 send(reports.started)
                 started += 1
+            if reports.fetched:
+                send(reports.fetched)
             for seq in sorted(reports.inflight):
                 send(reports.inflight[seq])
             resent += len(reports.inflight)
@@ -156,6 +162,15 @@ class Outbox:
         reports.started = JobStarted(job_id, reports.epoch, isolation)
         if self._send is not None:
             self._send(reports.started)
+
+    def fetched(self, job_id: str, fetch: FetchReport) -> None:
+        """What the fetch step did (or that its cache was restored), before the job step."""
+        reports = self._jobs.get(job_id)
+        if reports is None:
+            return
+        reports.fetched = JobFetched(job_id, reports.epoch, fetch)
+        if self._send is not None:
+            self._send(reports.fetched)
 
     async def log(self, job_id: str, entries: list[tuple[LogStream, bytes]]) -> None:
         """Send the batch, or spool it behind what waits; while neither can take

@@ -7,7 +7,10 @@ from datetime import timedelta
 
 from testhide.agent.model import (
     Assignment,
+    EgressRecord,
+    FetchReport,
     Isolation,
+    JobFetched,
     JobRefused,
     JobResult,
     JobStarted,
@@ -15,6 +18,7 @@ from testhide.agent.model import (
     LogStream,
     Outcome,
     Report,
+    ServiceSpec,
 )
 from testhide.protos.v1 import agent_pb2, jobs_pb2
 
@@ -47,7 +51,38 @@ def assignment_from_pb(message: agent_pb2.AssignJob) -> Assignment:
         artifact_globs=tuple(spec.artifact_globs),
         junit_globs=tuple(spec.junit_globs),
         has_workspace=bool(spec.workspace_id),
+        fetch=spec.fetch,
+        fetch_secret_env=dict(message.fetch_secret_env),
+        cache=spec.cache,
+        egress_allow=tuple(message.egress_allow),
+        services=tuple(
+            ServiceSpec(s.name, s.image, tuple(s.command), dict(s.env), tuple(s.tmpfs)) for s in spec.services
+        ),
     )
+
+
+def _egress_record_to_pb(record: EgressRecord) -> jobs_pb2.EgressRequest:
+    message = jobs_pb2.EgressRequest(
+        method=record.method,
+        host=record.host,
+        port=record.port,
+        allowed=record.allowed,
+        http_status=record.http_status,
+        bytes_sent=record.bytes_sent,
+        bytes_received=record.bytes_received,
+    )
+    message.at.FromDatetime(record.at)
+    return message
+
+
+def fetch_to_pb(fetch: FetchReport) -> jobs_pb2.FetchStep:
+    message = jobs_pb2.FetchStep(
+        cache=fetch.cache,
+        exit_code=fetch.exit_code,
+        requests=[_egress_record_to_pb(r) for r in fetch.requests],
+    )
+    message.duration.FromTimedelta(fetch.duration)
+    return message
 
 
 def isolation_to_pb(isolation: Isolation) -> jobs_pb2.Isolation:
@@ -61,6 +96,10 @@ def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
             if isolation is not None:
                 started.isolation.CopyFrom(isolation_to_pb(isolation))
             return agent_pb2.AgentMessage(started=started)
+        case JobFetched(job_id, epoch, fetch):
+            return agent_pb2.AgentMessage(
+                fetched=agent_pb2.JobFetched(job_id=job_id, epoch=epoch, fetch=fetch_to_pb(fetch))
+            )
         case LogBatch(job_id, epoch, seq, entries):
             return agent_pb2.AgentMessage(
                 log_batch=agent_pb2.LogBatch(

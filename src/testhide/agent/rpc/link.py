@@ -22,7 +22,11 @@ from testhide.protos.v1 import agent_pb2, agent_pb2_grpc
 
 CHUNK = 1024 * 1024
 MAX_BACKOFF_S = 15
-_KIND = {"artifact": agent_pb2.ARTIFACT_KIND_FILE, "junit": agent_pb2.ARTIFACT_KIND_JUNIT}
+_KIND = {
+    "artifact": agent_pb2.ARTIFACT_KIND_FILE,
+    "junit": agent_pb2.ARTIFACT_KIND_JUNIT,
+    "service_log": agent_pb2.ARTIFACT_KIND_SERVICE_LOG,
+}
 
 
 def _transient(error: BaseException) -> bool:
