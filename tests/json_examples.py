@@ -73,6 +73,18 @@ JOB: dict[str, Any] = {
         "artifact_globs": ["dist/**"],
         "junit_globs": ["reports/*.xml"],
         "workspace_id": "b0123456789abcdef01234567",
+        "fetch": "pip download -d /cache -r requirements.txt",
+        "fetch_secrets": ["PIP_INDEX_TOKEN"],
+        "cache": "pip-v1",
+        "services": [
+            {
+                "name": "db",
+                "image": "postgres:16",
+                "command": ["postgres", "-c", "fsync=off"],
+                "env": {"POSTGRES_PASSWORD": "test"},
+                "tmpfs": ["/var/lib/postgresql/data"],
+            }
+        ],
     },
     "agent": {
         "id": AGENT_ID,
@@ -98,6 +110,23 @@ JOB: dict[str, Any] = {
         "image_digest": "testhide/python@sha256:0a1b2c3d4e5f",
         "mounts": ["/workspace (rw)", "/tmp (tmpfs)"],
     },
+    "fetch": {
+        "cache": "miss",
+        "exit_code": 0,
+        "duration_s": 12.5,
+        "requests": [
+            {
+                "at": T1,
+                "method": "CONNECT",
+                "host": "pypi.org",
+                "port": 443,
+                "allowed": True,
+                "http_status": 200,
+                "sent_bytes": 2048,
+                "received_bytes": 1048576,
+            }
+        ],
+    },
     "transitions": [{"status": "QUEUED", "at": T0, "reason": "waiting for an agent"}],
 }
 _JOB_NULLABLE = {
@@ -112,8 +141,12 @@ _JOB_NULLABLE = {
     "spec.workspace_id",
     "spec.runtime",
     "isolation.image_digest",
+    "spec.fetch",
+    "spec.cache",
+    "fetch",
+    "fetch.requests[].http_status",
 }
-_JOB_MAPS = {"spec.env", "spec.labels"}
+_JOB_MAPS = {"spec.env", "spec.labels", "spec.services[].env"}
 _JOB_FIELDS = {
     "status_reason": 'why the job is in its status ("" when nothing to say)',
     "attempt": "1, or 2… for a retry of a LOST job (`retry_of` names the job it retries)",
@@ -121,6 +154,8 @@ _JOB_FIELDS = {
     "spec": "what was asked for; `timeout_s` in seconds",
     "agent": "the agent that took the job, as known when it was read",
     "isolation": "what Docker applied to the job's container, read back from the live container",
+    "fetch": 'what the fetch step did, once it ended: `cache` "hit" (restored, the step skipped), "miss" '
+    'or "none"; each request its egress proxy saw (`allowed` false: refused)',
 }
 
 POOL: dict[str, Any] = {
@@ -135,6 +170,7 @@ POOL: dict[str, Any] = {
     "jobs_queued": 4,
     "jobs_running": 2,
     "created_at": T0,
+    "egress_allow": ["pypi.org", "files.pythonhosted.org:443"],
 }
 _POOL_NULLABLE = {"[].runtime", "[].agent_cert_ttl_s"}
 
@@ -145,6 +181,16 @@ SECRET: dict[str, Any] = {
     "last_used_by_job": JOB_ID,
 }
 _SECRET_NULLABLE = {"[].last_used_at", "[].last_used_by_job"}
+
+AGENT_CACHE: dict[str, Any] = {
+    "org": "default",
+    "pool": "default",
+    "key": "deps-v1",
+    "volume": "testhide-cache-886a62f6f38c88531f450c3f-b7e47763",
+    "size_bytes": 307200,
+    "last_used_at": T1,
+    "created_at": T0,
+}
 
 DOCTOR: dict[str, Any] = {
     "ok": False,
@@ -208,8 +254,16 @@ EXAMPLES: dict[str, Example] = {
     ),
     "testhide secrets list": Example([SECRET], frozenset(_SECRET_NULLABLE)),
     "testhide artifacts --list": Example(
-        [{"path": "dist/app.tar.gz", "size": 1048576, "sha256": "9f86d081884c7d659a2feaa0c55ad015"}],
+        [
+            {
+                "path": "dist/app.tar.gz",
+                "size": 1048576,
+                "sha256": "9f86d081884c7d659a2feaa0c55ad015",
+                "kind": "FILE",
+            }
+        ],
         note="also printed after a download with `--json`",
+        fields={"kind": '"FILE", or "SERVICE_LOG" for a service\'s output (services/NAME.log)'},
     ),
     "testhide pools list": Example([POOL], frozenset(_POOL_NULLABLE)),
     "testhide whoami": Example(
@@ -304,6 +358,11 @@ EXAMPLES: dict[str, Example] = {
     "testhide admin pools list": Example([POOL], frozenset(_POOL_NULLABLE), like="testhide pools list"),
     # testhide-agent
     "testhide-agent doctor": Example(DOCTOR, fields={"status": '"OK", "WARN" or "FAIL"'}),
+    "testhide-agent caches list": Example([AGENT_CACHE], note="most recently used first"),
+    "testhide-agent caches clear": Example(
+        {"removed_count": 1, "removed_bytes": 307200, "removed": [AGENT_CACHE], "skipped": [AGENT_CACHE]},
+        fields={"skipped": "caches a container is using: not removed"},
+    ),
     # testhide-controlplane: the operator's command on the data dir
     "testhide-controlplane doctor": Example(DOCTOR, fields={"status": '"OK", "WARN" or "FAIL"'}),
     "testhide-controlplane pools list": Example([{"org": "default", **POOL}], frozenset(_POOL_NULLABLE)),

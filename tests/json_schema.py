@@ -26,6 +26,7 @@ LOWER_WORD = re.compile(r"^[a-z][a-z0-9]*([_-][a-z0-9]+)*$")
 LIST_FIELDS = frozenset(
     {"scopes", "command", "runtimes", "amr", "allowed_images", "secrets", "interfaces", "mounts"}
     | {"cap_add", "cap_drop", "artifact_globs", "junit_globs", "rejected_reports", "jobs_ended"}
+    | {"fetch_secrets", "services", "tmpfs", "requests", "egress_allow"}
 )
 
 

@@ -142,6 +142,7 @@ async def test_an_administrator_runs_a_pool_of_agents_from_another_machine(
             "jobs_queued": 1,
             "jobs_running": 0,
             "created_at": pools["ci"]["created_at"],
+            "egress_allow": [],
         }
         assert pools["ci"]["created_at"].endswith("Z")
 

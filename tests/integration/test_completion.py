@@ -32,6 +32,14 @@ async def test_subcommands_and_options_complete_without_a_server(tmp_path: Path)
     assert await complete(cli, "testhide jo") == ["plain,jobs"]
     assert await complete(cli, "testhide who") == ["plain,whoami"]
     assert "plain,--api-key-stdin" in await complete(cli, "testhide login --api")
+    assert await complete(cli, "testhide run --fetch") == ["plain,--fetch", "plain,--fetch-secret"]
+    assert await complete(cli, "testhide run --service-") == [
+        "plain,--service-command",
+        "plain,--service-env",
+        "plain,--service-tmpfs",
+    ]
+    assert await complete(cli, "testhide logs --serv") == ["plain,--service"]
+    assert await complete(cli, "testhide admin pools set ci --no-e") == ["plain,--no-egress"]
     assert await complete(cli, "testhide jobs show ") == []  # not logged in: nothing, silently
 
 

@@ -137,11 +137,12 @@ def test_a_job_in_json_has_its_spec_agent_and_isolation_in_a_fixed_order() -> No
     assert list(shown) == [
         "id", "status", "exit_code", "status_reason", "image", "command", "pool", "agent_id", "attempt",
         "retries", "retry_of", "retried_as", "created_at", "started_at", "finished_at", "log_size", "spec",
-        "agent", "isolation", "transitions",
+        "agent", "isolation", "fetch", "transitions",
     ]  # fmt: skip
     assert list(shown["spec"]) == [
         "image", "command", "env", "pool", "workdir", "timeout_s", "labels", "secrets", "runtime", "cpus",
-        "memory_bytes", "pids", "artifact_globs", "junit_globs", "workspace_id",
+        "memory_bytes", "pids", "artifact_globs", "junit_globs", "workspace_id", "fetch", "fetch_secrets",
+        "cache", "services",
     ]  # fmt: skip
     assert shown["spec"]["env"] == {"A": "1", "B": "2"}
     assert (shown["spec"]["secrets"], shown["spec"]["timeout_s"]) == (["TOKEN"], 300.0)
@@ -165,4 +166,4 @@ def test_a_job_in_json_has_its_spec_agent_and_isolation_in_a_fixed_order() -> No
 
 def test_a_job_not_yet_assigned_has_null_agent_and_isolation() -> None:
     shown = job_json(job_from_pb(jobs_pb2.Job(id="j2", status=jobs_pb2.JOB_STATUS_QUEUED)))
-    assert (shown["agent"], shown["isolation"]) == (None, None)
+    assert (shown["agent"], shown["isolation"], shown["fetch"]) == (None, None, None)

@@ -8,6 +8,7 @@ to stdout alone, so that it can be captured; what is said about it goes to stder
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import click
@@ -27,6 +28,20 @@ from testhide.cli.output import (
 from testhide.common.durations import Duration, format_duration
 
 PULL_POLICIES = ("never", "if-not-present", "always")
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOST = re.compile(rf"\.?{_LABEL}(\.{_LABEL})*")
+_PORT = re.compile(r"[1-9][0-9]{0,4}")
+EGRESS_FORM = (
+    "HOST or HOST:PORT (a host name, a leading '.' for its subdomains too, or an IPv4 address; PORT 1-65535)"
+)
+
+
+def egress_entry(text: str) -> str:
+    """``--egress-allow``, in lower case; the control plane checks it again, and whole."""
+    host, sep, port = text.lower().partition(":")
+    if not _HOST.fullmatch(host) or (sep and not (_PORT.fullmatch(port) and int(port) <= 65535)):
+        raise click.BadParameter(f"takes {EGRESS_FORM}, not {text!r}", param_hint="'--egress-allow'")
+    return f"{host}{sep}{port}"
 
 
 @click.group()
@@ -131,6 +146,15 @@ def pools_create(pool: str, agent_cert_ttl: timedelta | None) -> None:
     default=None,
     help="Enforce a runtime for every job of the pool ('job' lets each job choose).",
 )
+@click.option(
+    "--egress-allow",
+    "egress_allow",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    callback=lambda _ctx, _param, values: tuple(egress_entry(v) for v in values),
+    help="What a job's fetch step may reach (ports 80 and 443 without PORT; repeatable; replaces the list).",
+)
+@click.option("--no-egress", is_flag=True, help="Clear the egress list: fetch steps are refused.")
 def pools_set(
     pool: str,
     agent_cert_ttl: timedelta | None,
@@ -138,9 +162,22 @@ def pools_set(
     any_image: bool,
     pull_policy: str | None,
     runtime: str | None,
+    egress_allow: tuple[str, ...],
+    no_egress: bool,
 ) -> None:
-    """Change a pool's policy: certificate lifetime, allowed images, pull policy, runtime."""
-    change = PoolChange(agent_cert_ttl, allowed_images, any_image, pull_policy, runtime)
+    """Change a pool's policy: certificate lifetime, allowed images, pull policy, runtime,
+    and the egress list of its jobs' fetch steps."""
+    if egress_allow and no_egress:
+        raise click.UsageError("give either --egress-allow (the new list) or --no-egress (none), not both")
+    change = PoolChange(
+        agent_cert_ttl,
+        allowed_images,
+        any_image,
+        pull_policy,
+        runtime,
+        tuple(dict.fromkeys(egress_allow)),
+        no_egress,
+    )
     click.echo(pool_summary(call(lambda api: api.set_pool_policy(pool, change))), err=True)
 
 

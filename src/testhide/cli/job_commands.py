@@ -16,10 +16,11 @@ import click
 from testhide.cli import exitcodes
 from testhide.cli.completion import complete_job_ids
 from testhide.cli.config import Login
-from testhide.cli.errors import ArtifactRefused
+from testhide.cli.errors import ArtifactRefused, CliError
 from testhide.cli.follow import Reconnect, stream_log
 from testhide.cli.model import (
     Artifact,
+    ArtifactKind,
     Job,
     JobQuery,
     JobStatus,
@@ -158,10 +159,25 @@ def jobs_show(job_id: str, as_json: bool) -> None:
 @click.command()
 @click.argument("job_id", shell_complete=complete_job_ids)
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
+@click.option(
+    "--service",
+    metavar="NAME",
+    default=None,
+    help="Print this service's output instead (once the job ended).",
+)
 @reconnect_window
-def logs(job_id: str, follow: bool, reconnect_window: timedelta) -> None:
-    """Print a job's log: stdout to stdout, stderr to stderr."""
+def logs(job_id: str, follow: bool, service: str | None, reconnect_window: timedelta) -> None:
+    """Print a job's log: stdout to stdout, stderr to stderr. With --service, a service's
+    output (both streams, as it ran), kept when the job ended."""
     from testhide.cli.wire import connect
+
+    if service is not None:
+        if follow:
+            raise click.UsageError(
+                "--follow does not apply to --service: a service's output is kept when the job ends"
+            )
+        run_async(_service_log(job_id, service))
+        return
 
     async def go() -> None:
         async with connect(Login.load()) as api:
@@ -181,6 +197,31 @@ def logs(job_id: str, follow: bool, reconnect_window: timedelta) -> None:
             )
 
     run_async(go())
+
+
+async def _service_log(job_id: str, service: str) -> None:
+    """Write the service's output to stdout as it downloads; its sha256 is checked at the end."""
+    from testhide.cli.wire import connect
+    from testhide.cli.wire_convert import service_log_path
+
+    path = service_log_path(service)
+    async with connect(Login.load()) as api:
+        found = {a.path: a for a in await api.artifacts(job_id) if a.kind == ArtifactKind.SERVICE_LOG}
+        if path not in found:
+            names = ", ".join(s.name for s in (await api.get(job_id)).spec.services)
+            its = f"its services: {names}" if names else "it has no services"
+            raise CliError(f"job {job_id} has no output of service {service} ({its})")
+        digest = hashlib.sha256()
+        async for data in api.download(job_id, path):
+            digest.update(data)
+            await asyncio.to_thread(_write_out, data)
+    if digest.hexdigest() != found[path].sha256:
+        raise ArtifactRefused(f"the output of service {service} does not match its sha256")
+
+
+def _write_out(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 @click.command()

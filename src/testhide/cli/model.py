@@ -49,6 +49,18 @@ class LogStream(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Service:
+    """A service container beside the job (`--service NAME=IMAGE`), reached at 127.0.0.1:PORT."""
+
+    name: str
+    image: str
+    command: tuple[str, ...] = ()
+    """Empty: the image's own command."""
+    env: dict[str, str] = field(default_factory=dict)
+    tmpfs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class JobRequest:
     """What `testhide run` asks for; zero means the pool's default."""
 
@@ -68,6 +80,11 @@ class JobRequest:
     junit_globs: tuple[str, ...] = ()
     retries: int = 0
     workspace_id: str = ""
+    fetch: str = ""
+    """`sh -c` command of the fetch step; "": none."""
+    fetch_secrets: tuple[str, ...] = ()
+    cache: str = ""
+    services: tuple[Service, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,36 @@ class JobSpec:
     artifact_globs: tuple[str, ...] = ()
     junit_globs: tuple[str, ...] = ()
     workspace_id: str = ""
+    fetch: str = ""
+    fetch_secrets: tuple[str, ...] = ()
+    cache: str = ""
+    services: tuple[Service, ...] = ()
+
+
+@dataclass(frozen=True)
+class EgressRequest:
+    """One request the fetch step's egress proxy saw."""
+
+    at: datetime | None
+    method: str
+    host: str
+    port: int
+    allowed: bool
+    http_status: int | None
+    """None when the proxy answered nothing."""
+    bytes_sent: int
+    bytes_received: int
+
+
+@dataclass(frozen=True)
+class FetchStep:
+    """What the fetch step did (`Job.fetch`, once it ended or its cache was restored)."""
+
+    cache: str
+    """"hit", "miss" or "none"."""
+    exit_code: int
+    duration_s: float
+    requests: tuple[EgressRequest, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +178,7 @@ class Job:
     spec: JobSpec = field(default_factory=JobSpec)
     agent: JobAgent | None = None
     isolation: Isolation | None = None
+    fetch: FetchStep | None = None
 
 
 @dataclass(frozen=True)
@@ -172,11 +220,20 @@ class TestResults:
     rejected_reports: tuple[str, ...]
 
 
+class ArtifactKind(enum.Enum):
+    """As the contract names it without the `ARTIFACT_KIND_` prefix."""
+
+    FILE = "FILE"
+    SERVICE_LOG = "SERVICE_LOG"
+    """A service's output, at services/NAME.log."""
+
+
 @dataclass(frozen=True)
 class Artifact:
     path: str
     size: int
     sha256: str
+    kind: ArtifactKind = ArtifactKind.FILE
 
 
 @dataclass(frozen=True)
@@ -314,6 +371,8 @@ class PoolInfo:
     jobs_queued: int
     jobs_running: int
     created_at: datetime | None
+    egress_allow: tuple[str, ...] = ()
+    """HOST or HOST:PORT the fetch step may reach; empty: the fetch step is refused."""
 
 
 @dataclass(frozen=True)
@@ -326,3 +385,7 @@ class PoolChange:
     pull_policy: str | None = None
     runtime: str | None = None
     """"runc", "runsc", or "job": each job chooses."""
+    egress_allow: tuple[str, ...] = ()
+    """Replaces the pool's egress list when not empty."""
+    no_egress: bool = False
+    """Clears the pool's egress list."""

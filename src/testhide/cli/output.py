@@ -23,6 +23,7 @@ from testhide.cli.model import (
     AgentInfo,
     ApiKeyInfo,
     Artifact,
+    ArtifactKind,
     EnrollmentTokenInfo,
     Isolation,
     Job,
@@ -44,6 +45,8 @@ def timestamp(value: datetime | None) -> str | None:
 
 def job_json(job: Job) -> dict[str, Any]:
     """A job, whole: the top-level image/command/pool/agent_id stay for list views and scripts."""
+    from testhide.cli.output_fetch import fetch_json  # which uses `timestamp` of this module
+
     return {
         "id": job.id,
         "status": job.status.value,
@@ -64,6 +67,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "spec": _spec_json(job.spec),
         "agent": _agent_json(job.agent),
         "isolation": _isolation_json(job.isolation),
+        "fetch": fetch_json(job.fetch),
         "transitions": [
             {"status": t.status.value, "at": timestamp(t.at), "reason": t.reason} for t in job.transitions
         ],
@@ -71,6 +75,8 @@ def job_json(job: Job) -> dict[str, Any]:
 
 
 def _spec_json(spec: JobSpec) -> dict[str, Any]:
+    from testhide.cli.output_fetch import spec_fetch_json
+
     return {
         "image": spec.image,
         "command": list(spec.command),
@@ -87,6 +93,7 @@ def _spec_json(spec: JobSpec) -> dict[str, Any]:
         "artifact_globs": list(spec.artifact_globs),
         "junit_globs": list(spec.junit_globs),
         "workspace_id": spec.workspace_id,
+        **spec_fetch_json(spec),
     }
 
 
@@ -163,7 +170,9 @@ def jobs_table(jobs: list[Job]) -> list[str]:
 
 def job_details(job: Job) -> list[str]:
     """`jobs show`: the job, its spec, its agent, its attempts, how it was isolated,
-    and how it got where it is."""
+    and how it got where it is; what runs beside its command (`cli/output_fetch.py`)."""
+    from testhide.cli.output_fetch import fetch_rows, fetch_step_lines, service_lines
+
     spec = job.spec
     env = " ".join(f"{k}={v}" for k, v in spec.env.items())
     rows = [
@@ -184,13 +193,17 @@ def job_details(job: Job) -> list[str]:
         ("artifacts", " ".join(spec.artifact_globs)),
         ("junit", " ".join(spec.junit_globs)),
         ("workspace", spec.workspace_id),
+        *fetch_rows(spec),
+    ]
+    lines = [_row(name, value) for name, value in rows] + service_lines(spec)
+    rows = [
         ("agent", _agent_line(job)),
         ("attempt", _attempt_line(job)),
         ("created", timestamp(job.created_at)),
         ("started", timestamp(job.started_at)),
         ("finished", timestamp(job.finished_at)),
     ]
-    lines = [_row(name, value) for name, value in rows]
+    lines += [_row(name, value) for name, value in rows] + fetch_step_lines(job)
     lines += ["isolation:"] + [f"  {line}" for line in _isolation_lines(job.isolation)]
     lines.append("transitions:")
     lines.extend(f"  {timestamp(t.at)}  {t.status.value:<10} {t.reason}".rstrip() for t in job.transitions)
@@ -272,11 +285,17 @@ def secrets_table(secrets: list[Secret]) -> list[str]:
 
 
 def artifact_json(artifact: Artifact) -> dict[str, Any]:
-    return {"path": artifact.path, "size": artifact.size, "sha256": artifact.sha256}
+    return {
+        "path": artifact.path,
+        "size": artifact.size,
+        "sha256": artifact.sha256,
+        "kind": artifact.kind.value,
+    }
 
 
 def artifact_line(artifact: Artifact) -> str:
-    return f"{artifact.path}  {artifact.size} bytes  sha256:{artifact.sha256}"
+    kind = "  (service log)" if artifact.kind == ArtifactKind.SERVICE_LOG else ""
+    return f"{artifact.path}  {artifact.size} bytes  sha256:{artifact.sha256}{kind}"
 
 
 def api_key_json(key: ApiKeyInfo) -> dict[str, Any]:
@@ -379,17 +398,21 @@ def pool_json(pool: PoolInfo) -> dict[str, Any]:
         "jobs_queued": pool.jobs_queued,
         "jobs_running": pool.jobs_running,
         "created_at": timestamp(pool.created_at),
+        "egress_allow": list(pool.egress_allow),
     }
 
 
 def pools_table(pools: list[PoolInfo]) -> list[str]:
-    lines = [f"{'NAME':<24} {'PAUSED':<6} {'AGENTS':>9} {'QUEUED':>6} {'RUNNING':>7}  {'RUNTIME':<7} IMAGES"]
+    lines = [
+        f"{'NAME':<24} {'PAUSED':<6} {'AGENTS':>9} {'QUEUED':>6} {'RUNNING':>7}  {'RUNTIME':<7} "
+        f"{'IMAGES':<24} EGRESS"
+    ]
     for p in pools:
         agents = f"{p.agents_connected}/{p.agents_enrolled}"
         images, paused = ",".join(p.allowed_images) or "any", "yes" if p.paused else "no"
         lines.append(
             f"{p.name:<24} {paused:<6} {agents:>9} {p.jobs_queued:>6} {p.jobs_running:>7}  "
-            f"{p.runtime or 'job':<7} {images}"
+            f"{p.runtime or 'job':<7} {images:<24} {' '.join(p.egress_allow) or 'none'}"
         )
     return lines
 
@@ -399,6 +422,7 @@ def pool_summary(pool: PoolInfo) -> str:
     return (
         f"pool {pool.name}{' (paused)' if pool.paused else ''}:"
         f" images {', '.join(pool.allowed_images) or 'any'}, pull {pool.pull_policy},"
-        f" runtime {pool.runtime or 'chosen by each job'}"
+        f" runtime {pool.runtime or 'chosen by each job'},"
+        f" egress {', '.join(pool.egress_allow) or 'none (fetch steps refused)'}"
         + (f", agent certificates live {pool.agent_cert_ttl_s:g}s" if pool.agent_cert_ttl_s else "")
     )

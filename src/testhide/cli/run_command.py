@@ -23,6 +23,7 @@ from testhide.cli.model import (
 from testhide.cli.output import (
     results_summary,
 )
+from testhide.cli.run_options import fetch_options, services
 from testhide.common.durations import parse_duration
 from testhide.common.sizes import KiB, Size
 
@@ -45,6 +46,40 @@ from testhide.cli.common import echo_lines, notice, pair, reconnect_window, run_
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="Run only on agents offering these.")
 @click.option("--secret", "secrets", multiple=True, metavar="NAME", help="Organisation secret as env var.")
 @click.option("--runtime", type=click.Choice(["runc", "runsc"]), default=None, help="runsc: under gVisor.")
+@click.option(
+    "--fetch",
+    metavar="'CMD'",
+    default=None,
+    help="Run CMD (sh -c) first, reaching only the pool's egress list through a proxy; /cache writable.",
+)
+@click.option(
+    "--fetch-secret", "fetch_secrets", multiple=True, metavar="NAME", help="Organisation secret for --fetch."
+)
+@click.option("--cache", metavar="KEY", default=None, help="Keep /cache under KEY; a hit skips --fetch.")
+@click.option(
+    "--service",
+    "service_images",
+    multiple=True,
+    metavar="NAME=IMAGE",
+    help="A service beside the job, at 127.0.0.1 (repeatable).",
+)
+@click.option(
+    "--service-command",
+    "service_commands",
+    multiple=True,
+    metavar="NAME='CMD ARGS'",
+    help="The service's command instead of its image's.",
+)
+@click.option(
+    "--service-env", "service_envs", multiple=True, metavar="NAME:K=V", help="A service's variable."
+)
+@click.option(
+    "--service-tmpfs",
+    "service_tmpfs",
+    multiple=True,
+    metavar="NAME:PATH",
+    help="A writable tmpfs for a service.",
+)
 @click.option(
     "--artifacts", "artifact_globs", multiple=True, metavar="GLOB", help="Files to keep (under /workspace)."
 )
@@ -84,6 +119,13 @@ def run(
     labels: tuple[str, ...],
     secrets: tuple[str, ...],
     runtime: str | None,
+    fetch: str | None,
+    fetch_secrets: tuple[str, ...],
+    cache: str | None,
+    service_images: tuple[str, ...],
+    service_commands: tuple[str, ...],
+    service_envs: tuple[str, ...],
+    service_tmpfs: tuple[str, ...],
     artifact_globs: tuple[str, ...],
     junit_globs: tuple[str, ...],
     no_workspace: bool,
@@ -97,6 +139,8 @@ def run(
     """Run COMMAND in IMAGE with the current directory as /workspace, follow
     its output and exit with its exit code. While the job waits, says why.
     Ctrl-C cancels the job and follows it to its end; a second Ctrl-C detaches."""
+    fetch_step = fetch_options(fetch, fetch_secrets, cache)
+    beside = services(service_images, service_commands, service_envs, service_tmpfs)
     try:
         request = JobRequest(
             image=image,
@@ -114,6 +158,10 @@ def run(
             artifact_globs=artifact_globs,
             junit_globs=junit_globs,
             retries=retries,
+            fetch=fetch_step.fetch,
+            fetch_secrets=fetch_step.fetch_secrets,
+            cache=fetch_step.cache,
+            services=beside,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -139,8 +187,9 @@ def run(
             )
             if finished is None:
                 return exitcodes.CANCELED  # detached: the job runs on
-            if not finished.status.exited:
-                # The reason once: the agent may have logged it just now.
+            if not finished.status.exited or finished.status_reason:
+                # The reason once (a FAILED job has one when testhide stopped it: its fetch step
+                # failed, a service exited early, out of memory); the agent may have logged it just now.
                 said = stderr.said(f"testhide: {finished.status_reason}")
                 reason = "" if said else f": {finished.status_reason}"
                 click.echo(f"job {finished.id} {finished.status.value}{reason}", err=True)

@@ -34,6 +34,7 @@ from testhide.cli.model import (
 )
 from testhide.cli.wire_admin import AdminCalls
 from testhide.cli.wire_convert import (
+    artifact_from_pb,
     chunk_from_pb,
     job_from_pb,
     job_status_from_pb,
@@ -307,7 +308,7 @@ class ControlPlaneClient(AdminCalls):
         metadata = await self._bearer()
         request = jobs_pb2.JobRef(job_id=job_id)
         response = await self._call(lambda: self._jobs.ListArtifacts(request, metadata=metadata, timeout=30))
-        return [Artifact(a.path, a.size, a.sha256) for a in response.artifacts]
+        return [artifact_from_pb(a) for a in response.artifacts]
 
     async def download(self, job_id: str, path: str) -> AsyncIterator[bytes]:
         request = jobs_pb2.DownloadArtifactRequest(job_id=job_id, path=path)

@@ -155,9 +155,12 @@ class AdminCalls:
             allowed_images=list(change.allowed_images),
             pull_policy=change.pull_policy or "",
             runtime=change.runtime or "",
+            egress_allow=list(change.egress_allow),
         )
         if change.any_image:
             request.any_image = True
+        if change.no_egress:
+            request.no_egress = True
         if change.agent_cert_ttl is not None:
             request.agent_cert_ttl.FromTimedelta(change.agent_cert_ttl)
         metadata = await self._bearer()

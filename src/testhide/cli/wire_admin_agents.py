@@ -55,4 +55,5 @@ def pool_from_pb(pool: jobs_pb2.Pool) -> PoolInfo:
         jobs_queued=pool.jobs_queued,
         jobs_running=pool.jobs_running,
         created_at=time_of(pool, "created_at"),
+        egress_allow=tuple(pool.egress_allow),
     )

@@ -16,6 +16,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from testhide.cli.config import Login
 from testhide.cli.model import (
     ApiKeyLogin,
+    Artifact,
+    ArtifactKind,
+    EgressRequest,
+    FetchStep,
     Isolation,
     Job,
     JobAgent,
@@ -27,6 +31,7 @@ from testhide.cli.model import (
     LogStream,
     PasswordLogin,
     Secret,
+    Service,
     TestCase,
     TestResults,
     TestStatus,
@@ -81,6 +86,7 @@ def job_from_pb(job: jobs_pb2.Job) -> Job:
         spec=job_spec_from_pb(job.spec),
         agent=agent_from_pb(job.agent) if job.HasField("agent") else None,
         isolation=isolation_from_pb(job.isolation) if job.HasField("isolation") else None,
+        fetch=fetch_from_pb(job.fetch) if job.HasField("fetch") else None,
     )
 
 
@@ -99,6 +105,10 @@ def spec_to_pb(request: JobRequest) -> jobs_pb2.JobSpec:
         junit_globs=list(request.junit_globs),
         retries=request.retries,
         workspace_id=request.workspace_id,
+        fetch=request.fetch,
+        fetch_secrets=list(request.fetch_secrets),
+        cache=request.cache,
+        services=[service_to_pb(s) for s in request.services],
     )
     spec.timeout.FromTimedelta(request.timeout)
     return spec
@@ -197,7 +207,70 @@ def job_spec_from_pb(spec: jobs_pb2.JobSpec) -> JobSpec:
         artifact_globs=tuple(spec.artifact_globs),
         junit_globs=tuple(spec.junit_globs),
         workspace_id=spec.workspace_id,
+        fetch=spec.fetch,
+        fetch_secrets=tuple(spec.fetch_secrets),
+        cache=spec.cache,
+        services=tuple(service_from_pb(s) for s in spec.services),
     )
+
+
+def service_to_pb(service: Service) -> jobs_pb2.ServiceSpec:
+    return jobs_pb2.ServiceSpec(
+        name=service.name,
+        image=service.image,
+        command=list(service.command),
+        env=service.env,
+        tmpfs=list(service.tmpfs),
+    )
+
+
+def service_from_pb(service: jobs_pb2.ServiceSpec) -> Service:
+    return Service(
+        name=service.name,
+        image=service.image,
+        command=tuple(service.command),
+        env=dict(sorted(service.env.items())),
+        tmpfs=tuple(service.tmpfs),
+    )
+
+
+def fetch_from_pb(fetch: jobs_pb2.FetchStep) -> FetchStep:
+    return FetchStep(
+        cache=fetch.cache,
+        exit_code=fetch.exit_code,
+        duration_s=fetch.duration.ToTimedelta().total_seconds(),
+        requests=tuple(
+            EgressRequest(
+                at=time_of(r, "at"),
+                method=r.method,
+                host=r.host,
+                port=r.port,
+                allowed=r.allowed,
+                http_status=r.http_status or None,
+                bytes_sent=r.bytes_sent,
+                bytes_received=r.bytes_received,
+            )
+            for r in fetch.requests
+        ),
+    )
+
+
+# Where the agent uploads a service's output (agent.proto, ARTIFACT_KIND_SERVICE_LOG); the
+# listing of a job's artifacts carries no kind, so the path says it.
+SERVICE_LOG_DIR = "services/"
+SERVICE_LOG_SUFFIX = ".log"
+
+
+def service_log_path(service: str) -> str:
+    return f"{SERVICE_LOG_DIR}{service}{SERVICE_LOG_SUFFIX}"
+
+
+def artifact_from_pb(artifact: jobs_pb2.Artifact) -> Artifact:
+    path = artifact.path
+    name = path.removeprefix(SERVICE_LOG_DIR).removesuffix(SERVICE_LOG_SUFFIX)
+    is_log = path == service_log_path(name) and "/" not in name and bool(name)
+    kind = ArtifactKind.SERVICE_LOG if is_log else ArtifactKind.FILE
+    return Artifact(path, artifact.size, artifact.sha256, kind)
 
 
 def agent_from_pb(agent: jobs_pb2.JobAgent) -> JobAgent:
