@@ -4,7 +4,8 @@ network this test creates, the job step then runs with only `lo` and the
 fetched files read-only in /cache, a second job with the same `--cache` key
 skips the fetch step, a failing fetch step fails the job before its job step,
 and `--service` runs a server the job reaches at 127.0.0.1 and nobody else
-does; `testhide logs --service` shows its output."""
+does; `testhide logs --service` shows its output. Under gVisor the fetch step
+needs runsc registered with --network=host, and runs in the sandbox with it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from docker import DockerClient
 
 from testhide.agent.daemon import Agent
 from testhide.agent.runtime.docker import DockerRuntime
+from tests.docker_runtimes import SHARED_LOOPBACK_ARGS, registered_runtime
 from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, operator, running_agent
 
 PACKAGE = "wheel-contents-0123456789"
@@ -205,3 +207,44 @@ async def test_a_service_that_exits_early_fails_the_job_with_its_name_and_code(
     )
     assert result.returncode != 0
     assert b"service db exited early with exit code 3" in result.stderr
+
+
+async def test_under_gvisor_a_fetch_step_without_a_networked_registration_is_refused(
+    fetch_agent: Agent, cli: Cli, cp: RunningControlPlane
+) -> None:
+    await allow_egress(cp, "pkgs:8080")
+    result = await cli("run", "--image", JOB_IMAGE, "--runtime", "runsc", "--fetch", "true", "--", "true")
+    assert result.returncode == 125, result.stderr
+    assert b"the fetch step needs a network, which gVisor registered with --network=none never gives" in (
+        result.stderr
+    )
+
+
+@pytest.fixture
+def networked_runsc(docker_client: DockerClient) -> Iterator[str]:
+    """Registered before the agent starts: the agent offers what it found then."""
+    with registered_runtime(docker_client, "runsc-sharedlo-fetch", SHARED_LOOPBACK_ARGS) as name:
+        yield name
+
+
+# busybox wget fails under runsc --network=host (README); nc speaks HTTP/1.0 to the proxy itself.
+NC_FETCH = (
+    'p=${HTTP_PROXY#http://}; printf "GET http://pkgs:8080/pkg.txt HTTP/1.0\\r\\n\\r\\n"'
+    ' | nc "${p%:*}" "${p##*:}" > /cache/response && grep -q 200 /cache/response'
+)
+
+
+async def test_under_gvisor_with_a_networked_registration_the_fetch_step_runs_in_the_sandbox(
+    networked_runsc: str, fetch_agent: Agent, cli: Cli, cp: RunningControlPlane, docker_client: DockerClient
+) -> None:
+    await allow_egress(cp, "pkgs:8080")
+    result = await cli(
+        "run", "--image", JOB_IMAGE, "--runtime", "runsc", "--fetch", NC_FETCH, "--", "cat", "/cache/response"
+    )
+    assert result.returncode == 0, result.stderr
+    assert PACKAGE in result.stdout.decode()
+    job = await shown(cli, job_id_of(result.stderr))
+    assert [(r["method"], r["host"], r["allowed"]) for r in job["fetch"]["requests"]] == [
+        ("GET", "pkgs", True)
+    ]
+    assert job["isolation"]["runtime"] == "runsc"  # the job step: gVisor as registered for jobs, no network

@@ -6,10 +6,8 @@ from the live container's configuration as well."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +23,12 @@ from testhide.agent.errors import JobSetupError
 from testhide.agent.runtime import gvisor, offer, seccomp
 from testhide.agent.runtime.base import ContainerSpec, OutputQueue
 from testhide.agent.runtime.docker import DockerRuntime
-from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, enrolled, unavailable
+from tests.docker_runtimes import registered_runtime
+from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, enrolled
 
 pytestmark = pytest.mark.docker
 
 RUNTIMES = ["runc", "runsc"]
-DAEMON_JSON = Path("/etc/docker/daemon.json")
 
 PROBE = r"""
 echo "links: $(ls /sys/class/net | tr '\n' ' ')"
@@ -276,46 +274,12 @@ async def test_the_running_container_is_configured_locked_down(
 # A gVisor registered without --oci-seccomp ------------------------------------------------------------
 
 
-def _dockerd_pid() -> int | None:
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "dockerd":
-                return int(entry.name)
-    return None
-
-
-def _reload_dockerd(docker_client: DockerClient, pid: int, registered: dict[str, Any]) -> None:
-    """Write daemon.json's runtimes and SIGHUP dockerd (containers keep running),
-    then wait for its reload event."""
-    events = docker_client.events(decode=True, filters={"type": "daemon", "event": "reload"})
-    try:
-        config = json.loads(DAEMON_JSON.read_text())
-        config["runtimes"] = registered
-        DAEMON_JSON.write_text(json.dumps(config, indent=2))
-        os.kill(pid, signal.SIGHUP)
-        next(iter(events))
-    finally:
-        events.close()
-
-
 @pytest.fixture
 def runsc_without_seccomp(docker_client: DockerClient) -> Iterator[str]:
     """gVisor registered as an older host-setup did (``--network=none`` only),
     under a name of this test run's own."""
-    pid = _dockerd_pid()
-    if pid is None or not os.access(DAEMON_JSON, os.W_OK):
-        unavailable("needs a local dockerd and a writable /etc/docker/daemon.json")
-    name = f"runsc-noseccomp-{os.getpid()}"
-    runtimes = json.loads(DAEMON_JSON.read_text()).get("runtimes", {})
-    _reload_dockerd(
-        docker_client, pid, {**runtimes, name: {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none"]}}
-    )
-    try:
+    with registered_runtime(docker_client, "runsc-noseccomp", ("--network=none",)) as name:
         yield name
-    finally:
-        runtimes = json.loads(DAEMON_JSON.read_text()).get("runtimes", {})
-        runtimes.pop(name, None)
-        _reload_dockerd(docker_client, pid, runtimes)
 
 
 async def test_agent_refuses_runsc_registered_without_seccomp(

@@ -6,14 +6,9 @@ reported by name, and nothing is left behind."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
-import json
-import os
-import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,13 +20,13 @@ from testhide.agent.runtime import services
 from testhide.agent.runtime.docker import LABEL, OWNER_LABEL
 from testhide.agent.runtime.hardening import container_options
 from testhide.agent.runtime.services import ServiceGroup
-from tests.harness import JOB_IMAGE, unavailable
+from tests.docker_runtimes import SHARED_LOOPBACK_ARGS, registered_runtime
+from tests.harness import JOB_IMAGE
 
 pytestmark = pytest.mark.docker
 
 USER = "65534:65534"
 MEMORY = 64 * 1024 * 1024
-DAEMON_JSON = Path("/etc/docker/daemon.json")
 WEB_SCRIPT = "echo hello from web > /www/index.html && exec httpd -f -v -p 8080 -h /www"
 
 
@@ -297,44 +292,12 @@ async def test_a_port_that_never_listens_fails_start(
     assert ours(docker_client, owner) == []
 
 
-def _dockerd_pid() -> int | None:
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "dockerd":
-                return int(entry.name)
-    return None
-
-
-def _register(client: DockerClient, pid: int, runtimes: dict[str, Any]) -> None:
-    """daemon.json's runtimes as given, and dockerd reloaded (SIGHUP; containers keep running)."""
-    events = client.events(decode=True, filters={"type": "daemon", "event": "reload"})
-    try:
-        config = json.loads(DAEMON_JSON.read_text())
-        config["runtimes"] = runtimes
-        DAEMON_JSON.write_text(json.dumps(config, indent=2))
-        os.kill(pid, signal.SIGHUP)
-        next(iter(events))
-    finally:
-        events.close()
-
-
 @pytest.fixture
 def shared_loopback_runsc(docker_client: DockerClient) -> Iterator[str]:
-    """runsc registered a second time with ``--network=host``, as host-setup
+    """runsc registered a second time with ``--network=host``, as an operator
     registers runsc-sharedlo, under a name of this test run's own."""
-    pid = _dockerd_pid()
-    if pid is None or not os.access(DAEMON_JSON, os.W_OK):
-        unavailable("needs a local dockerd and a writable /etc/docker/daemon.json")
-    name = f"runsc-sharedlo-test{os.getpid()}"
-    runtimes = json.loads(DAEMON_JSON.read_text()).get("runtimes", {})
-    args = ["--network=host", "--oci-seccomp", "--panic-log=/proc/self/fd/2", "--traceback=single"]
-    _register(docker_client, pid, {**runtimes, name: {"path": "/usr/bin/runsc", "runtimeArgs": args}})
-    try:
+    with registered_runtime(docker_client, "runsc-sharedlo-test", SHARED_LOOPBACK_ARGS) as name:
         yield name
-    finally:
-        runtimes = json.loads(DAEMON_JSON.read_text()).get("runtimes", {})
-        runtimes.pop(name, None)
-        _register(docker_client, pid, runtimes)
 
 
 async def test_under_gvisor_services_and_job_share_only_lo(

@@ -15,13 +15,13 @@ from testhide.agent.config import AgentConfig
 from testhide.agent.egress import image
 from testhide.agent.egress.squid import (
     AllowRule,
-    EgressRecord,
     parse_access_line,
     parse_access_log,
     parse_allow,
     render_config,
 )
 from testhide.agent.errors import ConfigError, JobSetupError
+from testhide.common.fetch import EgressRequest
 
 
 def test_allow_entries_become_rules_in_order() -> None:
@@ -118,16 +118,16 @@ def test_access_log_lines_become_records() -> None:
     ]
     records = parse_access_log(lines)
     assert records == [
-        EgressRecord(
+        EgressRequest(
             datetime(2026, 12, 1, 5, 42, 51, 934000, UTC), "GET", "upstream", 8080, True, 200, 96, 351
         ),
-        EgressRecord(
+        EgressRequest(
             datetime(2026, 12, 1, 5, 42, 51, 935000, UTC), "GET", "elsewhere", 8081, False, 403, 96, 1612
         ),
-        EgressRecord(
+        EgressRequest(
             datetime(2026, 12, 1, 5, 42, 52, 1000, UTC), "CONNECT", "upstream", 8443, True, 200, 75, 59
         ),
-        EgressRecord(datetime(2026, 12, 1, 5, 42, 52, 2000, UTC), "NONE", "", 0, False, 400, 12, 3100),
+        EgressRequest(datetime(2026, 12, 1, 5, 42, 52, 2000, UTC), "NONE", "", 0, False, 400, 12, 3100),
     ]
 
 

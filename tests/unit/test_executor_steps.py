@@ -11,14 +11,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from testhide.agent.model import EgressRecord, JobFetched, JobResult, JobStarted, Outcome, ServiceSpec
+from testhide.agent.model import EgressRequest, JobFetched, JobResult, JobStarted, Outcome, ServiceSpec
 from testhide.agent.runtime.base import VolumeMount
 from testhide.agent.runtime.fake import FakeServices, Script
 from testhide.agent.steps import JobFacilities
 from tests.unit.test_executor import ERR, OUT, WAIT, Harness, job
 
 FETCH = "testhide-fetch-j1"
-RECORD = EgressRecord(datetime(2030, 1, 2, tzinfo=UTC), "CONNECT", "pypi.org", 443, True, 200, 900, 50_000)
+RECORD = EgressRequest(datetime(2030, 1, 2, tzinfo=UTC), "CONNECT", "pypi.org", 443, True, 200, 900, 50_000)
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ScriptedSession:
     def proxy_env(self) -> dict[str, str]:
         return {"HTTPS_PROXY": "http://10.0.0.2:3128", "https_proxy": "http://10.0.0.2:3128"}
 
-    async def finish(self) -> list[EgressRecord]:
+    async def finish(self) -> list[EgressRequest]:
         return [RECORD]
 
     async def close(self) -> None:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import re
 import secrets
-import tarfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -33,7 +31,7 @@ import structlog
 from docker.models.volumes import Volume
 from docker.types import Mount
 
-from testhide.agent.runtime.docker import OWNER_LABEL
+from testhide.agent.runtime.docker import OWNER_LABEL, import_if_missing, owned_directory_tar
 
 log = structlog.get_logger("testhide.agent.caches")
 
@@ -70,13 +68,7 @@ def cache_init_image(user: str) -> str:
 
 def cache_init_tar(user: str) -> bytes:
     """An image holding only ``cache/``, the job user's, mode 0700."""
-    uid, _, gid = user.partition(":")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        info = tarfile.TarInfo("cache")
-        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o700, int(uid), int(gid or uid)
-        archive.addfile(info)
-    return buffer.getvalue()
+    return owned_directory_tar("cache", user, 0o700)
 
 
 @dataclass(frozen=True)
@@ -194,13 +186,7 @@ class CacheVolumes:
     def _init_image(self) -> str:
         image = cache_init_image(self._user)
         if not self._init_ready:
-            try:
-                self._client.images.get(image)
-            except docker.errors.ImageNotFound:
-                repository, tag = image.split(":")
-                self._client.api.import_image_from_data(
-                    cache_init_tar(self._user), repository=repository, tag=tag
-                )
+            import_if_missing(self._client, image, lambda: cache_init_tar(self._user))
             self._init_ready = True
         return image
 

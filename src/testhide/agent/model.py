@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
+from testhide.common.fetch import EgressRequest as EgressRequest  # the shared facts, re-exported
+from testhide.common.fetch import FetchStep as FetchStep
 from testhide.common.isolation import Isolation as Isolation  # the shared facts, re-exported
 
 
@@ -66,36 +68,10 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
-class EgressRecord:
-    """One request the fetch step's egress proxy saw."""
-
-    at: datetime
-    method: str
-    host: str
-    port: int
-    allowed: bool
-    http_status: int
-    """0 when the proxy answered nothing."""
-    bytes_sent: int
-    """From the fetch step to the proxy."""
-    bytes_received: int
-    """From the proxy to the fetch step."""
-
-
-@dataclass(frozen=True)
-class FetchReport:
-    cache: str
-    """"hit" (restored, the fetch step skipped), "miss" (fetched, then kept) or "none"."""
-    exit_code: int
-    duration: timedelta
-    requests: tuple[EgressRecord, ...] = ()
-
-
-@dataclass(frozen=True)
 class JobFetched:
     job_id: str
     epoch: int
-    fetch: FetchReport
+    fetch: FetchStep
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from testhide.agent.model import (
-    FetchReport,
+    FetchStep,
     Isolation,
     JobFetched,
     JobRefused,
@@ -163,7 +163,7 @@ class Outbox:
         if self._send is not None:
             self._send(reports.started)
 
-    def fetched(self, job_id: str, fetch: FetchReport) -> None:
+    def fetched(self, job_id: str, fetch: FetchStep) -> None:
         """What the fetch step did (or that its cache was restored), before the job step."""
         reports = self._jobs.get(job_id)
         if reports is None:

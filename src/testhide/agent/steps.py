@@ -19,11 +19,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from testhide.agent.errors import JobSetupError
-from testhide.agent.model import Assignment, FetchReport, LogStream, Outcome
+from testhide.agent.model import Assignment, FetchStep, LogStream, Outcome
 from testhide.agent.runtime.base import ContainerSpec, OutputQueue, RunningServices, VolumeMount
 
 if TYPE_CHECKING:
@@ -92,7 +91,7 @@ async def run_fetch_step(
     supervise: Supervise,
     note: Note,
     runtime_for_network: Callable[[str], Awaitable[str]],
-    report: Callable[[FetchReport], None],
+    report: Callable[[FetchStep], None],
 ) -> ContainerSpec:
     """The fetch step (or its cache restored), reported with ``report`` however it
     ended, then the job step's spec: the workspace the fetch step saw, and /cache
@@ -104,7 +103,7 @@ async def run_fetch_step(
     job_step = replace(spec, volumes=(*spec.volumes, VolumeMount(lease.volume, CACHE_MOUNT, read_only=True)))
     if lease.hit:
         await note(f"cache {job.cache} restored on this agent: fetch step skipped")
-        report(FetchReport("hit", 0, timedelta(0)))
+        report(FetchStep("hit", 0, 0.0))
         return job_step
     fetch_runtime = await runtime_for_network(spec.runtime)
     started = time.monotonic()
@@ -126,11 +125,11 @@ async def run_fetch_step(
         requests = tuple(await session.finish())
     finally:
         await session.close()
-    duration = timedelta(seconds=time.monotonic() - started)
-    report(FetchReport("miss" if job.cache else "none", exit_code, duration, requests))
+    duration_s = time.monotonic() - started
+    report(FetchStep("miss" if job.cache else "none", exit_code, duration_s, requests))
     refused = sum(1 for r in requests if not r.allowed)
     await note(
-        f"fetch step ended with exit code {exit_code} after {duration.total_seconds():.1f} s:"
+        f"fetch step ended with exit code {exit_code} after {duration_s:.1f} s:"
         f" {len(requests)} request(s) through the egress proxy, {refused} refused"
     )
     if outcome != Outcome.EXITED:

@@ -8,6 +8,8 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from testhide.common.fetch import EgressRequest as EgressRequest  # the shared facts, re-exported
+from testhide.common.fetch import FetchStep as FetchStep
 from testhide.common.isolation import Isolation as Isolation  # the shared facts, re-exported
 
 
@@ -117,32 +119,6 @@ class JobSpec:
     fetch_secrets: tuple[str, ...] = ()
     cache: str = ""
     services: tuple[Service, ...] = ()
-
-
-@dataclass(frozen=True)
-class EgressRequest:
-    """One request the fetch step's egress proxy saw."""
-
-    at: datetime | None
-    method: str
-    host: str
-    port: int
-    allowed: bool
-    http_status: int | None
-    """None when the proxy answered nothing."""
-    bytes_sent: int
-    bytes_received: int
-
-
-@dataclass(frozen=True)
-class FetchStep:
-    """What the fetch step did (`Job.fetch`, once it ended or its cache was restored)."""
-
-    cache: str
-    """"hit", "miss" or "none"."""
-    exit_code: int
-    duration_s: float
-    requests: tuple[EgressRequest, ...] = ()
 
 
 @dataclass(frozen=True)

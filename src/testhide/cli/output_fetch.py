@@ -52,7 +52,7 @@ def _request_json(request: EgressRequest) -> dict[str, Any]:
         "host": request.host,
         "port": request.port,
         "allowed": request.allowed,
-        "http_status": request.http_status,
+        "http_status": request.http_status or None,
         "sent_bytes": request.bytes_sent,
         "received_bytes": request.bytes_received,
     }
@@ -107,9 +107,9 @@ def fetch_step_lines(job: Job) -> list[str]:
     lines.append(header)
     for r in fetch.requests:
         where, verdict = f"{r.host}:{r.port}", "allowed" if r.allowed else "REFUSED"
-        status = "-" if r.http_status is None else str(r.http_status)
+        status = str(r.http_status) if r.http_status else "-"
         lines.append(
-            f"  {timestamp(r.at) or '-':<27} {r.method:<7} {where:<32} {verdict:<8} {status:>6} "
+            f"  {timestamp(r.at):<27} {r.method:<7} {where:<32} {verdict:<8} {status:>6} "
             f"{r.bytes_sent:>10} {r.bytes_received}"
         )
     return lines

@@ -241,12 +241,12 @@ def fetch_from_pb(fetch: jobs_pb2.FetchStep) -> FetchStep:
         duration_s=fetch.duration.ToTimedelta().total_seconds(),
         requests=tuple(
             EgressRequest(
-                at=time_of(r, "at"),
+                at=r.at.ToDatetime(tzinfo=UTC),
                 method=r.method,
                 host=r.host,
                 port=r.port,
                 allowed=r.allowed,
-                http_status=r.http_status or None,
+                http_status=r.http_status,
                 bytes_sent=r.bytes_sent,
                 bytes_received=r.bytes_received,
             )

@@ -37,13 +37,13 @@ from testhide.agent.egress.squid import (
     CONFIG_DIR,
     PROXY_PORT,
     READY_LINE,
-    EgressRecord,
     parse_access_log,
     parse_allow,
     render_config,
 )
 from testhide.agent.errors import JobSetupError, RuntimeUnavailable
 from testhide.agent.runtime.docker import LABEL, OWNER_LABEL, engine
+from testhide.common.fetch import EgressRequest
 
 log = structlog.get_logger("testhide.agent.egress")
 
@@ -125,7 +125,7 @@ class EgressSession:
         self.proxy_url = ""
         """``http://ADDRESS:3128``, the proxy's address on the job network."""
         self._container: Container | None = None
-        self._records: list[EgressRecord] | None = None
+        self._records: list[EgressRequest] | None = None
 
     def proxy_env(self) -> dict[str, str]:
         return {
@@ -211,7 +211,7 @@ class EgressSession:
             raise JobSetupError(f"the egress proxy stopped as it started: {last[0].strip()}")
         return False
 
-    async def finish(self) -> list[EgressRecord]:
+    async def finish(self) -> list[EgressRequest]:
         """Stops squid (it logs every transaction before it exits) and returns
         what its access log says, in order. Again: the same records."""
         if self._records is None:
@@ -221,7 +221,7 @@ class EgressSession:
                 raise JobSetupError(f"could not read the egress proxy's log: {exc}") from exc
         return list(self._records)
 
-    def _stop_and_read(self) -> list[EgressRecord]:
+    def _stop_and_read(self) -> list[EgressRequest]:
         container = self._container or self._client.containers.get(proxy_name(self.job_id))
         container.stop(timeout=STOP_TIMEOUT_S)
         output = container.logs(stdout=True, stderr=False).decode(errors="replace")

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from testhide.agent.model import EgressRecord as EgressRecord  # the domain's record, made here
+from testhide.common.fetch import EgressRequest
 
 PROXY_PORT = 3128
 DEFAULT_PORTS = (80, 443)
@@ -128,7 +128,7 @@ def render_config(rules: Iterable[AllowRule], clients: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_access_log(lines: Iterable[str]) -> list[EgressRecord]:
+def parse_access_log(lines: Iterable[str]) -> list[EgressRequest]:
     """Records of the lines written in our logformat, in order; any other line is skipped."""
     records = []
     for line in lines:
@@ -138,7 +138,7 @@ def parse_access_log(lines: Iterable[str]) -> list[EgressRecord]:
     return records
 
 
-def parse_access_line(line: str) -> EgressRecord | None:
+def parse_access_line(line: str) -> EgressRequest | None:
     """``1796103771.934 GET upstream 8080 200 TCP_MISS 96 351``; None for
     anything else. Squid writes "-" for a part it does not have (a request it
     could not parse has no host)."""
@@ -149,7 +149,7 @@ def parse_access_line(line: str) -> EgressRecord | None:
     seconds, _, millis = stamp.partition(".")
     try:
         at = datetime.fromtimestamp(_number(seconds), UTC) + timedelta(milliseconds=_number(millis))
-        return EgressRecord(
+        return EgressRequest(
             at=at,
             method=method,
             host="" if host == "-" else host,

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 from testhide.agent.model import (
     Assignment,
-    EgressRecord,
-    FetchReport,
+    EgressRequest,
+    FetchStep,
     Isolation,
     JobFetched,
     JobRefused,
@@ -61,7 +61,7 @@ def assignment_from_pb(message: agent_pb2.AssignJob) -> Assignment:
     )
 
 
-def _egress_record_to_pb(record: EgressRecord) -> jobs_pb2.EgressRequest:
+def _egress_record_to_pb(record: EgressRequest) -> jobs_pb2.EgressRequest:
     message = jobs_pb2.EgressRequest(
         method=record.method,
         host=record.host,
@@ -75,13 +75,13 @@ def _egress_record_to_pb(record: EgressRecord) -> jobs_pb2.EgressRequest:
     return message
 
 
-def fetch_to_pb(fetch: FetchReport) -> jobs_pb2.FetchStep:
+def fetch_to_pb(fetch: FetchStep) -> jobs_pb2.FetchStep:
     message = jobs_pb2.FetchStep(
         cache=fetch.cache,
         exit_code=fetch.exit_code,
         requests=[_egress_record_to_pb(r) for r in fetch.requests],
     )
-    message.duration.FromTimedelta(fetch.duration)
+    message.duration.FromTimedelta(timedelta(seconds=fetch.duration_s))
     return message
 
 

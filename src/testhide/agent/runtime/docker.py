@@ -69,17 +69,31 @@ def workspace_init_image(user: str) -> str:
     return f"testhide/workspace-init:{user.replace(':', '-')}"
 
 
-def _workspace_init_tar(user: str) -> bytes:
-    """An image holding only /workspace owned by the job user. Creating a
-    container from it over a fresh volume makes Docker copy that ownership onto
-    the volume, so the job user can write to /workspace."""
+def owned_directory_tar(name: str, user: str, mode: int) -> bytes:
+    """An image's filesystem holding only the directory ``name``, the job user's,
+    with ``mode``. A container created from it over a fresh volume mounted at
+    /NAME makes Docker copy that owner and mode onto the volume."""
     uid, _, gid = user.partition(":")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
-        info = tarfile.TarInfo("workspace")
-        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o755, int(uid), int(gid or uid)
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, mode, int(uid), int(gid or uid)
         archive.addfile(info)
     return buffer.getvalue()
+
+
+def import_if_missing(client: docker.DockerClient, image: str, filesystem: Callable[[], bytes]) -> None:
+    """``image`` (REPOSITORY:TAG) made from the tar ``filesystem`` gives, unless present."""
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        repository, tag = image.split(":")
+        client.api.import_image_from_data(filesystem(), repository=repository, tag=tag)
+
+
+def _workspace_init_tar(user: str) -> bytes:
+    """/workspace owned by the job user, who can then write to the workspace volume."""
+    return owned_directory_tar("workspace", user, 0o755)
 
 
 class Demuxer:
@@ -233,11 +247,7 @@ class DockerRuntime:
         image = workspace_init_image(user)
         if image in self._ready_init_images:
             return image
-        try:
-            self._client.images.get(image)
-        except docker.errors.ImageNotFound:
-            repository, tag = image.split(":")
-            self._client.api.import_image_from_data(_workspace_init_tar(user), repository=repository, tag=tag)
+        import_if_missing(self._client, image, lambda: _workspace_init_tar(user))
         self._ready_init_images.add(image)
         return image
 

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from testhide.common.fetch import EgressRequest as EgressRequest  # the shared facts, re-exported
+from testhide.common.fetch import FetchStep as FetchStep
 from testhide.common.isolation import Isolation as Isolation  # the shared facts, re-exported
 
 
@@ -167,35 +169,6 @@ class Transition:
     status: JobStatus
     at: datetime
     reason: str = ""
-
-
-@dataclass(frozen=True)
-class EgressRequest:
-    """One request the fetch step's egress proxy saw, as the agent reported it."""
-
-    at: datetime
-    method: str
-    host: str
-    port: int
-    allowed: bool
-    http_status: int
-    """What the proxy answered (200, 403, ...); 0 when it answered nothing."""
-    bytes_sent: int
-    """From the fetch step to the proxy."""
-    bytes_received: int
-    """From the proxy to the fetch step."""
-
-
-@dataclass(frozen=True)
-class FetchStep:
-    """What the fetch step did, reported by the agent before the job step starts."""
-
-    cache: str
-    """``hit`` (restored, the fetch step skipped), ``miss`` (fetched, then kept) or ``none``."""
-    exit_code: int
-    duration_s: float
-    requests: tuple[EgressRequest, ...] = ()
-    """The first ``MAX_FETCH_REQUESTS`` the proxy saw; later ones are not kept."""
 
 
 MAX_FETCH_REQUESTS = 1000
