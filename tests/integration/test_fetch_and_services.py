@@ -227,22 +227,32 @@ def networked_runsc(docker_client: DockerClient) -> Iterator[str]:
         yield name
 
 
-# busybox wget fails under runsc --network=host (README); nc speaks HTTP/1.0 to the proxy itself.
-NC_FETCH = (
-    'p=${HTTP_PROXY#http://}; printf "GET http://pkgs:8080/pkg.txt HTTP/1.0\\r\\n\\r\\n"'
-    ' | nc "${p%:*}" "${p##*:}" > /cache/response && grep -q 200 /cache/response'
+# Python's urllib, which reads HTTP_PROXY as pip does (busybox wget and nc trip over gVisor's
+# host network here: see the README).
+PY_FETCH = (
+    "python3 -c \"import urllib.request; data = urllib.request.urlopen('http://pkgs:8080/pkg.txt').read();"
+    " open('/cache/pkg.txt', 'wb').write(data)\""
 )
 
 
 async def test_under_gvisor_with_a_networked_registration_the_fetch_step_runs_in_the_sandbox(
-    networked_runsc: str, fetch_agent: Agent, cli: Cli, cp: RunningControlPlane, docker_client: DockerClient
+    networked_runsc: str, fetch_agent: Agent, cli: Cli, cp: RunningControlPlane, python_image: str
 ) -> None:
     await allow_egress(cp, "pkgs:8080")
     result = await cli(
-        "run", "--image", JOB_IMAGE, "--runtime", "runsc", "--fetch", NC_FETCH, "--", "cat", "/cache/response"
+        "run",
+        "--image",
+        python_image,
+        "--runtime",
+        "runsc",
+        "--fetch",
+        PY_FETCH,
+        "--",
+        "cat",
+        "/cache/pkg.txt",
     )
     assert result.returncode == 0, result.stderr
-    assert PACKAGE in result.stdout.decode()
+    assert result.stdout.decode().strip() == PACKAGE
     job = await shown(cli, job_id_of(result.stderr))
     assert [(r["method"], r["host"], r["allowed"]) for r in job["fetch"]["requests"]] == [
         ("GET", "pkgs", True)
