@@ -158,6 +158,8 @@ async def test_a_cache_hit_skips_the_fetch_step(tmp_path: Path) -> None:
     assert fetched[0].fetch.cache == "hit"
     assert fetched[0].fetch.requests == ()
     assert h.runtime.specs["j1"].volumes == (VolumeMount("testhide-cache-py-1", "/cache", read_only=True),)
+    assert h.runtime.specs["j1"].workspace_name == "testhide-ws-j1"
+    assert h.runtime.removed_workspaces == []  # the job step took it over
     assert b"cache py-1 restored on this agent: fetch step skipped" in b"".join(d for _, d in h.output())
     assert h.result().outcome == Outcome.EXITED
     assert h.result().exit_code == 0

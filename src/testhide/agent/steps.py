@@ -100,7 +100,11 @@ async def run_fetch_step(
     before.lease = lease = await facilities.caches.acquire(
         org, pool, job.cache or SCRATCH_KEY_PREFIX + job.job_id
     )
-    job_step = replace(spec, volumes=(*spec.volumes, VolumeMount(lease.volume, CACHE_MOUNT, read_only=True)))
+    job_step = replace(
+        spec,
+        workspace_name=before.workspace,
+        volumes=(*spec.volumes, VolumeMount(lease.volume, CACHE_MOUNT, read_only=True)),
+    )
     if lease.hit:
         await note(f"cache {job.cache} restored on this agent: fetch step skipped")
         report(FetchStep("hit", 0, 0.0))
@@ -141,7 +145,7 @@ async def run_fetch_step(
         kept_note = await facilities.caches.keep(lease)
         if kept_note:
             await note(kept_note)
-    return replace(job_step, workspace_name=before.workspace)
+    return job_step
 
 
 async def clean_up(
