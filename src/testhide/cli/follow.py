@@ -20,13 +20,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import BinaryIO, Protocol
-
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from testhide.cli.errors import ConnectionFailed, Disconnected, RpcFailed, Unreachable
 from testhide.cli.model import Job, JobStatus, JobUpdate, LogChunk, LogStream
 from testhide.common.durations import format_duration
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 DEFAULT_WINDOW = timedelta(minutes=5)
 
@@ -117,6 +118,9 @@ async def stream_log(
     whenever its status or status reason changed."""
     offset = 0
     outage = _Outage(reconnect, source, notify)
+    # Here, not at the top: `run` imports this module before its submit, and follows after it.
+    from tenacity import AsyncRetrying, retry_if_exception
+
     retrying = AsyncRetrying(
         retry=retry_if_exception(_transient),
         stop=outage.exhausted,

@@ -20,9 +20,6 @@ from testhide.cli.model import (
     Job,
     JobRequest,
 )
-from testhide.cli.output import (
-    results_summary,
-)
 from testhide.cli.run_options import fetch_options, services
 from testhide.common.durations import parse_duration
 from testhide.common.sizes import KiB, Size
@@ -167,9 +164,12 @@ def run(
         raise click.UsageError(str(exc)) from exc
     login_data = Login.load()
     from testhide.cli.wire import connect
-    from testhide.cli.workspace import pack  # pathspec: only when a workspace is sent
 
-    archive = None if no_workspace else pack(Path.cwd(), workspace_cap)
+    archive = None
+    if not no_workspace:
+        from testhide.cli.workspace import pack  # pathspec: only when a workspace is sent
+
+        archive = pack(Path.cwd(), workspace_cap)
 
     async def go() -> int:
         async with connect(login_data) as api:
@@ -194,6 +194,8 @@ def run(
                 reason = "" if said else f": {finished.status_reason}"
                 click.echo(f"job {finished.id} {finished.status.value}{reason}", err=True)
             if junit_globs:
+                from testhide.cli.output import results_summary
+
                 echo_lines(results_summary(await api.test_results(finished.id)), err=True)
             return exitcodes.of_job(finished)
 

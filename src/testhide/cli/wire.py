@@ -16,7 +16,6 @@ from typing import TypeVar
 import grpc
 
 from testhide.cli.config import Login
-from testhide.cli.diagnose import diagnosed
 from testhide.cli.errors import Disconnected, RpcFailed, Unreachable
 from testhide.cli.model import (
     ApiKeyLogin,
@@ -169,6 +168,8 @@ class ControlPlaneClient(AdminCalls):
         """The CLI's error for ``error``; after UNAVAILABLE, the channel is dropped."""
         failure = _failure(error, self._tried, channel)
         if isinstance(failure, Unreachable):
+            from testhide.cli.diagnose import diagnosed  # only when a call found no connection
+
             failure = await diagnosed(failure, self._server, self._login.ca_pem)
         if error.code() == grpc.StatusCode.UNAVAILABLE and self._channel is channel:
             self._channel = None
