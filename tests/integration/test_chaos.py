@@ -24,7 +24,7 @@ from testhide.controlplane.ca.enrollment import create_token
 from testhide.controlplane.datadir import initialise
 from testhide.controlplane.jobs.model import PoolPolicy, PullPolicy
 from testhide.controlplane.store.sqlite import SqliteStore
-from tests.harness import JOB_IMAGE, Cli, ControlPlaneProcess, free_port
+from tests.harness import JOB_IMAGE, Cli, ControlPlaneProcess, eventually, free_port
 
 pytestmark = [pytest.mark.chaos, pytest.mark.docker, pytest.mark.timeout(600)]
 
@@ -85,6 +85,8 @@ async def test_sigkill_of_the_control_plane_loses_no_log_and_reports_once(
         # Following from the start: the client resumes from its offset after each restart.
         follower = await cli.start("logs", "--follow", job_id)
 
+        # The agent connects once it has probed its runtimes; the job is its own from then on.
+        await eventually(lambda: job_id in agent.outbox.running(), 60, "the agent to take the job")
         # About one batch per burst: kill three times while the job is still writing.
         for kill_after_batches in (8, 18, 28):
             while agent.outbox.sent_batches(job_id) < kill_after_batches:

@@ -160,7 +160,7 @@ async def test_both_daemons_are_scraped_after_a_job(tmp_path: Path) -> None:
         assert sample(served, "testhide_server_certificate_expiry_seconds") > 0
         assert sample(served, "testhide_ca_certificate_expiry_seconds") > 0
         assert sample(served, "testhide_store_call_seconds_count", call="create_job") == 1
-        assert sample(served, "testhide_store_call_seconds_count", call="assign_job") >= 1
+        assert sample(served, "testhide_store_call_seconds_count", call="assign_jobs") >= 1
         assert sample(served, "testhide_auth_failures_total", port="api") == 0
 
         own = await scrape(agent.metrics_port)

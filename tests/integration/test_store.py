@@ -30,7 +30,7 @@ import pytest
 
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import AuditChain, AuditEntry, AuditEvent, Auditor
-from testhide.controlplane.ca.store import AgentHello
+from testhide.controlplane.ca.store import AgentHello, CertificateRenewal
 from testhide.controlplane.errors import (
     ConfigError,
     FailedPrecondition,
@@ -687,6 +687,37 @@ async def test_audit_chain_round_trip(store: Store) -> None:
     assert head[:2] == (3, appended[-1].hash)
     assert chain.verify(entries, head) == []
     assert AuditChain(b"x" * 32).verify(entries, head)  # another key: nothing verifies
+
+
+@EVERY_DRIVER
+async def test_renewals_are_recorded_with_their_audit_entries_in_one_transaction(store: Store) -> None:
+    chain = AuditChain(b"k" * 32)
+    for agent_id in ("a1", "a2", "a3"):
+        await store.create_agent(new_agent(agent_id))
+    await store.revoke_agent("a2", NOW)
+    before = await store.append_audit(AuditEvent("agent_revoked", "operator:root", "acme", "a2"), chain)
+    assert await store.record_agent_renewals([], chain) == []
+
+    def renewal(agent_id: str, serial: str) -> CertificateRenewal:
+        event = AuditEvent(
+            "agent_certificate_renewed", f"agent:{agent_id}", "acme", agent_id, {"serial": serial}
+        )
+        return CertificateRenewal("acme", agent_id, serial, NOW + timedelta(hours=2), "ca-2", event)
+
+    renewals = [renewal("a1", "b1"), renewal("a2", "b2"), renewal("a3", "b3")]
+    assert await store.record_agent_renewals(renewals, chain) == [True, False, True]  # a2 is revoked
+    agents = {a.id: a for a in await store.list_agents("acme")}
+    assert [(agents[i].cert_serial, agents[i].cert_issuer) for i in ("a1", "a2", "a3")] == [
+        ("b1", "ca-2"),
+        ("5e", ""),
+        ("b3", "ca-2"),
+    ]
+    assert agents["a1"].cert_not_after == NOW + timedelta(hours=2)
+    entries, head = await store.read_audit()
+    assert [e.seq for e in entries] == [1, 2, 3]
+    assert entries[0] == before
+    assert [e.event for e in entries[1:]] == [renewals[0].event, renewals[2].event]
+    assert chain.verify(entries, head) == []
 
 
 # ------------------------------------------------------------------ PostgreSQL alone

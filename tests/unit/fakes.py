@@ -8,12 +8,13 @@ against its protocol."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from testhide.controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
 from testhide.controlplane.auth.store import AuditStore, CredentialStore
-from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
+from testhide.controlplane.errors import ControlPlaneError, FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
     BlobInfo,
     FetchStep,
@@ -21,6 +22,7 @@ from testhide.controlplane.jobs.model import (
     Job,
     JobAgent,
     JobFilter,
+    JobReport,
     JobStatus,
     LogStream,
     PoolPolicy,
@@ -86,6 +88,11 @@ class MemoryJobs:
             if j.org == org and j.spec.pool == pool and j.status == JobStatus.QUEUED
         ]
         return sorted(queued, key=lambda j: j.id)[:limit]
+
+    async def assign_jobs(
+        self, org: str, pairs: Sequence[tuple[str, str]], now: datetime, lease_until: datetime
+    ) -> list[Job | None]:
+        return [await self.assign_job(org, j, a, now, lease_until) for j, a in pairs]
 
     async def assign_job(
         self, org: str, job_id: str, agent_id: str, now: datetime, lease_until: datetime
@@ -191,6 +198,23 @@ class MemoryJobs:
         if status == JobStatus.RUNNING and job.status != JobStatus.ASSIGNED:
             return job, False
         return self._apply(job, status, now, reason, exit_code), True
+
+    async def report_jobs(
+        self, reports: Sequence[JobReport], now: datetime
+    ) -> list[tuple[Job, bool] | ControlPlaneError]:
+        outcomes: list[tuple[Job, bool] | ControlPlaneError] = []
+        for r in reports:
+            try:
+                if r.isolation is not None:
+                    await self.record_isolation(r.org, r.job_id, r.agent_id, r.epoch, r.isolation)
+                outcomes.append(
+                    await self.report_job(
+                        r.org, r.job_id, r.agent_id, r.epoch, r.status, now, r.reason, r.exit_code, r.last_seq
+                    )
+                )
+            except ControlPlaneError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def record_isolation(
         self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation

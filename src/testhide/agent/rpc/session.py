@@ -31,6 +31,13 @@ log = structlog.get_logger("testhide.agent.session")
 
 SESSION_ACCEPTED = "testhide-session"
 HEARTBEAT_INTERVAL = "testhide-heartbeat-ms"
+READS_BATCHES = "testhide-batches"
+"""In the control plane's initial metadata: it reads AgentMessage.batch."""
+COALESCE_S = 0.002
+"""How long a small report waits for others to share its message (a job's start and
+its result, results of jobs ending together): fewer, larger messages."""
+MAX_BATCH_BYTES = 1024 * 1024
+_COALESCED = frozenset({"started", "result", "refused", "fetched"})
 MIN_HEARTBEAT_S = 0.1
 FATAL = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
@@ -111,20 +118,23 @@ class Session:
                 labels=self._config.labels,
                 runtimes=self._runtimes,
                 host=socket.gethostname(),
+                reads_batches=True,
                 running_jobs=[
                     agent_pb2.RunningJob(job_id=j, epoch=e) for j, e in self._outbox.running().items()
                 ],
             )
             outgoing.put_nowait(agent_pb2.AgentMessage(hello=hello))
             try:
-                self._heartbeat_s = self._heartbeat_interval(await self._await_acceptance(call))
+                metadata = await self._await_acceptance(call)
+                self._heartbeat_s = self._heartbeat_interval(metadata)
+                batches = metadata.get(READS_BATCHES) == "1"
                 self.established = True
                 log.info("agent_connected", endpoint=self._endpoint, agent_id=creds.agent_id)
                 self._events.connected(self._endpoint)
                 self._outbox.attach(lambda report: outgoing.put_nowait(report_to_pb(report)))
                 tasks = [
                     asyncio.create_task(self._read(call, outgoing), name="read"),
-                    asyncio.create_task(self._write(call, outgoing), name="write"),
+                    asyncio.create_task(self._write(call, outgoing, batches), name="write"),
                     asyncio.create_task(self._heartbeat(outgoing), name="heartbeat"),
                     asyncio.create_task(self._renew(stub), name="renew"),
                 ]
@@ -177,9 +187,12 @@ class Session:
         self,
         call: grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
         outgoing: asyncio.Queue[agent_pb2.AgentMessage],
+        batches: bool = False,
     ) -> None:
         while True:
             message = await outgoing.get()
+            if batches:
+                message = await _coalesce(message, outgoing)
             try:
                 await call.write(message)
             except asyncio.InvalidStateError:
@@ -195,25 +208,34 @@ class Session:
         outgoing: asyncio.Queue[agent_pb2.AgentMessage],
     ) -> None:
         async for message in call:
-            match message.WhichOneof("body"):
-                case "assign":
-                    a = message.assign
-                    refusal = self._events.assign(assignment_from_pb(a))
-                    if refusal is not None:
-                        outgoing.put_nowait(
-                            agent_pb2.AgentMessage(
-                                refused=agent_pb2.JobRefused(job_id=a.job_id, epoch=a.epoch, reason=refusal)
-                            )
+            if message.WhichOneof("body") == "batch":
+                for inner in message.batch.messages:
+                    self._on_message(inner, outgoing)
+            else:
+                self._on_message(message, outgoing)
+
+    def _on_message(
+        self, message: agent_pb2.ControlMessage, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+    ) -> None:
+        match message.WhichOneof("body"):
+            case "assign":
+                a = message.assign
+                refusal = self._events.assign(assignment_from_pb(a))
+                if refusal is not None:
+                    outgoing.put_nowait(
+                        agent_pb2.AgentMessage(
+                            refused=agent_pb2.JobRefused(job_id=a.job_id, epoch=a.epoch, reason=refusal)
                         )
-                case "cancel":
-                    c = message.cancel
-                    self._events.cancel(c.job_id, c.reason, c.abandon)
-                case "trust_bundle":
-                    self._events.trust_bundle(message.trust_bundle.ca_bundle_pem)
-                case "log_ack":
-                    self._outbox.ack_log(message.log_ack.job_id, message.log_ack.seq)
-                case "result_ack":
-                    self._outbox.ack_result(message.result_ack.job_id)
+                    )
+            case "cancel":
+                c = message.cancel
+                self._events.cancel(c.job_id, c.reason, c.abandon)
+            case "trust_bundle":
+                self._events.trust_bundle(message.trust_bundle.ca_bundle_pem)
+            case "log_ack":
+                self._outbox.ack_log(message.log_ack.job_id, message.log_ack.seq)
+            case "result_ack":
+                self._outbox.ack_result(message.result_ack.job_id)
 
     async def _heartbeat(self, outgoing: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
         """Keeps the leases of our jobs; tells the control plane at once when we
@@ -283,3 +305,24 @@ class Session:
             took_s=round(time.monotonic() - started, 3),
         )
         raise CertificateRenewed("certificate renewed; reconnecting with it")
+
+
+async def _coalesce(
+    first: agent_pb2.AgentMessage, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+) -> agent_pb2.AgentMessage:
+    """``first`` with what else is queued (after a moment, for a small report), as one
+    batch (or ``first`` alone), past MAX_BATCH_BYTES by one message at most (a log batch
+    is at most 2 MiB, the control plane takes 8). Log batches and heartbeats do not
+    wait: the log path keeps its pace."""
+    kind = first.WhichOneof("body")
+    if kind == "hello":
+        return first  # alone: the control plane reads it first, before anything else
+    if kind in _COALESCED and outgoing.empty():
+        await asyncio.sleep(COALESCE_S)
+    messages, size = [first], first.ByteSize()
+    while size < MAX_BATCH_BYTES and not outgoing.empty():
+        messages.append(outgoing.get_nowait())
+        size += messages[-1].ByteSize()
+    if len(messages) == 1:
+        return first
+    return agent_pb2.AgentMessage(batch=agent_pb2.AgentBatch(messages=messages))

@@ -139,6 +139,12 @@ class Auditor:
         self._store = store
         self._chain = AuditChain(key)
 
+    @property
+    def chain(self) -> AuditChain:
+        """For a store transaction that appends its entries along with its own writes
+        (``AgentStore.record_agent_renewals``): both commit, or neither."""
+        return self._chain
+
     async def record(
         self, action: str, actor: str, *, org: str = "", target: str = "", source_ip: str = "", **details: Any
     ) -> AuditEntry:

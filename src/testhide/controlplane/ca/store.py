@@ -6,11 +6,13 @@ union)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from testhide.controlplane.auth.audit import AuditChain, AuditEvent
     from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord
 
 
@@ -42,6 +44,18 @@ class AgentHello:
             max_jobs,
             _printable(host, 253),
         )
+
+
+@dataclass(frozen=True)
+class CertificateRenewal:
+    """An agent's new certificate, and the audit entry that records it."""
+
+    org: str
+    agent_id: str
+    serial: str
+    not_after: datetime
+    issuer: str
+    event: AuditEvent
 
 
 class CertificatePolicyStore(Protocol):
@@ -90,6 +104,10 @@ class AgentStore(CertificatePolicyStore, Protocol):
         """Its stream ended (and no newer one of it is held here): last contact, and no longer connected."""
         ...
 
-    async def record_agent_certificate(
-        self, org: str, agent_id: str, serial: str, not_after: datetime, issuer: str
-    ) -> None: ...
+    async def record_agent_renewals(
+        self, renewals: Sequence[CertificateRenewal], chain: AuditChain
+    ) -> list[bool]:
+        """Every agent's new certificate and, for each one recorded, its audit entry
+        (chained in order, one head update), in one transaction: all or nothing.
+        False for an agent that is revoked or gone by then: nothing of it is written."""
+        ...

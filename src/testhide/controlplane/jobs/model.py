@@ -221,6 +221,22 @@ class Job:
 
 
 @dataclass(frozen=True)
+class JobReport:
+    """What a job's holder reports about it: RUNNING (with its container's isolation, if
+    read back), or how it ended (with the last log batch ``last_seq``)."""
+
+    org: str
+    agent_id: str
+    job_id: str
+    epoch: int
+    status: JobStatus
+    reason: str = ""
+    exit_code: int | None = None
+    last_seq: int | None = None
+    isolation: Isolation | None = None
+
+
+@dataclass(frozen=True)
 class JobFilter:
     """Which jobs a listing shows: those that match every criterion given
     (an empty one matches all)."""

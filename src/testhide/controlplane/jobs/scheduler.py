@@ -98,6 +98,10 @@ class Mailbox:
                 self._waiter = None
         return self._items.popleft()
 
+    def take(self) -> Outbound | None:
+        """The next message if one waits, without waiting."""
+        return self._items.popleft() if self._items else None
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -115,6 +119,8 @@ class AgentSession:
     runtimes: frozenset[str] = frozenset({"runc"})
     draining: bool = False
     """The agent is shutting down: it takes no new jobs."""
+    reads_batches: bool = False
+    """The agent reads several messages in one (its Hello said so)."""
     close_reason: tuple[str, str] | None = None
     """Why the control plane ended the stream: (status code name, message)."""
     jobs: set[str] = field(default_factory=set)
@@ -271,7 +277,9 @@ class Scheduler:
         # Look past the head of the queue: a job no idle agent can take must not block the others.
         window = min(MAX_WINDOW, max(64, 4 * sum(s.free_slots for s in idle)))
         queued = await self._store.queued_jobs(org, pool, window)
-        assigned = unmatched = 0
+        plan: list[tuple[Job, AgentSession]] = []
+        taken: dict[str, int] = {}
+        unmatched = 0
         for job in queued:
             if not idle:
                 break
@@ -280,39 +288,49 @@ class Scheduler:
                 unmatched += 1  # no idle agent offers its labels or runtime: `jobs show` says why
                 continue
             session = idle.pop(index)
-            if await self._assign(org, job, session):
-                assigned += 1
-                if session.free_slots > 0:
-                    idle.append(session)
-            elif session.free_slots > 0:
-                idle.insert(index, session)
+            plan.append((job, session))
+            taken[session.identity.agent_id] = taken.get(session.identity.agent_id, 0) + 1
+            if session.free_slots > taken[session.identity.agent_id]:
+                idle.append(session)
+        assigned = await self._assign(org, plan)
+        if assigned < len(plan):  # taken by another replica, or ended as ERROR: fill those slots
+            self.kick(org, pool)
         log.debug(
             "dispatch_round",
             org=org,
             pool=pool,
-            idle_agents=len(idle) + assigned,
+            idle_agents=len(idle) + len(taken),
             queued_seen=len(queued),
             assigned=assigned,
             passed_over=unmatched,
         )
 
-    async def _assign(self, org: str, job: Job, session: AgentSession) -> bool:
-        try:
-            details = await self.prepare(job) if self.prepare else AssignDetails({}, PoolPolicy(), "runc")
-        except ControlPlaneError as exc:
-            await self._store.set_job_status(org, job.id, None, JobStatus.ERROR, datetime.now(UTC), str(exc))
-            log.warning("job_not_assignable", job_id=job.id, error=str(exc))
-            return False
+    async def _assign(self, org: str, plan: list[tuple[Job, AgentSession]]) -> int:
+        """The round's assignments, written in one transaction; how many took."""
+        ready: list[tuple[Job, AgentSession, AssignDetails]] = []
+        for job, session in plan:
+            try:
+                details = await self.prepare(job) if self.prepare else AssignDetails({}, PoolPolicy(), "runc")
+            except ControlPlaneError as exc:
+                now = datetime.now(UTC)
+                await self._store.set_job_status(org, job.id, None, JobStatus.ERROR, now, str(exc))
+                log.warning("job_not_assignable", job_id=job.id, error=str(exc))
+                continue
+            ready.append((job, session, details))
+        if not ready:
+            return 0
         now = datetime.now(UTC)
-        assigned = await self._store.assign_job(org, job.id, session.identity.agent_id, now, now + self.lease)
-        if assigned is None:
-            return False
-        session.jobs.add(job.id)
-        session.send(Assign(assigned, details))
-        log.info("job_assigned", job_id=job.id, agent_id=session.identity.agent_id, epoch=assigned.epoch)
-        if self._metrics is not None:
-            self._metrics.job_assigned(assigned, now)
-        return True
+        pairs = [(job.id, session.identity.agent_id) for job, session, _ in ready]
+        claimed = await self._store.assign_jobs(org, pairs, now, now + self.lease)
+        for (job, session, details), assigned in zip(ready, claimed, strict=True):
+            if assigned is None:
+                continue
+            session.jobs.add(job.id)
+            session.send(Assign(assigned, details))
+            log.info("job_assigned", job_id=job.id, agent_id=session.identity.agent_id, epoch=assigned.epoch)
+            if self._metrics is not None:
+                self._metrics.job_assigned(assigned, now)
+        return sum(1 for assigned in claimed if assigned is not None)
 
     def explain_queued(self, job: Job, paused: bool = False) -> str:
         """Why a queued job has not started yet, in words for its owner; ``paused``: its pool is."""

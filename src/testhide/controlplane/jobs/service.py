@@ -35,6 +35,7 @@ from testhide.controlplane.jobs.model import (
     Isolation,
     Job,
     JobFilter,
+    JobReport,
     JobSpec,
     JobStatus,
     JobUpdate,
@@ -44,6 +45,7 @@ from testhide.controlplane.jobs.model import (
     TestCase,
     new_job_id,
 )
+from testhide.controlplane.jobs.reports import ReportCommitter
 from testhide.controlplane.jobs.scheduler import (
     AgentSession,
     AssignDetails,
@@ -113,6 +115,7 @@ class JobService:
         self._logs = logs
         self._blobs = blobs
         self._secrets = secrets
+        self._reports = ReportCommitter(store)
         scheduler.prepare = self.assignment_details
 
     # users --------------------------------------------------------------------
@@ -126,7 +129,8 @@ class JobService:
             found = await self._store.get_blob(org, spec.workspace_id)
             if found is None or found[0].kind != "workspace":
                 raise InvalidArgument(f"workspace {spec.workspace_id} not found; upload it first")
-        missing = await self._secrets.missing(org, tuple(dict.fromkeys(spec.secrets + spec.fetch_secrets)))
+        names = tuple(dict.fromkeys(spec.secrets + spec.fetch_secrets))
+        missing = await self._secrets.missing(org, names) if names else []
         if missing:
             raise InvalidArgument(f"secrets not found in this organisation: {', '.join(missing)}")
         if spec.fetch:
@@ -154,9 +158,8 @@ class JobService:
         if spec.fetch:  # the list was cleared since the job was queued: it ends, saying why
             require_egress(spec.pool, policy.egress_allow)
         # One look-up (and one last-use record) for the job's secrets and its fetch step's.
-        values = await self._secrets.resolve(
-            job.org, tuple(dict.fromkeys(spec.secrets + spec.fetch_secrets)), job.id
-        )
+        names = tuple(dict.fromkeys(spec.secrets + spec.fetch_secrets))
+        values = await self._secrets.resolve(job.org, names, job.id) if names else {}
         return AssignDetails(
             {n: values[n] for n in spec.secrets},
             policy,
@@ -414,19 +417,11 @@ class JobService:
     async def on_started(
         self, session: AgentSession, job_id: str, epoch: int, isolation: Isolation | None = None
     ) -> None:
-        """RUNNING, with what the agent read back from the job's container (stored first,
-        so whoever sees the job running sees how it is isolated)."""
-        identity = session.identity
-        if isolation is not None:
-            await self._store.record_isolation(identity.org, job_id, identity.agent_id, epoch, isolation)
-        job, changed = await self._store.report_job(
-            identity.org, job_id, identity.agent_id, epoch, JobStatus.RUNNING, datetime.now(UTC)
+        """RUNNING, with what the agent read back from the job's container (stored in the
+        same transaction, so whoever sees the job running sees how it is isolated)."""
+        await self._report_one(
+            session, JobReport(*_holder(session), job_id, epoch, JobStatus.RUNNING, isolation=isolation)
         )
-        if changed:
-            log.info("job_started", job_id=job_id, agent_id=identity.agent_id)
-            if self._metrics is not None:
-                self._metrics.job_started(job)
-            self._logs.notify(job_id)
 
     async def on_fetched(self, session: AgentSession, job_id: str, epoch: int, fetch: FetchStep) -> None:
         """What the job's fetch step did (or that its cache was restored), from its holder only."""
@@ -466,22 +461,41 @@ class JobService:
         exit_code: int | None,
         reason: str,
     ) -> None:
-        job, changed = await self._store.report_job(
-            session.identity.org,
-            job_id,
-            session.identity.agent_id,
-            epoch,
-            status,
-            datetime.now(UTC),
-            reason,
-            exit_code,
-            last_seq=last_seq,
-        )
-        if changed:
-            log.info("job_finished", job_id=job_id, status=status.value, exit_code=exit_code)
-            if self._metrics is not None:
-                self._metrics.job_finished(job)
-        session.jobs.discard(job_id)
-        session.send(ResultAck(job_id))
-        self._logs.notify(job_id)
-        self._scheduler.kick(session.identity.org, session.identity.pool)
+        report = JobReport(*_holder(session), job_id, epoch, status, reason, exit_code, last_seq)
+        await self._report_one(session, report)
+
+    async def _report_one(self, session: AgentSession, report: JobReport) -> None:
+        if (refused := (await self.on_reports(session, [report]))[0]) is not None:
+            raise refused
+
+    async def on_reports(
+        self, session: AgentSession, reports: builtins.list[JobReport]
+    ) -> builtins.list[ControlPlaneError | None]:
+        """The holder's RUNNING and results, written with other streams' (group commit); for each, None
+        or why it was refused, nothing of it written. A result is acknowledged once committed."""
+        outcomes = await self._reports.report(reports)
+        for report, outcome in zip(reports, outcomes, strict=True):
+            if isinstance(outcome, ControlPlaneError):
+                continue
+            job, changed = outcome
+            if report.status == JobStatus.RUNNING:
+                if changed:
+                    log.info("job_started", job_id=job.id, agent_id=report.agent_id)
+                    if self._metrics is not None:
+                        self._metrics.job_started(job)
+                    self._logs.notify(job.id)
+                continue
+            if changed:
+                log.info("job_finished", job_id=job.id, status=job.status.value, exit_code=job.exit_code)
+                if self._metrics is not None:
+                    self._metrics.job_finished(job)
+            session.jobs.discard(job.id)
+            session.send(ResultAck(job.id))
+            self._logs.notify(job.id)
+        if any(r.status != JobStatus.RUNNING for r in reports):
+            self._scheduler.kick(session.identity.org, session.identity.pool)
+        return [o if isinstance(o, ControlPlaneError) else None for o in outcomes]
+
+
+def _holder(session: AgentSession) -> tuple[str, str]:
+    return session.identity.org, session.identity.agent_id

@@ -10,17 +10,19 @@ be written by accident."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from testhide.controlplane.errors import ControlPlaneError
     from testhide.controlplane.jobs.model import (
         BlobInfo,
         FetchStep,
-        Isolation,
         Job,
         JobAgent,
         JobFilter,
+        JobReport,
         JobStatus,
         LogStream,
         PoolPolicy,
@@ -41,6 +43,13 @@ class QueueStore(Protocol):
     async def assign_job(
         self, org: str, job_id: str, agent_id: str, now: datetime, lease_until: datetime
     ) -> Job | None: ...
+    async def assign_jobs(
+        self, org: str, pairs: Sequence[tuple[str, str]], now: datetime, lease_until: datetime
+    ) -> list[Job | None]:
+        """``assign_job`` for each (job id, agent id), in one transaction (the jobs
+        without their transitions)."""
+        ...
+
     async def set_job_status(
         self,
         org: str,
@@ -98,25 +107,13 @@ class JobStore(BlobIndex, Protocol):
         that takes an agent's word applies this same test in its own transaction."""
         ...
 
-    async def report_job(
-        self,
-        org: str,
-        job_id: str,
-        agent_id: str,
-        epoch: int,
-        status: JobStatus,
-        now: datetime,
-        reason: str = "",
-        exit_code: int | None = None,
-        last_seq: int | None = None,
-    ) -> tuple[Job, bool]:
-        """The holding agent's report (RUNNING, or the result), checked and applied at once."""
-        ...
-
-    async def record_isolation(
-        self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation
-    ) -> None:
-        """What the holding agent read back from the job's container (NotHeld otherwise)."""
+    async def report_jobs(
+        self, reports: Sequence[JobReport], now: datetime
+    ) -> list[tuple[Job, bool] | ControlPlaneError]:
+        """Several holders' reports, in order, in one transaction (group commit): for each,
+        what ``report_job`` would return, or the error it would raise (NotHeld,
+        FailedPrecondition), which wrote nothing of that report. An error of the
+        store itself fails them all, with nothing written."""
         ...
 
     async def record_fetch(self, org: str, job_id: str, agent_id: str, epoch: int, fetch: FetchStep) -> None:

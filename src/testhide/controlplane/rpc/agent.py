@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from testhide.common.identity import AgentIdentity, IdentityError
 from testhide.common.tls import fingerprint
 from testhide.controlplane.auth.audit import Auditor
-from testhide.controlplane.ca.enrollment import certificate_lifetime
+from testhide.controlplane.ca.renewal import Renewals
 from testhide.controlplane.ca.store import AgentHello, AgentStore
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.errors import (
@@ -30,7 +30,7 @@ from testhide.controlplane.errors import (
     StorageUnavailable,
     Unauthenticated,
 )
-from testhide.controlplane.jobs.model import JobStatus, PullPolicy
+from testhide.controlplane.jobs.model import JobReport, JobStatus, PullPolicy
 from testhide.controlplane.jobs.scheduler import (
     AgentSession,
     Assign,
@@ -63,6 +63,10 @@ log = structlog.get_logger("testhide.agents")
 # heartbeat interval that keeps its job leases alive.
 SESSION_ACCEPTED = "testhide-session"
 HEARTBEAT_INTERVAL = "testhide-heartbeat-ms"
+# Tells the agent that this control plane reads AgentMessage.batch (an older one would drop it).
+READS_BATCHES = "testhide-batches"
+MAX_BATCH_BYTES = 1024 * 1024
+"""What the control plane puts in one ControlMessage.batch at most (one larger message goes alone)."""
 
 _OUTCOME = {
     agent_pb2.JOB_OUTCOME_TIMED_OUT: JobStatus.TIMED_OUT,
@@ -197,8 +201,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         self._scheduler = scheduler
         self._jobs = jobs
         self._certs = certs
-        self._cert_ttl = cert_ttl
-        self._auditor = auditor
+        self._renewals = Renewals(store, certs, cert_ttl, auditor)
         self._detaching: set[asyncio.Future[None]] = set()
         """Held until done: the event loop keeps only weak references to tasks."""
 
@@ -223,7 +226,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         except ControlPlaneError as exc:
             await context.abort(code_for(exc), str(exc))
         await context.send_initial_metadata(
-            ((SESSION_ACCEPTED, "1"), (HEARTBEAT_INTERVAL, self._heartbeat_ms))
+            ((SESSION_ACCEPTED, "1"), (HEARTBEAT_INTERVAL, self._heartbeat_ms), (READS_BATCHES, "1"))
         )
         first = await read_message(context)
         if first is None or first.WhichOneof("body") != "hello":
@@ -241,6 +244,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             max_jobs=max(1, min(hello.max_jobs or 1, 64)),
             labels=dict(list(hello.labels.items())[:64]),
             runtimes=frozenset(hello.runtimes or ["runc"]),
+            reads_batches=hello.reads_batches,
         )
         # This frame lives as long as the stream: keep what the session needs, not the
         # parsed certificate and hello (a few KiB each, times ten thousand streams).
@@ -356,7 +360,10 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
     ) -> None:
         while True:
-            await context.write(encode(await session.outbox.get()))
+            message = encode(await session.outbox.get())
+            if session.reads_batches and len(session.outbox):
+                message = _batch(message, session)
+            await context.write(message)
 
     async def _read(
         self,
@@ -377,6 +384,8 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         try:
             check_agent_message(message)
             match kind:
+                case "batch":
+                    await self._handle_batch(session, message.batch.messages)
                 case "heartbeat":
                     h = message.heartbeat
                     await self._store.touch_agent(
@@ -393,41 +402,51 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
                 case "fetched":
                     f = message.fetched
                     await self._jobs.on_fetched(session, f.job_id, f.epoch, fetch_from_pb(f.fetch))
-                case "started":
-                    s = message.started
-                    isolation = isolation_from_pb(s.isolation) if s.HasField("isolation") else None
-                    await self._jobs.on_started(session, s.job_id, s.epoch, isolation)
+                case "started" | "result":
+                    await self._reports(session, [(kind, report_of(session, message))])
                 case "log_batch":
                     b = message.log_batch
                     entries = [(stream_from_pb(e.stream), e.data) for e in b.entries]
                     await self._jobs.on_log_batch(session, b.job_id, b.epoch, b.seq, entries)
-                case "result":
-                    r = message.result
-                    status = _OUTCOME.get(r.outcome) or (
-                        JobStatus.SUCCEEDED if r.exit_code == 0 else JobStatus.FAILED
-                    )
-                    exit_code = r.exit_code if r.outcome in _WITH_EXIT_CODE else None
-                    await self._jobs.on_result(
-                        session, r.job_id, r.epoch, r.last_seq, status, exit_code, r.reason
-                    )
                 case _:
                     log.warning("agent_message_ignored", kind=kind, agent_id=session.identity.agent_id)
-        except StorageUnavailable as exc:
-            # Nothing was stored or acknowledged: the agent reconnects (with backoff) and replays.
-            log.warning("agent_session_deferred", agent_id=session.identity.agent_id, error=str(exc))
-            session.close("UNAVAILABLE", str(exc))
-        except NotHeld as exc:
-            # Not this agent's job at that epoch (another's, taken back, or none at all): one
-            # answer for each. A stale holder stops it and reports nothing more.
-            log.warning(
-                "agent_message_refused", kind=kind, agent_id=session.identity.agent_id, job_id=exc.job_id
-            )
-            session.jobs.discard(exc.job_id)
-            session.send(Cancel(exc.job_id, str(exc), abandon=True))
         except ControlPlaneError as exc:
-            log.warning(
-                "agent_message_refused", kind=kind, agent_id=session.identity.agent_id, error=str(exc)
-            )
+            _refuse(session, kind, exc)
+
+    async def _handle_batch(self, session: AgentSession, messages: Iterable[agent_pb2.AgentMessage]) -> None:
+        """In order, as if sent one by one; consecutive RUNNING and result reports are
+        written together (one transaction with other streams' reports)."""
+        reports: list[tuple[str, JobReport]] = []
+        for message in messages:
+            if session.closed.is_set():
+                return  # the stream ends (the store is unavailable): the agent replays the rest
+            kind = message.WhichOneof("body")
+            if kind in ("started", "result"):
+                try:
+                    check_agent_message(message)
+                    reports.append((str(kind), report_of(session, message)))
+                except ControlPlaneError as exc:
+                    _refuse(session, kind, exc)
+                continue
+            await self._reports(session, reports)
+            reports = []
+            if kind in ("hello", "batch"):
+                log.warning("agent_message_ignored", kind=kind, agent_id=session.identity.agent_id)
+            elif not session.closed.is_set():
+                await self._handle(session, message)
+        await self._reports(session, reports)
+
+    async def _reports(self, session: AgentSession, reports: list[tuple[str, JobReport]]) -> None:
+        if not reports:
+            return
+        try:
+            refusals = await self._jobs.on_reports(session, [report for _, report in reports])
+        except ControlPlaneError as exc:
+            _refuse(session, "batch", exc)
+            return
+        for (kind, _), refusal in zip(reports, refusals, strict=True):
+            if refusal is not None:
+                _refuse(session, kind, refusal)
 
     @mapped
     async def Renew(
@@ -439,35 +458,20 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         the current, still valid certificate."""
         agent = await self._authenticate(context)
         identity = agent.identity
-        material = self._certs.current
-        lifetime = await certificate_lifetime(self._store, identity.org, identity.pool, self._cert_ttl)
-        issued = material.active_ca.issue_agent(request.csr_pem, identity, lifetime)
-        serial, issuer = format(issued.serial, "x"), fingerprint(material.active_ca.certificate_pem)
-        await self._store.record_agent_certificate(
-            identity.org, identity.agent_id, serial, issued.not_after, issuer
-        )
+        renewed = await self._renewals.renew(identity, request.csr_pem, context.peer())
         log.info(
             "agent_certificate_renewed",
             agent_id=identity.agent_id,
             org=identity.org,
             old_serial=format(agent.certificate.serial_number, "x"),
-            serial=serial,
-            not_after=issued.not_after.isoformat(),
+            serial=renewed.serial,
+            not_after=renewed.not_after.isoformat(),
             peer=context.peer(),
-        )
-        await self._auditor.record(
-            "agent_certificate_renewed",
-            f"agent:{identity.agent_id}",
-            org=identity.org,
-            target=identity.agent_id,
-            source_ip=context.peer(),
-            serial=serial,
-            not_after=issued.not_after.isoformat(),
         )
         if self._metrics is not None:
             self._metrics.certificate_renewed()
         return agent_pb2.RenewResponse(
-            certificate_pem=issued.certificate_pem, ca_bundle_pem=material.bundle_pem
+            certificate_pem=renewed.certificate_pem, ca_bundle_pem=renewed.ca_bundle_pem
         )
 
     @mapped
@@ -510,3 +514,45 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             chunks(),
         )
         return agent_pb2.ArtifactStored(path=info.path)
+
+
+def report_of(session: AgentSession, message: agent_pb2.AgentMessage) -> JobReport:
+    """A started or result message as the holder's report."""
+    org, agent_id = session.identity.org, session.identity.agent_id
+    if message.WhichOneof("body") == "started":
+        s = message.started
+        isolation = isolation_from_pb(s.isolation) if s.HasField("isolation") else None
+        return JobReport(org, agent_id, s.job_id, s.epoch, JobStatus.RUNNING, isolation=isolation)
+    r = message.result
+    status = _OUTCOME.get(r.outcome) or (JobStatus.SUCCEEDED if r.exit_code == 0 else JobStatus.FAILED)
+    exit_code = r.exit_code if r.outcome in _WITH_EXIT_CODE else None
+    return JobReport(org, agent_id, r.job_id, r.epoch, status, r.reason, exit_code, r.last_seq)
+
+
+def _refuse(session: AgentSession, kind: str | None, exc: ControlPlaneError) -> None:
+    """What an agent message that was not taken does to the stream."""
+    if isinstance(exc, StorageUnavailable):
+        # Nothing was stored or acknowledged: the agent reconnects (with backoff) and replays.
+        log.warning("agent_session_deferred", agent_id=session.identity.agent_id, error=str(exc))
+        session.close("UNAVAILABLE", str(exc))
+    elif isinstance(exc, NotHeld):
+        # Not this agent's job at that epoch (another's, taken back, or none at all): one
+        # answer for each. A stale holder stops it and reports nothing more.
+        log.warning("agent_message_refused", kind=kind, agent_id=session.identity.agent_id, job_id=exc.job_id)
+        session.jobs.discard(exc.job_id)
+        session.send(Cancel(exc.job_id, str(exc), abandon=True))
+    else:
+        log.warning("agent_message_refused", kind=kind, agent_id=session.identity.agent_id, error=str(exc))
+
+
+def _batch(first: agent_pb2.ControlMessage, session: AgentSession) -> agent_pb2.ControlMessage:
+    """``first`` and what else waits for the agent, in one message (past MAX_BATCH_BYTES by
+    one message at most: an assignment or an acknowledgement, far below the agent's limit)."""
+    messages, size = [first], first.ByteSize()
+    while size < MAX_BATCH_BYTES and (queued := session.outbox.take()) is not None:
+        message = encode(queued)
+        messages.append(message)
+        size += message.ByteSize()
+    if len(messages) == 1:
+        return first
+    return agent_pb2.ControlMessage(batch=agent_pb2.ControlBatch(messages=messages))

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from testhide.controlplane.auth.store import AuditStore, CredentialStore, SecondFactorStore
 from testhide.controlplane.ca.store import AgentStore, EnrollmentStore
-from testhide.controlplane.jobs.model import LogStream, PoolPolicy
+from testhide.controlplane.jobs.model import Isolation, Job, JobStatus, LogStream, PoolPolicy
 from testhide.controlplane.jobs.store import (
     BlobStore,
     JobStore,
@@ -246,6 +246,29 @@ class Store(
         ...
 
     async def agents_revoked_since(self, since: datetime) -> list[AgentRecord]: ...
+
+    # one holder's report in its own transaction (the job service writes them in groups:
+    # JobStore.report_jobs); for tools and tests
+    async def report_job(
+        self,
+        org: str,
+        job_id: str,
+        agent_id: str,
+        epoch: int,
+        status: JobStatus,
+        now: datetime,
+        reason: str = "",
+        exit_code: int | None = None,
+        last_seq: int | None = None,
+    ) -> tuple[Job, bool]:
+        """The holding agent's report (RUNNING, or the result), checked and applied at once."""
+        ...
+
+    async def record_isolation(
+        self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation
+    ) -> None:
+        """What the holding agent read back from the job's container (NotHeld otherwise)."""
+        ...
 
     # master-key rotation and backup
     async def data_keys(self, table: str, after_rowid: int, limit: int) -> list[WrappedDataKey]:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from testhide.controlplane.ca.store import AgentHello
+from testhide.controlplane.auth.audit import AuditChain
+from testhide.controlplane.ca.store import AgentHello, CertificateRenewal
 from testhide.controlplane.errors import NotFound, Unauthenticated
 from testhide.controlplane.jobs.model import JobAgent, JobStatus, PoolPolicy, PullPolicy
 from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord, PoolRecord
+from testhide.controlplane.store.pg_auth import append_audit_entries
 from testhide.controlplane.store.pg_common import PgConnection, PgParts, Row
 
 _FIND_ENROLLMENT = "SELECT * FROM enrollment_tokens WHERE id = $1"
@@ -375,17 +377,31 @@ class PgAgents(PgParts):
             )
         )
 
-    async def record_agent_certificate(
-        self, org: str, agent_id: str, serial: str, not_after: datetime, issuer: str
-    ) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "UPDATE agents SET cert_serial = $1, cert_not_after = $2, cert_issuer = $3"
-                " WHERE org = $4 AND id = $5",
-                serial,
-                not_after,
-                issuer,
-                org,
-                agent_id,
+    async def record_agent_renewals(
+        self, renewals: Sequence[CertificateRenewal], chain: AuditChain
+    ) -> list[bool]:
+        """One statement for every agent's row; a revocation committed meanwhile wins
+        (READ COMMITTED re-checks ``revoked_at`` once the row lock is had)."""
+
+        async def run(c: PgConnection) -> list[bool]:
+            rows = await c.fetch(
+                "UPDATE agents AS a SET cert_serial = u.serial, cert_not_after = u.not_after,"
+                " cert_issuer = u.issuer"
+                " FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])"
+                " AS u(org, id, serial, not_after, issuer)"
+                " WHERE a.org = u.org AND a.id = u.id AND a.revoked_at IS NULL"
+                " RETURNING a.org, a.id, a.cert_serial",
+                [r.org for r in renewals],
+                [r.agent_id for r in renewals],
+                [r.serial for r in renewals],
+                [r.not_after for r in renewals],
+                [r.issuer for r in renewals],
             )
-        )
+            done = {(row["org"], row["id"], row["cert_serial"]) for row in rows}
+            recorded = [(r.org, r.agent_id, r.serial) in done for r in renewals]
+            await append_audit_entries(
+                c, [r.event for r, ok in zip(renewals, recorded, strict=True) if ok], chain
+            )
+            return recorded
+
+        return await self._tx(run)

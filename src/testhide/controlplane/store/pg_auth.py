@@ -12,12 +12,70 @@ next entry."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from testhide.controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
 from testhide.controlplane.store.base import ApiKeyRecord, OrgRecord, RefreshRecord, UserRecord
 from testhide.controlplane.store.pg_common import PgConnection, PgParts, Row
+
+
+async def append_audit_entries(
+    c: PgConnection, events: Sequence[AuditEvent], chain: AuditChain
+) -> list[AuditEntry]:
+    """``events`` chained in order after the head, within the caller's transaction.
+    The head row is locked (``FOR UPDATE``; made first, as seq 0 on ``GENESIS``,
+    if the log is empty) before the next seq and prev_hash are read from it, so
+    appends from several replicas queue up and never fork the chain; one head
+    update for all of them. The time is chained in UTC, as ``timestamptz`` gives
+    it back (a naive one taken as UTC): chained with another offset, the entry
+    would not verify."""
+    head = await c.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+    if head is None:
+        await c.execute(
+            "INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, 0, $1, $2) ON CONFLICT (id) DO NOTHING",
+            GENESIS,
+            b"",
+        )
+        head = await c.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+        assert head is not None
+    seq, prev = int(head["seq"]), bytes(head["hash"])
+    entries = []
+    for event in events:
+        at = event.at.astimezone(UTC) if event.at.tzinfo else event.at.replace(tzinfo=UTC)
+        seq += 1
+        entry = chain.entry(seq, prev, replace(event, at=at))
+        entries.append(entry)
+        prev = entry.hash
+    if not entries:
+        return entries
+    await c.executemany(
+        "INSERT INTO audit_log (seq, at, actor, org, action, target, details, source_ip, prev_hash, hash)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        [
+            (
+                e.seq,
+                e.event.at,
+                e.event.actor,
+                e.event.org,
+                e.event.action,
+                e.event.target,
+                json.dumps(e.event.details, sort_keys=True),
+                e.event.source_ip,
+                e.prev_hash,
+                e.hash,
+            )
+            for e in entries
+        ],
+    )
+    await c.execute(
+        "UPDATE audit_head SET seq = $1, hash = $2, mac = $3 WHERE id = 1",
+        seq,
+        prev,
+        chain.head_mac(seq, prev),
+    )
+    return entries
 
 
 class PgAuth(PgParts):
@@ -322,52 +380,7 @@ class PgAuth(PgParts):
 
     # audit ---------------------------------------------------------------------
     async def append_audit(self, event: AuditEvent, chain: AuditChain) -> AuditEntry:
-        """The head row is locked (``FOR UPDATE``; made first, as seq 0 on ``GENESIS``,
-        if the log is empty) before the next seq and prev_hash are read from it,
-        so appends from several replicas queue up and never fork the chain. The
-        time is chained in UTC, as ``timestamptz`` gives it back (a naive one taken
-        as UTC): chained with another offset, the entry would not verify."""
-        at = event.at.astimezone(UTC) if event.at.tzinfo else event.at.replace(tzinfo=UTC)
-        event = replace(event, at=at)
-        details = json.dumps(event.details, sort_keys=True)
-
-        async def run(c: PgConnection) -> AuditEntry:
-            head = await c.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
-            if head is None:
-                await c.execute(
-                    "INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, 0, $1, $2)"
-                    " ON CONFLICT (id) DO NOTHING",
-                    GENESIS,
-                    b"",
-                )
-                head = await c.fetchrow("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
-                assert head is not None
-            seq, prev = int(head["seq"]) + 1, bytes(head["hash"])
-            entry = chain.entry(seq, prev, event)
-            await c.execute(
-                "INSERT INTO audit_log"
-                " (seq, at, actor, org, action, target, details, source_ip, prev_hash, hash)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                seq,
-                event.at,
-                event.actor,
-                event.org,
-                event.action,
-                event.target,
-                details,
-                event.source_ip,
-                prev,
-                entry.hash,
-            )
-            await c.execute(
-                "UPDATE audit_head SET seq = $1, hash = $2, mac = $3 WHERE id = 1",
-                seq,
-                entry.hash,
-                chain.head_mac(seq, entry.hash),
-            )
-            return entry
-
-        return await self._tx(run)
+        return (await self._tx(lambda c: append_audit_entries(c, [event], chain)))[0]
 
     async def read_audit(self) -> tuple[list[AuditEntry], tuple[int, bytes, bytes] | None]:
         """Entries and head from one snapshot (REPEATABLE READ): under READ COMMITTED

@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
-from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
+from testhide.controlplane.errors import ControlPlaneError, FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
     BlobInfo,
     FetchStep,
     Isolation,
     Job,
     JobFilter,
+    JobReport,
     JobStatus,
     LogStream,
     PoolPolicy,
@@ -250,23 +251,47 @@ class PgJobData(PgParts):
         """QUEUED -> ASSIGNED with a new fencing epoch and a lease, or None if someone else won
         (the conditional update waits for a concurrent claim and then finds the job no longer QUEUED)."""
 
-        async def run(c: PgConnection) -> Job | None:
-            row = await c.fetchrow(
-                "UPDATE jobs SET status = $1, agent_id = $2, epoch = epoch + 1, lease_expires_at = $3"
-                " WHERE org = $4 AND id = $5 AND status = $6 RETURNING *",
-                JobStatus.ASSIGNED.value,
-                agent_id,
-                lease_until,
-                org,
-                job_id,
-                JobStatus.QUEUED.value,
-            )
-            if row is None:
-                return None
-            await self._add_transition(c, job_id, JobStatus.ASSIGNED, now, f"agent {agent_id}")
-            return await self._job(c, row)
+        return await self._tx(lambda c: self._assign(c, org, job_id, agent_id, now, lease_until))
+
+    async def assign_jobs(
+        self, org: str, pairs: Sequence[tuple[str, str]], now: datetime, lease_until: datetime
+    ) -> list[Job | None]:
+        # Rows are claimed in job id order: two such transactions never wait on each other in a cycle.
+        order = sorted(range(len(pairs)), key=lambda i: pairs[i][0])
+
+        async def run(c: PgConnection) -> list[Job | None]:
+            claimed: dict[int, Job | None] = {}
+            for i in order:
+                job_id, agent_id = pairs[i]
+                claimed[i] = await self._assign(c, org, job_id, agent_id, now, lease_until, False)
+            return [claimed[i] for i in range(len(pairs))]
 
         return await self._tx(run)
+
+    async def _assign(
+        self,
+        c: PgConnection,
+        org: str,
+        job_id: str,
+        agent_id: str,
+        now: datetime,
+        lease_until: datetime,
+        with_transitions: bool = True,
+    ) -> Job | None:
+        row = await c.fetchrow(
+            "UPDATE jobs SET status = $1, agent_id = $2, epoch = epoch + 1, lease_expires_at = $3"
+            " WHERE org = $4 AND id = $5 AND status = $6 RETURNING *",
+            JobStatus.ASSIGNED.value,
+            agent_id,
+            lease_until,
+            org,
+            job_id,
+            JobStatus.QUEUED.value,
+        )
+        if row is None:
+            return None
+        await self._add_transition(c, job_id, JobStatus.ASSIGNED, now, f"agent {agent_id}")
+        return await self._job(c, row, with_transitions)
 
     async def set_job_status(
         self,
@@ -360,21 +385,46 @@ class PgJobData(PgParts):
         applied in one transaction; (job, whether it changed). A report the job
         is already past is a replay and changes nothing."""
 
-        async def run(c: PgConnection) -> tuple[Job, bool]:
-            row = await self._held_row(c, org, job_id, agent_id, epoch)
-            if last_seq is not None and row["last_seq"] != last_seq:
-                raise FailedPrecondition(
-                    f"result of job {job_id} arrived before its log ({row['last_seq']}/{last_seq})"
-                )
-            current = JobStatus(row["status"])
-            replay = current.terminal or current == status
-            if replay or (status == JobStatus.RUNNING and current != JobStatus.ASSIGNED):
-                return _job_of(row), False
-            return await self._apply_status(
-                c, row, status, now, reason, exit_code, with_transitions=False
-            ), True
+        report = JobReport(org, agent_id, job_id, epoch, status, reason, exit_code, last_seq)
+        return await self._tx(lambda c: self._report(c, report, now))
+
+    async def report_jobs(
+        self, reports: Sequence[JobReport], now: datetime
+    ) -> list[tuple[Job, bool] | ControlPlaneError]:
+        # Rows are locked in job id order (a job's own reports keep theirs): two such
+        # transactions never wait on each other in a cycle.
+        order = sorted(range(len(reports)), key=lambda i: reports[i].job_id)
+
+        async def run(c: PgConnection) -> list[tuple[Job, bool] | ControlPlaneError]:
+            outcomes: dict[int, tuple[Job, bool] | ControlPlaneError] = {}
+            for i in order:
+                try:
+                    outcomes[i] = await self._report(c, reports[i], now)
+                except (NotHeld, FailedPrecondition) as exc:  # raised before it wrote anything
+                    outcomes[i] = exc
+            return [outcomes[i] for i in range(len(reports))]
 
         return await self._tx(run)
+
+    async def _report(self, c: PgConnection, report: JobReport, now: datetime) -> tuple[Job, bool]:
+        """One holder's report, checked in full before anything is written."""
+        row = await self._held_row(c, report.org, report.job_id, report.agent_id, report.epoch)
+        if report.last_seq is not None and row["last_seq"] != report.last_seq:
+            raise FailedPrecondition(
+                f"result of job {report.job_id} arrived before its log ({row['last_seq']}/{report.last_seq})"
+            )
+        if report.isolation is not None:
+            await c.execute(
+                "UPDATE jobs SET isolation = $1 WHERE id = $2", isolation_to_json(report.isolation), row["id"]
+            )
+        current, status = JobStatus(row["status"]), report.status
+        replay = current.terminal or current == status
+        if replay or (status == JobStatus.RUNNING and current != JobStatus.ASSIGNED):
+            return _job_of(row), False
+        job = await self._apply_status(
+            c, row, status, now, report.reason, report.exit_code, with_transitions=False
+        )
+        return job, True
 
     async def record_isolation(
         self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation

@@ -8,14 +8,16 @@ import hmac
 import json
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from testhide.controlplane.ca.store import AgentHello
+from testhide.controlplane.auth.audit import AuditChain
+from testhide.controlplane.ca.store import AgentHello, CertificateRenewal
 from testhide.controlplane.errors import NotFound, Unauthenticated
 from testhide.controlplane.jobs.model import JobAgent, JobStatus, PoolPolicy, PullPolicy
 from testhide.controlplane.store.base import AgentRecord, EnrollmentTokenRecord, PoolRecord
+from testhide.controlplane.store.sqlite_auth import append_audit_entries
 from testhide.controlplane.store.sqlite_common import SqliteParts, _dt, _ts
 
 
@@ -365,13 +367,22 @@ class SqliteAgents(SqliteParts):
             )
         )
 
-    async def record_agent_certificate(
-        self, org: str, agent_id: str, serial: str, not_after: datetime, issuer: str
-    ) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "UPDATE agents SET cert_serial = ?, cert_not_after = ?, cert_issuer = ?"
-                " WHERE org = ? AND id = ?",
-                (serial, _ts(not_after), issuer, org, agent_id),
+    async def record_agent_renewals(
+        self, renewals: Sequence[CertificateRenewal], chain: AuditChain
+    ) -> list[bool]:
+        def run(c: sqlite3.Connection) -> list[bool]:
+            recorded = [
+                c.execute(
+                    "UPDATE agents SET cert_serial = ?, cert_not_after = ?, cert_issuer = ?"
+                    " WHERE org = ? AND id = ? AND revoked_at IS NULL",
+                    (r.serial, _ts(r.not_after), r.issuer, r.org, r.agent_id),
+                ).rowcount
+                == 1
+                for r in renewals
+            ]
+            append_audit_entries(
+                c, [r.event for r, done in zip(renewals, recorded, strict=True) if done], chain
             )
-        )
+            return recorded
+
+        return await self._tx(run)

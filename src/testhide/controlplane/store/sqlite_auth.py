@@ -6,11 +6,54 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from testhide.controlplane.auth.audit import GENESIS, AuditChain, AuditEntry, AuditEvent
 from testhide.controlplane.store.base import ApiKeyRecord, OrgRecord, RefreshRecord, UserRecord
 from testhide.controlplane.store.sqlite_common import SqliteParts, _dt, _ts
+
+
+def append_audit_entries(
+    c: sqlite3.Connection, events: Sequence[AuditEvent], chain: AuditChain
+) -> list[AuditEntry]:
+    """``events`` chained in order after the head, within the caller's transaction:
+    one head read and one head write for all of them, the same chain as one
+    append each."""
+    head = c.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+    seq, prev = (head["seq"], bytes(head["hash"])) if head else (0, GENESIS)
+    entries = []
+    for event in events:
+        seq += 1
+        entry = chain.entry(seq, prev, event)
+        entries.append(entry)
+        prev = entry.hash
+    if not entries:
+        return entries
+    c.executemany(
+        "INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                e.seq,
+                _ts(e.event.at),
+                e.event.actor,
+                e.event.org,
+                e.event.action,
+                e.event.target,
+                json.dumps(e.event.details, sort_keys=True),
+                e.event.source_ip,
+                e.prev_hash,
+                e.hash,
+            )
+            for e in entries
+        ],
+    )
+    c.execute(
+        "INSERT INTO audit_head VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+        " seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
+        (seq, prev, chain.head_mac(seq, prev)),
+    )
+    return entries
 
 
 class SqliteAuth(SqliteParts):
@@ -300,33 +343,7 @@ class SqliteAuth(SqliteParts):
 
     # audit ---------------------------------------------------------------------
     async def append_audit(self, event: AuditEvent, chain: AuditChain) -> AuditEntry:
-        def run(c: sqlite3.Connection) -> AuditEntry:
-            head = c.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-            seq, prev = (head["seq"] + 1, bytes(head["hash"])) if head else (1, GENESIS)
-            entry = chain.entry(seq, prev, event)
-            c.execute(
-                "INSERT INTO audit_log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    seq,
-                    _ts(event.at),
-                    event.actor,
-                    event.org,
-                    event.action,
-                    event.target,
-                    json.dumps(event.details, sort_keys=True),
-                    event.source_ip,
-                    prev,
-                    entry.hash,
-                ),
-            )
-            c.execute(
-                "INSERT INTO audit_head VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                " seq = excluded.seq, hash = excluded.hash, mac = excluded.mac",
-                (seq, entry.hash, chain.head_mac(seq, entry.hash)),
-            )
-            return entry
-
-        return await self._tx(run)
+        return (await self._tx(lambda c: append_audit_entries(c, [event], chain)))[0]
 
     async def read_audit(self) -> tuple[list[AuditEntry], tuple[int, bytes, bytes] | None]:
         def run(c: sqlite3.Connection) -> tuple[list[AuditEntry], tuple[int, bytes, bytes] | None]:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from testhide.controlplane.errors import FailedPrecondition, NotFound, NotHeld, StaleEpoch
+from testhide.controlplane.errors import ControlPlaneError, FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
     BlobInfo,
     FetchStep,
     Isolation,
     Job,
     JobFilter,
+    JobReport,
     JobStatus,
     LogStream,
     PoolPolicy,
@@ -196,17 +198,38 @@ class SqliteJobData(SqliteParts):
         """QUEUED -> ASSIGNED with a new fencing epoch and a lease, or None if someone else won."""
 
         def run(c: sqlite3.Connection) -> Job | None:
-            cur = c.execute(
-                "UPDATE jobs SET status = ?, agent_id = ?, epoch = epoch + 1, lease_expires_at = ?"
-                " WHERE org = ? AND id = ? AND status = ?",
-                (JobStatus.ASSIGNED.value, agent_id, _ts(lease_until), org, job_id, JobStatus.QUEUED.value),
-            )
-            if cur.rowcount != 1:
-                return None
-            self._add_transition(c, job_id, JobStatus.ASSIGNED, now, f"agent {agent_id}")
-            return self._job(c, c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            return self._assign(c, org, job_id, agent_id, now, lease_until)
 
         return await self._tx(run)
+
+    async def assign_jobs(
+        self, org: str, pairs: Sequence[tuple[str, str]], now: datetime, lease_until: datetime
+    ) -> list[Job | None]:
+        def run(c: sqlite3.Connection) -> list[Job | None]:
+            return [self._assign(c, org, j, a, now, lease_until, with_transitions=False) for j, a in pairs]
+
+        return await self._tx(run)
+
+    def _assign(
+        self,
+        c: sqlite3.Connection,
+        org: str,
+        job_id: str,
+        agent_id: str,
+        now: datetime,
+        lease_until: datetime,
+        with_transitions: bool = True,
+    ) -> Job | None:
+        cur = c.execute(
+            "UPDATE jobs SET status = ?, agent_id = ?, epoch = epoch + 1, lease_expires_at = ?"
+            " WHERE org = ? AND id = ? AND status = ?",
+            (JobStatus.ASSIGNED.value, agent_id, _ts(lease_until), org, job_id, JobStatus.QUEUED.value),
+        )
+        if cur.rowcount != 1:
+            return None
+        self._add_transition(c, job_id, JobStatus.ASSIGNED, now, f"agent {agent_id}")
+        row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(c, row, with_transitions)
 
     async def set_job_status(
         self,
@@ -297,20 +320,46 @@ class SqliteJobData(SqliteParts):
         applied in one transaction; (job, whether it changed). A report the job
         is already past is a replay and changes nothing."""
 
+        report = JobReport(org, agent_id, job_id, epoch, status, reason, exit_code, last_seq)
+
         def run(c: sqlite3.Connection) -> tuple[Job, bool]:
-            row = self._held_row(c, org, job_id, agent_id, epoch)
-            if last_seq is not None and row["last_seq"] != last_seq:
-                raise FailedPrecondition(
-                    f"result of job {job_id} arrived before its log ({row['last_seq']}/{last_seq})"
-                )
-            current = JobStatus(row["status"])
-            replay = current.terminal or current == status
-            if replay or (status == JobStatus.RUNNING and current != JobStatus.ASSIGNED):
-                return self._job(c, row, with_transitions=False), False
-            return self._apply_status(c, row, status, now, reason, exit_code, with_transitions=False), True
+            return self._report(c, report, now)
 
         result: tuple[Job, bool] = await self._tx(run)
         return result
+
+    async def report_jobs(
+        self, reports: Sequence[JobReport], now: datetime
+    ) -> list[tuple[Job, bool] | ControlPlaneError]:
+        def run(c: sqlite3.Connection) -> list[tuple[Job, bool] | ControlPlaneError]:
+            outcomes: list[tuple[Job, bool] | ControlPlaneError] = []
+            for report in reports:
+                try:
+                    outcomes.append(self._report(c, report, now))
+                except (NotHeld, FailedPrecondition) as exc:  # raised before it wrote anything
+                    outcomes.append(exc)
+            return outcomes
+
+        return await self._tx(run)
+
+    def _report(self, c: sqlite3.Connection, report: JobReport, now: datetime) -> tuple[Job, bool]:
+        """One holder's report, checked in full before anything is written."""
+        row = self._held_row(c, report.org, report.job_id, report.agent_id, report.epoch)
+        if report.last_seq is not None and row["last_seq"] != report.last_seq:
+            raise FailedPrecondition(
+                f"result of job {report.job_id} arrived before its log ({row['last_seq']}/{report.last_seq})"
+            )
+        if report.isolation is not None:
+            c.execute(
+                "UPDATE jobs SET isolation = ? WHERE id = ?",
+                (_isolation_to_json(report.isolation), row["id"]),
+            )
+        current, status = JobStatus(row["status"]), report.status
+        replay = current.terminal or current == status
+        if replay or (status == JobStatus.RUNNING and current != JobStatus.ASSIGNED):
+            return self._job(c, row, with_transitions=False), False
+        job = self._apply_status(c, row, status, now, report.reason, report.exit_code, with_transitions=False)
+        return job, True
 
     async def record_isolation(
         self, org: str, job_id: str, agent_id: str, epoch: int, isolation: Isolation

@@ -233,10 +233,13 @@ class Hello(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     RUNTIMES_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
+    READS_BATCHES_FIELD_NUMBER: _builtins.int
     max_jobs: _builtins.int
     version: _builtins.str
     host: _builtins.str
     """The build host's name (for `jobs show`), not an identity: that is the certificate."""
+    reads_batches: _builtins.bool
+    """The agent reads ControlMessage.batch."""
     @_builtins.property
     def running_jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunningJob]: ...
     @_builtins.property
@@ -254,10 +257,11 @@ class Hello(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         runtimes: _abc.Iterable[_builtins.str] | None = ...,
         host: _builtins.str = ...,
+        reads_batches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "labels", b"labels", "max_jobs", b"max_jobs", "running_jobs", b"running_jobs", "runtimes", b"runtimes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "labels", b"labels", "max_jobs", b"max_jobs", "reads_batches", b"reads_batches", "running_jobs", b"running_jobs", "runtimes", b"runtimes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -497,6 +501,7 @@ class AgentMessage(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
     FETCHED_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -513,6 +518,13 @@ class AgentMessage(_message.Message):
     def refused(self) -> Global___JobRefused: ...
     @_builtins.property
     def fetched(self) -> Global___JobFetched: ...
+    @_builtins.property
+    def batch(self) -> Global___AgentBatch:
+        """Several of the reports above in one message, handled in order as if sent one
+        by one (never a hello or another batch). Sent only to a control plane that
+        announced it reads them (the testhide-batches initial metadata).
+        """
+
     def __init__(
         self,
         *,
@@ -524,16 +536,37 @@ class AgentMessage(_message.Message):
         result: Global___JobResult | None = ...,
         refused: Global___JobRefused | None = ...,
         fetched: Global___JobFetched | None = ...,
+        batch: Global___AgentBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch", b"batch", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch", b"batch", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "accepted", "started", "log_batch", "result", "refused", "fetched"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "accepted", "started", "log_batch", "result", "refused", "fetched", "batch"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
+
+@_typing.final
+class AgentBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentMessage]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___AgentMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentBatch: _TypeAlias = AgentBatch  # noqa: Y015
 
 @_typing.final
 class AssignJob(_message.Message):
@@ -735,6 +768,7 @@ class ControlMessage(_message.Message):
     LOG_ACK_FIELD_NUMBER: _builtins.int
     RESULT_ACK_FIELD_NUMBER: _builtins.int
     TRUST_BUNDLE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def assign(self) -> Global___AssignJob: ...
     @_builtins.property
@@ -745,6 +779,12 @@ class ControlMessage(_message.Message):
     def result_ack(self) -> Global___ResultAck: ...
     @_builtins.property
     def trust_bundle(self) -> Global___TrustBundle: ...
+    @_builtins.property
+    def batch(self) -> Global___ControlBatch:
+        """Several of the messages above in one, to be handled in order (never another
+        batch). Sent only to agents whose Hello set reads_batches.
+        """
+
     def __init__(
         self,
         *,
@@ -753,16 +793,37 @@ class ControlMessage(_message.Message):
         log_ack: Global___LogAck | None = ...,
         result_ack: Global___ResultAck | None = ...,
         trust_bundle: Global___TrustBundle | None = ...,
+        batch: Global___ControlBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "body", b"body", "cancel", b"cancel", "log_ack", b"log_ack", "result_ack", b"result_ack", "trust_bundle", b"trust_bundle"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "batch", b"batch", "body", b"body", "cancel", b"cancel", "log_ack", b"log_ack", "result_ack", b"result_ack", "trust_bundle", b"trust_bundle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "body", b"body", "cancel", b"cancel", "log_ack", b"log_ack", "result_ack", b"result_ack", "trust_bundle", b"trust_bundle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "batch", b"batch", "body", b"body", "cancel", b"cancel", "log_ack", b"log_ack", "result_ack", b"result_ack", "trust_bundle", b"trust_bundle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["assign", "cancel", "log_ack", "result_ack", "trust_bundle"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["assign", "cancel", "log_ack", "result_ack", "trust_bundle", "batch"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ControlMessage: _TypeAlias = ControlMessage  # noqa: Y015
+
+@_typing.final
+class ControlBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlMessage]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ControlMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlBatch: _TypeAlias = ControlBatch  # noqa: Y015
 
 @_typing.final
 class RenewRequest(_message.Message):

@@ -1,0 +1,134 @@
+"""Renewal: a new certificate for the identity an agent already holds, signed
+from its CSR, recorded with its audit entry before anyone sees it.
+
+Renewals come in waves (a fleet started together renews together), and one
+store transaction each (two, with the audit entry) made the store's writer the
+bottleneck. So they are recorded in groups (group commit): whatever arrives
+while one transaction runs goes into the next, one transaction and one audit
+append for the lot; a renewal alone is written at once, as before. A caller is
+answered only once the transaction holding its certificate has committed; if
+that transaction fails, every renewal in it fails with the same error."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography.hazmat.primitives import hashes
+
+from testhide.common.identity import AgentIdentity
+from testhide.controlplane.auth.audit import AuditEvent, Auditor
+from testhide.controlplane.ca.enrollment import certificate_lifetime
+from testhide.controlplane.ca.store import AgentStore, CertificateRenewal
+from testhide.controlplane.ca.trust import CertificateState
+from testhide.controlplane.errors import PermissionDenied
+
+MAX_BATCH = 256
+"""Renewals in one transaction at most: bounds how long the store's writer is held."""
+
+RENEWED = "agent_certificate_renewed"
+
+
+@dataclass(frozen=True)
+class Renewed:
+    certificate_pem: bytes
+    ca_bundle_pem: bytes
+    serial: str
+    not_after: datetime
+
+
+class Renewals:
+    def __init__(
+        self, store: AgentStore, certs: CertificateState, cert_ttl: timedelta, auditor: Auditor
+    ) -> None:
+        self._store = store
+        self._certs = certs
+        self._cert_ttl = cert_ttl
+        self._log = RenewalLog(store, auditor)
+
+    async def renew(self, identity: AgentIdentity, csr_pem: bytes, source_ip: str = "") -> Renewed:
+        """For an agent already authenticated (and not revoked) by its current certificate."""
+        material = self._certs.current
+        ca = material.active_ca
+        lifetime = await certificate_lifetime(self._store, identity.org, identity.pool, self._cert_ttl)
+        issued = ca.issue_agent(csr_pem, identity, lifetime)
+        serial = format(issued.serial, "x")
+        details = {"serial": serial, "not_after": issued.not_after.isoformat()}
+        event = AuditEvent(
+            RENEWED, f"agent:{identity.agent_id}", identity.org, identity.agent_id, details, source_ip
+        )
+        await self._log.record(
+            CertificateRenewal(
+                identity.org,
+                identity.agent_id,
+                serial,
+                issued.not_after,
+                ca.certificate.fingerprint(hashes.SHA256()).hex(),  # common.tls.fingerprint, cheaper
+                event,
+            )
+        )
+        return Renewed(issued.certificate_pem, material.bundle_pem, serial, issued.not_after)
+
+
+class RenewalLog:
+    """The group commit. One writer task at a time, started by the first renewal
+    to find none running, ending when nothing is left: no task to manage, and a
+    caller that goes away (its deadline passed) never strands the others."""
+
+    def __init__(self, store: AgentStore, auditor: Auditor, max_batch: int = MAX_BATCH) -> None:
+        self._store = store
+        self._auditor = auditor
+        self._max_batch = max_batch
+        self._waiting: list[tuple[CertificateRenewal, asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def record(self, renewal: CertificateRenewal) -> None:
+        """Returns once ``renewal`` is durable; PermissionDenied if the agent was
+        revoked (or removed) before it could be, the store's error if it failed."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((renewal, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+        if not await future:
+            raise PermissionDenied("this agent has been revoked")
+
+    def _next_batch(self) -> list[tuple[CertificateRenewal, asyncio.Future[bool]]]:
+        """The oldest waiting renewals, each agent at most once (a second renewal
+        of the same agent goes in the next batch, so the last one asked wins)."""
+        batch: list[tuple[CertificateRenewal, asyncio.Future[bool]]] = []
+        later: list[tuple[CertificateRenewal, asyncio.Future[bool]]] = []
+        agents: set[tuple[str, str]] = set()
+        for item in self._waiting:
+            key = (item[0].org, item[0].agent_id)
+            if len(batch) >= self._max_batch or key in agents:
+                later.append(item)
+            else:
+                agents.add(key)
+                batch.append(item)
+        self._waiting = later
+        return batch
+
+    async def _write(self) -> None:
+        batch: list[tuple[CertificateRenewal, asyncio.Future[bool]]] = []
+        try:
+            while self._waiting:
+                batch = self._next_batch()
+                try:
+                    recorded = await self._store.record_agent_renewals(
+                        [renewal for renewal, _ in batch], self._auditor.chain
+                    )
+                except Exception as exc:  # every caller of the batch hears it (StorageUnavailable...)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), done in zip(batch, recorded, strict=True):
+                    if not future.done():
+                        future.set_result(done)
+        finally:
+            self._writer = None
+            for _, future in batch + self._waiting:  # cancelled (the server stopping): nobody waits forever
+                if not future.done():
+                    future.cancel()
+            self._waiting = []
