@@ -15,8 +15,10 @@ from tests.harness import REPO
 
 FIGURES = {
     "job_overhead",
+    "cli_startup",
     "pickup_latency",
     "log_throughput",
+    "log_throughput_eight",
     "scheduler_throughput",
     "controlplane_memory",
     "agent_memory",
@@ -62,7 +64,14 @@ async def test_whole_suite_smoke(tmp_path: Path) -> None:
         assert figure["baseline_what"], name
         assert figure["met"] in (True, False, None), name
     assert figures["log_throughput"]["details"]["sha256_match"] is True
+    eight = figures["log_throughput_eight"]["details"]
+    assert (eight["sha256_match"], eight["logs_checked"]) == (True, 16)
+    assert eight["agent_cpu_ms_per_mb"] > 0
     assert figures["pickup_latency"]["details"]["p99_ms"] > 0
+    renewal = figures["certificate_renewal"]["details"]
+    assert renewal["handshakes_s"] > 0
+    assert renewal["controlplane_cpu_ms_per_handshake"] >= 0
+    assert renewal["with_handshakes_s"] > renewal["all_renewed_s"]
     assert figures["login_flood_health_p99"]["details"]["logins_answered"]
     assert figures["scheduler_throughput"]["details"]["submit_to_completion_p99_ms"] > 0
     assert (
