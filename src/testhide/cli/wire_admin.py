@@ -4,6 +4,7 @@ the channel, the session's bearer token and the one way to make a call."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TypeVar
@@ -27,20 +28,21 @@ from testhide.protos.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grp
 T = TypeVar("T")
 
 
-class AdminCalls:
-    """What `ControlPlaneClient` provides is declared here, and defined there."""
+class AdminCalls(abc.ABC):
+    """The Admin calls of `ControlPlaneClient`; what they need of it is declared
+    here as abstract, and defined there."""
 
     _channel: grpc.aio.Channel | None
 
-    async def _bearer(self) -> tuple[tuple[str, str], ...]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _bearer(self) -> tuple[tuple[str, str], ...]: ...
 
-    async def _call(self, rpc: Callable[[], Awaitable[T]]) -> T:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _call(self, rpc: Callable[[], Awaitable[T]]) -> T: ...
 
     @property
-    def _jobs(self) -> jobs_pb2_grpc.JobsAsyncStub:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _jobs(self) -> jobs_pb2_grpc.JobsAsyncStub: ...
 
     # administration of the organisation: API keys, users, secrets (org:admin; cli/admin_org.py)
     @property
