@@ -76,6 +76,16 @@ API_PORT = Port("the API port", "--listen")
 AGENT_PORT = Port("the agent port", "--agent-listen (by default the host of --listen, its port + 1)")
 
 
+WAITING_CALLS = 20_000
+"""Calls the agent port lets wait to be taken. grpc.aio takes calls from gRPC core one at a
+time, from its event loop, and core refuses new ones at random once 1,000 wait, all past
+3,000, and drops any that waited 30 s: the agent sees CANCELLED, no handler sees the call.
+A fleet renewing or reconnecting together was cut short (tests/integration/
+test_agent_port_waves.py). Two calls for each of 10,000 agents may wait, as long as
+WAITING_S; each call's own deadline still ends it (an agent's Renew: 30 s)."""
+WAITING_S = 300
+
+
 def agent_server(
     servicer: AgentControlServicer, health: health_aio.HealthServicer, cert_ttl: timedelta
 ) -> grpc.aio.Server:
@@ -90,6 +100,9 @@ def agent_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             # TLS record buffers per connection: 16 KiB by default, held by every idle agent.
             ("grpc.tsi.max_frame_size", 4096),
+            ("grpc.server.max_pending_requests", WAITING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", WAITING_CALLS),
+            ("grpc.server_max_unrequested_time_in_server", WAITING_S),
         ],
     )
     agent_pb2_grpc.add_AgentControlServicer_to_server(servicer, server)
