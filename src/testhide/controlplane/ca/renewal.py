@@ -7,7 +7,12 @@ bottleneck. So they are recorded in groups (group commit): whatever arrives
 while one transaction runs goes into the next, one transaction and one audit
 append for the lot; a renewal alone is written at once, as before. A caller is
 answered only once the transaction holding its certificate has committed; if
-that transaction fails, every renewal in it fails with the same error."""
+that transaction fails, every renewal in it fails with the same error.
+
+For the same reason, renewals of one pool asking for its certificate lifetime
+at the same time share one store read, and what every renewal under the same
+certificate material sends back (the CA bundle, the issuer's fingerprint) is
+computed once per material, not once per renewal."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from testhide.controlplane.auth.audit import AuditEvent, Auditor
 from testhide.controlplane.ca.enrollment import certificate_lifetime
 from testhide.controlplane.ca.store import AgentStore, CertificateRenewal
 from testhide.controlplane.ca.trust import CertificateState
+from testhide.controlplane.datadir import TlsMaterial
 from testhide.controlplane.errors import PermissionDenied
 
 MAX_BATCH = 256
@@ -38,6 +44,21 @@ class Renewed:
     not_after: datetime
 
 
+@dataclass(frozen=True)
+class _Issuing:
+    """What every renewal under one certificate material shares."""
+
+    material: TlsMaterial
+    bundle_pem: bytes
+    issuer: str
+    """The active CA's fingerprint, as the agent's row records it."""
+
+    @classmethod
+    def of(cls, material: TlsMaterial) -> _Issuing:
+        issuer = material.active_ca.certificate.fingerprint(hashes.SHA256()).hex()
+        return cls(material, material.bundle_pem, issuer)
+
+
 class Renewals:
     def __init__(
         self, store: AgentStore, certs: CertificateState, cert_ttl: timedelta, auditor: Auditor
@@ -46,12 +67,16 @@ class Renewals:
         self._certs = certs
         self._cert_ttl = cert_ttl
         self._log = RenewalLog(store, auditor)
+        self._issuing = _Issuing.of(certs.current)
+        self._lifetime_reads: dict[tuple[str, str], asyncio.Future[timedelta]] = {}
 
     async def renew(self, identity: AgentIdentity, csr_pem: bytes, source_ip: str = "") -> Renewed:
         """For an agent already authenticated (and not revoked) by its current certificate."""
-        material = self._certs.current
-        ca = material.active_ca
-        lifetime = await certificate_lifetime(self._store, identity.org, identity.pool, self._cert_ttl)
+        if self._issuing.material is not self._certs.current:  # rotated since
+            self._issuing = _Issuing.of(self._certs.current)
+        issuing = self._issuing
+        ca = issuing.material.active_ca
+        lifetime = await self._lifetime(identity.org, identity.pool)
         issued = ca.issue_agent(csr_pem, identity, lifetime)
         serial = format(issued.serial, "x")
         details = {"serial": serial, "not_after": issued.not_after.isoformat()}
@@ -64,11 +89,29 @@ class Renewals:
                 identity.agent_id,
                 serial,
                 issued.not_after,
-                ca.certificate.fingerprint(hashes.SHA256()).hex(),  # common.tls.fingerprint, cheaper
+                issuing.issuer,
                 event,
             )
         )
-        return Renewed(issued.certificate_pem, material.bundle_pem, serial, issued.not_after)
+        return Renewed(issued.certificate_pem, issuing.bundle_pem, serial, issued.not_after)
+
+    async def _lifetime(self, org: str, pool: str) -> timedelta:
+        """The pool's certificate lifetime. Renewals asking while a read for their pool
+        is under way join it: a read that started a moment before they asked, as if
+        they had asked a moment earlier (a lifetime changed meanwhile applies from the
+        next read on). A caller that goes away does not cancel the read for the others."""
+        key = (org, pool)
+        read = self._lifetime_reads.get(key)
+        if read is None:
+            read = asyncio.ensure_future(certificate_lifetime(self._store, org, pool, self._cert_ttl))
+            self._lifetime_reads[key] = read
+            read.add_done_callback(lambda done: self._read_done(key, done))
+        return await asyncio.shield(read)
+
+    def _read_done(self, key: tuple[str, str], read: asyncio.Future[timedelta]) -> None:
+        del self._lifetime_reads[key]
+        if not read.cancelled():
+            read.exception()  # retrieved: its callers hear it; if all went away, nobody must
 
 
 class RenewalLog:
