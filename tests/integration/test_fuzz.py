@@ -231,6 +231,8 @@ def examples(rpc: Rpc) -> int:
 
 
 @pytest.mark.slow
+# Its time grows with every RPC added (~2 s each on 2 cores): the default 120 s is too close.
+@pytest.mark.timeout(300)
 # A falsifying example may hold megabytes; Hypothesis warns before printing it.
 @pytest.mark.filterwarnings("ignore:Generating overly large repr")
 def test_fuzz_every_rpc_of_both_ports_with_generated_and_damaged_requests(tmp_path: Path) -> None:
