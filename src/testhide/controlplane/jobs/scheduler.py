@@ -261,21 +261,34 @@ class Scheduler:
     def _pool_sessions(self, org: str, pool: str) -> list[AgentSession]:
         return [s for s in self._by_pool.get((org, pool), {}).values() if not s.closed.is_set()]
 
+    def _idle_sessions(self, org: str, pool: str) -> tuple[list[AgentSession], int]:
+        """The pool's open sessions with free slots, most free first (in the order
+        they attached among equals), and their free slots in all: one pass over the
+        pool's sessions, which a round with a thousand agents makes many times a second."""
+        by_free: dict[int, list[AgentSession]] = {}
+        total = 0
+        for session in self._by_pool.get((org, pool), {}).values():
+            free = session.free_slots
+            if free > 0 and not session.closed.is_set():
+                total += free
+                same = by_free.get(free)
+                if same is None:
+                    by_free[free] = [session]
+                else:
+                    same.append(session)
+        return [s for free in sorted(by_free, reverse=True) for s in by_free[free]], total
+
     async def _dispatch(self, org: str, pool: str) -> None:
         # Most free slots first; the first able agent takes a job, then queues up
         # behind the others: linear in jobs plus agents, not their product.
-        idle = sorted(
-            (s for s in self._pool_sessions(org, pool) if s.free_slots > 0),
-            key=lambda s: s.free_slots,
-            reverse=True,
-        )
+        idle, free_slots = self._idle_sessions(org, pool)
         if not idle:
             log.debug(
                 "dispatch_no_idle_agent", org=org, pool=pool, connected=len(self._pool_sessions(org, pool))
             )
             return
         # Look past the head of the queue: a job no idle agent can take must not block the others.
-        window = min(MAX_WINDOW, max(64, 4 * sum(s.free_slots for s in idle)))
+        window = min(MAX_WINDOW, max(64, 4 * free_slots))
         queued = await self._store.queued_jobs(org, pool, window)
         plan: list[tuple[Job, AgentSession]] = []
         taken: dict[str, int] = {}

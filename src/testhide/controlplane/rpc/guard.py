@@ -77,18 +77,21 @@ def tolerant(deserialize: Callable[[bytes], Any], streaming: bool) -> Callable[[
     return decode
 
 
+_FACTORY: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def _rebuilt(
     handler: grpc.RpcMethodHandler[RequestT, ResponseT],
     behaviour: Callable[..., Any],
     request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler[RequestT, ResponseT]:
     """A handler of the same shape as ``handler`` that runs ``behaviour``."""
-    factory = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
+    factory = _FACTORY[(handler.request_streaming, handler.response_streaming)]
     return factory(
         behaviour,
         request_deserializer=request_deserializer or handler.request_deserializer,
@@ -141,7 +144,12 @@ def _inner(handler: grpc.RpcMethodHandler[Any, Any]) -> Callable[..., Any]:
 
 
 class RefuseUndecodable(grpc.aio.ServerInterceptor):
-    """Innermost: undecodable requests answer INVALID_ARGUMENT before the servicer sees them."""
+    """Innermost: undecodable requests answer INVALID_ARGUMENT before the servicer sees them.
+    Its continuation gives the servicer's own handler, the same object on every call of a
+    method, so the guarded handler is made once per method, not once per call."""
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -154,6 +162,18 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None:
             return handler
         method = details.method
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._guard(handler, method)
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+    @staticmethod
+    def _guard(
+        handler: grpc.RpcMethodHandler[RequestT, ResponseT], method: str
+    ) -> grpc.RpcMethodHandler[RequestT, ResponseT]:
+        assert handler.request_deserializer is not None
 
         async def refuse(context: Context, exc: BaseException) -> None:
             log.info("request_undecodable", method=method, peer=context.peer())
