@@ -126,7 +126,46 @@ JOB: dict[str, Any] = {
                 "received_bytes": 1048576,
             }
         ],
+        "isolation": {
+            "runtime": "runc",
+            "network_mode": f"testhide-egress-{JOB_ID}",
+            "interfaces": ["eth0", "lo"],
+            "user": "65534:65534",
+            "cap_add": ["NET_BIND_SERVICE"],
+            "cap_drop": ["ALL"],
+            "no_new_privileges": True,
+            "seccomp": "testhide",
+            "read_only_root": True,
+            "pids_limit": 2048,
+            "memory_bytes": 2147483648,
+            "cpus": 2.0,
+            "image_id": "sha256:5f4e3d2c1b0a",
+            "image_digest": "testhide/python@sha256:0a1b2c3d4e5f",
+            "mounts": ["/cache (rw)", "/tmp (tmpfs)", "/workspace (ro)"],
+        },
     },
+    "service_isolation": [
+        {
+            "name": "db",
+            "isolation": {
+                "runtime": "runc",
+                "network_mode": "container:7c1d9e0a2b3f",
+                "interfaces": ["lo"],
+                "user": "65534:65534",
+                "cap_add": ["NET_BIND_SERVICE"],
+                "cap_drop": ["ALL"],
+                "no_new_privileges": True,
+                "seccomp": "testhide",
+                "read_only_root": True,
+                "pids_limit": 2048,
+                "memory_bytes": 2147483648,
+                "cpus": 2.0,
+                "image_id": "sha256:9a8b7c6d5e4f",
+                "image_digest": "postgres@sha256:1a2b3c4d5e6f",
+                "mounts": ["/tmp (tmpfs)", "/var/lib/postgresql/data (tmpfs)"],
+            },
+        }
+    ],
     "transitions": [{"status": "QUEUED", "at": T0, "reason": "waiting for an agent"}],
 }
 _JOB_NULLABLE = {
@@ -145,6 +184,9 @@ _JOB_NULLABLE = {
     "spec.cache",
     "fetch",
     "fetch.requests[].http_status",
+    "fetch.isolation",
+    "fetch.isolation.image_digest",
+    "service_isolation[].isolation.image_digest",
 }
 _JOB_MAPS = {"spec.env", "spec.labels", "spec.services[].env"}
 _JOB_FIELDS = {
@@ -155,7 +197,9 @@ _JOB_FIELDS = {
     "agent": "the agent that took the job, as known when it was read",
     "isolation": "what Docker applied to the job's container, read back from the live container",
     "fetch": 'what the fetch step did, once it ended: `cache` "hit" (restored, the step skipped), "miss" '
-    'or "none"; each request its egress proxy saw (`allowed` false: refused)',
+    'or "none"; each request its egress proxy saw (`allowed` false: refused); `isolation`: what '
+    "Docker applied to its container (on the job's own internal network; null on a cache hit)",
+    "service_isolation": "what Docker applied to each service's container, read back once it started",
 }
 
 POOL: dict[str, Any] = {
@@ -221,6 +265,91 @@ AGENT_ADMIN: dict[str, Any] = {
     "revoked_at": T2,
 }
 
+INCIDENT: dict[str, Any] = {
+    "agent": {
+        "id": AGENT_ID,
+        "name": "build-1",
+        "org": "default",
+        "pool": "default",
+        "host": "build-1.example",
+        "version": "1.4.0",
+        "state": "revoked",
+        "enrolled_at": T0,
+        "last_seen_at": T2,
+        "revoked_at": T2,
+        "cert_expires_at": "2030-01-09T03:04:05.000000Z",
+        "cert_serial": "5f1c0a",
+    },
+    "certificates": [
+        {"serial": "5f1c0a", "event": "agent_enrolled", "issued_at": T0, "expires_at": T2},
+    ],
+    "since_at": T0,
+    "truncated": False,
+    "jobs": [
+        {
+            "id": JOB_ID,
+            "org": "default",
+            "pool": "default",
+            "image": "testhide/python:1",
+            "status": "FAILED",
+            "exit_code": 1,
+            "status_reason": "exit code 1",
+            "attempt": 1,
+            "created_at": T0,
+            "assigned_at": T1,
+            "started_at": T1,
+            "finished_at": T2,
+            "held": True,
+            "secrets": ["DEPLOY_TOKEN"],
+            "fetch_secrets": ["PIP_INDEX_TOKEN"],
+            "workspace_id": "b0123456789abcdef01234567",
+            "artifacts": [{"path": "dist/app.whl", "size": 20480, "sha256": "9f86d081884c7d65"}],
+            "tests": {"passed": 1, "failed": 1, "errors": 0, "skipped": 0, "unreadable_reports": 0},
+            "verifies": True,
+            "verdict": "log chain of 3 batch(es) matches; the countersigned statement agrees",
+        }
+    ],
+    "secrets": [
+        {
+            "name": "DEPLOY_TOKEN",
+            "job_ids": [JOB_ID],
+            "last_handed_at": T1,
+            "deleted": False,
+            "updated_at": T0,
+            "changed_since": False,
+            "last_used_at": T1,
+            "last_used_by_job": JOB_ID,
+        }
+    ],
+    "summary": {"jobs": 1, "secrets_exposed": 1, "artifacts": 1, "verified": 1, "failed": 0, "unknown": 0},
+}
+_INCIDENT_NULLABLE = {
+    "agent.version",
+    "agent.last_seen_at",
+    "agent.revoked_at",
+    "certificates[].expires_at",
+    "since_at",
+    "jobs[].exit_code",
+    "jobs[].assigned_at",
+    "jobs[].started_at",
+    "jobs[].finished_at",
+    "jobs[].workspace_id",
+    "jobs[].tests",
+    "jobs[].verifies",
+    "secrets[].last_handed_at",
+    "secrets[].updated_at",
+    "secrets[].last_used_at",
+    "secrets[].last_used_by_job",
+}
+_INCIDENT_FIELDS = {
+    "held": "whether the agent is the job's last holder (false: taken back from it and requeued)",
+    "assigned_at": "when the job (its secrets, its workspace) was last handed to the agent",
+    "secrets": "names only, never values: the job's own, and its fetch step's in fetch_secrets",
+    "verifies": "whether the job's stored evidence still checks out; null: unknown, verdict says why",
+    "changed_since": "the secret was set again after the agent last received it",
+    "truncated": "more jobs than one report holds: the oldest are left out (narrow with --since)",
+}
+
 EXAMPLES: dict[str, Example] = {
     # testhide: the engineer's command
     "testhide jobs show": Example(JOB, frozenset(_JOB_NULLABLE), frozenset(_JOB_MAPS), fields=_JOB_FIELDS),
@@ -266,6 +395,23 @@ EXAMPLES: dict[str, Example] = {
         fields={"kind": '"FILE", or "SERVICE_LOG" for a service\'s output (services/NAME.log)'},
     ),
     "testhide pools list": Example([POOL], frozenset(_POOL_NULLABLE)),
+    "testhide verify": Example(
+        {
+            "job_id": JOB_ID,
+            "agent": {"id": AGENT_ID, "name": "build-1"},
+            "signed_at": T2,
+            "countersigning_key": "7fb0370e0f9cf355bf8192eb1a31273fa3375b5b968d3ae32eedaf41f1fd89ec",
+            "log_batches": 3,
+            "artifacts": [{"path": "dist/app.tar.gz", "sha256": "9f86d081884c7d659a2feaa0c55ad015"}],
+            "junit_reports_not_checked": [{"name": "reports/unit.xml", "sha256": "e3b0c44298fc1c149afbf4c8"}],
+        },
+        note="only when the job verifies (else nothing on stdout, the reason on stderr, exit 1)",
+        fields={
+            "signed_at": "the end of the job as the agent signed it",
+            "countersigning_key": "the control plane's statement-signing key (sha256 of its certificate)",
+            "junit_reports_not_checked": "signed, but the control plane serves no report's bytes to check",
+        },
+    ),
     "testhide whoami": Example(
         {
             "profile": "default",
@@ -356,6 +502,12 @@ EXAMPLES: dict[str, Example] = {
         [SECRET], frozenset(_SECRET_NULLABLE), like="testhide secrets list"
     ),
     "testhide admin pools list": Example([POOL], frozenset(_POOL_NULLABLE), like="testhide pools list"),
+    "testhide admin incident agent": Example(
+        INCIDENT,
+        frozenset(_INCIDENT_NULLABLE),
+        note="the same document as `testhide-controlplane incident agent --json`, for your organisation",
+        fields=_INCIDENT_FIELDS,
+    ),
     # testhide-agent
     "testhide-agent doctor": Example(DOCTOR, fields={"status": '"OK", "WARN" or "FAIL"'}),
     "testhide-agent caches list": Example([AGENT_CACHE], note="most recently used first"),
@@ -385,6 +537,12 @@ EXAMPLES: dict[str, Example] = {
         [{**AGENT_ADMIN, "org": "default", "connected": True, "cert_serial": "5f1c0a"}],
         frozenset({"[].last_seen_at", "[].revoked_at", "[].max_jobs"}),
         frozenset({"[].labels"}),
+    ),
+    "testhide-controlplane incident agent": Example(
+        INCIDENT,
+        frozenset(_INCIDENT_NULLABLE),
+        note="everything one agent touched, from the stored evidence (README, Incident response)",
+        fields=_INCIDENT_FIELDS,
     ),
     "testhide-controlplane enroll-token list": Example(
         [
@@ -443,5 +601,18 @@ EXAMPLES: dict[str, Example] = {
         },
         maps=frozenset({"tables"}),
         fields={"tables": "rows copied, by table"},
+    ),
+    "testhide-controlplane statement-keys list": Example(
+        [
+            {
+                "id": "3f2a9c0e5b7d41e8a6c2f90d1b4e7a3c5d8f0b2e4a6c8e0f1a3b5c7d9e1f2a4b",
+                "state": "active",
+                "created_at": T0,
+                "stops_signing_at": T2,
+                "retired_at": T2,
+                "certificate_expires_at": T2,
+            }
+        ],
+        frozenset({"[].retired_at"}),
     ),
 }

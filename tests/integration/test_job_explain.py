@@ -50,6 +50,7 @@ JOB_KEYS = [
     "agent",
     "isolation",
     "fetch",
+    "service_isolation",
     "transitions",
 ]
 SPEC_KEYS = [

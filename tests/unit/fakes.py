@@ -8,7 +8,7 @@ against its protocol."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -37,7 +37,13 @@ from testhide.controlplane.jobs.store import (
     QueueStore,
     SecretStore,
 )
-from testhide.controlplane.store.base import ApiKeyRecord, RefreshRecord, StoredLogEntry, UserRecord
+from testhide.controlplane.store.base import (
+    ApiKeyRecord,
+    RefreshRecord,
+    StoredLogBatch,
+    StoredLogEntry,
+    UserRecord,
+)
 
 _TAKEN_BACK = (JobStatus.QUEUED, JobStatus.LOST)
 
@@ -133,6 +139,21 @@ class MemoryJobs:
         self.jobs[job.id] = job
         self.data_keys[job.id] = data_key_wrapped
 
+    async def create_jobs(
+        self, jobs: Sequence[tuple[Job, bytes]], admit: Callable[[Job, PoolPolicy], None]
+    ) -> list[PoolPolicy | ControlPlaneError]:
+        outcomes: list[PoolPolicy | ControlPlaneError] = []
+        for job, data_key_wrapped in jobs:
+            try:
+                policy = await self.pool_policy(job.org, job.spec.pool)
+                admit(job, policy)
+            except ControlPlaneError as exc:
+                outcomes.append(exc)
+                continue
+            await self.create_job(job, data_key_wrapped)
+            outcomes.append(policy)
+        return outcomes
+
     async def get_job(self, org: str, job_id: str) -> Job | None:
         job = self.jobs.get(job_id)
         return job if job is not None and job.org == org else None
@@ -207,6 +228,9 @@ class MemoryJobs:
             try:
                 if r.isolation is not None:
                     await self.record_isolation(r.org, r.job_id, r.agent_id, r.epoch, r.isolation)
+                if r.services:
+                    held = await self.held_job(r.org, r.job_id, r.agent_id, r.epoch)
+                    self.jobs[r.job_id] = replace(held, service_isolation=r.services)
                 outcomes.append(
                     await self.report_job(
                         r.org, r.job_id, r.agent_id, r.epoch, r.status, now, r.reason, r.exit_code, r.last_seq
@@ -318,11 +342,17 @@ class UnusedLogs:
         epoch: int,
         seq: int,
         entries: list[tuple[LogStream, bytes, int]],
+        link: Callable[[bytes], bytes] | None = None,
     ) -> int:
         raise _unused("append_log_batch")
 
     async def read_log(self, org: str, job_id: str, from_offset: int, limit: int) -> list[StoredLogEntry]:
         raise _unused("read_log")
+
+    async def read_log_batches(
+        self, org: str, job_id: str, after_seq: int, limit: int
+    ) -> list[StoredLogBatch]:
+        raise _unused("read_log_batches")
 
 
 class UnusedBlobs:

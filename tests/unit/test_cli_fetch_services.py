@@ -233,6 +233,7 @@ def test_the_fetch_step_in_json() -> None:
                 "received_bytes": 0,
             },
         ],
+        "isolation": None,  # not reported (an older agent)
     }
     spec = shown["spec"]
     assert (spec["fetch"], spec["fetch_secrets"], spec["cache"]) == (

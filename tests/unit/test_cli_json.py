@@ -137,7 +137,7 @@ def test_a_job_in_json_has_its_spec_agent_and_isolation_in_a_fixed_order() -> No
     assert list(shown) == [
         "id", "status", "exit_code", "status_reason", "image", "command", "pool", "agent_id", "attempt",
         "retries", "retry_of", "retried_as", "created_at", "started_at", "finished_at", "log_size", "spec",
-        "agent", "isolation", "fetch", "transitions",
+        "agent", "isolation", "fetch", "service_isolation", "transitions",
     ]  # fmt: skip
     assert list(shown["spec"]) == [
         "image", "command", "env", "pool", "workdir", "timeout_s", "labels", "secrets", "runtime", "cpus",

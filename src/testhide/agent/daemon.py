@@ -67,6 +67,7 @@ class Agent:
             owner=self._credentials.agent_id,
             on_runtime_unavailable=self._runtime_unavailable,
             facilities=self._job_facilities(runtime),
+            credentials=lambda: self._credentials,  # signs each job's statement
         )
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()

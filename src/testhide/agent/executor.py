@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 import structlog
 
 from testhide.agent.config import AgentConfig
+from testhide.agent.credentials import Credentials
 from testhide.agent.errors import CommandNotRunnable, JobSetupError, RuntimeUnavailable
 from testhide.agent.jobfiles import collect, repack_workspace
 from testhide.agent.masking import SecretMasker
@@ -27,6 +28,7 @@ from testhide.agent.runtime.base import (
     RunningContainer,
     RunningServices,
 )
+from testhide.agent.statements import JobFacts, StatementSigner
 from testhide.agent.steps import (
     BeforeJob,
     JobFacilities,
@@ -54,8 +56,11 @@ class Executor:
         owner: str = "",
         on_runtime_unavailable: Callable[[], None] = lambda: None,
         facilities: JobFacilities | None = None,
+        credentials: Callable[[], Credentials] | None = None,
     ) -> None:
         self._config = config
+        self._signer = StatementSigner(credentials) if credentials is not None else None
+        self._facts: dict[str, JobFacts] = {}
         self._facilities = facilities
         self._on_runtime_unavailable = on_runtime_unavailable
         self._owner = owner
@@ -125,10 +130,20 @@ class Executor:
     async def _fail(self, job: Assignment, reason: str, logged: bool = True) -> None:
         if logged:
             await self._outbox.log(job.job_id, [(LogStream.SYSTEM, f"testhide: {reason}\n".encode())])
-        self._outbox.finish(job.job_id, Outcome.ERROR, -1, reason)
+        self._finish(job, Outcome.ERROR, -1, reason)
+
+    def _finish(self, job: Assignment, outcome: Outcome, exit_code: int, reason: str) -> None:
+        """The result, with its statement signed once every log batch of the job is made."""
+        facts = self._facts.pop(job.job_id, None) or JobFacts()
+        signed = None
+        if self._signer is not None:
+            head = self._outbox.log_chain_head(job.job_id)
+            signed = self._signer.sign(job, facts, outcome, exit_code, reason, head)
+        self._outbox.finish(job.job_id, outcome, exit_code, reason, signed=signed)
 
     async def run(self, job: Assignment) -> None:
         self._outbox.open(job.job_id, job.epoch)
+        self._facts[job.job_id] = JobFacts()
         self._stop_requests[job.job_id] = asyncio.Event()
         # The fetch step and the job step share the job's timeout.
         self._deadlines[job.job_id] = asyncio.get_running_loop().time() + job.timeout.total_seconds()
@@ -137,6 +152,7 @@ class Executor:
             await self._run(job, before)
         finally:
             self._deadlines.pop(job.job_id, None)
+            self._facts.pop(job.job_id, None)
             with suppress(RuntimeUnavailable):  # what stays behind is removed once the engine is back
                 await clean_up(before, self._facilities, self._runtime.remove_workspace)
 
@@ -172,15 +188,17 @@ class Executor:
 
     async def _run_step(
         self, job: Assignment, spec: ContainerSpec, output: OutputQueue
-    ) -> tuple[Outcome, int, str]:
-        """A container before the job's own (the fetch step): run to its end, output forwarded."""
+    ) -> tuple[Outcome, int, str, Isolation | None]:
+        """A container before the job's own (the fetch step): run to its end, output
+        forwarded; what Docker applied to it read back right after its start."""
         stop = self._stop_requests[job.job_id]
         container = await self._runtime.start(spec, output)
         forwarder = asyncio.create_task(self._forward(job, output, job.fetch_secret_env.values()))
         try:
-            result = await self._supervise(job, container, stop)
+            isolation = await self._isolation(container, log.bind(job_id=job.job_id, step="fetch"))
+            outcome, exit_code, reason = await self._supervise(job, container, stop)
             await forwarder
-            return result
+            return outcome, exit_code, reason, isolation
         finally:
             forwarder.cancel()
             output.close()
@@ -198,7 +216,7 @@ class Executor:
                 before.workspace = None  # the job step's container took it over
         except StepEnded as ended:
             bound.info("job_finished", outcome=ended.outcome.name, exit_code=ended.exit_code, step="fetch")
-            self._outbox.finish(job.job_id, ended.outcome, ended.exit_code, ended.reason)
+            self._finish(job, ended.outcome, ended.exit_code, ended.reason)
             self._stop_requests.pop(job.job_id, None)
             return
         except RuntimeUnavailable as exc:
@@ -221,7 +239,10 @@ class Executor:
             await self._fail(job, reason, logged=not isinstance(exc, CommandNotRunnable))
             self._stop_requests.pop(job.job_id, None)
             return
-        self._outbox.started(job.job_id, await self._isolation(container, bound))
+        isolation = await self._isolation(container, bound)
+        if (facts := self._facts.get(job.job_id)) is not None:
+            facts.isolation = isolation
+        self._outbox.started(job.job_id, isolation, before.services.isolation if before.services else ())
         forwarder = asyncio.create_task(self._forward(job, output))
         # Output that can no longer be shipped must not keep the container running: stop it.
         forwarder.add_done_callback(lambda task: self._output_ended(job.job_id, task))
@@ -247,7 +268,7 @@ class Executor:
                 await self._collect(job, container)
             if job.job_id not in self._abandoned and before.services is not None:
                 await self._upload_service_output(job, before.services)
-            self._outbox.finish(job.job_id, outcome, exit_code, reason)
+            self._finish(job, outcome, exit_code, reason)
             bound.info("job_finished", outcome=outcome.name, exit_code=exit_code)
         except BaseException:
             forwarder.cancel()
@@ -337,7 +358,7 @@ class Executor:
                     self._config.max_job_artifact_bytes,
                 )
             for item in found.files:
-                await self._link.upload(job.job_id, job.epoch, item.path, item.kind, item.data)
+                await self._upload(job, item.path, item.kind, item.data)
             notes = [f"testhide: not collected: {s}\n" for s in found.skipped]
             if notes:
                 await self._outbox.log(job.job_id, [(LogStream.SYSTEM, "".join(notes).encode())])
@@ -346,6 +367,13 @@ class Executor:
             await self._outbox.log(
                 job.job_id, [(LogStream.SYSTEM, f"testhide: artifacts not collected: {exc}\n".encode())]
             )
+
+    async def _upload(self, job: Assignment, path: str, kind: str, data: bytes) -> None:
+        """Upload, and note it for the statement once the control plane has it."""
+        assert self._link is not None
+        await self._link.upload(job.job_id, job.epoch, path, kind, data)
+        if (facts := self._facts.get(job.job_id)) is not None:
+            facts.uploaded(path, kind, data)
 
     async def _upload_service_output(self, job: Assignment, services: RunningServices) -> None:
         """Each service's output, for ``testhide logs JOB --service NAME``."""
@@ -356,7 +384,7 @@ class Executor:
             masker = SecretMasker(masker_values)
             data = masker.feed(services.output(name)) + masker.flush()
             try:
-                await self._link.upload(job.job_id, job.epoch, f"services/{name}.log", "service_log", data)
+                await self._upload(job, f"services/{name}.log", "service_log", data)
             except Exception as exc:
                 log.warning("service_output_not_uploaded", job_id=job.job_id, service=name, error=str(exc))
                 await self._outbox.log(job.job_id, system_line(f"output of service {name} not kept: {exc}"))

@@ -9,6 +9,7 @@ from datetime import timedelta
 from testhide.common.fetch import EgressRequest as EgressRequest  # the shared facts, re-exported
 from testhide.common.fetch import FetchStep as FetchStep
 from testhide.common.isolation import Isolation as Isolation  # the shared facts, re-exported
+from testhide.common.isolation import ServiceIsolation as ServiceIsolation
 
 
 class LogStream(enum.IntEnum):
@@ -52,6 +53,9 @@ class Assignment:
     egress_allow: tuple[str, ...] = ()
     """HOST or HOST:PORT the pool lets the fetch step reach through the egress proxy."""
     services: tuple[ServiceSpec, ...] = ()
+    attempt: int = 1
+    spec_digest: str = ""
+    """sha256 of the spec as assigned (common/statement.py), for the job's statement."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class JobStarted:
     job_id: str
     epoch: int
     isolation: Isolation | None = None
+    services: tuple[ServiceIsolation, ...] = ()
+    """Each service's facts (read back once it started, before the job's container)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,20 @@ class JobResult:
     outcome: Outcome
     exit_code: int
     reason: str = ""
+    signed: SignedStatement | None = None
+    log_chain_head: bytes = field(default=b"", compare=False, repr=False)
+    """The log hash chain's head over every batch made for the job (common/evidence.py): a
+    digest of the log already sent, so not part of what makes two results the same."""
+
+
+@dataclass(frozen=True)
+class SignedStatement:
+    """The job's statement (common/statement.py), the agent's signature over it and the
+    certificate (DER) of the key that made it."""
+
+    payload: bytes
+    signature: bytes
+    certificate_der: bytes
 
 
 @dataclass(frozen=True)

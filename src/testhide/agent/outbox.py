@@ -13,7 +13,15 @@ in memory, up to ``window_bytes`` more, and then ``log()`` waits, trying the
 disk again every ``disk_retry_s``; acknowledgements after a reconnect drain
 memory and disk as usual. So the job resumes when space returns or when the
 control plane is back, whichever comes first, and cancel and timeout stop
-its container meanwhile (the executor does not wait on the log for that)."""
+its container meanwhile (the executor does not wait on the log for that).
+
+Each batch continues the job's log hash chain (common/evidence.py) when it takes
+its sequence number, over its entries exactly as they go out (masked, SYSTEM
+lines included), so the head is known when the job ends, before its last
+batches have left the spool. The result carries that head; the control plane
+computes the same chain over what it stores. Only a spooled batch the disk
+cannot give back goes out as something else (a line saying so): its bytes are
+lost, and the heads then differ, as they should."""
 
 from __future__ import annotations
 
@@ -35,8 +43,11 @@ from testhide.agent.model import (
     LogStream,
     Outcome,
     Report,
+    ServiceIsolation,
+    SignedStatement,
 )
 from testhide.agent.spool import Spool
+from testhide.common.evidence import log_chain_next, log_chain_start
 
 log = structlog.get_logger("testhide.agent.outbox")
 
@@ -52,6 +63,14 @@ def batch_size(batch: LogBatch) -> int:
     return sum(len(data) for _, data in batch.entries)
 
 
+def _made(reports: _JobReports, batch: LogBatch) -> None:
+    """``batch`` takes its sequence number (none is skipped) and continues the job's chain."""
+    reports.next_seq += 1
+    reports.log_chain = log_chain_next(
+        reports.log_chain, batch.seq, [(int(stream), data) for stream, data in batch.entries]
+    )
+
+
 @dataclass
 class _JobReports:
     epoch: int
@@ -59,6 +78,8 @@ class _JobReports:
     fetched: JobFetched | None = None
     """Sent again on every new connection while the job is ours (storing it twice changes nothing)."""
     next_seq: int = 1
+    log_chain: bytes = b""
+    """The log hash chain's head over the batches made so far."""
     inflight: dict[int, LogBatch] = field(default_factory=dict)
     result: JobResult | None = None
     result_sent: bool = False
@@ -148,18 +169,20 @@ class Outbox:
         if existing is None or existing.epoch != epoch:
             if existing is not None:
                 self.drop(job_id)
-            self._jobs[job_id] = _JobReports(epoch)
+            self._jobs[job_id] = _JobReports(epoch, log_chain=log_chain_start(job_id))
             self._empty.clear()
 
     def running(self) -> dict[str, int]:
         """Jobs whose result is not yet acknowledged, with their epochs."""
         return {job_id: r.epoch for job_id, r in self._jobs.items()}
 
-    def started(self, job_id: str, isolation: Isolation | None = None) -> None:
+    def started(
+        self, job_id: str, isolation: Isolation | None = None, services: tuple[ServiceIsolation, ...] = ()
+    ) -> None:
         reports = self._jobs.get(job_id)
         if reports is None:
             return
-        reports.started = JobStarted(job_id, reports.epoch, isolation)
+        reports.started = JobStarted(job_id, reports.epoch, isolation, services)
         if self._send is not None:
             self._send(reports.started)
 
@@ -182,11 +205,11 @@ class Outbox:
             # The sequence number is taken only once the batch is out or kept: none is skipped.
             batch = LogBatch(job_id, reports.epoch, reports.next_seq, tuple(entries))
             if self._send is not None and self._sendable(job_id, size):
-                reports.next_seq += 1
+                _made(reports, batch)
                 self._send_batch(reports, batch, self._send)
                 return
             if not self._spool_full(size) and self._spool.put(batch, may_hold=self._may_hold(size)):
-                reports.next_seq += 1
+                _made(reports, batch)
                 return
             if not warned and self._spool.failing is not None:
                 warned = True
@@ -225,11 +248,34 @@ class Outbox:
     def _fits(self, size: int) -> bool:
         return self._inflight_bytes == 0 or self._inflight_bytes + size <= self._window
 
-    def finish(self, job_id: str, outcome: Outcome, exit_code: int, reason: str = "") -> None:
+    def log_chain_head(self, job_id: str) -> bytes:
+        """The job's log hash chain head over every batch made for it so far (empty for a
+        job this outbox does not report on)."""
+        reports = self._jobs.get(job_id)
+        return reports.log_chain if reports else b""
+
+    def finish(
+        self,
+        job_id: str,
+        outcome: Outcome,
+        exit_code: int,
+        reason: str = "",
+        signed: SignedStatement | None = None,
+    ) -> None:
+        """The result, after every log batch of the job was made (it goes once they are sent)."""
         reports = self._jobs.get(job_id)
         if reports is None:
             return
-        reports.result = JobResult(job_id, reports.epoch, reports.next_seq - 1, outcome, exit_code, reason)
+        reports.result = JobResult(
+            job_id,
+            reports.epoch,
+            reports.next_seq - 1,
+            outcome,
+            exit_code,
+            reason,
+            signed=signed,
+            log_chain_head=reports.log_chain,
+        )
         self._pump()
 
     # acknowledgements ----------------------------------------------------------

@@ -4,7 +4,9 @@ The fetch step is the only part of a job that reaches a network: ``sh -c FETCH``
 in its own container from the job's image, hardened like the job, with the
 workspace read-only, /cache writable, and one route, to the job's egress proxy
 (``egress/``), which lets through only the hosts the pool allows and records
-every request. Its output goes into the job's log between two marker lines.
+every request. What Docker applied to that container is read back right after
+its start and reported with the step (``FetchStep.isolation``). Its output goes
+into the job's log between two marker lines.
 Then the job step runs offline as ever, /cache read-only. With ``--cache KEY``,
 /cache is the agent's cache for the org, pool and key (``caches.py``): a hit
 restores it and skips the fetch step; a miss that the fetch step fills is kept.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from testhide.agent.errors import JobSetupError
-from testhide.agent.model import Assignment, FetchStep, LogStream, Outcome
+from testhide.agent.model import Assignment, FetchStep, Isolation, LogStream, Outcome
 from testhide.agent.runtime.base import ContainerSpec, OutputQueue, RunningServices, VolumeMount
 
 if TYPE_CHECKING:
@@ -65,9 +67,10 @@ class BeforeJob:
     services: RunningServices | None = None
 
 
-Supervise = Callable[[ContainerSpec, OutputQueue], Awaitable[tuple[Outcome, int, str]]]
+Supervise = Callable[[ContainerSpec, OutputQueue], Awaitable[tuple[Outcome, int, str, Isolation | None]]]
 """Run a container of the job to its end, its output into the job's log, within
-what is left of the job's timeout: (outcome, exit code, reason)."""
+what is left of the job's timeout: (outcome, exit code, reason, and what Docker
+applied to it, read back right after its start; None if that could not be read)."""
 Note = Callable[[str], Awaitable[None]]
 """Write a line of testhide's own into the job's log."""
 
@@ -125,12 +128,13 @@ async def run_fetch_step(
             volumes=(*spec.volumes, VolumeMount(lease.volume, CACHE_MOUNT, read_only=False)),
         )
         await note(f"fetch step: sh -c {job.fetch!r} (egress allowed to: {', '.join(job.egress_allow)})")
-        outcome, exit_code, reason = await supervise(fetch_spec, OutputQueue())
+        outcome, exit_code, reason, isolation = await supervise(fetch_spec, OutputQueue())
         requests = tuple(await session.finish())
     finally:
         await session.close()
     duration_s = time.monotonic() - started
-    report(FetchStep("miss" if job.cache else "none", exit_code, duration_s, requests))
+    # The control plane holds the facts against the job's spec before the job step may run.
+    report(FetchStep("miss" if job.cache else "none", exit_code, duration_s, requests, isolation))
     refused = sum(1 for r in requests if not r.allowed)
     await note(
         f"fetch step ended with exit code {exit_code} after {duration_s:.1f} s:"

@@ -3,13 +3,13 @@ credential with the ``agents:admin`` scope (enrollment tokens, agents, pools) or
 ``org:admin`` scope (API keys, users, secrets). It mirrors the operator's
 ``testhide-controlplane`` commands without a shell on the control-plane host.
 
-The agents:admin half is here: ``enroll-token``, ``agents`` and ``pools``. A new token goes
+The agents:admin half is here: ``enroll-token``, ``agents``, ``incident`` and ``pools``. A new token goes
 to stdout alone, so that it can be captured; what is said about it goes to stderr."""
 
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import click
 
@@ -26,6 +26,8 @@ from testhide.cli.output import (
     pools_table,
 )
 from testhide.common.durations import Duration, format_duration
+from testhide.common.incident_text import incident_lines
+from testhide.common.since import Since
 
 PULL_POLICIES = ("never", "if-not-present", "always")
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
@@ -109,6 +111,25 @@ def agents_revoke(agent_id: str) -> None:
     agent, jobs = call(lambda api: api.revoke_agent(agent_id))
     ended = f"; jobs ended: {', '.join(jobs)}" if jobs else ""
     click.echo(f"agent {agent.id} ({agent.name}) revoked{ended}", err=True)
+
+
+@admin.group()
+def incident() -> None:
+    """The scope of an incident in your organisation, from the stored evidence."""
+
+
+@incident.command("agent")
+@click.argument("agent_id")
+@click.option(
+    "--since", type=Since(), default=None, help="Only jobs not finished before: 2h, 3d or an RFC 3339 time."
+)
+@json_option
+def incident_agent(agent_id: str, since: datetime | None, as_json: bool) -> None:
+    """Everything AGENT_ID touched: each job it was handed with its pool, image and times;
+    the secrets those jobs received, by name (never a value); the artifacts and test
+    results they produced; and whether each job still verifies. Audited with you as actor."""
+    document = call(lambda api: api.incident_agent(agent_id, since))
+    click.echo(dumps(document) if as_json else "\n".join(incident_lines(document)))
 
 
 @admin.group()

@@ -2,7 +2,8 @@
 CI can tell a job's own exit status from testhide's:
 
     the job's own   `run`: the job's command ran and exited with this code
-    1               `tests`: a test failed (a result, not an error)
+    1               `tests`: a test failed; `verify`: the job does not verify (results, not errors:
+                    a `verify` that could not check, say the control plane unreachable, exits 125)
     124             the job timed out
     125             testhide itself failed: usage error, not logged in, cannot reach the control
                     plane, a refused request (unknown pool, secret or job; authentication), or the
@@ -27,6 +28,7 @@ CANNOT_EXECUTE = 126
 NOT_FOUND = 127
 CANCELED = 130
 TESTS_FAILED = 1
+VERIFY_FAILED = 1
 
 # The container runtime's own words when it cannot start the command, which the
 # agent passes on as the job's reason: runc says `OCI runtime create failed: ...

@@ -74,6 +74,7 @@ _COMMANDS = {
     "profiles": ("testhide.cli.sessions", "profiles"),
     "completion": ("testhide.cli.completion", "completion"),
     "mfa": ("testhide.cli.mfa", "mfa"),
+    "verify": ("testhide.cli.verify", "verify"),
 }
 
 

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from testhide.common.fetch import EgressRequest as EgressRequest  # the shared facts, re-exported
 from testhide.common.fetch import FetchStep as FetchStep
 from testhide.common.isolation import Isolation as Isolation  # the shared facts, re-exported
+from testhide.common.isolation import ServiceIsolation as ServiceIsolation
 
 
 class JobStatus(enum.Enum):
@@ -155,6 +156,7 @@ class Job:
     agent: JobAgent | None = None
     isolation: Isolation | None = None
     fetch: FetchStep | None = None
+    service_isolation: tuple[ServiceIsolation, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,11 @@ def job_json(job: Job) -> dict[str, Any]:
         "log_size": job.log_size,
         "spec": _spec_json(job.spec),
         "agent": _agent_json(job.agent),
-        "isolation": _isolation_json(job.isolation),
+        "isolation": isolation_json(job.isolation),
         "fetch": fetch_json(job.fetch),
+        "service_isolation": [
+            {"name": s.name, "isolation": isolation_json(s.isolation)} for s in job.service_isolation
+        ],
         "transitions": [
             {"status": t.status.value, "at": timestamp(t.at), "reason": t.reason} for t in job.transitions
         ],
@@ -109,7 +112,8 @@ def _agent_json(agent: JobAgent | None) -> dict[str, Any] | None:
     }
 
 
-def _isolation_json(i: Isolation | None) -> dict[str, Any] | None:
+def isolation_json(i: Isolation | None) -> dict[str, Any] | None:
+    """Any container's facts: the job's, its fetch step's (`output_fetch.py`), a service's."""
     if i is None:
         return None
     return {
@@ -205,6 +209,12 @@ def job_details(job: Job) -> list[str]:
     ]
     lines += [_row(name, value) for name, value in rows] + fetch_step_lines(job)
     lines += ["isolation:"] + [f"  {line}" for line in _isolation_lines(job.isolation)]
+    # The containers beside the job's own, each as its agent read it back.
+    if job.fetch is not None and job.fetch.isolation is not None:
+        lines += ["fetch step isolation:"] + [f"  {line}" for line in _isolation_lines(job.fetch.isolation)]
+    for service in job.service_isolation:
+        lines += [f"service {service.name} isolation:"]
+        lines += [f"  {line}" for line in _isolation_lines(service.isolation)]
     lines.append("transitions:")
     lines.extend(f"  {timestamp(t.at)}  {t.status.value:<10} {t.reason}".rstrip() for t in job.transitions)
     if job.status_reason:

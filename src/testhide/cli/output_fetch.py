@@ -9,7 +9,7 @@ import shlex
 from typing import Any
 
 from testhide.cli.model import EgressRequest, FetchStep, Job, JobSpec, Service
-from testhide.cli.output import timestamp
+from testhide.cli.output import isolation_json, timestamp
 
 # JSON ---------------------------------------------------------------------------------------
 
@@ -42,6 +42,7 @@ def fetch_json(fetch: FetchStep | None) -> dict[str, Any] | None:
         "exit_code": fetch.exit_code,
         "duration_s": fetch.duration_s,
         "requests": [_request_json(r) for r in fetch.requests],
+        "isolation": isolation_json(fetch.isolation),
     }
 
 

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import grpc
 
+from testhide.cli.bundle import JobEvidence, JobRecord, LogBatch
 from testhide.cli.config import Login
 from testhide.cli.errors import Disconnected, RpcFailed, Unreachable
 from testhide.cli.model import (
@@ -35,9 +36,12 @@ from testhide.cli.wire_admin import AdminCalls
 from testhide.cli.wire_convert import (
     artifact_from_pb,
     chunk_from_pb,
+    evidence_from_pb,
     job_from_pb,
+    job_record_from_pb,
     job_status_from_pb,
     list_request_pb,
+    log_batch_from_pb,
     login_request,
     password_pb,
     results_from_pb,
@@ -329,6 +333,39 @@ class ControlPlaneClient(AdminCalls):
         request = jobs_pb2.JobRef(job_id=job_id)
         response = await self._call(lambda: self._jobs.GetTestResults(request, metadata=metadata, timeout=30))
         return results_from_pb(response)
+
+    async def job_record(self, job_id: str) -> JobRecord:
+        """The job as `get` returns it, with what `testhide verify` needs beyond the model."""
+        metadata = await self._bearer()
+        request = jobs_pb2.GetJobRequest(job_id=job_id)
+        job = await self._call(lambda: self._jobs.Get(request, metadata=metadata, timeout=30))
+        return job_record_from_pb(job)
+
+    async def evidence(self, job_id: str, in_toto: bool = False) -> JobEvidence | str:
+        """The job's signed statement and its certificates (with ``in_toto``, its SLSA provenance
+        too); if it has none, the server's reason."""
+        metadata = await self._bearer()
+        request = jobs_pb2.GetEvidenceRequest(job_id=job_id, in_toto=in_toto)
+        try:
+            answer = await self._call(lambda: self._jobs.GetEvidence(request, metadata=metadata, timeout=30))
+        except RpcFailed as failure:
+            if failure.code == grpc.StatusCode.FAILED_PRECONDITION.name:
+                return failure.details
+            raise
+        return evidence_from_pb(answer)
+
+    async def log_batches(self, job_id: str) -> list[LogBatch]:
+        """The job's stored log batches with their chain links, in the order the server sends them."""
+        metadata = await self._bearer()
+        request = jobs_pb2.GetLogBatchesRequest(job_id=job_id)
+        channel = await self._open()
+        call = self._jobs.GetLogBatches(request, metadata=metadata, timeout=600)
+        try:
+            return [log_batch_from_pb(batch) async for batch in call]
+        except grpc.aio.AioRpcError as error:
+            raise await self._failed(error, channel) from error
+        finally:
+            call.cancel()
 
     async def follow(
         self, job_id: str, offset: int, follow: bool

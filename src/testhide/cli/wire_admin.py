@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import grpc
 
@@ -20,7 +20,12 @@ from testhide.cli.model import (
     Secret,
     UserInfo,
 )
-from testhide.cli.wire_admin_agents import enrolled_agent_from_pb, pool_from_pb, token_from_pb
+from testhide.cli.wire_admin_agents import (
+    enrolled_agent_from_pb,
+    incident_from_pb,
+    pool_from_pb,
+    token_from_pb,
+)
 from testhide.cli.wire_admin_org import api_key_from_pb, user_from_pb
 from testhide.cli.wire_convert import secret_from_pb
 from testhide.protos.v1 import admin_pb2, admin_pb2_grpc, jobs_pb2, jobs_pb2_grpc
@@ -141,6 +146,15 @@ class AdminCalls(abc.ABC):
         request = admin_pb2.RevokeAgentRequest(agent_id=agent_id)
         response = await self._call(lambda: self._admin.RevokeAgent(request, metadata=metadata, timeout=30))
         return enrolled_agent_from_pb(response.agent), list(response.jobs_ended)
+
+    async def incident_agent(self, agent_id: str, since: datetime | None) -> dict[str, Any]:
+        """Everything the agent touched, as `--json` prints it (`incident_from_pb`)."""
+        metadata = await self._bearer()
+        request = admin_pb2.IncidentAgentRequest(agent_id=agent_id)
+        if since is not None:
+            request.since.FromDatetime(since.astimezone(UTC))
+        response = await self._call(lambda: self._admin.IncidentAgent(request, metadata=metadata, timeout=60))
+        return incident_from_pb(response)
 
     async def create_pool(self, pool: str, agent_cert_ttl: timedelta | None) -> PoolInfo:
         request = admin_pb2.CreatePoolRequest(pool=pool)

@@ -11,8 +11,10 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from testhide.cli.bundle import JobEvidence, JobRecord, LogBatch
 from testhide.cli.config import Login
 from testhide.cli.model import (
     ApiKeyLogin,
@@ -32,6 +34,7 @@ from testhide.cli.model import (
     PasswordLogin,
     Secret,
     Service,
+    ServiceIsolation,
     TestCase,
     TestResults,
     TestStatus,
@@ -87,6 +90,9 @@ def job_from_pb(job: jobs_pb2.Job) -> Job:
         agent=agent_from_pb(job.agent) if job.HasField("agent") else None,
         isolation=isolation_from_pb(job.isolation) if job.HasField("isolation") else None,
         fetch=fetch_from_pb(job.fetch) if job.HasField("fetch") else None,
+        service_isolation=tuple(
+            ServiceIsolation(s.name, isolation_from_pb(s.isolation)) for s in job.service_isolation
+        ),
     )
 
 
@@ -252,6 +258,7 @@ def fetch_from_pb(fetch: jobs_pb2.FetchStep) -> FetchStep:
             )
             for r in fetch.requests
         ),
+        isolation=isolation_from_pb(fetch.isolation) if fetch.HasField("isolation") else None,
     )
 
 
@@ -279,3 +286,41 @@ def agent_from_pb(agent: jobs_pb2.JobAgent) -> JobAgent:
 
 def isolation_from_pb(i: jobs_pb2.Isolation) -> Isolation:
     return fields_of(i)
+
+
+# `testhide verify` (cli/bundle.py) ------------------------------------------------------------
+
+
+def job_record_from_pb(job: jobs_pb2.Job) -> JobRecord:
+    return JobRecord(
+        job_from_pb(job),
+        job.org,
+        MessageToDict(job.spec, preserving_proto_field_name=True),
+        MessageToDict(job, preserving_proto_field_name=True),
+    )
+
+
+def job_record_from_wire(wire: dict[str, Any]) -> JobRecord:
+    """A bundle's job record (ValueError if it is not a Job in protobuf's JSON mapping)."""
+    try:
+        job = ParseDict(wire, jobs_pb2.Job())
+    except ParseError as exc:
+        raise ValueError(f"the job record is not a testhide.v1.Job: {exc}") from exc
+    return job_record_from_pb(job)
+
+
+def evidence_from_pb(evidence: jobs_pb2.Evidence) -> JobEvidence:
+    return JobEvidence(
+        evidence.payload_type,
+        evidence.payload,
+        tuple((s.keyid, s.sig) for s in evidence.signatures),
+        evidence.agent_certificate,
+        tuple(evidence.agent_ca_certificates),
+        tuple(evidence.signing_certificates),
+        evidence.mismatch,
+        evidence.in_toto_envelope,
+    )
+
+
+def log_batch_from_pb(batch: jobs_pb2.LogBatchRecord) -> LogBatch:
+    return batch.seq, batch.chain, [(int(e.stream), e.data) for e in batch.entries]

@@ -7,6 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from testhide.common.isolation import Isolation
+
+JOB_NETWORK_PREFIX = "testhide-egress-"
+"""The fetch step's network is ``JOB_NETWORK_PREFIX + job id``: internal, made for the job
+alone, its only other member the job's egress proxy (``agent/egress/proxy.py``)."""
+
+
+def job_network(job_id: str) -> str:
+    """The name of the job's own internal network, the fetch step's only one."""
+    return f"{JOB_NETWORK_PREFIX}{job_id}"
+
 
 @dataclass(frozen=True)
 class EgressRequest:
@@ -37,3 +48,6 @@ class FetchStep:
     """The fetch command's exit code; 0 on a cache hit."""
     duration_s: float
     requests: tuple[EgressRequest, ...] = ()
+    isolation: Isolation | None = None
+    """What Docker applied to the fetch step's container, read back right after its start;
+    None on a cache hit (no container) or when it could not be read."""

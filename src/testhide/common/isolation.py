@@ -32,6 +32,14 @@ class Isolation:
     mounts: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ServiceIsolation:
+    """One of a job's services: its name (as the job's spec gives it) and its container's facts."""
+
+    name: str
+    isolation: Isolation
+
+
 def fields_of(source: Any) -> Isolation:
     """The facts from anything that has them as attributes of the same names (the wire
     message), sequences as tuples."""

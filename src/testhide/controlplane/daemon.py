@@ -33,6 +33,7 @@ from testhide.controlplane.auth.tokens import AccessTokens, SigningKeys, issuer_
 from testhide.controlplane.backup_schedule import backup_schedule, check_data_dir
 from testhide.controlplane.ca.enrollment import Enrollment
 from testhide.controlplane.ca.rotation import rotate_server_certificate
+from testhide.controlplane.ca.statement_keys import StatementKeys
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.cluster import Cluster, LocalCluster, PgCluster
 from testhide.controlplane.config import ControlPlaneConfig
@@ -41,9 +42,11 @@ from testhide.controlplane.errors import BackgroundTaskFailed
 from testhide.controlplane.jobs.blobs import BlobVault
 from testhide.controlplane.jobs.leases import Leases
 from testhide.controlplane.jobs.logs import LogBook
+from testhide.controlplane.jobs.provenance import ProvenanceExporter
 from testhide.controlplane.jobs.scheduler import Scheduler, TrustBundle
 from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.service import JobService
+from testhide.controlplane.jobs.statements import StatementRecorder
 from testhide.controlplane.masterkey import RingAnnouncement
 from testhide.controlplane.metrics import ControlPlaneMetrics, time_store_calls
 from testhide.controlplane.operations.agents import stream_holders
@@ -55,6 +58,7 @@ from testhide.controlplane.rpc.agent import AgentControlServicer
 from testhide.controlplane.rpc.auth import ApiAuthInterceptor
 from testhide.controlplane.rpc.auth_service import AuthServicer
 from testhide.controlplane.rpc.enrollment import EnrollmentServicer
+from testhide.controlplane.rpc.evidence import spec_digest_of, spec_json_of
 from testhide.controlplane.rpc.health import StoreHealth
 from testhide.controlplane.rpc.jobs import JobsServicer, SecretsServicer
 from testhide.controlplane.rpc.session import SessionServicer
@@ -131,8 +135,23 @@ class ControlPlane:
         secrets = SecretVault(store, master)
         logs = LogBook(store, master)
         leases = Leases(store, master, scheduler, logs, self.config.job_lease)
+        # Countersigns jobs' statements; its first key is made on the first serve.
+        self.statement_keys = statement_keys = StatementKeys(store, master, lambda: certs.current.active_ca)
+        await statement_keys.current()
+        statements = StatementRecorder(
+            store, statement_keys, lambda: certs.current.trusted, auditor, spec_digest_of
+        )
         self.jobs = jobs = JobService(
-            store, master, scheduler, logs, BlobVault(store, master), secrets, leases, metrics=self.metrics
+            store,
+            master,
+            scheduler,
+            logs,
+            BlobVault(store, master),
+            secrets,
+            leases,
+            metrics=self.metrics,
+            auditor=auditor,
+            statements=statements,
         )
         self.health = health = StoreHealth(store)
         ttl = self.config.agent_cert_ttl
@@ -182,10 +201,18 @@ class ControlPlane:
             certificates=certs,
             stream_holders=lambda: stream_holders(store, {f"pid:{os.getpid()}"}),
             passwords=self.password_checks,
+            logs=logs,
         )
         api_server = server.api_server(
             server.ApiServicers(
-                jobs=JobsServicer(jobs, pools=lambda org: org_pools(admin, org)),
+                jobs=JobsServicer(
+                    jobs,
+                    pools=lambda org: org_pools(admin, org),
+                    evidence=statements.evidence,
+                    provenance=ProvenanceExporter(
+                        store, statement_keys, lambda: certs.current.active_ca.trust_domain, spec_json_of
+                    ).envelope,
+                ),
                 secrets=SecretsServicer(secrets, auditor),
                 enrollment=EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port),
                 auth=AuthServicer(sessions, keys),

@@ -43,13 +43,13 @@ from testhide.agent.egress.squid import (
 )
 from testhide.agent.errors import JobSetupError, RuntimeUnavailable
 from testhide.agent.runtime.docker import LABEL, OWNER_LABEL, engine
-from testhide.common.fetch import EgressRequest
+from testhide.common.fetch import JOB_NETWORK_PREFIX, EgressRequest
 
 log = structlog.get_logger("testhide.agent.egress")
 
 EGRESS_LABEL = "dev.testhide.egress"
 """On what this module makes for a job: "network", "proxy" or "config"."""
-NETWORK_PREFIX = "testhide-egress-"
+NETWORK_PREFIX = JOB_NETWORK_PREFIX  # the control plane checks the fetch step is on it
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10
 _POLL_S = 0.05

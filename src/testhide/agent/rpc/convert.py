@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from datetime import timedelta
 
+from google.protobuf.json_format import MessageToDict
+
 from testhide.agent.model import (
     Assignment,
     EgressRequest,
@@ -20,6 +22,7 @@ from testhide.agent.model import (
     Report,
     ServiceSpec,
 )
+from testhide.common.statement import spec_digest
 from testhide.protos.v1 import agent_pb2, jobs_pb2
 
 _PULL = {
@@ -58,6 +61,8 @@ def assignment_from_pb(message: agent_pb2.AssignJob) -> Assignment:
         services=tuple(
             ServiceSpec(s.name, s.image, tuple(s.command), dict(s.env), tuple(s.tmpfs)) for s in spec.services
         ),
+        attempt=message.attempt or 1,
+        spec_digest=spec_digest(MessageToDict(spec, preserving_proto_field_name=True)),
     )
 
 
@@ -82,6 +87,8 @@ def fetch_to_pb(fetch: FetchStep) -> jobs_pb2.FetchStep:
         requests=[_egress_record_to_pb(r) for r in fetch.requests],
     )
     message.duration.FromTimedelta(timedelta(seconds=fetch.duration_s))
+    if fetch.isolation is not None:
+        message.isolation.CopyFrom(isolation_to_pb(fetch.isolation))
     return message
 
 
@@ -91,8 +98,15 @@ def isolation_to_pb(isolation: Isolation) -> jobs_pb2.Isolation:
 
 def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
     match report:
-        case JobStarted(job_id, epoch, isolation):
-            started = agent_pb2.JobStarted(job_id=job_id, epoch=epoch)
+        case JobStarted(job_id, epoch, isolation, services):
+            started = agent_pb2.JobStarted(
+                job_id=job_id,
+                epoch=epoch,
+                services=[
+                    jobs_pb2.ServiceIsolation(name=s.name, isolation=isolation_to_pb(s.isolation))
+                    for s in services
+                ],
+            )
             if isolation is not None:
                 started.isolation.CopyFrom(isolation_to_pb(isolation))
             return agent_pb2.AgentMessage(started=started)
@@ -112,16 +126,20 @@ def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
                 )
             )
         case JobResult(job_id, epoch, last_seq, outcome, exit_code, reason):
-            return agent_pb2.AgentMessage(
-                result=agent_pb2.JobResult(
-                    job_id=job_id,
-                    epoch=epoch,
-                    last_seq=last_seq,
-                    outcome=_OUTCOME[outcome],
-                    exit_code=exit_code,
-                    reason=reason,
-                )
+            result = agent_pb2.JobResult(
+                job_id=job_id,
+                epoch=epoch,
+                last_seq=last_seq,
+                outcome=_OUTCOME[outcome],
+                exit_code=exit_code,
+                reason=reason,
+                log_chain_head=report.log_chain_head,
             )
+            if report.signed is not None:
+                result.statement = report.signed.payload
+                result.statement_signature = report.signed.signature
+                result.agent_certificate = report.signed.certificate_der
+            return agent_pb2.AgentMessage(result=result)
         case JobRefused(job_id, epoch, reason):
             return agent_pb2.AgentMessage(
                 refused=agent_pb2.JobRefused(job_id=job_id, epoch=epoch, reason=reason)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
-from testhide.agent.model import Isolation, LogStream, ServiceSpec
+from testhide.agent.model import Isolation, LogStream, ServiceIsolation, ServiceSpec
 
 OutputItem = tuple[LogStream, bytes] | None
 """An output chunk as the container wrote it; None once both streams closed."""
@@ -143,6 +143,9 @@ class RunningServices(Protocol):
     """The runtime the job's container must run under to share their loopback:
     the job's own, or under gVisor the registration with the kernel's network."""
     names: tuple[str, ...]
+    isolation: tuple[ServiceIsolation, ...]
+    """What Docker applied to each service's container, read back right after its start
+    (a service whose facts could not be read is missing)."""
 
     async def exited(self) -> tuple[str, int]:
         """Until the first service exits: its name and exit code."""

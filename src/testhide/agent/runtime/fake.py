@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from testhide.agent.errors import JobSetupError
-from testhide.agent.model import Isolation, LogStream, ServiceSpec
+from testhide.agent.model import Isolation, LogStream, ServiceIsolation, ServiceSpec
 from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue, RunningServices
 
 
@@ -68,6 +68,7 @@ class FakeServices:
         self.network_mode = "container:holder"
         self.job_runtime = "runc"
         self.names: tuple[str, ...] = ()
+        self.isolation: tuple[ServiceIsolation, ...] = ()
         self._output = output or {}
         self._exited: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
         self.removed = False

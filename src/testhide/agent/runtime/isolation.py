@@ -11,8 +11,12 @@ then; its interfaces stay empty (not observed), as they do when the agent's
 /proc is not the engine host's (an agent in a container of its own). Under
 gVisor that process is the sandbox, whose network namespace Docker made.
 
-The functions take any container, so fetch or service containers can be
-read back the same way."""
+The functions take any container: a fetch step's container is read back the
+same way right after its start and reported with the step (``steps.py``), each
+service's right after its start and reported with the job's start
+(``services.py``). The holder of the services' namespace and the egress proxy
+are the agent's own and are not reported (``controlplane/jobs/isolation_policy.py``
+says why)."""
 
 from __future__ import annotations
 
@@ -55,13 +59,19 @@ def _no_new_privileges(security_opt: list[str]) -> bool:
 
 
 def mounts_of(container: dict[str, Any]) -> tuple[str, ...]:
-    """ "TARGET (ro)" or "TARGET (rw)" per mount, "TARGET (tmpfs)" per tmpfs, by target."""
-    shown = [
-        f"{m.get('Destination', '?')} ({'rw' if m.get('RW') else 'ro'})"
-        for m in container.get("Mounts") or []
-    ]
+    """ "TARGET (ro)" or "TARGET (rw)" per volume, "TARGET (tmpfs)" per tmpfs, by target;
+    a bind mount of a host path (which the agent never makes: the Docker socket is one)
+    says so with the path, "TARGET (rw, bind SOURCE)"."""
+    shown = [_mount(m) for m in container.get("Mounts") or []]
     shown += [f"{target} (tmpfs)" for target in (container.get("HostConfig", {}).get("Tmpfs") or {})]
     return tuple(sorted(shown))
+
+
+def _mount(mount: dict[str, Any]) -> str:
+    mode = "rw" if mount.get("RW") else "ro"
+    if mount.get("Type") == "bind":
+        mode += f", bind {mount.get('Source') or '?'}"
+    return f"{mount.get('Destination', '?')} ({mode})"
 
 
 def interfaces_of(pid: int, proc: Path = PROC) -> tuple[str, ...]:

@@ -15,7 +15,9 @@ whatever ``USER`` the image names: an image whose entrypoint needs root (to
 chown its data, or to switch users) or files only its own user may read does
 not work here; one that runs as any user with its data on a tmpfs does.
 Writable paths are tmpfs mounts the service asks for, plus its
-own /tmp. Docker keeps no log (log driver "none"): output is read from the
+own /tmp. What Docker applied to each service is read back right after its
+start (``isolation.py``) and sent with the job's start, for the control plane
+to check and show. Docker keeps no log (log driver "none"): output is read from the
 attach socket, attached before start, into a buffer per service capped at
 ``OUTPUT_LIMIT``.
 
@@ -54,8 +56,8 @@ from docker.models.containers import Container
 from docker.types import LogConfig
 from docker.utils.socket import read as socket_read
 
-from testhide.agent.errors import JobSetupError
-from testhide.agent.model import ServiceSpec
+from testhide.agent.errors import JobSetupError, RuntimeUnavailable
+from testhide.agent.model import ServiceIsolation, ServiceSpec
 from testhide.agent.runtime.docker import (
     LABEL,
     OWNER_LABEL,
@@ -65,6 +67,7 @@ from testhide.agent.runtime.docker import (
     engine,
 )
 from testhide.agent.runtime.hardening import container_options
+from testhide.agent.runtime.isolation import read_isolation
 from testhide.agent.runtime.oci import command_refusal
 from testhide.agent.runtime.offer import PROBE_IMAGE, offered_runtimes, registrations
 
@@ -237,6 +240,8 @@ class ServiceGroup:
         """The runtime the job container must run under to share the services'
         loopback: the job's own, or under gVisor the shared-loopback registration."""
         self.names: tuple[str, ...] = ()
+        self.isolation: tuple[ServiceIsolation, ...] = ()
+        """Each service's container as Docker applied it, read back once it started."""
 
     @classmethod
     async def start(
@@ -343,6 +348,18 @@ class ServiceGroup:
         except docker.errors.DockerException as exc:
             raise _refusal(spec, exc) from exc
         self._watches.append(asyncio.create_task(self._watch(spec.name, container)))
+        await self._read_back(spec.name, container)
+
+    async def _read_back(self, name: str, container: Container) -> None:
+        """What Docker applied, read right after the start (its namespace exists only
+        then), reported with the job's start; a failure to read leaves the job running
+        without these facts, as for the job's own container."""
+        try:
+            facts = await engine(read_isolation, self._client.api, str(container.id))
+        except (RuntimeUnavailable, docker.errors.DockerException, ValueError, TypeError) as exc:
+            log.warning("container_isolation_unread", job_id=self._job_id, service=name, error=str(exc))
+            return
+        self.isolation = (*self.isolation, ServiceIsolation(name, facts))
 
     async def _watch(self, name: str, container: Container) -> None:
         try:

@@ -174,6 +174,17 @@ class CertificateAuthority:
             cert.public_bytes(serialization.Encoding.PEM), cert.serial_number, cert.not_valid_after_utc
         )
 
+    def issue_statement_signer(
+        self, public_key: ec.EllipticCurvePublicKey, lifetime: timedelta, now: datetime
+    ) -> x509.Certificate:
+        """For the control plane's statement-signing key (``ca/statement_keys.py``): code
+        signing only, so neither an agent's nor a server's certificate can pass for one."""
+        return (
+            self._leaf("testhide statement signer", public_key, lifetime, now, SERVER_BACKDATE)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+
     def issue_server(self, names: list[str], lifetime: timedelta) -> tuple[bytes, bytes]:
         """A server certificate (PEM chain: leaf then CA) and its key (PEM)."""
         sans = server_name_sans(names)

@@ -4,7 +4,11 @@ sequence number, and woken followers.
 A follower registers a watch on its job for as long as it follows, and only
 for a job that exists (the caller checks first); the watch goes when the last
 follower of that job does, however it leaves (end, error or cancellation).
-Nothing is kept for a job nobody follows, so made-up job ids cost nothing."""
+Nothing is kept for a job nobody follows, so made-up job ids cost nothing.
+
+Each stored batch carries its link of the job's log hash chain (common/evidence.py), over
+the entries as the agent sent them (masked, before sealing), computed in the transaction
+that stores the batch from the link before it: a replay stores nothing and links nothing."""
 
 from __future__ import annotations
 
@@ -12,16 +16,31 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
+import structlog
+
+from testhide.common.evidence import log_chain_next
 from testhide.controlplane.atrest import MasterKey, seal, unseal
-from testhide.controlplane.jobs.model import LogChunk, LogStream
+from testhide.controlplane.errors import ControlPlaneError, IntegrityError
+from testhide.controlplane.jobs.model import Job, LogBatchRecord, LogChunk, LogStream
 from testhide.controlplane.jobs.store import LogStore
 
+if TYPE_CHECKING:
+    from testhide.controlplane.auth.audit import Auditor
+    from testhide.controlplane.store.base import StoredLogBatch
+
 READ_PAGE = 256
+BATCH_PAGE = 16
+"""Log batches read at a time for a download: at most 1 MiB each (the agent's batch bound)."""
 _KEY_CACHE = 1024
+LOG_CHAIN_MISMATCH = "log_chain_mismatch"
+
+log = structlog.get_logger("testhide.jobs.logs")
 
 
-def _aad(job_id: str, seq: int, index: int) -> bytes:
+def entry_aad(job_id: str, seq: int, index: int) -> bytes:
+    """What a stored entry's sealing binds it to: its job, batch and place in the batch."""
     return f"log:{job_id}:{seq}:{index}".encode()
 
 
@@ -74,10 +93,14 @@ class LogBook:
         key = await self._data_key(org, job_id)
         kept = [(stream, data) for stream, data in entries if data]
         sealed = [
-            (stream, seal(key, data, _aad(job_id, seq, i)), len(data))
+            (stream, seal(key, data, entry_aad(job_id, seq, i)), len(data))
             for i, (stream, data) in enumerate(kept)
         ]
-        stored = await self._store.append_log_batch(org, job_id, agent_id, epoch, seq, sealed)
+
+        def link(previous: bytes) -> bytes:
+            return log_chain_next(previous, seq, [(int(stream), data) for stream, data in kept])
+
+        stored = await self._store.append_log_batch(org, job_id, agent_id, epoch, seq, sealed, link)
         self.notify(job_id)
         return stored
 
@@ -114,7 +137,7 @@ class LogBook:
             rows = await self._store.read_log(org, job_id, offset, READ_PAGE)
             progressed = False
             for row in rows:
-                data = unseal(key, row.sealed, _aad(job_id, row.seq, row.index))
+                data = unseal(key, row.sealed, entry_aad(job_id, row.seq, row.index))
                 end = row.offset + len(data)
                 if end <= offset:
                     continue
@@ -123,3 +146,47 @@ class LogBook:
                 offset, progressed = end, True
             if len(rows) < READ_PAGE or not progressed:
                 return
+
+    async def batches(self, org: str, job_id: str) -> AsyncIterator[LogBatchRecord]:
+        """Every stored batch of the job, unsealed, with its chain link, in seq order (a
+        page of them in memory at a time)."""
+        key = await self._data_key(org, job_id)
+        after = 0
+        while page := await self._store.read_log_batches(org, job_id, after, BATCH_PAGE):
+            for batch in page:
+                yield LogBatchRecord(batch.seq, batch.chain, _unsealed(key, job_id, batch))
+            after = page[-1].seq
+
+
+def _unsealed(key: bytes, job_id: str, batch: StoredLogBatch) -> tuple[tuple[LogStream, bytes], ...]:
+    entries = []
+    for stream, sealed, index in batch.entries:
+        try:
+            entries.append((stream, unseal(key, sealed, entry_aad(job_id, batch.seq, index))))
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"log batch {batch.seq} of job {job_id} fails authentication at rest (entry {index}):"
+                " it was altered or moved in the database"
+            ) from exc
+    return tuple(entries)
+
+
+async def check_log_chain(job: Job, auditor: Auditor | None = None) -> None:
+    """Once a job's result is stored: say so, in the log and the audit log, when the head its
+    agent reported differs from the head of the batches stored. Both are kept and the result
+    stands; verifying the job's log will fail."""
+    stored, reported = job.log_chain_head, job.agent_log_chain_head
+    if not (stored and reported) or stored == reported:
+        return  # they agree, or one side predates the chain: nothing to compare
+    heads: dict[str, Any] = {
+        "stored_head": stored.hex(),
+        "agent_head": reported.hex(),
+        "last_seq": job.last_seq,
+    }
+    log.warning(LOG_CHAIN_MISMATCH, job_id=job.id, agent_id=job.agent_id, **heads)
+    if auditor is None:
+        return
+    try:
+        await auditor.record(LOG_CHAIN_MISMATCH, f"agent:{job.agent_id}", org=job.org, target=job.id, **heads)
+    except ControlPlaneError as exc:  # the result is stored all the same; the log line above has it
+        log.error("audit_record_failed", action=LOG_CHAIN_MISMATCH, job_id=job.id, error=str(exc))

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from testhide.common.fetch import EgressRequest as EgressRequest  # the shared facts, re-exported
 from testhide.common.fetch import FetchStep as FetchStep
 from testhide.common.isolation import Isolation as Isolation  # the shared facts, re-exported
+from testhide.common.isolation import ServiceIsolation as ServiceIsolation
 
 
 def new_job_id() -> str:
@@ -210,10 +211,18 @@ class Job:
     """While ASSIGNED or RUNNING: when the job counts as abandoned unless its agent extends this."""
     isolation: Isolation | None = None
     """Set once the job's container was created and its agent read it back."""
+    service_isolation: tuple[ServiceIsolation, ...] = ()
+    """Each service's container as its agent read it back (with the job's container's)."""
     fetch: FetchStep | None = None
     """Set once the fetch step ended (or its cache was restored)."""
     agent: JobAgent | None = None
     """Filled in by the job service for what users see (not stored with the job)."""
+    log_chain_head: bytes = b""
+    """The log hash chain's head after the last stored batch (common/evidence.py); empty for a
+    job whose log began before the chain did."""
+    agent_log_chain_head: bytes = b""
+    """The head the job's agent reported with its result; empty until then, or from an agent
+    older than the chain."""
 
     @property
     def retryable(self) -> bool:
@@ -234,6 +243,23 @@ class JobReport:
     exit_code: int | None = None
     last_seq: int | None = None
     isolation: Isolation | None = None
+    services: tuple[ServiceIsolation, ...] = ()
+    """With RUNNING: each service's container's facts (empty: no services, or an older agent)."""
+    statement: SubmittedStatement | None = None
+    """With a result: the job's statement as its agent signed it (None from older agents)."""
+    log_chain_head: bytes = b""
+    """With a result: the log chain head the agent computed over the batches it sent (empty
+    from an agent older than the chain)."""
+
+
+@dataclass(frozen=True)
+class SubmittedStatement:
+    """A job's statement (common/statement.py), its agent's signature, and the certificate (DER)
+    of the key that signed it, as the agent sent them with the result."""
+
+    payload: bytes
+    signature: bytes
+    certificate_der: bytes
 
 
 @dataclass(frozen=True)
@@ -262,3 +288,13 @@ class LogChunk:
     offset: int
     stream: LogStream
     data: bytes
+
+
+@dataclass(frozen=True)
+class LogBatchRecord:
+    """A stored log batch, unsealed, with its chain link (empty if it has none): what a
+    verifier recomputes the chain from."""
+
+    seq: int
+    chain: bytes
+    entries: tuple[tuple[LogStream, bytes], ...]

@@ -6,17 +6,23 @@ thousand agents finishing jobs cost a few transactions a second, not two
 thousand). Each report is still checked on its own inside the transaction
 (its holder at its epoch), and its caller hears its own outcome only once the
 transaction that holds it has committed: the acknowledgement never runs ahead
-of the write."""
+of the write. A result's signed statement is checked and countersigned
+(``statements.py``) after its transaction commits and before its caller hears: a result
+acknowledged to its agent has its statement kept."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from testhide.controlplane.errors import ControlPlaneError, StorageUnavailable
 from testhide.controlplane.jobs.model import Job, JobReport
 from testhide.controlplane.jobs.store import JobStore
+
+if TYPE_CHECKING:
+    from testhide.controlplane.jobs.statements import StatementRecorder
 
 Outcome = tuple[Job, bool] | ControlPlaneError
 
@@ -25,8 +31,11 @@ MAX_BATCH = 64
 
 
 class ReportCommitter:
-    def __init__(self, store: JobStore, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, store: JobStore, max_batch: int = MAX_BATCH, statements: StatementRecorder | None = None
+    ) -> None:
         self._store = store
+        self._statements = statements
         self._max_batch = max_batch
         self._waiting: list[tuple[JobReport, asyncio.Future[Outcome]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -70,9 +79,21 @@ class ReportCommitter:
             for item in batch:
                 await self._commit([item])
             return
+        await self._record_statements(reports, outcomes)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+
+    async def _record_statements(self, reports: list[JobReport], outcomes: list[Outcome]) -> None:
+        if self._statements is None:
+            return
+        signed = [
+            (report, outcome[0])
+            for report, outcome in zip(reports, outcomes, strict=True)
+            if report.statement is not None and not isinstance(outcome, ControlPlaneError)
+        ]
+        if signed:
+            await asyncio.gather(*(self._statements.record(report, job) for report, job in signed))
 
 
 def _fail(future: asyncio.Future[Outcome], exc: BaseException) -> None:

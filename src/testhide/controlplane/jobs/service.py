@@ -25,10 +25,13 @@ from testhide.controlplane.errors import (
     NotHeld,
 )
 from testhide.controlplane.jobs.blobs import BlobVault
+from testhide.controlplane.jobs.creations import JobCreator
 from testhide.controlplane.jobs.egress import require_egress
+from testhide.controlplane.jobs.isolation_guard import IsolationGuard, checked_parts
+from testhide.controlplane.jobs.isolation_policy import requested_runtime
 from testhide.controlplane.jobs.junit import MAX_REPORT_BYTES, JunitError, parse_junit
 from testhide.controlplane.jobs.leases import Leases
-from testhide.controlplane.jobs.logs import LogBook
+from testhide.controlplane.jobs.logs import LogBook, check_log_chain
 from testhide.controlplane.jobs.model import (
     BlobInfo,
     FetchStep,
@@ -39,13 +42,15 @@ from testhide.controlplane.jobs.model import (
     JobSpec,
     JobStatus,
     JobUpdate,
+    LogBatchRecord,
     LogChunk,
     LogStream,
     PoolPolicy,
+    ServiceIsolation,
     TestCase,
     new_job_id,
 )
-from testhide.controlplane.jobs.reports import ReportCommitter
+from testhide.controlplane.jobs.reports import Outcome, ReportCommitter
 from testhide.controlplane.jobs.scheduler import (
     AgentSession,
     AssignDetails,
@@ -59,6 +64,8 @@ from testhide.controlplane.jobs.store import JobStore
 from testhide.controlplane.jobs.validation import validate_relative_path, validate_spec
 
 if TYPE_CHECKING:
+    from testhide.controlplane.auth.audit import Auditor
+    from testhide.controlplane.jobs.statements import StatementRecorder
     from testhide.controlplane.metrics import ControlPlaneMetrics
 
 log = structlog.get_logger("testhide.jobs")
@@ -94,6 +101,12 @@ def disallowed_image(spec: JobSpec, policy: PoolPolicy) -> str:
     return ""
 
 
+def _admit(job: Job, policy: PoolPolicy) -> None:
+    """What refuses a submitted job outright (it is not stored), given its pool's policy."""
+    if job.spec.fetch:
+        require_egress(job.spec.pool, policy.egress_allow)
+
+
 class JobService:
     def __init__(
         self,
@@ -105,6 +118,8 @@ class JobService:
         secrets: SecretVault,
         leases: Leases,
         metrics: ControlPlaneMetrics | None = None,
+        auditor: Auditor | None = None,
+        statements: StatementRecorder | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -115,16 +130,15 @@ class JobService:
         self._logs = logs
         self._blobs = blobs
         self._secrets = secrets
-        self._reports = ReportCommitter(store)
+        self._reports = ReportCommitter(store, statements=statements)
+        self._creations = JobCreator(store, _admit)
+        self._isolation = IsolationGuard(store, self._pool_policy, auditor)
+        self._auditor = auditor
         scheduler.prepare = self.assignment_details
 
     # users --------------------------------------------------------------------
     async def submit(self, org: str, spec: JobSpec) -> Job:
         validate_spec(spec)
-        try:
-            policy = await self._store.pool_policy(org, spec.pool)
-        except NotFound as exc:
-            raise InvalidArgument(f"pool {spec.pool!r} does not exist in this organisation") from exc
         if spec.workspace_id:
             found = await self._store.get_blob(org, spec.workspace_id)
             if found is None or found[0].kind != "workspace":
@@ -133,12 +147,13 @@ class JobService:
         missing = await self._secrets.missing(org, names) if names else []
         if missing:
             raise InvalidArgument(f"secrets not found in this organisation: {', '.join(missing)}")
-        if spec.fetch:
-            require_egress(spec.pool, policy.egress_allow)
         job_id = new_job_id()
         _, wrapped = self._master.new_data_key(aad=job_id.encode())
         job = Job(id=job_id, org=org, spec=spec, status=JobStatus.QUEUED, created_at=datetime.now(UTC))
-        await self._store.create_job(job, wrapped)
+        try:  # written with the other submissions of the moment, against the pool's policy of now
+            policy = await self._creations.create(job, wrapped)
+        except NotFound as exc:
+            raise InvalidArgument(f"pool {spec.pool!r} does not exist in this organisation") from exc
         log.info("job_submitted", job_id=job_id, org=org, pool=spec.pool, image=spec.image)
         reason = disallowed_image(spec, policy)
         if reason:
@@ -153,7 +168,7 @@ class JobService:
 
     async def assignment_details(self, job: Job) -> AssignDetails:
         policy = await self._pool_policy(job.org, job.spec.pool)
-        runtime = policy.runtime or job.spec.runtime or "runc"
+        runtime = requested_runtime(job.spec, policy)
         spec = job.spec
         if spec.fetch:  # the list was cleared since the job was queued: it ends, saying why
             require_egress(spec.pool, policy.egress_allow)
@@ -220,6 +235,10 @@ class JobService:
 
     async def test_results(self, org: str, job_id: str) -> tuple[list[TestCase], list[str]]:
         return await self._store.test_results(org, job_id)
+
+    def log_batches(self, org: str, job_id: str) -> AsyncIterator[LogBatchRecord]:
+        """The job's stored log batches with their chain links, for verifying its log."""
+        return self._logs.batches(org, job_id)
 
     async def list(
         self, org: str, page_size: int, page_token: str, where: JobFilter | None = None
@@ -415,13 +434,19 @@ class JobService:
             await self._leases.release(job, JobStatus.QUEUED, f"agent refused it ({reason[:200]}); requeued")
 
     async def on_started(
-        self, session: AgentSession, job_id: str, epoch: int, isolation: Isolation | None = None
+        self,
+        session: AgentSession,
+        job_id: str,
+        epoch: int,
+        isolation: Isolation | None = None,
+        services: tuple[ServiceIsolation, ...] = (),
     ) -> None:
-        """RUNNING, with what the agent read back from the job's container (stored in the
-        same transaction, so whoever sees the job running sees how it is isolated)."""
-        await self._report_one(
-            session, JobReport(*_holder(session), job_id, epoch, JobStatus.RUNNING, isolation=isolation)
+        """RUNNING, with what the agent read back from the job's container and its services'
+        (stored in the same transaction, so whoever sees the job running sees how it is isolated)."""
+        report = JobReport(
+            *_holder(session), job_id, epoch, JobStatus.RUNNING, isolation=isolation, services=services
         )
+        await self._report_one(session, report)
 
     async def on_fetched(self, session: AgentSession, job_id: str, epoch: int, fetch: FetchStep) -> None:
         """What the job's fetch step did (or that its cache was restored), from its holder only."""
@@ -435,6 +460,12 @@ class JobService:
             requests=len(fetch.requests),
             refused=sum(1 for r in fetch.requests if not r.allowed),
         )
+        if fetch.isolation is not None:  # checked before the job step may run (isolation_guard.py)
+            job = await self.leased(identity, job_id, epoch)
+            if (ended := await self._isolation.enforce_fetch(session, job, fetch.isolation)) is not None:
+                if self._metrics is not None:
+                    self._metrics.job_finished(ended)
+                self._scheduler.kick(ended.org, ended.spec.pool)
         self._logs.notify(job_id)
 
     async def on_log_batch(
@@ -472,8 +503,16 @@ class JobService:
         self, session: AgentSession, reports: builtins.list[JobReport]
     ) -> builtins.list[ControlPlaneError | None]:
         """The holder's RUNNING and results, written with other streams' (group commit); for each, None
-        or why it was refused, nothing of it written. A result is acknowledged once committed."""
-        outcomes = await self._reports.report(reports)
+        or why it was refused, nothing of it written. A result is acknowledged once committed.
+        A RUNNING report's isolation facts are checked once stored (``isolation_guard.py``)."""
+        outcomes: builtins.list[Outcome] = []
+        for part in checked_parts(reports):
+            outcomes += await self._reports.report(part)
+            for ended in await self._isolation.check(session, part, outcomes[-len(part) :]):
+                if self._metrics is not None:
+                    self._metrics.job_finished(ended)
+                self._logs.notify(ended.id)
+                self._scheduler.kick(ended.org, ended.spec.pool)
         for report, outcome in zip(reports, outcomes, strict=True):
             if isinstance(outcome, ControlPlaneError):
                 continue
@@ -487,6 +526,7 @@ class JobService:
                 continue
             if changed:
                 log.info("job_finished", job_id=job.id, status=job.status.value, exit_code=job.exit_code)
+                await check_log_chain(job, self._auditor)
                 if self._metrics is not None:
                     self._metrics.job_finished(job)
             session.jobs.discard(job.id)

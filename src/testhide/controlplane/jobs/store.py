@@ -10,7 +10,7 @@ be written by accident."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
         SecretInfo,
         TestCase,
     )
-    from testhide.controlplane.store.base import StoredLogEntry
+    from testhide.controlplane.store.base import StoredLogBatch, StoredLogEntry
 
 
 class QueueStore(Protocol):
@@ -76,6 +76,15 @@ class JobStore(BlobIndex, Protocol):
     """The job service's view: what users and agents do with jobs."""
 
     async def create_job(self, job: Job, data_key_wrapped: bytes) -> None: ...
+    async def create_jobs(
+        self, jobs: Sequence[tuple[Job, bytes]], admit: Callable[[Job, PoolPolicy], None]
+    ) -> list[PoolPolicy | ControlPlaneError]:
+        """Queued jobs in one transaction (group commit), each with its pool's policy as
+        read in that transaction: for each, in order, that policy, or why the job was
+        not written (NotFound: the organisation has no such pool; whatever ``admit``,
+        called before the job is written, raised). An error of the store fails them all."""
+        ...
+
     async def get_job(self, org: str, job_id: str) -> Job | None: ...
     async def list_jobs(
         self, org: str, limit: int, before_id: str | None, where: JobFilter | None = None
@@ -166,11 +175,20 @@ class LogStore(Protocol):
         epoch: int,
         seq: int,
         entries: list[tuple[LogStream, bytes, int]],
+        link: Callable[[bytes], bytes] | None = None,
     ) -> int:
-        """The holding agent's log batch ``seq``, stored once."""
+        """The holding agent's log batch ``seq``, stored once, with its chain link
+        ``link(previous link)``, computed in the transaction that stores it (the job's
+        chain is not continued without ``link``)."""
         ...
 
     async def read_log(self, org: str, job_id: str, from_offset: int, limit: int) -> list[StoredLogEntry]: ...
+    async def read_log_batches(
+        self, org: str, job_id: str, after_seq: int, limit: int
+    ) -> list[StoredLogBatch]:
+        """Up to ``limit`` stored batches of the job after batch ``after_seq``, in seq order,
+        with their chain links (NotFound for a job the organisation does not have)."""
+        ...
 
 
 class BlobStore(Protocol):

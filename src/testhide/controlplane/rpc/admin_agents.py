@@ -1,4 +1,5 @@
-"""The Admin service's ``agents:admin`` methods: enrollment tokens, agents, pools.
+"""The Admin service's ``agents:admin`` methods: enrollment tokens, agents, pools, and the
+scope of an incident (everything one agent touched: `operations/incident.py`).
 
 Each acts in the caller's organisation only (`operations/agents.py`). Beyond the operation,
 this process does at once what other processes learn within a second: a revoked agent's
@@ -15,9 +16,11 @@ from google.protobuf.duration_pb2 import Duration
 
 from testhide.controlplane.errors import FailedPrecondition, InvalidArgument
 from testhide.controlplane.operations import agents as ops
+from testhide.controlplane.operations.incident import agent_incident
 from testhide.controlplane.rpc.admin_context import AdminBase, AdminContext, actor
 from testhide.controlplane.rpc.auth import current_principal
-from testhide.controlplane.rpc.convert import pool_to_pb, timestamp
+from testhide.controlplane.rpc.convert import pool_to_pb, since_from_pb, timestamp
+from testhide.controlplane.rpc.convert_incident import incident_to_pb
 from testhide.controlplane.rpc.status import mapped
 from testhide.controlplane.store.base import EnrollmentTokenRecord
 from testhide.protos.v1 import admin_pb2, jobs_pb2
@@ -175,6 +178,23 @@ class AgentsAdmin(AdminBase):
         if self._admin.scheduler is not None:
             self._admin.scheduler.queued(org, request.pool)  # here, and on the other replicas
         return await self._pool(org, request.pool)
+
+    @mapped
+    async def IncidentAgent(
+        self, request: admin_pb2.IncidentAgentRequest, context: Context
+    ) -> admin_pb2.IncidentReport:
+        since = since_from_pb(request.since) if request.HasField("since") else None
+        if self._admin.logs is None:
+            raise FailedPrecondition("this control plane reads no job logs")
+        report = await agent_incident(
+            actor(self._admin, context),
+            self._admin.logs,
+            current_principal().org,
+            request.agent_id,
+            since,
+            await holders(self._admin),
+        )
+        return incident_to_pb(report, agent_to_pb(report.agent))
 
     async def _pool(self, org: str, pool: str) -> jobs_pb2.Pool:
         return pool_to_pb(await ops.pool_view(self._admin.store, org, pool, await holders(self._admin)))

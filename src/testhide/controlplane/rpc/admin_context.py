@@ -10,6 +10,7 @@ import grpc
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.passwords import PasswordChecks
 from testhide.controlplane.ca.trust import CertificateState
+from testhide.controlplane.jobs.logs import LogBook
 from testhide.controlplane.jobs.scheduler import Scheduler
 from testhide.controlplane.operations import Actor
 from testhide.controlplane.operations.agents import StreamHolders
@@ -29,6 +30,8 @@ class AdminContext:
     """The active CA, whose fingerprint an enrollment token carries."""
     stream_holders: StreamHolders | None = None
     """The processes holding agents' streams now, for whether each agent is connected."""
+    logs: LogBook | None = None
+    """Jobs' stored logs, whose hash chains an incident report recomputes."""
 
 
 def actor(admin: AdminContext, context: grpc.aio.ServicerContext[Any, Any]) -> Actor:

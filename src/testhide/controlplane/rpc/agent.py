@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from testhide.controlplane.errors import (
     StorageUnavailable,
     Unauthenticated,
 )
-from testhide.controlplane.jobs.model import JobReport, JobStatus, PullPolicy
+from testhide.controlplane.jobs.model import JobReport, JobStatus, PullPolicy, SubmittedStatement
 from testhide.controlplane.jobs.scheduler import (
     AgentSession,
     Assign,
@@ -48,6 +49,7 @@ from testhide.controlplane.rpc.convert import (
     check_lease,
     fetch_from_pb,
     isolation_from_pb,
+    services_isolation_from_pb,
     spec_to_pb,
     stream_from_pb,
 )
@@ -167,6 +169,7 @@ def encode(message: Outbound) -> agent_pb2.ControlMessage:
                     allowed_images=list(details.policy.allowed_images),
                     runtime=details.runtime,
                     egress_allow=list(details.policy.egress_allow),
+                    attempt=job.attempt,
                     fetch_secret_env=details.fetch_secret_env,
                 )
             )
@@ -522,11 +525,18 @@ def report_of(session: AgentSession, message: agent_pb2.AgentMessage) -> JobRepo
     if message.WhichOneof("body") == "started":
         s = message.started
         isolation = isolation_from_pb(s.isolation) if s.HasField("isolation") else None
-        return JobReport(org, agent_id, s.job_id, s.epoch, JobStatus.RUNNING, isolation=isolation)
+        services = services_isolation_from_pb(s.services)
+        return JobReport(
+            org, agent_id, s.job_id, s.epoch, JobStatus.RUNNING, isolation=isolation, services=services
+        )
     r = message.result
     status = _OUTCOME.get(r.outcome) or (JobStatus.SUCCEEDED if r.exit_code == 0 else JobStatus.FAILED)
     exit_code = r.exit_code if r.outcome in _WITH_EXIT_CODE else None
-    return JobReport(org, agent_id, r.job_id, r.epoch, status, r.reason, exit_code, r.last_seq)
+    report = JobReport(org, agent_id, r.job_id, r.epoch, status, r.reason, exit_code, r.last_seq)
+    statement = (
+        SubmittedStatement(r.statement, r.statement_signature, r.agent_certificate) if r.statement else None
+    )
+    return replace(report, log_chain_head=r.log_chain_head, statement=statement)
 
 
 def _refuse(session: AgentSession, kind: str | None, exc: ControlPlaneError) -> None:

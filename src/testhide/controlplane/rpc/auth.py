@@ -46,6 +46,8 @@ SCOPE_OF_METHOD = {
     "/testhide.v1.Jobs/ListArtifacts": "jobs:read",
     "/testhide.v1.Jobs/DownloadArtifact": "jobs:read",
     "/testhide.v1.Jobs/GetTestResults": "jobs:read",
+    "/testhide.v1.Jobs/GetEvidence": "jobs:read",
+    "/testhide.v1.Jobs/GetLogBatches": "jobs:read",
     "/testhide.v1.Secrets/Set": "secrets:write",
     "/testhide.v1.Secrets/Delete": "secrets:write",
     "/testhide.v1.Secrets/List": "jobs:read",
@@ -63,6 +65,7 @@ SCOPE_OF_METHOD = {
             "SetPoolPolicy",
             "PausePool",
             "ResumePool",
+            "IncidentAgent",
         )
     },
     # org:admin: who may call the API, and the secrets with their last use (operations/access.py)

@@ -21,9 +21,11 @@ from testhide.controlplane.jobs.model import (
     JobFilter,
     JobSpec,
     JobStatus,
+    LogBatchRecord,
     LogChunk,
     LogStream,
     Resources,
+    ServiceIsolation,
     ServiceSpec,
     TestCase,
     TestStatus,
@@ -154,6 +156,8 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
         attempt=job.attempt,
         retry_of=job.retry_of,
         retried_as=job.retried_as,
+        log_chain_head=job.log_chain_head,
+        agent_log_chain_head=job.agent_log_chain_head,
     )
     if job.exit_code is not None:
         pb.exit_code = job.exit_code
@@ -166,6 +170,10 @@ def job_to_pb(job: Job) -> jobs_pb2.Job:
         pb.isolation.CopyFrom(isolation_to_pb(job.isolation))
     if job.fetch is not None:
         pb.fetch.CopyFrom(fetch_to_pb(job.fetch))
+    pb.service_isolation.extend(
+        jobs_pb2.ServiceIsolation(name=s.name, isolation=isolation_to_pb(s.isolation))
+        for s in job.service_isolation
+    )
     return pb
 
 
@@ -188,6 +196,8 @@ def fetch_to_pb(fetch: FetchStep) -> jobs_pb2.FetchStep:
         ],
     )
     pb.duration.FromTimedelta(timedelta(seconds=fetch.duration_s))
+    if fetch.isolation is not None:
+        pb.isolation.CopyFrom(isolation_to_pb(fetch.isolation))
     return pb
 
 
@@ -205,6 +215,7 @@ def fetch_from_pb(f: jobs_pb2.FetchStep) -> FetchStep:
         exit_code=f.exit_code,
         duration_s=min(max(0.0, seconds), MAX_TIMEOUT.total_seconds()),
         requests=tuple(_egress_request_from_pb(r) for r in f.requests[:MAX_FETCH_REQUESTS]),
+        isolation=isolation_from_pb(f.isolation) if f.HasField("isolation") else None,
     )
 
 
@@ -234,6 +245,19 @@ def _shown_list(values: Iterable[str], limit: int = 64) -> tuple[str, ...]:
     return tuple(_shown(v) for v in list(values)[:limit])
 
 
+MAX_REPORTED_SERVICES = 16
+"""More than a job may have (``validation.MAX_SERVICES``): any beyond them are not its own."""
+
+
+def services_isolation_from_pb(services: Iterable[jobs_pb2.ServiceIsolation]) -> tuple[ServiceIsolation, ...]:
+    """Each service's facts as its agent reported them (bounded: a name the job's spec does
+    not give fails the check, so a long list is cut, not refused)."""
+    return tuple(
+        ServiceIsolation(_shown(s.name, 64), isolation_from_pb(s.isolation))
+        for s in list(services)[:MAX_REPORTED_SERVICES]
+    )
+
+
 def isolation_from_pb(i: jobs_pb2.Isolation) -> Isolation:
     """What an agent says it read back: bounded and printable, for display.
     A number that cannot be a limit (negative, not finite) is kept as 0: unknown."""
@@ -259,6 +283,14 @@ def isolation_from_pb(i: jobs_pb2.Isolation) -> Isolation:
 
 def chunk_to_pb(chunk: LogChunk) -> jobs_pb2.LogChunk:
     return jobs_pb2.LogChunk(offset=chunk.offset, stream=_STREAM_TO_PB[chunk.stream], data=chunk.data)
+
+
+def log_batch_to_pb(batch: LogBatchRecord) -> jobs_pb2.LogBatchRecord:
+    return jobs_pb2.LogBatchRecord(
+        seq=batch.seq,
+        chain=batch.chain,
+        entries=[jobs_pb2.LogBatchEntry(stream=_STREAM_TO_PB[s], data=data) for s, data in batch.entries],
+    )
 
 
 def stream_from_pb(value: int) -> LogStream:
@@ -336,6 +368,8 @@ def check_agent_message(message: agent_pb2.AgentMessage) -> None:
         in_range("log_batch.seq", body.seq, 1)
     elif kind == "result":
         in_range("result.last_seq", body.last_seq, 0)
+        if len(body.log_chain_head) not in (0, 32):
+            raise InvalidArgument("result.log_chain_head is a SHA-256 digest (32 bytes) or empty")
 
 
 def check_artifact_header(header: agent_pb2.ArtifactHeader) -> None:

@@ -19,24 +19,35 @@ from testhide.controlplane.rpc.convert import (
     chunk_to_pb,
     job_id_from_pb,
     job_to_pb,
+    log_batch_to_pb,
     page_from_pb,
     pool_to_pb,
     spec_from_pb,
     test_results_to_pb,
     timestamp,
 )
+from testhide.controlplane.rpc.evidence import evidence_to_pb
 from testhide.controlplane.rpc.status import mapped
 from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 
 if TYPE_CHECKING:
+    from testhide.controlplane.jobs.statements import Evidence
     from testhide.controlplane.operations.agents import PoolView
 
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
     def __init__(
-        self, jobs: JobService, pools: Callable[[str], Awaitable[list[PoolView]]] | None = None
+        self,
+        jobs: JobService,
+        pools: Callable[[str], Awaitable[list[PoolView]]] | None = None,
+        evidence: Callable[[str, str], Awaitable[Evidence]] | None = None,
+        provenance: Callable[[str, str], Awaitable[bytes]] | None = None,
     ) -> None:
         self._jobs = jobs
+        self._evidence = evidence
+        """A job's signed statement and its certificates, by org and job id (`GetEvidence`)."""
+        self._provenance = provenance
+        """A job's SLSA provenance (a DSSE JSON envelope), by org and job id (`GetEvidence`, `in_toto`)."""
         self._pools = pools
         """An organisation's pools with their state (`ListPools`)."""
 
@@ -149,6 +160,36 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     ) -> jobs_pb2.TestResults:
         job_id = job_id_from_pb(request.job_id)
         return test_results_to_pb(*await self._jobs.test_results(current_principal().org, job_id))
+
+    @mapped
+    async def GetEvidence(
+        self,
+        request: jobs_pb2.GetEvidenceRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.GetEvidenceRequest, jobs_pb2.Evidence],
+    ) -> jobs_pb2.Evidence:
+        if self._evidence is None:
+            raise FailedPrecondition("this control plane keeps no signed statements")
+        job_id = job_id_from_pb(request.job_id)
+        org = current_principal().org
+        envelope = b""
+        if request.in_toto:
+            if self._provenance is None:
+                raise FailedPrecondition("this control plane does not export provenance")
+            # First: a signing key it makes is then among the evidence's certificates.
+            envelope = await self._provenance(org, job_id)
+        evidence = evidence_to_pb(await self._evidence(org, job_id))
+        evidence.in_toto_envelope = envelope
+        return evidence
+
+    @mapped
+    async def GetLogBatches(
+        self,
+        request: jobs_pb2.GetLogBatchesRequest,
+        context: grpc.aio.ServicerContext[jobs_pb2.GetLogBatchesRequest, jobs_pb2.LogBatchRecord],
+    ) -> AsyncIterator[jobs_pb2.LogBatchRecord]:
+        job_id = job_id_from_pb(request.job_id)
+        async for batch in self._jobs.log_batches(current_principal().org, job_id):
+            yield log_batch_to_pb(batch)
 
 
 def secret_to_pb(secret: SecretInfo) -> jobs_pb2.Secret:

@@ -8,12 +8,15 @@ accident."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from testhide.common.evidence import log_chain_start
 from testhide.controlplane.auth.store import AuditStore, CredentialStore, SecondFactorStore
+from testhide.controlplane.ca.statement_store import StatementStore
 from testhide.controlplane.ca.store import AgentStore, EnrollmentStore
 from testhide.controlplane.jobs.model import Isolation, Job, JobStatus, LogStream, PoolPolicy
 from testhide.controlplane.jobs.store import (
@@ -24,6 +27,7 @@ from testhide.controlplane.jobs.store import (
     QueueStore,
     SecretStore,
 )
+from testhide.controlplane.store.incident import IncidentStore
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class WrappedDataKey:
     wrapped: bytes
 
 
-DATA_KEY_TABLES = ("jobs", "blobs", "secrets", "mfa_factors")
+DATA_KEY_TABLES = ("jobs", "blobs", "secrets", "mfa_factors", "statement_keys")
 
 DEFAULT_ADMIN_KEY_MAX_LIFETIME = timedelta(days=90)
 """What a new organisation allows an API key with an admin scope (the schema's column default)."""
@@ -179,6 +183,51 @@ class StoredLogEntry:
     index: int
 
 
+@dataclass(frozen=True)
+class StoredLogBatch:
+    """A stored log batch: its seq, its chain link (empty if it has none) and its entries
+    (stream, sealed data, index), as ``LogStore.read_log_batches`` returns them."""
+
+    seq: int
+    chain: bytes
+    entries: tuple[tuple[LogStream, bytes, int], ...]
+
+
+def next_log_chain(
+    job_id: str, last_seq: int, head: bytes | None, link: Callable[[bytes], bytes] | None
+) -> bytes | None:
+    """The job's log chain head once its batch ``last_seq`` + 1 is stored: ``link`` applied to
+    the head so far (the chain's start before the first batch). None when the job's log
+    carries no chain: it began before the chain did, or a batch came without a link."""
+    if link is None:
+        return None
+    if head is None:
+        if last_seq:
+            return None
+        head = log_chain_start(job_id)
+    return link(bytes(head))
+
+
+def log_batches_of(
+    seqs: Sequence[int], chains: Iterable[Sequence[Any]], entries: Iterable[Sequence[Any]]
+) -> list[StoredLogBatch]:
+    """The batches ``seqs`` from rows of log_batches (seq, chain) and of log_entries (seq, idx,
+    stream, data) in (seq, idx) order; a batch without its chain row has an empty link."""
+    links = {int(r[0]): bytes(r[1]) for r in chains}
+    held: dict[int, list[tuple[LogStream, bytes, int]]] = {seq: [] for seq in seqs}
+    for seq, index, stream, data in entries:
+        held[int(seq)].append((LogStream(stream), bytes(data), int(index)))
+    return [StoredLogBatch(seq, links.get(seq, b""), tuple(held[seq])) for seq in seqs]
+
+
+def stored_log_chain_head(job_id: str, last_seq: int, head: bytes | None) -> bytes:
+    """What a job's stored head means: a job with no batch yet has the chain's start; one
+    whose log carries no chain has none (empty)."""
+    if head is not None:
+        return bytes(head)
+    return b"" if last_seq else log_chain_start(job_id)
+
+
 class Store(
     QueueStore,
     JobStore,
@@ -191,6 +240,8 @@ class Store(
     AuditStore,
     EnrollmentStore,
     AgentStore,
+    StatementStore,
+    IncidentStore,
     Protocol,
 ):
     """Everything a backend implements: the small protocols each package

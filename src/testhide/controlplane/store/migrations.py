@@ -347,3 +347,77 @@ MIGRATIONS.append(
         """,
     )
 )
+
+# Tamper-evident job logs (common/evidence.py): each stored log batch's chain link, one row per
+# batch (a batch may hold no entry, and its link is one value, not one per entry); on the job, the
+# chain's head after its last stored batch (NULL until its first batch, and for ever for a job whose
+# log began before this version: it carries no chain) and the head its agent reported with the
+# result (NULL: none reported, as from agents older than the chain).
+MIGRATIONS.append(
+    (
+        14,
+        """
+        CREATE TABLE log_batches (
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            seq INTEGER NOT NULL,
+            chain BLOB NOT NULL,
+            PRIMARY KEY (job_id, seq)
+        );
+        ALTER TABLE jobs ADD COLUMN log_chain BLOB;
+        ALTER TABLE jobs ADD COLUMN agent_log_chain BLOB;
+        """,
+    )
+)
+
+# Signed job statements (common/statement.py). The control plane's statement-signing keys: the
+# private key (PKCS#8 DER) sealed under the key's own data key (wrapped by the master key and
+# re-wrapped by its rotation, like the others), the certificate the CA issued for it (DER), when
+# it stops signing (active_until) and when an operator retired it. And each job's statement as
+# its agent sent it, with the agent's signature and certificate, the control plane's
+# countersignature and the key that made it (NULL when it was not countersigned), and the first
+# field that disagreed with what the control plane stored (empty: none).
+MIGRATIONS.append(
+    (
+        15,
+        """
+        CREATE TABLE statement_keys (
+            id TEXT PRIMARY KEY,
+            data_key BLOB NOT NULL,
+            private_key BLOB NOT NULL,
+            certificate BLOB NOT NULL,
+            created_at TEXT NOT NULL,
+            active_until TEXT NOT NULL,
+            retired_at TEXT
+        );
+        CREATE TABLE job_statements (
+            job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+            org TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            agent_signature BLOB NOT NULL,
+            agent_certificate BLOB NOT NULL,
+            countersignature BLOB,
+            signing_key_id TEXT REFERENCES statement_keys(id),
+            mismatch TEXT NOT NULL DEFAULT '',
+            recorded_at TEXT NOT NULL
+        );
+        """,
+    )
+)
+
+# The scope of an incident (operations/incident.py): the jobs an agent holds or held, those handed to
+# it and taken back (their ASSIGNED transitions say "agent ID"; the literal 'ASSIGNED' in the query
+# matches this partial index), and the certificates issued to it (audit entries with it as target).
+MIGRATIONS.append(
+    (
+        16,
+        """
+        CREATE INDEX jobs_by_agent ON jobs (agent_id);
+        CREATE INDEX job_assignments ON job_transitions (reason) WHERE status = 'ASSIGNED';
+        CREATE INDEX audit_by_target ON audit_log (target, seq);
+        """,
+    )
+)
+
+# What the agent read back from each of a job's services' containers (JSON list of
+# {"name", "isolation"}, jobs.model.ServiceIsolation; NULL: none reported).
+MIGRATIONS.append((17, "ALTER TABLE jobs ADD COLUMN service_isolation TEXT;"))

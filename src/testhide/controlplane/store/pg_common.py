@@ -12,6 +12,8 @@ from testhide.controlplane.store.sqlite_common import (
     _fetch_to_json,
     _isolation_from_json,
     _isolation_to_json,
+    _services_isolation_from_json,
+    _services_isolation_to_json,
     _spec_from_json,
     _spec_to_json,
 )
@@ -26,6 +28,8 @@ __all__ = [
     "fetch_to_json",
     "isolation_from_json",
     "isolation_to_json",
+    "services_isolation_from_json",
+    "services_isolation_to_json",
     "spec_from_json",
     "spec_to_json",
 ]
@@ -36,6 +40,8 @@ isolation_to_json = _isolation_to_json
 isolation_from_json = _isolation_from_json
 fetch_to_json = _fetch_to_json
 fetch_from_json = _fetch_from_json
+services_isolation_to_json = _services_isolation_to_json
+services_isolation_from_json = _services_isolation_from_json
 
 
 class PgParts:
@@ -52,3 +58,12 @@ class PgParts:
         async def _tx(self, fn: Callable[[PgConnection], Awaitable[T]]) -> T: ...
         async def _read(self, fn: Callable[[PgConnection], Awaitable[T]]) -> T: ...
         async def _fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def _snapshot(self, fn: Callable[[PgConnection], Awaitable[T]]) -> T:
+        """``fn``'s reads in one snapshot (REPEATABLE READ, read only: never aborted for a race)."""
+
+        async def run(c: PgConnection) -> T:
+            await c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return await fn(c)
+
+        return await self._tx(run)

@@ -1,5 +1,6 @@
-"""Jobs, their logs, test results, blobs, secrets and pool policies in the
-PostgreSQL store: mixed into PgStore, which provides the connection pool.
+"""Jobs (their lifecycle, holders and reports) and pool policies in the PostgreSQL
+store: mixed into PgStore, which provides the connection pool. Logs are in
+pg_job_logs.py; blobs, secrets and test results in pg_job_files.py.
 
 Several control planes write concurrently under READ COMMITTED, where SQLite
 had one writer at a time: every read that decides a write locks the job's row
@@ -13,28 +14,25 @@ the database's locale."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
 from testhide.controlplane.errors import ControlPlaneError, FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
-    BlobInfo,
     FetchStep,
     Isolation,
     Job,
     JobFilter,
     JobReport,
     JobStatus,
-    LogStream,
     PoolPolicy,
     PullPolicy,
-    SecretInfo,
-    TestCase,
-    TestStatus,
     Transition,
 )
-from testhide.controlplane.store.base import StoredLogEntry
+from testhide.controlplane.store.base import (
+    stored_log_chain_head,
+)
 from testhide.controlplane.store.pg_common import (
     PgConnection,
     PgParts,
@@ -43,6 +41,8 @@ from testhide.controlplane.store.pg_common import (
     fetch_to_json,
     isolation_from_json,
     isolation_to_json,
+    services_isolation_from_json,
+    services_isolation_to_json,
     spec_from_json,
     spec_to_json,
 )
@@ -50,6 +50,10 @@ from testhide.controlplane.store.pg_common import (
 T = TypeVar("T")
 
 _TAKEN_BACK = (JobStatus.QUEUED.value, JobStatus.LOST.value)
+_POOL_POLICY_SQL = (
+    "SELECT allowed_images, pull_policy, runtime, paused, egress_allow FROM pools"
+    " WHERE org = $1 AND name = $2"
+)
 _HELD_SQL = (
     "SELECT * FROM jobs"
     " WHERE org = $1 AND id = $2 AND agent_id = $3 AND epoch = $4 AND status NOT IN ($5, $6)"
@@ -78,11 +82,24 @@ def _job_of(r: Row, transitions: tuple[Transition, ...] = ()) -> Job:
         lease_expires_at=r["lease_expires_at"],
         isolation=isolation_from_json(r["isolation"]),
         fetch=fetch_from_json(r["fetch_step"]),
+        service_isolation=services_isolation_from_json(r["service_isolation"]),
+        log_chain_head=stored_log_chain_head(r["id"], r["last_seq"], r["log_chain"]),
+        agent_log_chain_head=bytes(r["agent_log_chain"] or b""),
     )
 
 
 def _transition(t: Row) -> Transition:
     return Transition(JobStatus(t["status"]), t["at"], t["reason"])
+
+
+def _pool_policy(r: Row) -> PoolPolicy:
+    return PoolPolicy(
+        tuple(json.loads(r["allowed_images"])),
+        PullPolicy(r["pull_policy"]),
+        r["runtime"],
+        bool(r["paused"]),
+        tuple(json.loads(r["egress_allow"])),
+    )
 
 
 def _filter_sql(where: JobFilter, args: list[object]) -> str:
@@ -109,15 +126,6 @@ def _filter_sql(where: JobFilter, args: list[object]) -> str:
 
 
 class PgJobData(PgParts):
-    async def _snapshot(self, fn: Callable[[PgConnection], Awaitable[T]]) -> T:
-        """``fn``'s reads in one snapshot (REPEATABLE READ, read only: never aborted for a race)."""
-
-        async def run(c: PgConnection) -> T:
-            await c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            return await fn(c)
-
-        return await self._tx(run)
-
     # jobs ----------------------------------------------------------------------
     @staticmethod
     async def _job(c: PgConnection, r: Row, with_transitions: bool = True) -> Job:
@@ -158,26 +166,58 @@ class PgJobData(PgParts):
             reason,
         )
 
-    async def create_job(self, job: Job, data_key_wrapped: bytes) -> None:
-        async def run(c: PgConnection) -> None:
-            await c.execute(
-                "INSERT INTO jobs"
-                " (id, org, pool, spec, status, created_at, data_key, attempt, retry_of, retries)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                job.id,
-                job.org,
-                job.spec.pool,
-                spec_to_json(job.spec),
-                job.status.value,
-                job.created_at,
-                data_key_wrapped,
-                job.attempt,
-                job.retry_of,
-                job.spec.retries,
-            )
-            await self._add_transition(c, job.id, job.status, job.created_at, "")
+    @staticmethod
+    async def _insert_job(c: PgConnection, job: Job, data_key_wrapped: bytes) -> None:
+        await c.execute(
+            "INSERT INTO jobs"
+            " (id, org, pool, spec, status, created_at, data_key, attempt, retry_of, retries)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            job.id,
+            job.org,
+            job.spec.pool,
+            spec_to_json(job.spec),
+            job.status.value,
+            job.created_at,
+            data_key_wrapped,
+            job.attempt,
+            job.retry_of,
+            job.spec.retries,
+        )
+        # Its first transition: a new id has none yet (a reused one fails on the insert above).
+        await c.execute(
+            "INSERT INTO job_transitions (job_id, n, status, at, reason) VALUES ($1, 1, $2, $3, '')",
+            job.id,
+            job.status.value,
+            job.created_at,
+        )
 
-        await self._tx(run)
+    async def create_job(self, job: Job, data_key_wrapped: bytes) -> None:
+        await self._tx(lambda c: self._insert_job(c, job, data_key_wrapped))
+
+    async def create_jobs(
+        self, jobs: Sequence[tuple[Job, bytes]], admit: Callable[[Job, PoolPolicy], None]
+    ) -> list[PoolPolicy | ControlPlaneError]:
+        async def run(c: PgConnection) -> list[PoolPolicy | ControlPlaneError]:
+            policies: dict[tuple[str, str], PoolPolicy | None] = {}
+            outcomes: list[PoolPolicy | ControlPlaneError] = []
+            for job, data_key_wrapped in jobs:
+                pool = (job.org, job.spec.pool)
+                if pool not in policies:
+                    row = await c.fetchrow(_POOL_POLICY_SQL, *pool)
+                    policies[pool] = _pool_policy(row) if row else None
+                try:
+                    policy = policies[pool]
+                    if policy is None:
+                        raise NotFound(f"pool {job.org}/{job.spec.pool} not found")
+                    admit(job, policy)
+                except ControlPlaneError as exc:  # refused before anything of it was written
+                    outcomes.append(exc)
+                    continue
+                await self._insert_job(c, job, data_key_wrapped)
+                outcomes.append(policy)
+            return outcomes
+
+        return await self._tx(run)
 
     async def get_job(self, org: str, job_id: str) -> Job | None:
         async def run(c: PgConnection) -> Job | None:
@@ -417,10 +457,20 @@ class PgJobData(PgParts):
             await c.execute(
                 "UPDATE jobs SET isolation = $1 WHERE id = $2", isolation_to_json(report.isolation), row["id"]
             )
+        if report.services:
+            await c.execute(
+                "UPDATE jobs SET service_isolation = $1 WHERE id = $2",
+                services_isolation_to_json(report.services),
+                row["id"],
+            )
         current, status = JobStatus(row["status"]), report.status
         replay = current.terminal or current == status
         if replay or (status == JobStatus.RUNNING and current != JobStatus.ASSIGNED):
             return _job_of(row), False
+        if report.log_chain_head:
+            await c.execute(
+                "UPDATE jobs SET agent_log_chain = $1 WHERE id = $2", report.log_chain_head, row["id"]
+            )
         job = await self._apply_status(
             c, row, status, now, report.reason, report.exit_code, with_transitions=False
         )
@@ -444,86 +494,12 @@ class PgJobData(PgParts):
 
         await self._tx(run)
 
-    async def append_log_batch(
-        self,
-        org: str,
-        job_id: str,
-        agent_id: str,
-        epoch: int,
-        seq: int,
-        entries: list[tuple[LogStream, bytes, int]],
-    ) -> int:
-        """Store the holder's batch ``seq`` once; returns the highest contiguous
-        stored seq. ``entries`` are (stream, sealed data, plaintext length). The
-        job's row lock orders concurrent batches of the job."""
-
-        async def run(c: PgConnection) -> int:
-            row = await self._held_row(c, org, job_id, agent_id, epoch)
-            last_seq, offset = row["last_seq"], row["log_size"]
-            if seq <= last_seq:
-                return int(last_seq)  # a replay of a batch already stored
-            if JobStatus(row["status"]) not in (JobStatus.ASSIGNED, JobStatus.RUNNING):
-                raise NotHeld(job_id)  # it has ended: nothing more is taken
-            if seq != last_seq + 1:
-                raise FailedPrecondition(
-                    f"log batch {seq} of job {job_id} arrived before batch {last_seq + 1}"
-                )
-            offsets = []
-            for _, _, length in entries:
-                offsets.append(offset)
-                offset += length
-            if entries:
-                await c.execute(
-                    "INSERT INTO log_entries (job_id, seq, idx, byte_offset, stream, data)"
-                    " SELECT $1, $2, e.idx - 1, e.byte_offset, e.stream, e.data"
-                    " FROM unnest($3::bigint[], $4::int[], $5::bytea[]) WITH ORDINALITY"
-                    " AS e(byte_offset, stream, data, idx)",
-                    job_id,
-                    seq,
-                    offsets,
-                    [int(stream) for stream, _, _ in entries],
-                    [sealed for _, sealed, _ in entries],
-                )
-            await c.execute("UPDATE jobs SET last_seq = $1, log_size = $2 WHERE id = $3", seq, offset, job_id)
-            return seq
-
-        return await self._tx(run)
-
-    async def read_log(self, org: str, job_id: str, from_offset: int, limit: int) -> list[StoredLogEntry]:
-        rows = await self._fetch(
-            "SELECT l.* FROM log_entries l JOIN jobs j ON j.id = l.job_id"
-            " WHERE j.org = $1 AND l.job_id = $2 AND l.byte_offset >= ("
-            "   SELECT COALESCE(MAX(byte_offset), 0) FROM log_entries"
-            "   WHERE job_id = $2 AND byte_offset <= $3)"
-            " ORDER BY l.byte_offset, l.seq, l.idx LIMIT $4",
-            org,
-            job_id,
-            from_offset,
-            limit,
-        )
-        return [
-            StoredLogEntry(r["byte_offset"], LogStream(r["stream"]), bytes(r["data"]), r["seq"], r["idx"])
-            for r in rows
-        ]
-
     # pool policy -----------------------------------------------------------------
     async def pool_policy(self, org: str, pool: str) -> PoolPolicy:
-        rows = await self._fetch(
-            "SELECT allowed_images, pull_policy, runtime, paused, egress_allow FROM pools"
-            " WHERE org = $1 AND name = $2",
-            org,
-            pool,
-        )
+        rows = await self._fetch(_POOL_POLICY_SQL, org, pool)
         if not rows:
             raise NotFound(f"pool {org}/{pool} not found")
-        r = rows[0]
-        return PoolPolicy(
-            tuple(json.loads(r["allowed_images"])),
-            PullPolicy(r["pull_policy"]),
-            r["runtime"],
-            bool(r["paused"]),
-            tuple(json.loads(r["egress_allow"])),
-        )
+        return _pool_policy(rows[0])
 
     async def set_pool_policy(self, org: str, pool: str, policy: PoolPolicy) -> None:
         async def run(c: PgConnection) -> None:
@@ -541,210 +517,3 @@ class PgJobData(PgParts):
                 raise NotFound(f"pool {org}/{pool} not found")
 
         await self._tx(run)
-
-    # blobs: workspaces, artifacts, reports ----------------------------------------
-    async def create_blob(
-        self, blob_id: str, org: str, kind: str, job_id: str | None, path: str, data_key: bytes, now: datetime
-    ) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "INSERT INTO blobs (id, org, kind, job_id, path, data_key, created_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                blob_id,
-                org,
-                kind,
-                job_id,
-                path,
-                data_key,
-                now,
-            )
-        )
-
-    async def add_blob_chunk(self, blob_id: str, index: int, sealed: bytes) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "INSERT INTO blob_chunks (blob_id, idx, data) VALUES ($1, $2, $3)", blob_id, index, sealed
-            )
-        )
-
-    async def complete_blob(self, blob_id: str, size: int, sha256: str) -> None:
-        """Mark complete; a complete blob of the same job, kind and path is replaced
-        (its chunks go with it: ON DELETE CASCADE). NotFound if the blob is gone,
-        replaced meanwhile by another upload to the same path that completed first."""
-
-        async def run(c: PgConnection) -> None:
-            row = await c.fetchrow(
-                "UPDATE blobs SET size = $1, sha256 = $2, complete = 1 WHERE id = $3"
-                " RETURNING job_id, kind, path",
-                size,
-                sha256,
-                blob_id,
-            )
-            if row is None:
-                raise NotFound(f"blob {blob_id} not found")
-            if row["job_id"] is not None:
-                await c.execute(
-                    "DELETE FROM blobs WHERE job_id = $1 AND kind = $2 AND path = $3 AND id <> $4",
-                    row["job_id"],
-                    row["kind"],
-                    row["path"],
-                    blob_id,
-                )
-
-        await self._tx(run)
-
-    async def delete_blob(self, blob_id: str) -> None:
-        await self._tx(lambda c: c.execute("DELETE FROM blobs WHERE id = $1", blob_id))  # chunks: CASCADE
-
-    @staticmethod
-    def _blob(r: Row) -> BlobInfo:
-        return BlobInfo(r["id"], r["org"], r["kind"], r["job_id"], r["path"], r["size"], r["sha256"])
-
-    async def get_blob(self, org: str, blob_id: str) -> tuple[BlobInfo, bytes] | None:
-        rows = await self._fetch(
-            "SELECT * FROM blobs WHERE org = $1 AND id = $2 AND complete = 1", org, blob_id
-        )
-        return (self._blob(rows[0]), bytes(rows[0]["data_key"])) if rows else None
-
-    async def find_blob(self, org: str, job_id: str, kind: str, path: str) -> tuple[BlobInfo, bytes] | None:
-        rows = await self._fetch(
-            "SELECT * FROM blobs WHERE org = $1 AND job_id = $2 AND kind = $3 AND path = $4 AND complete = 1",
-            org,
-            job_id,
-            kind,
-            path,
-        )
-        return (self._blob(rows[0]), bytes(rows[0]["data_key"])) if rows else None
-
-    async def list_blobs(self, org: str, job_id: str, kind: str) -> list[BlobInfo]:
-        rows = await self._fetch(
-            "SELECT * FROM blobs WHERE org = $1 AND job_id = $2 AND kind = $3 AND complete = 1"
-            ' ORDER BY path COLLATE "C"',
-            org,
-            job_id,
-            kind,
-        )
-        return [self._blob(r) for r in rows]
-
-    async def blob_chunk(self, blob_id: str, index: int) -> bytes | None:
-        rows = await self._fetch(
-            "SELECT data FROM blob_chunks WHERE blob_id = $1 AND idx = $2", blob_id, index
-        )
-        return bytes(rows[0]["data"]) if rows else None
-
-    # secrets ---------------------------------------------------------------------
-    async def put_secret(self, org: str, name: str, data_key: bytes, sealed: bytes, now: datetime) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "INSERT INTO secrets (org, name, data_key, value, updated_at) VALUES ($1, $2, $3, $4, $5)"
-                " ON CONFLICT (org, name) DO UPDATE SET"
-                " data_key = excluded.data_key, value = excluded.value, updated_at = excluded.updated_at",
-                org,
-                name,
-                data_key,
-                sealed,
-                now,
-            )
-        )
-
-    async def list_secrets(self, org: str) -> list[SecretInfo]:
-        rows = await self._fetch(
-            "SELECT name, updated_at, last_used_at, last_used_by_job FROM secrets WHERE org = $1"
-            ' ORDER BY name COLLATE "C"',
-            org,
-        )
-        return [
-            SecretInfo(r["name"], r["updated_at"], r["last_used_at"], r["last_used_by_job"]) for r in rows
-        ]
-
-    async def record_secret_use(self, org: str, names: tuple[str, ...], job_id: str, now: datetime) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "UPDATE secrets SET last_used_at = $1, last_used_by_job = $2"
-                " WHERE org = $3 AND name = ANY($4::text[])",
-                now,
-                job_id,
-                org,
-                list(names),
-            )
-        )
-
-    async def delete_secret(self, org: str, name: str) -> datetime | None:
-        row = await self._tx(
-            lambda c: c.fetchrow(
-                "DELETE FROM secrets WHERE org = $1 AND name = $2 RETURNING updated_at", org, name
-            )
-        )
-        return row["updated_at"] if row else None
-
-    async def get_secrets(self, org: str, names: tuple[str, ...]) -> dict[str, tuple[bytes, bytes]]:
-        if not names:
-            return {}
-        rows = await self._fetch(
-            "SELECT name, data_key, value FROM secrets WHERE org = $1 AND name = ANY($2::text[])",
-            org,
-            list(names),
-        )
-        return {r["name"]: (bytes(r["data_key"]), bytes(r["value"])) for r in rows}
-
-    # test results ----------------------------------------------------------------
-    async def record_test_report(self, job_id: str, path: str, cases: list[TestCase], error: str) -> None:
-        """The report row is written first: its lock orders two writers of the same
-        report, so the second deletes the cases the first committed."""
-
-        async def run(c: PgConnection) -> None:
-            await c.execute(
-                "INSERT INTO test_reports (job_id, path, error) VALUES ($1, $2, $3)"
-                " ON CONFLICT (job_id, path) DO UPDATE SET error = excluded.error",
-                job_id,
-                path,
-                error,
-            )
-            await c.execute("DELETE FROM test_cases WHERE job_id = $1 AND path = $2", job_id, path)
-            if cases:
-                await c.execute(
-                    "INSERT INTO test_cases"
-                    " (job_id, path, n, suite, classname, name, duration_s, status, message)"
-                    " SELECT $1, $2, t.n - 1, t.suite, t.classname, t.name, t.duration_s, t.status, t.message"
-                    " FROM unnest($3::text[], $4::text[], $5::text[], $6::float8[], $7::text[], $8::text[])"
-                    " WITH ORDINALITY AS t(suite, classname, name, duration_s, status, message, n)",
-                    job_id,
-                    path,
-                    [t.suite for t in cases],
-                    [t.classname for t in cases],
-                    [t.name for t in cases],
-                    [float(t.duration_s) for t in cases],
-                    [t.status.value for t in cases],
-                    [t.message for t in cases],
-                )
-
-        await self._tx(run)
-
-    async def test_results(self, org: str, job_id: str) -> tuple[list[TestCase], list[str]]:
-        async def run(c: PgConnection) -> tuple[list[TestCase], list[str]]:
-            if await c.fetchrow("SELECT 1 FROM jobs WHERE org = $1 AND id = $2", org, job_id) is None:
-                raise NotFound(f"job {job_id} not found")
-            cases = [
-                TestCase(
-                    r["suite"],
-                    r["classname"],
-                    r["name"],
-                    r["duration_s"],
-                    TestStatus(r["status"]),
-                    r["message"],
-                )
-                for r in await c.fetch(
-                    'SELECT * FROM test_cases WHERE job_id = $1 ORDER BY path COLLATE "C", n', job_id
-                )
-            ]
-            rejected = [
-                r["path"]
-                for r in await c.fetch(
-                    "SELECT path FROM test_reports WHERE job_id = $1 AND error <> ''"
-                    ' ORDER BY path COLLATE "C"',
-                    job_id,
-                )
-            ]
-            return cases, rejected
-
-        return await self._snapshot(run)

@@ -22,11 +22,15 @@ from testhide.controlplane.store.base import WrappedDataKey
 from testhide.controlplane.store.pg_agents import PgAgents
 from testhide.controlplane.store.pg_auth import PgAuth
 from testhide.controlplane.store.pg_cluster import PgCluster
+from testhide.controlplane.store.pg_incident import PgIncident
+from testhide.controlplane.store.pg_job_files import PgJobFiles
+from testhide.controlplane.store.pg_job_logs import PgJobLogs
 from testhide.controlplane.store.pg_jobs import PgJobData
 from testhide.controlplane.store.pg_leases import PgLeases
 from testhide.controlplane.store.pg_limits import PgLimits
 from testhide.controlplane.store.pg_mfa import PgMfa
 from testhide.controlplane.store.pg_migrations import PG_MIGRATIONS
+from testhide.controlplane.store.pg_statements import PgStatements
 from testhide.controlplane.store.pgdriver import (
     PgConnection,
     PgDriver,
@@ -44,7 +48,19 @@ BeforeMigrating = Callable[[int, list[int]], Awaitable[None]]
 pre-migration backup), only when some are missing."""
 
 
-class PgStore(PgJobData, PgLeases, PgAgents, PgAuth, PgMfa, PgCluster, PgLimits):
+class PgStore(
+    PgJobData,
+    PgJobLogs,
+    PgJobFiles,
+    PgLeases,
+    PgAgents,
+    PgAuth,
+    PgMfa,
+    PgStatements,
+    PgCluster,
+    PgLimits,
+    PgIncident,
+):
     def __init__(self, driver: PgDriver) -> None:
         self._driver = driver
 
@@ -186,4 +202,10 @@ def _refuse_newer(applied: set[int]) -> None:
         raise newer_schema("the database", max(applied), known)
 
 
-_DATA_KEY_OWNER = {"jobs": ("id",), "blobs": ("id",), "secrets": ("org", "name"), "mfa_factors": ("id",)}
+_DATA_KEY_OWNER = {
+    "jobs": ("id",),
+    "blobs": ("id",),
+    "secrets": ("org", "name"),
+    "mfa_factors": ("id",),
+    "statement_keys": ("id",),
+}

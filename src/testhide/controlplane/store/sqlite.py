@@ -33,9 +33,13 @@ from testhide.controlplane.store.base import WrappedDataKey
 from testhide.controlplane.store.migrations import MIGRATIONS
 from testhide.controlplane.store.sqlite_agents import SqliteAgents
 from testhide.controlplane.store.sqlite_auth import SqliteAuth
+from testhide.controlplane.store.sqlite_incident import SqliteIncident
+from testhide.controlplane.store.sqlite_job_files import SqliteJobFiles
+from testhide.controlplane.store.sqlite_job_logs import SqliteJobLogs
 from testhide.controlplane.store.sqlite_jobs import SqliteJobData
 from testhide.controlplane.store.sqlite_leases import SqliteLeases
 from testhide.controlplane.store.sqlite_mfa import SqliteMfa
+from testhide.controlplane.store.sqlite_statements import SqliteStatements
 
 T = TypeVar("T")
 
@@ -79,7 +83,17 @@ def is_damage(exc: sqlite3.DatabaseError) -> bool:
     return _code(exc) in (_CORRUPT, _NOTADB)
 
 
-class SqliteStore(SqliteJobData, SqliteLeases, SqliteAgents, SqliteAuth, SqliteMfa):
+class SqliteStore(
+    SqliteJobData,
+    SqliteJobLogs,
+    SqliteJobFiles,
+    SqliteLeases,
+    SqliteAgents,
+    SqliteAuth,
+    SqliteMfa,
+    SqliteStatements,
+    SqliteIncident,
+):
     def __init__(self, path: Path, busy_timeout: timedelta = timedelta(seconds=10)) -> None:
         self._path = path
         self._busy_timeout_ms = int(busy_timeout.total_seconds() * 1000)
@@ -310,4 +324,10 @@ def _pending(applied: set[int]) -> list[int]:
     return [version for version, _ in MIGRATIONS if version not in applied]
 
 
-_DATA_KEY_OWNER = {"jobs": ("id",), "blobs": ("id",), "secrets": ("org", "name"), "mfa_factors": ("id",)}
+_DATA_KEY_OWNER = {
+    "jobs": ("id",),
+    "blobs": ("id",),
+    "secrets": ("org", "name"),
+    "mfa_factors": ("id",),
+    "statement_keys": ("id",),
+}

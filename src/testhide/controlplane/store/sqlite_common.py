@@ -15,6 +15,7 @@ from testhide.controlplane.jobs.model import (
     Isolation,
     JobSpec,
     Resources,
+    ServiceIsolation,
     ServiceSpec,
 )
 
@@ -81,11 +82,25 @@ def _isolation_from_json(text: str | None) -> Isolation | None:
     """Keys this version does not know are left out, so a newer agent's facts still read."""
     if not text:
         return None
-    data = {k: v for k, v in json.loads(text).items() if k in _ISOLATION_FIELDS}
+    return _isolation_from_data(json.loads(text))
+
+
+def _isolation_from_data(stored: dict[str, Any]) -> Isolation:
+    data = {k: v for k, v in stored.items() if k in _ISOLATION_FIELDS}
     for key, value in data.items():
         if isinstance(value, list):
             data[key] = tuple(value)
     return Isolation(**data)
+
+
+def _services_isolation_to_json(services: tuple[ServiceIsolation, ...]) -> str:
+    return json.dumps([{"name": s.name, "isolation": asdict(s.isolation)} for s in services], sort_keys=True)
+
+
+def _services_isolation_from_json(text: str | None) -> tuple[ServiceIsolation, ...]:
+    if not text:
+        return ()
+    return tuple(ServiceIsolation(s["name"], _isolation_from_data(s["isolation"])) for s in json.loads(text))
 
 
 def _fetch_to_json(fetch: FetchStep) -> str:
@@ -101,4 +116,6 @@ def _fetch_from_json(text: str | None) -> FetchStep | None:
     requests = tuple(
         EgressRequest(**{**r, "at": datetime.fromisoformat(r["at"])}) for r in data.pop("requests", ())
     )
-    return FetchStep(**data, requests=requests)
+    isolation = data.pop("isolation", None)
+    facts = _isolation_from_data(isolation) if isolation is not None else None
+    return FetchStep(**data, requests=requests, isolation=facts)

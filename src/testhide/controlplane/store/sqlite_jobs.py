@@ -1,31 +1,29 @@
-"""Jobs, their logs, test results, blobs, secrets and pool policies in the
-SQLite store: mixed into SqliteStore, which provides the connection thread."""
+"""Jobs (their lifecycle, holders and reports) and pool policies in the SQLite store:
+mixed into SqliteStore, which provides the connection thread. Logs are in
+sqlite_job_logs.py; blobs, secrets and test results in sqlite_job_files.py."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from testhide.controlplane.errors import ControlPlaneError, FailedPrecondition, NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import (
-    BlobInfo,
     FetchStep,
     Isolation,
     Job,
     JobFilter,
     JobReport,
     JobStatus,
-    LogStream,
     PoolPolicy,
     PullPolicy,
-    SecretInfo,
-    TestCase,
-    TestStatus,
     Transition,
 )
-from testhide.controlplane.store.base import StoredLogEntry
+from testhide.controlplane.store.base import (
+    stored_log_chain_head,
+)
 from testhide.controlplane.store.sqlite_common import (
     SqliteParts,
     _dt,
@@ -33,12 +31,27 @@ from testhide.controlplane.store.sqlite_common import (
     _fetch_to_json,
     _isolation_from_json,
     _isolation_to_json,
+    _services_isolation_from_json,
+    _services_isolation_to_json,
     _spec_from_json,
     _spec_to_json,
     _ts,
 )
 
 _TAKEN_BACK = (JobStatus.QUEUED.value, JobStatus.LOST.value)
+_POOL_POLICY_SQL = (
+    "SELECT allowed_images, pull_policy, runtime, paused, egress_allow FROM pools WHERE org = ? AND name = ?"
+)
+
+
+def _pool_policy(r: sqlite3.Row) -> PoolPolicy:
+    return PoolPolicy(
+        tuple(json.loads(r["allowed_images"])),
+        PullPolicy(r["pull_policy"]),
+        r["runtime"],
+        bool(r["paused"]),
+        tuple(json.loads(r["egress_allow"])),
+    )
 
 
 def _filter_sql(where: JobFilter) -> tuple[str, list[object]]:
@@ -98,6 +111,9 @@ class SqliteJobData(SqliteParts):
             lease_expires_at=_dt(r["lease_expires_at"]),
             isolation=_isolation_from_json(r["isolation"]),
             fetch=_fetch_from_json(r["fetch_step"]),
+            service_isolation=_services_isolation_from_json(r["service_isolation"]),
+            log_chain_head=stored_log_chain_head(r["id"], r["last_seq"], r["log_chain"]),
+            agent_log_chain_head=bytes(r["agent_log_chain"] or b""),
         )
 
     @staticmethod
@@ -110,28 +126,58 @@ class SqliteJobData(SqliteParts):
             (job_id, status.value, _ts(now), reason, job_id),
         )
 
-    async def create_job(self, job: Job, data_key_wrapped: bytes) -> None:
-        def run(c: sqlite3.Connection) -> None:
-            c.execute(
-                "INSERT INTO jobs"
-                " (id, org, pool, spec, status, created_at, data_key, attempt, retry_of, retries)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job.id,
-                    job.org,
-                    job.spec.pool,
-                    _spec_to_json(job.spec),
-                    job.status.value,
-                    _ts(job.created_at),
-                    data_key_wrapped,
-                    job.attempt,
-                    job.retry_of,
-                    job.spec.retries,
-                ),
-            )
-            self._add_transition(c, job.id, job.status, job.created_at, "")
+    @staticmethod
+    def _insert_job(c: sqlite3.Connection, job: Job, data_key_wrapped: bytes) -> None:
+        c.execute(
+            "INSERT INTO jobs"
+            " (id, org, pool, spec, status, created_at, data_key, attempt, retry_of, retries)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.org,
+                job.spec.pool,
+                _spec_to_json(job.spec),
+                job.status.value,
+                _ts(job.created_at),
+                data_key_wrapped,
+                job.attempt,
+                job.retry_of,
+                job.spec.retries,
+            ),
+        )
+        # Its first transition: a new id has none yet (a reused one fails on the insert above).
+        c.execute(
+            "INSERT INTO job_transitions (job_id, n, status, at, reason) VALUES (?, 1, ?, ?, '')",
+            (job.id, job.status.value, _ts(job.created_at)),
+        )
 
-        await self._tx(run)
+    async def create_job(self, job: Job, data_key_wrapped: bytes) -> None:
+        await self._tx(lambda c: self._insert_job(c, job, data_key_wrapped))
+
+    async def create_jobs(
+        self, jobs: Sequence[tuple[Job, bytes]], admit: Callable[[Job, PoolPolicy], None]
+    ) -> list[PoolPolicy | ControlPlaneError]:
+        def run(c: sqlite3.Connection) -> list[PoolPolicy | ControlPlaneError]:
+            policies: dict[tuple[str, str], PoolPolicy | None] = {}
+            outcomes: list[PoolPolicy | ControlPlaneError] = []
+            for job, data_key_wrapped in jobs:
+                pool = (job.org, job.spec.pool)
+                if pool not in policies:
+                    row = c.execute(_POOL_POLICY_SQL, pool).fetchone()
+                    policies[pool] = _pool_policy(row) if row else None
+                try:
+                    policy = policies[pool]
+                    if policy is None:
+                        raise NotFound(f"pool {job.org}/{job.spec.pool} not found")
+                    admit(job, policy)
+                except ControlPlaneError as exc:  # refused before anything of it was written
+                    outcomes.append(exc)
+                    continue
+                self._insert_job(c, job, data_key_wrapped)
+                outcomes.append(policy)
+            return outcomes
+
+        return await self._tx(run)
 
     async def get_job(self, org: str, job_id: str) -> Job | None:
         def run(c: sqlite3.Connection) -> Job | None:
@@ -354,10 +400,17 @@ class SqliteJobData(SqliteParts):
                 "UPDATE jobs SET isolation = ? WHERE id = ?",
                 (_isolation_to_json(report.isolation), row["id"]),
             )
+        if report.services:
+            c.execute(
+                "UPDATE jobs SET service_isolation = ? WHERE id = ?",
+                (_services_isolation_to_json(report.services), row["id"]),
+            )
         current, status = JobStatus(row["status"]), report.status
         replay = current.terminal or current == status
         if replay or (status == JobStatus.RUNNING and current != JobStatus.ASSIGNED):
             return self._job(c, row, with_transitions=False), False
+        if report.log_chain_head:
+            c.execute("UPDATE jobs SET agent_log_chain = ? WHERE id = ?", (report.log_chain_head, row["id"]))
         job = self._apply_status(c, row, status, now, report.reason, report.exit_code, with_transitions=False)
         return job, True
 
@@ -377,70 +430,12 @@ class SqliteJobData(SqliteParts):
 
         await self._tx(run)
 
-    async def append_log_batch(
-        self,
-        org: str,
-        job_id: str,
-        agent_id: str,
-        epoch: int,
-        seq: int,
-        entries: list[tuple[LogStream, bytes, int]],
-    ) -> int:
-        """Store the holder's batch ``seq`` once; returns the highest contiguous
-        stored seq. ``entries`` are (stream, sealed data, plaintext length)."""
-
-        def run(c: sqlite3.Connection) -> int:
-            row = self._held_row(c, org, job_id, agent_id, epoch)
-            last_seq, offset = row["last_seq"], row["log_size"]
-            if seq <= last_seq:
-                return int(last_seq)  # a replay of a batch already stored
-            if JobStatus(row["status"]) not in (JobStatus.ASSIGNED, JobStatus.RUNNING):
-                raise NotHeld(job_id)  # it has ended: nothing more is taken
-            if seq != last_seq + 1:
-                raise FailedPrecondition(
-                    f"log batch {seq} of job {job_id} arrived before batch {last_seq + 1}"
-                )
-            for index, (stream, sealed, length) in enumerate(entries):
-                c.execute(
-                    "INSERT INTO log_entries VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, seq, index, offset, int(stream), sealed),
-                )
-                offset += length
-            c.execute("UPDATE jobs SET last_seq = ?, log_size = ? WHERE id = ?", (seq, offset, job_id))
-            return seq
-
-        return await self._tx(run)
-
-    async def read_log(self, org: str, job_id: str, from_offset: int, limit: int) -> list[StoredLogEntry]:
-        rows = await self._query(
-            "SELECT l.* FROM log_entries l JOIN jobs j ON j.id = l.job_id"
-            " WHERE j.org = ? AND l.job_id = ? AND l.byte_offset >= ("
-            "   SELECT COALESCE(MAX(byte_offset), 0) FROM log_entries WHERE job_id = ? AND byte_offset <= ?)"
-            " ORDER BY l.byte_offset, l.seq, l.idx LIMIT ?",
-            (org, job_id, job_id, from_offset, limit),
-        )
-        return [
-            StoredLogEntry(r["byte_offset"], LogStream(r["stream"]), bytes(r["data"]), r["seq"], r["idx"])
-            for r in rows
-        ]
-
     # pool policy -----------------------------------------------------------------
     async def pool_policy(self, org: str, pool: str) -> PoolPolicy:
-        rows = await self._query(
-            "SELECT allowed_images, pull_policy, runtime, paused, egress_allow FROM pools"
-            " WHERE org = ? AND name = ?",
-            (org, pool),
-        )
+        rows = await self._query(_POOL_POLICY_SQL, (org, pool))
         if not rows:
             raise NotFound(f"pool {org}/{pool} not found")
-        r = rows[0]
-        return PoolPolicy(
-            tuple(json.loads(r["allowed_images"])),
-            PullPolicy(r["pull_policy"]),
-            r["runtime"],
-            bool(r["paused"]),
-            tuple(json.loads(r["egress_allow"])),
-        )
+        return _pool_policy(rows[0])
 
     async def set_pool_policy(self, org: str, pool: str, policy: PoolPolicy) -> None:
         def run(c: sqlite3.Connection) -> None:
@@ -462,165 +457,3 @@ class SqliteJobData(SqliteParts):
                 raise NotFound(f"pool {org}/{pool} not found")
 
         await self._tx(run)
-
-    # blobs: workspaces, artifacts, reports ----------------------------------------
-    async def create_blob(
-        self, blob_id: str, org: str, kind: str, job_id: str | None, path: str, data_key: bytes, now: datetime
-    ) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "INSERT INTO blobs (id, org, kind, job_id, path, data_key, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (blob_id, org, kind, job_id, path, data_key, _ts(now)),
-            )
-        )
-
-    async def add_blob_chunk(self, blob_id: str, index: int, sealed: bytes) -> None:
-        await self._tx(
-            lambda c: c.execute("INSERT INTO blob_chunks VALUES (?, ?, ?)", (blob_id, index, sealed))
-        )
-
-    async def complete_blob(self, blob_id: str, size: int, sha256: str) -> None:
-        """Mark complete; a complete blob of the same job, kind and path is replaced."""
-
-        def run(c: sqlite3.Connection) -> None:
-            row = c.execute("SELECT job_id, kind, path FROM blobs WHERE id = ?", (blob_id,)).fetchone()
-            if row["job_id"] is not None:
-                for old in c.execute(
-                    "SELECT id FROM blobs WHERE job_id = ? AND kind = ? AND path = ? AND id != ?",
-                    (row["job_id"], row["kind"], row["path"], blob_id),
-                ).fetchall():
-                    c.execute("DELETE FROM blob_chunks WHERE blob_id = ?", (old["id"],))
-                    c.execute("DELETE FROM blobs WHERE id = ?", (old["id"],))
-            c.execute(
-                "UPDATE blobs SET size = ?, sha256 = ?, complete = 1 WHERE id = ?", (size, sha256, blob_id)
-            )
-
-        await self._tx(run)
-
-    async def delete_blob(self, blob_id: str) -> None:
-        def run(c: sqlite3.Connection) -> None:
-            c.execute("DELETE FROM blob_chunks WHERE blob_id = ?", (blob_id,))
-            c.execute("DELETE FROM blobs WHERE id = ?", (blob_id,))
-
-        await self._tx(run)
-
-    @staticmethod
-    def _blob(r: sqlite3.Row) -> BlobInfo:
-        return BlobInfo(r["id"], r["org"], r["kind"], r["job_id"], r["path"], r["size"], r["sha256"])
-
-    async def get_blob(self, org: str, blob_id: str) -> tuple[BlobInfo, bytes] | None:
-        rows = await self._query(
-            "SELECT * FROM blobs WHERE org = ? AND id = ? AND complete = 1", (org, blob_id)
-        )
-        return (self._blob(rows[0]), bytes(rows[0]["data_key"])) if rows else None
-
-    async def find_blob(self, org: str, job_id: str, kind: str, path: str) -> tuple[BlobInfo, bytes] | None:
-        rows = await self._query(
-            "SELECT * FROM blobs WHERE org = ? AND job_id = ? AND kind = ? AND path = ? AND complete = 1",
-            (org, job_id, kind, path),
-        )
-        return (self._blob(rows[0]), bytes(rows[0]["data_key"])) if rows else None
-
-    async def list_blobs(self, org: str, job_id: str, kind: str) -> list[BlobInfo]:
-        rows = await self._query(
-            "SELECT * FROM blobs WHERE org = ? AND job_id = ? AND kind = ? AND complete = 1 ORDER BY path",
-            (org, job_id, kind),
-        )
-        return [self._blob(r) for r in rows]
-
-    async def blob_chunk(self, blob_id: str, index: int) -> bytes | None:
-        rows = await self._query(
-            "SELECT data FROM blob_chunks WHERE blob_id = ? AND idx = ?", (blob_id, index)
-        )
-        return bytes(rows[0]["data"]) if rows else None
-
-    # secrets ---------------------------------------------------------------------
-    async def put_secret(self, org: str, name: str, data_key: bytes, sealed: bytes, now: datetime) -> None:
-        await self._tx(
-            lambda c: c.execute(
-                "INSERT INTO secrets (org, name, data_key, value, updated_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (org, name) DO UPDATE SET"
-                " data_key = excluded.data_key, value = excluded.value, updated_at = excluded.updated_at",
-                (org, name, data_key, sealed, _ts(now)),
-            )
-        )
-
-    async def list_secrets(self, org: str) -> list[SecretInfo]:
-        rows = await self._query(
-            "SELECT name, updated_at, last_used_at, last_used_by_job FROM secrets WHERE org = ?"
-            " ORDER BY name",
-            (org,),
-        )
-        return [SecretInfo(r[0], _dt(r[1]) or datetime.min, _dt(r[2]), r[3]) for r in rows]
-
-    async def record_secret_use(self, org: str, names: tuple[str, ...], job_id: str, now: datetime) -> None:
-        marks = ", ".join("?" * len(names))
-        # Only "?" placeholders are interpolated: the names travel as parameters.
-        sql = f"UPDATE secrets SET last_used_at = ?, last_used_by_job = ? WHERE org = ? AND name IN ({marks})"  # noqa: S608
-        await self._tx(lambda c: c.execute(sql, (_ts(now), job_id, org, *names)))
-
-    async def delete_secret(self, org: str, name: str) -> datetime | None:
-        def run(c: sqlite3.Connection) -> datetime | None:
-            row = c.execute(
-                "SELECT updated_at FROM secrets WHERE org = ? AND name = ?", (org, name)
-            ).fetchone()
-            c.execute("DELETE FROM secrets WHERE org = ? AND name = ?", (org, name))
-            return _dt(row["updated_at"]) if row else None
-
-        return await self._tx(run)
-
-    async def get_secrets(self, org: str, names: tuple[str, ...]) -> dict[str, tuple[bytes, bytes]]:
-        if not names:
-            return {}
-        marks = ", ".join("?" * len(names))
-        rows = await self._query(
-            # Only "?" placeholders are interpolated: the names travel as parameters.
-            f"SELECT name, data_key, value FROM secrets WHERE org = ? AND name IN ({marks})",  # noqa: S608
-            (org, *names),
-        )
-        return {r["name"]: (bytes(r["data_key"]), bytes(r["value"])) for r in rows}
-
-    # test results ----------------------------------------------------------------
-    async def record_test_report(self, job_id: str, path: str, cases: list[TestCase], error: str) -> None:
-        def run(c: sqlite3.Connection) -> None:
-            c.execute("DELETE FROM test_cases WHERE job_id = ? AND path = ?", (job_id, path))
-            c.execute(
-                "INSERT INTO test_reports VALUES (?, ?, ?) ON CONFLICT (job_id, path) DO UPDATE SET"
-                " error = excluded.error",
-                (job_id, path, error),
-            )
-            c.executemany(
-                "INSERT INTO test_cases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (job_id, path, n, t.suite, t.classname, t.name, t.duration_s, t.status.value, t.message)
-                    for n, t in enumerate(cases)
-                ],
-            )
-
-        await self._tx(run)
-
-    async def test_results(self, org: str, job_id: str) -> tuple[list[TestCase], list[str]]:
-        def run(c: sqlite3.Connection) -> tuple[list[TestCase], list[str]]:
-            if c.execute("SELECT 1 FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone() is None:
-                raise NotFound(f"job {job_id} not found")
-            cases = [
-                TestCase(
-                    r["suite"],
-                    r["classname"],
-                    r["name"],
-                    r["duration_s"],
-                    TestStatus(r["status"]),
-                    r["message"],
-                )
-                for r in c.execute("SELECT * FROM test_cases WHERE job_id = ? ORDER BY path, n", (job_id,))
-            ]
-            rejected = [
-                r["path"]
-                for r in c.execute(
-                    "SELECT path FROM test_reports WHERE job_id = ? AND error != '' ORDER BY path", (job_id,)
-                )
-            ]
-            return cases, rejected
-
-        return await self._tx(run, write=False)

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from testhide.protos.v1 import jobs_pb2 as _jobs_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -697,3 +698,305 @@ class RevokeUserRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeUserRequest: _TypeAlias = RevokeUserRequest  # noqa: Y015
+
+@_typing.final
+class IncidentAgentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only jobs not finished before this (unset: all)."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentAgentRequest: _TypeAlias = IncidentAgentRequest  # noqa: Y015
+
+@_typing.final
+class IncidentCertificate(_message.Message):
+    """A certificate issued to the agent, as the audit log recorded it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    ISSUED_AT_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    event: _builtins.str
+    """"agent_enrolled" or "agent_certificate_renewed"."""
+    @_builtins.property
+    def issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        issued_at: _timestamp_pb2.Timestamp | None = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+        event: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["issued_at", b"issued_at", "not_after", b"not_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "issued_at", b"issued_at", "not_after", b"not_after", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentCertificate: _TypeAlias = IncidentCertificate  # noqa: Y015
+
+@_typing.final
+class IncidentArtifact(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    size: _builtins.int
+    sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentArtifact: _TypeAlias = IncidentArtifact  # noqa: Y015
+
+@_typing.final
+class IncidentTests(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    UNREADABLE_REPORTS_FIELD_NUMBER: _builtins.int
+    passed: _builtins.int
+    failed: _builtins.int
+    errors: _builtins.int
+    skipped: _builtins.int
+    unreadable_reports: _builtins.int
+    def __init__(
+        self,
+        *,
+        passed: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        unreadable_reports: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "failed", b"failed", "passed", b"passed", "skipped", b"skipped", "unreadable_reports", b"unreadable_reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentTests: _TypeAlias = IncidentTests  # noqa: Y015
+
+@_typing.final
+class IncidentJob(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    ASSIGNED_AT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    FETCH_SECRETS_FIELD_NUMBER: _builtins.int
+    WORKSPACE_ID_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
+    TESTS_FIELD_NUMBER: _builtins.int
+    VERIFIES_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    pool: _builtins.str
+    image: _builtins.str
+    status: _jobs_pb2.JobStatus.ValueType
+    exit_code: _builtins.int
+    status_reason: _builtins.str
+    attempt: _builtins.int
+    held: _builtins.bool
+    """Whether this agent is its last holder (false: taken back and requeued)."""
+    workspace_id: _builtins.str
+    verifies: _builtins.bool
+    """Unset: unknown (verdict says why)."""
+    verdict: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def assigned_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was last handed to this agent (with its secrets and workspace)."""
+
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names only: the job's secrets, and its fetch step's."""
+
+    @_builtins.property
+    def fetch_secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncidentArtifact]: ...
+    @_builtins.property
+    def tests(self) -> Global___IncidentTests:
+        """Unset: no JUnit report stored."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        pool: _builtins.str = ...,
+        image: _builtins.str = ...,
+        status: _jobs_pb2.JobStatus.ValueType = ...,
+        exit_code: _builtins.int | None = ...,
+        status_reason: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        assigned_at: _timestamp_pb2.Timestamp | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        held: _builtins.bool = ...,
+        secrets: _abc.Iterable[_builtins.str] | None = ...,
+        fetch_secrets: _abc.Iterable[_builtins.str] | None = ...,
+        workspace_id: _builtins.str = ...,
+        artifacts: _abc.Iterable[Global___IncidentArtifact] | None = ...,
+        tests: Global___IncidentTests | None = ...,
+        verifies: _builtins.bool | None = ...,
+        verdict: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_verifies", b"_verifies", "assigned_at", b"assigned_at", "created_at", b"created_at", "exit_code", b"exit_code", "finished_at", b"finished_at", "started_at", b"started_at", "tests", b"tests", "verifies", b"verifies"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_verifies", b"_verifies", "artifacts", b"artifacts", "assigned_at", b"assigned_at", "attempt", b"attempt", "created_at", b"created_at", "exit_code", b"exit_code", "fetch_secrets", b"fetch_secrets", "finished_at", b"finished_at", "held", b"held", "id", b"id", "image", b"image", "pool", b"pool", "secrets", b"secrets", "started_at", b"started_at", "status", b"status", "status_reason", b"status_reason", "tests", b"tests", "verdict", b"verdict", "verifies", b"verifies", "workspace_id", b"workspace_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
+    _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
+    _WhichOneofReturnType__verifies: _TypeAlias = _typing.Literal["verifies"]  # noqa: Y015
+    _WhichOneofArgType__verifies: _TypeAlias = _typing.Literal["_verifies", b"_verifies"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__verifies) -> _WhichOneofReturnType__verifies | None: ...
+
+Global___IncidentJob: _TypeAlias = IncidentJob  # noqa: Y015
+
+@_typing.final
+class IncidentSecret(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    LAST_HANDED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    CHANGED_SINCE_FIELD_NUMBER: _builtins.int
+    LAST_USED_AT_FIELD_NUMBER: _builtins.int
+    LAST_USED_BY_JOB_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    changed_since: _builtins.bool
+    """Set again after the agent last received it."""
+    last_used_by_job: _builtins.str
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agent's jobs that received it."""
+
+    @_builtins.property
+    def last_handed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """Unset when the secret has been deleted since."""
+
+    @_builtins.property
+    def last_used_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        last_handed_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        changed_since: _builtins.bool = ...,
+        last_used_at: _timestamp_pb2.Timestamp | None = ...,
+        last_used_by_job: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_handed_at", b"last_handed_at", "last_used_at", b"last_used_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_since", b"changed_since", "job_ids", b"job_ids", "last_handed_at", b"last_handed_at", "last_used_at", b"last_used_at", "last_used_by_job", b"last_used_by_job", "name", b"name", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentSecret: _TypeAlias = IncidentSecret  # noqa: Y015
+
+@_typing.final
+class IncidentReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    ORG_FIELD_NUMBER: _builtins.int
+    CERT_SERIAL_FIELD_NUMBER: _builtins.int
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    org: _builtins.str
+    cert_serial: _builtins.str
+    truncated: _builtins.bool
+    """More jobs than one report holds: the oldest are left out (narrow with since)."""
+    @_builtins.property
+    def agent(self) -> Global___Agent: ...
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncidentCertificate]: ...
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncidentJob]: ...
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___IncidentSecret]: ...
+    def __init__(
+        self,
+        *,
+        agent: Global___Agent | None = ...,
+        org: _builtins.str = ...,
+        cert_serial: _builtins.str = ...,
+        certificates: _abc.Iterable[Global___IncidentCertificate] | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        jobs: _abc.Iterable[Global___IncidentJob] | None = ...,
+        secrets: _abc.Iterable[Global___IncidentSecret] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "cert_serial", b"cert_serial", "certificates", b"certificates", "jobs", b"jobs", "org", b"org", "secrets", b"secrets", "since", b"since", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncidentReport: _TypeAlias = IncidentReport  # noqa: Y015

@@ -85,6 +85,11 @@ class AdminStub:
                 request_serializer=testhide_dot_protos_dot_v1_dot_admin__pb2.PoolRef.SerializeToString,
                 response_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.Pool.FromString,
                 _registered_method=True)
+        self.IncidentAgent = channel.unary_unary(
+                '/testhide.v1.Admin/IncidentAgent',
+                request_serializer=testhide_dot_protos_dot_v1_dot_admin__pb2.IncidentAgentRequest.SerializeToString,
+                response_deserializer=testhide_dot_protos_dot_v1_dot_admin__pb2.IncidentReport.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/testhide.v1.Admin/CreateApiKey',
                 request_serializer=testhide_dot_protos_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
@@ -186,6 +191,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IncidentAgent(self, request, context):
+        """The scope of an incident: everything one agent touched, from the stored
+        evidence (jobs, secrets by name, artifacts, whether each job verifies).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateApiKey(self, request, context):
         """org:admin
         """
@@ -277,6 +290,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ResumePool,
                     request_deserializer=testhide_dot_protos_dot_v1_dot_admin__pb2.PoolRef.FromString,
                     response_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.Pool.SerializeToString,
+            ),
+            'IncidentAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.IncidentAgent,
+                    request_deserializer=testhide_dot_protos_dot_v1_dot_admin__pb2.IncidentAgentRequest.FromString,
+                    response_serializer=testhide_dot_protos_dot_v1_dot_admin__pb2.IncidentReport.SerializeToString,
             ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
@@ -562,6 +580,33 @@ class Admin:
             '/testhide.v1.Admin/ResumePool',
             testhide_dot_protos_dot_v1_dot_admin__pb2.PoolRef.SerializeToString,
             testhide_dot_protos_dot_v1_dot_jobs__pb2.Pool.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IncidentAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Admin/IncidentAgent',
+            testhide_dot_protos_dot_v1_dot_admin__pb2.IncidentAgentRequest.SerializeToString,
+            testhide_dot_protos_dot_v1_dot_admin__pb2.IncidentReport.FromString,
             options,
             channel_credentials,
             insecure,

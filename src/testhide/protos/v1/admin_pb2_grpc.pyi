@@ -50,6 +50,10 @@ class AdminStub:
     SetPoolPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetPoolPolicyRequest, _jobs_pb2.Pool]
     PausePool: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PoolRef, _jobs_pb2.Pool]
     ResumePool: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PoolRef, _jobs_pb2.Pool]
+    IncidentAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.IncidentAgentRequest, _admin_pb2.IncidentReport]
+    """The scope of an incident: everything one agent touched, from the stored
+    evidence (jobs, secrets by name, artifacts, whether each job verifies).
+    """
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]
     """org:admin"""
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]
@@ -81,6 +85,10 @@ class AdminAsyncStub(AdminStub):
     SetPoolPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPoolPolicyRequest, _jobs_pb2.Pool]  # type: ignore[assignment]
     PausePool: _aio.UnaryUnaryMultiCallable[_admin_pb2.PoolRef, _jobs_pb2.Pool]  # type: ignore[assignment]
     ResumePool: _aio.UnaryUnaryMultiCallable[_admin_pb2.PoolRef, _jobs_pb2.Pool]  # type: ignore[assignment]
+    IncidentAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.IncidentAgentRequest, _admin_pb2.IncidentReport]  # type: ignore[assignment]
+    """The scope of an incident: everything one agent touched, from the stored
+    evidence (jobs, secrets by name, artifacts, whether each job verifies).
+    """
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateApiKeyRequest, _admin_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """org:admin"""
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListApiKeysRequest, _admin_pb2.ListApiKeysResponse]  # type: ignore[assignment]
@@ -163,6 +171,16 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.PoolRef,
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.Pool, _abc.Awaitable[_jobs_pb2.Pool]]: ...
+
+    @_abc_1.abstractmethod
+    def IncidentAgent(
+        self,
+        request: _admin_pb2.IncidentAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.IncidentReport, _abc.Awaitable[_admin_pb2.IncidentReport]]:
+        """The scope of an incident: everything one agent touched, from the stored
+        evidence (jobs, secrets by name, artifacts, whether each job verifies).
+        """
 
     @_abc_1.abstractmethod
     def CreateApiKey(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from testhide.protos.v1 import jobs_pb2 as testhide_dot_protos_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etesthide/protos/v1/agent.proto\x12\x0btesthide.v1\x1a\x1dtesthide/protos/v1/jobs.proto\")\n\x08JobLease\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\x84\x01\n\x0e\x41rtifactHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\'\n\x04kind\x18\x04 \x01(\x0e\x32\x19.testhide.v1.ArtifactKind\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"W\n\x0e\x41rtifactUpload\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.testhide.v1.ArtifactHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1e\n\x0e\x41rtifactStored\x12\x0c\n\x04path\x18\x01 \x01(\t\"+\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xef\x01\n\x05Hello\x12-\n\x0crunning_jobs\x18\x01 \x03(\x0b\x32\x17.testhide.v1.RunningJob\x12\x10\n\x08max_jobs\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.testhide.v1.Hello.LabelsEntry\x12\x10\n\x08runtimes\x18\x05 \x03(\t\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x15\n\rreads_batches\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\tHeartbeat\x12-\n\x0crunning_jobs\x18\x01 \x03(\x0b\x32\x17.testhide.v1.RunningJob\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\";\n\nJobRefused\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\",\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"R\n\nJobFetched\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12%\n\x05\x66\x65tch\x18\x03 \x01(\x0b\x32\x16.testhide.v1.FetchStep\"V\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12)\n\tisolation\x18\x03 \x01(\x0b\x32\x16.testhide.v1.Isolation\"@\n\x08LogEntry\x12&\n\x06stream\x18\x01 \x01(\x0e\x32\x16.testhide.v1.LogStream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"^\n\x08LogBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12&\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x15.testhide.v1.LogEntry\"\x89\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x10\n\x08last_seq\x18\x03 \x01(\x03\x12(\n\x07outcome\x18\x04 \x01(\x0e\x32\x17.testhide.v1.JobOutcome\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x9a\x03\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.testhide.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.testhide.v1.HeartbeatH\x00\x12,\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x18.testhide.v1.JobAcceptedH\x00\x12*\n\x07started\x18\x04 \x01(\x0b\x32\x17.testhide.v1.JobStartedH\x00\x12*\n\tlog_batch\x18\x05 \x01(\x0b\x32\x15.testhide.v1.LogBatchH\x00\x12(\n\x06result\x18\x06 \x01(\x0b\x32\x16.testhide.v1.JobResultH\x00\x12*\n\x07refused\x18\x07 \x01(\x0b\x32\x17.testhide.v1.JobRefusedH\x00\x12*\n\x07\x66\x65tched\x18\x08 \x01(\x0b\x32\x17.testhide.v1.JobFetchedH\x00\x12(\n\x05\x62\x61tch\x18\t \x01(\x0b\x32\x17.testhide.v1.AgentBatchH\x00\x42\x06\n\x04\x62ody\"9\n\nAgentBatch\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.testhide.v1.AgentMessage\"\xa5\x03\n\tAssignJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.testhide.v1.JobSpec\x12\x39\n\nsecret_env\x18\x04 \x03(\x0b\x32%.testhide.v1.AssignJob.SecretEnvEntry\x12,\n\x0bpull_policy\x18\x05 \x01(\x0e\x32\x17.testhide.v1.PullPolicy\x12\x16\n\x0e\x61llowed_images\x18\x06 \x03(\t\x12\x0f\n\x07runtime\x18\x07 \x01(\t\x12\x14\n\x0c\x65gress_allow\x18\x08 \x03(\t\x12\x44\n\x10\x66\x65tch_secret_env\x18\t \x03(\x0b\x32*.testhide.v1.AssignJob.FetchSecretEnvEntry\x1a\x30\n\x0eSecretEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13\x46\x65tchSecretEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x62\x61ndon\x18\x03 \x01(\x08\"%\n\x06LogAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\"\x1b\n\tResultAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"$\n\x0bTrustBundle\x12\x15\n\rca_bundle_pem\x18\x01 \x01(\x0c\"\xa0\x02\n\x0e\x43ontrolMessage\x12(\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x16.testhide.v1.AssignJobH\x00\x12(\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x16.testhide.v1.CancelJobH\x00\x12&\n\x07log_ack\x18\x03 \x01(\x0b\x32\x13.testhide.v1.LogAckH\x00\x12,\n\nresult_ack\x18\x04 \x01(\x0b\x32\x16.testhide.v1.ResultAckH\x00\x12\x30\n\x0ctrust_bundle\x18\x05 \x01(\x0b\x32\x18.testhide.v1.TrustBundleH\x00\x12*\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x19.testhide.v1.ControlBatchH\x00\x42\x06\n\x04\x62ody\"=\n\x0c\x43ontrolBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.testhide.v1.ControlMessage\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"?\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c*}\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41RTIFACT_KIND_FILE\x10\x01\x12\x17\n\x13\x41RTIFACT_KIND_JUNIT\x10\x02\x12\x1d\n\x19\x41RTIFACT_KIND_SERVICE_LOG\x10\x03*\x8d\x01\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_OUTCOME_EXITED\x10\x01\x12\x19\n\x15JOB_OUTCOME_TIMED_OUT\x10\x02\x12\x18\n\x14JOB_OUTCOME_CANCELED\x10\x03\x12\x15\n\x11JOB_OUTCOME_ERROR\x10\x04*x\n\nPullPolicy\x12\x1b\n\x17PULL_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11PULL_POLICY_NEVER\x10\x01\x12\x1e\n\x1aPULL_POLICY_IF_NOT_PRESENT\x10\x02\x12\x16\n\x12PULL_POLICY_ALWAYS\x10\x03\x32\xa6\x02\n\x0c\x41gentControl\x12\x45\n\x07\x43onnect\x12\x19.testhide.v1.AgentMessage\x1a\x1b.testhide.v1.ControlMessage(\x01\x30\x01\x12>\n\x05Renew\x12\x19.testhide.v1.RenewRequest\x1a\x1a.testhide.v1.RenewResponse\x12\x41\n\x0e\x46\x65tchWorkspace\x12\x15.testhide.v1.JobLease\x1a\x16.testhide.v1.DataChunk0\x01\x12L\n\x0eUploadArtifact\x12\x1b.testhide.v1.ArtifactUpload\x1a\x1b.testhide.v1.ArtifactStored(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etesthide/protos/v1/agent.proto\x12\x0btesthide.v1\x1a\x1dtesthide/protos/v1/jobs.proto\")\n\x08JobLease\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\x84\x01\n\x0e\x41rtifactHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\'\n\x04kind\x18\x04 \x01(\x0e\x32\x19.testhide.v1.ArtifactKind\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"W\n\x0e\x41rtifactUpload\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.testhide.v1.ArtifactHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1e\n\x0e\x41rtifactStored\x12\x0c\n\x04path\x18\x01 \x01(\t\"+\n\nRunningJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xef\x01\n\x05Hello\x12-\n\x0crunning_jobs\x18\x01 \x03(\x0b\x32\x17.testhide.v1.RunningJob\x12\x10\n\x08max_jobs\x18\x02 \x01(\x05\x12\x0f\n\x07version\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.testhide.v1.Hello.LabelsEntry\x12\x10\n\x08runtimes\x18\x05 \x03(\t\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x15\n\rreads_batches\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\tHeartbeat\x12-\n\x0crunning_jobs\x18\x01 \x03(\x0b\x32\x17.testhide.v1.RunningJob\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\";\n\nJobRefused\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\",\n\x0bJobAccepted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"R\n\nJobFetched\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12%\n\x05\x66\x65tch\x18\x03 \x01(\x0b\x32\x16.testhide.v1.FetchStep\"\x87\x01\n\nJobStarted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12)\n\tisolation\x18\x03 \x01(\x0b\x32\x16.testhide.v1.Isolation\x12/\n\x08services\x18\x04 \x03(\x0b\x32\x1d.testhide.v1.ServiceIsolation\"@\n\x08LogEntry\x12&\n\x06stream\x18\x01 \x01(\x0e\x32\x16.testhide.v1.LogStream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"^\n\x08LogBatch\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12&\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x15.testhide.v1.LogEntry\"\xec\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x10\n\x08last_seq\x18\x03 \x01(\x03\x12(\n\x07outcome\x18\x04 \x01(\x0e\x32\x17.testhide.v1.JobOutcome\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0elog_chain_head\x18\x07 \x01(\x0c\x12\x11\n\tstatement\x18\x08 \x01(\x0c\x12\x1b\n\x13statement_signature\x18\t \x01(\x0c\x12\x19\n\x11\x61gent_certificate\x18\n \x01(\x0c\"\x9a\x03\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.testhide.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.testhide.v1.HeartbeatH\x00\x12,\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x18.testhide.v1.JobAcceptedH\x00\x12*\n\x07started\x18\x04 \x01(\x0b\x32\x17.testhide.v1.JobStartedH\x00\x12*\n\tlog_batch\x18\x05 \x01(\x0b\x32\x15.testhide.v1.LogBatchH\x00\x12(\n\x06result\x18\x06 \x01(\x0b\x32\x16.testhide.v1.JobResultH\x00\x12*\n\x07refused\x18\x07 \x01(\x0b\x32\x17.testhide.v1.JobRefusedH\x00\x12*\n\x07\x66\x65tched\x18\x08 \x01(\x0b\x32\x17.testhide.v1.JobFetchedH\x00\x12(\n\x05\x62\x61tch\x18\t \x01(\x0b\x32\x17.testhide.v1.AgentBatchH\x00\x42\x06\n\x04\x62ody\"9\n\nAgentBatch\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.testhide.v1.AgentMessage\"\xb6\x03\n\tAssignJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\"\n\x04spec\x18\x03 \x01(\x0b\x32\x14.testhide.v1.JobSpec\x12\x39\n\nsecret_env\x18\x04 \x03(\x0b\x32%.testhide.v1.AssignJob.SecretEnvEntry\x12,\n\x0bpull_policy\x18\x05 \x01(\x0e\x32\x17.testhide.v1.PullPolicy\x12\x16\n\x0e\x61llowed_images\x18\x06 \x03(\t\x12\x0f\n\x07runtime\x18\x07 \x01(\t\x12\x14\n\x0c\x65gress_allow\x18\x08 \x03(\t\x12\x44\n\x10\x66\x65tch_secret_env\x18\t \x03(\x0b\x32*.testhide.v1.AssignJob.FetchSecretEnvEntry\x12\x0f\n\x07\x61ttempt\x18\n \x01(\x05\x1a\x30\n\x0eSecretEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x35\n\x13\x46\x65tchSecretEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x62\x61ndon\x18\x03 \x01(\x08\"%\n\x06LogAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\"\x1b\n\tResultAck\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"$\n\x0bTrustBundle\x12\x15\n\rca_bundle_pem\x18\x01 \x01(\x0c\"\xa0\x02\n\x0e\x43ontrolMessage\x12(\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x16.testhide.v1.AssignJobH\x00\x12(\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x16.testhide.v1.CancelJobH\x00\x12&\n\x07log_ack\x18\x03 \x01(\x0b\x32\x13.testhide.v1.LogAckH\x00\x12,\n\nresult_ack\x18\x04 \x01(\x0b\x32\x16.testhide.v1.ResultAckH\x00\x12\x30\n\x0ctrust_bundle\x18\x05 \x01(\x0b\x32\x18.testhide.v1.TrustBundleH\x00\x12*\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x19.testhide.v1.ControlBatchH\x00\x42\x06\n\x04\x62ody\"=\n\x0c\x43ontrolBatch\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.testhide.v1.ControlMessage\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"?\n\rRenewResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x15\n\rca_bundle_pem\x18\x02 \x01(\x0c*}\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41RTIFACT_KIND_FILE\x10\x01\x12\x17\n\x13\x41RTIFACT_KIND_JUNIT\x10\x02\x12\x1d\n\x19\x41RTIFACT_KIND_SERVICE_LOG\x10\x03*\x8d\x01\n\nJobOutcome\x12\x1b\n\x17JOB_OUTCOME_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_OUTCOME_EXITED\x10\x01\x12\x19\n\x15JOB_OUTCOME_TIMED_OUT\x10\x02\x12\x18\n\x14JOB_OUTCOME_CANCELED\x10\x03\x12\x15\n\x11JOB_OUTCOME_ERROR\x10\x04*x\n\nPullPolicy\x12\x1b\n\x17PULL_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11PULL_POLICY_NEVER\x10\x01\x12\x1e\n\x1aPULL_POLICY_IF_NOT_PRESENT\x10\x02\x12\x16\n\x12PULL_POLICY_ALWAYS\x10\x03\x32\xa6\x02\n\x0c\x41gentControl\x12\x45\n\x07\x43onnect\x12\x19.testhide.v1.AgentMessage\x1a\x1b.testhide.v1.ControlMessage(\x01\x30\x01\x12>\n\x05Renew\x12\x19.testhide.v1.RenewRequest\x1a\x1a.testhide.v1.RenewResponse\x12\x41\n\x0e\x46\x65tchWorkspace\x12\x15.testhide.v1.JobLease\x1a\x16.testhide.v1.DataChunk0\x01\x12L\n\x0eUploadArtifact\x12\x1b.testhide.v1.ArtifactUpload\x1a\x1b.testhide.v1.ArtifactStored(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,12 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNJOB_SECRETENVENTRY']._serialized_options = b'8\001'
   _globals['_ASSIGNJOB_FETCHSECRETENVENTRY']._loaded_options = None
   _globals['_ASSIGNJOB_FETCHSECRETENVENTRY']._serialized_options = b'8\001'
-  _globals['_ARTIFACTKIND']._serialized_start=2839
-  _globals['_ARTIFACTKIND']._serialized_end=2964
-  _globals['_JOBOUTCOME']._serialized_start=2967
-  _globals['_JOBOUTCOME']._serialized_end=3108
-  _globals['_PULLPOLICY']._serialized_start=3110
-  _globals['_PULLPOLICY']._serialized_end=3230
+  _globals['_ARTIFACTKIND']._serialized_start=3005
+  _globals['_ARTIFACTKIND']._serialized_end=3130
+  _globals['_JOBOUTCOME']._serialized_start=3133
+  _globals['_JOBOUTCOME']._serialized_end=3274
+  _globals['_PULLPOLICY']._serialized_start=3276
+  _globals['_PULLPOLICY']._serialized_end=3396
   _globals['_JOBLEASE']._serialized_start=78
   _globals['_JOBLEASE']._serialized_end=119
   _globals['_ARTIFACTHEADER']._serialized_start=122
@@ -66,40 +66,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBACCEPTED']._serialized_end=847
   _globals['_JOBFETCHED']._serialized_start=849
   _globals['_JOBFETCHED']._serialized_end=931
-  _globals['_JOBSTARTED']._serialized_start=933
-  _globals['_JOBSTARTED']._serialized_end=1019
-  _globals['_LOGENTRY']._serialized_start=1021
-  _globals['_LOGENTRY']._serialized_end=1085
-  _globals['_LOGBATCH']._serialized_start=1087
-  _globals['_LOGBATCH']._serialized_end=1181
-  _globals['_JOBRESULT']._serialized_start=1184
-  _globals['_JOBRESULT']._serialized_end=1321
-  _globals['_AGENTMESSAGE']._serialized_start=1324
-  _globals['_AGENTMESSAGE']._serialized_end=1734
-  _globals['_AGENTBATCH']._serialized_start=1736
-  _globals['_AGENTBATCH']._serialized_end=1793
-  _globals['_ASSIGNJOB']._serialized_start=1796
-  _globals['_ASSIGNJOB']._serialized_end=2217
-  _globals['_ASSIGNJOB_SECRETENVENTRY']._serialized_start=2114
-  _globals['_ASSIGNJOB_SECRETENVENTRY']._serialized_end=2162
-  _globals['_ASSIGNJOB_FETCHSECRETENVENTRY']._serialized_start=2164
-  _globals['_ASSIGNJOB_FETCHSECRETENVENTRY']._serialized_end=2217
-  _globals['_CANCELJOB']._serialized_start=2219
-  _globals['_CANCELJOB']._serialized_end=2279
-  _globals['_LOGACK']._serialized_start=2281
-  _globals['_LOGACK']._serialized_end=2318
-  _globals['_RESULTACK']._serialized_start=2320
-  _globals['_RESULTACK']._serialized_end=2347
-  _globals['_TRUSTBUNDLE']._serialized_start=2349
-  _globals['_TRUSTBUNDLE']._serialized_end=2385
-  _globals['_CONTROLMESSAGE']._serialized_start=2388
-  _globals['_CONTROLMESSAGE']._serialized_end=2676
-  _globals['_CONTROLBATCH']._serialized_start=2678
-  _globals['_CONTROLBATCH']._serialized_end=2739
-  _globals['_RENEWREQUEST']._serialized_start=2741
-  _globals['_RENEWREQUEST']._serialized_end=2772
-  _globals['_RENEWRESPONSE']._serialized_start=2774
-  _globals['_RENEWRESPONSE']._serialized_end=2837
-  _globals['_AGENTCONTROL']._serialized_start=3233
-  _globals['_AGENTCONTROL']._serialized_end=3527
+  _globals['_JOBSTARTED']._serialized_start=934
+  _globals['_JOBSTARTED']._serialized_end=1069
+  _globals['_LOGENTRY']._serialized_start=1071
+  _globals['_LOGENTRY']._serialized_end=1135
+  _globals['_LOGBATCH']._serialized_start=1137
+  _globals['_LOGBATCH']._serialized_end=1231
+  _globals['_JOBRESULT']._serialized_start=1234
+  _globals['_JOBRESULT']._serialized_end=1470
+  _globals['_AGENTMESSAGE']._serialized_start=1473
+  _globals['_AGENTMESSAGE']._serialized_end=1883
+  _globals['_AGENTBATCH']._serialized_start=1885
+  _globals['_AGENTBATCH']._serialized_end=1942
+  _globals['_ASSIGNJOB']._serialized_start=1945
+  _globals['_ASSIGNJOB']._serialized_end=2383
+  _globals['_ASSIGNJOB_SECRETENVENTRY']._serialized_start=2280
+  _globals['_ASSIGNJOB_SECRETENVENTRY']._serialized_end=2328
+  _globals['_ASSIGNJOB_FETCHSECRETENVENTRY']._serialized_start=2330
+  _globals['_ASSIGNJOB_FETCHSECRETENVENTRY']._serialized_end=2383
+  _globals['_CANCELJOB']._serialized_start=2385
+  _globals['_CANCELJOB']._serialized_end=2445
+  _globals['_LOGACK']._serialized_start=2447
+  _globals['_LOGACK']._serialized_end=2484
+  _globals['_RESULTACK']._serialized_start=2486
+  _globals['_RESULTACK']._serialized_end=2513
+  _globals['_TRUSTBUNDLE']._serialized_start=2515
+  _globals['_TRUSTBUNDLE']._serialized_end=2551
+  _globals['_CONTROLMESSAGE']._serialized_start=2554
+  _globals['_CONTROLMESSAGE']._serialized_end=2842
+  _globals['_CONTROLBATCH']._serialized_start=2844
+  _globals['_CONTROLBATCH']._serialized_end=2905
+  _globals['_RENEWREQUEST']._serialized_start=2907
+  _globals['_RENEWREQUEST']._serialized_end=2938
+  _globals['_RENEWRESPONSE']._serialized_start=2940
+  _globals['_RENEWRESPONSE']._serialized_end=3003
+  _globals['_AGENTCONTROL']._serialized_start=3399
+  _globals['_AGENTCONTROL']._serialized_end=3693
 # @@protoc_insertion_point(module_scope)

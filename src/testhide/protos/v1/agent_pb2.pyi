@@ -376,11 +376,18 @@ class JobStarted(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
+    SERVICES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     @_builtins.property
     def isolation(self) -> _jobs_pb2.Isolation:
         """Read back from the created container before it starts."""
+
+    @_builtins.property
+    def services(self) -> _containers.RepeatedCompositeFieldContainer[_jobs_pb2.ServiceIsolation]:
+        """Read back from each of the job's services, started before the job's container; empty
+        for a job without services (and from agents older than this field).
+        """
 
     def __init__(
         self,
@@ -388,10 +395,11 @@ class JobStarted(_message.Message):
         job_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
         isolation: _jobs_pb2.Isolation | None = ...,
+        services: _abc.Iterable[_jobs_pb2.ServiceIsolation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["isolation", b"isolation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "isolation", b"isolation", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "isolation", b"isolation", "job_id", b"job_id", "services", b"services"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,6 +470,10 @@ class JobResult(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    LOG_CHAIN_HEAD_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    STATEMENT_SIGNATURE_FIELD_NUMBER: _builtins.int
+    AGENT_CERTIFICATE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     last_seq: _builtins.int
@@ -471,6 +483,16 @@ class JobResult(_message.Message):
     outcome: Global___JobOutcome.ValueType
     exit_code: _builtins.int
     reason: _builtins.str
+    log_chain_head: _builtins.bytes
+    """The log hash chain's head over the batches sent for this job (common/evidence.py);
+    empty from agents older than the chain.
+    """
+    statement: _builtins.bytes
+    """The job's statement (common/statement.py: canonical JSON), the agent's DSSE signature
+    over it with its current key, and that key's certificate (DER). Empty from older agents.
+    """
+    statement_signature: _builtins.bytes
+    agent_certificate: _builtins.bytes
     def __init__(
         self,
         *,
@@ -480,10 +502,14 @@ class JobResult(_message.Message):
         outcome: Global___JobOutcome.ValueType = ...,
         exit_code: _builtins.int = ...,
         reason: _builtins.str = ...,
+        log_chain_head: _builtins.bytes = ...,
+        statement: _builtins.bytes = ...,
+        statement_signature: _builtins.bytes = ...,
+        agent_certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "exit_code", b"exit_code", "job_id", b"job_id", "last_seq", b"last_seq", "outcome", b"outcome", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_certificate", b"agent_certificate", "epoch", b"epoch", "exit_code", b"exit_code", "job_id", b"job_id", "last_seq", b"last_seq", "log_chain_head", b"log_chain_head", "outcome", b"outcome", "reason", b"reason", "statement", b"statement", "statement_signature", b"statement_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -621,11 +647,14 @@ class AssignJob(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     EGRESS_ALLOW_FIELD_NUMBER: _builtins.int
     FETCH_SECRET_ENV_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     epoch: _builtins.int
     pull_policy: Global___PullPolicy.ValueType
     runtime: _builtins.str
     """The runtime the job runs under, after the pool's enforcement."""
+    attempt: _builtins.int
+    """Which attempt of the job this is (1, then each retry of a LOST job), for its statement."""
     @_builtins.property
     def spec(self) -> _jobs_pb2.JobSpec: ...
     @_builtins.property
@@ -658,10 +687,11 @@ class AssignJob(_message.Message):
         runtime: _builtins.str = ...,
         egress_allow: _abc.Iterable[_builtins.str] | None = ...,
         fetch_secret_env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_images", b"allowed_images", "egress_allow", b"egress_allow", "epoch", b"epoch", "fetch_secret_env", b"fetch_secret_env", "job_id", b"job_id", "pull_policy", b"pull_policy", "runtime", b"runtime", "secret_env", b"secret_env", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_images", b"allowed_images", "attempt", b"attempt", "egress_allow", b"egress_allow", "epoch", b"epoch", "fetch_secret_env", b"fetch_secret_env", "job_id", b"job_id", "pull_policy", b"pull_policy", "runtime", b"runtime", "secret_env", b"secret_env", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

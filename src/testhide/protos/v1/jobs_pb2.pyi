@@ -375,6 +375,7 @@ class FetchStep(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     cache: _builtins.str
     """"hit" (restored, the fetch step skipped), "miss" (fetched, then kept), or
     "none" (the job names no cache).
@@ -385,6 +386,12 @@ class FetchStep(_message.Message):
     def duration(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___EgressRequest]: ...
+    @_builtins.property
+    def isolation(self) -> Global___Isolation:
+        """Read back from the fetch step's container right after its start; unset on a cache hit
+        (no container), when it could not be read, and from agents older than this field.
+        """
+
     def __init__(
         self,
         *,
@@ -392,14 +399,42 @@ class FetchStep(_message.Message):
         exit_code: _builtins.int = ...,
         duration: _duration_pb2.Duration | None = ...,
         requests: _abc.Iterable[Global___EgressRequest] | None = ...,
+        isolation: Global___Isolation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "isolation", b"isolation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "duration", b"duration", "exit_code", b"exit_code", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "duration", b"duration", "exit_code", b"exit_code", "isolation", b"isolation", "requests", b"requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FetchStep: _TypeAlias = FetchStep  # noqa: Y015
+
+@_typing.final
+class ServiceIsolation(_message.Message):
+    """What Docker applied to one of the job's services (its own container), read back by the
+    agent right after its start.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def isolation(self) -> Global___Isolation: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        isolation: Global___Isolation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["isolation", b"isolation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["isolation", b"isolation", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServiceIsolation: _TypeAlias = ServiceIsolation  # noqa: Y015
 
 @_typing.final
 class StatusTransition(_message.Message):
@@ -556,6 +591,9 @@ class Job(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
     FETCH_FIELD_NUMBER: _builtins.int
+    LOG_CHAIN_HEAD_FIELD_NUMBER: _builtins.int
+    AGENT_LOG_CHAIN_HEAD_FIELD_NUMBER: _builtins.int
+    SERVICE_ISOLATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     org: _builtins.str
     status: Global___JobStatus.ValueType
@@ -569,6 +607,14 @@ class Job(_message.Message):
     retry_of: _builtins.str
     """The LOST job this one retries, and the job that retries this one."""
     retried_as: _builtins.str
+    log_chain_head: _builtins.bytes
+    """The log hash chain's head after the last stored batch (common/evidence.py); empty for a
+    job whose log began before the chain did.
+    """
+    agent_log_chain_head: _builtins.bytes
+    """The head the job's agent reported with its result (empty until then, or from an agent
+    older than the chain). Differs from log_chain_head if the stored log is not what it sent.
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -591,6 +637,10 @@ class Job(_message.Message):
     def fetch(self) -> Global___FetchStep:
         """Set once the fetch step ended (or its cache was restored)."""
 
+    @_builtins.property
+    def service_isolation(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceIsolation]:
+        """Read back from each of the job's services once started (with the job's container's)."""
+
     def __init__(
         self,
         *,
@@ -612,10 +662,13 @@ class Job(_message.Message):
         agent: Global___JobAgent | None = ...,
         isolation: Global___Isolation | None = ...,
         fetch: Global___FetchStep | None = ...,
+        log_chain_head: _builtins.bytes = ...,
+        agent_log_chain_head: _builtins.bytes = ...,
+        service_isolation: _abc.Iterable[Global___ServiceIsolation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "created_at", b"created_at", "exit_code", b"exit_code", "fetch", b"fetch", "finished_at", b"finished_at", "isolation", b"isolation", "spec", b"spec", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "agent_id", b"agent_id", "attempt", b"attempt", "created_at", b"created_at", "exit_code", b"exit_code", "fetch", b"fetch", "finished_at", b"finished_at", "id", b"id", "isolation", b"isolation", "log_size", b"log_size", "org", b"org", "retried_as", b"retried_as", "retry_of", b"retry_of", "spec", b"spec", "started_at", b"started_at", "status", b"status", "status_reason", b"status_reason", "transitions", b"transitions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "agent", b"agent", "agent_id", b"agent_id", "agent_log_chain_head", b"agent_log_chain_head", "attempt", b"attempt", "created_at", b"created_at", "exit_code", b"exit_code", "fetch", b"fetch", "finished_at", b"finished_at", "id", b"id", "isolation", b"isolation", "log_chain_head", b"log_chain_head", "log_size", b"log_size", "org", b"org", "retried_as", b"retried_as", "retry_of", b"retry_of", "service_isolation", b"service_isolation", "spec", b"spec", "started_at", b"started_at", "status", b"status", "status_reason", b"status_reason", "transitions", b"transitions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -835,6 +888,77 @@ class LogChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogChunk: _TypeAlias = LogChunk  # noqa: Y015
+
+@_typing.final
+class GetLogBatchesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLogBatchesRequest: _TypeAlias = GetLogBatchesRequest  # noqa: Y015
+
+@_typing.final
+class LogBatchEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    stream: Global___LogStream.ValueType
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        stream: Global___LogStream.ValueType = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogBatchEntry: _TypeAlias = LogBatchEntry  # noqa: Y015
+
+@_typing.final
+class LogBatchRecord(_message.Message):
+    """One stored log batch: its chain link (empty when it has none: the job predates the chain,
+    or the link was removed) and its entries, as the agent sent them (masked).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    CHAIN_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    chain: _builtins.bytes
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___LogBatchEntry]: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        chain: _builtins.bytes = ...,
+        entries: _abc.Iterable[Global___LogBatchEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain", b"chain", "entries", b"entries", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogBatchRecord: _TypeAlias = LogBatchRecord  # noqa: Y015
 
 @_typing.final
 class FollowLogsResponse(_message.Message):
@@ -1282,3 +1406,105 @@ class ListPoolsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPoolsResponse: _TypeAlias = ListPoolsResponse  # noqa: Y015
+
+@_typing.final
+class GetEvidenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    IN_TOTO_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    in_toto: _builtins.bool
+    """Also export the evidence as SLSA provenance (Evidence.in_toto_envelope)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        in_toto: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_toto", b"in_toto", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEvidenceRequest: _TypeAlias = GetEvidenceRequest  # noqa: Y015
+
+@_typing.final
+class DsseSignature(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYID_FIELD_NUMBER: _builtins.int
+    SIG_FIELD_NUMBER: _builtins.int
+    keyid: _builtins.str
+    sig: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        keyid: _builtins.str = ...,
+        sig: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keyid", b"keyid", "sig", b"sig"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DsseSignature: _TypeAlias = DsseSignature  # noqa: Y015
+
+@_typing.final
+class Evidence(_message.Message):
+    """What `verify` needs (common/statement.py): the DSSE envelope, the agent's certificate and the
+    CA that issued it, and every statement-signing certificate of the control plane (current and
+    retired). Certificates are DER.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_TYPE_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    AGENT_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    AGENT_CA_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    SIGNING_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    MISMATCH_FIELD_NUMBER: _builtins.int
+    IN_TOTO_ENVELOPE_FIELD_NUMBER: _builtins.int
+    payload_type: _builtins.str
+    payload: _builtins.bytes
+    agent_certificate: _builtins.bytes
+    mismatch: _builtins.str
+    """The first statement field that disagreed with the control plane's record; empty if none."""
+    in_toto_envelope: _builtins.bytes
+    """Set only when asked (GetEvidenceRequest.in_toto): the JSON bytes of a DSSE envelope whose
+    payload is an in-toto Statement v1 with a SLSA Provenance v1 predicate, signed with the control
+    plane's current statement-signing key (keyid as in signatures).
+    """
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___DsseSignature]:
+        """The agent's signature first, then the control plane's countersignature (absent when the
+        statement disagreed with what the control plane stored: see mismatch).
+        """
+
+    @_builtins.property
+    def agent_ca_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def signing_certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        payload_type: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+        signatures: _abc.Iterable[Global___DsseSignature] | None = ...,
+        agent_certificate: _builtins.bytes = ...,
+        agent_ca_certificates: _abc.Iterable[_builtins.bytes] | None = ...,
+        signing_certificates: _abc.Iterable[_builtins.bytes] | None = ...,
+        mismatch: _builtins.str = ...,
+        in_toto_envelope: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ca_certificates", b"agent_ca_certificates", "agent_certificate", b"agent_certificate", "in_toto_envelope", b"in_toto_envelope", "mismatch", b"mismatch", "payload", b"payload", "payload_type", b"payload_type", "signatures", b"signatures", "signing_certificates", b"signing_certificates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Evidence: _TypeAlias = Evidence  # noqa: Y015

@@ -85,6 +85,16 @@ class JobsStub:
                 request_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsRequest.SerializeToString,
                 response_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsResponse.FromString,
                 _registered_method=True)
+        self.GetLogBatches = channel.unary_stream(
+                '/testhide.v1.Jobs/GetLogBatches',
+                request_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.GetLogBatchesRequest.SerializeToString,
+                response_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.LogBatchRecord.FromString,
+                _registered_method=True)
+        self.GetEvidence = channel.unary_unary(
+                '/testhide.v1.Jobs/GetEvidence',
+                request_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.GetEvidenceRequest.SerializeToString,
+                response_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.Evidence.FromString,
+                _registered_method=True)
 
 
 class JobsServicer:
@@ -155,6 +165,21 @@ class JobsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLogBatches(self, request, context):
+        """The job's stored log as its batches, each with its link of the log hash chain
+        (common/evidence.py), in sequence order: what a verifier recomputes the chain from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEvidence(self, request, context):
+        """The job's signed statement (DSSE) and the certificates that verify it offline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +232,16 @@ def add_JobsServicer_to_server(servicer, server):
                     servicer.ListPools,
                     request_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsRequest.FromString,
                     response_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsResponse.SerializeToString,
+            ),
+            'GetLogBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetLogBatches,
+                    request_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.GetLogBatchesRequest.FromString,
+                    response_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.LogBatchRecord.SerializeToString,
+            ),
+            'GetEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvidence,
+                    request_deserializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.GetEvidenceRequest.FromString,
+                    response_serializer=testhide_dot_protos_dot_v1_dot_jobs__pb2.Evidence.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +515,60 @@ class Jobs:
             '/testhide.v1.Jobs/ListPools',
             testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsRequest.SerializeToString,
             testhide_dot_protos_dot_v1_dot_jobs__pb2.ListPoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLogBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/testhide.v1.Jobs/GetLogBatches',
+            testhide_dot_protos_dot_v1_dot_jobs__pb2.GetLogBatchesRequest.SerializeToString,
+            testhide_dot_protos_dot_v1_dot_jobs__pb2.LogBatchRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testhide.v1.Jobs/GetEvidence',
+            testhide_dot_protos_dot_v1_dot_jobs__pb2.GetEvidenceRequest.SerializeToString,
+            testhide_dot_protos_dot_v1_dot_jobs__pb2.Evidence.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,12 @@ class JobsStub:
     GetTestResults: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.JobRef, _jobs_pb2.TestResults]
     ListPools: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.ListPoolsRequest, _jobs_pb2.ListPoolsResponse]
     """The organisation's pools with their policy and state (what `testhide pools list` shows)."""
+    GetLogBatches: _grpc.UnaryStreamMultiCallable[_jobs_pb2.GetLogBatchesRequest, _jobs_pb2.LogBatchRecord]
+    """The job's stored log as its batches, each with its link of the log hash chain
+    (common/evidence.py), in sequence order: what a verifier recomputes the chain from.
+    """
+    GetEvidence: _grpc.UnaryUnaryMultiCallable[_jobs_pb2.GetEvidenceRequest, _jobs_pb2.Evidence]
+    """The job's signed statement (DSSE) and the certificates that verify it offline."""
 
 @_typing.type_check_only
 class JobsAsyncStub(JobsStub):
@@ -69,6 +75,12 @@ class JobsAsyncStub(JobsStub):
     GetTestResults: _aio.UnaryUnaryMultiCallable[_jobs_pb2.JobRef, _jobs_pb2.TestResults]  # type: ignore[assignment]
     ListPools: _aio.UnaryUnaryMultiCallable[_jobs_pb2.ListPoolsRequest, _jobs_pb2.ListPoolsResponse]  # type: ignore[assignment]
     """The organisation's pools with their policy and state (what `testhide pools list` shows)."""
+    GetLogBatches: _aio.UnaryStreamMultiCallable[_jobs_pb2.GetLogBatchesRequest, _jobs_pb2.LogBatchRecord]  # type: ignore[assignment]
+    """The job's stored log as its batches, each with its link of the log hash chain
+    (common/evidence.py), in sequence order: what a verifier recomputes the chain from.
+    """
+    GetEvidence: _aio.UnaryUnaryMultiCallable[_jobs_pb2.GetEvidenceRequest, _jobs_pb2.Evidence]  # type: ignore[assignment]
+    """The job's signed statement (DSSE) and the certificates that verify it offline."""
 
 class JobsServicer(metaclass=_abc_1.ABCMeta):
     """Engineers' API (API port, bearer credentials)."""
@@ -147,6 +159,24 @@ class JobsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobs_pb2.ListPoolsResponse, _abc.Awaitable[_jobs_pb2.ListPoolsResponse]]:
         """The organisation's pools with their policy and state (what `testhide pools list` shows)."""
+
+    @_abc_1.abstractmethod
+    def GetLogBatches(
+        self,
+        request: _jobs_pb2.GetLogBatchesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_jobs_pb2.LogBatchRecord], _abc.AsyncIterator[_jobs_pb2.LogBatchRecord]]:
+        """The job's stored log as its batches, each with its link of the log hash chain
+        (common/evidence.py), in sequence order: what a verifier recomputes the chain from.
+        """
+
+    @_abc_1.abstractmethod
+    def GetEvidence(
+        self,
+        request: _jobs_pb2.GetEvidenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobs_pb2.Evidence, _abc.Awaitable[_jobs_pb2.Evidence]]:
+        """The job's signed statement (DSSE) and the certificates that verify it offline."""
 
 def add_JobsServicer_to_server(servicer: JobsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

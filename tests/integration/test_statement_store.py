@@ -1,0 +1,148 @@
+"""Statement-signing keys and jobs' signed statements in the store, on SQLite and PostgreSQL:
+keys kept oldest first and retired once, a job's first statement kept (a replayed result does
+not replace it) and only for a job of its organisation, read back only by that organisation,
+master-key rotation re-wrapping a key's data key so that it still signs, and a move to
+PostgreSQL with the store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from testhide.common.statement import PAYLOAD_TYPE, pae, signature_valid
+from testhide.controlplane.atrest import MasterKey
+from testhide.controlplane.ca.authority import CertificateAuthority
+from testhide.controlplane.ca.statement_keys import StatementKeys, new_statement_key, rotate, unseal_key
+from testhide.controlplane.ca.statement_store import JobStatementRecord
+from testhide.controlplane.masterkey import rewrap_data_keys
+from testhide.controlplane.store.base import Store
+from testhide.controlplane.store.pg_copy import SqliteSnapshot, copy_store
+from testhide.controlplane.store.postgres import PgStore
+from testhide.controlplane.store.sqlite import SqliteStore
+from tests.integration.test_store import NOW, POSTGRES, SQLITE, empty_store, make_job, populate
+
+
+@pytest.fixture(params=[SQLITE, POSTGRES])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    async with empty_store(request.param, tmp_path) as s:
+        await populate(s)
+        yield s
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create("test.local")
+
+
+def kept(
+    job_id: str, payload: bytes = b"{}", org: str = "acme", key: str | None = None
+) -> JobStatementRecord:
+    return JobStatementRecord(
+        job_id, org, payload, b"agent-sig", b"agent-cert", NOW, b"counter" if key else None, key
+    )
+
+
+async def test_keys_are_kept_oldest_first_and_retired_once(store: Store, ca: CertificateAuthority) -> None:
+    master = MasterKey.generate()
+    first = new_statement_key(ca, master, NOW)
+    second = new_statement_key(ca, master, NOW + timedelta(days=1))
+    await store.add_statement_key(second)
+    await store.add_statement_key(first)
+    assert [k.id for k in await store.statement_keys()] == [first.id, second.id]
+    assert await store.retire_statement_key(first.id, NOW + timedelta(days=1))
+    assert not await store.retire_statement_key(first.id, NOW + timedelta(days=2))
+    stored = await store.statement_keys()
+    assert stored[0].retired_at == NOW + timedelta(days=1)
+    assert stored[1].retired_at is None
+    assert (stored[1].certificate, stored[1].active_until) == (second.certificate, second.active_until)
+
+
+async def test_the_first_statement_of_a_job_stays(store: Store, ca: CertificateAuthority) -> None:
+    master = MasterKey.generate()
+    key = new_statement_key(ca, master, NOW)
+    await store.add_statement_key(key)
+    await store.create_job(make_job("j1"), b"wrapped")
+    assert await store.add_job_statement(kept("j1", b'{"first":1}', key=key.id))
+    assert not await store.add_job_statement(kept("j1", b'{"replayed":1}'))
+    found = await store.job_statement("acme", "j1")
+    assert found is not None
+    assert (found.payload, found.countersignature, found.signing_key_id) == (
+        b'{"first":1}',
+        b"counter",
+        key.id,
+    )
+    assert await store.job_statement("other", "j1") is None  # scoped by organisation
+
+
+async def test_a_statement_for_another_organisations_job_is_not_kept(store: Store) -> None:
+    await store.create_job(make_job("j1"), b"wrapped")
+    assert not await store.add_job_statement(kept("j1", org="other"))
+    assert await store.job_statement("other", "j1") is None
+    mismatched = JobStatementRecord("j1", "acme", b"{}", b"s", b"c", NOW, mismatch="exit_code: differs")
+    assert await store.add_job_statement(mismatched)
+    found = await store.job_statement("acme", "j1")
+    assert found is not None
+    assert found.countersignature is None
+    assert found.mismatch == "exit_code: differs"
+
+
+async def test_master_key_rotation_rewraps_a_statement_key_which_still_signs(
+    store: Store, ca: CertificateAuthority
+) -> None:
+    master = MasterKey.generate()
+    keys = StatementKeys(store, master, lambda: ca)
+    signing = await keys.current()  # made: there was none
+    rotated = master.with_new_current()
+    sweep = await rewrap_data_keys(store, rotated)
+    assert (sweep.changed, sweep.damaged) == (1, ())
+    record = (await store.statement_keys())[0]
+    assert rotated.is_current(record.data_key)
+    reopened = unseal_key(record, rotated.only_current())
+    assert reopened.id == signing.id
+    cert = x509.load_der_x509_certificate(record.certificate)
+    assert signature_valid(cert, b"payload", reopened.countersign(b"payload"))
+    assert pae(PAYLOAD_TYPE, b"payload").startswith(b"DSSEv1 ")
+
+
+async def test_a_rotation_retires_the_key_before_and_a_running_control_plane_takes_the_new_one(
+    store: Store, ca: CertificateAuthority
+) -> None:
+    master = MasterKey.generate()
+    keys = StatementKeys(store, master, lambda: ca)
+    before = await keys.current()
+    record, retired = await rotate(store, ca, master, datetime.now(UTC))
+    assert retired == [before.id]
+    fresh = StatementKeys(store, master, lambda: ca)
+    assert (await fresh.current()).id == record.id
+    assert len(await fresh.certificates()) == 2  # the old one's still published
+
+
+async def test_statements_and_keys_move_to_postgresql(
+    tmp_path: Path, pg_url: str, ca: CertificateAuthority
+) -> None:
+    master = MasterKey.generate()
+    sqlite = await SqliteStore.open(tmp_path / "testhide.db")
+    try:
+        await populate(sqlite)
+        key = new_statement_key(ca, master, NOW)
+        await sqlite.add_statement_key(key)
+        await sqlite.create_job(make_job("j1"), b"wrapped")
+        await sqlite.add_job_statement(kept("j1", key=key.id))
+    finally:
+        await sqlite.close()
+    snapshot, postgres = await SqliteSnapshot.open(tmp_path / "testhide.db"), await PgStore.open(pg_url)
+    try:
+        copied = await copy_store(snapshot, postgres)
+        assert (copied["statement_keys"], copied["job_statements"]) == (1, 1)
+        moved = (await postgres.statement_keys())[0]
+        assert unseal_key(moved, master).id == key.id
+        found = await postgres.job_statement("acme", "j1")
+        assert found is not None
+        assert found.signing_key_id == key.id
+    finally:
+        await snapshot.close()
+        await postgres.close()
