@@ -192,3 +192,37 @@ async def test_each_dispatch_round_leaves_a_debug_line_an_operator_can_read(
         "assigned": 1,
         "passed_over": 1,
     }
+
+
+async def test_a_round_reads_about_as_many_queued_jobs_as_there_are_free_slots(
+    store: MemoryJobs, scheduler: Scheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits: list[int] = []
+    read = store.queued_jobs
+
+    async def counted(org: str, pool: str, limit: int) -> list[Job]:
+        limits.append(limit)
+        return await read(org, pool, limit)
+
+    monkeypatch.setattr(store, "queued_jobs", counted)
+    for n in range(500):  # a deep queue, one agent freeing up at a time
+        queue(store, f"j{n:03}")
+    session = agent("a1")
+    scheduler.attach(session)
+
+    assert isinstance(await received(session), Assign)
+    assert limits == [4]  # not a wide window for one free slot
+
+
+async def test_a_full_head_of_jobs_no_idle_agent_can_take_does_not_block_the_queue(
+    store: MemoryJobs, scheduler: Scheduler
+) -> None:
+    for n in range(10):  # more than a one-slot round first reads
+        queue(store, f"j{n}", {"gpu": "yes"})
+    queue(store, "plain-job")
+    session = agent("plain")
+    scheduler.attach(session)
+
+    message = await received(session)
+    assert isinstance(message, Assign)
+    assert message.job.id == "plain-job"

@@ -287,35 +287,31 @@ class Scheduler:
                 "dispatch_no_idle_agent", org=org, pool=pool, connected=len(self._pool_sessions(org, pool))
             )
             return
-        # Look past the head of the queue: a job no idle agent can take must not block the others.
-        window = min(MAX_WINDOW, max(64, 4 * free_slots))
+        # A round reads about as many queued jobs as there are free slots: with a deep queue
+        # and agents freeing up one by one, reading a wide window every round cost a job's
+        # worth of reads many times over. Only when the head of the queue holds jobs no idle
+        # agent can take does the round look further, so those never block the others.
+        window = min(MAX_WINDOW, max(4, 2 * free_slots))
         queued = await self._store.queued_jobs(org, pool, window)
-        plan: list[tuple[Job, AgentSession]] = []
-        taken: dict[str, int] = {}
-        unmatched = 0
-        for job in queued:
-            if not idle:
-                break
-            index = next((i for i, s in enumerate(idle) if s.can_run(job)), None)
-            if index is None:
-                unmatched += 1  # no idle agent offers its labels or runtime: `jobs show` says why
-                continue
-            session = idle.pop(index)
-            plan.append((job, session))
-            taken[session.identity.agent_id] = taken.get(session.identity.agent_id, 0) + 1
-            if session.free_slots > taken[session.identity.agent_id]:
-                idle.append(session)
-        assigned = await self._assign(org, plan)
-        if assigned < len(plan):  # taken by another replica, or ended as ERROR: fill those slots
+        plan = _Plan(idle)
+        plan.add(queued)
+        wider = min(MAX_WINDOW, max(64, 4 * free_slots))
+        if plan.idle and plan.unmatched and len(queued) == window and wider > window:
+            seen = {job.id for job in queued}
+            further = [job for job in await self._store.queued_jobs(org, pool, wider) if job.id not in seen]
+            plan.add(further)
+            queued += further
+        assigned = await self._assign(org, plan.assignments)
+        if assigned < len(plan.assignments):  # taken elsewhere, or ended ERROR: fill those slots
             self.kick(org, pool)
         log.debug(
             "dispatch_round",
             org=org,
             pool=pool,
-            idle_agents=len(idle) + len(taken),
+            idle_agents=len(plan.idle) + len(plan.taken),
             queued_seen=len(queued),
             assigned=assigned,
-            passed_over=unmatched,
+            passed_over=plan.unmatched,
         )
 
     async def _assign(self, org: str, plan: list[tuple[Job, AgentSession]]) -> int:
@@ -369,3 +365,29 @@ class Scheduler:
                 "(shutting down, or their container engine is down)"
             )
         return f"waiting for a free agent ({len(able)} able, all busy)"
+
+
+class _Plan:
+    """One dispatch round's plan: queued jobs matched to the idle sessions, each session
+    taking as many jobs as it has free slots."""
+
+    def __init__(self, idle: list[AgentSession]) -> None:
+        self.idle = idle
+        self.assignments: list[tuple[Job, AgentSession]] = []
+        self.taken: dict[str, int] = {}
+        self.unmatched = 0
+
+    def add(self, queued: list[Job]) -> None:
+        for job in queued:
+            if not self.idle:
+                return
+            index = next((i for i, s in enumerate(self.idle) if s.can_run(job)), None)
+            if index is None:
+                self.unmatched += 1  # no idle agent offers its labels or runtime: `jobs show` says why
+                continue
+            session = self.idle.pop(index)
+            self.assignments.append((job, session))
+            agent_id = session.identity.agent_id
+            self.taken[agent_id] = self.taken.get(agent_id, 0) + 1
+            if session.free_slots > self.taken[agent_id]:
+                self.idle.append(session)
