@@ -159,7 +159,7 @@ async def test_both_daemons_are_scraped_after_a_job(tmp_path: Path) -> None:
         assert sample(served, "testhide_agents_enrollments_total", outcome="enrolled") == 1
         assert sample(served, "testhide_server_certificate_expiry_seconds") > 0
         assert sample(served, "testhide_ca_certificate_expiry_seconds") > 0
-        assert sample(served, "testhide_store_call_seconds_count", call="create_job") == 1
+        assert sample(served, "testhide_store_call_seconds_count", call="create_jobs") == 1
         assert sample(served, "testhide_store_call_seconds_count", call="assign_jobs") >= 1
         assert sample(served, "testhide_auth_failures_total", port="api") == 0
 
@@ -253,7 +253,7 @@ async def test_a_queued_job_shows_in_the_queue_on_postgresql(tmp_path: Path, pg_
         assert sample(served, "testhide_queue_depth", **pool) == 1
         assert sample(served, "testhide_jobs", status="QUEUED", **pool) == 1
         assert sample(served, "testhide_queue_oldest_job_age_seconds", **pool) > 0
-        assert sample(served, "testhide_store_call_seconds_count", call="create_job") == 1
+        assert sample(served, "testhide_store_call_seconds_count", call="create_jobs") == 1
         assert sample(served, "testhide_agents_connected", **pool) == 0  # a pool with jobs, no agent
 
 
