@@ -135,9 +135,8 @@ class ControlPlane:
         secrets = SecretVault(store, master)
         logs = LogBook(store, master)
         leases = Leases(store, master, scheduler, logs, self.config.job_lease)
-        # Countersigns jobs' statements; its first key is made on the first serve.
+        # Countersigns jobs' statements; its first key is made when first needed (a job's end, an export).
         self.statement_keys = statement_keys = StatementKeys(store, master, lambda: certs.current.active_ca)
-        await statement_keys.current()
         statements = StatementRecorder(
             store, statement_keys, lambda: certs.current.trusted, auditor, spec_digest_of
         )
