@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import shlex
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +38,7 @@ from testhide.cli.output import (
     secrets_table,
     timestamp,
 )
-from testhide.common.durations import parse_duration
+from testhide.common.since import Since
 
 # gRPC and the generated messages (cli/wire.py) are imported by the commands
 # that talk to the control plane, not for `testhide --help` or a usage error.
@@ -50,28 +50,6 @@ from testhide.cli.common import call, echo_lines, notice, pair, reconnect_window
 @click.group()
 def jobs() -> None:
     """List and inspect jobs."""
-
-
-class _Since(click.ParamType[datetime, str | datetime]):
-    """``--since``: a duration back from now (``2h``, ``3d``) or an RFC 3339 time
-    (UTC unless it has an offset)."""
-
-    name = "since"
-
-    def convert(
-        self, value: str | datetime, param: click.Parameter | None, ctx: click.Context | None
-    ) -> datetime:
-        if isinstance(value, datetime):
-            return value
-        try:
-            return datetime.now(UTC) - parse_duration(value)
-        except ValueError:
-            pass
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            self.fail(f"{value!r} is neither a duration (2h, 3d) nor an RFC 3339 time", param, ctx)
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 _STATUSES = [s.value for s in JobStatus if s != JobStatus.UNSPECIFIED]
@@ -90,7 +68,7 @@ _STATUSES = [s.value for s in JobStatus if s != JobStatus.UNSPECIFIED]
 )
 @click.option("--pool", default="", help="Only jobs of this pool.")
 @click.option(
-    "--since", type=_Since(), default=None, help="Only jobs created since: 2h, 3d or an RFC 3339 time."
+    "--since", type=Since(), default=None, help="Only jobs created since: 2h, 3d or an RFC 3339 time."
 )
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True, help="Jobs per page.")
 @click.option("--page-token", default="", help="Start at this page (printed after the previous one).")
