@@ -18,6 +18,7 @@ from typing import Protocol
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from testhide.common.identity import AgentIdentity, IdentityError
@@ -127,7 +128,7 @@ def signer_mismatch(
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(ca)
-    except Exception:
+    except (ValueError, TypeError, InvalidSignature):  # another issuer, another key type, a bad signature
         return False
     return True
 
