@@ -89,11 +89,12 @@ NOTES: dict[str, str] = {
     ),
     "scheduler_throughput": (
         "Run of 2026-12-01 12:00 (commit 0815765): 4.56 ms a job, 218 jobs/s, submit-to-completion p50 9 s:"
-        " the queue backed up (Submit had become cheaper than dispatch) and every dispatch round then read "
-        "a window of at least 64 queued jobs to assign the one or two agents that had just freed up. Fixed "
-        "after that "
-        "run (ff32e0e): a round reads about twice its free slots and looks further only when the head of the "
-        "queue holds jobs no idle agent can take; not yet measured in a full run. "
+        " the queue backed up (Submit had become cheaper than dispatch), and every dispatch round read a "
+        "window of at least 64 queued jobs to assign the one or two agents just freed. Changed after that "
+        "run (ff32e0e: a round reads about twice its free slots, further only when the head holds jobs no "
+        "idle agent can take), but a scheduler-only run after it (13:11, idle machine) still gave "
+        "4.14 ms a job, 243 jobs/s, p50 7.7 s: the window was not the cause, or not the only one; "
+        "not found yet. "
         "Not met on this 2-core machine, which also runs the 1,000 agents and the submitter; the control "
         "plane's own cost is details.cpu_ms_per_job.control_plane (target <= 1.0 ms, i.e. >= 1,000 jobs/s a "
         "core: details.control_plane_jobs_per_cpu_s). Two rounds of work for issue 17, each measured turn "
