@@ -112,6 +112,7 @@ JOB: dict[str, Any] = {
     },
     "fetch": {
         "cache": "miss",
+        "running": False,
         "exit_code": 0,
         "duration_s": 12.5,
         "requests": [
@@ -196,9 +197,10 @@ _JOB_FIELDS = {
     "spec": "what was asked for; `timeout_s` in seconds",
     "agent": "the agent that took the job, as known when it was read",
     "isolation": "what Docker applied to the job's container, read back from the live container",
-    "fetch": 'what the fetch step did, once it ended: `cache` "hit" (restored, the step skipped), "miss" '
-    'or "none"; each request its egress proxy saw (`allowed` false: refused); `isolation`: what '
-    "Docker applied to its container (on the job's own internal network; null on a cache hit)",
+    "fetch": 'what the fetch step did: `cache` "hit" (restored, the step skipped), "miss" or "none"; '
+    "`running` true: its container started (its `isolation` is known and checked), its end not reported "
+    "(yet); each request its egress proxy saw (`allowed` false: refused); `isolation`: what Docker "
+    "applied to its container (on the job's own internal network; null on a cache hit)",
     "service_isolation": "what Docker applied to each service's container, read back once it started",
 }
 

@@ -3,9 +3,10 @@ container (on the job's own internal network, /workspace read-only, /cache writa
 and each service's (in the namespace the job's container joins, only `lo`) show in
 `testhide jobs show` and its --json as Docker applied them. A container runtime of this
 test's own attaches the fetch step's container to another internal network the test
-creates (no route out): the job ends ERROR naming the fetch step and network_mode, and
-its job step is stopped. Real control plane, agent, Docker, squid and CLI; every network
-is this test's or the agent's own internal one."""
+creates (no route out): the job ends ERROR naming the fetch step and network_mode while
+the fetch step runs, whose container is stopped then; its job step never starts. Real
+control plane, agent, Docker, squid and CLI; every network is this test's or the agent's
+own internal one."""
 
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ async def test_a_fetch_steps_container_is_shown_as_docker_applied_it(
     job_id = job_id_of(ran.stderr)
     job = await shown(cli, job_id)
     assert job["status"] == "SUCCEEDED"
+    assert (job["fetch"]["running"], job["fetch"]["exit_code"]) == (False, 0)  # its end reported
     facts = job["fetch"]["isolation"]
     assert (facts["network_mode"], facts["interfaces"]) == (job_network(job_id), ["eth0", "lo"])
     assert (facts["cap_drop"], facts["cap_add"], facts["no_new_privileges"]) == (["ALL"], [], True)
@@ -145,10 +147,10 @@ async def test_a_fetch_steps_container_on_another_network_ends_the_job_as_error(
     await allow_egress(cp, "pkgs:8080")
     began = time.monotonic()
     with capture_logs() as events:
-        # The fetch step lives long enough for its interfaces to be read; the job step would sleep on.
-        ran = await cli("run", "--image", JOB_IMAGE, "--fetch", "sleep 1", "--", "sh", "-c", "sleep 60")
+        ran = await cli("run", "--image", JOB_IMAGE, "--fetch", "sleep 60", "--", "echo", "job step ran")
     assert ran.returncode != 0
-    assert time.monotonic() - began < 50  # stopped, not run to its end
+    assert time.monotonic() - began < 50  # the fetch step stopped as it ran, not run to its end
+    assert b"job step ran" not in ran.stdout
     job_id = job_id_of(ran.stderr)
     job = await shown(cli, job_id)
     assert job["status"] == "ERROR"
@@ -157,6 +159,7 @@ async def test_a_fetch_steps_container_on_another_network_ends_the_job_as_error(
     assert job["status_reason"] == (
         f"the job's containers are not isolated as the job and its pool require: {expected}"
     )
+    assert job["fetch"]["running"] is True  # the facts came as it started; its end never did
     facts = job["fetch"]["isolation"]
     assert (facts["network_mode"], facts["interfaces"]) == (other_network, ["eth0", "lo"])
     [logged] = [e for e in events if e["event"] == "job_isolation_mismatch"]
@@ -164,3 +167,4 @@ async def test_a_fetch_steps_container_on_another_network_ends_the_job_as_error(
 
     human = await cli("jobs", "show", job_id)
     assert expected in human.stdout.decode()
+    assert "  stopped with the job before its end (cache none: no cache)" in human.stdout.decode()

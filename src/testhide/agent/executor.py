@@ -162,7 +162,8 @@ class Executor:
         """The fetch step and the services: the job step's spec. ``StepEnded`` if the job ends here."""
         if job.fetch:
             assert self._facilities is not None  # check_fetch refused the job otherwise
-            # RUNNING from here: the fetch step is part of the job (its container's facts come later).
+            # RUNNING from here: the fetch step is part of the job (its container's facts come
+            # as it starts, in a fetch report of their own).
             self._outbox.started(job.job_id, None)
             before.workspace = await self._runtime.make_workspace(spec)
             spec = await run_fetch_step(
@@ -170,7 +171,7 @@ class Executor:
                 spec,
                 before,
                 self._facilities,
-                lambda s, o: self._run_step(job, s, o),
+                lambda s, o, started: self._run_step(job, s, o, started),
                 self._note(job),
                 self._runtime.networked_runtime,
                 lambda report: self._outbox.fetched(job.job_id, report),
@@ -187,15 +188,21 @@ class Executor:
         return note
 
     async def _run_step(
-        self, job: Assignment, spec: ContainerSpec, output: OutputQueue
+        self,
+        job: Assignment,
+        spec: ContainerSpec,
+        output: OutputQueue,
+        started: Callable[[Isolation | None], None],
     ) -> tuple[Outcome, int, str, Isolation | None]:
         """A container before the job's own (the fetch step): run to its end, output
-        forwarded; what Docker applied to it read back right after its start."""
+        forwarded; what Docker applied to it read back right after its start and given
+        to ``started`` then."""
         stop = self._stop_requests[job.job_id]
         container = await self._runtime.start(spec, output)
         forwarder = asyncio.create_task(self._forward(job, output, job.fetch_secret_env.values()))
         try:
             isolation = await self._isolation(container, log.bind(job_id=job.job_id, step="fetch"))
+            started(isolation)
             outcome, exit_code, reason = await self._supervise(job, container, stop)
             await forwarder
             return outcome, exit_code, reason, isolation

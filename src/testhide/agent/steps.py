@@ -67,10 +67,14 @@ class BeforeJob:
     services: RunningServices | None = None
 
 
-Supervise = Callable[[ContainerSpec, OutputQueue], Awaitable[tuple[Outcome, int, str, Isolation | None]]]
+Supervise = Callable[
+    [ContainerSpec, OutputQueue, Callable[[Isolation | None], None]],
+    Awaitable[tuple[Outcome, int, str, Isolation | None]],
+]
 """Run a container of the job to its end, its output into the job's log, within
 what is left of the job's timeout: (outcome, exit code, reason, and what Docker
-applied to it, read back right after its start; None if that could not be read)."""
+applied to it, read back right after its start, when it is also given to the
+callback; None if that could not be read)."""
 Note = Callable[[str], Awaitable[None]]
 """Write a line of testhide's own into the job's log."""
 
@@ -128,13 +132,18 @@ async def run_fetch_step(
             volumes=(*spec.volumes, VolumeMount(lease.volume, CACHE_MOUNT, read_only=False)),
         )
         await note(f"fetch step: sh -c {job.fetch!r} (egress allowed to: {', '.join(job.egress_allow)})")
-        outcome, exit_code, reason, isolation = await supervise(fetch_spec, OutputQueue())
+        cache = "miss" if job.cache else "none"
+
+        def facts_read(isolation: Isolation | None) -> None:
+            # Checked by the control plane while the step runs: a mismatch stops its container.
+            report(FetchStep(cache, 0, 0.0, isolation=isolation, running=True))
+
+        outcome, exit_code, reason, isolation = await supervise(fetch_spec, OutputQueue(), facts_read)
         requests = tuple(await session.finish())
     finally:
         await session.close()
     duration_s = time.monotonic() - started
-    # The control plane holds the facts against the job's spec before the job step may run.
-    report(FetchStep("miss" if job.cache else "none", exit_code, duration_s, requests, isolation))
+    report(FetchStep(cache, exit_code, duration_s, requests, isolation))
     refused = sum(1 for r in requests if not r.allowed)
     await note(
         f"fetch step ended with exit code {exit_code} after {duration_s:.1f} s:"

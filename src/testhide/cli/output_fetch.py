@@ -8,7 +8,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from testhide.cli.model import EgressRequest, FetchStep, Job, JobSpec, Service
+from testhide.cli.model import EgressRequest, FetchStep, Job, JobSpec, JobStatus, Service
 from testhide.cli.output import isolation_json, timestamp
 
 # JSON ---------------------------------------------------------------------------------------
@@ -39,6 +39,7 @@ def fetch_json(fetch: FetchStep | None) -> dict[str, Any] | None:
         return None
     return {
         "cache": fetch.cache,
+        "running": fetch.running,
         "exit_code": fetch.exit_code,
         "duration_s": fetch.duration_s,
         "requests": [_request_json(r) for r in fetch.requests],
@@ -96,6 +97,10 @@ def fetch_step_lines(job: Job) -> list[str]:
     if fetch is None:
         return ["fetch step: - (not run yet)"] if job.spec.fetch else []
     cache = _CACHE.get(fetch.cache, fetch.cache or "-")
+    if fetch.running:  # its container started; no report of its end (yet)
+        live = job.status in (JobStatus.ASSIGNED, JobStatus.RUNNING)
+        state = "running" if live else "stopped with the job before its end"
+        return ["fetch step:", f"  {state} (cache {fetch.cache or '-'}: {cache})"]
     lines = [
         "fetch step:",
         f"  cache {fetch.cache or '-'} ({cache}), exit code {fetch.exit_code}, {fetch.duration_s:.1f}s",

@@ -259,6 +259,7 @@ def fetch_from_pb(fetch: jobs_pb2.FetchStep) -> FetchStep:
             for r in fetch.requests
         ),
         isolation=isolation_from_pb(fetch.isolation) if fetch.HasField("isolation") else None,
+        running=fetch.running,
     )
 
 

@@ -40,7 +40,8 @@ class EgressRequest:
 
 @dataclass(frozen=True)
 class FetchStep:
-    """What the fetch step did, reported by the agent before the job step starts."""
+    """What the fetch step did, reported by the agent as its container starts and again
+    at its end, before the job step starts."""
 
     cache: str
     """``hit`` (restored, the fetch step skipped), ``miss`` (fetched, then kept) or ``none``."""
@@ -51,3 +52,7 @@ class FetchStep:
     isolation: Isolation | None = None
     """What Docker applied to the fetch step's container, read back right after its start;
     None on a cache hit (no container) or when it could not be read."""
+    running: bool = False
+    """True in the report sent as the fetch step's container starts: its isolation facts,
+    for the control plane to check while it runs (a mismatch stops it); ``exit_code``,
+    ``duration_s`` and ``requests`` come with the step's end, in a later report."""

@@ -85,6 +85,7 @@ def fetch_to_pb(fetch: FetchStep) -> jobs_pb2.FetchStep:
         cache=fetch.cache,
         exit_code=fetch.exit_code,
         requests=[_egress_record_to_pb(r) for r in fetch.requests],
+        running=fetch.running,
     )
     message.duration.FromTimedelta(timedelta(seconds=fetch.duration_s))
     if fetch.isolation is not None:

@@ -449,18 +449,19 @@ class JobService:
         await self._report_one(session, report)
 
     async def on_fetched(self, session: AgentSession, job_id: str, epoch: int, fetch: FetchStep) -> None:
-        """What the job's fetch step did (or that its cache was restored), from its holder only."""
+        """What the job's fetch step did (or that its cache was restored), from its holder
+        only; reported first as its container starts, with the facts checked then."""
         identity = session.identity
         await self._store.record_fetch(identity.org, job_id, identity.agent_id, epoch, fetch)
         log.info(
-            "job_fetched",
+            "job_fetch_started" if fetch.running else "job_fetched",
             job_id=job_id,
             cache=fetch.cache,
             exit_code=fetch.exit_code,
             requests=len(fetch.requests),
             refused=sum(1 for r in fetch.requests if not r.allowed),
         )
-        if fetch.isolation is not None:  # checked before the job step may run (isolation_guard.py)
+        if fetch.isolation is not None:  # checked as the step runs (isolation_guard.py)
             job = await self.leased(identity, job_id, epoch)
             if (ended := await self._isolation.enforce_fetch(session, job, fetch.isolation)) is not None:
                 if self._metrics is not None:

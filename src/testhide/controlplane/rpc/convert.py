@@ -194,6 +194,7 @@ def fetch_to_pb(fetch: FetchStep) -> jobs_pb2.FetchStep:
             )
             for r in fetch.requests
         ],
+        running=fetch.running,
     )
     pb.duration.FromTimedelta(timedelta(seconds=fetch.duration_s))
     if fetch.isolation is not None:
@@ -216,6 +217,7 @@ def fetch_from_pb(f: jobs_pb2.FetchStep) -> FetchStep:
         duration_s=min(max(0.0, seconds), MAX_TIMEOUT.total_seconds()),
         requests=tuple(_egress_request_from_pb(r) for r in f.requests[:MAX_FETCH_REQUESTS]),
         isolation=isolation_from_pb(f.isolation) if f.HasField("isolation") else None,
+        running=f.running,
     )
 
 

@@ -376,12 +376,17 @@ class FetchStep(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     REQUESTS_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
     cache: _builtins.str
     """"hit" (restored, the fetch step skipped), "miss" (fetched, then kept), or
     "none" (the job names no cache).
     """
     exit_code: _builtins.int
     """The fetch command's exit code; 0 on a cache hit."""
+    running: _builtins.bool
+    """Set in the report an agent sends as the fetch step's container starts (its isolation
+    facts, checked while it runs); the step's outcome comes in a later report, unset.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -400,10 +405,11 @@ class FetchStep(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         requests: _abc.Iterable[Global___EgressRequest] | None = ...,
         isolation: Global___Isolation | None = ...,
+        running: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "isolation", b"isolation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "duration", b"duration", "exit_code", b"exit_code", "isolation", b"isolation", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache", b"cache", "duration", b"duration", "exit_code", b"exit_code", "isolation", b"isolation", "requests", b"requests", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
