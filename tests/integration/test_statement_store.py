@@ -1,11 +1,13 @@
 """Statement-signing keys and jobs' signed statements in the store, on SQLite and PostgreSQL:
-keys kept oldest first and retired once, a job's first statement kept (a replayed result does
-not replace it) and only for a job of its organisation, read back only by that organisation,
-master-key rotation re-wrapping a key's data key so that it still signs, and a move to
-PostgreSQL with the store."""
+keys kept oldest first and retired once, the first made once however many results ask at once
+(and by two replicas at once, neither retiring the other's), a job's first statement kept (a
+replayed result does not replace it) and only for a job of its organisation, read back only by
+that organisation, master-key rotation re-wrapping a key's data key so that it still signs, and
+a move to PostgreSQL with the store."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,6 +121,28 @@ async def test_a_rotation_retires_the_key_before_and_a_running_control_plane_tak
     fresh = StatementKeys(store, master, lambda: ca)
     assert (await fresh.current()).id == record.id
     assert len(await fresh.certificates()) == 2  # the old one's still published
+
+
+async def test_the_first_key_is_made_once_for_a_batch_of_results_at_once(
+    store: Store, ca: CertificateAuthority
+) -> None:
+    """The results of one group commit ask for the key together before there is one."""
+    keys = StatementKeys(store, MasterKey.generate(), lambda: ca)
+    asked = await asyncio.gather(*(keys.current() for _ in range(20)))
+    assert len({k.id for k in asked}) == 1
+    [record] = await store.statement_keys()
+    assert (record.id, record.retired_at) == (asked[0].id, None)
+
+
+async def test_two_replicas_making_a_first_key_at_once_both_keep_a_usable_one(
+    store: Store, ca: CertificateAuthority
+) -> None:
+    master = MasterKey.generate()
+    one, two = StatementKeys(store, master, lambda: ca), StatementKeys(store, master, lambda: ca)
+    first, second = await asyncio.gather(one.current(), two.current())
+    records = {r.id: r for r in await store.statement_keys()}
+    assert {first.id, second.id} <= set(records)
+    assert all(record.retired_at is None for record in records.values())  # adding retires nothing
 
 
 async def test_statements_and_keys_move_to_postgresql(

@@ -16,6 +16,7 @@ one of ``DATA_KEY_TABLES``)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,25 +125,40 @@ class StatementKeys:
         self._records: list[StatementKeyRecord] = []
         self._current: SigningKey | None = None
         self._loaded_at = -RELOAD_S
+        self._reloading = asyncio.Lock()
 
     async def _reload(self) -> None:
-        self._records = await self._store.statement_keys()
-        self._loaded_at = time.monotonic()
-        now = self._clock()
-        found = [r for r in self._records if usable(r, now)]
-        if not found:
-            await rotate(self._store, self._ca(), self._master, now)
+        """The keys as stored, and the one to countersign with: a new one added when none is
+        usable (none yet, or the last one's time is up). Adding retires nothing: two replicas
+        that add one each at once both keep countersigning, each with a valid key."""
+        async with self._reloading:  # the many results of one batch wait for one reload
+            if self._fresh():
+                return
             self._records = await self._store.statement_keys()
+            now = self._clock()
             found = [r for r in self._records if usable(r, now)]
-        latest = found[-1]
-        if self._current is None or self._current.id != latest.id:
-            self._current = unseal_key(latest, self._master)
+            if not found:
+                record = new_statement_key(self._ca(), self._master, now)
+                await self._store.add_statement_key(record)
+                log.info("statement_key_added", key_id=record.id, reason="no usable key")
+                self._records = await self._store.statement_keys()
+                found = [r for r in self._records if usable(r, now)] or [record]
+            self._loaded_at = time.monotonic()
+            latest = found[-1]
+            if self._current is None or self._current.id != latest.id:
+                self._current = unseal_key(latest, self._master)
+
+    def _fresh(self) -> bool:
+        """Loaded within ``RELOAD_S``, with a key that still countersigns."""
+        return (
+            time.monotonic() - self._loaded_at < RELOAD_S
+            and self._current is not None
+            and self._clock() < self._current.active_until
+        )
 
     async def current(self) -> SigningKey:
         """The key that countersigns now (made if there is none, or the last one's time is up)."""
-        now = self._clock()
-        stale = time.monotonic() - self._loaded_at >= RELOAD_S
-        if stale or self._current is None or now >= self._current.active_until:
+        if not self._fresh():
             await self._reload()
         assert self._current is not None
         return self._current
