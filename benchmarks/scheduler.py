@@ -12,6 +12,7 @@ import cProfile
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,16 @@ GOAL = 1000.0
 SUBMITTERS = 64
 
 
-def _run_agents(data_dirs: list[Path], stop: Any) -> None:
+def _run_agents(data_dirs: list[Path], stop: Any, signed: bool = True) -> None:
+    from testhide.agent import executor
     from testhide.agent.config import AgentConfig
     from testhide.agent.daemon import Agent
     from testhide.agent.runtime.fake import FakeRuntime
     from testhide.common.logging import configure
 
     configure("warning")
+    if not signed:  # this process's agents make no signer: their results carry no statement
+        setattr(executor, "StatementSigner", lambda credentials: None)  # noqa: B010
     raise_fd_limit()
 
     async def main() -> None:
@@ -152,67 +156,92 @@ async def _wait_for(predicate: Callable[[], bool], within: float, what: str) -> 
         await asyncio.sleep(0.1)
 
 
-async def measure(smoke: bool, profile: Path | None = None) -> Figure:
+@dataclass
+class _FleetRun:
+    submitted: list[tuple[str, float, float]]
+    assigned: dict[str, float]
+    ended: dict[str, float]
+    cpu: dict[str, float]
+    """CPU seconds per role while the jobs ran."""
+    connected_s: float
+
+
+async def _fleet_run(
+    tmp: Path, agents: int, workers: int, count: int, signed: bool, profile: Path | None = None
+) -> _FleetRun:
+    """``count`` jobs through a fresh control plane and ``agents`` agents in ``workers``
+    processes; ``signed`` False: the agents sign no statement (the jobs as they ran before
+    statements: nothing for the control plane to check, countersign or keep)."""
+    await asyncio.to_thread(tmp.mkdir, parents=True, exist_ok=True)
+    async with control_plane(tmp, **UNLIMITED) as cp:
+        scheduler = cp.daemon.scheduler
+        assert scheduler is not None
+        issued = await issue_agents(cp, agents)
+        dirs = [save_credentials(cp, keys, tmp / "agents" / keys.agent_id) for keys in issued]
+        stop = SPAWN.Event()
+        fleet = [
+            SPAWN.Process(target=_run_agents, args=(dirs[i::workers], stop, signed), name=f"bench-agents-{i}")
+            for i in range(workers)
+        ]
+        for process in fleet:
+            process.start()
+        connect_started = time.monotonic()
+        await _wait_for(lambda: len(scheduler.sessions()) == agents, 300, "agents did not all connect")
+        connected_s = time.monotonic() - connect_started
+        assigned, ended = _record_times(cp)
+        start, out = SPAWN.Event(), SPAWN.Queue()
+        submitter = SPAWN.Process(
+            target=_submit_process,
+            name="bench-submit",
+            args=(((cp.api_target,), cp.ca_pem, await cp.bearer(), count), start, out),
+        )
+        submitter.start()
+        await asyncio.sleep(1.0)  # let the submitter import and reach the start line
+        profiler = cProfile.Profile() if profile else None
+        if profiler:
+            profiler.enable()
+        roles: dict[str, list[int | None]] = {
+            "control_plane": [None],
+            "agents": [p.pid for p in fleet],
+            "submitter": [submitter.pid],
+        }
+        cpu_before = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
+        start.set()
+        submitted = await asyncio.to_thread(out.get, True, 900)
+        await _wait_for(lambda: len(ended) >= count, 900, "jobs did not all complete")
+        cpu = {
+            role: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[role], 2)
+            for role, pids in roles.items()
+        }
+        if profiler and profile:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        stop.set()
+        for process in [submitter, *fleet]:
+            await asyncio.to_thread(process.join, 60)
+    return _FleetRun(submitted, assigned, ended, cpu, connected_s)
+
+
+def _per_job_ms(cpu: dict[str, float], count: int) -> dict[str, float]:
+    return {role: round(v * 1000 / count, 2) for role, v in cpu.items()}
+
+
+async def measure(smoke: bool, profile: Path | None = None) -> list[Figure]:
     agents, workers, count = (10, 2, 50) if smoke else (1000, 4, 5000)
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         baselines = [await store_lifecycle_rate(Path(tmp), count // 2)]
-        async with control_plane(Path(tmp), **UNLIMITED) as cp:
-            scheduler = cp.daemon.scheduler
-            assert scheduler is not None
-            dirs = [
-                save_credentials(cp, keys, Path(tmp) / "agents" / keys.agent_id)
-                for keys in await issue_agents(cp, agents)
-            ]
-            stop = SPAWN.Event()
-            fleet = [
-                SPAWN.Process(target=_run_agents, args=(dirs[i::workers], stop), name=f"bench-agents-{i}")
-                for i in range(workers)
-            ]
-            for process in fleet:
-                process.start()
-            connect_started = time.monotonic()
-            await _wait_for(lambda: len(scheduler.sessions()) == agents, 300, "agents did not all connect")
-            connected_s = time.monotonic() - connect_started
-            assigned, ended = _record_times(cp)
-            start, out = SPAWN.Event(), SPAWN.Queue()
-            submitter = SPAWN.Process(
-                target=_submit_process,
-                name="bench-submit",
-                args=(((cp.api_target,), cp.ca_pem, await cp.bearer(), count), start, out),
-            )
-            submitter.start()
-            await asyncio.sleep(1.0)  # let the submitter import and reach the start line
-            profiler = cProfile.Profile() if profile else None
-            if profiler:
-                profiler.enable()
-            roles: dict[str, list[int | None]] = {
-                "control_plane": [None],
-                "agents": [p.pid for p in fleet],
-                "submitter": [submitter.pid],
-            }
-            cpu_before = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
-            start.set()
-            submitted = await asyncio.to_thread(out.get, True, 900)
-            await _wait_for(lambda: len(ended) >= count, 900, "jobs did not all complete")
-            cpu = {
-                role: round(sum(cpu_seconds(pid) for pid in pids) - cpu_before[role], 1)
-                for role, pids in roles.items()
-            }
-            if profiler and profile:
-                profiler.disable()
-                profiler.dump_stats(profile)
-            stop.set()
-            for process in [submitter, *fleet]:
-                await asyncio.to_thread(process.join, 60)
+        run = await _fleet_run(Path(tmp) / "signed", agents, workers, count, True, profile)
+        unsigned = await _fleet_run(Path(tmp) / "unsigned", agents, workers, count, False)
         baselines.append(await store_lifecycle_rate(Path(tmp), count // 2))
+    submitted, assigned, ended, cpu = run.submitted, run.assigned, run.ended, run.cpu
     first = min(s for _, s, _ in submitted)
     latencies = [ended[job_id] - returned for job_id, _, returned in submitted]
     completed = count / (max(ended.values()) - first)
     dispatched = count / (max(assigned.values()) - min(assigned.values()))
     submit_rate = count / (max(r for _, _, r in submitted) - first)
     baseline = median(baselines)
-    return Figure(
+    throughput = Figure(
         name="scheduler_throughput",
         title="Scheduler throughput",
         value=round(completed, 1),
@@ -228,7 +257,7 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
             "agent_processes": workers,
             "jobs": count,
             "concurrent_submitters": SUBMITTERS,
-            "agents_connected_s": round(connected_s, 2),
+            "agents_connected_s": round(run.connected_s, 2),
             "submitted_per_s": round(submit_rate, 1),
             "dispatched_per_s": round(dispatched, 1),
             "completed_per_s": round(completed, 1),
@@ -236,10 +265,41 @@ async def measure(smoke: bool, profile: Path | None = None) -> Figure:
             "submit_to_completion_p99_ms": round(percentile(latencies, 99) * 1000, 1),
             "store_alone_jobs_per_s": [round(b, 1) for b in baselines],
             "cpu_seconds": cpu,
-            "cpu_ms_per_job": {role: round(v * 1000 / count, 2) for role, v in cpu.items()},
+            "cpu_ms_per_job": _per_job_ms(cpu, count),
             # Issue target: >= 1,000 (<= 1.0 ms of control-plane CPU a job).
             "control_plane_jobs_per_cpu_s": round(count / cpu["control_plane"], 1)
             if cpu["control_plane"]
             else None,
+        },
+    )
+    return [throughput, _statement_cost(run, unsigned, count)]
+
+
+def _statement_cost(signed: _FleetRun, unsigned: _FleetRun, count: int) -> Figure:
+    """What signed statements add to a job: the CPU of the control plane (check, countersign,
+    keep) and of the agents (sign), against the same jobs without them, same run."""
+    with_ms, without_ms = _per_job_ms(signed.cpu, count), _per_job_ms(unsigned.cpu, count)
+    mine = ("control_plane", "agents")
+    added = {role: round(with_ms[role] - without_ms[role], 2) for role in mine}
+    total_with = sum(with_ms[role] for role in mine)
+    total_without = sum(without_ms[role] for role in mine)
+    unsigned_completed = count / (max(unsigned.ended.values()) - min(s for _, s, _ in unsigned.submitted))
+    return Figure(
+        name="statement_cost",
+        title="Signed statements: CPU a job, control plane and agent",
+        value=round(total_with, 2),
+        unit="ms/job",
+        baseline=round(total_without, 2),
+        baseline_unit="ms/job",
+        baseline_what="the same jobs from agents that sign no statement (nothing to check or countersign)",
+        ratio=round(total_with / total_without, 3),
+        goal="reported (issue 18: the added time per job, signing and checking)",
+        met=None,
+        details={
+            "jobs": count,
+            "cpu_ms_per_job_signed": with_ms,
+            "cpu_ms_per_job_unsigned": without_ms,
+            "added_cpu_ms_per_job": added,
+            "completed_per_s_unsigned": round(unsigned_completed, 1),
         },
     )

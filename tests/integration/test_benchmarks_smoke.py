@@ -20,6 +20,7 @@ FIGURES = {
     "log_throughput",
     "log_throughput_eight",
     "scheduler_throughput",
+    "statement_cost",
     "controlplane_memory",
     "agent_memory",
     "certificate_signing",
@@ -74,6 +75,8 @@ async def test_whole_suite_smoke(tmp_path: Path) -> None:
     assert renewal["with_handshakes_s"] > renewal["all_renewed_s"]
     assert figures["login_flood_health_p99"]["details"]["logins_answered"]
     assert figures["scheduler_throughput"]["details"]["submit_to_completion_p99_ms"] > 0
+    statements = figures["statement_cost"]["details"]
+    assert set(statements["added_cpu_ms_per_job"]) == {"control_plane", "agents"}
     assert (
         figures["controlplane_memory"]["details"]["streams_held"]
         == figures["controlplane_memory"]["details"]["streams"]

@@ -68,8 +68,9 @@ async def test_the_first_statement_of_a_job_stays(store: Store, ca: CertificateA
     key = new_statement_key(ca, master, NOW)
     await store.add_statement_key(key)
     await store.create_job(make_job("j1"), b"wrapped")
-    assert await store.add_job_statement(kept("j1", b'{"first":1}', key=key.id))
-    assert not await store.add_job_statement(kept("j1", b'{"replayed":1}'))
+    first, replayed = kept("j1", b'{"first":1}', key=key.id), kept("j1", b'{"replayed":1}')
+    assert await store.add_job_statements([first, replayed]) == [True, False]  # one transaction
+    assert await store.add_job_statements([replayed]) == [False]
     found = await store.job_statement("acme", "j1")
     assert found is not None
     assert (found.payload, found.countersignature, found.signing_key_id) == (
@@ -82,10 +83,9 @@ async def test_the_first_statement_of_a_job_stays(store: Store, ca: CertificateA
 
 async def test_a_statement_for_another_organisations_job_is_not_kept(store: Store) -> None:
     await store.create_job(make_job("j1"), b"wrapped")
-    assert not await store.add_job_statement(kept("j1", org="other"))
-    assert await store.job_statement("other", "j1") is None
     mismatched = JobStatementRecord("j1", "acme", b"{}", b"s", b"c", NOW, mismatch="exit_code: differs")
-    assert await store.add_job_statement(mismatched)
+    assert await store.add_job_statements([kept("j1", org="other"), mismatched]) == [False, True]
+    assert await store.job_statement("other", "j1") is None
     found = await store.job_statement("acme", "j1")
     assert found is not None
     assert found.countersignature is None
@@ -123,6 +123,31 @@ async def test_a_rotation_retires_the_key_before_and_a_running_control_plane_tak
     assert len(await fresh.certificates()) == 2  # the old one's still published
 
 
+async def test_the_files_of_a_batch_of_jobs_are_read_at_once_within_the_organisation(store: Store) -> None:
+    for job_id, org in (("j1", "acme"), ("j2", "acme"), ("j3", "other")):
+        await store.create_job(make_job(job_id, org), b"wrapped")
+    for n, (org, job_id, kind, path, complete) in enumerate(
+        [
+            ("acme", "j1", "artifact", "b.txt", True),
+            ("acme", "j1", "artifact", "a.txt", True),
+            ("acme", "j1", "junit", "report.xml", True),
+            ("acme", "j1", "workspace", "ws.tar", True),  # not asked for
+            ("acme", "j2", "service_log", "services/db.log", True),
+            ("acme", "j2", "artifact", "partial.bin", False),  # never completed
+            ("other", "j3", "artifact", "theirs.txt", True),
+        ]
+    ):
+        blob_id = f"b{n}"
+        await store.create_blob(blob_id, org, kind, job_id, path, b"key", NOW)
+        if complete:
+            await store.complete_blob(blob_id, n, f"{n:064x}")
+    found = await store.jobs_blobs("acme", ["j1", "j2", "j3"], ("artifact", "junit", "service_log"))
+    assert {job_id: [(b.kind, b.path) for b in blobs] for job_id, blobs in found.items()} == {
+        "j1": [("artifact", "a.txt"), ("artifact", "b.txt"), ("junit", "report.xml")],
+        "j2": [("service_log", "services/db.log")],
+    }
+
+
 async def test_the_first_key_is_made_once_for_a_batch_of_results_at_once(
     store: Store, ca: CertificateAuthority
 ) -> None:
@@ -155,7 +180,7 @@ async def test_statements_and_keys_move_to_postgresql(
         key = new_statement_key(ca, master, NOW)
         await sqlite.add_statement_key(key)
         await sqlite.create_job(make_job("j1"), b"wrapped")
-        await sqlite.add_job_statement(kept("j1", key=key.id))
+        await sqlite.add_job_statements([kept("j1", key=key.id)])
     finally:
         await sqlite.close()
     snapshot, postgres = await SqliteSnapshot.open(tmp_path / "testhide.db"), await PgStore.open(pg_url)

@@ -274,6 +274,15 @@ class MemoryJobs:
     async def list_blobs(self, org: str, job_id: str, kind: str) -> list[BlobInfo]:
         return [i for i, _ in self.blobs.values() if (i.org, i.job_id, i.kind) == (org, job_id, kind)]
 
+    async def jobs_blobs(
+        self, org: str, job_ids: Sequence[str], kinds: Sequence[str]
+    ) -> dict[str, list[BlobInfo]]:
+        found: dict[str, list[BlobInfo]] = {}
+        for info, _ in sorted(self.blobs.values(), key=lambda blob: blob[0].path):
+            if info.org == org and info.job_id is not None and info.job_id in job_ids and info.kind in kinds:
+                found.setdefault(info.job_id, []).append(info)
+        return found
+
 
 class MemorySecrets:
     """``SecretStore``: (org, name) -> (wrapped data key, sealed value, set at)."""

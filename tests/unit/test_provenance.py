@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -89,9 +90,10 @@ class Store:
     async def retire_statement_key(self, key_id: str, at: datetime) -> bool:
         raise AssertionError("no rotation here")
 
-    async def add_job_statement(self, record: JobStatementRecord) -> bool:
-        self.statements[record.org, record.job_id] = record
-        return True
+    async def add_job_statements(self, records: Sequence[JobStatementRecord]) -> list[bool]:
+        for record in records:
+            self.statements[record.org, record.job_id] = record
+        return [True] * len(records)
 
     async def get_job(self, org: str, job_id: str) -> Job | None:
         return self.jobs.get((org, job_id))
@@ -148,18 +150,20 @@ class ControlPlane:
         payload = statement.encode()
         key = await self.keys.current()
         self.store.jobs["acme", "j1"] = Job("j1", "acme", spec, JobStatus.SUCCEEDED, NOW, exit_code=0)
-        await self.store.add_job_statement(
-            JobStatementRecord(
-                "j1",
-                "acme",
-                payload,
-                sign(self.agent_key, payload),
-                self.agent_cert,
-                NOW,
-                key.countersign(payload) if countersigned else None,
-                key.id if countersigned else None,
-                "" if countersigned else "exit_code: the statement says 1, the control plane stored 0",
-            )
+        await self.store.add_job_statements(
+            [
+                JobStatementRecord(
+                    "j1",
+                    "acme",
+                    payload,
+                    sign(self.agent_key, payload),
+                    self.agent_cert,
+                    NOW,
+                    key.countersign(payload) if countersigned else None,
+                    key.id if countersigned else None,
+                    "" if countersigned else "exit_code: the statement says 1, the control plane stored 0",
+                )
+            ]
         )
         return payload
 

@@ -138,8 +138,8 @@ class Recorder:
     def __init__(self, events: list[str]) -> None:
         self.events = events
 
-    async def record(self, report: JobReport, job: Job) -> None:
-        self.events.append(f"statement {job.id}")
+    async def record(self, signed: list[tuple[JobReport, Job]]) -> None:
+        self.events.extend(f"statement {job.id}" for _, job in signed)
 
 
 async def test_statements_are_recorded_after_the_commit_and_before_the_caller_hears() -> None:
@@ -149,12 +149,13 @@ async def test_statements_are_recorded_after_the_commit_and_before_the_caller_he
     reports = [
         JobReport("acme", "a1", "j1", 2, JobStatus.FAILED, exit_code=3, statement=signed),
         JobReport("acme", "a1", "j2", 2, JobStatus.FAILED, exit_code=3),  # an older agent: none
+        JobReport("acme", "a1", "j3", 2, JobStatus.FAILED, exit_code=3, statement=signed),
         JobReport("acme", "a1", "stale", 2, JobStatus.FAILED, exit_code=3, statement=signed),  # refused
     ]
     outcomes = await committer.report(reports)
     events.append("heard")
-    assert events == ["commit", "statement j1", "heard"]
-    assert isinstance(outcomes[2], NotHeld)
+    assert events == ["commit", "statement j1", "statement j3", "heard"]  # one call, for the batch
+    assert isinstance(outcomes[3], NotHeld)
 
 
 class Audit:
@@ -166,7 +167,10 @@ class Audit:
 
 
 class KeepNothing:
-    async def add_job_statement(self, record: object) -> bool:
+    async def jobs_blobs(self, *args: object) -> dict[str, list[BlobInfo]]:
+        raise AssertionError("an oversized statement is not checked")
+
+    async def add_job_statements(self, records: object) -> list[bool]:
         raise AssertionError("an oversized statement is not kept")
 
 
@@ -174,7 +178,9 @@ async def test_an_oversized_statement_is_not_kept_but_audited() -> None:
     audit = Audit()
     recorder = StatementRecorder(KeepNothing(), None, tuple, audit, lambda spec: "")  # type: ignore[arg-type]
     huge = SubmittedStatement(b"x" * (MAX_STATEMENT_BYTES + 1), b"sig", b"cert")
-    await recorder.record(JobReport("acme", "a1", "j1", 2, JobStatus.FAILED, statement=huge), stored_job())
+    await recorder.record(
+        [(JobReport("acme", "a1", "j1", 2, JobStatus.FAILED, statement=huge), stored_job())]
+    )
     [(action, actor, details)] = audit.entries
     assert (action, actor, details["target"], details["field"]) == (
         "statement_mismatch",

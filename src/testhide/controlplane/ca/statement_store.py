@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -53,9 +54,10 @@ class StatementStore(Protocol):
         """Retire a key not retired yet; whether it was."""
         ...
 
-    async def add_job_statement(self, record: JobStatementRecord) -> bool:
-        """Keep a job's statement; the first one kept stays (an agent replaying its result
-        sends it again). Whether this one was kept."""
+    async def add_job_statements(self, records: Sequence[JobStatementRecord]) -> list[bool]:
+        """Keep jobs' statements, in one transaction; a job's first one kept stays (an agent
+        replaying its result sends it again), and only for a job of the record's organisation.
+        Whether each one was kept, in order."""
         ...
 
     async def job_statement(self, org: str, job_id: str) -> JobStatementRecord | None: ...

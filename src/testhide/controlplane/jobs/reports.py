@@ -93,7 +93,7 @@ class ReportCommitter:
             if report.statement is not None and not isinstance(outcome, ControlPlaneError)
         ]
         if signed:
-            await asyncio.gather(*(self._statements.record(report, job) for report, job in signed))
+            await self._statements.record(signed)
 
 
 def _fail(future: asyncio.Future[Outcome], exc: BaseException) -> None:

@@ -32,7 +32,14 @@ from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.ca.statement_keys import StatementKeys
 from testhide.controlplane.ca.statement_store import JobStatementRecord, StatementStore
 from testhide.controlplane.errors import FailedPrecondition, NotFound
-from testhide.controlplane.jobs.model import BlobInfo, Job, JobReport, JobSpec, JobStatus
+from testhide.controlplane.jobs.model import (
+    BlobInfo,
+    Job,
+    JobReport,
+    JobSpec,
+    JobStatus,
+    SubmittedStatement,
+)
 
 log = structlog.get_logger("testhide.statements")
 
@@ -44,7 +51,9 @@ MAX_STATEMENT_BYTES = 1024 * 1024
 
 
 class StatementCheckStore(StatementStore, Protocol):
-    async def list_blobs(self, org: str, job_id: str, kind: str) -> list[BlobInfo]: ...
+    async def jobs_blobs(
+        self, org: str, job_ids: Sequence[str], kinds: Sequence[str]
+    ) -> dict[str, list[BlobInfo]]: ...
     async def get_job(self, org: str, job_id: str) -> Job | None: ...
 
 
@@ -181,40 +190,67 @@ class StatementRecorder:
         self._spec_digest = spec_digest
         self._certificates = AgentCertificates()
 
-    async def record(self, report: JobReport, job: Job) -> None:
-        """Check, countersign if it agrees, keep; never raises (the result is already recorded)."""
-        submitted = report.statement
-        if submitted is None:
-            return
-        size = len(submitted.payload) + len(submitted.signature) + len(submitted.certificate_der)
-        if size > MAX_STATEMENT_BYTES:
-            log.warning("job_statement_refused", job_id=job.id, agent_id=report.agent_id, size=size)
-            await self._audit_mismatch(report, job, f"statement: {size} bytes, over {MAX_STATEMENT_BYTES}")
+    async def record(self, signed: Sequence[tuple[JobReport, Job]]) -> None:
+        """Check each result's statement (``signed``: the results just committed, with their
+        jobs as stored), countersign those that agree, keep them all in one transaction;
+        never raises (the results are already recorded)."""
+        sized: list[tuple[JobReport, Job, SubmittedStatement]] = []
+        for report, job in signed:
+            if (submitted := report.statement) is None:
+                continue
+            size = len(submitted.payload) + len(submitted.signature) + len(submitted.certificate_der)
+            if size > MAX_STATEMENT_BYTES:
+                log.warning("job_statement_refused", job_id=job.id, agent_id=report.agent_id, size=size)
+                await self._audit_mismatch(
+                    report, job, f"statement: {size} bytes, over {MAX_STATEMENT_BYTES}"
+                )
+                continue
+            sized.append((report, job, submitted))
+        if not sized:
             return
         try:
-            mismatch = await self._check(report, job)
-            countersignature = key_id = None
-            if not mismatch:
-                key = await self._keys.current()
-                countersignature, key_id = key.countersign(submitted.payload), key.id
-            record = JobStatementRecord(
-                job.id,
-                job.org,
-                submitted.payload,
-                submitted.signature,
-                submitted.certificate_der,
-                datetime.now(UTC),
-                countersignature,
-                key_id,
-                mismatch,
-            )
-            kept = await self._store.add_job_statement(record)
+            files: dict[str, list[BlobInfo]] = {}
+            for org in {job.org for _, job, _ in sized}:
+                ids = [job.id for _, job, _ in sized if job.org == org]
+                files.update(await self._store.jobs_blobs(org, ids, ("junit", *FILE_KINDS)))
+            records = [
+                await self._checked(report, job, submitted, files.get(job.id, []))
+                for report, job, submitted in sized
+            ]
+            kept = await self._store.add_job_statements(records)
         except Exception as exc:
-            log.error("job_statement_not_recorded", job_id=job.id, error=repr(exc))
+            log.error("job_statements_not_recorded", job_ids=[job.id for _, job, _ in sized], error=repr(exc))
             return
-        if kept and mismatch:
-            log.warning("job_statement_mismatch", job_id=job.id, agent_id=report.agent_id, mismatch=mismatch)
-            await self._audit_mismatch(report, job, mismatch)
+        for (report, job, _), record, was_kept in zip(sized, records, kept, strict=True):
+            if was_kept and record.mismatch:
+                log.warning(
+                    "job_statement_mismatch",
+                    job_id=job.id,
+                    agent_id=report.agent_id,
+                    mismatch=record.mismatch,
+                )
+                await self._audit_mismatch(report, job, record.mismatch)
+
+    async def _checked(
+        self, report: JobReport, job: Job, submitted: SubmittedStatement, files: list[BlobInfo]
+    ) -> JobStatementRecord:
+        """The statement as kept: countersigned if it agrees with the stored job."""
+        mismatch = self._check(report, job, submitted, files)
+        countersignature = key_id = None
+        if not mismatch:
+            key = await self._keys.current()
+            countersignature, key_id = key.countersign(submitted.payload), key.id
+        return JobStatementRecord(
+            job.id,
+            job.org,
+            submitted.payload,
+            submitted.signature,
+            submitted.certificate_der,
+            datetime.now(UTC),
+            countersignature,
+            key_id,
+            mismatch,
+        )
 
     async def _audit_mismatch(self, report: JobReport, job: Job, mismatch: str) -> None:
         try:
@@ -229,9 +265,9 @@ class StatementRecorder:
         except Exception as exc:  # the result is recorded already: this must not undo its acknowledgement
             log.error("statement_mismatch_not_audited", job_id=job.id, error=repr(exc))
 
-    async def _check(self, report: JobReport, job: Job) -> str:
-        submitted = report.statement
-        assert submitted is not None
+    def _check(
+        self, report: JobReport, job: Job, submitted: SubmittedStatement, files: list[BlobInfo]
+    ) -> str:
         try:
             statement = Statement.decode(submitted.payload)
         except StatementError as exc:
@@ -247,9 +283,9 @@ class StatementRecorder:
         )
         if found:
             return found
-        junit = await self._store.list_blobs(job.org, job.id, "junit")
-        files = [b for kind in FILE_KINDS for b in await self._store.list_blobs(job.org, job.id, kind)]
-        return field_mismatch(statement, job, self._spec_digest(job.spec), junit, files)
+        junit = [b for b in files if b.kind == "junit"]
+        uploaded = [b for b in files if b.kind in FILE_KINDS]
+        return field_mismatch(statement, job, self._spec_digest(job.spec), junit, uploaded)
 
     async def evidence(self, org: str, job_id: str) -> Evidence:
         """The organisation's job's statement (NotFound for a job it does not have)."""

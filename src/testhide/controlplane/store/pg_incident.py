@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from testhide.controlplane.jobs.model import BlobInfo
 from testhide.controlplane.store.base import AgentRecord
 from testhide.controlplane.store.incident import (
     CERTIFICATE_EVENTS,
@@ -19,6 +18,7 @@ from testhide.controlplane.store.incident import (
 )
 from testhide.controlplane.store.pg_agents import PgAgents
 from testhide.controlplane.store.pg_common import PgConnection, PgParts
+from testhide.controlplane.store.pg_job_files import jobs_blobs
 from testhide.controlplane.store.pg_jobs import PgJobData
 from testhide.controlplane.store.sqlite_incident import summary
 
@@ -72,7 +72,7 @@ class PgIncident(PgParts):
                     ids,
                 )
             }
-            artifacts = await _artifacts(c, org, ids)
+            artifacts = await jobs_blobs(c, org, ids, ("artifact",))
             tests = await _tests(c, ids)
             jobs = await PgJobData._jobs(c, rows)
             return [
@@ -87,20 +87,6 @@ class PgIncident(PgParts):
             ]
 
         return await self._tx(run)
-
-
-async def _artifacts(c: PgConnection, org: str, ids: list[str]) -> dict[str, list[BlobInfo]]:
-    found: dict[str, list[BlobInfo]] = {}
-    for r in await c.fetch(
-        "SELECT * FROM blobs WHERE org = $1 AND kind = 'artifact' AND complete = 1"
-        ' AND job_id = ANY($2::text[]) ORDER BY job_id, path COLLATE "C"',
-        org,
-        ids,
-    ):
-        found.setdefault(r["job_id"], []).append(
-            BlobInfo(r["id"], r["org"], r["kind"], r["job_id"], r["path"], r["size"], r["sha256"])
-        )
-    return found
 
 
 async def _tests(c: PgConnection, ids: list[str]) -> dict[str, TestSummary]:

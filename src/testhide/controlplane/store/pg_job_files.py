@@ -3,6 +3,7 @@ store: mixed into PgStore."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from testhide.controlplane.errors import NotFound
@@ -103,6 +104,14 @@ class PgJobFiles(PgParts):
             kind,
         )
         return [self._blob(r) for r in rows]
+
+    async def jobs_blobs(
+        self, org: str, job_ids: Sequence[str], kinds: Sequence[str]
+    ) -> dict[str, list[BlobInfo]]:
+        async def run(c: PgConnection) -> dict[str, list[BlobInfo]]:
+            return await jobs_blobs(c, org, list(job_ids), kinds)
+
+        return await self._tx(run)
 
     async def blob_chunk(self, blob_id: str, index: int) -> bytes | None:
         rows = await self._fetch(
@@ -226,3 +235,19 @@ class PgJobFiles(PgParts):
             return cases, rejected
 
         return await self._snapshot(run)
+
+
+async def jobs_blobs(
+    c: PgConnection, org: str, job_ids: list[str], kinds: Sequence[str]
+) -> dict[str, list[BlobInfo]]:
+    """The complete blobs of ``kinds`` of the organisation's jobs, by job id, in path order."""
+    found: dict[str, list[BlobInfo]] = {}
+    for r in await c.fetch(
+        "SELECT * FROM blobs WHERE org = $1 AND complete = 1 AND kind = ANY($2::text[])"
+        ' AND job_id = ANY($3::text[]) ORDER BY job_id, path COLLATE "C"',
+        org,
+        list(kinds),
+        job_ids,
+    ):
+        found.setdefault(r["job_id"], []).append(PgJobFiles._blob(r))
+    return found

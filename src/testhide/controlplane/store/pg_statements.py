@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from testhide.controlplane.ca.statement_store import JobStatementRecord, StatementKeyRecord
@@ -55,24 +56,27 @@ class PgStatements(PgParts):
 
         return await self._tx(run)
 
-    async def add_job_statement(self, record: JobStatementRecord) -> bool:
-        async def run(c: PgConnection) -> bool:
-            changed = await c.execute(
-                "INSERT INTO job_statements (job_id, org, payload, agent_signature, agent_certificate,"
-                " countersignature, signing_key_id, mismatch, recorded_at)"
-                " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE EXISTS"
-                " (SELECT 1 FROM jobs WHERE id = $1 AND org = $2) ON CONFLICT (job_id) DO NOTHING",
-                record.job_id,
-                record.org,
-                record.payload,
-                record.agent_signature,
-                record.agent_certificate,
-                record.countersignature,
-                record.signing_key_id,
-                record.mismatch,
-                record.recorded_at,
-            )
-            return bool(changed == 1)
+    async def add_job_statements(self, records: Sequence[JobStatementRecord]) -> list[bool]:
+        async def run(c: PgConnection) -> list[bool]:
+            kept = []
+            for record in records:
+                changed = await c.execute(
+                    "INSERT INTO job_statements (job_id, org, payload, agent_signature, agent_certificate,"
+                    " countersignature, signing_key_id, mismatch, recorded_at)"
+                    " SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE EXISTS"
+                    " (SELECT 1 FROM jobs WHERE id = $1 AND org = $2) ON CONFLICT (job_id) DO NOTHING",
+                    record.job_id,
+                    record.org,
+                    record.payload,
+                    record.agent_signature,
+                    record.agent_certificate,
+                    record.countersignature,
+                    record.signing_key_id,
+                    record.mismatch,
+                    record.recorded_at,
+                )
+                kept.append(bool(changed == 1))
+            return kept
 
         return await self._tx(run)
 

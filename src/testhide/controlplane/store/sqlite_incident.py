@@ -7,7 +7,7 @@ import json
 import sqlite3
 from datetime import UTC, datetime
 
-from testhide.controlplane.jobs.model import BlobInfo, TestStatus
+from testhide.controlplane.jobs.model import TestStatus
 from testhide.controlplane.store.base import AgentRecord
 from testhide.controlplane.store.incident import (
     CERTIFICATE_EVENTS,
@@ -20,6 +20,7 @@ from testhide.controlplane.store.incident import (
 )
 from testhide.controlplane.store.sqlite_agents import SqliteAgents
 from testhide.controlplane.store.sqlite_common import SqliteParts, _dt, _ts
+from testhide.controlplane.store.sqlite_job_files import jobs_blobs
 from testhide.controlplane.store.sqlite_jobs import SqliteJobData
 
 # The jobs it holds or held, and those handed to it and taken back. The literal 'ASSIGNED' (not
@@ -68,7 +69,7 @@ class SqliteIncident(SqliteParts):
                     (reason, ids),
                 )
             }
-            artifacts = _artifacts(c, org, ids)
+            artifacts = jobs_blobs(c, org, ids, ("artifact",))
             tests = _tests(c, ids)
             return [
                 AgentJob(
@@ -82,19 +83,6 @@ class SqliteIncident(SqliteParts):
             ]
 
         return await self._tx(run, write=False)
-
-
-def _artifacts(c: sqlite3.Connection, org: str, ids: str) -> dict[str, list[BlobInfo]]:
-    found: dict[str, list[BlobInfo]] = {}
-    for r in c.execute(
-        "SELECT * FROM blobs WHERE org = ? AND kind = 'artifact' AND complete = 1"
-        " AND job_id IN (SELECT value FROM json_each(?)) ORDER BY job_id, path",
-        (org, ids),
-    ):
-        found.setdefault(r["job_id"], []).append(
-            BlobInfo(r["id"], r["org"], r["kind"], r["job_id"], r["path"], r["size"], r["sha256"])
-        )
-    return found
 
 
 def _tests(c: sqlite3.Connection, ids: str) -> dict[str, TestSummary]:

@@ -3,7 +3,9 @@ store: mixed into SqliteStore."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Sequence
 from datetime import datetime
 
 from testhide.controlplane.errors import NotFound
@@ -86,6 +88,11 @@ class SqliteJobFiles(SqliteParts):
             (org, job_id, kind),
         )
         return [self._blob(r) for r in rows]
+
+    async def jobs_blobs(
+        self, org: str, job_ids: Sequence[str], kinds: Sequence[str]
+    ) -> dict[str, list[BlobInfo]]:
+        return await self._tx(lambda c: jobs_blobs(c, org, json.dumps(list(job_ids)), kinds), write=False)
 
     async def blob_chunk(self, blob_id: str, index: int) -> bytes | None:
         rows = await self._query(
@@ -182,3 +189,19 @@ class SqliteJobFiles(SqliteParts):
             return cases, rejected
 
         return await self._tx(run, write=False)
+
+
+def jobs_blobs(
+    c: sqlite3.Connection, org: str, job_ids: str, kinds: Sequence[str]
+) -> dict[str, list[BlobInfo]]:
+    """The complete blobs of ``kinds`` of the organisation's jobs (``job_ids``, a JSON array),
+    by job id, in path order."""
+    found: dict[str, list[BlobInfo]] = {}
+    for r in c.execute(
+        "SELECT * FROM blobs WHERE org = ? AND complete = 1"
+        " AND kind IN (SELECT value FROM json_each(?))"
+        " AND job_id IN (SELECT value FROM json_each(?)) ORDER BY job_id, path",
+        (org, json.dumps(list(kinds)), job_ids),
+    ):
+        found.setdefault(r["job_id"], []).append(SqliteJobFiles._blob(r))
+    return found

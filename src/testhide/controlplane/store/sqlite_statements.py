@@ -4,6 +4,7 @@ SqliteStore, which provides the transaction runner."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from datetime import datetime
 
 from testhide.controlplane.ca.statement_store import JobStatementRecord, StatementKeyRecord
@@ -60,28 +61,9 @@ class SqliteStatements(SqliteParts):
 
         return await self._tx(run)
 
-    async def add_job_statement(self, record: JobStatementRecord) -> bool:
-        def run(c: sqlite3.Connection) -> bool:
-            cursor = c.execute(
-                "INSERT INTO job_statements (job_id, org, payload, agent_signature, agent_certificate,"
-                " countersignature, signing_key_id, mismatch, recorded_at)"
-                " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS"
-                " (SELECT 1 FROM jobs WHERE id = ? AND org = ?) ON CONFLICT (job_id) DO NOTHING",
-                (
-                    record.job_id,
-                    record.org,
-                    record.payload,
-                    record.agent_signature,
-                    record.agent_certificate,
-                    record.countersignature,
-                    record.signing_key_id,
-                    record.mismatch,
-                    _ts(record.recorded_at),
-                    record.job_id,
-                    record.org,
-                ),
-            )
-            return cursor.rowcount == 1
+    async def add_job_statements(self, records: Sequence[JobStatementRecord]) -> list[bool]:
+        def run(c: sqlite3.Connection) -> list[bool]:
+            return [_add_job_statement(c, record) for record in records]
 
         return await self._tx(run)
 
@@ -101,3 +83,26 @@ class SqliteStatements(SqliteParts):
             r["signing_key_id"],
             r["mismatch"],
         )
+
+
+def _add_job_statement(c: sqlite3.Connection, record: JobStatementRecord) -> bool:
+    cursor = c.execute(
+        "INSERT INTO job_statements (job_id, org, payload, agent_signature, agent_certificate,"
+        " countersignature, signing_key_id, mismatch, recorded_at)"
+        " SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS"
+        " (SELECT 1 FROM jobs WHERE id = ? AND org = ?) ON CONFLICT (job_id) DO NOTHING",
+        (
+            record.job_id,
+            record.org,
+            record.payload,
+            record.agent_signature,
+            record.agent_certificate,
+            record.countersignature,
+            record.signing_key_id,
+            record.mismatch,
+            _ts(record.recorded_at),
+            record.job_id,
+            record.org,
+        ),
+    )
+    return cursor.rowcount == 1
