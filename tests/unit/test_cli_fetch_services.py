@@ -199,6 +199,7 @@ def test_the_fetch_step_in_json() -> None:
     assert_matches_example("testhide jobs show", shown)
     assert shown["fetch"] == {
         "cache": "miss",
+        "running": False,
         "exit_code": 0,
         "duration_s": 1.2,
         "requests": [
@@ -287,6 +288,18 @@ def test_jobs_show_prints_the_fetch_step_and_the_services() -> None:
     not_yet = fetched_job([])
     not_yet.ClearField("fetch")
     assert "fetch step: - (not run yet)" in job_details(job_from_pb(not_yet))
+    running = fetched_job([])
+    running.fetch.running = True  # its container's facts came as it started; its end not yet
+    lines = job_details(job_from_pb(running))
+    assert (
+        lines[lines.index("fetch step:") + 1]
+        == "  running (cache miss: not in the cache: fetched, then kept)"
+    )
+    running.status = jobs_pb2.JOB_STATUS_ERROR  # e.g. stopped for its isolation, mid-step
+    lines = job_details(job_from_pb(running))
+    assert lines[lines.index("fetch step:") + 1] == (
+        "  stopped with the job before its end (cache miss: not in the cache: fetched, then kept)"
+    )
     plain = job_details(
         job_from_pb(jobs_pb2.Job(id="j2", spec=jobs_pb2.JobSpec(image="b", command=["true"])))
     )

@@ -111,9 +111,10 @@ async def test_the_fetch_step_runs_first_offline_but_for_its_proxy_then_the_job_
     assert "INDEX" not in step.env
 
     fetched = [r for r in h.reports if isinstance(r, JobFetched)]
-    assert len(fetched) == 1
-    assert fetched[0].fetch.cache == "miss"
-    assert (fetched[0].fetch.exit_code, fetched[0].fetch.requests) == (0, (RECORD,))
+    # As its container started (its facts, checked while it runs), then at its end.
+    assert [(f.fetch.running, f.fetch.cache) for f in fetched] == [(True, "miss"), (False, "miss")]
+    assert fetched[0].fetch.requests == ()
+    assert (fetched[1].fetch.exit_code, fetched[1].fetch.requests) == (0, (RECORD,))
     log = b"".join(data for _, data in h.output())
     assert (
         log.index(b"testhide: fetch step: sh -c")
@@ -140,7 +141,7 @@ async def test_a_failing_fetch_step_fails_the_job_before_its_job_step(tmp_path: 
     assert (result.outcome, result.exit_code) == (Outcome.EXITED, 2)
     assert result.reason == "the fetch step failed with exit code 2"
     fetched = [r for r in h.reports if isinstance(r, JobFetched)]
-    assert [(f.fetch.cache, f.fetch.exit_code) for f in fetched] == [("miss", 2)]
+    assert [(f.fetch.cache, f.fetch.exit_code) for f in fetched if not f.fetch.running] == [("miss", 2)]
     assert "j1" not in h.runtime.started  # the job step never ran
     assert h.caches.kept == []
     assert h.caches.released == [("py-1", False)]
@@ -242,8 +243,8 @@ async def test_the_fetch_report_goes_again_on_a_new_connection(tmp_path: Path) -
     h.reports.clear()
     h.outbox.attach(h._send)
     again = [r for r in h.reports if isinstance(r, JobFetched)]
-    assert len(first) == 1
-    assert again == first
-    assert first[0].fetch.requests == (RECORD,)
+    assert [f.fetch.running for f in first] == [True, False]
+    assert again == first[-1:]  # the last word on the step
+    assert first[-1].fetch.requests == (RECORD,)
     h.executor.cancel("j1", "done")
     await asyncio.wait_for(task, WAIT)

@@ -70,11 +70,6 @@ class BlobIndex(Protocol):
         self, org: str, job_id: str, kind: str, path: str
     ) -> tuple[BlobInfo, bytes] | None: ...
     async def list_blobs(self, org: str, job_id: str, kind: str) -> list[BlobInfo]: ...
-    async def jobs_blobs(
-        self, org: str, job_ids: Sequence[str], kinds: Sequence[str]
-    ) -> dict[str, list[BlobInfo]]:
-        """The complete blobs of ``kinds`` of the organisation's jobs, by job id, in path order."""
-        ...
 
 
 class JobStore(BlobIndex, Protocol):

@@ -18,7 +18,7 @@ from testhide.common.evidence import log_chain_start
 from testhide.controlplane.auth.store import AuditStore, CredentialStore, SecondFactorStore
 from testhide.controlplane.ca.statement_store import StatementStore
 from testhide.controlplane.ca.store import AgentStore, EnrollmentStore
-from testhide.controlplane.jobs.model import Isolation, Job, JobStatus, LogStream, PoolPolicy
+from testhide.controlplane.jobs.model import BlobInfo, Isolation, Job, JobStatus, LogStream, PoolPolicy
 from testhide.controlplane.jobs.store import (
     BlobStore,
     JobStore,
@@ -249,6 +249,13 @@ class Store(
     what only the operator's commands, backup and master-key rotation need."""
 
     async def close(self) -> None: ...
+
+    async def jobs_blobs(
+        self, org: str, job_ids: Sequence[str], kinds: Sequence[str]
+    ) -> dict[str, list[BlobInfo]]:
+        """The complete blobs of ``kinds`` of the organisation's jobs, by job id, in path order
+        (a batch of results' statements checked at once: jobs/statements.py)."""
+        ...
 
     # organisations and pools
     async def create_org(self, org: str, now: datetime) -> None: ...
