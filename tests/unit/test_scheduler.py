@@ -15,7 +15,17 @@ from testhide.common.identity import AgentIdentity
 from testhide.controlplane.errors import InvalidArgument
 from testhide.controlplane.jobs import scheduler as scheduler_module
 from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus, PoolPolicy
-from testhide.controlplane.jobs.scheduler import AgentSession, Assign, AssignDetails, Outbound, Scheduler
+from testhide.controlplane.jobs.scheduler import (
+    AgentSession,
+    Assign,
+    AssignDetails,
+    Flag,
+    LogAck,
+    Mailbox,
+    Outbound,
+    ResultAck,
+    Scheduler,
+)
 from tests.unit.fakes import MemoryJobs
 
 START = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -226,3 +236,29 @@ async def test_a_full_head_of_jobs_no_idle_agent_can_take_does_not_block_the_que
     message = await received(session)
     assert isinstance(message, Assign)
     assert message.job.id == "plain-job"
+
+
+async def test_a_mailbox_hands_messages_over_in_order_and_holds_no_deque_once_drained() -> None:
+    box = Mailbox()
+    assert (len(box), box.take()) == (0, None)
+    waiting = asyncio.ensure_future(box.get())
+    await asyncio.sleep(0)  # the writer waits
+    box.put_nowait(ResultAck("j1"))
+    box.put_nowait(LogAck("j1", 1))
+    assert await asyncio.wait_for(waiting, 5) == ResultAck("j1")
+    assert len(box) == 1
+    assert box.take() == LogAck("j1", 1)
+    assert (len(box), box.take(), box._items) == (0, None, None)  # an idle stream's empty mailbox
+
+
+async def test_a_flag_wakes_its_waiters_once_set() -> None:
+    flag = Flag()
+    waiters = [asyncio.ensure_future(flag.wait()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not flag.is_set()
+    assert not any(w.done() for w in waiters)
+    flag.set()
+    flag.set()
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert flag.is_set()
+    await asyncio.wait_for(flag.wait(), 5)  # set already: returns at once

@@ -75,35 +75,82 @@ Outbound = Assign | Cancel | LogAck | ResultAck | TrustBundle
 
 
 class Mailbox:
-    """What the control plane sends one agent, in order: a deque and, only while
-    the writer waits, one future (an asyncio.Queue costs four deques per agent)."""
+    """What the control plane sends one agent, in order: a deque while messages wait and,
+    only while the writer waits, one future (an asyncio.Queue costs four deques per agent,
+    and an idle agent's empty deque 600 bytes: ten thousand idle streams hold none)."""
 
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._items: deque[Outbound] = deque()
+        self._items: deque[Outbound] | None = None
         self._waiter: asyncio.Future[None] | None = None
 
     def put_nowait(self, message: Outbound) -> None:
+        if self._items is None:
+            self._items = deque()
         self._items.append(message)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if (waiter := self._waiter) is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def arrival(self) -> asyncio.Future[None]:
+        """Done once a message is put: the writer awaits it when ``take`` gave nothing (a
+        future, not a coroutine of the mailbox's own held while the stream idles)."""
+        if self._waiter is None or self._waiter.done():
+            self._waiter = asyncio.get_running_loop().create_future()
+        return self._waiter
 
     async def get(self) -> Outbound:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.popleft()
+        """The next message, waited for."""
+        while (message := self.take()) is None:
+            await self.arrival()
+        return message
 
     def take(self) -> Outbound | None:
         """The next message if one waits, without waiting."""
-        return self._items.popleft() if self._items else None
+        return self._next(self._items) if self._items else None
+
+    def _next(self, items: deque[Outbound]) -> Outbound:
+        message = items.popleft()
+        if not items:
+            self._items = None
+        return message
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items else 0
+
+
+class Flag:
+    """``asyncio.Event``'s set, is_set and wait, for one stream's end: an Event allocates
+    its waiters' deque up front, held by every one of ten thousand idle streams."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters = None
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        await waiter
 
 
 @dataclass(eq=False, slots=True)
@@ -125,7 +172,7 @@ class AgentSession:
     """Why the control plane ended the stream: (status code name, message)."""
     jobs: set[str] = field(default_factory=set)
     outbox: Mailbox = field(default_factory=Mailbox)
-    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: Flag = field(default_factory=Flag)
     interrupt: Callable[[], object] | None = None
     """Stops the stream's reader (set while the stream is served)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
@@ -156,6 +157,33 @@ async def authenticate_agent(
     return VerifiedAgent(identity, cert, issuer)
 
 
+def _stream_fields(session: AgentSession, peer: str) -> dict[str, str]:
+    """What the log says of every stream's connect and disconnect (made for each line, not
+    held by ten thousand idle streams as a bound logger)."""
+    identity = session.identity
+    return {
+        "agent_id": identity.agent_id,
+        "org": identity.org,
+        "pool": identity.pool,
+        "serial": format(session.cert_serial, "x"),
+        "peer": peer,
+    }
+
+
+_RUNTIME_SETS: dict[frozenset[str], frozenset[str]] = {}
+"""One frozenset (200 bytes and more) per set of runtimes agents offer, not one per stream."""
+MAX_RUNTIME_SETS = 256
+
+
+def _shared_runtimes(runtimes: frozenset[str]) -> frozenset[str]:
+    shared = _RUNTIME_SETS.get(runtimes)
+    if shared is None:
+        if len(_RUNTIME_SETS) >= MAX_RUNTIME_SETS:
+            return runtimes
+        shared = _RUNTIME_SETS[runtimes] = runtimes
+    return shared
+
+
 def encode(message: Outbound) -> agent_pb2.ControlMessage:
     match message:
         case Assign(job, details):
@@ -246,19 +274,13 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             agent.issuer,
             max_jobs=max(1, min(hello.max_jobs or 1, 64)),
             labels=dict(list(hello.labels.items())[:64]),
-            runtimes=frozenset(hello.runtimes or ["runc"]),
+            runtimes=_shared_runtimes(frozenset(hello.runtimes or ["runc"])),
             reads_batches=hello.reads_batches,
         )
         # This frame lives as long as the stream: keep what the session needs, not the
         # parsed certificate and hello (a few KiB each, times ten thousand streams).
         del agent, first, hello
-        bound = log.bind(
-            agent_id=identity.agent_id,
-            org=identity.org,
-            pool=identity.pool,
-            serial=format(session.cert_serial, "x"),
-            peer=context.peer(),
-        )
+        peer = context.peer()
         try:
             offer = AgentHello.shown(version, session.labels, list(session.runtimes), session.max_jobs, host)
             await self._store.touch_agent(identity.org, identity.agent_id, datetime.now(UTC), offer)
@@ -267,13 +289,15 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             await context.abort(code_for(exc), str(exc))
         session.send(TrustBundle(self._certs.current.bundle_pem))
         self._scheduler.attach(session)
-        bound.info(
+        log.info(
             "agent_connected",
+            **_stream_fields(session, peer),
             max_jobs=session.max_jobs,
             version=version,
             running_jobs=len(running),
             not_after=session.cert_not_after.isoformat(),
         )
+        del running, offer, version, host  # the frame lives as long as the stream
         opened = time.monotonic()
         try:
             # Other replicas forward cancels for this agent's jobs here.
@@ -284,7 +308,8 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
             # Logged first: the cancellation below may end this handler before anything after it.
             code, reason = session.close_reason or ("", self._why_ended(session))
             connected_s = round(time.monotonic() - opened, 1)
-            bound.info("agent_disconnected", code=code, reason=reason, connected_s=connected_s)
+            fields = _stream_fields(session, peer)
+            log.info("agent_disconnected", **fields, code=code, reason=reason, connected_s=connected_s)
             if self._scheduler.session_of(identity.agent_id) is None:  # not replaced by a newer stream
                 # grpc cancels this handler once the call has ended, maybe while these writes are
                 # under way: they finish all the same (a stale mark would show it connected).
@@ -325,7 +350,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         remaining = (session.cert_not_after - datetime.now(UTC)).total_seconds()
         expiry = asyncio.get_running_loop().call_later(max(0.0, remaining), self._expired, session)
         writer = asyncio.create_task(self._write(session, context))
-        writer.add_done_callback(lambda task: self._writer_done(session, task))
+        writer.add_done_callback(functools.partial(self._writer_done, session))
         session.interrupt = reading.cancel
         try:
             if not session.closed.is_set():
@@ -362,9 +387,14 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         session: AgentSession,
         context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ControlMessage],
     ) -> None:
+        outbox = session.outbox
         while True:
-            message = encode(await session.outbox.get())
-            if session.reads_batches and len(session.outbox):
+            taken = outbox.take()
+            if taken is None:
+                await outbox.arrival()
+                continue
+            message = encode(taken)
+            if session.reads_batches and len(outbox):
                 message = _batch(message, session)
             await context.write(message)
 
@@ -375,9 +405,10 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
     ) -> None:
         try:
             while True:
-                message = await read_message(context)
-                if message is None:
-                    return
+                # Not read_message: one coroutine less held by each idle stream.
+                message: object = await context.read()
+                if not isinstance(message, agent_pb2.AgentMessage):
+                    return  # grpc.aio.EOF: the agent closed its side
                 await self._handle(session, message)
         finally:
             session.closed.set()

@@ -2,7 +2,8 @@
 (``rpc/server.py``), so that an RPC added later cannot miss them:
 
 * A request that cannot be decoded (corrupt protobuf, invalid UTF-8 in a string field)
-  answers INVALID_ARGUMENT "the request could not be decoded". Left to grpc.aio, the
+  answers INVALID_ARGUMENT "the request could not be decoded" (a unary one before the
+  servicer runs, a streamed one where the servicer reads it, answered by the catch-all). Left to grpc.aio, the
   DecodeError escapes before any of our code runs and reaches the caller as UNKNOWN
   "Unexpected <class 'google.protobuf.message.DecodeError'>: ...".
 * An exception escaping a servicer never reaches the caller with its type or text: a
@@ -174,13 +175,20 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
         handler: grpc.RpcMethodHandler[RequestT, ResponseT], method: str
     ) -> grpc.RpcMethodHandler[RequestT, ResponseT]:
         assert handler.request_deserializer is not None
+        decode = tolerant(handler.request_deserializer, handler.request_streaming)
+        if handler.request_streaming:
+            # A streamed request is decoded where the servicer reads it: the
+            # UndecodableRequest raised there (an InvalidArgument) is answered by the
+            # outermost rule. No wrapper of this rule's own: each open stream (ten
+            # thousand agents' Connect) would hold one more coroutine for its life.
+            return _rebuilt(handler, _inner(handler), decode)
 
         async def refuse(context: Context, exc: BaseException) -> None:
             log.info("request_undecodable", method=method, peer=context.peer())
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, DECODE_FAILED)
 
         behaviour = _guarded_behaviour(_inner(handler), refuse, UndecodableRequest, True)
-        return _rebuilt(handler, behaviour, tolerant(handler.request_deserializer, handler.request_streaming))
+        return _rebuilt(handler, behaviour, decode)
 
 
 class AnswerInternalErrors(grpc.aio.ServerInterceptor):
@@ -202,6 +210,8 @@ class AnswerInternalErrors(grpc.aio.ServerInterceptor):
         async def answer(context: Context, exc: BaseException) -> None:
             if context.done():
                 raise exc  # the status is already sent: nothing left to tell the caller
+            if isinstance(exc, UndecodableRequest):  # a streamed request (RefuseUndecodable)
+                log.info("request_undecodable", method=method, peer=context.peer())
             if isinstance(exc, ControlPlaneError):
                 await abort_with(context, exc)
             if isinstance(exc, NotImplementedError):
