@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from testhide.agent.credentials import Credentials
 from testhide.agent.runtime.fake import FakeRuntime
-from testhide.controlplane import metrics as metrics_module
+from testhide.controlplane import store_timing as metrics_module
 from tests.harness import (
     RunningControlPlane,
     agent_running,

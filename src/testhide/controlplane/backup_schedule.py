@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -35,8 +35,10 @@ from testhide.controlplane.backup import BackupSummary, take_backup
 from testhide.controlplane.config import ControlPlaneConfig
 from testhide.controlplane.datadir import DataDir
 from testhide.controlplane.errors import ConfigError
-from testhide.controlplane.metrics import BackupMetrics, ControlPlaneMetrics
 from testhide.controlplane.store.base import Store
+
+if TYPE_CHECKING:
+    from testhide.controlplane.metrics import BackupMetrics, ControlPlaneMetrics
 
 log = structlog.get_logger("testhide.backups")
 

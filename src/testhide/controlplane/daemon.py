@@ -16,12 +16,11 @@ import os
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
 
-from testhide.common.metrics_http import MetricsListener
 from testhide.common.sdnotify import Notifier
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.auth.audit import Auditor
@@ -48,7 +47,6 @@ from testhide.controlplane.jobs.secrets import SecretVault
 from testhide.controlplane.jobs.service import JobService
 from testhide.controlplane.jobs.statements import StatementRecorder
 from testhide.controlplane.masterkey import RingAnnouncement
-from testhide.controlplane.metrics import ControlPlaneMetrics, time_store_calls
 from testhide.controlplane.operations.agents import stream_holders
 from testhide.controlplane.rpc import server
 from testhide.controlplane.rpc.admin import AdminServicer
@@ -65,6 +63,20 @@ from testhide.controlplane.rpc.session import SessionServicer
 from testhide.controlplane.shared import SharedFiles
 from testhide.controlplane.store.base import Store
 from testhide.controlplane.store.postgres import PgStore
+from testhide.controlplane.store_timing import time_store_calls
+
+if TYPE_CHECKING:
+    from testhide.common.metrics_http import MetricsListener
+    from testhide.controlplane.metrics import ControlPlaneMetrics
+
+
+def _metrics() -> ControlPlaneMetrics:
+    """Imported only when metrics are on: prometheus_client and its HTTP server are 4 MiB a
+    control plane without them does without."""
+    from testhide.controlplane.metrics import ControlPlaneMetrics
+
+    return ControlPlaneMetrics()
+
 
 log = structlog.get_logger("testhide.controlplane")
 
@@ -96,7 +108,7 @@ class ControlPlane:
         self._ring: RingAnnouncement | None = None
         self._shared: SharedFiles | None = None
         self.password_checks: PasswordChecks | None = None
-        self.metrics = ControlPlaneMetrics() if config.metrics_listen else None
+        self.metrics = _metrics() if config.metrics_listen else None
         """Prometheus metrics on ``metrics_listen``, when set."""
         self.metrics_port = 0
         self._metrics_listener: MetricsListener | None = None

@@ -23,11 +23,9 @@ most every ``JOB_COUNTS_MAX_AGE_S``, however many scrapers ask."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import time
 from collections import Counter as Tally
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,6 +39,7 @@ from testhide.common.metrics_http import LoopCollector, MetricsListener, new_reg
 from testhide.common.metrics_tls import ServingCertificate, certificate_files, choose_certificate
 from testhide.controlplane.errors import ConfigError
 from testhide.controlplane.jobs.model import Job, JobStatus
+from testhide.controlplane.store_timing import time_store_calls
 
 if TYPE_CHECKING:
     from testhide.controlplane.ca.trust import CertificateState
@@ -56,12 +55,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 ENROLL_METHOD = "/testhide.v1.Enrollment/Enroll"
-SLOW_STORE_CALL_S = 0.25
-"""A store call that takes longer is logged as ``store_call_slow`` (a warning)."""
-SLOW_STORE_CALL_REPEAT_S = 60.0
-"""At most one such warning per call name in this long; the next counts the slow calls left out."""
-LONG_STORE_CALLS = frozenset({"listen", "snapshot"})
-"""Never slow: LISTEN lasts as long as its connection, a snapshot copies the whole database."""
 
 # The same SQL on both backends; the jobs_queue index (org, pool, status, id) covers the first.
 _JOB_COUNTS = "SELECT org, pool, status, COUNT(*) AS jobs FROM jobs GROUP BY org, pool, status"
@@ -340,71 +333,6 @@ async def _rows(store: object, sql: str) -> list[Any]:
     if isinstance(store, PgStore):
         return list(await store._fetch(sql))
     raise TypeError(f"no job counts from a {type(store).__name__}")
-
-
-def time_store_calls(store: object, metrics: ControlPlaneMetrics | None = None) -> None:
-    """Time every call of the store's interface, whichever the backend: each public
-    coroutine method is shadowed, on this instance only, by a timed one. A slow call
-    is logged, metrics or not; with ``metrics``, every call is observed too."""
-    histogram = metrics._store_calls if metrics is not None else None
-    for name in dir(type(store)):
-        if name.startswith("_") or isinstance(getattr(type(store), name, None), property):
-            continue
-        method = getattr(store, name)
-        if inspect.iscoroutinefunction(method):
-            setattr(store, name, _timed(method, histogram, name))
-
-
-class _SlowCalls:
-    """One call name's slow calls: the first is logged, then at most one every
-    ``SLOW_STORE_CALL_REPEAT_S`` (a database that is slow for everyone would otherwise
-    write a line per call)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._logged_at = -math.inf
-        self._unlogged = 0
-
-    def seen(self, took_s: float, failed: bool) -> None:
-        now = time.monotonic()
-        if now - self._logged_at < SLOW_STORE_CALL_REPEAT_S:
-            self._unlogged += 1
-            return
-        log.warning(
-            "store_call_slow",
-            call=self._name,
-            took_s=round(took_s, 3),
-            threshold_s=SLOW_STORE_CALL_S,
-            failed=failed,
-            unlogged_since_last=self._unlogged,
-        )
-        self._logged_at, self._unlogged = now, 0
-
-
-def _timed(
-    call: Callable[..., Awaitable[T]], histogram: Histogram | None, name: str
-) -> Callable[..., Awaitable[T]]:
-    observe: Callable[[float], None] | None = None
-    slow = None if name in LONG_STORE_CALLS else _SlowCalls(name)
-
-    async def timed(*args: Any, **kwargs: Any) -> T:
-        nonlocal observe
-        started = time.perf_counter()
-        failed = True
-        try:
-            result = await call(*args, **kwargs)
-            failed = False
-            return result
-        finally:
-            took_s = time.perf_counter() - started
-            if histogram is not None:
-                if observe is None:  # a series only for calls that happen
-                    observe = histogram.labels(name).observe
-                observe(took_s)
-            if slow is not None and took_s > SLOW_STORE_CALL_S:
-                slow.seen(took_s, failed)
-
-    return timed
 
 
 def _seconds(start: datetime, end: datetime) -> float:

@@ -19,14 +19,16 @@ import asyncio
 import contextlib
 import functools
 import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import asyncpg
-
 from testhide.controlplane.errors import ConfigError, StorageUnavailable
+
+if TYPE_CHECKING:
+    import asyncpg  # imported when a PostgreSQL store opens: 3.6 MiB a SQLite control plane does without
 
 T = TypeVar("T")
 
@@ -72,8 +74,10 @@ class PgDriver(Protocol):
 def unavailable(exc: BaseException) -> StorageUnavailable | None:
     """``exc`` as "the database cannot be reached" when that is what it means."""
     sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    driver = sys.modules.get("asyncpg")  # not imported: no asyncpg error to recognise
+    lost = (driver.InterfaceError, driver.PostgresConnectionError) if driver is not None else ()
     if (
-        isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError)
+        isinstance(exc, (OSError, TimeoutError, *lost))
         or sqlstate.startswith(("08", "57P", "53"))
         or type(exc).__name__ in ("OperationalError", "PoolTimeout", "PoolClosed")
     ):
@@ -184,6 +188,8 @@ class _AsyncpgDriver:
 
     @classmethod
     async def create(cls, dsn: str, min_size: int, max_size: int) -> _AsyncpgDriver:
+        import asyncpg
+
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
@@ -198,6 +204,8 @@ class _AsyncpgDriver:
     async def listen(
         self, channel: str, on_message: Callable[[str], None], on_listening: Callable[[], None]
     ) -> None:
+        import asyncpg
+
         conn = await asyncpg.connect(self._dsn, server_settings=_SERVER_SETTINGS, timeout=10)
         lost = asyncio.get_running_loop().create_future()
 
