@@ -154,6 +154,7 @@ class Spool:
         self.size -= record.size
         if not job.records:
             self.discard(job_id)  # all read back: start the file afresh
+            log.info("spool_drained", job_id=job_id, path=str(job.path))
         return LogBatch(job_id, job.epoch, record.seq, decode(raw))
 
     @staticmethod
