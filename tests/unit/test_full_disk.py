@@ -116,6 +116,7 @@ async def test_refused_writes_are_held_in_memory_then_the_job_waits_and_resumes_
     assert [e["event"] for e in events if e["event"].startswith("spool_")] == [
         "spool_write_failed",
         "spool_writable_again",
+        "spool_drained",  # all it held was read back, after the disk took writes again
     ]
 
 
