@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from docker import DockerClient
 
 from testhide.agent.config import AgentConfig
-from testhide.agent.credentials import Credentials
+from testhide.agent.credentials import Credentials, new_key_and_csr
 from testhide.agent.daemon import Agent
 from testhide.agent.errors import CredentialsError, EnrollmentError
 from testhide.agent.rpc.enroll import enroll
@@ -33,6 +33,7 @@ from tests.harness import (
     Cli,
     RunningControlPlane,
     control_plane,
+    enrolled,
     eventually,
     operator,
     running_agent,
@@ -239,6 +240,40 @@ async def test_server_certificate_rotation_reaches_new_connections_only(
     result = await cli("run", "--image", JOB_IMAGE, "--", "echo", "still here")
     assert result.stdout == b"still here\n"
     assert scheduler.session_of(docker_agent.agent_id) is session  # the open stream carried on
+
+
+async def test_a_ca_retired_under_an_open_connection_refuses_its_certificates_next_call(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
+    """The handshake is not enough: a connection the retired CA's certificate opened stays open,
+    and every call on it is checked against the CAs trusted now."""
+    credentials = Credentials.load(await enrolled(cp, tmp_path))
+    directory = DataDir(cp.data_dir)
+    certificates = cp.daemon.certificates
+    assert certificates is not None
+    channel_credentials = grpc.ssl_channel_credentials(
+        cp.ca_pem, private_key=credentials.key_pem, certificate_chain=credentials.certificate_pem
+    )
+    async with grpc.aio.secure_channel(cp.agent_target, channel_credentials) as channel:
+        agent = agent_pb2_grpc.AgentControlStub(channel)
+        renewed = await agent.Renew(agent_pb2.RenewRequest(csr_pem=new_key_and_csr()[1]), timeout=10)
+        assert renewed.certificate_pem
+
+        rotation.prepare(directory, directory.master_key())
+        new_ca = directory.ca_certificate(rotation.activate(directory, directory.master_key()))
+        assert rotation.retire(directory)
+        await eventually(
+            lambda: certificates.current.trusted == (new_ca,), 30, "the old CA to leave the trusted set"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await agent.Renew(agent_pb2.RenewRequest(csr_pem=new_key_and_csr()[1]), timeout=10)
+        # UNAUTHENTICATED, not UNAVAILABLE: the call went over the connection opened before the
+        # retirement (a new handshake with this certificate fails).
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value
+        assert "no longer trusted" in (refused.value.details() or "")
+        stream = agent.Connect(timeout=10)
+        assert await stream.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert not certificates.trust_only_grew
 
 
 @pytest.mark.docker

@@ -11,7 +11,11 @@ from datetime import UTC, datetime
 
 import grpc
 import structlog
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
+from testhide.common.tls import fingerprint
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.datadir import DataDir, TlsMaterial
 
@@ -30,14 +34,26 @@ class CertificateState:
         self._files = directory.fingerprint_of_files()
         self.current: TlsMaterial = directory.tls_material(master, allow_development)
         self.version = 1
+        self.trusted_fingerprints = self._fingerprints(self.current)
+        """Of ``current.trusted``, in its order."""
+        self.trust_only_grew = True
+        """No CA has left the trusted set since this process started: every client certificate the
+        agent port's handshakes accepted is signed by a CA in ``current.trusted``."""
+
+    @staticmethod
+    def _fingerprints(material: TlsMaterial) -> tuple[str, ...]:
+        return tuple(fingerprint(c.public_bytes(serialization.Encoding.DER)) for c in material.trusted)
 
     def reload_if_changed(self) -> tuple[TlsMaterial, TlsMaterial] | None:
         """(old, new) if a rotation changed the files, else None."""
         files = self._directory.fingerprint_of_files()
         if files == self._files:
             return None
-        old = self.current
+        old, old_fingerprints = self.current, self.trusted_fingerprints
         self.current = self._directory.tls_material(self._master, self._allow_development)
+        self.trusted_fingerprints = self._fingerprints(self.current)
+        if not set(old_fingerprints) <= set(self.trusted_fingerprints):
+            self.trust_only_grew = False  # for good: an open connection may have been verified by it
         self._files = files
         self.version += 1
         log.info(
@@ -47,6 +63,13 @@ class CertificateState:
             trusted=len(self.current.trusted),
         )
         return old, self.current
+
+    def issuer_of(self, cert: x509.Certificate) -> str | None:
+        """The fingerprint of the trusted CA that issued an agent port client's certificate, None
+        if none of them did (any more)."""
+        return issuer_of(
+            cert, self.current.trusted, self.trusted_fingerprints, handshake_checked=self.trust_only_grew
+        )
 
     def server_certificate_due(self, now: datetime | None = None) -> bool:
         cert = self.current.server_certificate
@@ -76,3 +99,31 @@ class CertificateState:
             fetcher,  # type: ignore[arg-type]  # grpc documents None as "no change"; its stub omits it
             require_client_authentication=client_auth,
         )
+
+
+def issuer_of(
+    cert: x509.Certificate,
+    trusted: tuple[x509.Certificate, ...],
+    fingerprints: tuple[str, ...],
+    *,
+    handshake_checked: bool,
+) -> str | None:
+    """The fingerprint (from ``fingerprints``, in ``trusted``'s order) of the CA in ``trusted`` that
+    signed ``cert``, None if none did.
+
+    ``handshake_checked``: the certificate came from a TLS handshake that required and verified it
+    against CAs that are all still in ``trusted``. The TLS layer has then checked that one of them
+    signed it, and as each CA generation has a name of its own and signs no other CA (path length
+    0), the one CA named as its issuer is that one: its signature is not verified again (an eighth
+    of a renewal's cost). Two CAs of one name, or a CA that has left the set since some handshake,
+    and the signature is verified."""
+    named = [i for i, ca in enumerate(trusted) if ca.subject == cert.issuer]
+    if handshake_checked and len(named) == 1:
+        return fingerprints[named[0]]
+    for i in named:
+        try:
+            cert.verify_directly_issued_by(trusted[i])
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return fingerprints[i]
+    return None

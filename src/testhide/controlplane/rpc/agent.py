@@ -15,11 +15,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
 from testhide.common.identity import AgentIdentity, IdentityError
-from testhide.common.tls import fingerprint
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.ca.renewal import Renewals
 from testhide.controlplane.ca.store import AgentHello, AgentStore
@@ -121,17 +118,6 @@ async def read_message(
     return message if isinstance(message, agent_pb2.AgentMessage) else None
 
 
-def issuer_of(cert: x509.Certificate, trusted: tuple[x509.Certificate, ...]) -> str | None:
-    for ca in trusted:
-        if ca.subject == cert.issuer:
-            try:
-                cert.verify_directly_issued_by(ca)
-            except (ValueError, TypeError, InvalidSignature):
-                continue
-            return fingerprint(ca.public_bytes(serialization.Encoding.DER))
-    return None
-
-
 async def authenticate_agent(
     context: grpc.aio.ServicerContext[Any, Any], store: AgentStore, certs: CertificateState
 ) -> VerifiedAgent:
@@ -140,7 +126,7 @@ async def authenticate_agent(
     cert = peer_certificate(context)
     if cert.not_valid_after_utc <= datetime.now(UTC):
         raise Unauthenticated("the agent certificate has expired; enroll the agent again")
-    issuer = issuer_of(cert, certs.current.trusted)
+    issuer = certs.issuer_of(cert)
     if issuer is None:
         raise Unauthenticated(
             "the agent certificate was issued by a CA that is no longer trusted; enroll the agent again"
