@@ -5,10 +5,11 @@ into /etc/docker/daemon.json under a name of the test run's own, dockerd reloade
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from docker import DockerClient
 from tests.harness import unavailable
 
 DAEMON_JSON = Path("/etc/docker/daemon.json")
+LOCK = Path("/run/lock/testhide-tests-daemon-json.lock")
 RUNSC = "/usr/bin/runsc"
 SHARED_LOOPBACK_ARGS = (
     "--network=host",
@@ -35,17 +37,27 @@ def _dockerd_pid() -> int | None:
     return None
 
 
-def _reload(client: DockerClient, pid: int, runtimes: dict[str, Any]) -> None:
-    """daemon.json's runtimes as given, and dockerd reloaded; returns after its reload event."""
-    events = client.events(decode=True, filters={"type": "daemon", "event": "reload"})
-    try:
-        config = json.loads(DAEMON_JSON.read_text())
-        config["runtimes"] = runtimes
-        DAEMON_JSON.write_text(json.dumps(config, indent=2))
-        os.kill(pid, signal.SIGHUP)
-        next(iter(events))
-    finally:
-        events.close()
+@contextlib.contextmanager
+def _daemon_json_held() -> Iterator[None]:
+    """daemon.json to this process alone: test workers run side by side, and each reload must be
+    its own (read, change, write, SIGHUP, and its reload event) with no other's in between."""
+    with LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _reload(client: DockerClient, pid: int, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """daemon.json's runtimes changed, and dockerd reloaded; returns after its reload event."""
+    with _daemon_json_held():
+        events = client.events(decode=True, filters={"type": "daemon", "event": "reload"})
+        try:
+            config = json.loads(DAEMON_JSON.read_text())
+            config["runtimes"] = change(config.get("runtimes", {}))
+            DAEMON_JSON.write_text(json.dumps(config, indent=2))
+            os.kill(pid, signal.SIGHUP)
+            next(iter(events))
+        finally:
+            events.close()
 
 
 @contextlib.contextmanager
@@ -55,11 +67,9 @@ def registered_runtime(client: DockerClient, prefix: str, runtime_args: tuple[st
     if pid is None or not os.access(DAEMON_JSON, os.W_OK):
         unavailable("needs a local dockerd and a writable /etc/docker/daemon.json")
     name = f"{prefix}-{os.getpid()}"
-    runtimes = json.loads(DAEMON_JSON.read_text()).get("runtimes", {})
-    _reload(client, pid, {**runtimes, name: {"path": RUNSC, "runtimeArgs": list(runtime_args)}})
+    entry = {"path": RUNSC, "runtimeArgs": list(runtime_args)}
+    _reload(client, pid, lambda runtimes: {**runtimes, name: entry})
     try:
         yield name
     finally:
-        runtimes = json.loads(DAEMON_JSON.read_text()).get("runtimes", {})
-        runtimes.pop(name, None)
-        _reload(client, pid, runtimes)
+        _reload(client, pid, lambda runtimes: {k: v for k, v in runtimes.items() if k != name})
