@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import collections
 import json
-import multiprocessing
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.figures import Figure, cpu_seconds, median, percentile, raise_fd_limit
+from benchmarks.figures import SPAWN, Figure, cpu_seconds, median, percentile, raise_fd_limit
 from testhide.agent.credentials import new_key_and_csr
 from testhide.common.identity import AgentIdentity
 from testhide.common.logging import configure
@@ -204,7 +203,7 @@ async def renewal(agents: int, workers: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         async with control_plane(Path(tmp)) as cp:
             identities = await _enrolled(cp, agents)
-            context = multiprocessing.get_context("spawn")
+            context = SPAWN
             gates, out = (context.Event(), context.Event(), context.Event()), context.Queue()
             processes = [
                 context.Process(

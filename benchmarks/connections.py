@@ -18,8 +18,8 @@ from typing import Any
 
 import grpc
 
-from benchmarks.figures import Figure, raise_fd_limit, rss_bytes
-from benchmarks.fleet import SPAWN, AgentKeys, AgentStream, issue_agents, open_stream, save_credentials
+from benchmarks.figures import SPAWN, Figure, raise_fd_limit, rss_bytes
+from benchmarks.fleet import AgentKeys, AgentStream, issue_agents, open_stream, save_credentials
 from testhide.protos.v1 import agent_pb2
 from tests.harness import REPO, ControlPlaneProcess, RunningControlPlane, control_plane, free_port
 

@@ -4,14 +4,44 @@ busy machine moves both and the ratio stays put."""
 
 from __future__ import annotations
 
+import ctypes
 import math
+import multiprocessing.context
 import os
 import platform
 import resource
+import signal
 import statistics
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+PR_SET_PDEATHSIG = 1
+
+
+class _ChildProcess(multiprocessing.context.SpawnProcess):
+    """A spawned helper (agents, submitters, clients) that ends with the benchmark however the
+    benchmark ends: killed from outside, its agents used to go on reconnecting for good, and to
+    load every later measurement on the machine."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._benchmark_pid = os.getpid()
+
+    def run(self) -> None:
+        # Linux: SIGKILL once the thread that started this process (the benchmark's event loop) ends.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self._benchmark_pid:  # it ended before the line above
+            os._exit(1)
+        super().run()
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+    Process = _ChildProcess
+
+
+SPAWN = _SpawnContext()
+"""The benchmarks' ``multiprocessing`` context: spawn, each child ending with the benchmark."""
 
 
 @dataclass

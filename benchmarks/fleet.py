@@ -6,7 +6,6 @@ Connect stream over mutual TLS, one certificate and one connection per agent."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import secrets
 import signal
 from collections.abc import AsyncIterator
@@ -18,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from benchmarks.figures import SPAWN
 from testhide.agent.credentials import Credentials, new_key_and_csr
 from testhide.common.identity import AgentIdentity
 from testhide.common.tls import fingerprint, secure_channel
@@ -27,7 +27,6 @@ from testhide.protos.v1 import agent_pb2, agent_pb2_grpc
 from tests.harness import RunningControlPlane
 
 SESSION_ACCEPTED = "testhide-session"
-SPAWN = multiprocessing.get_context("spawn")
 # The benchmarks submit as one API key from one address, far faster than the
 # API's per-credential limit (50 requests/s by default) allows a person to.
 UNLIMITED: dict[str, Any] = {"rate_per_address": 1e6, "rate_per_principal": 1e6}

@@ -27,8 +27,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.figures import Figure, median, percentile
-from benchmarks.fleet import SPAWN, UNLIMITED
+from benchmarks.figures import SPAWN, Figure, median, percentile
+from benchmarks.fleet import UNLIMITED
 from testhide.controlplane.auth.limits import LockoutPolicy
 from testhide.protos.v1 import auth_pb2, auth_pb2_grpc
 from tests.harness import control_plane

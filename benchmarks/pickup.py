@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.figures import Figure, median, percentile
-from benchmarks.fleet import SPAWN, UNLIMITED, AgentKeys, finished_messages, issue_agents, open_stream
+from benchmarks.figures import SPAWN, Figure, median, percentile
+from benchmarks.fleet import UNLIMITED, AgentKeys, finished_messages, issue_agents, open_stream
 from testhide.protos.v1 import jobs_pb2, jobs_pb2_grpc
 from tests.harness import JOB_IMAGE, control_plane
 

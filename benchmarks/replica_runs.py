@@ -18,9 +18,8 @@ import grpc
 import pytest
 
 from benchmarks.connections import _client_process
-from benchmarks.figures import cpu_seconds, median, percentile
+from benchmarks.figures import SPAWN, cpu_seconds, median, percentile
 from benchmarks.fleet import (
-    SPAWN,
     AgentKeys,
     issue_agents,
     open_stream,

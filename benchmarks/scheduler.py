@@ -19,8 +19,8 @@ from typing import Any
 
 import grpc
 
-from benchmarks.figures import Figure, cpu_seconds, median, percentile, raise_fd_limit
-from benchmarks.fleet import SPAWN, UNLIMITED, issue_agents, save_credentials
+from benchmarks.figures import SPAWN, Figure, cpu_seconds, median, percentile, raise_fd_limit
+from benchmarks.fleet import UNLIMITED, issue_agents, save_credentials
 from testhide.controlplane.errors import ControlPlaneError
 from testhide.controlplane.jobs.model import Job, JobReport, JobSpec, JobStatus, new_job_id
 from testhide.controlplane.store.base import Store
