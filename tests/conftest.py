@@ -15,6 +15,16 @@ if TYPE_CHECKING:
     from docker import DockerClient
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files that hold slow or chaos tests first, each file's tests in their order: the test workers
+    take one file at a time in this order, so the long ones start early instead of one of them
+    running alone at the end."""
+    long_files = {
+        item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("chaos")
+    }
+    items.sort(key=lambda item: item.path not in long_files)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def loggers_never_cached() -> Iterator[None]:
     """The daemons cache each module's logger on first use (cheaper per line). In one test process

@@ -36,6 +36,7 @@ FIGURES = {
 }
 
 
+@pytest.mark.slow  # every figure at tiny sizes: about two minutes
 @pytest.mark.timeout(300)
 async def test_whole_suite_smoke(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
