@@ -39,6 +39,7 @@ from testhide.controlplane.config import ControlPlaneConfig
 from testhide.controlplane.jobs.model import Job, JobSpec, JobStatus
 from testhide.controlplane.jobs.scheduler import AgentSession, Scheduler
 from testhide.controlplane.metrics import ENROLL_METHOD, ControlPlaneMetrics
+from testhide.controlplane.store_timing import time_store_calls
 from tests.unit.fakes import MemoryJobs
 
 START = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -229,7 +230,7 @@ class Backend:
 
 async def test_every_store_call_is_timed_by_name_and_still_behaves() -> None:
     metrics, store = ControlPlaneMetrics(), Backend()
-    metrics.time_store(store)
+    time_store_calls(store, metrics)
     assert await store.get_job("acme") == "acme"
     assert await store.get_job("acme") == "acme"
     with pytest.raises(LookupError, match="gone"):

@@ -39,7 +39,6 @@ from testhide.common.metrics_http import LoopCollector, MetricsListener, new_reg
 from testhide.common.metrics_tls import ServingCertificate, certificate_files, choose_certificate
 from testhide.controlplane.errors import ConfigError
 from testhide.controlplane.jobs.model import Job, JobStatus
-from testhide.controlplane.store_timing import time_store_calls
 
 if TYPE_CHECKING:
     from testhide.controlplane.ca.trust import CertificateState
@@ -168,10 +167,6 @@ class ControlPlaneMetrics:
         if method == ENROLL_METHOD:
             enrolled = code is None or code is grpc.StatusCode.OK
             self._enrollments.labels("enrolled" if enrolled else "refused").inc()
-
-    def time_store(self, store: object) -> None:
-        """See ``time_store_calls``."""
-        time_store_calls(store, self)
 
     def backup_metrics(self) -> BackupMetrics:
         """The scheduled backups' figures, registered now: a control plane without
