@@ -9,11 +9,20 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
+from structlog.testing import capture_logs
 
 from testhide.common.isolation import Isolation
 from testhide.common.statement import FileDigest, Statement, isolation_facts, rfc3339
+from testhide.controlplane.ca.statement_store import JobStatementRecord
 from testhide.controlplane.errors import NotHeld
-from testhide.controlplane.jobs.model import BlobInfo, Job, JobReport, JobSpec, JobStatus, SubmittedStatement
+from testhide.controlplane.jobs.model import (
+    BlobInfo,
+    Job,
+    JobReport,
+    JobSpec,
+    JobStatus,
+    SubmittedStatement,
+)
 from testhide.controlplane.jobs.reports import ReportCommitter
 from testhide.controlplane.jobs.statements import (
     MAX_STATEMENT_BYTES,
@@ -188,3 +197,36 @@ async def test_an_oversized_statement_is_not_kept_but_audited() -> None:
         "j1",
         "statement",
     )
+
+
+class RefusesOne:
+    """A store whose transaction fails whenever it holds job ``bad``'s statement."""
+
+    def __init__(self) -> None:
+        self.kept: list[str] = []
+
+    async def jobs_blobs(self, org: str, ids: list[str], kinds: object) -> dict[str, list[BlobInfo]]:
+        return {}
+
+    async def add_job_statements(self, records: list[JobStatementRecord]) -> list[bool]:
+        if any(record.job_id == "bad" for record in records):
+            raise RuntimeError("constraint failed")
+        self.kept += [record.job_id for record in records]
+        return [True] * len(records)
+
+
+async def test_a_batch_that_fails_is_kept_one_statement_at_a_time() -> None:
+    store, audit = RefusesOne(), Audit()
+    recorder = StatementRecorder(store, None, tuple, audit, lambda spec: "")  # type: ignore[arg-type]
+    undecodable = SubmittedStatement(b"not a statement", b"sig", b"cert")  # kept, as a mismatch
+    batch = [
+        (JobReport("acme", "a1", job_id, 2, JobStatus.FAILED, statement=undecodable), stored_job(id=job_id))
+        for job_id in ("j1", "bad", "j3")
+    ]
+    with capture_logs() as logs:
+        await recorder.record(batch)
+    assert store.kept == ["j1", "j3"]
+    assert [details["target"] for _, _, details in audit.entries] == ["j1", "j3"]
+    events = [(entry["event"], entry.get("job_ids")) for entry in logs if entry["log_level"] != "warning"]
+    assert events == [("job_statements_not_recorded", ["bad"])]
+    assert any(entry["event"] == "job_statements_batch_failed" for entry in logs)

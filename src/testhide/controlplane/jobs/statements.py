@@ -209,20 +209,22 @@ class StatementRecorder:
         if not sized:
             return
         try:
-            files: dict[str, list[BlobInfo]] = {}
-            for org in {job.org for _, job, _ in sized}:
-                ids = [job.id for _, job, _ in sized if job.org == org]
-                files.update(await self._store.jobs_blobs(org, ids, ("junit", *FILE_KINDS)))
-            records = [
-                await self._checked(report, job, submitted, files.get(job.id, []))
-                for report, job, submitted in sized
-            ]
-            kept = await self._store.add_job_statements(records)
+            done = await self._keep(sized)
         except Exception as exc:
-            log.error("job_statements_not_recorded", job_ids=[job.id for _, job, _ in sized], error=repr(exc))
-            return
-        for (report, job, _), record, was_kept in zip(sized, records, kept, strict=True):
-            if was_kept and record.mismatch:
+            if len(sized) == 1:
+                log.error("job_statements_not_recorded", job_ids=[sized[0][1].id], error=repr(exc))
+                return
+            # One statement's failure (or a moment's) must not lose the others: each on its own.
+            ids = [job.id for _, job, _ in sized]
+            log.warning("job_statements_batch_failed", job_ids=ids, error=repr(exc))
+            done = []
+            for one in sized:
+                try:
+                    done += await self._keep([one])
+                except Exception as exc:
+                    log.error("job_statements_not_recorded", job_ids=[one[1].id], error=repr(exc))
+        for report, job, record in done:
+            if record.mismatch:
                 log.warning(
                     "job_statement_mismatch",
                     job_id=job.id,
@@ -230,6 +232,26 @@ class StatementRecorder:
                     mismatch=record.mismatch,
                 )
                 await self._audit_mismatch(report, job, record.mismatch)
+
+    async def _keep(
+        self, sized: Sequence[tuple[JobReport, Job, SubmittedStatement]]
+    ) -> list[tuple[JobReport, Job, JobStatementRecord]]:
+        """Checks the statements against one read of their jobs' files and keeps them in one
+        transaction; those kept (a job's first statement only)."""
+        files: dict[str, list[BlobInfo]] = {}
+        for org in {job.org for _, job, _ in sized}:
+            ids = [job.id for _, job, _ in sized if job.org == org]
+            files.update(await self._store.jobs_blobs(org, ids, ("junit", *FILE_KINDS)))
+        records = [
+            await self._checked(report, job, submitted, files.get(job.id, []))
+            for report, job, submitted in sized
+        ]
+        kept = await self._store.add_job_statements(records)
+        return [
+            (report, job, record)
+            for (report, job, _), record, was_kept in zip(sized, records, kept, strict=True)
+            if was_kept
+        ]
 
     async def _checked(
         self, report: JobReport, job: Job, submitted: SubmittedStatement, files: list[BlobInfo]
