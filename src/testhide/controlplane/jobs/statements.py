@@ -221,8 +221,8 @@ class StatementRecorder:
             for one in sized:
                 try:
                     done += await self._keep([one])
-                except Exception as exc:
-                    log.error("job_statements_not_recorded", job_ids=[one[1].id], error=repr(exc))
+                except Exception as alone:
+                    log.error("job_statements_not_recorded", job_ids=[one[1].id], error=repr(alone))
         for report, job, record in done:
             if record.mismatch:
                 log.warning(
