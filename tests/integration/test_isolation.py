@@ -87,8 +87,10 @@ async def test_fork_bomb_is_stopped_and_reported(docker_agent: Agent, cli: Cli, 
     """Under gVisor the pids limit used to count the sandbox's own host threads:
     the bomb killed the sandbox, and the job ended FAILED, exit 2, with no output.
     The job's shell forks nothing once the bomb runs (its ``sleep`` is started
-    before, ``wait`` is built in): a fork it cannot get ends a shell with exit 2."""
-    bomb = 'sleep 3 & s=$!; f() { f | f & }; f; wait $s; echo "the job outlived its fork bomb"; exit 3'
+    before, the bomb is one subshell, ``wait`` is built in): a fork it cannot get
+    ends a shell with exit 2. (Started as ``f`` itself, the shell forked each side
+    of the pipe, and the first side's bomb could take every pid before the second.)"""
+    bomb = 'sleep 3 & s=$!; f() { f | f & }; (f) & wait $s; echo "the job outlived its fork bomb"; exit 3'
     result = await run_sh(cli, runtime, bomb, "--pids", "64")
     assert b"can't fork" in result.stderr
     assert b"the job outlived its fork bomb\n" in result.stdout
