@@ -4,19 +4,17 @@ busy machine moves both and the ratio stays put."""
 
 from __future__ import annotations
 
-import ctypes
 import math
 import multiprocessing.context
 import os
 import platform
 import resource
-import signal
 import statistics
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
+from tests.orphans import end_with
 
 
 class _ChildProcess(multiprocessing.context.SpawnProcess):
@@ -29,10 +27,7 @@ class _ChildProcess(multiprocessing.context.SpawnProcess):
         self._benchmark_pid = os.getpid()
 
     def run(self) -> None:
-        # Linux: SIGKILL once the thread that started this process (the benchmark's event loop) ends.
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self._benchmark_pid:  # it ended before the line above
-            os._exit(1)
+        end_with(self._benchmark_pid)  # started from the benchmark's event loop thread
         super().run()
 
 

@@ -1,10 +1,10 @@
 """A test control plane in a process of its own, for tests that watch it from outside
-(its memory, its survival): ``python -m tests.standalone_controlplane DIR CONFIG_JSON``.
+(its memory, its survival): ``python -m tests.standalone_controlplane DIR CONFIG_JSON PARENT_PID``.
 
 It is ``harness.control_plane`` (a fresh data dir in DIR, pools that never pull) with
 the config overrides in CONFIG_JSON (rate limits, say). Once both ports serve it writes
 DIR/serving.json: the ports, the admin API key and a one-time enrollment token. It runs
-until SIGTERM."""
+until SIGTERM, or until the process PARENT_PID that started it ends."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from testhide.common.logging import configure
 from tests.harness import control_plane
+from tests.orphans import end_with
 
 
 async def serve(directory: Path, config: dict[str, object]) -> None:
@@ -37,5 +38,6 @@ async def serve(directory: Path, config: dict[str, object]) -> None:
 
 
 if __name__ == "__main__":
+    end_with(int(sys.argv[3]), signal.SIGTERM)  # SIGTERM: it stops as it would be stopped
     configure("info")
     asyncio.run(serve(Path(sys.argv[1]), json.loads(sys.argv[2])))

@@ -96,7 +96,14 @@ def standalone_server(directory: Path) -> Iterator[Server]:
     config = {"rate_per_address": 1e6, "rate_per_principal": 1e6}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.standalone_controlplane", str(directory), json.dumps(config)],
+            [
+                sys.executable,
+                "-m",
+                "tests.standalone_controlplane",
+                str(directory),
+                json.dumps(config),
+                str(os.getpid()),
+            ],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
