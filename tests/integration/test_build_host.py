@@ -268,16 +268,11 @@ async def test_with_the_disk_still_full_the_control_plane_back_drains_the_output
             return bool((await shown(cli, job_id))["log_size"] > held)
 
         await eventually(drained, 120, "the waiting output to reach the control plane")
-        # It drained with the disk full: the spool took no write meanwhile. Once all it held is
-        # read back, the spool file is removed and starts afresh, which frees the disk's space
-        # (not the disk's doing): a write may succeed after that, never before.
-        order = [e["event"] for e in agent_events if e["event"] in ("spool_drained", "spool_writable_again")]
-        assert (
-            order[: order.index("spool_drained") if "spool_drained" in order else None].count(
-                "spool_writable_again"
-            )
-            == 0
-        ), order
+        # It drained with the disk full: the filler, never removed, keeps it so, and the disk did
+        # refuse the spool. (A spool write may still succeed meanwhile: the disk refused a batch larger
+        # than the space left, and a smaller batch fits that space. Asserting that none did failed
+        # under load, where the job's output comes in smaller batches.)
+        assert named(agent_events, "spool_write_failed")
         canceled = await cli("cancel", job_id)
         assert canceled.returncode == 0, canceled.stderr
         done = await eventually(lambda: finished(cli, job_id), 60, "the job to end")
