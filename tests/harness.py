@@ -12,8 +12,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -218,11 +218,19 @@ class CliResult:
 
 class Cli:
     """The ``testhide`` command (or ``program``) in a subprocess, with its own config
-    dir, run from ``cwd`` (an empty directory unless a test gives it a workspace)."""
+    dir, run from ``cwd`` (an empty directory unless a test gives it a workspace).
+    Each command runs in its own process unless ``warm``: then, as for a user, a
+    warm process (cli/warm.py) runs the commands it may, with its socket in the
+    config dir; `stop_warm` ends it (it would live for ten idle minutes)."""
 
-    def __init__(self, config_home: Path, cwd: Path | None = None, program: Path | None = None) -> None:
+    def __init__(
+        self, config_home: Path, cwd: Path | None = None, program: Path | None = None, warm: bool = False
+    ) -> None:
         self.program = program
         self.env = {**os.environ, "XDG_CONFIG_HOME": str(config_home)}
+        self.env.pop("XDG_RUNTIME_DIR", None)
+        if not warm:
+            self.env["TESTHIDE_CLI_WARM"] = "off"
         if program is None:
             self.env["PYTHONPATH"] = str(REPO)
         self.cwd = cwd or config_home.parent / "empty-workspace"
@@ -250,6 +258,39 @@ class Cli:
         assert process.returncode is not None
         return CliResult(process.returncode, stdout, stderr)
 
+    @property
+    def warm_socket(self) -> Path:
+        """Where this CLI's warm process listens."""
+        from testhide.cli.main import socket_path
+
+        return Path(socket_path(self.env))
+
+    def warm_pid(self) -> int | None:
+        """The warm process serving `warm_socket`, if one runs."""
+        try:
+            pid = int(self.warm_socket.with_name(self.warm_socket.name + ".lock").read_text())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if b"testhide.cli.warm" in command else None
+
+    def warm_answers(self) -> bool:
+        """Whether a warm process listens at `warm_socket` (it does once it has imported all)."""
+        from testhide.cli.main import at_socket
+
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                return at_socket(str(self.warm_socket), probe.connect)
+            except OSError:
+                return False
+
+    async def stop_warm(self) -> None:
+        pid = self.warm_pid()
+        if pid is not None:
+            with ended_process(pid) as ended:
+                os.kill(pid, signal.SIGTERM)
+                await asyncio.wait_for(ended, 30)
+
     async def login(self, cp: RunningControlPlane, api_key: str | None = None) -> CliResult:
         ca_file = cp.data_dir / "ca.pem"
         return await self(
@@ -261,6 +302,31 @@ class Cli:
             "--ca-file",
             str(ca_file),
         )
+
+
+@contextmanager
+def ended_process(pid: int) -> Iterator[asyncio.Future[None]]:
+    """A future done when process ``pid`` (any, not only a child) has ended: its pidfd
+    becomes readable then. Done at once if it is gone already."""
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        ended.set_result(None)
+        yield ended
+        return
+
+    def readable() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        yield ended
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 async def eventually(check: Callable[[], Any], within: float, what: str) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from testhide.agent.daemon import Agent
-from testhide.cli.main import main as engineers_command
+from testhide.cli.commands import main as engineers_command
 from tests.harness import JOB_IMAGE, Cli, RunningControlPlane
 from tests.json_schema import assert_matches_example
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from testhide.agent.runtime.oci import command_refusal
 from testhide.cli import exitcodes
+from testhide.cli.commands import main
 from testhide.cli.config import Login, check_profile, profile_path, use_profile
 from testhide.cli.errors import WorkspaceTooLarge
-from testhide.cli.main import main
 from testhide.cli.model import JobStatus
 from testhide.cli.workspace import pack
 from testhide.common.sizes import GiB, KiB, MiB, describe_size

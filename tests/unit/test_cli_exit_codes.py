@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from testhide.cli import exitcodes
-from testhide.cli.main import main
+from testhide.cli.commands import main
 from testhide.cli.model import Job, JobStatus
 
 

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from testhide.cli import exitcodes
 from testhide.cli.admin import egress_entry
-from testhide.cli.main import main
+from testhide.cli.commands import main
 from testhide.cli.model import ArtifactKind, JobRequest, Service
 from testhide.cli.output import artifact_json, artifact_line, job_details, job_json, pool_json, pools_table
 from testhide.cli.run_options import fetch_options, services

@@ -76,7 +76,7 @@ def test_an_array_of_another_outputs_objects_is_that_output(command: str) -> Non
 
 def test_every_json_option_of_the_three_programs_has_an_example() -> None:
     from testhide.agent.cli import main as agent
-    from testhide.cli.main import main as cli
+    from testhide.cli.commands import main as cli
     from testhide.controlplane.cli import main as controlplane
 
     def with_json(command: click.Command, name: str) -> Iterator[str]:

@@ -162,7 +162,7 @@ def test_an_int_is_a_number_of_bytes() -> None:
 def test_testhide_run_says_what_is_wrong_with_a_size(
     option: str, value: str, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from testhide.cli.main import main
+    from testhide.cli.commands import main
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     result = CliRunner().invoke(main, ["run", option, value, "--image", "x", "--", "true"])

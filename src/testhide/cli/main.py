@@ -1,232 +1,286 @@
-"""``testhide``: the engineer's command. Each command parses its options,
-talks to the control plane through `cli/wire.py` in the CLI's own model, and
-prints (`cli/output.py`); its exit status follows `cli/exitcodes.py`."""
+"""``testhide``, the program: each command that only talks to the control
+plane starts warm when it can.
+
+A command imports Python's asyncio, gRPC, protobuf, click and the CLI before
+it can send anything: 0.1-0.3 s, most of `testhide run -- true` beside
+Docker's own work. As Mercurial's chg and the Gradle daemon do, a warm process
+of the user's (`cli/warm.py`) has imported all of it once and forks a child
+for each command. The child takes this process's standard streams (passed
+over the socket), working directory, environment, umask and arguments, and
+runs the command as this process would have; this process only passes its
+signals on (Ctrl-C still cancels a job) and exits with the child's status.
+
+Started warm are only the commands that never ask at a terminal
+(`WARM_COMMANDS`): the child has no controlling terminal, so a password prompt
+could not hide what is typed. Every other command, and a warm command when no
+warm process answers, runs in this process as before; such a warm command, and
+`login`, start a warm process for the next command. The warm process serves
+only its own user (SO_PEERCRED) through a socket in a directory only that user
+can enter, ends after `IDLE_S` without a command, and ends at once when the
+installation it imported changes. ``TESTHIDE_CLI_WARM=off`` turns it off.
+
+This module imports only what the warm path needs, and the cheapest way (the
+C modules under socket and signal, marshal): its own start is the command's
+start."""
 
 from __future__ import annotations
 
-import atexit
-import gc
-import importlib
+import os
 import sys
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import click
-from click.core import ParameterSource
+import testhide
 
-from testhide import __version__
-from testhide.cli import exitcodes
-from testhide.cli.config import Login, active_profile, check_profile, read_ca_file, use_profile
-from testhide.cli.errors import CliError, debugging, explain
-from testhide.cli.model import (
-    ApiKeyLogin,
-    PasswordLogin,
-)
+TYPE_CHECKING = False  # typing itself is not imported here: ~3-8 ms of every command
 
-# gRPC and the generated messages (cli/wire.py) are imported by the commands
-# that talk to the control plane, not for `testhide --help` or a usage error.
 if TYPE_CHECKING:
-    pass
+    import _socket
+    from collections.abc import Callable, Mapping
 
-if __name__ == "__main__" or Path(sys.argv[0]).name == "testhide":
-    # The program (not a test importing it): everything it imported (gRPC, protobuf, click)
-    # lives until the exit, where Python's last collection would walk it all once more,
-    # ~15 ms of each command. Frozen objects are left to the process's end.
-    atexit.register(gc.freeze)
-
-
-@contextmanager
-def _own_failures() -> Iterator[None]:
-    """click exits 2 on a usage error and 1 on its other errors, numbers a
-    job's own command uses too: every failure of testhide itself exits 125."""
-    try:
-        yield
-    except click.ClickException as exc:
-        # An instance attribute on purpose: click's main() reads it, and the
-        # exception keeps its own message and usage text.
-        exc.exit_code = exitcodes.TOOL_FAILED  # type: ignore[misc]
-        explain(exc)
-        raise
-    except click.Abort as exc:  # a prompt got Ctrl-C or end of input
-        if isinstance(exc.__context__, KeyboardInterrupt):
-            raise click.exceptions.Exit(exitcodes.CANCELED) from exc
-        raise CliError("aborted: no input") from exc
-    except KeyboardInterrupt:
-        raise click.exceptions.Exit(exitcodes.CANCELED) from None
+WARM_COMMANDS = frozenset({"run", "logs", "jobs", "tests", "artifacts", "cancel", "whoami"})
+"""Commands that only talk to the control plane and print: none asks at a terminal."""
+IDLE_S = 600.0
+"""A warm process ends after this long without a command."""
+SWITCH = "TESTHIDE_CLI_WARM"
+MAX_REQUEST = 1 << 20
+"""Largest request (arguments, environment, working directory) a warm process reads."""
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 
 
-# Each command's module and attribute, imported when the command is looked up: `testhide run`
-# imports what `run` needs, not the admin commands' modules (`testhide --help` imports them all).
-_COMMANDS = {
-    "admin": ("testhide.cli.admin", "admin"),
-    "pools": ("testhide.cli.admin", "engineer_pools"),  # `testhide pools list`
-    "run": ("testhide.cli.run_command", "run"),
-    "jobs": ("testhide.cli.job_commands", "jobs"),
-    "logs": ("testhide.cli.job_commands", "logs"),
-    "tests": ("testhide.cli.job_commands", "tests"),
-    "artifacts": ("testhide.cli.job_commands", "artifacts"),
-    "cancel": ("testhide.cli.job_commands", "cancel"),
-    "secrets": ("testhide.cli.job_commands", "secrets"),
-    "logout": ("testhide.cli.sessions", "logout"),
-    "whoami": ("testhide.cli.sessions", "whoami"),
-    "profiles": ("testhide.cli.sessions", "profiles"),
-    "completion": ("testhide.cli.completion", "completion"),
-    "mfa": ("testhide.cli.mfa", "mfa"),
-    "verify": ("testhide.cli.verify", "verify"),
-}
+def _parsed(argv: list[str]) -> tuple[str | None, bool]:
+    """The command ``argv`` names, and whether ``--debug`` came before it."""
+    index, debug = 0, False
+    while index < len(argv):
+        word = argv[index]
+        if word == "--debug":
+            debug, index = True, index + 1
+        elif word.startswith("--profile="):
+            index += 1
+        elif word == "--profile":
+            index += 2
+        else:
+            return word, debug
+    return None, debug
 
 
-class _Testhide(click.Group):
-    """The group whose commands (`_COMMANDS`) are imported when looked up by name; walking
-    ``commands`` (help, completion, a suggestion for a mistyped command) imports them all."""
-
-    _loaded: dict[str, click.Command]
-
-    @property
-    def commands(self) -> MutableMapping[str, click.Command]:
-        for name in _COMMANDS:
-            self._load(name)
-        return self._loaded
-
-    @commands.setter
-    def commands(self, value: MutableMapping[str, click.Command]) -> None:
-        self._loaded = dict(value)
-
-    def _load(self, name: str) -> click.Command | None:
-        if name not in self._loaded and name in _COMMANDS:
-            module, attribute = _COMMANDS[name]
-            command = getattr(importlib.import_module(module), attribute)
-            assert isinstance(command, click.Command), name
-            assert command.name == name, name
-            self._loaded[name] = command
-        return self._loaded.get(name)
-
-    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
-        name = name or cmd.name
-        if name is None:
-            raise TypeError("Command has no name.")
-        self._loaded[name] = cmd
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*self._loaded, *_COMMANDS})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return self._load(cmd_name)
-
-    def make_context(
-        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
-    ) -> click.Context:
-        with _own_failures():
-            return super().make_context(info_name, args, parent, **extra)
-
-    def invoke(self, ctx: click.Context) -> Any:
-        with _own_failures():
-            return super().invoke(ctx)
+def warm_command(argv: list[str]) -> str | None:
+    """The command ``argv`` names if it may start warm (global options skipped)."""
+    command, _ = _parsed(argv)
+    return command if command in WARM_COMMANDS else None
 
 
-def _profile(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:
-        return check_profile(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
+def installation() -> dict[str, str]:
+    """What a warm process must share with the caller: the same interpreter and testhide."""
+    return {"executable": sys.executable, "package": os.path.dirname(os.path.abspath(testhide.__file__))}
 
 
-@click.group(cls=_Testhide)
-@click.version_option(__version__, prog_name="testhide", message="%(prog)s %(version)s")
-@click.option(
-    "--profile",
-    default="default",
-    envvar="TESTHIDE_PROFILE",
-    show_envvar=True,
-    show_default=True,
-    callback=_profile,
-    help="The stored session to use: one per control plane.",
-)
-@click.option("--debug", is_flag=True, help="Show gRPC's own log lines and the traceback behind an error.")
-def main(profile: str, debug: bool) -> None:
-    """Run CI jobs on testhide.
-
-    Exit status: the job's own exit code; 124 timed out, 125 testhide itself
-    failed (or the job could not be set up), 126 the command could not be
-    executed, 127 the command was not found, 130 canceled.
-    """
-    use_profile(profile)
-    debugging(debug)
-
-
-@main.command()
-@click.option(
-    "--server",
-    "servers",
-    required=True,
-    multiple=True,
-    help="HOST:PORT of the control plane's API port; repeat for each replica (tried in order).",
-)
-@click.option(
-    "--api-key",
-    envvar="TESTHIDE_API_KEY",
-    show_envvar=True,
-    help="An API key (or log in as a user with --user); kept out of shell history by the environment.",
-)
-@click.option("--api-key-stdin", is_flag=True, help="Read the API key from standard input.")
-@click.option("--org", default="default", show_default=True, help="Organisation of --user.")
-@click.option(
-    "--user", help="Log in with a user name and password (TESTHIDE_PASSWORD, --password-stdin, or asked)."
-)
-@click.option("--password-stdin", is_flag=True, help="Read --user's password from standard input.")
-@click.option(
-    "--totp-code",
-    envvar="TESTHIDE_TOTP_CODE",
-    show_envvar=True,
-    help="--user's second factor: a code from the authenticator app (asked at a terminal if needed).",
-)
-@click.option("--recovery-code", help="--user's second factor: one of the recovery codes (each works once).")
-@click.option(
-    "--ca-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="CA certificate of the control plane, PEM (default: the system's trust store).",
-)
-def login(
-    servers: tuple[str, ...],
-    api_key: str | None,
-    api_key_stdin: bool,
-    org: str,
-    user: str | None,
-    password_stdin: bool,
-    totp_code: str | None,
-    recovery_code: str | None,
-    ca_file: Path | None,
-) -> None:
-    """Log in: the credential buys a session (a 10-minute access token, renewed
-    with a rotating refresh token); only the session is stored (mode 0600).
-    Every command tries the servers in order and passes over one that does not
-    connect."""
-    from testhide.cli.mfa import log_in  # asks for a second factor when one is wanted
-    from testhide.cli.sessions import password, stdin_secret
-
-    if user and click.get_current_context().get_parameter_source("api_key") == ParameterSource.ENVIRONMENT:
-        api_key = None  # TESTHIDE_API_KEY set, and a user named: the user logs in
-    if api_key_stdin:
-        api_key = stdin_secret("--api-key-stdin")
-    if bool(api_key) == bool(user) or (password_stdin and not user):
-        raise click.UsageError("log in with either --api-key (or --api-key-stdin) or --user")
-    credential: ApiKeyLogin | PasswordLogin
-    if user:
-        credential = PasswordLogin(
-            org, user, password(password_stdin), (totp_code or "").strip(), (recovery_code or "").strip()
-        )
+def socket_path(environ: Mapping[str, str] = os.environ) -> str:
+    """The warm process's socket for this user and installation, in a directory of the user's
+    own: under $XDG_RUNTIME_DIR, else the config dir."""
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        directory = os.path.join(runtime, "testhide", "warm")
     else:
-        assert api_key is not None
-        credential = ApiKeyLogin(api_key.strip())
-    servers = tuple(dict.fromkeys(servers))
-    ca_pem = read_ca_file(ca_file) if ca_file else None
-    session = log_in(Login(servers, ca_pem, profile=active_profile()), credential)
-    path = session.save()
-    click.echo(f"logged in to {', '.join(servers)}; session stored in {path}", err=True)
+        config = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        directory = os.path.join(config, "testhide", "warm")
+    import zlib
+
+    install = installation()
+    key = zlib.crc32(f"{install['executable']}\0{install['package']}".encode())
+    return os.path.join(directory, f"{key:08x}.sock")
+
+
+def private(status: os.stat_result) -> bool:
+    """A directory of this user's that nobody else can enter (ssh checks its control path so)."""
+    return (
+        status.st_mode & 0o170000 == 0o040000 and status.st_uid == os.getuid() and not status.st_mode & 0o077
+    )
+
+
+def at_socket(path: str, act: Callable[[str], None]) -> bool:
+    """``act`` (a socket's connect or bind) on ``path`` through the directory it is in, once
+    that directory, opened without following a link, is found private; False if it is not.
+    The directory's file descriptor is the one checked and the one the path goes through
+    (/proc/self/fd/N/NAME): nothing can swap it in between, and a path of any length fits
+    the 108 bytes a socket's address holds."""
+    directory, name = os.path.split(path)
+    try:
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not private(os.fstat(fd)):
+            return False
+        act(f"/proc/self/fd/{fd}/{name}")
+        return True
+    finally:
+        os.close(fd)
+
+
+def _streams() -> list[list[object]]:
+    """How Python made this process's standard streams, for the child to make its own so."""
+    import io
+
+    return [
+        [
+            stream.encoding,
+            stream.errors,
+            stream.line_buffering,
+            getattr(stream, "write_through", False),
+            isinstance(stream.buffer, io.BufferedIOBase),  # not so with python -u, PYTHONUNBUFFERED
+        ]
+        for stream in (sys.stdin, sys.stdout, sys.stderr)
+    ]
+
+
+def _request(argv: list[str]) -> bytes:
+    """The request in marshal's format: built in, so nothing to import (json and its regular
+    expressions are ~6 ms). The warm process reads it only from its own user (SO_PEERCRED)."""
+    import marshal
+
+    return marshal.dumps(
+        {
+            **installation(),
+            "argv0": sys.argv[0],
+            "argv": argv,
+            "cwd": os.getcwd(),
+            "environ": dict(os.environ),
+            "umask": _umask(),
+            "streams": _streams(),
+        }
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def run_warm(path: str, argv: list[str]) -> int | None:
+    """The command's exit status, run by the warm process at ``path``; None when no warm
+    process took it (nothing of the command ran: it may run here).
+
+    The C modules under socket and signal are used as they are: the public modules wrap their
+    constants in enums, and importing enum is ~7 ms of a command that takes ~50."""
+    import _signal  # type: ignore[import-not-found]  # signal's C module, which has no stubs
+    import _socket
+
+    try:
+        for fd in (0, 1, 2):
+            os.fstat(fd)
+    except OSError:  # a closed standard stream cannot be passed on
+        return None
+    connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    child: list[int] = []
+    pending: list[int] = []
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        if not child:
+            pending.append(signum)
+            return
+        try:  # noqa: SIM105 - contextlib is not imported here
+            os.kill(child[0], signum)
+        except ProcessLookupError:  # it has just ended; its status is on the way
+            pass
+
+    previous = {}
+    replies = _Lines(connection)
+    try:
+        if not at_socket(path, connection.connect):
+            return None
+        for name in FORWARDED_SIGNALS:
+            signum = getattr(_signal, name)
+            previous[signum] = _signal.signal(signum, forward)
+        _send(connection, _request(argv))
+        first = replies.next()
+        if len(first) == 2 and first[0] == b"pid":
+            child.append(int(first[1]))
+            if _parsed(argv)[1]:
+                sys.stderr.write(f"testhide: started warm, as process {child[0]} of {path}\n")
+            for signum in pending:
+                os.kill(child[0], signum)
+            last = replies.next()
+    except OSError:
+        last = []
+    finally:
+        connection.close()
+        for signum, handler in previous.items():
+            _signal.signal(signum, handler)
+    if not child:  # stale, refused or gone before it began: nothing ran, it may run here
+        for signum in pending:
+            os.kill(os.getpid(), signum)
+        return None
+    if len(last) == 2 and last[0] == b"exit":
+        return int(last[1])
+    if forwarded:  # the command ended by a signal this process passed on: end by it too
+        _signal.signal(forwarded[-1], _signal.SIG_DFL)
+        os.kill(os.getpid(), forwarded[-1])
+    sys.stderr.write("testhide: the warm command process ended without an exit status\n")
+    return 125
+
+
+class _Lines:
+    """The warm process's replies, a line at a time, split in words; [] at the end."""
+
+    def __init__(self, connection: _socket.socket) -> None:
+        self._connection = connection
+        self._buffer = b""
+
+    def next(self) -> list[bytes]:
+        while b"\n" not in self._buffer:
+            chunk = self._connection.recv(256)
+            if not chunk:
+                return []
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.split()
+
+
+def _send(connection: _socket.socket, request: bytes) -> None:
+    """The request's length with the three standard streams, then the request."""
+    import _socket
+
+    fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))  # an array of C ints
+    connection.sendmsg([len(request).to_bytes(4, "big")], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+    connection.sendall(request)
+
+
+def start_warm(path: str) -> None:
+    """Start the warm process at ``path`` in its own session, for the next command."""
+    import subprocess
+
+    subprocess.Popen(  # this interpreter, its own module
+        [sys.executable, "-m", "testhide.cli.warm", path],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    command, _ = _parsed(argv)
+    if os.environ.get(SWITCH, "on") != "off" and command in WARM_COMMANDS | {"login"}:
+        path = socket_path()
+        status = run_warm(path, argv) if command in WARM_COMMANDS else None
+        if status is not None:
+            sys.exit(status)
+        start_warm(path)  # for the next command (it leaves at once if one runs)
+    import atexit
+    import gc
+
+    # Everything the command imported (gRPC, protobuf, click) lives until the exit, where
+    # Python's last collection would walk it all once more, ~15 ms of each command: frozen
+    # objects are left to the process's end.
+    atexit.register(gc.freeze)
+    from testhide.cli.commands import main as commands
+
+    # As the installed `testhide` is named, for usage lines and shell completion alike.
+    commands(prog_name="testhide")
 
 
 if __name__ == "__main__":
-    # As the installed `testhide` is named, for usage lines and shell completion alike.
-    main(prog_name="testhide")
+    main()

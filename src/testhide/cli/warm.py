@@ -1,0 +1,287 @@
+"""The warm command process (`cli/main.py` says why): ``python -m
+testhide.cli.warm SOCKET``. It imports what the warm commands need, listens on
+SOCKET, and forks a child for each caller of its own user; the child becomes
+the caller's command and reports its pid, then its exit status.
+
+Nothing of the command runs in this process: it never connects to a control
+plane, reads a session or starts a thread, so each child starts as clean as a
+new program (gRPC's core starts in the child, at its first channel). It ends
+after `IDLE_S` without a caller, on SIGTERM, when its socket is taken away,
+and when the installation it imported has changed (that caller is told
+``stale`` and runs the command itself)."""
+
+from __future__ import annotations
+
+import array
+import atexit
+import contextlib
+import fcntl
+import importlib
+import io
+import locale
+import marshal
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import testhide
+from testhide.cli.main import IDLE_S, MAX_REQUEST, at_socket, installation, private
+
+WARM_MODULES = (
+    "testhide.cli.commands",
+    "testhide.cli.run_command",
+    "testhide.cli.job_commands",
+    "testhide.cli.sessions",
+    "testhide.cli.wire",
+    "testhide.cli.wire_convert",
+    "testhide.cli.workspace",
+    "testhide.cli.interrupt",
+    "testhide.cli.follow",
+    "tenacity",
+)
+"""What the warm commands import, at once or when they get there."""
+_SIGNALS_SET_HERE = (signal.SIGTERM, signal.SIGCHLD)
+
+
+def installation_state() -> list[tuple[str, int, int]]:
+    """Every module file of testhide and every import path, with its change time and size:
+    a change (an upgrade, an edit in a development checkout) makes a running warm process stale."""
+    package = Path(testhide.__file__).parent
+    state = []
+    for root, directories, files in os.walk(package):
+        directories[:] = sorted(d for d in directories if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith((".py", ".so")):
+                with contextlib.suppress(OSError):
+                    status = os.stat(os.path.join(root, name))
+                    state.append((os.path.join(root, name), status.st_mtime_ns, status.st_size))
+    for entry in sys.path:
+        with contextlib.suppress(OSError):
+            status = os.stat(entry or ".")
+            state.append((entry, status.st_mtime_ns, status.st_size))
+    return state
+
+
+def serve(path: str, idle_s: float = IDLE_S) -> None:
+    """Serve callers at ``path`` until idle, stale, gone or told to stop."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if not private(os.lstat(directory)):
+        return
+    lock = open(f"{path}.lock", "a+")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return  # another warm process has it
+    with lock:
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")  # which process serves the socket, for whoever asks
+        lock.flush()
+        for module in WARM_MODULES:
+            importlib.import_module(module)
+        _serve(path, idle_s, lock)
+
+
+def _serve(path: str, idle_s: float, lock: IO[str]) -> None:
+    state = installation_state()
+    with _listening(path) as (listener, bound):
+        listener.settimeout(idle_s)
+        print("ready", flush=True)  # to whoever started this process and waits for it
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                return
+            connection.settimeout(None)
+            if _uid(connection) != os.getuid():
+                connection.close()
+                continue
+            if installation_state() != state or not _same_file(path, bound):
+                with contextlib.suppress(OSError):
+                    connection.sendall(b"stale\n")
+                connection.close()
+                return
+            if os.fork() == 0:
+                listener.close()
+                lock.close()
+                _child(connection)
+            connection.close()
+
+
+@contextlib.contextmanager
+def _listening(path: str) -> Iterator[tuple[socket.socket, os.stat_result]]:
+    """A socket only this user can connect to, at ``path``; removed at the end if still ours."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    mask = os.umask(0o177)
+    try:
+        if not at_socket(path, listener.bind):
+            raise SystemExit(0)  # the directory is no longer private
+    finally:
+        os.umask(mask)
+    listener.listen(64)
+    bound = os.stat(path)
+    previous = {
+        signal.SIGCHLD: signal.signal(signal.SIGCHLD, signal.SIG_IGN),  # the kernel reaps the children
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _stop),
+    }
+    try:
+        yield listener, bound
+    except SystemExit:
+        pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        listener.close()
+        if _same_file(path, bound):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _stop(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(0)
+
+
+def _same_file(path: str, bound: os.stat_result) -> bool:
+    """Whether ``path`` is still the socket this process bound (not removed, not taken over)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return False
+    return (status.st_dev, status.st_ino) == (bound.st_dev, bound.st_ino)
+
+
+def _uid(connection: socket.socket) -> int:
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return int(uid)
+
+
+def _child(connection: socket.socket) -> NoReturn:
+    """Become the caller's command; never returns. A failure before the command began (the
+    caller's working directory gone, say) ends this child silently: the caller has no pid
+    yet, so it runs the command itself and meets the failure as a program of its own would."""
+    status = 125
+    try:
+        status = _command(connection)
+    except BaseException:  # noqa: S110 - see above; after the pid, the command reports
+        pass
+    finally:
+        os._exit(status)
+
+
+def _receive(connection: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    fds = array.array("i")
+    header, ancillary, _flags, _ = connection.recvmsg(4, socket.CMSG_SPACE(3 * fds.itemsize))
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    size = int.from_bytes(header, "big") if len(header) == 4 else 0
+    if len(fds) != 3 or not 0 < size <= MAX_REQUEST:
+        return None
+    body = bytearray()
+    while len(body) < size:
+        chunk = connection.recv(size - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    return marshal.loads(body), list(fds)  # noqa: S302 - from this user only (SO_PEERCRED)
+
+
+def _command(connection: socket.socket) -> int:
+    received = _receive(connection)
+    if received is None:
+        return 125
+    request, fds = received
+    if {key: request.get(key) for key in installation()} != installation():
+        connection.sendall(b"stale\n")  # another installation whose socket name is the same
+        return 125
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        if fd > 2:
+            os.close(fd)
+    os.chdir(request["cwd"])
+    os.umask(request["umask"])
+    os.environ.clear()
+    os.environ.update(request["environ"])
+    time.tzset()
+    with contextlib.suppress(locale.Error):  # as Python sets it at its start, from the environment
+        locale.setlocale(locale.LC_CTYPE, "")
+    for signum in _SIGNALS_SET_HERE:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _standard_streams(request["streams"])
+    sys.argv = [request["argv0"], *request["argv"]]
+    connection.sendall(f"pid {os.getpid()}\n".encode())
+    threading.Thread(target=_end_with_caller, args=(connection,), daemon=True).start()
+    try:
+        status = _run(request["argv"])
+    except BaseException:  # what Python does with an exception nothing caught
+        traceback.print_exc()
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    atexit._run_exitfuncs()
+    with contextlib.suppress(OSError):
+        connection.sendall(f"exit {status}\n".encode())
+    return status
+
+
+def _standard_streams(streams: list[list[Any]]) -> None:
+    """sys.stdin, stdout and stderr on the caller's streams, made as Python made the caller's."""
+    made = []
+    for fd, (encoding, errors, line_buffering, write_through, buffered) in enumerate(streams):
+        raw = io.FileIO(fd, "rb" if fd == 0 else "wb", closefd=False)
+        buffer: Any = raw
+        if buffered:
+            buffer = io.BufferedReader(raw) if fd == 0 else io.BufferedWriter(raw)
+        made.append(
+            io.TextIOWrapper(
+                buffer,
+                encoding=encoding,
+                errors=errors,
+                newline="\n",
+                line_buffering=line_buffering,
+                write_through=write_through,
+            )
+        )
+    sys.stdin, sys.stdout, sys.stderr = made
+
+
+def _end_with_caller(connection: socket.socket) -> None:
+    """The caller is gone (killed, its terminal closed): so is its command."""
+    with contextlib.suppress(OSError):
+        while connection.recv(1):
+            pass
+    os._exit(125)
+
+
+def _run(argv: list[str]) -> int:
+    from testhide.cli.commands import main
+
+    try:
+        main(args=argv, prog_name="testhide")
+    except SystemExit as exit_:
+        code = exit_.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        print(code, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
