@@ -87,11 +87,11 @@ async def test_trust_counts_as_checked_by_the_handshakes_until_a_ca_leaves_the_t
     second = directory.load_ca(master)
     renewed = _issued_by(second)
     assert state.issuer_of(renewed) == _fingerprint(second)
-    assert state.trusted_fingerprints == (_fingerprint(first), _fingerprint(second))
+    assert state.current.trusted_fingerprints == (_fingerprint(first), _fingerprint(second))
 
     assert rotation.retire(directory)
     assert state.reload_if_changed() is not None
     # For good: the retired CA may have verified an open connection; its certificates are refused.
     assert (state.trust_only_grew, state.issuer_of(agent)) == (False, None)
     assert state.issuer_of(renewed) == _fingerprint(second)
-    assert list(state.trusted_fingerprints) == [_fingerprint(second)]
+    assert list(state.current.trusted_fingerprints) == [_fingerprint(second)]

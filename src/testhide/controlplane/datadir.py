@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,9 +75,10 @@ class TlsMaterial:
     def bundle_pem(self) -> bytes:
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.trusted)
 
-    @property
-    def trusted_fingerprints(self) -> frozenset[str]:
-        return frozenset(fingerprint(c.public_bytes(serialization.Encoding.DER)) for c in self.trusted)
+    @cached_property
+    def trusted_fingerprints(self) -> tuple[str, ...]:
+        """Of ``trusted``, in its order; computed once (the agent port reads it per call)."""
+        return tuple(fingerprint(c.public_bytes(serialization.Encoding.DER)) for c in self.trusted)
 
     @property
     def server_certificate(self) -> x509.Certificate:

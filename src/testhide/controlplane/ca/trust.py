@@ -13,9 +13,7 @@ import grpc
 import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
-from testhide.common.tls import fingerprint
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.datadir import DataDir, TlsMaterial
 
@@ -34,25 +32,18 @@ class CertificateState:
         self._files = directory.fingerprint_of_files()
         self.current: TlsMaterial = directory.tls_material(master, allow_development)
         self.version = 1
-        self.trusted_fingerprints = self._fingerprints(self.current)
-        """Of ``current.trusted``, in its order."""
         self.trust_only_grew = True
         """No CA has left the trusted set since this process started: every client certificate the
         agent port's handshakes accepted is signed by a CA in ``current.trusted``."""
-
-    @staticmethod
-    def _fingerprints(material: TlsMaterial) -> tuple[str, ...]:
-        return tuple(fingerprint(c.public_bytes(serialization.Encoding.DER)) for c in material.trusted)
 
     def reload_if_changed(self) -> tuple[TlsMaterial, TlsMaterial] | None:
         """(old, new) if a rotation changed the files, else None."""
         files = self._directory.fingerprint_of_files()
         if files == self._files:
             return None
-        old, old_fingerprints = self.current, self.trusted_fingerprints
+        old = self.current
         self.current = self._directory.tls_material(self._master, self._allow_development)
-        self.trusted_fingerprints = self._fingerprints(self.current)
-        if not set(old_fingerprints) <= set(self.trusted_fingerprints):
+        if not set(old.trusted_fingerprints) <= set(self.current.trusted_fingerprints):
             self.trust_only_grew = False  # for good: an open connection may have been verified by it
         self._files = files
         self.version += 1
@@ -67,8 +58,9 @@ class CertificateState:
     def issuer_of(self, cert: x509.Certificate) -> str | None:
         """The fingerprint of the trusted CA that issued an agent port client's certificate, None
         if none of them did (any more)."""
+        material = self.current
         return issuer_of(
-            cert, self.current.trusted, self.trusted_fingerprints, handshake_checked=self.trust_only_grew
+            cert, material.trusted, material.trusted_fingerprints, handshake_checked=self.trust_only_grew
         )
 
     def server_certificate_due(self, now: datetime | None = None) -> bool:
