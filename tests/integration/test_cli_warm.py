@@ -95,6 +95,27 @@ async def test_ctrl_c_on_a_warm_run_cancels_the_job(docker_agent: Agent, warm_cl
     assert (await shown(warm_cli, job_id))["status"] == "CANCELED"
 
 
+def state_of(pid: int) -> str:
+    """The process's state letter (R, S, T stopped, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.docker
+async def test_ctrl_z_stops_the_warm_command_with_its_caller(docker_agent: Agent, warm_cli: Cli) -> None:
+    runner, job_id = await started_run(warm_cli)
+    warm_pid = warm_cli.warm_pid()
+    assert warm_pid is not None
+    [command] = children_of(warm_pid)
+    runner.send_signal(signal.SIGTSTP)
+    await eventually(lambda: state_of(command) == "T" and state_of(runner.pid) == "T", 30, "both stopped")
+    runner.send_signal(signal.SIGCONT)
+    await eventually(lambda: state_of(command) != "T" and state_of(runner.pid) != "T", 30, "both going on")
+    runner.send_signal(signal.SIGINT)  # and the command still answers: the job is canceled
+    _, err = await asyncio.wait_for(runner.communicate(), 60)
+    assert runner.returncode == 130, err
+    assert (await shown(warm_cli, job_id))["status"] == "CANCELED"
+
+
 @pytest.mark.docker
 async def test_the_command_of_a_killed_caller_ends_and_its_job_runs_on(
     docker_agent: Agent, warm_cli: Cli

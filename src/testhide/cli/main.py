@@ -8,7 +8,8 @@ of the user's (`cli/warm.py`) has imported all of it once and forks a child
 for each command. The child takes this process's standard streams (passed
 over the socket), working directory, environment, umask and arguments, and
 runs the command as this process would have; this process only passes its
-signals on (Ctrl-C still cancels a job) and exits with the child's status.
+signals on (Ctrl-C still cancels a job; Ctrl-Z stops the child with it) and
+exits with the child's status.
 
 Started warm are only the commands that never ask at a terminal
 (`WARM_COMMANDS`): the child has no controlling terminal, so a password prompt
@@ -175,15 +176,28 @@ def run_warm(path: str, argv: list[str]) -> int | None:
     pending: list[int] = []
     forwarded: list[int] = []
 
-    def forward(signum: int, frame: object) -> None:
-        forwarded.append(signum)
-        if not child:
-            pending.append(signum)
-            return
+    def to_child(signum: int) -> None:
         try:  # noqa: SIM105 - contextlib is not imported here
             os.kill(child[0], signum)
         except ProcessLookupError:  # it has just ended; its status is on the way
             pass
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        if child:
+            to_child(signum)
+        else:
+            pending.append(signum)
+
+    def suspend(signum: int, frame: object) -> None:
+        """Ctrl-Z: the command stops with this process, and goes on with it (fg, bg)."""
+        if child:
+            to_child(_signal.SIGSTOP)
+        _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
+        os.kill(os.getpid(), _signal.SIGTSTP)  # stopped here until SIGCONT
+        _signal.signal(_signal.SIGTSTP, suspend)
+        if child:
+            to_child(_signal.SIGCONT)
 
     previous = {}
     replies = _Lines(connection)
@@ -193,6 +207,7 @@ def run_warm(path: str, argv: list[str]) -> int | None:
         for name in FORWARDED_SIGNALS:
             signum = getattr(_signal, name)
             previous[signum] = _signal.signal(signum, forward)
+        previous[_signal.SIGTSTP] = _signal.signal(_signal.SIGTSTP, suspend)
         _send(connection, _request(argv))
         first = replies.next()
         if len(first) == 2 and first[0] == b"pid":
