@@ -9,11 +9,14 @@ agent, Docker and CLI processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -52,6 +55,20 @@ def children_of(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+async def the_running_command(warm: Cli) -> int:
+    """The one command the warm process runs (the commands before it, which have already
+    reported their status to their callers, end within moments)."""
+    warm_pid = warm.warm_pid()
+    assert warm_pid is not None
+
+    def alone() -> list[int]:
+        children = children_of(warm_pid)
+        return children if len(children) == 1 else []
+
+    [command] = await eventually(alone, 30, "one command left")
+    return int(command)
+
+
 @pytest.mark.docker
 async def test_a_warm_run_is_the_run_of_its_own_process(
     docker_agent: Agent, warm_cli: Cli, tmp_path: Path
@@ -84,9 +101,7 @@ async def test_a_warm_run_is_the_run_of_its_own_process(
 @pytest.mark.docker
 async def test_ctrl_c_on_a_warm_run_cancels_the_job(docker_agent: Agent, warm_cli: Cli) -> None:
     runner, job_id = await started_run(warm_cli)
-    warm_pid = warm_cli.warm_pid()
-    assert warm_pid is not None
-    assert len(children_of(warm_pid)) == 1  # the command runs there, not in `runner`
+    await the_running_command(warm_cli)  # the command runs there, not in `runner`
     runner.send_signal(signal.SIGINT)
     _, err = await asyncio.wait_for(runner.communicate(), 60)
     assert runner.returncode == 130, err
@@ -103,9 +118,7 @@ def state_of(pid: int) -> str:
 @pytest.mark.docker
 async def test_ctrl_z_stops_the_warm_command_with_its_caller(docker_agent: Agent, warm_cli: Cli) -> None:
     runner, job_id = await started_run(warm_cli)
-    warm_pid = warm_cli.warm_pid()
-    assert warm_pid is not None
-    [command] = children_of(warm_pid)
+    command = await the_running_command(warm_cli)
     runner.send_signal(signal.SIGTSTP)
     await eventually(lambda: state_of(command) == "T" and state_of(runner.pid) == "T", 30, "both stopped")
     runner.send_signal(signal.SIGCONT)
@@ -121,9 +134,7 @@ async def test_the_command_of_a_killed_caller_ends_and_its_job_runs_on(
     docker_agent: Agent, warm_cli: Cli
 ) -> None:
     runner, job_id = await started_run(warm_cli)
-    warm_pid = warm_cli.warm_pid()
-    assert warm_pid is not None
-    [command] = children_of(warm_pid)
+    command = await the_running_command(warm_cli)
     with ended_process(command) as ended:
         runner.kill()  # no signal to pass on: as a killed `testhide run` leaves its job
         await asyncio.wait_for(ended, 30)
@@ -248,6 +259,42 @@ def test_a_second_warm_process_for_the_same_socket_leaves_at_once(tmp_path: Path
             first.terminate()
             first.wait(30)
     assert not path.exists()
+
+
+def flood(path: Path, busy: threading.Event, done: threading.Event) -> None:
+    """Connections to ``path``, one after another, until ``done``; ``busy`` after 50."""
+    for count in itertools.count():
+        if done.is_set():
+            return
+        with socket.socket(socket.AF_UNIX) as probe, contextlib.suppress(OSError):
+            at_socket(str(path), probe.connect)
+        if count == 50:
+            busy.set()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_warm_process_that_callers_keep_busy(tmp_path: Path) -> None:
+    """A SIGTERM that lands while the warm process forks a child still stops it (its handler
+    then runs inside the fork's own callbacks, where an exception raised by it was lost: the
+    process served on). Eight processes, each stopped under a flood of connections."""
+    for attempt in range(8):
+        path = tmp_path / f"warm-{attempt}" / "busy.sock"
+        path.parent.mkdir(mode=0o700)
+        command = [sys.executable, "-m", "testhide.cli.warm", str(path)]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as warm_process:
+            assert warm_process.stdout is not None
+            assert warm_process.stdout.readline() == "ready\n"
+            busy, done = threading.Event(), threading.Event()
+            flooding = threading.Thread(target=flood, args=(path, busy, done))
+            flooding.start()
+            try:
+                assert busy.wait(30)
+                warm_process.terminate()
+                assert warm_process.wait(30) == 0
+            finally:
+                done.set()
+                flooding.join()
+                warm_process.kill()
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ import io
 import locale
 import marshal
 import os
+import select
 import signal
 import socket
 import struct
@@ -49,6 +50,7 @@ WARM_MODULES = (
 )
 """What the warm commands import, at once or when they get there."""
 _SIGNALS_SET_HERE = (signal.SIGTERM, signal.SIGCHLD)
+"""Signals whose handling the warm process changes, back to the default in each child."""
 
 
 def installation_state() -> list[tuple[str, int, int]]:
@@ -93,15 +95,13 @@ def serve(path: str, idle_s: float = IDLE_S) -> None:
 
 def _serve(path: str, idle_s: float, lock: IO[str]) -> None:
     state = installation_state()
-    with _listening(path) as (listener, bound):
-        listener.settimeout(idle_s)
+    with _listening(path) as (listener, bound), _signalled(signal.SIGTERM) as stop:
         print("ready", flush=True)  # to whoever started this process and waits for it
         while True:
-            try:
-                connection, _ = listener.accept()
-            except TimeoutError:
-                return
-            connection.settimeout(None)
+            ready, _, _ = select.select([listener.fileno(), stop], [], [], idle_s)
+            if not ready or stop in ready:
+                return  # idle, or told to stop
+            connection, _ = listener.accept()
             if _uid(connection) != os.getuid():
                 connection.close()
                 continue
@@ -111,8 +111,9 @@ def _serve(path: str, idle_s: float, lock: IO[str]) -> None:
                 connection.close()
                 return
             if os.fork() == 0:
-                listener.close()
-                lock.close()
+                signal.set_wakeup_fd(-1)
+                for fd in (listener.fileno(), stop, lock.fileno()):
+                    os.close(fd)
                 _child(connection)
             connection.close()
 
@@ -131,25 +132,33 @@ def _listening(path: str) -> Iterator[tuple[socket.socket, os.stat_result]]:
         os.umask(mask)
     listener.listen(64)
     bound = os.stat(path)
-    previous = {
-        signal.SIGCHLD: signal.signal(signal.SIGCHLD, signal.SIG_IGN),  # the kernel reaps the children
-        signal.SIGTERM: signal.signal(signal.SIGTERM, _stop),
-    }
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
     try:
         yield listener, bound
-    except SystemExit:
-        pass
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        signal.signal(signal.SIGCHLD, previous)
         listener.close()
         if _same_file(path, bound):
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
 
-def _stop(signum: int, frame: object) -> NoReturn:
-    raise SystemExit(0)
+@contextlib.contextmanager
+def _signalled(signum: int) -> Iterator[int]:
+    """A descriptor that becomes readable once ``signum`` arrives (signal.set_wakeup_fd).
+    Not an exception raised from a handler: a signal arriving during os.fork() runs its
+    handler inside the fork's own callbacks, where an exception is printed and lost."""
+    readable, writable = os.pipe()
+    os.set_blocking(writable, False)
+    previous_fd = signal.set_wakeup_fd(writable)
+    previous = signal.signal(signum, lambda signum, frame: None)  # the wakeup fd tells
+    try:
+        yield readable
+    finally:
+        signal.signal(signum, previous)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(readable)
+        os.close(writable)
 
 
 def _same_file(path: str, bound: os.stat_result) -> bool:
