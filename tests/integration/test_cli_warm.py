@@ -219,6 +219,28 @@ async def test_a_changed_installation_makes_the_warm_process_give_way(
         await cli.stop_warm()
 
 
+async def test_the_warm_process_imports_nothing_from_the_callers_directory(
+    cp: RunningControlPlane, tmp_path: Path
+) -> None:
+    """It is started from the caller's directory, which may hold a file named like a module it
+    imports (tenacity): not on its import path, and it does not keep that directory."""
+    workspace = tmp_path / "project"
+    workspace.mkdir()
+    marker = tmp_path / "imported"
+    (workspace / "tenacity.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cli = Cli(tmp_path / "config", cwd=workspace, warm=True)
+    try:
+        assert (await cli.login(cp)).returncode == 0
+        await eventually(cli.warm_answers, 60, "the warm process")
+        warm_pid = cli.warm_pid()
+        assert warm_pid is not None
+        assert os.readlink(f"/proc/{warm_pid}/cwd") == "/"
+        assert not marker.exists()
+        assert warm_line((await cli("--debug", "whoami")).stderr, cli)
+    finally:
+        await cli.stop_warm()
+
+
 async def test_sigterm_stops_the_warm_process_and_removes_its_socket(warm_cli: Cli) -> None:
     await warm_cli.stop_warm()
     assert not warm_cli.warm_socket.exists()

@@ -266,8 +266,11 @@ def start_warm(path: str) -> None:
     """Start the warm process at ``path`` in its own session, for the next command."""
     import subprocess
 
+    # -P: the working directory is not put on its import path (a file there named like a module
+    # must never be imported), and it runs from / (it holds no directory of the caller's).
     subprocess.Popen(  # this interpreter, its own module
-        [sys.executable, "-m", "testhide.cli.warm", path],
+        [sys.executable, "-P", "-m", "testhide.cli.warm", path],
+        cwd="/",
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
