@@ -237,8 +237,15 @@ class Cli:
         self.cwd.mkdir(parents=True, exist_ok=True)
 
     async def start(
-        self, *args: str, stdin: bytes | None = None, cwd: Path | None = None
+        self,
+        *args: str,
+        stdin: bytes | None = None,
+        cwd: Path | None = None,
+        process_group: int | None = None,
+        start_new_session: bool = False,
     ) -> asyncio.subprocess.Process:
+        """The command, started; ``process_group=0`` puts it in a process group of its own, as
+        a shell with job control does (``start_new_session``: a session of its own)."""
         return await asyncio.create_subprocess_exec(
             *program_command("testhide.cli.main", self.program),
             *args,
@@ -247,6 +254,8 @@ class Cli:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            process_group=process_group,
+            start_new_session=start_new_session,
         )
 
     async def __call__(

@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ from testhide.agent.daemon import Agent
 from testhide.cli import warm
 from testhide.cli.main import at_socket, warm_command
 from tests.harness import JOB_IMAGE, Cli, RunningControlPlane, ended_process, eventually
-from tests.integration.test_job_explain import shown, started_run
+from tests.integration.test_job_explain import job_id_of, shown, started_run, status_becomes
 
 
 @pytest.fixture
@@ -115,16 +116,59 @@ def state_of(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+async def sleeping_run(cli: Cli, **group: Any) -> tuple[asyncio.subprocess.Process, str]:
+    """A warm `run` of a job that prints "started" and sleeps, once the job is running."""
+    runner = await cli.start(
+        "run", "--image", JOB_IMAGE, "--", "sh", "-c", "echo started; sleep 300", **group
+    )
+    try:
+        job_id = await job_id_of(runner)
+        assert runner.stdout is not None
+        assert await asyncio.wait_for(runner.stdout.readline(), 60) == b"started\n"
+        await status_becomes(cli, job_id, "RUNNING")
+    except BaseException:
+        runner.kill()
+        await runner.communicate()
+        raise
+    return runner, job_id
+
+
 @pytest.mark.docker
 async def test_ctrl_z_stops_the_warm_command_with_its_caller(docker_agent: Agent, warm_cli: Cli) -> None:
-    runner, job_id = await started_run(warm_cli)
-    command = await the_running_command(warm_cli)
-    runner.send_signal(signal.SIGTSTP)
-    await eventually(lambda: state_of(command) == "T" and state_of(runner.pid) == "T", 30, "both stopped")
-    runner.send_signal(signal.SIGCONT)
-    await eventually(lambda: state_of(command) != "T" and state_of(runner.pid) != "T", 30, "both going on")
-    runner.send_signal(signal.SIGINT)  # and the command still answers: the job is canceled
-    _, err = await asyncio.wait_for(runner.communicate(), 60)
+    """As at a terminal: the caller in a process group of its own, which a shell with job control
+    stops and continues (fg, bg)."""
+    runner, job_id = await sleeping_run(warm_cli, process_group=0)
+    try:
+        command = await the_running_command(warm_cli)
+        runner.send_signal(signal.SIGTSTP)
+        await eventually(lambda: state_of(command) == state_of(runner.pid) == "T", 30, "both stopped")
+        runner.send_signal(signal.SIGCONT)
+        await eventually(lambda: "T" not in (state_of(command), state_of(runner.pid)), 30, "both going on")
+        runner.send_signal(signal.SIGINT)  # and the command still answers: the job is canceled
+        _, err = await asyncio.wait_for(runner.communicate(), 60)
+    finally:
+        if runner.returncode is None:
+            runner.kill()
+            await runner.communicate()
+    assert runner.returncode == 130, err
+    assert (await shown(warm_cli, job_id))["status"] == "CANCELED"
+
+
+@pytest.mark.docker
+async def test_ctrl_z_where_nothing_can_stop_leaves_the_command_going(
+    docker_agent: Agent, warm_cli: Cli
+) -> None:
+    """The caller in a process group no shell controls (a session of its own): the kernel drops
+    its SIGTSTP, so it does not stop, and neither may its command stay stopped."""
+    runner, job_id = await sleeping_run(warm_cli, start_new_session=True)
+    try:
+        runner.send_signal(signal.SIGTSTP)
+        runner.send_signal(signal.SIGINT)  # a stopped command would never take it
+        _, err = await asyncio.wait_for(runner.communicate(), 60)
+    finally:
+        if runner.returncode is None:
+            runner.kill()
+            await runner.communicate()
     assert runner.returncode == 130, err
     assert (await shown(warm_cli, job_id))["status"] == "CANCELED"
 
