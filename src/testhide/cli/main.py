@@ -92,9 +92,9 @@ def socket_path(environ: Mapping[str, str] = os.environ) -> str:
 
 def private(status: os.stat_result) -> bool:
     """A directory of this user's that nobody else can enter (ssh checks its control path so)."""
-    return (
-        status.st_mode & 0o170000 == 0o040000 and status.st_uid == os.getuid() and not status.st_mode & 0o077
-    )
+    import stat  # imported by os already
+
+    return stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o077
 
 
 def at_socket(path: str, act: Callable[[str], None]) -> bool:
