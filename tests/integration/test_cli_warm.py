@@ -118,19 +118,41 @@ def state_of(pid: int) -> str:
 
 async def sleeping_run(cli: Cli, **group: Any) -> tuple[asyncio.subprocess.Process, str]:
     """A warm `run` of a job that prints "started" and sleeps, once the job is running."""
-    runner = await cli.start(
-        "run", "--image", JOB_IMAGE, "--", "sh", "-c", "echo started; sleep 300", **group
-    )
-    try:
+    job = ("--image", JOB_IMAGE, "--", "sh", "-c", "echo started; sleep 300")
+    runner = await cli.start("run", *job, **group)
+    async with reaped(runner, only_on_failure=True):
         job_id = await job_id_of(runner)
         assert runner.stdout is not None
         assert await asyncio.wait_for(runner.stdout.readline(), 60) == b"started\n"
         await status_becomes(cli, job_id, "RUNNING")
+    return runner, job_id
+
+
+@contextlib.asynccontextmanager
+async def reaped(runner: asyncio.subprocess.Process, only_on_failure: bool = False) -> AsyncIterator[None]:
+    """``runner`` killed and waited for if it is still running at the end (or only after a
+    failure): a process left behind fails a later test of the worker with ResourceWarnings."""
+    try:
+        yield
     except BaseException:
+        await _kill(runner)
+        raise
+    if not only_on_failure:
+        await _kill(runner)
+
+
+async def _kill(runner: asyncio.subprocess.Process) -> None:
+    if runner.returncode is None:
         runner.kill()
         await runner.communicate()
-        raise
-    return runner, job_id
+
+
+async def ends_canceled(runner: asyncio.subprocess.Process, cli: Cli, job_id: str) -> None:
+    """Ctrl-C on the caller: the job is canceled and the caller exits 130."""
+    runner.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(runner.communicate(), 60)
+    assert runner.returncode == 130, err
+    assert (await shown(cli, job_id))["status"] == "CANCELED"
 
 
 @pytest.mark.docker
@@ -138,20 +160,13 @@ async def test_ctrl_z_stops_the_warm_command_with_its_caller(docker_agent: Agent
     """As at a terminal: the caller in a process group of its own, which a shell with job control
     stops and continues (fg, bg)."""
     runner, job_id = await sleeping_run(warm_cli, process_group=0)
-    try:
+    async with reaped(runner):
         command = await the_running_command(warm_cli)
         runner.send_signal(signal.SIGTSTP)
         await eventually(lambda: state_of(command) == state_of(runner.pid) == "T", 30, "both stopped")
         runner.send_signal(signal.SIGCONT)
         await eventually(lambda: "T" not in (state_of(command), state_of(runner.pid)), 30, "both going on")
-        runner.send_signal(signal.SIGINT)  # and the command still answers: the job is canceled
-        _, err = await asyncio.wait_for(runner.communicate(), 60)
-    finally:
-        if runner.returncode is None:
-            runner.kill()
-            await runner.communicate()
-    assert runner.returncode == 130, err
-    assert (await shown(warm_cli, job_id))["status"] == "CANCELED"
+        await ends_canceled(runner, warm_cli, job_id)  # the command still answers Ctrl-C
 
 
 @pytest.mark.docker
@@ -161,16 +176,9 @@ async def test_ctrl_z_where_nothing_can_stop_leaves_the_command_going(
     """The caller in a process group no shell controls (a session of its own): the kernel drops
     its SIGTSTP, so it does not stop, and neither may its command stay stopped."""
     runner, job_id = await sleeping_run(warm_cli, start_new_session=True)
-    try:
+    async with reaped(runner):
         runner.send_signal(signal.SIGTSTP)
-        runner.send_signal(signal.SIGINT)  # a stopped command would never take it
-        _, err = await asyncio.wait_for(runner.communicate(), 60)
-    finally:
-        if runner.returncode is None:
-            runner.kill()
-            await runner.communicate()
-    assert runner.returncode == 130, err
-    assert (await shown(warm_cli, job_id))["status"] == "CANCELED"
+        await ends_canceled(runner, warm_cli, job_id)  # a stopped command would never take the SIGINT
 
 
 @pytest.mark.docker
