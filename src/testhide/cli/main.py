@@ -215,7 +215,7 @@ def run_warm(path: str, argv: list[str]) -> int | None:
             if _parsed(argv)[1]:
                 sys.stderr.write(f"testhide: started warm, as process {child[0]} of {path}\n")
             for signum in pending:
-                os.kill(child[0], signum)
+                to_child(signum)
             last = replies.next()
     except OSError:
         last = []

@@ -30,7 +30,6 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import testhide
@@ -54,21 +53,21 @@ _SIGNALS_SET_HERE = (signal.SIGTERM, signal.SIGCHLD)
 
 
 def installation_state() -> list[tuple[str, int, int]]:
-    """Every module file of testhide and every import path, with its change time and size:
-    a change (an upgrade, an edit in a development checkout) makes a running warm process stale."""
-    package = Path(testhide.__file__).parent
+    """What must not change under a running warm process, with change time and size: each testhide
+    module it has imported (one imported later comes fresh from disk), the directories they are in
+    (a file added, removed or replaced, as an upgrade does) and each import path. Read for every
+    caller, before the fork: ~0.5 ms (a walk stat-ing every file of the package was ~2.6 ms)."""
+    package = os.path.dirname(testhide.__file__)
+    files = {
+        file
+        for module in list(sys.modules.values())
+        if (file := getattr(module, "__file__", None)) and file.startswith(package + os.sep)
+    }
     state = []
-    for root, directories, files in os.walk(package):
-        directories[:] = sorted(d for d in directories if d != "__pycache__")
-        for name in sorted(files):
-            if name.endswith((".py", ".so")):
-                with contextlib.suppress(OSError):
-                    status = os.stat(os.path.join(root, name))
-                    state.append((os.path.join(root, name), status.st_mtime_ns, status.st_size))
-    for entry in sys.path:
+    for path in [*sorted(files | {os.path.dirname(file) for file in files}), *sys.path]:
         with contextlib.suppress(OSError):
-            status = os.stat(entry or ".")
-            state.append((entry, status.st_mtime_ns, status.st_size))
+            status = os.stat(path or ".")
+            state.append((path, status.st_mtime_ns, status.st_size))
     return state
 
 
