@@ -114,6 +114,8 @@ async def test_certificate_benchmark_alone_smoke(tmp_path: Path) -> None:
         "all_renewed_s",
         "renewal_rate_vs_signing",
         "latency_p99_ms",
+        "rpc_all_renewed_s",
+        "rpc_controlplane_cpu_ms_per_renewal",
     ):
         assert isinstance(result[key], float), key
         assert result[key] > 0, key

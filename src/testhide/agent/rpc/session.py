@@ -33,6 +33,9 @@ SESSION_ACCEPTED = "testhide-session"
 HEARTBEAT_INTERVAL = "testhide-heartbeat-ms"
 READS_BATCHES = "testhide-batches"
 """In the control plane's initial metadata: it reads AgentMessage.batch."""
+RENEWS = "testhide-renews"
+"""In the control plane's initial metadata: it answers AgentMessage.renew on the stream."""
+RENEW_TIMEOUT_S = 30
 COALESCE_S = 0.002
 """How long a small report waits for others to share its message (a job's start and
 its result, results of jobs ending together): fewer, larger messages."""
@@ -92,6 +95,8 @@ class Session:
         self._outbox = outbox
         self._events = events
         self._rng = rng or random.SystemRandom()
+        self._renewal: asyncio.Future[agent_pb2.RenewResponse] | None = None
+        """The answer to the renewal asked on the stream, while it is awaited."""
         self.established = False
 
     async def run(self) -> None:
@@ -128,6 +133,7 @@ class Session:
                 metadata = await self._await_acceptance(call)
                 self._heartbeat_s = self._heartbeat_interval(metadata)
                 batches = metadata.get(READS_BATCHES) == "1"
+                renews_on_stream = metadata.get(RENEWS) == "1"
                 self.established = True
                 log.info("agent_connected", endpoint=self._endpoint, agent_id=creds.agent_id)
                 self._events.connected(self._endpoint)
@@ -136,7 +142,7 @@ class Session:
                     asyncio.create_task(self._read(call, outgoing), name="read"),
                     asyncio.create_task(self._write(call, outgoing, batches), name="write"),
                     asyncio.create_task(self._heartbeat(outgoing), name="heartbeat"),
-                    asyncio.create_task(self._renew(stub), name="renew"),
+                    asyncio.create_task(self._renew(stub, outgoing, renews_on_stream), name="renew"),
                 ]
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -236,6 +242,14 @@ class Session:
                 self._outbox.ack_log(message.log_ack.job_id, message.log_ack.seq)
             case "result_ack":
                 self._outbox.ack_result(message.result_ack.job_id)
+            case "renewed":
+                if self._renewal is not None and not self._renewal.done():
+                    self._renewal.set_result(message.renewed)
+            case "renew_refused":
+                if self._renewal is not None and not self._renewal.done():
+                    refused = message.renew_refused
+                    code = grpc.StatusCode.__members__.get(refused.code, grpc.StatusCode.UNKNOWN)
+                    self._renewal.set_exception(_rpc_error(code, refused.message))
 
     async def _heartbeat(self, outgoing: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
         """Keeps the leases of our jobs; tells the control plane at once when we
@@ -259,10 +273,16 @@ class Session:
                 )
             )
 
-    async def _renew(self, stub: agent_pb2_grpc.AgentControlAsyncStub) -> None:
-        """At half-life with jitter: a new key, a new certificate, then end this
-        session so the next connection presents it. Jobs run on; the outbox
-        replays whatever this connection had not acknowledged."""
+    async def _renew(
+        self,
+        stub: agent_pb2_grpc.AgentControlAsyncStub,
+        outgoing: asyncio.Queue[agent_pb2.AgentMessage],
+        on_stream: bool,
+    ) -> None:
+        """At half-life with jitter: a new key, a new certificate (asked on the stream
+        where the control plane answers there, else with the Renew RPC), then end this
+        session so the next connection presents it. Jobs run on; the outbox replays
+        whatever this connection had not acknowledged."""
         jitter = self._rng.uniform(-0.1, 0.1)
         at = self._credentials.renewal_at(jitter)
         serial = format(self._credentials.certificate.serial_number, "x")
@@ -280,7 +300,10 @@ class Session:
         started = time.monotonic()
         key_pem, csr_pem = new_key_and_csr()
         try:
-            response = await stub.Renew(agent_pb2.RenewRequest(csr_pem=csr_pem), timeout=30)
+            if on_stream:
+                response = await self._renew_on_stream(csr_pem, outgoing)
+            else:
+                response = await stub.Renew(agent_pb2.RenewRequest(csr_pem=csr_pem), timeout=RENEW_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
             log.warning(
                 "agent_certificate_renewal_failed",
@@ -305,6 +328,27 @@ class Session:
             took_s=round(time.monotonic() - started, 3),
         )
         raise CertificateRenewed("certificate renewed; reconnecting with it")
+
+    async def _renew_on_stream(
+        self, csr_pem: bytes, outgoing: asyncio.Queue[agent_pb2.AgentMessage]
+    ) -> agent_pb2.RenewResponse:
+        """AgentMessage.renew, answered on the stream: the certificate, or the refusal
+        raised as the RPC would raise it."""
+        answer: asyncio.Future[agent_pb2.RenewResponse] = asyncio.get_running_loop().create_future()
+        self._renewal = answer
+        outgoing.put_nowait(agent_pb2.AgentMessage(renew=agent_pb2.RenewRequest(csr_pem=csr_pem)))
+        try:
+            async with asyncio.timeout(RENEW_TIMEOUT_S):
+                return await answer
+        except TimeoutError:
+            why = f"no answer to the renewal within {RENEW_TIMEOUT_S} s"
+            raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, why) from None
+        finally:
+            self._renewal = None
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
 async def _coalesce(

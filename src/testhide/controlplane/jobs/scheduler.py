@@ -71,7 +71,17 @@ class TrustBundle:
     bundle_pem: bytes
 
 
-Outbound = Assign | Cancel | LogAck | ResultAck | TrustBundle
+@dataclass(frozen=True)
+class RenewAnswer:
+    """The answer to a renewal the agent asked for on its stream: a certificate, or why none."""
+
+    certificate_pem: bytes = b""
+    ca_bundle_pem: bytes = b""
+    refused: tuple[str, str] | None = None
+    """(gRPC status code name, message), as the Renew RPC would have ended."""
+
+
+Outbound = Assign | Cancel | LogAck | ResultAck | TrustBundle | RenewAnswer
 
 
 class Mailbox:
@@ -168,6 +178,8 @@ class AgentSession:
     """The agent is shutting down: it takes no new jobs."""
     reads_batches: bool = False
     """The agent reads several messages in one (its Hello said so)."""
+    renewing: bool = False
+    """A renewal the agent asked for on this stream is under way (one at a time)."""
     close_reason: tuple[str, str] | None = None
     """Why the control plane ended the stream: (status code name, message)."""
     jobs: set[str] = field(default_factory=set)

@@ -528,6 +528,7 @@ class AgentMessage(_message.Message):
     REFUSED_FIELD_NUMBER: _builtins.int
     FETCHED_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    RENEW_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -551,6 +552,14 @@ class AgentMessage(_message.Message):
         announced it reads them (the testhide-batches initial metadata).
         """
 
+    @_builtins.property
+    def renew(self) -> Global___RenewRequest:
+        """A new certificate for this agent, as the Renew RPC gives, on the stream already
+        open (no call of its own to set up). Answered by ControlMessage.renewed or
+        renew_refused. Sent only to a control plane that announced it answers it (the
+        testhide-renews initial metadata); one at a time.
+        """
+
     def __init__(
         self,
         *,
@@ -563,12 +572,13 @@ class AgentMessage(_message.Message):
         refused: Global___JobRefused | None = ...,
         fetched: Global___JobFetched | None = ...,
         batch: Global___AgentBatch | None = ...,
+        renew: Global___RenewRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch", b"batch", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch", b"batch", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "renew", b"renew", "result", b"result", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch", b"batch", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "result", b"result", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch", b"batch", "body", b"body", "fetched", b"fetched", "heartbeat", b"heartbeat", "hello", b"hello", "log_batch", b"log_batch", "refused", b"refused", "renew", b"renew", "result", b"result", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "accepted", "started", "log_batch", "result", "refused", "fetched", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "accepted", "started", "log_batch", "result", "refused", "fetched", "batch", "renew"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -799,6 +809,8 @@ class ControlMessage(_message.Message):
     RESULT_ACK_FIELD_NUMBER: _builtins.int
     TRUST_BUNDLE_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    RENEWED_FIELD_NUMBER: _builtins.int
+    RENEW_REFUSED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def assign(self) -> Global___AssignJob: ...
     @_builtins.property
@@ -815,6 +827,12 @@ class ControlMessage(_message.Message):
         batch). Sent only to agents whose Hello set reads_batches.
         """
 
+    @_builtins.property
+    def renewed(self) -> Global___RenewResponse:
+        """The answer to AgentMessage.renew."""
+
+    @_builtins.property
+    def renew_refused(self) -> Global___RenewRefused: ...
     def __init__(
         self,
         *,
@@ -824,12 +842,14 @@ class ControlMessage(_message.Message):
         result_ack: Global___ResultAck | None = ...,
         trust_bundle: Global___TrustBundle | None = ...,
         batch: Global___ControlBatch | None = ...,
+        renewed: Global___RenewResponse | None = ...,
+        renew_refused: Global___RenewRefused | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "batch", b"batch", "body", b"body", "cancel", b"cancel", "log_ack", b"log_ack", "result_ack", b"result_ack", "trust_bundle", b"trust_bundle"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "batch", b"batch", "body", b"body", "cancel", b"cancel", "log_ack", b"log_ack", "renew_refused", b"renew_refused", "renewed", b"renewed", "result_ack", b"result_ack", "trust_bundle", b"trust_bundle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "batch", b"batch", "body", b"body", "cancel", b"cancel", "log_ack", b"log_ack", "result_ack", b"result_ack", "trust_bundle", b"trust_bundle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assign", b"assign", "batch", b"batch", "body", b"body", "cancel", b"cancel", "log_ack", b"log_ack", "renew_refused", b"renew_refused", "renewed", b"renewed", "result_ack", b"result_ack", "trust_bundle", b"trust_bundle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["assign", "cancel", "log_ack", "result_ack", "trust_bundle", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["assign", "cancel", "log_ack", "result_ack", "trust_bundle", "batch", "renewed", "renew_refused"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -895,3 +915,29 @@ class RenewResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenewResponse: _TypeAlias = RenewResponse  # noqa: Y015
+
+@_typing.final
+class RenewRefused(_message.Message):
+    """Why AgentMessage.renew got no certificate, as the Renew RPC would have ended:
+    the gRPC status code's name (PERMISSION_DENIED, INVALID_ARGUMENT...) and its message.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewRefused: _TypeAlias = RenewRefused  # noqa: Y015
