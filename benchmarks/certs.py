@@ -10,7 +10,8 @@
    phases of their own and reported in the details: connecting beforehand
    (handshake, stream, hello, the trust bundle read), and reconnecting
    afterwards with the new certificate (an agent ends its session to present
-   it), each with the CPU the control plane and the agents spent on it;
+   it; here every old connection is closed and let go first, untimed), each
+   with the CPU the control plane and the agents spent on it;
    likewise the CPU of each side per renewal. details.rpc_* are the same
    renewals with the Renew RPC on the same connections (what agents of v0.1.0
    do), measured after them in the same run.
@@ -23,7 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -75,6 +78,9 @@ RENEWAL_GOAL = 3.0
 STEP_S = 240
 """Deadline of each RPC and of each phase: a stuck run fails instead of holding the machine."""
 
+RELEASE_SLACK = 64
+"""Descriptors the control plane may still hold for other things once the agents are gone."""
+
 CONNECTIONS_AT_ONCE = 64
 """Handshakes in flight per worker process: thousands at once overran the
 control plane's accept queue ("Handshake read failed")."""
@@ -91,6 +97,12 @@ async def _connect(target: str, ca_pem: bytes, key_pem: bytes, cert_pem: bytes) 
     if not isinstance(first, agent_pb2.ControlMessage) or not first.HasField("trust_bundle"):
         raise RuntimeError(f"the stream began with {first!r}, not the trust bundle")
     return channel, call
+
+
+async def _close(agent: Agent) -> None:
+    channel, call = agent
+    call.cancel()
+    await channel.close()
 
 
 def _failed(how: str, started: float) -> str:
@@ -134,12 +146,12 @@ async def _agents(
 ) -> None:
     """One worker's agents, as real agents renew (agent/rpc/session.py): on the
     stream already open, then a new connection presenting the new certificate.
-    Four phases, each waiting at its start line for every worker and reporting
-    its time and CPU: every agent connects (handshake, stream, hello) and keeps
-    its stream; every agent asks for its renewal on it at once, with a new key
-    and CSR made beforehand; every agent reconnects with its new certificate
-    and closes its old connection; every agent renews again with the Renew RPC
-    on its new connection (the older agents' way, for comparison)."""
+    Phases, each waiting at its start line for every worker and reporting its
+    time and CPU: every agent connects (handshake, stream, hello) and keeps its
+    stream; every agent asks for its renewal on it at once, with a new key and
+    CSR made beforehand; every agent closes its old connection (untimed); every
+    agent reconnects with its new certificate; every agent renews again with
+    the Renew RPC on its new connection (the older agents' way, for comparison)."""
     loop = asyncio.get_running_loop()
     csr_cpu = cpu_seconds()
     renewing = [new_key_and_csr() for _ in agents]
@@ -162,22 +174,28 @@ async def _agents(
     )
     out.put(("renewed", cpu_seconds() - cpu, [r[0] if isinstance(r, tuple) else r for r in renewed]))
 
-    async def reconnect(old: Agent, key_pem: bytes, cert_pem: bytes) -> Agent:
-        await old[0].close()  # first, as the agent's session ends before it reconnects
-        return await connect(key_pem, cert_pem)
-
+    # The old streams end before the agents reconnect, as an agent's session ends first; all
+    # of them first here, and the control plane lets them go before the next phase
+    # (_released): with both at once it would need more descriptors than this machine allows.
     await loop.run_in_executor(None, gates[2].wait)
     cpu = cpu_seconds()
-    # A renewal that failed fails the run (reported above); its agent does not reconnect.
-    pairs = zip(connected, renewing, renewed, strict=True)
-    new = [(agent, key, r[1]) for agent, (key, _), r in pairs if isinstance(r, tuple)]
-    reconnected = await asyncio.gather(*(reconnect(*agent) for agent in new))
-    out.put(("reconnected", cpu_seconds() - cpu))
+    await asyncio.gather(*(_close(agent) for agent in connected))
+    # A call object still referenced keeps its connection open after the channel's close.
+    connected.clear()
+    gc.collect()
+    out.put(("closed", cpu_seconds() - cpu))
     await loop.run_in_executor(None, gates[3].wait)
+    cpu = cpu_seconds()
+    # A renewal that failed fails the run (reported above); its agent does not reconnect.
+    pairs = zip(renewing, renewed, strict=True)
+    new = [(key, r[1]) for (key, _), r in pairs if isinstance(r, tuple)]
+    reconnected = await asyncio.gather(*(connect(key, cert) for key, cert in new))
+    out.put(("reconnected", cpu_seconds() - cpu))
+    await loop.run_in_executor(None, gates[4].wait)
     cpu = cpu_seconds()
     again = await asyncio.gather(*(_renew_rpc(a, csr) for a, csr in zip(reconnected, by_rpc, strict=False)))
     out.put(("renewed_rpc", cpu_seconds() - cpu, [r[0] if isinstance(r, tuple) else r for r in again]))
-    await asyncio.gather(*(channel.close() for channel, _ in connected + reconnected))
+    await asyncio.gather(*(_close(agent) for agent in reconnected))
 
 
 def _worker(target: str, ca_pem: bytes, agents: list[tuple[bytes, bytes]], gates: Any, out: Any) -> None:
@@ -226,6 +244,20 @@ async def _phase(gate: Any, out: Any, workers: int) -> tuple[float, float, list[
     return time.perf_counter() - started, cpu_seconds() - cpu, reports
 
 
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _released(before: int) -> None:
+    """Until the control plane (in this process) has let the closed connections go:
+    its open descriptors back near where they were before any agent connected."""
+    deadline = time.monotonic() + STEP_S
+    while _open_descriptors() > before + RELEASE_SLACK:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{_open_descriptors()} descriptors still open, {before} before the agents")
+        await asyncio.sleep(0.1)
+
+
 async def _reports(out: Any, workers: int) -> list[tuple[Any, ...]]:
     reports = [await asyncio.to_thread(out.get, True, STEP_S + 60) for _ in range(workers)]
     failed = [r[1] for r in reports if r[0] == "failed"]
@@ -239,7 +271,7 @@ async def renewal(agents: int, workers: int) -> dict[str, Any]:
         async with control_plane(Path(tmp)) as cp:
             identities = await _enrolled(cp, agents)
             context = SPAWN
-            gates, out = tuple(context.Event() for _ in range(4)), context.Queue()
+            gates, out = tuple(context.Event() for _ in range(5)), context.Queue()
             processes = [
                 context.Process(
                     target=_worker, args=(cp.agent_target, cp.ca_pem, identities[i::workers], gates, out)
@@ -249,10 +281,13 @@ async def renewal(agents: int, workers: int) -> dict[str, Any]:
             for process in processes:
                 process.start()
             ready = await _reports(out, workers)
+            descriptors = _open_descriptors()
             connect_s, connect_cpu, connected = await _phase(gates[0], out, workers)
             renewed_s, renewals_cpu, renewed = await _phase(gates[1], out, workers)
-            reconnect_s, reconnect_cpu, reconnected = await _phase(gates[2], out, workers)
-            rpc_s, rpc_cpu, by_rpc = await _phase(gates[3], out, workers)
+            await _phase(gates[2], out, workers)
+            await _released(descriptors)
+            reconnect_s, reconnect_cpu, reconnected = await _phase(gates[3], out, workers)
+            rpc_s, rpc_cpu, by_rpc = await _phase(gates[4], out, workers)
             for process in processes:
                 process.join(30)
     latencies = _latencies(renewed, agents, "on the stream")
