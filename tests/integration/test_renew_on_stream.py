@@ -4,10 +4,11 @@ plane does not announce it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -17,11 +18,20 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from structlog.testing import capture_logs
 
 from testhide.agent.credentials import Credentials, new_key_and_csr
+from testhide.agent.rpc import session as agent_session
 from testhide.agent.runtime.fake import FakeRuntime
 from testhide.common.identity import AgentIdentity
 from testhide.controlplane.rpc import agent as agent_rpc
+from testhide.controlplane.rpc.agent import AgentControlServicer
 from testhide.protos.v1 import agent_pb2, agent_pb2_grpc
-from tests.harness import RunningControlPlane, control_plane, enrolled, running_agent, wait_until
+from tests.harness import (
+    RunningControlPlane,
+    control_plane,
+    enrolled,
+    eventually,
+    running_agent,
+    wait_until,
+)
 from tests.integration.test_identity import audit_actions, issued_by
 from tests.integration.test_transport import our_ca
 
@@ -168,3 +178,30 @@ async def test_an_agent_renews_on_its_stream_where_the_control_plane_answers_the
     logged = [e for e in events if e["event"] == "agent_certificate_renewed" and "via" in e]
     assert logged[0]["via"] == ("stream" if announced else "rpc")
     assert logged[0]["agent_id"] == agent.agent_id
+
+
+async def test_a_renewal_left_unanswered_on_the_stream_ends_the_session_and_is_asked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As an RPC past its deadline: the agent gives up on the answer, ends the session,
+    reconnects and asks again on the new stream, keeping its certificate meanwhile."""
+    asked: list[str] = []
+    monkeypatch.setattr(
+        AgentControlServicer,
+        "_renew_on_stream",
+        lambda self, session, csr_pem, peer: asked.append(session.identity.agent_id),
+    )
+    monkeypatch.setattr(agent_session, "RENEW_TIMEOUT_S", 1)
+    async with control_plane(tmp_path, agent_cert_ttl=timedelta(seconds=10)) as cp:
+        with capture_logs() as events:
+            async with running_agent(cp, tmp_path, FakeRuntime()) as agent:
+                first = agent.credentials.certificate.serial_number
+
+                def failures() -> list[MutableMapping[str, Any]]:
+                    return [e for e in events if e["event"] == "agent_certificate_renewal_failed"]
+
+                failed = await eventually(failures, 30, "the renewal to be given up")
+                assert failed[0]["code"] == "DEADLINE_EXCEEDED"
+                await eventually(lambda: len(asked) >= 2, 30, "the renewal asked again on a new stream")
+                assert set(asked) == {agent.agent_id}
+                assert agent.credentials.certificate.serial_number == first
