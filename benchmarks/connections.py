@@ -24,7 +24,6 @@ from testhide.protos.v1 import agent_pb2
 from tests.harness import REPO, ControlPlaneProcess, RunningControlPlane, control_plane, free_port
 
 GOAL_CONTROLPLANE_BYTES = 1 << 30
-GOAL_AGENT_BYTES = 60 * 1000 * 1000
 HEARTBEAT_S = 20.0
 HANDSHAKES_AT_ONCE = 64
 MIB = 1 << 20
@@ -171,8 +170,8 @@ async def measure(smoke: bool) -> list[Figure]:
             baseline_unit="MiB",
             baseline_what="a bare Python interpreter, idle",
             ratio=round(agent_rss / bare_rss, 2),
-            goal="< 60 MB (57.2 MiB)",
-            met=agent_rss < GOAL_AGENT_BYTES,
+            goal="none set (reported)",
+            met=None,
             details={"command": "testhide-agent run (Docker runtime), connected, no job"},
         ),
     ]
