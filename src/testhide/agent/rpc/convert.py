@@ -116,16 +116,15 @@ def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
                 fetched=agent_pb2.JobFetched(job_id=job_id, epoch=epoch, fetch=fetch_to_pb(fetch))
             )
         case LogBatch(job_id, epoch, seq, entries):
-            return agent_pb2.AgentMessage(
-                log_batch=agent_pb2.LogBatch(
-                    job_id=job_id,
-                    epoch=epoch,
-                    seq=seq,
-                    entries=[
-                        agent_pb2.LogEntry(stream=_STREAM[stream], data=data) for stream, data in entries
-                    ],
-                )
-            )
+            # Filled in place: a message given to a constructor (``AgentMessage(log_batch=...)``,
+            # ``entries=[LogEntry(...)]``) is copied field by field, ~2.3 ms for each MiB at each
+            # level against 0.04 ms in place (protobuf's upb backend).
+            message = agent_pb2.AgentMessage()
+            batch = message.log_batch
+            batch.job_id, batch.epoch, batch.seq = job_id, epoch, seq
+            for stream, data in entries:
+                batch.entries.add(stream=_STREAM[stream], data=data)
+            return message
         case JobResult(job_id, epoch, last_seq, outcome, exit_code, reason):
             result = agent_pb2.JobResult(
                 job_id=job_id,

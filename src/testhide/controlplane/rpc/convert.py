@@ -283,16 +283,22 @@ def isolation_from_pb(i: jobs_pb2.Isolation) -> Isolation:
     )
 
 
-def chunk_to_pb(chunk: LogChunk) -> jobs_pb2.LogChunk:
-    return jobs_pb2.LogChunk(offset=chunk.offset, stream=_STREAM_TO_PB[chunk.stream], data=chunk.data)
+def chunk_to_pb(chunk: LogChunk) -> jobs_pb2.FollowLogsResponse:
+    """A log chunk as FollowLogs sends it. Filled in place: a message given to a
+    constructor (``FollowLogsResponse(chunk=...)``) is copied field by field, ~2.3 ms
+    for a 1 MiB chunk against 0.04 ms in place (protobuf's upb backend)."""
+    response = jobs_pb2.FollowLogsResponse()
+    response.chunk.offset = chunk.offset
+    response.chunk.stream = _STREAM_TO_PB[chunk.stream]
+    response.chunk.data = chunk.data
+    return response
 
 
 def log_batch_to_pb(batch: LogBatchRecord) -> jobs_pb2.LogBatchRecord:
-    return jobs_pb2.LogBatchRecord(
-        seq=batch.seq,
-        chain=batch.chain,
-        entries=[jobs_pb2.LogBatchEntry(stream=_STREAM_TO_PB[s], data=data) for s, data in batch.entries],
-    )
+    record = jobs_pb2.LogBatchRecord(seq=batch.seq, chain=batch.chain)
+    for stream, data in batch.entries:  # added in place (see chunk_to_pb)
+        record.entries.add(stream=_STREAM_TO_PB[stream], data=data)
+    return record
 
 
 def stream_from_pb(value: int) -> LogStream:

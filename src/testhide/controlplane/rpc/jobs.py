@@ -116,7 +116,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             elif isinstance(item, Job):
                 yield jobs_pb2.FollowLogsResponse(finished=job_to_pb(item))
             else:
-                yield jobs_pb2.FollowLogsResponse(chunk=chunk_to_pb(item))
+                yield chunk_to_pb(item)
 
     @mapped
     async def UploadWorkspace(
