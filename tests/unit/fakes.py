@@ -352,6 +352,7 @@ class UnusedLogs:
         seq: int,
         entries: list[tuple[LogStream, bytes, int]],
         link: Callable[[bytes], bytes] | None = None,
+        at: Callable[[int], None] | None = None,
     ) -> int:
         raise _unused("append_log_batch")
 

@@ -313,7 +313,7 @@ class JobService:
                 if updates and follow and (job.status, job.status_reason) != shown:
                     shown = (job.status, job.status_reason)
                     yield JobUpdate((await self.with_agents(org, [job]))[0])
-                async for chunk in self._logs.read(org, job_id, offset):
+                async for chunk in self._logs.read(org, job_id, offset, job.log_size):
                     offset = chunk.offset + len(chunk.data)
                     yield chunk
                 if not follow:

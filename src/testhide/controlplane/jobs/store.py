@@ -176,10 +176,13 @@ class LogStore(Protocol):
         seq: int,
         entries: list[tuple[LogStream, bytes, int]],
         link: Callable[[bytes], bytes] | None = None,
+        at: Callable[[int], None] | None = None,
     ) -> int:
         """The holding agent's log batch ``seq``, stored once, with its chain link
         ``link(previous link)``, computed in the transaction that stores it (the job's
-        chain is not continued without ``link``)."""
+        chain is not continued without ``link``). ``at`` is called with the byte offset of
+        the batch's first entry when this call stores it (not for a replay); it may be
+        called again if the transaction is retried, and counts only once the call returns."""
         ...
 
     async def read_log(self, org: str, job_id: str, from_offset: int, limit: int) -> list[StoredLogEntry]: ...

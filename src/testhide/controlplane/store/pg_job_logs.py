@@ -33,6 +33,7 @@ class PgJobLogs(PgParts):
         seq: int,
         entries: list[tuple[LogStream, bytes, int]],
         link: Callable[[bytes], bytes] | None = None,
+        at: Callable[[int], None] | None = None,
     ) -> int:
         """Store the holder's batch ``seq`` once, with its chain link; returns the highest
         contiguous stored seq. ``entries`` are (stream, sealed data, plaintext length). The
@@ -49,6 +50,8 @@ class PgJobLogs(PgParts):
                 raise FailedPrecondition(
                     f"log batch {seq} of job {job_id} arrived before batch {last_seq + 1}"
                 )
+            if at is not None:
+                at(offset)
             offsets = []
             for _, _, length in entries:
                 offsets.append(offset)

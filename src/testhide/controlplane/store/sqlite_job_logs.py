@@ -33,6 +33,7 @@ class SqliteJobLogs(SqliteParts):
         seq: int,
         entries: list[tuple[LogStream, bytes, int]],
         link: Callable[[bytes], bytes] | None = None,
+        at: Callable[[int], None] | None = None,
     ) -> int:
         """Store the holder's batch ``seq`` once, with its chain link; returns the highest
         contiguous stored seq. ``entries`` are (stream, sealed data, plaintext length)."""
@@ -48,6 +49,8 @@ class SqliteJobLogs(SqliteParts):
                 raise FailedPrecondition(
                     f"log batch {seq} of job {job_id} arrived before batch {last_seq + 1}"
                 )
+            if at is not None:
+                at(offset)
             for index, (stream, sealed, length) in enumerate(entries):
                 c.execute(
                     "INSERT INTO log_entries VALUES (?, ?, ?, ?, ?, ?)",
