@@ -117,8 +117,8 @@ def report_to_pb(report: Report) -> agent_pb2.AgentMessage:
             )
         case LogBatch(job_id, epoch, seq, entries):
             # Filled in place: a message given to a constructor (``AgentMessage(log_batch=...)``,
-            # ``entries=[LogEntry(...)]``) is copied field by field, ~2.3 ms for each MiB at each
-            # level against 0.04 ms in place (protobuf's upb backend).
+            # ``entries=[LogEntry(...)]``) is copied once more at each level (a 1 MiB batch:
+            # ~0.3 ms against ~0.1 ms in place, with protobuf's upb backend).
             message = agent_pb2.AgentMessage()
             batch = message.log_batch
             batch.job_id, batch.epoch, batch.seq = job_id, epoch, seq

@@ -370,6 +370,6 @@ async def _coalesce(
     if len(messages) == 1:
         return first
     batch = agent_pb2.AgentMessage()
-    for message in messages:  # copied in place: a constructor's copy of a log batch costs ~2 ms a MiB
+    for message in messages:  # copied in place (a constructor would copy each message twice)
         batch.batch.messages.add().CopyFrom(message)
     return batch

@@ -656,6 +656,6 @@ def _batch(first: agent_pb2.ControlMessage, session: AgentSession) -> agent_pb2.
     if len(messages) == 1:
         return first
     batch = agent_pb2.ControlMessage()
-    for message in messages:  # copied in place: a constructor's copy of a message is slow
+    for message in messages:  # copied in place (a constructor would copy each message twice)
         batch.batch.messages.add().CopyFrom(message)
     return batch

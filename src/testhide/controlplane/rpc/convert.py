@@ -285,8 +285,8 @@ def isolation_from_pb(i: jobs_pb2.Isolation) -> Isolation:
 
 def chunk_to_pb(chunk: LogChunk) -> jobs_pb2.FollowLogsResponse:
     """A log chunk as FollowLogs sends it. Filled in place: a message given to a
-    constructor (``FollowLogsResponse(chunk=...)``) is copied field by field, ~2.3 ms
-    for a 1 MiB chunk against 0.04 ms in place (protobuf's upb backend)."""
+    constructor (``FollowLogsResponse(chunk=...)``) is copied once more (a 1 MiB chunk:
+    ~0.2 ms against ~0.1 ms in place, with protobuf's upb backend)."""
     response = jobs_pb2.FollowLogsResponse()
     response.chunk.offset = chunk.offset
     response.chunk.stream = _STREAM_TO_PB[chunk.stream]
