@@ -1,15 +1,19 @@
 """A test control plane in a process of its own, for tests that watch it from outside
-(its memory, its survival): ``python -m tests.standalone_controlplane DIR CONFIG_JSON PARENT_PID``.
+(its memory, its survival):
+``python -m tests.standalone_controlplane DIR CONFIG_JSON PARENT_PID READY_FD``.
 
 It is ``harness.control_plane`` (a fresh data dir in DIR, pools that never pull) with
 the config overrides in CONFIG_JSON (rate limits, say). Once both ports serve it writes
-DIR/serving.json: the ports, the admin API key and a one-time enrollment token. It runs
-until SIGTERM, or until the process PARENT_PID that started it ends."""
+to READY_FD (a pipe the parent passed it), as one JSON line, and closes it: the ports,
+the admin API key and a one-time enrollment token. The parent waits on the pipe, which
+also ends, empty, if this process dies first. It runs until SIGTERM, or until the
+process PARENT_PID that started it ends."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +23,7 @@ from tests.harness import control_plane
 from tests.orphans import end_with
 
 
-async def serve(directory: Path, config: dict[str, object]) -> None:
+async def serve(directory: Path, config: dict[str, object], ready_fd: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -31,13 +35,12 @@ async def serve(directory: Path, config: dict[str, object]) -> None:
             "ca_pem": cp.ca_pem.decode(),
             "enrollment_token": await cp.enrollment_token(),
         }
-        staged = directory / "serving.json.tmp"
-        staged.write_text(json.dumps(info))
-        staged.replace(directory / "serving.json")
+        with os.fdopen(ready_fd, "w") as ready:
+            ready.write(json.dumps(info) + "\n")
         await stop.wait()
 
 
 if __name__ == "__main__":
     end_with(int(sys.argv[3]), signal.SIGTERM)  # SIGTERM: it stops as it would be stopped
     configure("info")
-    asyncio.run(serve(Path(sys.argv[1]), json.loads(sys.argv[2])))
+    asyncio.run(serve(Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[4])))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,7 @@ class Server:
 def standalone_server(directory: Path) -> Iterator[Server]:
     log_path = directory / "controlplane.log"
     config = {"rate_per_address": 1e6, "rate_per_principal": 1e6}
+    ready_read, ready_write = os.pipe()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
@@ -103,18 +105,21 @@ def standalone_server(directory: Path) -> Iterator[Server]:
                 str(directory),
                 json.dumps(config),
                 str(os.getpid()),
+                str(ready_write),
             ],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
+            pass_fds=(ready_write,),
         )
+    os.close(ready_write)  # the child holds the only write end: its death ends the pipe
     try:
-        deadline = time.monotonic() + 60
-        while not (directory / "serving.json").exists():
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "the control plane did not start"
-            time.sleep(0.05)
-        yield Server(process, json.loads((directory / "serving.json").read_text()), log_path)
+        with os.fdopen(ready_read) as ready:
+            readable, _, _ = select.select([ready], [], [], 60)
+            assert readable, "the control plane did not start within 60 s"
+            line = ready.readline()
+        assert line, f"the control plane exited before serving:\n{log_path.read_text()}"
+        yield Server(process, json.loads(line), log_path)
     finally:
         process.terminate()
         process.wait(30)
