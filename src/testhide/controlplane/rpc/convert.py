@@ -283,7 +283,7 @@ def isolation_from_pb(i: jobs_pb2.Isolation) -> Isolation:
     )
 
 
-def chunk_to_pb(chunk: LogChunk) -> jobs_pb2.FollowLogsResponse:
+def chunk_response_to_pb(chunk: LogChunk) -> jobs_pb2.FollowLogsResponse:
     """A log chunk as FollowLogs sends it. Filled in place: a message given to a
     constructor (``FollowLogsResponse(chunk=...)``) is copied once more (a 1 MiB chunk:
     ~0.2 ms against ~0.1 ms in place, with protobuf's upb backend)."""
@@ -296,7 +296,7 @@ def chunk_to_pb(chunk: LogChunk) -> jobs_pb2.FollowLogsResponse:
 
 def log_batch_to_pb(batch: LogBatchRecord) -> jobs_pb2.LogBatchRecord:
     record = jobs_pb2.LogBatchRecord(seq=batch.seq, chain=batch.chain)
-    for stream, data in batch.entries:  # added in place (see chunk_to_pb)
+    for stream, data in batch.entries:  # added in place (see chunk_response_to_pb)
         record.entries.add(stream=_STREAM_TO_PB[stream], data=data)
     return record
 

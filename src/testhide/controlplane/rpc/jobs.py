@@ -16,7 +16,7 @@ from testhide.controlplane.jobs.validation import in_range
 from testhide.controlplane.rpc.auth import current_principal
 from testhide.controlplane.rpc.convert import (
     artifact_path_from_pb,
-    chunk_to_pb,
+    chunk_response_to_pb,
     job_id_from_pb,
     job_to_pb,
     log_batch_to_pb,
@@ -116,7 +116,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
             elif isinstance(item, Job):
                 yield jobs_pb2.FollowLogsResponse(finished=job_to_pb(item))
             else:
-                yield chunk_to_pb(item)
+                yield chunk_response_to_pb(item)
 
     @mapped
     async def UploadWorkspace(
