@@ -12,7 +12,8 @@
    afterwards with the new certificate (an agent ends its session to present
    it; here every old connection is closed and let go first, untimed), each
    with the CPU the control plane and the agents spent on it;
-   likewise the CPU of each side per renewal. details.rpc_* are the same
+   likewise the CPU of each side per renewal (the control plane's with its
+   signing helpers, ca/signer.py). details.rpc_* are the same
    renewals with the Renew RPC on the same connections (what agents of v0.1.0
    do), measured after them in the same run.
 
@@ -234,14 +235,25 @@ async def _enrolled(cp: RunningControlPlane, agents: int) -> list[tuple[bytes, b
     return identities
 
 
-async def _phase(gate: Any, out: Any, workers: int) -> tuple[float, float, list[tuple[Any, ...]]]:
+async def _phase(
+    cp: RunningControlPlane, gate: Any, out: Any, workers: int
+) -> tuple[float, float, float, list[tuple[Any, ...]]]:
     """Opens ``gate`` and waits for every worker's report: wall time, the control
     plane's CPU seconds (it runs in this process, which does nothing else
-    meanwhile), and the reports."""
-    cpu, started = cpu_seconds(), time.perf_counter()
+    meanwhile), those of its signing helpers (ca/signer.py; in the control
+    plane's figure too), and the reports."""
+    cpu, helpers, started = cpu_seconds(), _helpers_cpu(cp), time.perf_counter()
     gate.set()
     reports = await _reports(out, workers)
-    return time.perf_counter() - started, cpu_seconds() - cpu, reports
+    wall, helpers = time.perf_counter() - started, _helpers_cpu(cp) - helpers
+    return wall, cpu_seconds() - cpu + helpers, helpers, reports
+
+
+def _helpers_cpu(cp: RunningControlPlane) -> float:
+    """CPU seconds of the control plane's signing helpers (those that have signed: a helper
+    started in a phase counts whole, its start included)."""
+    signer = cp.daemon.signer
+    return sum(cpu_seconds(pid) for pid in signer.helper_pids()) if signer is not None else 0.0
 
 
 def _open_descriptors() -> int:
@@ -282,12 +294,12 @@ async def renewal(agents: int, workers: int) -> dict[str, Any]:
                 process.start()
             ready = await _reports(out, workers)
             descriptors = _open_descriptors()
-            connect_s, connect_cpu, connected = await _phase(gates[0], out, workers)
-            renewed_s, renewals_cpu, renewed = await _phase(gates[1], out, workers)
-            await _phase(gates[2], out, workers)
+            connect_s, connect_cpu, _, connected = await _phase(cp, gates[0], out, workers)
+            renewed_s, renewals_cpu, renewals_helpers_cpu, renewed = await _phase(cp, gates[1], out, workers)
+            await _phase(cp, gates[2], out, workers)
             await _released(descriptors)
-            reconnect_s, reconnect_cpu, reconnected = await _phase(gates[3], out, workers)
-            rpc_s, rpc_cpu, by_rpc = await _phase(gates[4], out, workers)
+            reconnect_s, reconnect_cpu, _, reconnected = await _phase(cp, gates[3], out, workers)
+            rpc_s, rpc_cpu, _, by_rpc = await _phase(cp, gates[4], out, workers)
             for process in processes:
                 process.join(30)
     latencies = _latencies(renewed, agents, "on the stream")
@@ -300,6 +312,8 @@ async def renewal(agents: int, workers: int) -> dict[str, Any]:
         "latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
         "latency_p99_ms": round(percentile(latencies, 99) * 1000, 1),
         "controlplane_cpu_ms_per_renewal": round(renewals_cpu / agents * 1000, 3),
+        "controlplane_helpers_cpu_ms_per_renewal": round(renewals_helpers_cpu / agents * 1000, 3),
+        "signing_processes": cp.daemon.config.signing_processes,
         "agents_cpu_ms_per_renewal": round(sum(r[1] for r in renewed) / agents * 1000, 3),
         "agents_cpu_ms_per_key_and_csr": round(sum(r[1] for r in ready) / agents * 1000, 3),
         "handshakes_s": round(connect_s, 3),

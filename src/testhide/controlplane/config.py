@@ -11,6 +11,7 @@ from testhide.common.metrics_tls import check_metrics_options
 from testhide.common.tls import split_target
 from testhide.controlplane.auth.limits import DEFAULT_ADDRESS_LOCKOUT, LockoutPolicy
 from testhide.controlplane.auth.passwords import default_workers
+from testhide.controlplane.ca.signer import default_processes
 from testhide.controlplane.datadir import BACKUPS_DIR
 from testhide.controlplane.errors import ConfigError
 
@@ -50,6 +51,9 @@ class ControlPlaneConfig:
     password_queue: int = 16
     """Password logins that may wait for a bcrypt thread; more are refused at once with
     RESOURCE_EXHAUSTED, so a login flood cannot stall other RPCs or agent streams."""
+    signing_processes: int = field(default_factory=default_processes)
+    """Helper processes that sign agent certificates at renewal, off the event loop (default: a
+    core each but one, up to 4); 0 signs on the event loop."""
     refresh_reuse_grace: timedelta = timedelta(seconds=10)
     """A spent refresh token presented again within this window is taken as a retry of a
     reply lost in transit; later, as theft, and its whole session is revoked."""
@@ -104,6 +108,8 @@ class ControlPlaneConfig:
                 raise ConfigError("a failure budget needs at least 1 failure, a window and a first delay")
         if not 1 <= self.password_workers <= 64 or not 0 <= self.password_queue <= 10_000:
             raise ConfigError("password workers must be 1-64 and the password queue 0-10000")
+        if not 0 <= self.signing_processes <= 64:
+            raise ConfigError("signing processes must be 0-64")
         self._check_backups()
 
     def _check_backups(self) -> None:

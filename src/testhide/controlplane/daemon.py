@@ -32,6 +32,7 @@ from testhide.controlplane.auth.tokens import AccessTokens, SigningKeys, issuer_
 from testhide.controlplane.backup_schedule import backup_schedule, check_data_dir
 from testhide.controlplane.ca.enrollment import Enrollment
 from testhide.controlplane.ca.rotation import rotate_server_certificate
+from testhide.controlplane.ca.signer import Signer
 from testhide.controlplane.ca.statement_keys import StatementKeys
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.cluster import Cluster, LocalCluster, PgCluster
@@ -108,6 +109,7 @@ class ControlPlane:
         self._ring: RingAnnouncement | None = None
         self._shared: SharedFiles | None = None
         self.password_checks: PasswordChecks | None = None
+        self.signer: Signer | None = None
         self.metrics = _metrics() if config.metrics_listen else None
         """Prometheus metrics on ``metrics_listen``, when set."""
         self.metrics_port = 0
@@ -173,9 +175,18 @@ class ControlPlane:
                 note="below 5 minutes agents renew very often; meant for tests",
             )
 
+        self.signer = Signer(self.config.signing_processes)
         agent_server = server.agent_server(
             AgentControlServicer(
-                store, scheduler, jobs, certs, ttl, auditor, leases.heartbeat_interval, metrics=self.metrics
+                store,
+                scheduler,
+                jobs,
+                certs,
+                ttl,
+                auditor,
+                leases.heartbeat_interval,
+                metrics=self.metrics,
+                signer=self.signer,
             ),
             await health.servicer(server.AGENT_SERVICES),
             ttl,
@@ -370,6 +381,8 @@ class ControlPlane:
                 await self._metrics_listener.stop()
             if self.password_checks is not None:
                 self.password_checks.close()
+            if self.signer is not None:
+                await self.signer.close()
             try:
                 if self.cluster is not None:
                     await self.cluster.close()

@@ -12,7 +12,8 @@ that transaction fails, every renewal in it fails with the same error.
 For the same reason, renewals of one pool asking for its certificate lifetime
 at the same time share one store read, and what every renewal under the same
 certificate material sends back (the CA bundle, the issuer's fingerprint) is
-computed once per material, not once per renewal."""
+computed once per material, not once per renewal. The certificates themselves
+are signed off the event loop, in batches (ca/signer.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from testhide.common.identity import AgentIdentity
 from testhide.controlplane.auth.audit import AuditEvent, Auditor
 from testhide.controlplane.ca.enrollment import certificate_lifetime
+from testhide.controlplane.ca.signer import Signer
 from testhide.controlplane.ca.store import AgentStore, CertificateRenewal
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.datadir import TlsMaterial
@@ -61,9 +63,15 @@ class _Issuing:
 
 class Renewals:
     def __init__(
-        self, store: AgentStore, certs: CertificateState, cert_ttl: timedelta, auditor: Auditor
+        self,
+        store: AgentStore,
+        certs: CertificateState,
+        cert_ttl: timedelta,
+        auditor: Auditor,
+        signer: Signer | None = None,
     ) -> None:
         self._store = store
+        self._signer = signer or Signer()
         self._certs = certs
         self._cert_ttl = cert_ttl
         self._log = RenewalLog(store, auditor)
@@ -77,7 +85,7 @@ class Renewals:
         issuing = self._issuing
         ca = issuing.material.active_ca
         lifetime = await self._lifetime(identity.org, identity.pool)
-        issued = ca.issue_agent(csr_pem, identity, lifetime)
+        issued = await self._signer.issue_agent(ca, csr_pem, identity, lifetime)
         serial = format(issued.serial, "x")
         details = {"serial": serial, "not_after": issued.not_after.isoformat()}
         event = AuditEvent(

@@ -175,6 +175,15 @@ def init(
     help="Threads that check passwords (bcrypt) [half the cores].",
 )
 @click.option(
+    "--signing-processes",
+    type=click.IntRange(0, 64),
+    default=None,
+    envvar="TESTHIDE_SIGNING_PROCESSES",
+    show_envvar=True,
+    help="Helper processes that sign agent certificates at renewal; 0 signs in the daemon's"
+    " event loop [a core each but one, up to 4].",
+)
+@click.option(
     "--password-queue",
     type=click.IntRange(0, 10_000),
     default=16,
@@ -244,6 +253,7 @@ def serve(
     address_failure_budget: int,
     address_failure_window: timedelta,
     password_workers: int | None,
+    signing_processes: int | None,
     password_queue: int,
     dev: bool,
     port_file: Path | None,
@@ -263,6 +273,7 @@ def serve(
     at the next start) and looks for rotated certificates at once."""
     from testhide.controlplane.auth.limits import DEFAULT_ADDRESS_LOCKOUT
     from testhide.controlplane.auth.passwords import default_workers
+    from testhide.controlplane.ca.signer import default_processes
     from testhide.controlplane.daemon import ControlPlane
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the handler below is in place
@@ -284,6 +295,7 @@ def serve(
                 address_lockout=address_lockout,
                 password_workers=password_workers or default_workers(),
                 password_queue=password_queue,
+                signing_processes=default_processes() if signing_processes is None else signing_processes,
                 dev=dev,
                 max_request_bytes=max_request_size,
                 master_key=master_key,

@@ -19,6 +19,7 @@ from cryptography import x509
 from testhide.common.identity import AgentIdentity, IdentityError
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.ca.renewal import Renewals, Renewed
+from testhide.controlplane.ca.signer import Signer
 from testhide.controlplane.ca.store import AgentHello, AgentStore
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.errors import (
@@ -221,6 +222,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         auditor: Auditor,
         heartbeat_interval: timedelta,
         metrics: ControlPlaneMetrics | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self._heartbeat_ms = str(int(heartbeat_interval.total_seconds() * 1000))
         self._metrics = metrics
@@ -228,7 +230,7 @@ class AgentControlServicer(agent_pb2_grpc.AgentControlServicer):
         self._scheduler = scheduler
         self._jobs = jobs
         self._certs = certs
-        self._renewals = Renewals(store, certs, cert_ttl, auditor)
+        self._renewals = Renewals(store, certs, cert_ttl, auditor, signer)
         self._pending: set[asyncio.Future[None]] = set()
         """Detaching streams and renewals asked on streams, held until done: the event
         loop keeps only weak references to tasks."""
