@@ -77,6 +77,29 @@ async def test_a_wave_is_signed_in_a_helper_and_a_bad_csr_fails_only_its_own_req
     await wait_ended(helper)
 
 
+async def test_a_request_the_helper_cannot_sign_fails_alone_with_what_went_wrong() -> None:
+    """Not the CSR's fault (here, a lifetime past the year 9999): its caller hears why, as it
+    would on the event loop; the other requests of its batch get their certificates."""
+    signer = Signer(1)
+    ca = CertificateAuthority.create("signer.test")
+    try:
+        keys = [new_key_and_csr() for _ in range(6)]
+        lifetimes = [HOUR] * 6
+        lifetimes[3] = timedelta(days=4_000_000)
+        outcomes = await asyncio.gather(
+            *(signer.issue_agent(ca, keys[n][1], identity(n), lifetimes[n]) for n in range(6)),
+            return_exceptions=True,
+        )
+        failed = outcomes.pop(3)
+        assert isinstance(failed, RuntimeError), failed
+        assert "signing failed: OverflowError" in str(failed)
+        for n, issued in zip((0, 1, 2, 4, 5), outcomes, strict=True):
+            assert isinstance(issued, IssuedCertificate), issued
+            check_issued(issued, ca, keys[n][0], n)
+    finally:
+        await signer.close()
+
+
 async def test_a_helper_killed_costs_no_certificate_and_the_next_batch_starts_another() -> None:
     signer = Signer(1)
     ca = CertificateAuthority.create("signer.test")

@@ -16,7 +16,8 @@ CA it loaded): a helper holds nothing the control plane's process does not,
 runs as the same user, and reads nothing else. A helper that dies (killed,
 out of memory) costs time, not renewals: its batch is signed on the event loop
 and the next one starts a new helper. A bad CSR fails its own request only,
-with InvalidArgument, never the others of its batch."""
+with InvalidArgument, never the others of its batch. Where no helper can be
+started at all, the control plane says so once and signs on the event loop."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ _loaded: dict[bytes, CertificateAuthority] = {}
 
 def _sign_batch(
     certificate_pem: bytes, key_pem: bytes, trust_domain: str, requests: list[_Request]
-) -> tuple[int, list[IssuedCertificate | str]]:
+) -> tuple[int, list[IssuedCertificate | _Refused]]:
     """In a helper: its pid, and each request's certificate or why its CSR was refused."""
     ca = _loaded.get(certificate_pem)
     if ca is None:
@@ -92,13 +93,20 @@ def _sign_batch(
     return os.getpid(), _sign_with(ca, requests)
 
 
-def _sign_with(ca: CertificateAuthority, requests: list[_Request]) -> list[IssuedCertificate | str]:
-    signed: list[IssuedCertificate | str] = []
+_Refused = tuple[bool, str]
+"""A request that got no certificate: (whether its CSR was at fault, what was wrong)."""
+
+
+def _sign_with(ca: CertificateAuthority, requests: list[_Request]) -> list[IssuedCertificate | _Refused]:
+    """Each request on its own: one that fails, for whatever reason, fails alone."""
+    signed: list[IssuedCertificate | _Refused] = []
     for request in requests:
         try:
             signed.append(ca.issue_agent(request.csr_pem, request.identity, request.lifetime))
         except InvalidArgument as exc:
-            signed.append(str(exc))
+            signed.append((True, str(exc)))
+        except Exception as exc:  # reported to its caller alone, as on the event loop
+            signed.append((False, repr(exc)))
     return signed
 
 
@@ -116,12 +124,14 @@ class Signer:
         self._ca_pems: tuple[CertificateAuthority, bytes, bytes] | None = None
         self._closed = False
         self._pids: set[int] = set()
+        self._unavailable = False
+        """No helper could be started (and none will be): everything is signed here."""
 
     async def issue_agent(
         self, ca: CertificateAuthority, csr_pem: bytes, identity: AgentIdentity, lifetime: timedelta
     ) -> IssuedCertificate:
         """``ca.issue_agent``, in a helper when there is one."""
-        if not self.processes or self._closed:
+        if not self.processes or self._closed or self._unavailable:
             return ca.issue_agent(csr_pem, identity, lifetime)
         future: asyncio.Future[IssuedCertificate] = asyncio.get_running_loop().create_future()
         self._waiting.append((ca, _Request(csr_pem, identity, lifetime), future))
@@ -148,23 +158,16 @@ class Signer:
     async def _sign(self, ca: CertificateAuthority, batch: list[_Waiting]) -> None:
         requests = [request for _, request, _ in batch]
         try:
-            pool = self._helpers()
-            try:
-                pid, signed = await asyncio.wrap_future(pool.submit(_sign_batch, *self._pems(ca), requests))
-                self._pids.add(pid)
-            except (BrokenProcessPool, OSError) as exc:
-                log.warning(
-                    "certificate_helper_failed", error=repr(exc), batch=len(batch), note="signed here"
-                )
-                self._drop_pool(pool)
-                signed = _sign_with(ca, requests)
+            signed = await self._in_helper(ca, requests)
             for (_, _, future), result in zip(batch, signed, strict=True):
                 if future.done():  # its caller went away
                     continue
-                if isinstance(result, str):
-                    future.set_exception(InvalidArgument(result))
-                else:
+                if isinstance(result, IssuedCertificate):
                     future.set_result(result)
+                elif result[0]:
+                    future.set_exception(InvalidArgument(result[1]))
+                else:
+                    future.set_exception(RuntimeError(f"signing failed: {result[1]}"))
         except BaseException as exc:  # every caller of the batch hears it; cancelled: the server stops
             for _, _, future in batch:
                 if not future.done():
@@ -178,6 +181,27 @@ class Signer:
             self._busy -= 1
             if not self._closed:
                 self._start_batches()
+
+    async def _in_helper(
+        self, ca: CertificateAuthority, requests: list[_Request]
+    ) -> list[IssuedCertificate | _Refused]:
+        """Signed by a helper, or here if it died (or none can be started)."""
+        if self._unavailable:
+            return _sign_with(ca, requests)
+        try:
+            pool = self._helpers()
+        except OSError as exc:  # no process or semaphore to be had (a container without /dev/shm...)
+            log.warning("certificate_helpers_unavailable", error=repr(exc), note="signing on the event loop")
+            self._unavailable = True
+            return _sign_with(ca, requests)
+        try:
+            pid, signed = await asyncio.wrap_future(pool.submit(_sign_batch, *self._pems(ca), requests))
+        except (BrokenProcessPool, OSError) as exc:
+            log.warning("certificate_helper_failed", error=repr(exc), batch=len(requests), note="signed here")
+            self._drop_pool(pool)
+            return _sign_with(ca, requests)
+        self._pids.add(pid)
+        return signed
 
     def _pems(self, ca: CertificateAuthority) -> tuple[bytes, bytes, str]:
         if self._ca_pems is None or self._ca_pems[0] is not ca:
