@@ -188,9 +188,12 @@ async def test_a_helper_ends_with_a_control_plane_that_was_killed(tmp_path: Path
     await wait_ended(int(line))
 
 
-async def test_the_control_plane_renews_through_its_helper_and_stops_it(tmp_path: Path) -> None:
+async def test_the_control_plane_enrolls_and_renews_through_its_helper_and_stops_it(tmp_path: Path) -> None:
     async with control_plane(tmp_path, signing_processes=1) as cp:
+        assert cp.daemon.signer is not None
+        assert cp.daemon.signer.helper_pids() == []  # none until a certificate is wanted
         credentials = Credentials.load(await enrolled(cp, tmp_path))
+        (enrolling,) = cp.daemon.signer.helper_pids()
         key_pem, csr_pem = new_key_and_csr()
         async with stream_of(cp, credentials) as call:
             await call.write(renew(csr_pem))
@@ -200,6 +203,5 @@ async def test_the_control_plane_renews_through_its_helper_and_stops_it(tmp_path
             credentials.certificate
         )
         assert certificate.public_key() == serialization.load_pem_private_key(key_pem, None).public_key()
-        assert cp.daemon.signer is not None
-        (helper,) = cp.daemon.signer.helper_pids()
-    await wait_ended(helper)
+        assert cp.daemon.signer.helper_pids() == [enrolling]
+    await wait_ended(enrolling)

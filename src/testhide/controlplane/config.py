@@ -52,7 +52,7 @@ class ControlPlaneConfig:
     """Password logins that may wait for a bcrypt thread; more are refused at once with
     RESOURCE_EXHAUSTED, so a login flood cannot stall other RPCs or agent streams."""
     signing_processes: int = field(default_factory=default_processes)
-    """Helper processes that sign agent certificates at renewal, off the event loop (default: a
+    """Helper processes that sign agent certificates (enrollment, renewal) off the event loop (default: a
     core each but one, up to 4); 0 signs on the event loop."""
     refresh_reuse_grace: timedelta = timedelta(seconds=10)
     """A spent refresh token presented again within this window is taken as a retry of a

@@ -236,7 +236,9 @@ class ControlPlane:
                     ).envelope,
                 ),
                 secrets=SecretsServicer(secrets, auditor),
-                enrollment=EnrollmentServicer(Enrollment(store, certs, ttl, auditor), self.agent_port),
+                enrollment=EnrollmentServicer(
+                    Enrollment(store, certs, ttl, auditor, self.signer), self.agent_port
+                ),
                 auth=AuthServicer(sessions, keys),
                 session=SessionServicer(access_tokens, store),
                 health=await health.servicer(server.API_SERVICES),

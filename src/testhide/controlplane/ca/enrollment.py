@@ -15,6 +15,7 @@ from testhide.common.tls import fingerprint
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.auth.secrets import hash_secret, new_enrollment_token, parse_enrollment_token
 from testhide.controlplane.ca.authority import CertificateAuthority, IssuedCertificate, agent_public_key
+from testhide.controlplane.ca.signer import Signer
 from testhide.controlplane.ca.store import CertificatePolicyStore, EnrollmentStore
 from testhide.controlplane.ca.trust import CertificateState
 from testhide.controlplane.errors import InvalidArgument, Unauthenticated
@@ -58,12 +59,19 @@ async def certificate_lifetime(
 
 class Enrollment:
     def __init__(
-        self, store: EnrollmentStore, certs: CertificateState, agent_cert_ttl: timedelta, auditor: Auditor
+        self,
+        store: EnrollmentStore,
+        certs: CertificateState,
+        agent_cert_ttl: timedelta,
+        auditor: Auditor,
+        signer: Signer | None = None,
     ) -> None:
         self._store = store
         self._certs = certs
         self._ttl = agent_cert_ttl
         self._auditor = auditor
+        self._signer = signer or Signer()
+        """Signs the first certificate off the event loop, as renewals are (a fleet enrolling at once)."""
 
     async def enroll(self, token: str, csr_pem: bytes, name: str, source_ip: str = "") -> Enrolled:
         """The token is spent together with the agent's record, in one transaction,
@@ -118,7 +126,7 @@ class Enrollment:
         agent_id = "a" + secrets.token_hex(8)
         identity = AgentIdentity(ca.trust_domain, token.org, token.pool, agent_id)
         lifetime = await certificate_lifetime(self._store, token.org, token.pool, self._ttl)
-        issued = ca.issue_agent(csr_pem, identity, lifetime)
+        issued = await self._signer.issue_agent(ca, csr_pem, identity, lifetime)
         agent = AgentRecord(
             agent_id,
             token.org,

@@ -3,7 +3,7 @@
 The CA's work for one certificate (the CSR's signature checked, the
 certificate built and signed: ~0.45 ms here) holds the GIL, as cryptography
 does not release it: a thread would not help, and on the event loop a fleet
-renewing together (10,000 agents: ~4.5 s of signing) stalls every stream and
+renewing or enrolling together (10,000 agents: ~4.5 s of signing) stalls every stream and
 call meanwhile. So the control plane signs in ``processes`` helper processes
 (started when first needed, ended with it), in batches: what arrives while
 every helper is busy goes in the next batch, one message each way for the lot

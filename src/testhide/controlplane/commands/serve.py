@@ -180,7 +180,7 @@ def init(
     default=None,
     envvar="TESTHIDE_SIGNING_PROCESSES",
     show_envvar=True,
-    help="Helper processes that sign agent certificates at renewal; 0 signs in the daemon's"
+    help="Helper processes that sign agent certificates (enrollment, renewal); 0 signs in the daemon's"
     " event loop [a core each but one, up to 4].",
 )
 @click.option(
