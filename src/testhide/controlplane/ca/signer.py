@@ -3,11 +3,11 @@
 The CA's work for one certificate (the CSR's signature checked, the
 certificate built and signed: ~0.45 ms here) holds the GIL, as cryptography
 does not release it: a thread would not help, and on the event loop a fleet
-renewing or enrolling together (10,000 agents: ~4.5 s of signing) stalls every stream and
-call meanwhile. So the control plane signs in ``processes`` helper processes
-(started when first needed, ended with it), in batches: what arrives while
-every helper is busy goes in the next batch, one message each way for the lot
-(group signing, as renewals are group-committed: ca/renewal.py). With 0
+enrolling or renewing together (10,000 agents: ~4.5 s of signing) stalls every
+stream and call meanwhile. So the control plane signs in ``processes`` helper
+processes (started when first needed, ended with it), in batches: what arrives
+while every helper is busy goes in the next batch, one message each way for the
+lot (group signing, as renewals are group-committed: ca/renewal.py). With 0
 processes (a single-core host, or ``--signing-processes 0``) it signs on the
 event loop, as before.
 
@@ -66,11 +66,17 @@ def _helper_started(parent: int) -> None:
     """In a new helper: end with the control plane, however it ends (a helper left behind
     would hold the CA's key with nobody to answer). A helper waits on a pipe that it holds
     both ends of, so the parent's death alone would not wake it: the kernel's parent-death
-    signal does. If the parent is gone already, end now."""
+    signal does. It comes when the thread that started the helper ends: helpers are started
+    by ``submit`` on the event loop's thread, which lives as long as the control plane. If
+    the parent is gone already, end now."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(0)
+
+
+_Refused = tuple[bool, str]
+"""A request that got no certificate: (whether its CSR was at fault, what was wrong)."""
 
 
 _loaded: dict[bytes, CertificateAuthority] = {}
@@ -80,21 +86,16 @@ _loaded: dict[bytes, CertificateAuthority] = {}
 def _sign_batch(
     certificate_pem: bytes, key_pem: bytes, trust_domain: str, requests: list[_Request]
 ) -> tuple[int, list[IssuedCertificate | _Refused]]:
-    """In a helper: its pid, and each request's certificate or why its CSR was refused."""
+    """In a helper: its pid, and each request's certificate or why it got none."""
     ca = _loaded.get(certificate_pem)
     if ca is None:
         key = load_pem_private_key(key_pem, password=None)
-        assert isinstance(
-            key, ec.EllipticCurvePrivateKey
-        )  # the CA's own key, as CertificateAuthority makes it
+        # The CA's own key, as CertificateAuthority made it.
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
         ca = CertificateAuthority(x509.load_pem_x509_certificate(certificate_pem), key, trust_domain)
         _loaded.clear()
         _loaded[certificate_pem] = ca
     return os.getpid(), _sign_with(ca, requests)
-
-
-_Refused = tuple[bool, str]
-"""A request that got no certificate: (whether its CSR was at fault, what was wrong)."""
 
 
 def _sign_with(ca: CertificateAuthority, requests: list[_Request]) -> list[IssuedCertificate | _Refused]:
