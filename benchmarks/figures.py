@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tests.orphans import end_with
+from testhide.common.orphans import end_with
 
 
 class _ChildProcess(multiprocessing.context.SpawnProcess):

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from testhide.common.logging import configure
+from testhide.common.orphans import end_with
 from tests.harness import control_plane
-from tests.orphans import end_with
 
 
 async def serve(directory: Path, config: dict[str, object], ready_fd: int) -> None:

@@ -22,11 +22,8 @@ started at all, the control plane says so once and signs on the event loop."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import multiprocessing
 import os
-import signal
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -38,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from testhide.common.identity import AgentIdentity
+from testhide.common.orphans import end_with
 from testhide.controlplane.ca.authority import CertificateAuthority, IssuedCertificate
 from testhide.controlplane.errors import InvalidArgument
 
@@ -59,20 +57,13 @@ class _Request:
     lifetime: timedelta
 
 
-PR_SET_PDEATHSIG = 1
-
-
 def _helper_started(parent: int) -> None:
     """In a new helper: end with the control plane, however it ends (a helper left behind
     would hold the CA's key with nobody to answer). A helper waits on a pipe that it holds
     both ends of, so the parent's death alone would not wake it: the kernel's parent-death
     signal does. It comes when the thread that started the helper ends: helpers are started
-    by ``submit`` on the event loop's thread, which lives as long as the control plane. If
-    the parent is gone already, end now."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(0)
+    by ``submit`` on the event loop's thread, which lives as long as the control plane."""
+    end_with(parent)
 
 
 _Refused = tuple[bool, str]
@@ -148,9 +139,11 @@ class Signer:
             # Spread what waits over the free helpers; each batch under one CA.
             size = min(self._max_batch, -(-len(self._waiting) // (self.processes - self._busy)))
             ca = self._waiting[0][0]
-            batch = [item for item in self._waiting if item[0] is ca][:size]
-            taken = {id(item) for item in batch}
-            self._waiting = [item for item in self._waiting if id(item) not in taken]
+            batch: list[_Waiting] = []
+            rest: list[_Waiting] = []
+            for item in self._waiting:
+                (batch if item[0] is ca and len(batch) < size else rest).append(item)
+            self._waiting = rest
             self._busy += 1
             task = asyncio.create_task(self._sign(ca, batch))
             self._batches.add(task)

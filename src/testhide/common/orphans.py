@@ -1,6 +1,6 @@
-"""Helper processes (a test's own control plane, a benchmark's agents) that end with the process
-that started them, however it ends: killed from outside, it used to leave them running for good,
-loading every later test or measurement on the machine."""
+"""Helper processes that end with the process that started them, however it ends: the control
+plane's certificate-signing helpers (they hold the CA's key), a test's own control plane, a
+benchmark's agents. Killed from outside, a parent used to leave them running for good."""
 
 from __future__ import annotations
 
