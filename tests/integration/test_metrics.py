@@ -143,7 +143,14 @@ async def test_both_daemons_are_scraped_after_a_job(tmp_path: Path) -> None:
         job_id = await submit(cp)
         await eventually(lambda: in_status(cp, job_id, JobStatus.SUCCEEDED), 30, "the job to succeed")
 
-        served = await scrape(cp.daemon.metrics_port)
+        async def after_the_end() -> dict[str, Metric] | None:
+            # The job's duration is observed once its end has committed, a moment after the
+            # store shows SUCCEEDED: scraping at once sometimes came before it.
+            served = await scrape(cp.daemon.metrics_port)
+            duration = served.get("testhide_job_duration_seconds")
+            return served if duration is not None and duration.samples else None
+
+        served = await eventually(after_the_end, 30, "the job's duration in the metrics")
         assert set(served) >= CONTROL_PLANE_FAMILIES
         pool = {"org": "default", "pool": "default"}
         assert sample(served, "testhide_jobs", status="SUCCEEDED", **pool) == 1
