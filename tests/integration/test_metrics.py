@@ -121,6 +121,21 @@ async def scrape(port: int, tls: ssl.SSLContext | None = None) -> dict[str, Metr
     return {family.name: family for family in text_string_to_metric_families(body.decode())}
 
 
+async def scrape_counted(port: int, *counted: tuple[str, dict[str, str], float]) -> dict[str, Metric]:
+    """A scrape once each counter (name, labels) has reached its count: an API call's end is
+    counted in its done callback, which runs a moment after the client has its status."""
+
+    def reached(served: dict[str, Metric]) -> bool:
+        return all(sample(served, name, **labels) >= count for name, labels, count in counted)
+
+    async def scraped() -> dict[str, Metric] | None:
+        served = await scrape(port)
+        return served if reached(served) else None
+
+    served: dict[str, Metric] = await eventually(scraped, 30, f"the counts {counted}")
+    return served
+
+
 def sample(families: dict[str, Metric], name: str, **labels: str) -> float:
     """The value of sample ``name`` (a family's own name, or one with a suffix) with these labels."""
     family = families[name.removesuffix("_total").removesuffix("_count").removesuffix("_sum")]
@@ -217,7 +232,11 @@ async def test_refusals_and_rate_limits_are_counted(tmp_path: Path) -> None:
         forged = agent_certificate(our_ca(cp), "a0000000000000009")
         assert await connect_with(cp, *forged) == grpc.StatusCode.PERMISSION_DENIED
 
-        served = await scrape(cp.daemon.metrics_port)
+        served = await scrape_counted(
+            cp.daemon.metrics_port,
+            ("testhide_auth_failures_total", {"port": "api"}, 2),
+            ("testhide_rate_limited_calls_total", {"method": "/testhide.v1.Jobs/List"}, 2),
+        )
         assert sample(served, "testhide_auth_failures_total", port="api") == 2
         assert sample(served, "testhide_auth_failures_total", port="agent") == 1
         assert sample(served, "testhide_rate_limited_calls_total", method="/testhide.v1.Jobs/List") == 2
@@ -233,7 +252,9 @@ async def test_a_refused_enrollment_is_counted(tmp_path: Path) -> None:
                 await enrollment_pb2_grpc.EnrollmentStub(channel).Enroll(
                     enrollment_pb2.EnrollRequest(token=wrong, csr_pem=csr_pem, name="intruder"), timeout=10
                 )
-        served = await scrape(cp.daemon.metrics_port)
+        served = await scrape_counted(
+            cp.daemon.metrics_port, ("testhide_agents_enrollments_total", {"outcome": "refused"}, 1)
+        )
         assert sample(served, "testhide_agents_enrollments_total", outcome="refused") == 1
         assert sample(served, "testhide_agents_enrollments_total", outcome="enrolled") == 0
 
