@@ -232,7 +232,7 @@ def data_of(reports: list[Report]) -> bytes:
 
 
 async def test_past_the_window_batches_wait_on_disk_and_follow_acks(spool: Spool) -> None:
-    outbox = Outbox(spool, window_bytes=10)
+    outbox = Outbox(spool, window_bytes=10, memory_bytes=0)
     sent: list[Report] = []
     outbox.attach(sent.append)
     outbox.open("j", 1)
@@ -253,6 +253,36 @@ async def test_past_the_window_batches_wait_on_disk_and_follow_acks(spool: Spool
     assert sent[-1].last_seq == 5
     assert data_of(sent) == b"AAAABBBBCCCCDDDDEEEE"
     assert spool.size == 0
+    assert not list(spool.directory.iterdir())
+
+
+async def test_connected_past_the_window_batches_wait_in_memory_then_on_disk_in_order(spool: Spool) -> None:
+    outbox = Outbox(spool, window_bytes=8, memory_bytes=8)
+    sent: list[Report] = []
+    outbox.attach(sent.append)
+    outbox.open("j", 1)
+    for i in range(4):
+        await outbox.log("j", [(OUT, bytes([65 + i]) * 4)])
+    # A and B in flight, C and D wait in memory: nothing written.
+    assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2]
+    assert (spool.size, spool.kept) == (8, 8)
+    assert not list(spool.directory.iterdir())
+    await outbox.log("j", [(OUT, b"EEEE")])  # memory is full: E goes to disk, behind them
+    assert (spool.size, spool.kept) == (12, 8)
+    assert list(spool.directory.iterdir())
+    outbox.ack_log("j", 2)
+    assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2, 3, 4]
+    assert spool.kept == 0
+    await outbox.log("j", [(OUT, b"FFFF")])  # behind E, in memory again
+    assert (spool.size, spool.kept) == (8, 4)
+    outbox.finish("j", Outcome.EXITED, 0)
+    outbox.ack_log("j", 4)
+    outbox.ack_log("j", 6)
+    assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2, 3, 4, 5, 6]
+    assert data_of(sent) == b"AAAABBBBCCCCDDDDEEEEFFFF"
+    assert isinstance(sent[-1], JobResult)
+    assert sent[-1].last_seq == 6
+    assert (spool.size, spool.kept) == (0, 0)
     assert not list(spool.directory.iterdir())
 
 

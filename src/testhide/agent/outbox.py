@@ -4,9 +4,10 @@ disconnect, and the control plane stores each batch once.
 
 Flow control: at most ``window_bytes`` of log batches are in flight (sent,
 not yet acknowledged; kept in memory for a replay). Batches that cannot go out
-at once wait in the disk spool; when that holds ``max_spool_bytes``,
-``log()`` waits, which stops the job's output being read: the job slows down,
-its output is not dropped.
+at once wait in the spool: in memory while connected, up to ``memory_bytes``
+(they go out within moments, as acknowledgements come), else on disk; when it
+holds ``max_spool_bytes``, ``log()`` waits, which stops the job's output being
+read: the job slows down, its output is not dropped.
 
 A full disk is the same, one step later: what the spool's disk refuses is held
 in memory, up to ``window_bytes`` more, and then ``log()`` waits, trying the
@@ -55,6 +56,8 @@ Send = Callable[[Report], None]
 
 DEFAULT_WINDOW_BYTES = 8 * 1024 * 1024
 DEFAULT_SPOOL_BYTES = 512 * 1024 * 1024
+DEFAULT_MEMORY_BYTES = 8 * 1024 * 1024
+"""Batches kept in memory, while connected, when they wait only for the window."""
 DISK_RETRY_S = 1.0
 """While the spool's disk refuses writes, how often a waiting job's output tries it again."""
 
@@ -93,8 +96,10 @@ class Outbox:
         max_spool_bytes: int = DEFAULT_SPOOL_BYTES,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
         disk_retry_s: float = DISK_RETRY_S,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
     ) -> None:
         self._spool = spool
+        self._memory = memory_bytes
         self._disk_retry_s = disk_retry_s
         self._max_spool = max_spool_bytes
         self._window = window_bytes
@@ -208,7 +213,10 @@ class Outbox:
                 _made(reports, batch)
                 self._send_batch(reports, batch, self._send)
                 return
-            if not self._spool_full(size) and self._spool.put(batch, may_hold=self._may_hold(size)):
+            in_memory = self._send is not None and self._spool.kept + size <= self._memory
+            if not self._spool_full(size) and self._spool.put(
+                batch, may_hold=self._may_hold(size), in_memory=in_memory
+            ):
                 _made(reports, batch)
                 return
             if not warned and self._spool.failing is not None:

@@ -7,7 +7,12 @@ the write is undone, and the outbox may keep that batch in memory instead
 (``put(..., may_hold=True)``), in its place in the job's order. Later batches
 try the disk again, so once space returns the spool resumes on its own. The
 agent logs one warning when writes start failing (with the path and errno) and
-one line when the disk takes them again."""
+one line when the disk takes them again.
+
+While the agent is connected, a batch that waits only for the in-flight window
+(several jobs writing at once) is kept in memory instead, up to a bound
+(``put(..., in_memory=True)``): it goes out within moments, and writing it to
+disk and reading it back would cost CPU for nothing."""
 
 from __future__ import annotations
 
@@ -38,6 +43,8 @@ class _Record:
     """Bytes of log data (what counts against the bound)."""
     held: bytes | None = None
     """The encoded batch, kept in memory because the disk refused it."""
+    kept: tuple[tuple[LogStream, bytes], ...] | None = None
+    """The batch's entries, kept in memory while connected (never written)."""
 
 
 @dataclass
@@ -46,6 +53,8 @@ class _JobFile:
     epoch: int
     end: int = 0
     records: deque[_Record] = field(default_factory=deque)
+    spilled: bool = False
+    """Some batch went to disk (or was held because the disk refused it)."""
 
 
 def encode(entries: tuple[tuple[LogStream, bytes], ...]) -> bytes:
@@ -75,6 +84,8 @@ class Spool:
         """Log bytes spooled and not yet taken back out (on disk and held)."""
         self.held = 0
         """Of those, the bytes held in memory because the disk refused them."""
+        self.kept = 0
+        """Of those, the bytes kept in memory while connected (``put(..., in_memory=True)``)."""
         self.failing: OSError | None = None
         """Why the last write to disk failed, until one succeeds again."""
 
@@ -86,14 +97,21 @@ class Spool:
         """Log bytes of the job's oldest spooled batch."""
         return self._jobs[job_id].records[0].size
 
-    def put(self, batch: LogBatch, may_hold: bool = False) -> bool:
-        """Append the batch to the job's file; if the disk refuses it, keep it in
-        memory when ``may_hold``. False (nothing kept) when neither took it."""
+    def put(self, batch: LogBatch, may_hold: bool = False, in_memory: bool = False) -> bool:
+        """Append the batch to the job's file, or keep it in memory as it is when
+        ``in_memory``; if the disk refuses it, keep it in memory when ``may_hold``.
+        False (nothing kept) when neither took it."""
         job = self._jobs.get(batch.job_id)
         if job is None:
             job = self._jobs[batch.job_id] = _JobFile(self.directory / f"{batch.job_id}.spool", batch.epoch)
-        raw = encode(batch.entries)
         size = sum(len(data) for _, data in batch.entries)
+        if in_memory:
+            job.records.append(_Record(batch.seq, 0, 0, size, kept=batch.entries))
+            self.kept += size
+            self.size += size
+            return True
+        job.spilled = True
+        raw = encode(batch.entries)
         try:
             self._write(job, raw)
         except OSError as exc:
@@ -146,16 +164,20 @@ class Spool:
         """The job's oldest spooled batch, removed from the spool."""
         job = self._jobs[job_id]
         record = job.records.popleft()
-        if record.held is not None:
-            raw = record.held
-            self.held -= record.size
-        else:
-            raw = self._read(job.path, record)
         self.size -= record.size
+        if record.kept is not None:
+            self.kept -= record.size
+            entries = record.kept
+        elif record.held is not None:
+            self.held -= record.size
+            entries = decode(record.held)
+        else:
+            entries = decode(self._read(job.path, record))
         if not job.records:
             self.discard(job_id)  # all read back: start the file afresh
-            log.info("spool_drained", job_id=job_id, path=str(job.path))
-        return LogBatch(job_id, job.epoch, record.seq, decode(raw))
+            if job.spilled:
+                log.info("spool_drained", job_id=job_id, path=str(job.path))
+        return LogBatch(job_id, job.epoch, record.seq, entries)
 
     @staticmethod
     def _read(path: Path, record: _Record) -> bytes:
@@ -181,4 +203,6 @@ class Spool:
             return
         self.size -= sum(r.size for r in job.records)
         self.held -= sum(r.size for r in job.records if r.held is not None)
-        job.path.unlink(missing_ok=True)
+        self.kept -= sum(r.size for r in job.records if r.kept is not None)
+        if job.spilled:
+            job.path.unlink(missing_ok=True)
