@@ -98,8 +98,8 @@ async def _collect(agent: Agent) -> list[Metric]:
         ),
         GaugeMetricFamily(
             "testhide_agent_spool_bytes",
-            "Job output waiting for the control plane in the spool (on disk, or in memory while the disk"
-            " refuses writes).",
+            "Job output waiting for the control plane in the spool (on disk, or in memory: a bounded"
+            " share while connected, and what the disk refuses).",
             value=agent.outbox.spooled_bytes,
         ),
         GaugeMetricFamily(

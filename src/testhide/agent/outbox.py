@@ -342,5 +342,6 @@ class Outbox:
 
     @property
     def spooled_bytes(self) -> int:
-        """Log bytes waiting in the spool (on disk, or held while the disk refuses writes)."""
+        """Log bytes waiting in the spool (on disk, kept in memory while connected, or held
+        while the disk refuses writes)."""
         return self._spool.size
