@@ -69,6 +69,9 @@ async def test_whole_suite_smoke(tmp_path: Path) -> None:
     eight = figures["log_throughput_eight"]["details"]
     assert (eight["sha256_match"], eight["logs_checked"]) == (True, 16)
     assert eight["agent_cpu_ms_per_mb"] > 0
+    clients = eight["cpu_ms_per_mb"]["testhide"]
+    assert clients["clients_submitting"] > 0
+    assert clients["clients_following"] > 0
     assert figures["pickup_latency"]["details"]["p99_ms"] > 0
     renewal = figures["certificate_renewal"]["details"]
     assert renewal["handshakes_s"] > 0
