@@ -21,6 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -122,11 +123,12 @@ async def scrape(port: int, tls: ssl.SSLContext | None = None) -> dict[str, Metr
 
 
 async def scrape_counted(port: int, *counted: tuple[str, dict[str, str], float]) -> dict[str, Metric]:
-    """A scrape once each counter (name, labels) has reached its count: an API call's end is
-    counted in its done callback, which runs a moment after the client has its status."""
+    """A scrape once each sample (name, labels) has reached its count: what a call or a job's end
+    counts is counted a moment after the client sees that end (an API call's done callback, a
+    job's duration once its end has committed)."""
 
     def reached(served: dict[str, Metric]) -> bool:
-        return all(sample(served, name, **labels) >= count for name, labels, count in counted)
+        return all((found(served, name, **labels) or 0) >= count for name, labels, count in counted)
 
     async def scraped() -> dict[str, Metric] | None:
         served = await scrape(port)
@@ -136,13 +138,24 @@ async def scrape_counted(port: int, *counted: tuple[str, dict[str, str], float])
     return served
 
 
+def samples_of(families: dict[str, Metric], name: str) -> list[Any]:
+    """The samples of the family of sample ``name`` (a family's own name, or one with a suffix)."""
+    family = families.get(name.removesuffix("_total").removesuffix("_count").removesuffix("_sum"))
+    return family.samples if family is not None else []
+
+
+def found(families: dict[str, Metric], name: str, **labels: str) -> float | None:
+    """The value of sample ``name`` with these labels; None if it is not there."""
+    for one in samples_of(families, name):
+        if one.name == name and all(one.labels.get(k) == v for k, v in labels.items()):
+            return float(one.value)
+    return None
+
+
 def sample(families: dict[str, Metric], name: str, **labels: str) -> float:
-    """The value of sample ``name`` (a family's own name, or one with a suffix) with these labels."""
-    family = families[name.removesuffix("_total").removesuffix("_count").removesuffix("_sum")]
-    for found in family.samples:
-        if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
-            return float(found.value)
-    raise AssertionError(f"no sample {name} {labels} in {family.samples}")
+    value = found(families, name, **labels)
+    assert value is not None, f"no sample {name} {labels} in {samples_of(families, name)}"
+    return value
 
 
 async def submit(cp: RunningControlPlane) -> str:
@@ -158,14 +171,7 @@ async def test_both_daemons_are_scraped_after_a_job(tmp_path: Path) -> None:
         job_id = await submit(cp)
         await eventually(lambda: in_status(cp, job_id, JobStatus.SUCCEEDED), 30, "the job to succeed")
 
-        async def after_the_end() -> dict[str, Metric] | None:
-            # The job's duration is observed once its end has committed, a moment after the
-            # store shows SUCCEEDED: scraping at once sometimes came before it.
-            served = await scrape(cp.daemon.metrics_port)
-            duration = served.get("testhide_job_duration_seconds")
-            return served if duration is not None and duration.samples else None
-
-        served = await eventually(after_the_end, 30, "the job's duration in the metrics")
+        served = await scrape_counted(cp.daemon.metrics_port, ("testhide_job_duration_seconds_count", {}, 1))
         assert set(served) >= CONTROL_PLANE_FAMILIES
         pool = {"org": "default", "pool": "default"}
         assert sample(served, "testhide_jobs", status="SUCCEEDED", **pool) == 1

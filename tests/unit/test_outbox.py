@@ -19,8 +19,8 @@ def spool(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "spool")
 
 
-def attached(spool: Spool) -> tuple[Outbox, list[Report]]:
-    outbox = Outbox(spool)
+def attached(spool: Spool, **options: int) -> tuple[Outbox, list[Report]]:
+    outbox = Outbox(spool, **options)
     sent: list[Report] = []
     outbox.attach(sent.append)
     return outbox, sent
@@ -231,13 +231,17 @@ def data_of(reports: list[Report]) -> bytes:
     return b"".join(d for r in reports if isinstance(r, LogBatch) for _, d in r.entries)
 
 
-async def test_past_the_window_batches_wait_on_disk_and_follow_acks(spool: Spool) -> None:
-    outbox = Outbox(spool, window_bytes=10, memory_bytes=0)
-    sent: list[Report] = []
-    outbox.attach(sent.append)
+async def logged(spool: Spool, batches: int, **options: int) -> tuple[Outbox, list[Report]]:
+    """An attached outbox that has made job j's ``batches`` batches of 4 bytes: AAAA, BBBB..."""
+    outbox, sent = attached(spool, **options)
     outbox.open("j", 1)
-    for i in range(5):
+    for i in range(batches):
         await outbox.log("j", [(OUT, bytes([65 + i]) * 4)])
+    return outbox, sent
+
+
+async def test_past_the_window_batches_wait_on_disk_and_follow_acks(spool: Spool) -> None:
+    outbox, sent = await logged(spool, 5, window_bytes=10, memory_bytes=0)
     outbox.finish("j", Outcome.EXITED, 0)
     # 4 + 4 fit the window (10 bytes); the rest, and the result behind them, wait on disk.
     assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2]
@@ -257,12 +261,7 @@ async def test_past_the_window_batches_wait_on_disk_and_follow_acks(spool: Spool
 
 
 async def test_connected_past_the_window_batches_wait_in_memory_then_on_disk_in_order(spool: Spool) -> None:
-    outbox = Outbox(spool, window_bytes=8, memory_bytes=8)
-    sent: list[Report] = []
-    outbox.attach(sent.append)
-    outbox.open("j", 1)
-    for i in range(4):
-        await outbox.log("j", [(OUT, bytes([65 + i]) * 4)])
+    outbox, sent = await logged(spool, 4, window_bytes=8, memory_bytes=8)
     # A and B in flight, C and D wait in memory: nothing written.
     assert [r.seq for r in sent if isinstance(r, LogBatch)] == [1, 2]
     assert (spool.size, spool.kept) == (8, 8)
