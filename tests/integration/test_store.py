@@ -553,6 +553,33 @@ async def test_lapsed_lease_requeues_assigned_and_loses_running(store: Store) ->
     assert again.epoch == 3
 
 
+@EVERY_DRIVER
+async def test_a_job_whose_log_began_is_lost_not_requeued(store: Store) -> None:
+    # Batches can be stored before the RUNNING report is: the container ran, so the job must
+    # not run again under the same log (its first batches would pass for replays of these).
+    for job_id, lease in (("j1", LEASE), ("j2", 3 * LEASE)):
+        await store.create_job(make_job(job_id, retries=1), b"k")
+        await store.assign_job("acme", job_id, "agent-1", NOW, NOW + lease)
+        await store.append_log_batch("acme", job_id, "agent-1", 1, 1, [(OUT, b"sealed-a", 4)])
+    [(lapsed, holder)] = await store.expire_leases(NOW + 2 * LEASE)
+    refused = await store.release_job(
+        "acme", "j2", 1, JobStatus.QUEUED, "agent refused it (x); requeued", NOW
+    )
+    assert holder == "agent-1"
+    for job in (lapsed, refused):
+        assert (job.status, job.epoch, job.last_seq) == (JobStatus.LOST, 2, 1)
+        assert job.finished_at is not None
+        assert job.status_reason.endswith("but its log had begun: lost, not requeued")
+    assert refused.status_reason.startswith("agent refused it (x), but")
+    assert [t.status for t in refused.transitions][-1] == JobStatus.LOST
+    assert [(e.seq, e.sealed) for e in await store.read_log("acme", "j1", 0, 10)] == [(1, b"sealed-a")]
+    assert {j.id for j in await store.retryable_jobs(10)} == {"j1", "j2"}  # each as asked, anew
+    # Without a stored batch, the same release still queues the job again.
+    await assigned(store, "j3")
+    requeued = await store.release_job("acme", "j3", 1, JobStatus.QUEUED, "agent refused it; requeued", NOW)
+    assert (requeued.status, requeued.status_reason) == (JobStatus.QUEUED, "agent refused it; requeued")
+
+
 async def test_restart_grace_extends_every_held_lease(store: Store) -> None:
     await assigned(store, "j1")
     await store.create_job(make_job("j2"), b"k")

@@ -18,6 +18,7 @@ from datetime import datetime
 
 from testhide.controlplane.errors import NotFound, StaleEpoch
 from testhide.controlplane.jobs.model import Job, JobStatus
+from testhide.controlplane.store.base import released_as
 from testhide.controlplane.store.pg_common import PgConnection, PgParts, Row
 
 _HELD = (JobStatus.ASSIGNED.value, JobStatus.RUNNING.value)
@@ -65,6 +66,7 @@ class PgLeases(PgParts):
 
     async def _release(self, c: PgConnection, row: Row, status: JobStatus, reason: str, now: datetime) -> Job:
         """``row`` must be locked (or its update conditional) by the caller."""
+        status, reason = released_as(status, reason, row["last_seq"])
         finished = now if status.terminal else None
         # Queued again, it is no agent's: its former holder must not pass for it at the next epoch.
         holder = "" if status == JobStatus.QUEUED else row["agent_id"]

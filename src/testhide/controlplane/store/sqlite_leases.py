@@ -13,6 +13,7 @@ from datetime import datetime
 
 from testhide.controlplane.errors import NotFound, NotHeld, StaleEpoch
 from testhide.controlplane.jobs.model import Job, JobStatus
+from testhide.controlplane.store.base import released_as
 from testhide.controlplane.store.sqlite_common import SqliteParts, _ts
 
 _HELD = (JobStatus.ASSIGNED.value, JobStatus.RUNNING.value)
@@ -60,6 +61,7 @@ class SqliteLeases(SqliteParts):
     def _release(
         self, c: sqlite3.Connection, row: sqlite3.Row, status: JobStatus, reason: str, now: datetime
     ) -> Job:
+        status, reason = released_as(status, reason, row["last_seq"])
         finished = _ts(now) if status.terminal else None
         # Queued again, it is no agent's: its former holder must not pass for it at the next epoch.
         holder = "" if status == JobStatus.QUEUED else row["agent_id"]
