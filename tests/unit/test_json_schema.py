@@ -5,6 +5,7 @@ without a server match theirs, and the shape check catches what it must."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -170,16 +171,14 @@ def test_test_results_secrets_and_artifacts_as_printed() -> None:
 
 
 def test_the_doctors_and_migrate_store_as_printed() -> None:
-    from testhide.agent import doctor as agent_doctor
-    from testhide.controlplane.commands import doctor as cp_doctor
+    from testhide.common.findings import fail, ok, render, warn
     from testhide.controlplane.commands.migrate_store import Migration, Target
 
-    for command, module in (
-        ("testhide-agent doctor", agent_doctor),
-        ("testhide-controlplane doctor", cp_doctor),
-    ):
-        findings = [module.ok("a", "fine"), module.warn("b", "hm", "do x"), module.fail("c", "bad", "do y")]
-        assert_matches_example(command, {"ok": False, "checks": [f.as_json() for f in findings]})
+    printed = json.loads(
+        render([ok("a", "fine"), warn("b", "hm", "do x"), fail("c", "bad", "do y")], True, False)
+    )
+    for command in ("testhide-agent doctor", "testhide-controlplane doctor"):  # both print through render
+        assert_matches_example(command, printed)
     migration = Migration("/d", Target("h", 5432, "db"), {"jobs": 1, "secrets": 0}, 3, 1.5)
     assert_matches_example("testhide-controlplane migrate-store", migration.as_json())
 

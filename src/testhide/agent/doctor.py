@@ -25,17 +25,14 @@ is measured as of the last enrollment or renewal, to within about a second."""
 from __future__ import annotations
 
 import asyncio
-import enum
-import json
 import os
-import pwd
 import shutil
 import socket
 import ssl
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,7 +45,6 @@ import docker.errors
 import grpc
 import requests.exceptions
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -58,6 +54,17 @@ from testhide.agent.errors import AgentError
 from testhide.agent.runtime import gvisor
 from testhide.agent.runtime.offer import PROBE_IMAGE, ProbeResult, Registration, probe, registrations
 from testhide.agent.runtime.offer import _fix as registration_fix
+from testhide.common.findings import (
+    Finding,
+    exit_status,
+    fail,
+    free_space,
+    issued_by,
+    ok,
+    render,
+    user_name,
+    warn,
+)
 from testhide.common.identity import AGENT_CERT_BACKDATE, AgentIdentity, IdentityError
 from testhide.common.sizes import Size, format_size
 from testhide.common.tls import secure_channel, split_target
@@ -74,63 +81,6 @@ SKEW_FAIL = timedelta(minutes=5)
 """The server certificate's backdate: further behind, a freshly rotated one is not valid here yet."""
 TEMP_WARN_BYTES = 1024**3
 DOCKER_WARN_BYTES = 2 * 1024**3
-
-
-class Status(enum.Enum):
-    OK = "ok"
-    WARN = "warn"
-    FAIL = "FAIL"
-
-
-@dataclass(frozen=True)
-class Finding:
-    status: Status
-    check: str
-    finding: str
-    fix: str = ""
-
-    def line(self) -> str:
-        text = f"{self.status.value:<4}  {self.check}: {self.finding}"
-        return f"{text} — fix: {self.fix}" if self.fix else text
-
-    def as_json(self) -> dict[str, str]:
-        return {"status": self.status.name, "check": self.check, "finding": self.finding, "fix": self.fix}
-
-
-def ok(check: str, finding: str) -> Finding:
-    return Finding(Status.OK, check, finding)
-
-
-def warn(check: str, finding: str, fix: str = "") -> Finding:
-    return Finding(Status.WARN, check, finding, fix)
-
-
-def fail(check: str, finding: str, fix: str = "") -> Finding:
-    return Finding(Status.FAIL, check, finding, fix)
-
-
-def exit_status(findings: Sequence[Finding], strict: bool) -> int:
-    """1 if any check failed (or, with ``strict``, warned); else 0."""
-    bad = {Status.FAIL, Status.WARN} if strict else {Status.FAIL}
-    return 1 if any(f.status in bad for f in findings) else 0
-
-
-def render(findings: Sequence[Finding], as_json: bool, strict: bool) -> str:
-    if as_json:
-        document = {"ok": exit_status(findings, strict) == 0, "checks": [f.as_json() for f in findings]}
-        return json.dumps(document, indent=2)
-    return "\n".join(f.line() for f in findings)
-
-
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
-def _human(size: int) -> str:
-    return f"{size / 1024**3:.1f} GiB" if size >= 1024**3 else f"{size / 1024**2:.0f} MiB"
 
 
 def _mode(path: Path) -> int:
@@ -153,8 +103,8 @@ def data_dir_finding(data_dir: Path) -> Finding:
     if info.st_uid != me:
         return fail(
             name,
-            f"{data_dir} is owned by {_user(info.st_uid)}, this is {_user(me)}",
-            f"run the doctor as the agent's user, or chown -R {_user(me)} {data_dir}",
+            f"{data_dir} is owned by {user_name(info.st_uid)}, this is {user_name(me)}",
+            f"run the doctor as the agent's user, or chown -R {user_name(me)} {data_dir}",
         )
     if stat.S_IMODE(info.st_mode) & 0o077:
         return fail(
@@ -162,7 +112,7 @@ def data_dir_finding(data_dir: Path) -> Finding:
             f"{data_dir} is mode {stat.S_IMODE(info.st_mode):04o}: others can reach the agent's key",
             f"chmod 700 {data_dir}",
         )
-    return ok(name, f"{data_dir}, mode 0700, owned by {_user(me)}")
+    return ok(name, f"{data_dir}, mode 0700, owned by {user_name(me)}")
 
 
 def load_credentials(data_dir: Path) -> tuple[Finding, Credentials | None]:
@@ -205,7 +155,7 @@ def certificate_finding(credentials: Credentials, now: datetime) -> Finding:
     name = "certificate"
     certificate = credentials.certificate
     cas = x509.load_pem_x509_certificates(credentials.ca_pem)
-    if not any(_issued_by(certificate, ca) for ca in cas):
+    if not any(issued_by(certificate, ca) for ca in cas):
         return fail(
             name,
             "agent.pem was not issued by a CA in ca.pem",
@@ -238,14 +188,6 @@ def certificate_finding(credentials: Credentials, now: datetime) -> Finding:
             "start the agent (testhide-agent run) so that it renews; if it runs, its log says why it cannot",
         )
     return ok(name, finding)
-
-
-def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        certificate.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def clock_finding(credentials: Credentials, now: datetime) -> Finding:
@@ -489,7 +431,7 @@ def disk_findings(data_dir: Path, spool_max: int, docker_root: str | None) -> li
     spool = AgentConfig(data_dir=data_dir).spool_dir
     free = _free_bytes(spool)
     findings = []
-    described = f"{_human(free)} free at {spool}"
+    described = f"{free_space(free)} free at {spool}"
     if free < spool_max:
         findings.append(
             fail(
@@ -502,7 +444,7 @@ def disk_findings(data_dir: Path, spool_max: int, docker_root: str | None) -> li
         findings.append(ok("disk spool", f"{described}, --spool-max is {format_size(spool_max)}"))
     temp = Path(tempfile.gettempdir())
     free = _free_bytes(temp)
-    described = f"{_human(free)} free at {temp} (workspaces and artifacts pass through it)"
+    described = f"{free_space(free)} free at {temp} (workspaces and artifacts pass through it)"
     if free < TEMP_WARN_BYTES:
         findings.append(warn("disk temp", described, "free space there, or point TMPDIR at a larger disk"))
     else:
@@ -513,7 +455,7 @@ def disk_findings(data_dir: Path, spool_max: int, docker_root: str | None) -> li
         except OSError as exc:
             findings.append(warn("disk docker", f"cannot look at {docker_root}: {exc.strerror or exc}"))
             return findings
-        described = f"{_human(free)} free at {docker_root} (images and job volumes)"
+        described = f"{free_space(free)} free at {docker_root} (images and job volumes)"
         if free < DOCKER_WARN_BYTES:
             findings.append(warn("disk docker", described, "docker system prune, or give Docker more disk"))
         else:

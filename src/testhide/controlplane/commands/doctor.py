@@ -12,19 +12,16 @@ data dir's CA) when a ``serve`` of this data dir runs, else free to bind."""
 from __future__ import annotations
 
 import asyncio
-import enum
 import errno
 import json
 import os
-import pwd
 import shutil
 import socket
 import sqlite3
 import ssl
 import stat
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,9 +30,20 @@ from urllib.parse import urlsplit
 import click
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from testhide.common.findings import (
+    Finding,
+    Status,
+    exit_status,
+    fail,
+    free_space,
+    issued_by,
+    ok,
+    render,
+    user_name,
+    warn,
+)
 from testhide.common.tls import split_target
 from testhide.controlplane.atrest import MASTER_KEY_ENV, MasterKey
 from testhide.controlplane.ca.authority import is_development_ca, server_name_sans
@@ -62,55 +70,6 @@ SECRET_FILES = ("master.key", KEYRING_FILE, DATABASE_URL_FILE)
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
 
 
-class Status(enum.Enum):
-    OK = "ok"
-    WARN = "warn"
-    FAIL = "FAIL"
-
-
-@dataclass(frozen=True)
-class Finding:
-    status: Status
-    check: str
-    finding: str
-    fix: str = ""
-
-    def line(self) -> str:
-        text = f"{self.status.value:<4}  {self.check}: {self.finding}"
-        return f"{text} — fix: {self.fix}" if self.fix else text
-
-    def as_json(self) -> dict[str, str]:
-        return {"status": self.status.name, "check": self.check, "finding": self.finding, "fix": self.fix}
-
-
-def ok(check: str, finding: str) -> Finding:
-    return Finding(Status.OK, check, finding)
-
-
-def warn(check: str, finding: str, fix: str = "") -> Finding:
-    return Finding(Status.WARN, check, finding, fix)
-
-
-def fail(check: str, finding: str, fix: str = "") -> Finding:
-    return Finding(Status.FAIL, check, finding, fix)
-
-
-def exit_status(findings: Sequence[Finding], strict: bool) -> int:
-    bad = {Status.FAIL, Status.WARN} if strict else {Status.FAIL}
-    return 1 if any(f.status in bad for f in findings) else 0
-
-
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
-def _gib(size: int) -> str:
-    return f"{size / 1024**3:.1f} GiB" if size >= 1024**3 else f"{size / 1024**2:.0f} MiB"
-
-
 # ---------------------------------------------------------------- files
 
 
@@ -122,8 +81,8 @@ def data_dir_finding(directory: DataDir) -> Finding:
     if info.st_uid != me:
         return fail(
             name,
-            f"{path} is owned by {_user(info.st_uid)}, this is {_user(me)}",
-            f"run the doctor as serve's user, or chown -R {_user(me)} {path}",
+            f"{path} is owned by {user_name(info.st_uid)}, this is {user_name(me)}",
+            f"run the doctor as serve's user, or chown -R {user_name(me)} {path}",
         )
     if stat.S_IMODE(info.st_mode) & 0o077:
         return fail(
@@ -131,7 +90,7 @@ def data_dir_finding(directory: DataDir) -> Finding:
             f"{path} is mode {stat.S_IMODE(info.st_mode):04o}: others can reach its keys and database",
             f"chmod 700 {path}",
         )
-    return ok(name, f"{path}, mode 0700, owned by {_user(me)}")
+    return ok(name, f"{path}, mode 0700, owned by {user_name(me)}")
 
 
 def state_finding(directory: DataDir) -> tuple[Finding, dict[str, Any] | None]:
@@ -173,8 +132,8 @@ def files_finding(directory: DataDir) -> Finding:
     if foreign:
         return fail(
             "files",
-            f"not owned by {_user(me)}: {', '.join(foreign[:5])}",
-            f"chown -R {_user(me)} {directory.path}",
+            f"not owned by {user_name(me)}: {', '.join(foreign[:5])}",
+            f"chown -R {user_name(me)} {directory.path}",
         )
     return ok("files", "keys and the database URL are 0600, every file is ours")
 
@@ -352,7 +311,7 @@ def certificate_findings(
         findings.append(finding)
     chain = x509.load_pem_x509_certificates((directory.path / "server.pem").read_bytes())
     leaf = chain[0]
-    issuer = next((g for g, ca in cas.items() if _issued_by(leaf, ca)), None)
+    issuer = next((g for g, ca in cas.items() if issued_by(leaf, ca)), None)
     if issuer is None:
         findings.append(
             fail(
@@ -370,14 +329,6 @@ def certificate_findings(
             findings.append(fail("server key", str(exc), "testhide-controlplane server-cert rotate"))
     findings.append(names_finding(leaf, [str(n) for n in state.get("server_names") or []]))
     return findings
-
-
-def _issued_by(certificate: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        certificate.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def expiry_finding(check: str, described: str, certificate: x509.Certificate, now: datetime) -> Finding:
@@ -417,7 +368,7 @@ def names_finding(leaf: x509.Certificate, recorded: list[str]) -> Finding:
 
 def disk_finding(directory: DataDir, on_postgres: bool) -> Finding:
     free = shutil.disk_usage(directory.path).free
-    finding = f"{_gib(free)} free at {directory.path}"
+    finding = f"{free_space(free)} free at {directory.path}"
     fix = f"free space on the filesystem of {directory.path}, or move the data dir to a larger one"
     if free < (16 * 1024**2 if on_postgres else DISK_FAIL_BYTES):
         return fail("disk", f"{finding}: writes will fail with 'disk is full'", fix)
@@ -594,9 +545,5 @@ def doctor(data_dir: Path, listen: str, agent_listen: str | None, as_json: bool,
     disk, the listeners' ports, the database's clock. One line per check with
     the fix; exit 1 if any check fails (with --strict, also if any warns)."""
     findings = asyncio.run(diagnose(data_dir, listen, agent_listen))
-    if as_json:
-        document = {"ok": exit_status(findings, strict) == 0, "checks": [f.as_json() for f in findings]}
-        click.echo(json.dumps(document, indent=2))
-    else:
-        click.echo("\n".join(f.line() for f in findings))
+    click.echo(render(findings, as_json, strict))
     raise SystemExit(exit_status(findings, strict))
