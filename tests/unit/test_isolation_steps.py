@@ -36,7 +36,7 @@ from testhide.controlplane.jobs.model import (
     ServiceSpec,
 )
 from testhide.controlplane.jobs.scheduler import AgentSession, Cancel
-from testhide.controlplane.rpc.agent import report_of
+from testhide.controlplane.rpc.agent_wire import report_of
 from testhide.controlplane.rpc.convert import fetch_from_pb, job_to_pb
 from testhide.protos.v1 import agent_pb2, jobs_pb2
 from tests.unit.test_isolation_policy import GOOD, GVISOR, JOB, audited_world, facts_for
