@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
-from cryptography import x509
 
-from testhide.common.identity import AgentIdentity, IdentityError
+from testhide.common.identity import AgentIdentity
 from testhide.controlplane.auth.audit import Auditor
 from testhide.controlplane.ca.renewal import Renewals, Renewed
 from testhide.controlplane.ca.signer import Signer
@@ -38,6 +37,13 @@ from testhide.controlplane.jobs.scheduler import (
     TrustBundle,
 )
 from testhide.controlplane.jobs.service import JobService
+from testhide.controlplane.rpc.agent_auth import (
+    EXPIRED,
+    UNTRUSTED_CA,
+    VerifiedAgent,
+    authenticate_agent,
+    read_message,
+)
 from testhide.controlplane.rpc.agent_wire import ARTIFACT_KINDS, announced_version, batched, encode, report_of
 from testhide.controlplane.rpc.convert import (
     check_agent_message,
@@ -63,54 +69,6 @@ HEARTBEAT_INTERVAL = "testhide-heartbeat-ms"
 READS_BATCHES = "testhide-batches"
 # Tells the agent that this control plane answers AgentMessage.renew (an older one would drop it).
 RENEWS = "testhide-renews"
-EXPIRED = "the agent certificate has expired; enroll the agent again"
-UNTRUSTED_CA = "the agent certificate was issued by a CA that is no longer trusted; enroll the agent again"
-
-
-class VerifiedAgent:
-    def __init__(self, identity: AgentIdentity, certificate: x509.Certificate, issuer: str) -> None:
-        self.identity = identity
-        self.certificate = certificate
-        self.issuer = issuer
-
-
-def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate:
-    pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
-    if not pem:
-        raise Unauthenticated("a client certificate is required")
-    return x509.load_pem_x509_certificate(pem)
-
-
-async def read_message(
-    context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, Any],
-) -> agent_pb2.AgentMessage | None:
-    """The agent's next message, None once it has closed its side of the stream (grpc.aio.EOF,
-    which grpc's stub leaves out of read()'s type)."""
-    message: object = await context.read()
-    return message if isinstance(message, agent_pb2.AgentMessage) else None
-
-
-async def authenticate_agent(
-    context: grpc.aio.ServicerContext[Any, Any], store: AgentStore, certs: CertificateState
-) -> VerifiedAgent:
-    """Re-checked on every stream and RPC: the handshake alone is not enough,
-    because a connection outlives the certificate (and the trust) it opened with."""
-    cert = peer_certificate(context)
-    if cert.not_valid_after_utc <= datetime.now(UTC):
-        raise Unauthenticated(EXPIRED)
-    issuer = certs.issuer_of(cert)
-    if issuer is None:
-        raise Unauthenticated(UNTRUSTED_CA)
-    try:
-        identity = AgentIdentity.from_certificate(cert)
-    except IdentityError as exc:
-        raise Unauthenticated(str(exc)) from exc
-    record = await store.get_agent(identity.org, identity.agent_id)
-    if record is None or record.pool != identity.pool:
-        raise PermissionDenied("unknown agent")
-    if record.revoked_at is not None:
-        raise PermissionDenied("this agent has been revoked")
-    return VerifiedAgent(identity, cert, issuer)
 
 
 def _stream_fields(session: AgentSession, peer: str) -> dict[str, str]:
