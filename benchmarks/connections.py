@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks.figures import SPAWN, Figure, raise_fd_limit, rss_bytes
+from benchmarks.figures import SPAWN, Figure, raise_fd_limit, rss_bytes, settle_time
 from benchmarks.fleet import AgentKeys, AgentStream, issue_agents, open_stream, save_credentials
 from testhide.protos.v1 import agent_pb2
 from tests.harness import REPO, ControlPlaneProcess, RunningControlPlane, control_plane, free_port
@@ -77,7 +77,7 @@ async def _idle_rss(*command: str, cwd: Path, settle_s: float, ready: Any = None
         await process.wait()
 
 
-async def idle_agent(cp: RunningControlPlane, tmp: Path) -> tuple[int, int]:
+async def idle_agent(cp: RunningControlPlane, tmp: Path, smoke: bool) -> tuple[int, int]:
     """(RSS of ``testhide-agent run`` connected and idle, RSS of a bare interpreter)."""
     keys = (await issue_agents(cp, 1))[0]
     data_dir = save_credentials(cp, keys, tmp / "idle-agent")
@@ -91,10 +91,12 @@ async def idle_agent(cp: RunningControlPlane, tmp: Path) -> tuple[int, int]:
         "--data-dir",
         str(data_dir),
         cwd=REPO,
-        settle_s=3.0,
+        settle_s=settle_time(3.0, smoke),
         ready=asyncio.wait_for(attached, 60),
     )
-    bare = await _idle_rss(sys.executable, "-c", "import time; time.sleep(60)", cwd=REPO, settle_s=1.0)
+    bare = await _idle_rss(
+        sys.executable, "-c", "import time; time.sleep(60)", cwd=REPO, settle_s=settle_time(1.0, smoke)
+    )
     return agent, bare
 
 
@@ -110,7 +112,9 @@ async def measure(smoke: bool) -> list[Figure]:
         await served.start()
         try:
             assert served.process is not None
-            await asyncio.sleep(2.0)  # settle: the watcher's and the lease sweep's first rounds
+            await asyncio.sleep(
+                settle_time(2.0, smoke)
+            )  # settle: the watcher's and the lease sweep's first rounds
             idle = rss_bytes(served.process.pid)
             connected, stop = SPAWN.Queue(), SPAWN.Event()
             target = f"127.0.0.1:{served.agent_port}"
@@ -128,7 +132,7 @@ async def measure(smoke: bool) -> list[Figure]:
             reports = [await asyncio.to_thread(connected.get, True, 900) for _ in processes]
             connect_s = time.monotonic() - started
             held = sum(count for count, _ in reports)
-            await asyncio.sleep(5.0)  # settle: first heartbeats, freed handshake buffers
+            await asyncio.sleep(settle_time(5.0, smoke))  # settle: first heartbeats, freed handshake buffers
             loaded = rss_bytes(served.process.pid)
             stop.set()
             for process in processes:
@@ -137,7 +141,7 @@ async def measure(smoke: bool) -> list[Figure]:
             await served.stop()
         client_rss = [rss for _, rss in reports]
         async with control_plane(Path(tmp) / "idle") as cp:
-            agent_rss, bare_rss = await idle_agent(cp, Path(tmp))
+            agent_rss, bare_rss = await idle_agent(cp, Path(tmp), smoke)
     per_stream_kib = (loaded - idle) / streams / 1024
     return [
         Figure(

@@ -39,6 +39,13 @@ SPAWN = _SpawnContext()
 """The benchmarks' ``multiprocessing`` context: spawn, each child ending with the benchmark."""
 
 
+def settle_time(seconds: float, smoke: bool) -> float:
+    """How long to let processes settle before reading them (RSS after the first heartbeats,
+    PostgreSQL's transaction counters): as given when measuring, a tenth in a smoke run, which
+    checks that every figure is produced, not its value."""
+    return seconds / 10 if smoke else seconds
+
+
 @dataclass
 class Figure:
     name: str

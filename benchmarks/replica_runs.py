@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from benchmarks.connections import _client_process
-from benchmarks.figures import SPAWN, cpu_seconds, median, percentile
+from benchmarks.figures import SPAWN, cpu_seconds, median, percentile, settle_time
 from benchmarks.fleet import (
     AgentKeys,
     issue_agents,
@@ -48,6 +48,8 @@ class Sizes:
     stream_clients: int
     rounds: int
     """Runs of each setup compared turn about (drivers; announcements on and off)."""
+    smoke: bool
+    """Settling waits a tenth as long (``figures.settle_time``)."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,9 @@ async def throughput(tmp: Path, pg: PrivateCluster | None, setup: Setup, sizes: 
         agent_pids = await stack.enter_async_context(_fleet(dirs, sizes.agent_processes))
         await _until(lambda: _equals(progress.agents_seen(), len(keys)), 300, "agents did not all connect")
         connected_s = time.monotonic() - started
-        await asyncio.sleep(1.0)  # the last hellos are attached (the store hears of them first)
+        await asyncio.sleep(
+            settle_time(1.0, sizes.smoke)
+        )  # the last hellos are attached (the store hears of them first)
         cpu_now = _cpu_meter(replicas, agent_pids, submitter.pid, pg)
         cpu_before, transactions_before = cpu_now(), await progress.transactions()
         for r in replicas[:1] if setup.profile else []:
@@ -162,7 +166,7 @@ async def throughput(tmp: Path, pg: PrivateCluster | None, setup: Setup, sizes: 
         profile = await replicas[0].stop_profile() if setup.profile else None
         await asyncio.to_thread(submitter.join, 60)
         times = await progress.job_times()
-        await asyncio.sleep(1.5)  # the backends report their last transactions
+        await asyncio.sleep(settle_time(1.5, sizes.smoke))  # the backends report their last transactions
         transactions = _difference(transactions_before, await progress.transactions())
     summary = _summary(setup, sizes, count, times, submitted, cpu, connected_s, profile)
     if transactions is not None:
@@ -308,7 +312,7 @@ async def cross_replica_pickup(tmp: Path, pg: PrivateCluster, count: int) -> dic
 
 
 async def _held_streams(
-    replicas: list[Replica], agents: list[AgentKeys], ca_pem: bytes, clients: int
+    replicas: list[Replica], agents: list[AgentKeys], ca_pem: bytes, clients: int, smoke: bool
 ) -> dict[str, Any]:
     """Every agent's stream open, client ``i`` on replica ``i mod n``: the
     replicas' RSS once settled, with their RSS before."""
@@ -328,7 +332,7 @@ async def _held_streams(
     try:
         reports = [await asyncio.to_thread(connected.get, True, 900) for _ in processes]
         connect_s = time.monotonic() - started
-        await asyncio.sleep(5.0)  # settle: first heartbeats, freed handshake buffers
+        await asyncio.sleep(settle_time(5.0, smoke))  # settle: first heartbeats, freed handshake buffers
         loaded = [r.rss() for r in replicas]
     finally:
         stop.set()
@@ -351,9 +355,9 @@ async def _held_streams(
 async def split_streams(tmp: Path, pg: PrivateCluster, sizes: Sizes) -> dict[str, dict[str, Any]]:
     data_dir, _, agents, _, ca_pem = await _prepared(tmp, pg, "streams", "asyncpg", sizes.streams)
     async with replica(data_dir, "single") as single:
-        await asyncio.sleep(2.0)  # settle: the first rounds of the background tasks
-        one = await _held_streams([single], agents, ca_pem, sizes.stream_clients)
+        await asyncio.sleep(settle_time(2.0, sizes.smoke))  # settle: the first rounds of the background tasks
+        one = await _held_streams([single], agents, ca_pem, sizes.stream_clients, sizes.smoke)
     async with replica(data_dir, "a") as a, replica(data_dir, "b") as b:
-        await asyncio.sleep(2.0)
-        two = await _held_streams([a, b], agents, ca_pem, sizes.stream_clients)
+        await asyncio.sleep(settle_time(2.0, sizes.smoke))
+        two = await _held_streams([a, b], agents, ca_pem, sizes.stream_clients, sizes.smoke)
     return {"one": one, "two": two}

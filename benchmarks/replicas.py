@@ -38,8 +38,8 @@ from tests.pg import PrivateCluster
 PICKUP_GOAL_MS = 50.0
 MIB = 1 << 20
 
-SMOKE = Sizes(10, 2, 40, 40, 5, 40, 2, 1)
-FULL = Sizes(1000, 4, 4000, 1000, 200, 10_000, 6, 2)
+SMOKE = Sizes(10, 2, 40, 40, 5, 40, 2, 1, smoke=True)
+FULL = Sizes(1000, 4, 4000, 1000, 200, 10_000, 6, 2, smoke=False)
 
 
 async def measure(smoke: bool) -> list[Figure]:
