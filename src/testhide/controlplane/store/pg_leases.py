@@ -86,7 +86,8 @@ class PgLeases(PgParts):
     async def release_job(
         self, org: str, job_id: str, epoch: int, status: JobStatus, reason: str, now: datetime
     ) -> Job:
-        """Take a held job back from its agent: QUEUED again (it had not started) or LOST."""
+        """Take a held job back from its agent: QUEUED again (it had not started) or LOST
+        (``released_as``: a job whose log began is LOST too)."""
 
         async def run(c: PgConnection) -> Job:
             row = await c.fetchrow("SELECT * FROM jobs WHERE org = $1 AND id = $2 FOR UPDATE", org, job_id)
@@ -99,7 +100,8 @@ class PgLeases(PgParts):
         return await self._tx(run)
 
     async def expire_leases(self, now: datetime) -> list[tuple[Job, str]]:
-        """Lapsed leases: an ASSIGNED job goes back to the queue, a RUNNING one is LOST.
+        """Lapsed leases: an ASSIGNED job goes back to the queue (unless its log began), a RUNNING
+        one is LOST.
         Returns each released job with the agent that held it. A row another
         transaction has locked (a heartbeat, a report, another replica's sweep)
         is skipped, for the next sweep to look at again; one locked here is

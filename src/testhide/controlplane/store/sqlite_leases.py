@@ -76,7 +76,8 @@ class SqliteLeases(SqliteParts):
     async def release_job(
         self, org: str, job_id: str, epoch: int, status: JobStatus, reason: str, now: datetime
     ) -> Job:
-        """Take a held job back from its agent: QUEUED again (it had not started) or LOST."""
+        """Take a held job back from its agent: QUEUED again (it had not started) or LOST
+        (``released_as``: a job whose log began is LOST too)."""
 
         def run(c: sqlite3.Connection) -> Job:
             row = c.execute("SELECT * FROM jobs WHERE org = ? AND id = ?", (org, job_id)).fetchone()
@@ -90,7 +91,8 @@ class SqliteLeases(SqliteParts):
         return job
 
     async def expire_leases(self, now: datetime) -> list[tuple[Job, str]]:
-        """Lapsed leases: an ASSIGNED job goes back to the queue, a RUNNING one is LOST.
+        """Lapsed leases: an ASSIGNED job goes back to the queue (unless its log began), a RUNNING
+        one is LOST.
         Returns each released job with the agent that held it."""
 
         def run(c: sqlite3.Connection) -> list[tuple[Job, str]]:
