@@ -230,10 +230,10 @@ def stored_log_chain_head(job_id: str, last_seq: int, head: bytes | None) -> byt
 
 def released_as(status: JobStatus, reason: str, last_seq: int) -> tuple[JobStatus, str]:
     """What taking a held job back makes of it. A job asked back to the queue before it
-    reported RUNNING goes there only if none of its log is stored: a log batch means its
-    container ran, and a requeued job would run again under the same log, its first batches
-    taken for replays of the stored ones. So it is LOST (retried when it asked for that),
-    its log kept with it."""
+    reported RUNNING goes there only if none of its log is stored: a stored batch (its fetch
+    step's output, say) means a container of it ran, and a requeued job would run again under
+    the same log, the next holder's first batches taken for replays of the stored ones. So it
+    is LOST (retried when it asked for that), its log kept with it as evidence."""
     if status == JobStatus.QUEUED and last_seq > 0:
         return (
             JobStatus.LOST,
