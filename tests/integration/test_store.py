@@ -555,9 +555,9 @@ async def test_lapsed_lease_requeues_assigned_and_loses_running(store: Store) ->
 
 @EVERY_DRIVER
 async def test_a_job_whose_log_began_is_lost_not_requeued(store: Store) -> None:
-    # Batches are stored before the RUNNING report when the job has a fetch step: a container
-    # of it ran, so it must not run again under the same log (the next holder's first batches
-    # would pass for replays of these).
+    # A batch stored before the RUNNING report (an agent's reason for giving up on the start,
+    # or any agent sending early): the job must not run again under the same log (the next
+    # holder's first batches would pass for replays of these).
     for job_id, lease in (("j1", LEASE), ("j2", 3 * LEASE)):
         await store.create_job(make_job(job_id, retries=1), b"k")
         await store.assign_job("acme", job_id, "agent-1", NOW, NOW + lease)

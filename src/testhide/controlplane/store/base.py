@@ -230,10 +230,11 @@ def stored_log_chain_head(job_id: str, last_seq: int, head: bytes | None) -> byt
 
 def released_as(status: JobStatus, reason: str, last_seq: int) -> tuple[JobStatus, str]:
     """What taking a held job back makes of it. A job asked back to the queue before it
-    reported RUNNING goes there only if none of its log is stored: a stored batch (its fetch
-    step's output, say) means a container of it ran, and a requeued job would run again under
-    the same log, the next holder's first batches taken for replays of the stored ones. So it
-    is LOST (retried when it asked for that), its log kept with it as evidence."""
+    reported RUNNING goes there only if none of its log is stored: the agent sends a batch
+    before RUNNING only when it gives up on the start (its reason, as a system line), but any
+    stored batch would make a requeued job run again under the same log, the next holder's
+    first batches taken for replays of the stored ones. So it is LOST (retried when it asked
+    for that), its log kept with it as evidence."""
     if status == JobStatus.QUEUED and last_seq > 0:
         return (
             JobStatus.LOST,
