@@ -33,7 +33,7 @@ from docker.utils.socket import read as socket_read
 
 from benchmarks.figures import Figure, alternate, cpu_seconds, median
 from benchmarks.fleet import agent_process
-from testhide.agent.runtime.docker import Demuxer
+from testhide.agent.runtime.attach import Demuxer
 from tests.harness import Cli, control_plane
 
 GOAL = 0.8

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from testhide.agent.model import LogStream
-from testhide.agent.runtime.docker import Demuxer
+from testhide.agent.runtime.attach import Demuxer
 
 PROPS = settings(max_examples=200, deadline=None, derandomize=True, database=None)
 OUT, ERR = LogStream.STDOUT, LogStream.STDERR

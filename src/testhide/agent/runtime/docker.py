@@ -7,8 +7,7 @@ socket, attached before the container starts, and the daemon's copy would
 only cost a JSON line per output line and leave unmasked output on disk.
 
 docker-py blocks, so every call runs in a worker thread. Output is read from
-the attach socket in large blocks (docker-py's frame iterator reads a frame
-at a time and is several times slower)."""
+the attach socket by a thread of its own (``attach.py``)."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import asyncio
 import contextlib
 import io
 import os
-import struct
 import tarfile
 import threading
 from collections.abc import Callable, Sequence
@@ -28,10 +26,10 @@ import requests.exceptions
 import structlog
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
-from docker.utils.socket import read as socket_read
 
 from testhide.agent.errors import CommandNotRunnable, ConfigError, JobSetupError, RuntimeUnavailable
 from testhide.agent.model import Isolation, LogStream, ServiceSpec
+from testhide.agent.runtime.attach import read_attached
 from testhide.agent.runtime.base import ContainerExit, ContainerSpec, OutputQueue, RunningServices
 from testhide.agent.runtime.gvisor import GO_PANIC_EXIT, SandboxPanicWatch, failure_reason
 from testhide.agent.runtime.hardening import container_options
@@ -58,11 +56,8 @@ async def engine(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 LABEL = "dev.testhide.job"
 OWNER_LABEL = "dev.testhide.agent"
-READ_BLOCK = 1 << 20
 # After a gVisor sandbox exited as a panic would, how long its last output may take to arrive.
 OUTPUT_SETTLE_S = 10.0
-_HEADER = struct.Struct(">BxxxL")
-_STREAMS = {1: LogStream.STDOUT, 2: LogStream.STDERR}
 
 
 def workspace_init_image(user: str) -> str:
@@ -94,46 +89,6 @@ def import_if_missing(client: docker.DockerClient, image: str, filesystem: Calla
 def _workspace_init_tar(user: str) -> bytes:
     """/workspace owned by the job user, who can then write to the workspace volume."""
     return owned_directory_tar("workspace", user, 0o755)
-
-
-class Demuxer:
-    """Splits Docker's multiplexed attach stream (8-byte headers) into chunks."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[tuple[LogStream, bytes]]:
-        """Whole frames so far, neighbours of the same stream merged. Parts are
-        joined once per run: a block of thousands of one-line frames must not
-        be copied once per frame."""
-        self._buffer += data
-        view = memoryview(self._buffer)
-        runs: list[tuple[LogStream, list[bytes]]] = []
-        pos = 0
-        try:
-            while len(view) - pos >= _HEADER.size:
-                kind, size = _HEADER.unpack_from(view, pos)
-                if len(view) - pos - _HEADER.size < size:
-                    break
-                start = pos + _HEADER.size
-                stream = _STREAMS.get(kind, LogStream.STDOUT)
-                if not runs or runs[-1][0] != stream:
-                    runs.append((stream, []))
-                runs[-1][1].append(bytes(view[start : start + size]))
-                pos = start + size
-        finally:
-            view.release()
-        del self._buffer[:pos]
-        return [(stream, b"".join(parts)) for stream, parts in runs]
-
-
-def _close_attach_socket(sock: Any) -> None:
-    """docker-py hands out a SocketIO over the connection's socket, with the
-    HTTP response attached; closing the wrapper alone leaks the socket."""
-    for part in (getattr(sock, "_response", None), sock, getattr(sock, "_sock", None)):
-        if part is not None:
-            with contextlib.suppress(OSError, ValueError):
-                part.close()
 
 
 class DockerContainer:
@@ -512,20 +467,15 @@ class DockerRuntime:
     def _pump(
         sock: Any, output: OutputQueue, panic_watch: SandboxPanicWatch | None, done: Callable[[], None]
     ) -> None:
-        demuxer = Demuxer()
+        def chunk_read(chunk: tuple[LogStream, bytes]) -> None:
+            if panic_watch is not None and chunk[0] == LogStream.STDERR:
+                panic_watch.feed(chunk[1])
+            output.put_from_thread(chunk)
+
         try:
-            while True:
-                data = socket_read(sock, READ_BLOCK)
-                if not data:
-                    break
-                for chunk in demuxer.feed(data):
-                    if panic_watch is not None and chunk[0] == LogStream.STDERR:
-                        panic_watch.feed(chunk[1])
-                    output.put_from_thread(chunk)
-        except OSError:
-            log.warning("container_output_interrupted")
+            if not read_attached(sock, chunk_read):
+                log.warning("container_output_interrupted")
         finally:
             output.put_from_thread(None)
-            _close_attach_socket(sock)
             with contextlib.suppress(RuntimeError):  # the event loop is gone (agent stopping)
                 done()

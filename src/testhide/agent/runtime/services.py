@@ -54,18 +54,11 @@ import docker.errors
 import structlog
 from docker.models.containers import Container
 from docker.types import LogConfig
-from docker.utils.socket import read as socket_read
 
 from testhide.agent.errors import JobSetupError, RuntimeUnavailable
 from testhide.agent.model import ServiceIsolation, ServiceSpec
-from testhide.agent.runtime.docker import (
-    LABEL,
-    OWNER_LABEL,
-    READ_BLOCK,
-    Demuxer,
-    _close_attach_socket,
-    engine,
-)
+from testhide.agent.runtime.attach import read_attached
+from testhide.agent.runtime.docker import LABEL, OWNER_LABEL, engine
 from testhide.agent.runtime.hardening import container_options
 from testhide.agent.runtime.isolation import read_isolation
 from testhide.agent.runtime.oci import command_refusal
@@ -197,15 +190,10 @@ class ServiceOutput:
 def _pump(sock: Any, output: ServiceOutput) -> None:
     """Reads until the container's streams close; past the cap it keeps
     reading (and dropping) so the service never blocks on its output."""
-    demuxer = Demuxer()
     try:
-        while data := socket_read(sock, READ_BLOCK):
-            for _, chunk in demuxer.feed(data):
-                output.feed(chunk)
-    except OSError:
-        log.warning("service_output_interrupted")
+        if not read_attached(sock, lambda chunk: output.feed(chunk[1])):
+            log.warning("service_output_interrupted")
     finally:
-        _close_attach_socket(sock)
         output.done.set()
 
 
