@@ -12,12 +12,14 @@ from pathlib import Path
 from cryptography import x509
 
 from testhide.agent import doctor as agent_doctor
+from testhide.agent import doctor_engine
 from testhide.agent.credentials import Credentials, new_key_and_csr
 from testhide.agent.runtime.offer import ProbeResult, Registration
 from testhide.common.findings import Status, exit_status, fail, ok, render, warn
 from testhide.common.identity import AgentIdentity
 from testhide.controlplane.ca.authority import CertificateAuthority
 from testhide.controlplane.commands import doctor as cp_doctor
+from testhide.controlplane.commands import doctor_certs
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 RUNSC = "/usr/bin/runsc"
@@ -43,7 +45,7 @@ def test_gvisor_without_oci_seccomp_fails_with_the_runtime_args_fix() -> None:
     registration = Registration("runsc", RUNSC, ("--network=none",))
     seen = ProbeResult(False, "Seccomp: 0; unshare: allowed", 0.5)
 
-    finding = agent_doctor.runtime_verdict(registration, seen, "runc")
+    finding = doctor_engine.runtime_verdict(registration, seen, "runc")
 
     assert finding.status is Status.FAIL
     assert finding.check == "runtime runsc"
@@ -54,7 +56,7 @@ def test_gvisor_without_oci_seccomp_fails_with_the_runtime_args_fix() -> None:
 
 
 def test_any_runtime_that_does_not_enforce_seccomp_fails() -> None:
-    finding = agent_doctor.runtime_verdict(
+    finding = doctor_engine.runtime_verdict(
         Registration("kata", "/usr/bin/kata-runtime"),
         ProbeResult(False, "Seccomp: 0; unshare: refused", 1),
         "runc",
@@ -67,7 +69,7 @@ def test_a_runtime_that_cannot_run_the_probe_fails_and_names_the_image() -> None
     seen = ProbeResult(
         False, "cannot probe with image 'testhide/busybox:1': No such image: testhide/busybox:1", 0
     )
-    finding = agent_doctor.runtime_verdict(Registration("runc", "runc"), seen, "runc")
+    finding = doctor_engine.runtime_verdict(Registration("runc", "runc"), seen, "runc")
     assert finding.status is Status.FAIL
     assert "the engine's default" in finding.finding
     assert "load the probe image testhide/busybox:1" in finding.fix
@@ -75,25 +77,25 @@ def test_a_runtime_that_cannot_run_the_probe_fails_and_names_the_image() -> None
 
 def test_gvisor_without_panic_log_warns_and_a_good_one_passes() -> None:
     plain = Registration("runsc", RUNSC, ("--network=none", "--oci-seccomp"))
-    finding = agent_doctor.runtime_verdict(plain, ENFORCED, "runc")
+    finding = doctor_engine.runtime_verdict(plain, ENFORCED, "runc")
     assert finding.status is Status.WARN
     assert "--panic-log=/proc/self/fd/2" in finding.fix
 
     full = Registration("runsc", RUNSC, (*plain.args, "--panic-log=/proc/self/fd/2", "--traceback=single"))
-    finding = agent_doctor.runtime_verdict(full, ENFORCED, "runc")
+    finding = doctor_engine.runtime_verdict(full, ENFORCED, "runc")
     assert finding.status is Status.OK
     assert "with --oci-seccomp" in finding.finding
 
 
 def test_docker_older_than_20_10_or_without_seccomp_fails() -> None:
     seccomp = {"SecurityOptions": ["name=seccomp,profile=default"]}
-    old = agent_doctor.engine_finding("unix:///s", {"Version": "19.03.15", "ApiVersion": "1.40"}, seccomp)
+    old = doctor_engine.engine_finding("unix:///s", {"Version": "19.03.15", "ApiVersion": "1.40"}, seccomp)
     assert old.status is Status.FAIL
     assert "oldest supported, Docker 20.10 (API 1.41)" in old.finding
 
     current = {"Version": "20.10.24", "ApiVersion": "1.41"}
-    assert agent_doctor.engine_finding("unix:///s", current, seccomp).status is Status.OK
-    bare = agent_doctor.engine_finding("unix:///s", current, {"SecurityOptions": ["name=apparmor"]})
+    assert doctor_engine.engine_finding("unix:///s", current, seccomp).status is Status.OK
+    bare = doctor_engine.engine_finding("unix:///s", current, {"SecurityOptions": ["name=apparmor"]})
     assert bare.status is Status.FAIL
     assert "does not support seccomp" in bare.finding
 
@@ -181,16 +183,16 @@ def test_server_and_ca_certificates_warn_within_30_days_and_fail_expired() -> No
     leaf = x509.load_pem_x509_certificate(chain)
     now = leaf.not_valid_before_utc + timedelta(minutes=5)
 
-    assert cp_doctor.expiry_finding("server certificate", "x", leaf, now).status is Status.OK
-    late = cp_doctor.expiry_finding("server certificate", "x", leaf, now + timedelta(days=70))
+    assert doctor_certs.expiry_finding("server certificate", "x", leaf, now).status is Status.OK
+    late = doctor_certs.expiry_finding("server certificate", "x", leaf, now + timedelta(days=70))
     assert late.status is Status.WARN
     assert "server-cert rotate" in late.fix
-    gone = cp_doctor.expiry_finding("CA 1", "x", ca.certificate, now + timedelta(days=3651))
+    gone = doctor_certs.expiry_finding("CA 1", "x", ca.certificate, now + timedelta(days=3651))
     assert gone.status is Status.FAIL
     assert "ca rotate prepare" in gone.fix
 
-    assert cp_doctor.names_finding(leaf, ["cp.example.com", "10.0.0.5"]).status is Status.OK
-    missing = cp_doctor.names_finding(leaf, ["cp.example.com", "cp2.example.com"])
+    assert doctor_certs.names_finding(leaf, ["cp.example.com", "10.0.0.5"]).status is Status.OK
+    missing = doctor_certs.names_finding(leaf, ["cp.example.com", "cp2.example.com"])
     assert missing.status is Status.FAIL
     assert "lacks cp2.example.com" in missing.finding
     assert "--server-name" in missing.fix

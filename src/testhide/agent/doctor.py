@@ -33,27 +33,19 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import click
-import docker
-import docker.errors
 import grpc
-import requests.exceptions
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from testhide.agent.config import AgentConfig
 from testhide.agent.credentials import Credentials
+from testhide.agent.doctor_engine import check_engine
 from testhide.agent.errors import AgentError
-from testhide.agent.runtime import gvisor
-from testhide.agent.runtime.offer import PROBE_IMAGE, ProbeResult, Registration, probe, registrations
-from testhide.agent.runtime.offer import _fix as registration_fix
 from testhide.common.findings import (
     Finding,
     exit_status,
@@ -69,9 +61,6 @@ from testhide.common.identity import AGENT_CERT_BACKDATE, AgentIdentity, Identit
 from testhide.common.sizes import Size, format_size
 from testhide.common.tls import secure_channel, split_target
 
-MIN_DOCKER = "20.10"
-MIN_DOCKER_API = (1, 41)
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 NETWORK_TIMEOUT_S = 5.0
 CERT_WARN_LEFT = 0.10
 """Warn when less than this share of the certificate's lifetime is left."""
@@ -220,119 +209,6 @@ def _duration(span: timedelta) -> str:
             whole, rest = divmod(seconds, size)
             return f"{whole} {unit}" if not rest or unit == "min" else f"{seconds / size:.1f} {unit}"
     return f"{seconds} s"
-
-
-# ---------------------------------------------------------------- Docker and runtimes
-
-
-@dataclass(frozen=True)
-class Engine:
-    """What the doctor learned from Docker: findings, and where its data lives."""
-
-    findings: list[Finding]
-    root_dir: str | None = None
-
-
-def docker_host() -> str:
-    return os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
-
-
-def check_engine(runtime: str) -> Engine:
-    """Docker and its runtimes (blocks: run in a thread)."""
-    where = docker_host()
-    try:
-        client = docker.from_env(timeout=int(NETWORK_TIMEOUT_S * 4))
-        version = client.version()
-        info = client.info()
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        fix = "start it (systemctl start docker), or point DOCKER_HOST at the engine"
-        if "Permission denied" in str(exc):
-            fix = "give the agent's user the socket (usermod -aG docker USER), or run the agent as root"
-        return Engine(
-            [
-                fail("docker", f"cannot reach the Docker engine at {where}: {exc}", fix),
-                warn("runtimes", "not checked: Docker is not reachable"),
-            ]
-        )
-    try:
-        findings = [engine_finding(where, version, info)]
-        findings += runtime_findings(client, info, runtime)
-    finally:
-        client.close()
-    root = str(info.get("DockerRootDir") or "") if where.startswith("unix://") else ""
-    return Engine(findings, root or None)
-
-
-def engine_finding(where: str, version: dict[str, Any], info: dict[str, Any]) -> Finding:
-    name = "docker"
-    api = str(version.get("ApiVersion", "0"))
-    described = f"Docker {version.get('Version', '?')} (API {api}) at {where}"
-    try:
-        api_tuple = tuple(int(part) for part in api.split("."))
-    except ValueError:
-        api_tuple = (0,)
-    if api_tuple < MIN_DOCKER_API:
-        return fail(
-            name,
-            f"{described} is older than the oldest supported, Docker {MIN_DOCKER} (API 1.41)",
-            f"upgrade the engine to Docker {MIN_DOCKER} or newer",
-        )
-    if not any("seccomp" in option for option in info.get("SecurityOptions") or []):
-        return fail(
-            name,
-            f"{described} does not support seccomp: the agent offers no runtime without it",
-            "use a Docker engine built with seccomp (Linux, libseccomp)",
-        )
-    return ok(name, f"{described}, seccomp supported")
-
-
-def runtime_findings(client: docker.DockerClient, info: dict[str, Any], runtime: str) -> list[Finding]:
-    """The agent's probe on every registered runtime, the default one too (a job must start there)."""
-    found = registrations(info)
-    default = str(info.get("DefaultRuntime") or "runc")
-    ordered = sorted(found.values(), key=lambda r: (r.name != default, r.name))
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="doctor-probe") as pool:
-        results = list(pool.map(lambda r: probe(client, r, PROBE_IMAGE), ordered))
-    findings = [runtime_verdict(r, result, default) for r, result in zip(ordered, results, strict=True)]
-    if runtime not in found:
-        findings.append(
-            fail(
-                f"runtime {runtime}",
-                f"the agent's --runtime {runtime} is not registered in Docker"
-                f" (registered: {', '.join(sorted(found))})",
-                "register it in /etc/docker/daemon.json, or run the agent with --runtime runc",
-            )
-        )
-    return findings
-
-
-def runtime_verdict(registration: Registration, result: ProbeResult, default: str) -> Finding:
-    """What the probe of one runtime means for the agent, and how to fix it."""
-    name = f"runtime {registration.name}"
-    if registration.is_gvisor:
-        seccomp = "with" if "--oci-seccomp" in registration.args else "WITHOUT"
-        what = f"gVisor ({' '.join((registration.path, *registration.args))}; {seccomp} --oci-seccomp)"
-    else:
-        what = "the engine's default" if registration.name == default else registration.path
-    if result.seen.startswith("cannot probe"):
-        fix = "see dockerd's log (journalctl -u docker) for why the container did not run"
-        if "No such image" in result.seen or "not found" in result.seen:
-            fix = f"load the probe image {PROBE_IMAGE} (scripts/host-setup builds it with docker import)"
-        return fail(name, f"{what}: {result.seen}", fix)
-    if not result.enforced:
-        return fail(
-            name,
-            f"{what}: seccomp is not enforced in its containers ({result.seen}); the agent does not offer it",
-            registration_fix(registration),
-        )
-    finding = f"{what}: seccomp enforced ({result.seen}) in {result.seconds:.1f} s"
-    if registration.is_gvisor and gvisor.PANIC_LOG_ARG not in registration.args:
-        return warn(
-            name,
-            f"{finding}; a failed sandbox would look like the job exiting 2",
-            registration_fix(registration),
-        )
-    return ok(name, finding)
 
 
 # ---------------------------------------------------------------- the control plane's addresses

@@ -22,23 +22,20 @@ import ssl
 import stat
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import click
 import grpc
-from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from testhide.common.findings import (
     Finding,
-    Status,
     exit_status,
     fail,
     free_space,
-    issued_by,
     ok,
     render,
     user_name,
@@ -46,8 +43,8 @@ from testhide.common.findings import (
 )
 from testhide.common.tls import split_target
 from testhide.controlplane.atrest import MASTER_KEY_ENV, MasterKey
-from testhide.controlplane.ca.authority import is_development_ca, server_name_sans
 from testhide.controlplane.commands.common import data_dir_option
+from testhide.controlplane.commands.doctor_certs import certificate_findings
 from testhide.controlplane.datadir import DATABASE_URL_ENV, DATABASE_URL_FILE, DataDir
 from testhide.controlplane.errors import ControlPlaneError
 from testhide.controlplane.hsm import KEYRING_FILE, PIN_ENV
@@ -56,7 +53,6 @@ from testhide.controlplane.store.migrations import MIGRATIONS
 if TYPE_CHECKING:
     from testhide.controlplane.store.pgdriver import PgConnection
 
-CERT_WARN = timedelta(days=30)
 CLOCK_WARN_S = 1.0
 CLOCK_FAIL_S = 30.0
 """Agent certificates are backdated 30 s: a replica further off issues ones another cannot accept yet."""
@@ -287,80 +283,6 @@ def clock_finding(before: float, database_now: datetime, after: float) -> Findin
     if abs(skew) > CLOCK_WARN_S:
         return warn("clock", finding, fix)
     return ok("clock", finding)
-
-
-# ---------------------------------------------------------------- certificates
-
-
-def certificate_findings(
-    directory: DataDir, state: dict[str, Any], master: MasterKey | None, now: datetime
-) -> list[Finding]:
-    trusted = [int(g) for g in state["ca"]["trusted"]]
-    active = int(state["ca"]["active"])
-    cas = {g: directory.ca_certificate(g) for g in trusted}
-    findings = []
-    for generation, ca in cas.items():
-        role = "active" if generation == active else "trusted"
-        finding = expiry_finding(f"CA {generation}", f"{role}, {ca.subject.rfc4514_string()}", ca, now)
-        if finding.status is Status.OK and is_development_ca(ca):
-            finding = warn(
-                finding.check,
-                f"{finding.finding}; development material from certs-dev/",
-                "never in production: init a data dir with its own CA",
-            )
-        findings.append(finding)
-    chain = x509.load_pem_x509_certificates((directory.path / "server.pem").read_bytes())
-    leaf = chain[0]
-    issuer = next((g for g, ca in cas.items() if issued_by(leaf, ca)), None)
-    if issuer is None:
-        findings.append(
-            fail(
-                "server certificate",
-                "not issued by a trusted CA",
-                "testhide-controlplane server-cert rotate --data-dir DIR",
-            )
-        )
-    else:
-        findings.append(expiry_finding("server certificate", f"issued by CA {issuer}", leaf, now))
-    if master is not None:
-        try:
-            directory.tls_material(master, allow_development=True)
-        except (ControlPlaneError, ValueError) as exc:
-            findings.append(fail("server key", str(exc), "testhide-controlplane server-cert rotate"))
-    findings.append(names_finding(leaf, [str(n) for n in state.get("server_names") or []]))
-    return findings
-
-
-def expiry_finding(check: str, described: str, certificate: x509.Certificate, now: datetime) -> Finding:
-    left = certificate.not_valid_after_utc - now
-    until = f"{certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-    fix = (
-        "testhide-controlplane server-cert rotate (a running serve does so when a third of its life is left)"
-        if check == "server certificate"
-        else "rotate the CA in stages: testhide-controlplane ca rotate prepare, activate, retire"
-    )
-    if left <= timedelta(0):
-        return fail(check, f"{described}; expired at {until}", fix)
-    finding = f"{described}; valid until {until} ({left.days} days)"
-    if left < CERT_WARN:
-        return warn(check, finding, fix)
-    return ok(check, finding)
-
-
-def names_finding(leaf: x509.Certificate, recorded: list[str]) -> Finding:
-    try:
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        sans = x509.SubjectAlternativeName([])
-    present = set(sans)
-    missing = [n for n in recorded if not set(server_name_sans([n])) <= present]
-    if not recorded or missing:
-        return fail(
-            "server names",
-            f"the server certificate lacks {', '.join(missing) or 'any name'} (recorded in state.json)",
-            "testhide-controlplane server-cert rotate --server-name NAME (repeat for each)",
-        )
-    return ok("server names", ", ".join(recorded))
 
 
 # ---------------------------------------------------------------- disk and listeners
