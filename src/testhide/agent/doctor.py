@@ -51,7 +51,6 @@ from testhide.common.findings import (
     exit_status,
     fail,
     free_space,
-    issued_by,
     ok,
     render,
     user_name,
@@ -59,6 +58,7 @@ from testhide.common.findings import (
 )
 from testhide.common.identity import AGENT_CERT_BACKDATE, AgentIdentity, IdentityError
 from testhide.common.sizes import Size, format_size
+from testhide.common.statement import issued_by
 from testhide.common.tls import secure_channel, split_target
 
 NETWORK_TIMEOUT_S = 5.0

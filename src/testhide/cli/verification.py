@@ -39,6 +39,7 @@ from testhide.common.statement import (
     Statement,
     StatementError,
     isolation_facts,
+    issued_by,
     key_id,
     pae,
     spec_digest,
@@ -73,17 +74,9 @@ def trusted_cas(roots: list[x509.Certificate], offered: tuple[bytes, ...]) -> li
             is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         except (ValueError, x509.ExtensionNotFound):
             continue
-        if is_ca and cert not in trusted and any(_issued_by(cert, root) for root in roots):
+        if is_ca and cert not in trusted and any(issued_by(cert, root) for root in roots):
             trusted.append(cert)
     return trusted
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 # Checks -------------------------------------------------------------------------------------
@@ -282,7 +275,7 @@ def _in_toto_signer_failure(
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         usages = x509.ExtendedKeyUsage([])
-    if ExtendedKeyUsageOID.CODE_SIGNING not in usages or not any(_issued_by(cert, r) for r in roots):
+    if ExtendedKeyUsageOID.CODE_SIGNING not in usages or not any(issued_by(cert, r) for r in roots):
         return f"in-toto provenance: key {keyid}'s certificate was not issued by the trusted CA"
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         return f"in-toto provenance: key {keyid}'s certificate is not valid now"

@@ -269,14 +269,17 @@ def _load(der: bytes, what: str) -> x509.Certificate:
         raise StatementError(f"the {what} is not a DER certificate") from exc
 
 
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``cert``: another issuer, another key type or a bad signature is no."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _issued_by_trusted(cert: x509.Certificate, trusted: Sequence[x509.Certificate]) -> bool:
-    for ca in trusted:
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
+    return any(issued_by(cert, ca) for ca in trusted)
 
 
 def _has_usage(cert: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:

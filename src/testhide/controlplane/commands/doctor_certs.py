@@ -12,10 +12,10 @@ from testhide.common.findings import (
     Finding,
     Status,
     fail,
-    issued_by,
     ok,
     warn,
 )
+from testhide.common.statement import issued_by
 from testhide.controlplane.atrest import MasterKey
 from testhide.controlplane.ca.authority import is_development_ca, server_name_sans
 from testhide.controlplane.datadir import DataDir

@@ -18,7 +18,6 @@ from typing import Protocol
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from testhide.common.identity import AgentIdentity, IdentityError
@@ -26,6 +25,7 @@ from testhide.common.statement import (
     Statement,
     StatementError,
     isolation_facts,
+    issued_by,
     signature_valid,
 )
 from testhide.controlplane.auth.audit import Auditor
@@ -105,7 +105,7 @@ def _checked(
         identity = AgentIdentity.from_certificate(cert)
     except (ValueError, IdentityError) as exc:
         return f"agent_certificate: {exc}"
-    if not any(_issued_by(cert, ca) for ca in trusted):
+    if not any(issued_by(cert, ca) for ca in trusted):
         return "agent_certificate: not issued by a CA this control plane trusts"
     return cert, identity
 
@@ -132,14 +132,6 @@ def signer_mismatch(
     if not signature_valid(cert, statement.encode() if payload is None else payload, signature):
         return "signature: does not verify with the agent certificate"
     return ""
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):  # another issuer, another key type, a bad signature
-        return False
-    return True
 
 
 def _digests(blobs: Sequence[BlobInfo]) -> list[tuple[str, str]]:
@@ -321,7 +313,7 @@ class StatementRecorder:
         try:
             cert = x509.load_der_x509_certificate(record.agent_certificate)
             issuers = tuple(
-                ca.public_bytes(serialization.Encoding.DER) for ca in self._trusted() if _issued_by(cert, ca)
+                ca.public_bytes(serialization.Encoding.DER) for ca in self._trusted() if issued_by(cert, ca)
             )
         except ValueError:
             issuers = ()
